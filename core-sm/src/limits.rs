@@ -1,0 +1,89 @@
+//! Every limit of the NodeService in one place, each with the reason for its
+//! value. Operators can change the ones that [`crate::node::NodeConfig`]
+//! carries through `qpq-server.toml`; the rest are protocol constants.
+//!
+//! Invariant: anything a peer can grow (queues, maps, waiters, per-call work)
+//! is bounded by one of these, and hitting a bound is answered with an explicit
+//! error, never a silent drop.
+
+/// Version of the connection-authentication scheme a request carries; any
+/// other value is refused so old clients fail loudly instead of subtly.
+pub const AUTH_VERSION: u16 = 1;
+
+/// Length of an Ed25519 public key, the identity of a user (RFC 8032).
+pub const IDENTITY_KEY_BYTES: usize = 32;
+/// Length of an Ed25519 signature (RFC 8032).
+pub const SIGNATURE_BYTES: usize = 64;
+/// Longest channel id: a 16-byte UUID names a conversation.
+pub const CHANNEL_ID_BYTES_MAX: usize = 16;
+/// Length of the sender-chosen message id used to make enqueue idempotent.
+pub const MESSAGE_ID_BYTES: usize = 16;
+/// Length of an authentication nonce: 256 bits cannot be guessed or repeat.
+pub const AUTH_NONCE_BYTES: usize = 32;
+/// Length of the TLS exporter value the shell derives for each connection.
+pub const TLS_EXPORTER_BYTES: usize = 32;
+
+/// Largest enqueued payload. A Welcome for a 200-member group is ~66 KiB;
+/// 1 MiB leaves room for large groups and post-quantum envelopes.
+pub const PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
+/// Largest KeyPackage. A classic MLS KeyPackage is ~300 bytes and a
+/// post-quantum one a few KiB; anything bigger is not a KeyPackage.
+pub const KEY_PACKAGE_BYTES_MAX: usize = 64 * 1024;
+/// Largest hybrid public key blob: X25519 (32) + ML-KEM-768 (1184) plus
+/// framing fits easily; the bound stops the AS being used as a file store.
+pub const HYBRID_KEY_BYTES_MAX: usize = 4 * 1024;
+
+/// KeyPackages one identity may keep on the server: enough to be added to
+/// many groups while offline, small enough that one identity cannot fill the
+/// disk.
+pub const KEY_PACKAGES_PER_IDENTITY_MAX: u32 = 1_000;
+
+/// Messages one queue may hold before enqueue answers `queueFull`: a
+/// recipient offline for a long time in busy groups, not a dumping ground.
+pub const QUEUE_DEPTH_MAX: u64 = 10_000;
+/// Bytes of payload one queue may hold before enqueue answers `queueFull`.
+pub const QUEUE_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// Retried enqueues are recognised by message id among the most recent this
+/// many enqueues to the same queue; a sender retries within seconds, and
+/// thousands of other messages to one recipient in between is far beyond it.
+pub const DEDUP_WINDOW_PER_QUEUE: u64 = 4_096;
+
+/// Most messages one fetch returns, so one call's work and reply are bounded.
+pub const FETCH_LIMIT_MAX: u32 = 1_000;
+/// Most payload bytes one fetch returns (at least one message is always
+/// returned if one is pending); keeps replies under the wire limit.
+pub const FETCH_RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Longest a fetchWait may block; longer requests are clamped to it. Shorter
+/// than the QUIC idle timeout so a waiting connection is never idle-closed.
+pub const FETCH_WAIT_TIMEOUT_MS_MAX: u64 = 25_000;
+/// Long-poll waiters one connection may hold: one per channel a client
+/// follows, with room to spare.
+pub const WAITERS_PER_CONNECTION_MAX: usize = 64;
+/// Long-poll waiters the whole server holds before answering `unavailable`.
+pub const WAITERS_MAX: usize = 100_000;
+
+/// Connections the machine tracks at once; the shell enforces the same bound
+/// earlier, this one keeps the core's map bounded on its own.
+pub const CONNECTIONS_MAX: usize = 100_000;
+
+/// Distinct keys each rate limiter tracks. Keys whose bucket has refilled are
+/// forgotten first; when all are busy, new keys are refused with
+/// `rateLimited` rather than letting the map grow.
+pub const RATE_LIMIT_KEYS_MAX: usize = 100_000;
+
+/// KeyPackage fetches one requester may make for one target: a burst to add
+/// someone to a few groups at once, then a slow refill.
+pub const KEY_PACKAGE_FETCH_PER_PAIR_BURST: u32 = 20;
+/// Refill rate of the per-(requester, target) KeyPackage fetch bucket.
+pub const KEY_PACKAGE_FETCH_PER_PAIR_PER_SEC: u32 = 1;
+/// KeyPackage fetches all requesters together may make for one target, so
+/// many fresh identities cannot drain a victim's pool quickly.
+pub const KEY_PACKAGE_FETCH_PER_TARGET_BURST: u32 = 100;
+/// Refill rate of the per-target KeyPackage fetch bucket.
+pub const KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC: u32 = 5;
+/// Enqueues one sender identity may burst.
+pub const ENQUEUE_PER_SENDER_BURST: u32 = 20_000;
+/// Sustained enqueues per second for one sender identity.
+pub const ENQUEUE_PER_SENDER_PER_SEC: u32 = 10_000;

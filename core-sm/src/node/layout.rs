@@ -1,0 +1,321 @@
+//! The NodeService's on-disk layout: how its state maps onto the storage
+//! port's keys and values. This is the on-disk format boundary; changing it
+//! means bumping [`FORMAT_VERSION`].
+//!
+//! Keys start with a one-byte tag so kinds never collide; multi-byte numbers
+//! are big-endian so keys sort in numeric order. A queue is addressed by the
+//! recipient key, the channel id's length and the channel id padded to 16
+//! bytes, so every queue key has the same width.
+//!
+//! Queues and KeyPackage pools are FIFOs with head and tail counters in a
+//! metadata record: reads go straight to `head` with point lookups and never
+//! scan over deleted entries (tombstones).
+
+use crate::limits::{CHANNEL_ID_BYTES_MAX, IDENTITY_KEY_BYTES, MESSAGE_ID_BYTES, SIGNATURE_BYTES};
+use crate::types::{IdentityKey, MessageId, QueueId, Signature};
+
+/// Version of this layout. A store written by a newer version is refused.
+pub const FORMAT_VERSION: u32 = 1;
+
+const TAG_VERSION: u8 = 0x00;
+const TAG_KP_META: u8 = 0x01;
+const TAG_KP: u8 = 0x02;
+const TAG_KP_LAST_RESORT: u8 = 0x03;
+const TAG_HYBRID_KEY: u8 = 0x04;
+const TAG_QUEUE_META: u8 = 0x10;
+const TAG_MESSAGE: u8 = 0x11;
+const TAG_DEDUP: u8 = 0x12;
+const TAG_DEDUP_RING: u8 = 0x13;
+
+const QUEUE_KEY_BYTES: usize = IDENTITY_KEY_BYTES + 1 + CHANNEL_ID_BYTES_MAX;
+
+/// A stored record that does not decode: the store is corrupt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corrupt(pub &'static str);
+
+/// Key of the format version record.
+pub fn version_key() -> Vec<u8> {
+    vec![TAG_VERSION]
+}
+
+/// Encodes the format version.
+pub fn encode_version(v: u32) -> Vec<u8> {
+    v.to_be_bytes().to_vec()
+}
+
+/// Decodes the format version.
+pub fn decode_version(bytes: &[u8]) -> Result<u32, Corrupt> {
+    Ok(u32::from_be_bytes(array(bytes, "format version")?))
+}
+
+fn identity_key(tag: u8, id: &IdentityKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + IDENTITY_KEY_BYTES + 8);
+    k.push(tag);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Key of an identity's KeyPackage pool counters.
+pub fn kp_meta_key(id: &IdentityKey) -> Vec<u8> {
+    identity_key(TAG_KP_META, id)
+}
+
+/// Key of the KeyPackage at position `index` of an identity's pool.
+pub fn kp_key(id: &IdentityKey, index: u64) -> Vec<u8> {
+    let mut k = identity_key(TAG_KP, id);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Key of an identity's last-resort KeyPackage.
+pub fn kp_last_resort_key(id: &IdentityKey) -> Vec<u8> {
+    identity_key(TAG_KP_LAST_RESORT, id)
+}
+
+/// Key of an identity's hybrid public key.
+pub fn hybrid_key_key(id: &IdentityKey) -> Vec<u8> {
+    identity_key(TAG_HYBRID_KEY, id)
+}
+
+/// Head and tail of a FIFO of KeyPackages: packages `head..tail` exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KpMeta {
+    /// Index of the oldest package.
+    pub head: u64,
+    /// Index the next upload gets.
+    pub tail: u64,
+}
+
+impl KpMeta {
+    /// Packages in the pool.
+    pub fn count(&self) -> u64 {
+        self.tail.saturating_sub(self.head)
+    }
+
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&self.head.to_be_bytes());
+        v.extend_from_slice(&self.tail.to_be_bytes());
+        v
+    }
+
+    /// Decodes the record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
+        let [head, tail] = u64s::<2>(bytes, "key package counters")?;
+        if head > tail {
+            return Err(Corrupt("key package counters: head after tail"));
+        }
+        Ok(KpMeta { head, tail })
+    }
+}
+
+/// Encodes a hybrid key record: signature, then the key.
+pub fn encode_hybrid_key(key: &[u8], signature: &Signature) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SIGNATURE_BYTES + key.len());
+    v.extend_from_slice(&signature.0);
+    v.extend_from_slice(key);
+    v
+}
+
+/// Decodes a hybrid key record.
+pub fn decode_hybrid_key(bytes: &[u8]) -> Result<(Vec<u8>, Signature), Corrupt> {
+    if bytes.len() < SIGNATURE_BYTES {
+        return Err(Corrupt("hybrid key record too short"));
+    }
+    let (sig, key) = bytes.split_at(SIGNATURE_BYTES);
+    Ok((key.to_vec(), Signature(array(sig, "hybrid key signature")?)))
+}
+
+fn queue_key(tag: u8, q: &QueueId, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + QUEUE_KEY_BYTES + extra);
+    k.push(tag);
+    k.extend_from_slice(q.recipient_key.as_bytes());
+    let ch = q.channel_id.as_bytes();
+    // At most CHANNEL_ID_BYTES_MAX (16), so it fits a byte.
+    k.push(ch.len() as u8);
+    k.extend_from_slice(ch);
+    k.resize(1 + QUEUE_KEY_BYTES, 0);
+    k
+}
+
+/// Key of a queue's counters.
+pub fn queue_meta_key(q: &QueueId) -> Vec<u8> {
+    queue_key(TAG_QUEUE_META, q, 0)
+}
+
+/// Key of the message at `seq` in a queue.
+pub fn message_key(q: &QueueId, seq: u64) -> Vec<u8> {
+    let mut k = queue_key(TAG_MESSAGE, q, 8);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of the dedup record of `message_id` in a queue (value: its seq).
+pub fn dedup_key(q: &QueueId, message_id: &MessageId) -> Vec<u8> {
+    let mut k = queue_key(TAG_DEDUP, q, MESSAGE_ID_BYTES);
+    k.extend_from_slice(&message_id.0);
+    k
+}
+
+/// Key of the ring record that remembers which message id got `seq`, so its
+/// dedup record can be dropped when it leaves the dedup window.
+pub fn dedup_ring_key(q: &QueueId, seq: u64) -> Vec<u8> {
+    let mut k = queue_key(TAG_DEDUP_RING, q, 8);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// A queue's counters. Messages `head..next_seq` are stored; everything
+/// before `head` was acknowledged. `next_seq` only ever grows, so a seq is
+/// never reused, even after the queue empties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueMeta {
+    /// The seq the next enqueue gets.
+    pub next_seq: u64,
+    /// The oldest unacknowledged seq (equals `next_seq` when empty).
+    pub head: u64,
+    /// Payload bytes stored.
+    pub bytes: u64,
+}
+
+impl Default for QueueMeta {
+    fn default() -> Self {
+        // Seqs start at 1 so `after_seq = 0` means "nothing seen yet".
+        QueueMeta {
+            next_seq: 1,
+            head: 1,
+            bytes: 0,
+        }
+    }
+}
+
+impl QueueMeta {
+    /// Messages stored.
+    pub fn depth(&self) -> u64 {
+        self.next_seq.saturating_sub(self.head)
+    }
+
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&self.next_seq.to_be_bytes());
+        v.extend_from_slice(&self.head.to_be_bytes());
+        v.extend_from_slice(&self.bytes.to_be_bytes());
+        v
+    }
+
+    /// Decodes the record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
+        let [next_seq, head, bytes] = u64s::<3>(bytes, "queue counters")?;
+        if head > next_seq || head == 0 {
+            return Err(Corrupt("queue counters out of order"));
+        }
+        Ok(QueueMeta {
+            next_seq,
+            head,
+            bytes,
+        })
+    }
+}
+
+/// Encodes a stored message: its message id, then the payload.
+pub fn encode_message(message_id: &MessageId, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(MESSAGE_ID_BYTES + payload.len());
+    v.extend_from_slice(&message_id.0);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Decodes a stored message into its payload, reusing the buffer.
+pub fn decode_message_payload(mut bytes: Vec<u8>) -> Result<Vec<u8>, Corrupt> {
+    if bytes.len() < MESSAGE_ID_BYTES {
+        return Err(Corrupt("message record too short"));
+    }
+    bytes.drain(..MESSAGE_ID_BYTES);
+    Ok(bytes)
+}
+
+/// Payload length of a stored message record.
+pub fn message_payload_len(bytes: &[u8]) -> Result<u64, Corrupt> {
+    bytes
+        .len()
+        .checked_sub(MESSAGE_ID_BYTES)
+        .map(|n| n as u64)
+        .ok_or(Corrupt("message record too short"))
+}
+
+/// Encodes a seq.
+pub fn encode_seq(seq: u64) -> Vec<u8> {
+    seq.to_be_bytes().to_vec()
+}
+
+/// Decodes a seq.
+pub fn decode_seq(bytes: &[u8]) -> Result<u64, Corrupt> {
+    Ok(u64::from_be_bytes(array(bytes, "seq")?))
+}
+
+/// Decodes a message id.
+pub fn decode_message_id(bytes: &[u8]) -> Result<MessageId, Corrupt> {
+    Ok(MessageId(array(bytes, "message id")?))
+}
+
+fn array<const N: usize>(bytes: &[u8], what: &'static str) -> Result<[u8; N], Corrupt> {
+    <[u8; N]>::try_from(bytes).map_err(|_| Corrupt(what))
+}
+
+fn u64s<const N: usize>(bytes: &[u8], what: &'static str) -> Result<[u64; N], Corrupt> {
+    if bytes.len() != N * 8 {
+        return Err(Corrupt(what));
+    }
+    let mut out = [0u64; N];
+    for (o, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        *o = u64::from_be_bytes(array(chunk, what)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ChannelId;
+
+    fn q(ch: &[u8]) -> QueueId {
+        QueueId {
+            recipient_key: IdentityKey([1; 32]),
+            channel_id: ChannelId::try_from_slice(ch).unwrap(),
+        }
+    }
+
+    #[test]
+    fn queue_keys_have_fixed_width_and_distinct_channels() {
+        assert_eq!(queue_meta_key(&q(b"")).len(), queue_meta_key(&q(&[7; 16])).len());
+        // A channel of one zero byte is not the default channel.
+        assert_ne!(queue_meta_key(&q(b"")), queue_meta_key(&q(&[0])));
+        assert_ne!(message_key(&q(b"a"), 1), message_key(&q(b"b"), 1));
+    }
+
+    #[test]
+    fn message_keys_sort_by_seq() {
+        assert!(message_key(&q(b"a"), 255) < message_key(&q(b"a"), 256));
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_garbage() {
+        let m = QueueMeta {
+            next_seq: 9,
+            head: 4,
+            bytes: 77,
+        };
+        assert_eq!(QueueMeta::decode(&m.encode()), Ok(m));
+        assert!(QueueMeta::decode(&[1, 2, 3]).is_err());
+        let k = KpMeta { head: 2, tail: 5 };
+        assert_eq!(KpMeta::decode(&k.encode()), Ok(k));
+        assert!(KpMeta::decode(&KpMeta { head: 6, tail: 5 }.encode()).is_err());
+        let id = MessageId([3; 16]);
+        let rec = encode_message(&id, b"hi");
+        assert_eq!(message_payload_len(&rec), Ok(2));
+        assert_eq!(decode_message_payload(rec), Ok(b"hi".to_vec()));
+        assert!(decode_message_payload(vec![0; 3]).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! The storage port: the narrow interface through which the NodeService
+//! machine reads and writes its durable state, and [`MemStore`], the
+//! in-memory implementation used by tests and simulations.
+//!
+//! The port is a key-value map with atomic batches. Every batch gets a log
+//! sequence number ([`Lsn`]); a batch is *durable* once the shell reports that
+//! its `Lsn` has been synced (`NodeService::handle_synced`). The machine holds
+//! back every reply until all writes it could have observed are durable, so a
+//! crash can only forget what nobody was told about.
+//!
+//! [`MemStore`] models exactly that: writes apply at once to the live map, and
+//! [`MemStore::crash`] throws away every batch not yet synced.
+
+use std::collections::BTreeMap;
+
+/// A log sequence number: batches are numbered 1, 2, 3, … in write order.
+/// `Lsn(0)` means "nothing written yet".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+/// A storage failure. The machine answers `unavailable` and stops taking
+/// writes after one, rather than pretending.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("storage failure: {0}")]
+pub struct StoreError(pub String);
+
+/// One atomic group of writes: either all of them survive a crash or none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Batch::default()
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+
+    /// True if the batch holds no operation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The operations in order: `Some(value)` is a put, `None` a delete.
+    pub fn ops(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
+        &self.ops
+    }
+
+    /// Consumes the batch into its operations.
+    pub fn into_ops(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.ops
+    }
+}
+
+/// The storage port. Implementations: [`MemStore`] here, the fjall store in
+/// the server shell.
+pub trait Store {
+    /// The current value of `key`, including writes not yet durable.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Applies `batch` atomically and returns its sequence number. The batch
+    /// is visible to `get` at once but durable only after a sync that covers
+    /// the returned `Lsn`.
+    fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError>;
+}
+
+/// An in-memory store that remembers which batches were synced, so a test can
+/// crash it and see only durable state survive.
+#[derive(Debug, Clone, Default)]
+pub struct MemStore {
+    live: BTreeMap<Vec<u8>, Vec<u8>>,
+    durable: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Batches written but not yet synced, oldest first.
+    unsynced: Vec<(Lsn, Batch)>,
+    last_lsn: Lsn,
+    synced_lsn: Lsn,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemStore::default()
+    }
+
+    /// The sequence number of the last batch written.
+    pub fn last_lsn(&self) -> Lsn {
+        self.last_lsn
+    }
+
+    /// The sequence number up to which batches are durable.
+    pub fn synced_lsn(&self) -> Lsn {
+        self.synced_lsn
+    }
+
+    /// Makes every batch written so far durable and returns the last `Lsn`.
+    pub fn sync(&mut self) -> Lsn {
+        self.sync_up_to(self.last_lsn)
+    }
+
+    /// Makes batches up to and including `lsn` durable (a partial sync, as
+    /// when a crash interrupts a group commit) and returns the new synced
+    /// `Lsn`.
+    pub fn sync_up_to(&mut self, lsn: Lsn) -> Lsn {
+        let upto = lsn.min(self.last_lsn);
+        let split = self.unsynced.partition_point(|(l, _)| *l <= upto);
+        for (_, batch) in self.unsynced.drain(..split) {
+            apply(&mut self.durable, batch);
+        }
+        self.synced_lsn = self.synced_lsn.max(upto);
+        self.synced_lsn
+    }
+
+    /// Simulates a crash: every batch not yet synced is lost. Sequence
+    /// numbers keep counting from where they were, as a real log would after
+    /// recovery never reuse a number it may have handed out.
+    pub fn crash(&mut self) {
+        self.unsynced.clear();
+        self.live = self.durable.clone();
+    }
+
+    /// Number of keys currently stored (live view).
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// True if no key is stored (live view).
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Iterates over the live contents in key order, for tests and checkers.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.live.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.live.get(key).cloned())
+    }
+
+    fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
+        self.last_lsn = Lsn(self.last_lsn.0 + 1);
+        apply(&mut self.live, batch.clone());
+        self.unsynced.push((self.last_lsn, batch));
+        Ok(self.last_lsn)
+    }
+}
+
+fn apply(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: Batch) {
+    for (key, value) in batch.into_ops() {
+        match value {
+            Some(v) => {
+                map.insert(key, v);
+            }
+            None => {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(store: &mut MemStore, k: &[u8], v: &[u8]) -> Lsn {
+        let mut b = Batch::new();
+        b.put(k.to_vec(), v.to_vec());
+        store.write(b).unwrap()
+    }
+
+    #[test]
+    fn unsynced_writes_are_visible_but_lost_on_crash() {
+        let mut s = MemStore::new();
+        put(&mut s, b"a", b"1");
+        s.sync();
+        put(&mut s, b"b", b"2");
+        assert_eq!(s.get(b"b").unwrap(), Some(b"2".to_vec()));
+        s.crash();
+        assert_eq!(s.get(b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.get(b"b").unwrap(), None);
+    }
+
+    #[test]
+    fn partial_sync_keeps_a_prefix_of_batches() {
+        let mut s = MemStore::new();
+        let l1 = put(&mut s, b"a", b"1");
+        let l2 = put(&mut s, b"b", b"2");
+        let _l3 = put(&mut s, b"c", b"3");
+        assert!(l1 < l2);
+        assert_eq!(s.sync_up_to(l2), l2);
+        s.crash();
+        assert!(s.get(b"b").unwrap().is_some());
+        assert!(s.get(b"c").unwrap().is_none());
+    }
+
+    #[test]
+    fn lsn_never_repeats_after_crash() {
+        let mut s = MemStore::new();
+        let l1 = put(&mut s, b"a", b"1");
+        s.crash();
+        let l2 = put(&mut s, b"a", b"2");
+        assert!(l2 > l1);
+    }
+
+    #[test]
+    fn batches_are_atomic_across_crash() {
+        let mut s = MemStore::new();
+        let mut b = Batch::new();
+        b.put(b"x".to_vec(), b"1".to_vec());
+        b.put(b"y".to_vec(), b"2".to_vec());
+        b.delete(b"x".to_vec());
+        s.write(b).unwrap();
+        s.sync();
+        s.crash();
+        assert_eq!(s.get(b"x").unwrap(), None);
+        assert_eq!(s.get(b"y").unwrap(), Some(b"2".to_vec()));
+    }
+}
