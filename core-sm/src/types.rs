@@ -187,7 +187,10 @@ mod tests {
     #[test]
     fn channel_id_is_empty_or_up_to_16_bytes() {
         assert_eq!(ChannelId::try_from_slice(&[]).unwrap(), ChannelId::DEFAULT);
-        assert_eq!(ChannelId::try_from_slice(&[9; 16]).unwrap().as_bytes(), &[9; 16]);
+        assert_eq!(
+            ChannelId::try_from_slice(&[9; 16]).unwrap().as_bytes(),
+            &[9; 16]
+        );
         check_invalid(ChannelId::try_from_slice(&[9; 17]));
         // Trailing zeros are significant: [0] is not the default channel.
         assert_ne!(ChannelId::try_from_slice(&[0]).unwrap(), ChannelId::DEFAULT);

@@ -289,7 +289,10 @@ mod tests {
 
     #[test]
     fn queue_keys_have_fixed_width_and_distinct_channels() {
-        assert_eq!(queue_meta_key(&q(b"")).len(), queue_meta_key(&q(&[7; 16])).len());
+        assert_eq!(
+            queue_meta_key(&q(b"")).len(),
+            queue_meta_key(&q(&[7; 16])).len()
+        );
         // A channel of one zero byte is not the default channel.
         assert_ne!(queue_meta_key(&q(b"")), queue_meta_key(&q(&[0])));
         assert_ne!(message_key(&q(b"a"), 1), message_key(&q(b"b"), 1));

@@ -249,7 +249,8 @@ impl<S: Store> NodeService<S> {
         let mut last_write = Lsn(0);
         match store.get(&layout::version_key())? {
             Some(v) => {
-                let found = layout::decode_version(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?;
+                let found =
+                    layout::decode_version(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?;
                 if found > FORMAT_VERSION {
                     return Err(OpenError::NewerFormat {
                         found,
@@ -259,7 +260,10 @@ impl<S: Store> NodeService<S> {
             }
             None => {
                 let mut b = Batch::new();
-                b.put(layout::version_key(), layout::encode_version(FORMAT_VERSION));
+                b.put(
+                    layout::version_key(),
+                    layout::encode_version(FORMAT_VERSION),
+                );
                 last_write = store.write(b)?;
             }
         }
@@ -659,7 +663,9 @@ impl<S: Store> NodeService<S> {
     fn key_package_count(&mut self, conn: ConnectionId, identity_key: IdentityKey) -> Reply {
         self.owner(conn, &identity_key)?;
         let meta = self.kp_meta(&identity_key)?;
-        let has_last_resort = self.get(&layout::kp_last_resort_key(&identity_key))?.is_some();
+        let has_last_resort = self
+            .get(&layout::kp_last_resort_key(&identity_key))?
+            .is_some();
         Ok(Response::KeyPackageCount {
             count: u32::try_from(meta.count()).unwrap_or(u32::MAX),
             has_last_resort,
@@ -685,9 +691,8 @@ impl<S: Store> NodeService<S> {
             )));
         }
         let message = hybrid_key_message(&identity_key, &hybrid_key);
-        verify(&identity_key, &message, &signature).map_err(|()| {
-            ServiceError::invalid_argument("hybrid key signature does not verify")
-        })?;
+        verify(&identity_key, &message, &signature)
+            .map_err(|()| ServiceError::invalid_argument("hybrid key signature does not verify"))?;
         let mut batch = Batch::new();
         batch.put(
             layout::hybrid_key_key(&identity_key),
@@ -767,9 +772,15 @@ impl<S: Store> NodeService<S> {
             layout::message_key(&queue, seq),
             layout::encode_message(&message_id, &payload),
         );
-        batch.put(layout::dedup_key(&queue, &message_id), layout::encode_seq(seq));
+        batch.put(
+            layout::dedup_key(&queue, &message_id),
+            layout::encode_seq(seq),
+        );
         batch.put(layout::dedup_ring_key(&queue, seq), message_id.0.to_vec());
-        if let Some(old) = seq.checked_sub(limits::DEDUP_WINDOW_PER_QUEUE).filter(|s| *s > 0) {
+        if let Some(old) = seq
+            .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
+            .filter(|s| *s > 0)
+        {
             let ring = layout::dedup_ring_key(&queue, old);
             if let Some(old_id) = self.get(&ring)? {
                 let old_id = layout::decode_message_id(&old_id).map_err(corrupt)?;
@@ -825,7 +836,8 @@ impl<S: Store> NodeService<S> {
             return Some(Err(e));
         }
         let reply = self.read_messages(&queue, after_seq, limit);
-        let pending = matches!(&reply, Ok(Response::Messages { messages, .. }) if !messages.is_empty());
+        let pending =
+            matches!(&reply, Ok(Response::Messages { messages, .. }) if !messages.is_empty());
         if pending || reply.is_err() || timeout_ms == 0 {
             return Some(reply);
         }

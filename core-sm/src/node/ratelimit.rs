@@ -111,8 +111,8 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
         match self.buckets.get(key) {
             None => self.full_units(),
             Some(b) => {
-                let elapsed_us = u64::try_from(now.saturating_since(b.updated).as_micros())
-                    .unwrap_or(u64::MAX);
+                let elapsed_us =
+                    u64::try_from(now.saturating_since(b.updated).as_micros()).unwrap_or(u64::MAX);
                 let refill = elapsed_us.saturating_mul(u64::from(self.config.per_sec));
                 b.units.saturating_add(refill).min(self.full_units())
             }

@@ -1,0 +1,1 @@
+//! quicproquo wire format (in progress).

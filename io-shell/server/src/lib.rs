@@ -1,0 +1,3 @@
+//! qpq-server: the production shell around the NodeService machine.
+
+pub mod store;
