@@ -1024,7 +1024,12 @@ impl<S: Store> NodeService<S> {
             request_id,
             reply,
         };
-        if self.config.durability == Durability::Fsync && self.last_write > self.durable {
+        // After a storage failure nothing will become durable again; replies
+        // (all of them errors by then) go out at once.
+        if self.config.durability == Durability::Fsync
+            && self.failed.is_none()
+            && self.last_write > self.durable
+        {
             self.held.push_back((self.last_write, out));
         } else {
             self.ready.push_back(out);

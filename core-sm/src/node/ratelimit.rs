@@ -51,16 +51,15 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
     /// Checks whether `key` has a token at `now`, without taking it.
     /// `Err(retry_after_ms)` says when one will be available.
     pub fn check(&mut self, now: Time, key: K) -> Result<(), u64> {
-        let units = self.units_at(now, &key);
-        if units >= UNITS_PER_TOKEN {
-            return Ok(());
-        }
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
             self.forget_full(now);
             if self.buckets.len() >= self.capacity {
                 // Every tracked key is busy: refuse rather than grow.
                 return Err(1_000);
             }
+        }
+        let units = self.units_at(now, &key);
+        if units >= UNITS_PER_TOKEN {
             return Ok(());
         }
         Err(self.retry_after_ms(units))

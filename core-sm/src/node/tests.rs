@@ -1,1 +1,1190 @@
-// tests
+//! Unit tests of the NodeService machine, one behaviour each, through a
+//! small harness: `Harness` owns a machine over a `MemStore`, syncs after
+//! every request (unless told not to) and returns the reply.
+
+use ed25519_dalek::{Signer, SigningKey};
+
+use super::*;
+use crate::error::ErrorKind;
+use crate::store::MemStore;
+
+const EXPORTER: [u8; 32] = [0xee; 32];
+
+struct Harness {
+    node: NodeService<MemStore>,
+    now: Time,
+    next_request: u64,
+    auto_sync: bool,
+}
+
+fn user(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+fn id(sk: &SigningKey) -> IdentityKey {
+    IdentityKey(sk.verifying_key().to_bytes())
+}
+
+fn conn(n: u64) -> ConnectionId {
+    ConnectionId(n)
+}
+
+fn ch(bytes: &[u8]) -> ChannelId {
+    ChannelId::try_from_slice(bytes).unwrap()
+}
+
+fn mid(n: u8) -> MessageId {
+    MessageId([n; 16])
+}
+
+fn kind(r: &Reply) -> ErrorKind {
+    r.as_ref().unwrap_err().kind
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_config(NodeConfig::default())
+    }
+
+    fn with_config(config: NodeConfig) -> Self {
+        let mut node = NodeService::new(config, [7; 32], MemStore::new()).unwrap();
+        // The version record written on first open must be synced too.
+        while node.poll_output().is_some() {}
+        let lsn = node.store_mut().sync();
+        node.handle_synced(Time::ZERO, lsn);
+        Harness {
+            node,
+            now: Time::from_millis(1_000),
+            next_request: 0,
+            auto_sync: true,
+        }
+    }
+
+    fn open(&mut self, c: u64) {
+        self.node
+            .handle_connection_opened(self.now, conn(c), EXPORTER)
+            .unwrap();
+    }
+
+    /// Opens connection `c` and authenticates it as `sk`.
+    fn login(&mut self, c: u64, sk: &SigningKey) {
+        self.open(c);
+        let Ok(Response::AuthChallenge { nonce }) = self.call(c, RequestBody::AuthChallenge) else {
+            panic!("no challenge");
+        };
+        let sig = sk.sign(&auth_message(&id(sk), &nonce, &EXPORTER));
+        let r = self.call(
+            c,
+            RequestBody::Authenticate {
+                identity_key: id(sk),
+                signature: Signature(sig.to_bytes()),
+            },
+        );
+        assert_eq!(r, Ok(Response::Authenticated));
+    }
+
+    fn send(&mut self, c: u64, body: RequestBody) -> RequestId {
+        let rid = RequestId(self.next_request);
+        self.next_request += 1;
+        self.node.handle_request(
+            self.now,
+            conn(c),
+            rid,
+            Request {
+                auth_version: AUTH_VERSION,
+                body,
+            },
+        );
+        rid
+    }
+
+    /// Sends a request and returns its reply, which must come out now.
+    fn call(&mut self, c: u64, body: RequestBody) -> Reply {
+        let rid = self.send(c, body);
+        let replies = self.drain();
+        let mut mine = replies.into_iter().filter(|(r, _)| *r == rid);
+        let (_, reply) = mine.next().expect("no reply");
+        assert!(mine.next().is_none(), "two replies to one request");
+        reply
+    }
+
+    /// Drains outputs, syncing when asked (if auto_sync), and returns the
+    /// replies in order.
+    fn drain(&mut self) -> Vec<(RequestId, Reply)> {
+        let mut replies = Vec::new();
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Reply {
+                    request_id, reply, ..
+                } => replies.push((request_id, reply)),
+                Output::Sync { lsn } => {
+                    if self.auto_sync {
+                        let synced = self.node.store_mut().sync_up_to(lsn);
+                        self.node.handle_synced(self.now, synced);
+                    }
+                }
+            }
+        }
+        replies
+    }
+
+    fn upload(&mut self, c: u64, owner: &SigningKey, pkg: &[u8], last_resort: bool) -> Reply {
+        self.call(
+            c,
+            RequestBody::UploadKeyPackage {
+                identity_key: id(owner),
+                package: pkg.to_vec(),
+                last_resort,
+            },
+        )
+    }
+
+    fn pop(&mut self, c: u64, target: &SigningKey) -> Reply {
+        self.call(
+            c,
+            RequestBody::FetchKeyPackage {
+                identity_key: id(target),
+            },
+        )
+    }
+
+    fn enqueue(&mut self, c: u64, to: &SigningKey, channel: &[u8], payload: &[u8], m: u8) -> Reply {
+        self.call(
+            c,
+            RequestBody::Enqueue {
+                recipient_key: id(to),
+                channel_id: ch(channel),
+                payload: payload.to_vec(),
+                message_id: mid(m),
+            },
+        )
+    }
+
+    fn fetch(
+        &mut self,
+        c: u64,
+        owner: &SigningKey,
+        channel: &[u8],
+        after: u64,
+        limit: u32,
+    ) -> Reply {
+        self.call(
+            c,
+            RequestBody::Fetch {
+                recipient_key: id(owner),
+                channel_id: ch(channel),
+                after_seq: after,
+                limit,
+            },
+        )
+    }
+
+    fn fetch_wait(&mut self, c: u64, owner: &SigningKey, after: u64, timeout_ms: u64) -> RequestId {
+        self.send(
+            c,
+            RequestBody::FetchWait {
+                recipient_key: id(owner),
+                channel_id: ChannelId::DEFAULT,
+                after_seq: after,
+                limit: 10,
+                timeout_ms,
+            },
+        )
+    }
+}
+
+fn seqs(r: &Reply) -> Vec<u64> {
+    match r {
+        Ok(Response::Messages { messages, .. }) => messages.iter().map(|m| m.seq).collect(),
+        other => panic!("not messages: {other:?}"),
+    }
+}
+
+fn payloads(r: &Reply) -> Vec<Vec<u8>> {
+    match r {
+        Ok(Response::Messages { messages, .. }) => {
+            messages.iter().map(|m| m.payload.clone()).collect()
+        }
+        other => panic!("not messages: {other:?}"),
+    }
+}
+
+fn enqueued(r: &Reply) -> u64 {
+    match r {
+        Ok(Response::Enqueued { seq }) => *seq,
+        other => panic!("not enqueued: {other:?}"),
+    }
+}
+
+// ----- authentication --------------------------------------------------
+
+#[test]
+fn authentication_binds_identity() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.login(1, &alice);
+    assert_eq!(h.upload(1, &alice, b"kp", false).map(|_| ()), Ok(()));
+}
+
+#[test]
+fn every_method_refuses_unauthenticated_connections() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.open(1);
+    let bodies = [
+        RequestBody::UploadKeyPackage {
+            identity_key: id(&alice),
+            package: b"kp".to_vec(),
+            last_resort: false,
+        },
+        RequestBody::FetchKeyPackage {
+            identity_key: id(&alice),
+        },
+        RequestBody::KeyPackageCount {
+            identity_key: id(&alice),
+        },
+        RequestBody::FetchHybridKey {
+            identity_key: id(&alice),
+        },
+        RequestBody::Enqueue {
+            recipient_key: id(&alice),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"x".to_vec(),
+            message_id: mid(1),
+        },
+        RequestBody::Fetch {
+            recipient_key: id(&alice),
+            channel_id: ChannelId::DEFAULT,
+            after_seq: 0,
+            limit: 1,
+        },
+        RequestBody::FetchWait {
+            recipient_key: id(&alice),
+            channel_id: ChannelId::DEFAULT,
+            after_seq: 0,
+            limit: 1,
+            timeout_ms: 100,
+        },
+    ];
+    for body in bodies {
+        let r = h.call(1, body.clone());
+        assert_eq!(kind(&r), ErrorKind::Unauthenticated, "{}", body.method());
+    }
+    let sig = Signature([0; 64]);
+    let r = h.call(
+        1,
+        RequestBody::UploadHybridKey {
+            identity_key: id(&alice),
+            hybrid_key: b"k".to_vec(),
+            signature: sig,
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::Unauthenticated);
+}
+
+#[test]
+fn unknown_auth_version_is_refused() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.node.handle_request(
+        h.now,
+        conn(1),
+        RequestId(99),
+        Request {
+            auth_version: 2,
+            body: RequestBody::AuthChallenge,
+        },
+    );
+    let replies = h.drain();
+    assert_eq!(kind(&replies[0].1), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn authenticate_without_challenge_is_refused() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.open(1);
+    let sig = alice.sign(&auth_message(&id(&alice), &[0; 32], &EXPORTER));
+    let r = h.call(
+        1,
+        RequestBody::Authenticate {
+            identity_key: id(&alice),
+            signature: Signature(sig.to_bytes()),
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::Unauthenticated);
+}
+
+#[test]
+fn wrong_signature_is_refused_and_burns_the_nonce() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    let mallory = user(2);
+    h.open(1);
+    let Ok(Response::AuthChallenge { nonce }) = h.call(1, RequestBody::AuthChallenge) else {
+        panic!()
+    };
+    // Mallory signs a claim to be Alice.
+    let bad = mallory.sign(&auth_message(&id(&alice), &nonce, &EXPORTER));
+    let r = h.call(
+        1,
+        RequestBody::Authenticate {
+            identity_key: id(&alice),
+            signature: Signature(bad.to_bytes()),
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::Unauthenticated);
+    // Even the right signature over the same nonce is now refused.
+    let good = alice.sign(&auth_message(&id(&alice), &nonce, &EXPORTER));
+    let r = h.call(
+        1,
+        RequestBody::Authenticate {
+            identity_key: id(&alice),
+            signature: Signature(good.to_bytes()),
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::Unauthenticated);
+}
+
+#[test]
+fn signature_does_not_work_on_another_connection() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.open(1);
+    let Ok(Response::AuthChallenge { nonce }) = h.call(1, RequestBody::AuthChallenge) else {
+        panic!()
+    };
+    let sig = alice.sign(&auth_message(&id(&alice), &nonce, &EXPORTER));
+    // Connection 2 has another TLS session, hence another exporter value.
+    h.node
+        .handle_connection_opened(h.now, conn(2), [0x22; 32])
+        .unwrap();
+    let _ = h.call(2, RequestBody::AuthChallenge);
+    let r = h.call(
+        2,
+        RequestBody::Authenticate {
+            identity_key: id(&alice),
+            signature: Signature(sig.to_bytes()),
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::Unauthenticated);
+}
+
+#[test]
+fn nonces_differ_between_challenges() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.call(1, RequestBody::AuthChallenge);
+    let b = h.call(1, RequestBody::AuthChallenge);
+    assert_ne!(a, b);
+}
+
+#[test]
+fn second_authentication_on_a_connection_is_refused() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.login(1, &alice);
+    assert_eq!(
+        kind(&h.call(1, RequestBody::AuthChallenge)),
+        ErrorKind::InvalidArgument
+    );
+}
+
+#[test]
+fn connection_table_is_bounded() {
+    let mut h = Harness::with_config(NodeConfig {
+        connections_max: 2,
+        ..NodeConfig::default()
+    });
+    h.open(1);
+    h.open(2);
+    let e = h
+        .node
+        .handle_connection_opened(h.now, conn(3), EXPORTER)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+    h.node.handle_connection_closed(h.now, conn(1));
+    h.open(3);
+}
+
+// ----- KeyPackages ------------------------------------------------------
+
+#[test]
+fn upload_returns_sha256_fingerprint() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.login(1, &alice);
+    let expected: [u8; 32] = Sha256::digest(b"package").into();
+    assert_eq!(
+        h.upload(1, &alice, b"package", false),
+        Ok(Response::KeyPackageUploaded {
+            fingerprint: expected
+        })
+    );
+}
+
+#[test]
+fn pop_is_fifo_and_never_returns_same_package_twice() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.upload(1, &alice, b"kp1", false).unwrap();
+    h.upload(1, &alice, b"kp2", false).unwrap();
+    let first = h.pop(2, &alice);
+    let second = h.pop(2, &alice);
+    let pkg = |r: Reply| match r {
+        Ok(Response::KeyPackage {
+            package,
+            last_resort: false,
+        }) => package,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(pkg(first), b"kp1");
+    assert_eq!(pkg(second), b"kp2");
+    assert_eq!(kind(&h.pop(2, &alice)), ErrorKind::NotFound);
+}
+
+#[test]
+fn last_resort_is_served_and_kept_when_pool_is_empty() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.upload(1, &alice, b"old-lr", true).unwrap();
+    h.upload(1, &alice, b"lr", true).unwrap();
+    h.upload(1, &alice, b"kp1", false).unwrap();
+    let lr = Ok(Response::KeyPackage {
+        package: b"lr".to_vec(),
+        last_resort: true,
+    });
+    assert_eq!(
+        h.pop(2, &alice),
+        Ok(Response::KeyPackage {
+            package: b"kp1".to_vec(),
+            last_resort: false
+        })
+    );
+    assert_eq!(h.pop(2, &alice), lr);
+    assert_eq!(h.pop(2, &alice), lr);
+}
+
+#[test]
+fn key_package_count_reports_pool_and_last_resort() {
+    let mut h = Harness::new();
+    let alice = user(1);
+    h.login(1, &alice);
+    let count = |h: &mut Harness| {
+        h.call(
+            1,
+            RequestBody::KeyPackageCount {
+                identity_key: id(&alice),
+            },
+        )
+    };
+    assert_eq!(
+        count(&mut h),
+        Ok(Response::KeyPackageCount {
+            count: 0,
+            has_last_resort: false
+        })
+    );
+    h.upload(1, &alice, b"a", false).unwrap();
+    h.upload(1, &alice, b"b", false).unwrap();
+    h.upload(1, &alice, b"lr", true).unwrap();
+    assert_eq!(
+        count(&mut h),
+        Ok(Response::KeyPackageCount {
+            count: 2,
+            has_last_resort: true
+        })
+    );
+}
+
+#[test]
+fn key_package_validation_errors() {
+    let mut h = Harness::with_config(NodeConfig {
+        key_packages_per_identity_max: 2,
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    assert_eq!(
+        kind(&h.upload(1, &alice, b"", false)),
+        ErrorKind::InvalidArgument
+    );
+    let big = vec![0u8; limits::KEY_PACKAGE_BYTES_MAX + 1];
+    assert_eq!(
+        kind(&h.upload(1, &alice, &big, false)),
+        ErrorKind::PayloadTooLarge
+    );
+    assert_eq!(
+        kind(&h.upload(1, &bob, b"kp", false)),
+        ErrorKind::PermissionDenied
+    );
+    h.upload(1, &alice, b"1", false).unwrap();
+    h.upload(1, &alice, b"2", false).unwrap();
+    assert_eq!(
+        kind(&h.upload(1, &alice, b"3", false)),
+        ErrorKind::QueueFull
+    );
+    // The last resort does not count against the pool.
+    h.upload(1, &alice, b"lr", true).unwrap();
+    let r = h.call(
+        1,
+        RequestBody::KeyPackageCount {
+            identity_key: id(&bob),
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::PermissionDenied);
+}
+
+#[test]
+fn key_package_fetch_is_rate_limited_per_pair_and_per_target() {
+    let mut h = Harness::with_config(NodeConfig {
+        key_fetch_pair_rate: RateConfig {
+            burst: 2,
+            per_sec: 1,
+        },
+        key_package_fetch_target_rate: RateConfig {
+            burst: 3,
+            per_sec: 1,
+        },
+        ..NodeConfig::default()
+    });
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    h.upload(1, &alice, b"lr", true).unwrap();
+    h.pop(2, &alice).unwrap();
+    h.pop(2, &alice).unwrap();
+    let r = h.pop(2, &alice);
+    assert!(matches!(
+        kind(&r),
+        ErrorKind::RateLimited { retry_after_ms } if retry_after_ms > 0
+    ));
+    // Carol has her own pair budget but the target's budget has one left.
+    h.pop(3, &alice).unwrap();
+    assert!(matches!(
+        kind(&h.pop(3, &alice)),
+        ErrorKind::RateLimited { .. }
+    ));
+    // Time refills the buckets.
+    h.now = h.now.saturating_add(Duration::from_secs(2));
+    h.pop(3, &alice).unwrap();
+}
+
+#[test]
+fn popped_package_comes_back_only_if_the_pop_was_never_durable() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.upload(1, &alice, b"kp1", false).unwrap();
+    h.auto_sync = false;
+    let rid = h.send(
+        2,
+        RequestBody::FetchKeyPackage {
+            identity_key: id(&alice),
+        },
+    );
+    // Not durable, so not answered.
+    assert!(h.drain().iter().all(|(r, _)| *r != rid));
+    let mut store = std::mem::replace(
+        &mut h.node,
+        NodeService::new(NodeConfig::default(), [1; 32], MemStore::new()).unwrap(),
+    )
+    .into_store();
+    store.crash();
+    let mut h2 = Harness {
+        node: NodeService::new(NodeConfig::default(), [8; 32], store).unwrap(),
+        now: h.now,
+        next_request: 1_000,
+        auto_sync: true,
+    };
+    h2.login(1, &alice);
+    h2.login(2, &bob);
+    assert_eq!(
+        h2.pop(2, &alice),
+        Ok(Response::KeyPackage {
+            package: b"kp1".to_vec(),
+            last_resort: false
+        })
+    );
+    // That pop was durable: after another crash it is gone for good.
+    let mut store = h2.node.into_store();
+    store.crash();
+    let mut h3 = Harness {
+        node: NodeService::new(NodeConfig::default(), [9; 32], store).unwrap(),
+        now: h.now,
+        next_request: 2_000,
+        auto_sync: true,
+    };
+    h3.login(2, &bob);
+    assert_eq!(kind(&h3.pop(2, &alice)), ErrorKind::NotFound);
+}
+
+// ----- hybrid keys ------------------------------------------------------
+
+#[test]
+fn hybrid_key_upload_verifies_signature_and_fetch_returns_it() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let key = vec![5u8; 1216];
+    let sig = Signature(
+        alice
+            .sign(&hybrid_key_message(&id(&alice), &key))
+            .to_bytes(),
+    );
+    let fetch = |h: &mut Harness| {
+        h.call(
+            2,
+            RequestBody::FetchHybridKey {
+                identity_key: id(&alice),
+            },
+        )
+    };
+    assert_eq!(kind(&fetch(&mut h)), ErrorKind::NotFound);
+    let upload = |h: &mut Harness, who: &SigningKey, key: Vec<u8>, sig| {
+        h.call(
+            1,
+            RequestBody::UploadHybridKey {
+                identity_key: id(who),
+                hybrid_key: key,
+                signature: sig,
+            },
+        )
+    };
+    assert_eq!(
+        upload(&mut h, &alice, key.clone(), sig),
+        Ok(Response::HybridKeyUploaded)
+    );
+    assert_eq!(
+        fetch(&mut h),
+        Ok(Response::HybridKey {
+            hybrid_key: key.clone(),
+            signature: sig
+        })
+    );
+    // Not the owner, bad signature, empty, too large.
+    assert_eq!(
+        kind(&upload(&mut h, &bob, key.clone(), sig)),
+        ErrorKind::PermissionDenied
+    );
+    let mut other = key.clone();
+    other[0] ^= 1;
+    assert_eq!(
+        kind(&upload(&mut h, &alice, other, sig)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        kind(&upload(&mut h, &alice, vec![], sig)),
+        ErrorKind::InvalidArgument
+    );
+    let huge = vec![0u8; limits::HYBRID_KEY_BYTES_MAX + 1];
+    assert_eq!(
+        kind(&upload(&mut h, &alice, huge, sig)),
+        ErrorKind::PayloadTooLarge
+    );
+}
+
+// ----- queues -----------------------------------------------------------
+
+#[test]
+fn enqueue_assigns_consecutive_seqs_per_queue() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"b", 2)), 2);
+    // Another channel is another queue with its own counter.
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"ch", b"c", 3)), 1);
+}
+
+#[test]
+fn enqueue_retry_with_same_message_id_is_stored_once() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"b", 2)), 2);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
+    assert_eq!(seqs(&h.fetch(2, &bob, b"", 0, 10)), vec![1, 2]);
+    // Still recognised after the message was acknowledged.
+    h.fetch(2, &bob, b"", 2, 10).unwrap();
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
+    assert!(seqs(&h.fetch(2, &bob, b"", 2, 10)).is_empty());
+}
+
+#[test]
+fn dedup_window_forgets_old_ids_and_stays_bounded() {
+    let mut h = Harness::with_config(NodeConfig {
+        queue_depth_max: 100_000,
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    let window = limits::DEDUP_WINDOW_PER_QUEUE;
+    for i in 0..=window {
+        let mut m = [0u8; 16];
+        m[..8].copy_from_slice(&i.to_be_bytes());
+        let r = h.call(
+            1,
+            RequestBody::Enqueue {
+                recipient_key: id(&bob),
+                channel_id: ChannelId::DEFAULT,
+                payload: b"x".to_vec(),
+                message_id: MessageId(m),
+            },
+        );
+        assert_eq!(enqueued(&r), i + 1);
+    }
+    // The first id has left the window: a "retry" is a new message.
+    let r = h.call(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"x".to_vec(),
+            message_id: MessageId([0; 16]),
+        },
+    );
+    assert_eq!(enqueued(&r), window + 2);
+    // Dedup and ring records are bounded by the window (2 records each),
+    // plus messages, queue meta, the version record.
+    let records = h.node.store().len() as u64;
+    assert!(records <= (window + 2) + 2 * window + 2 + 2, "{records}");
+}
+
+#[test]
+fn fetch_acknowledges_up_to_cursor_and_keeps_the_rest() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    for (i, p) in [b"a", b"b", b"c"].iter().enumerate() {
+        h.enqueue(1, &bob, b"", *p, i as u8).unwrap();
+    }
+    let r = h.fetch(2, &bob, b"", 0, 2);
+    assert_eq!(seqs(&r), vec![1, 2]);
+    assert_eq!(payloads(&r), vec![b"a".to_vec(), b"b".to_vec()]);
+    // A lost response loses nothing: the same cursor gets the same data.
+    assert_eq!(h.fetch(2, &bob, b"", 0, 2), r);
+    let r = h.fetch(2, &bob, b"", 2, 10);
+    assert_eq!(seqs(&r), vec![3]);
+    assert!(matches!(r, Ok(Response::Messages { next_seq: 4, .. })));
+    // Acknowledged messages are gone even for an older cursor.
+    assert_eq!(seqs(&h.fetch(2, &bob, b"", 0, 10)), vec![3]);
+    // limit 0 only acknowledges.
+    assert!(seqs(&h.fetch(2, &bob, b"", 3, 0)).is_empty());
+    assert!(seqs(&h.fetch(2, &bob, b"", 0, 10)).is_empty());
+}
+
+#[test]
+fn seq_is_never_reused_after_the_queue_empties() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"", b"a", 1).unwrap();
+    h.fetch(2, &bob, b"", 1, 10).unwrap();
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"b", 2)), 2);
+}
+
+#[test]
+fn fetch_of_someone_elses_queue_returns_and_deletes_nothing() {
+    let mut h = Harness::new();
+    let (alice, bob, mallory) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &mallory);
+    h.enqueue(1, &bob, b"", b"secret", 1).unwrap();
+    assert_eq!(
+        kind(&h.fetch(3, &bob, b"", 1, 10)),
+        ErrorKind::PermissionDenied
+    );
+    let rid = h.fetch_wait(3, &bob, 1, 1_000);
+    let replies = h.drain();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, rid);
+    assert_eq!(kind(&replies[0].1), ErrorKind::PermissionDenied);
+    assert_eq!(seqs(&h.fetch(2, &bob, b"", 0, 10)), vec![1]);
+}
+
+#[test]
+fn fetch_with_cursor_beyond_last_seq_is_invalid_and_changes_nothing() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"", b"a", 1).unwrap();
+    assert_eq!(
+        kind(&h.fetch(2, &bob, b"", 5, 10)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(seqs(&h.fetch(2, &bob, b"", 0, 10)), vec![1]);
+}
+
+#[test]
+fn enqueue_validation_errors() {
+    let mut h = Harness::with_config(NodeConfig {
+        queue_depth_max: 2,
+        queue_bytes_max: 10,
+        ..NodeConfig::default()
+    });
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    assert_eq!(
+        kind(&h.enqueue(1, &bob, b"", b"", 1)),
+        ErrorKind::InvalidArgument
+    );
+    let big = vec![0u8; limits::PAYLOAD_BYTES_MAX + 1];
+    assert_eq!(
+        kind(&h.enqueue(1, &bob, b"", &big, 1)),
+        ErrorKind::PayloadTooLarge
+    );
+    h.enqueue(1, &bob, b"", b"1", 1).unwrap();
+    h.enqueue(1, &bob, b"", b"2", 2).unwrap();
+    assert_eq!(
+        kind(&h.enqueue(1, &bob, b"", b"3", 3)),
+        ErrorKind::QueueFull
+    );
+    // A retry of a stored message still answers, even when full.
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"1", 1)), 1);
+    // Byte limit.
+    h.enqueue(1, &carol, b"", b"123456", 4).unwrap();
+    assert_eq!(
+        kind(&h.enqueue(1, &carol, b"", b"12345", 5)),
+        ErrorKind::QueueFull
+    );
+    h.enqueue(1, &carol, b"", b"1234", 6).unwrap();
+}
+
+#[test]
+fn acknowledging_frees_queue_capacity() {
+    let mut h = Harness::with_config(NodeConfig {
+        queue_depth_max: 1,
+        queue_bytes_max: 4,
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"", b"abcd", 1).unwrap();
+    assert_eq!(
+        kind(&h.enqueue(1, &bob, b"", b"e", 2)),
+        ErrorKind::QueueFull
+    );
+    h.fetch(2, &bob, b"", 1, 0).unwrap();
+    h.enqueue(1, &bob, b"", b"efgh", 2).unwrap();
+}
+
+#[test]
+fn enqueue_is_rate_limited_per_sender() {
+    let mut h = Harness::with_config(NodeConfig {
+        enqueue_rate: RateConfig {
+            burst: 2,
+            per_sec: 1,
+        },
+        ..NodeConfig::default()
+    });
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(3, &carol);
+    h.enqueue(1, &bob, b"", b"1", 1).unwrap();
+    h.enqueue(1, &bob, b"", b"2", 2).unwrap();
+    assert!(matches!(
+        kind(&h.enqueue(1, &bob, b"", b"3", 3)),
+        ErrorKind::RateLimited { .. }
+    ));
+    // A retry is not a new message and is answered anyway.
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"1", 1)), 1);
+    // Another sender is not affected.
+    h.enqueue(3, &bob, b"", b"3", 3).unwrap();
+}
+
+#[test]
+fn fetch_respects_the_reply_byte_budget_but_returns_at_least_one() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let big = vec![1u8; limits::PAYLOAD_BYTES_MAX];
+    for i in 0..6 {
+        h.enqueue(1, &bob, b"", &big, i).unwrap();
+    }
+    let n = seqs(&h.fetch(2, &bob, b"", 0, 100)).len();
+    assert_eq!(
+        n,
+        limits::FETCH_RESPONSE_BYTES_MAX / limits::PAYLOAD_BYTES_MAX
+    );
+}
+
+// ----- long poll --------------------------------------------------------
+
+#[test]
+fn fetch_wait_returns_at_once_when_messages_are_pending() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"", b"a", 1).unwrap();
+    let rid = h.fetch_wait(2, &bob, 0, 5_000);
+    let replies = h.drain();
+    assert_eq!(replies[0].0, rid);
+    assert_eq!(seqs(&replies[0].1), vec![1]);
+    assert_eq!(h.node.waiter_count(), 0);
+}
+
+#[test]
+fn fetch_wait_is_woken_by_enqueue() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let rid = h.fetch_wait(2, &bob, 0, 5_000);
+    assert!(h.drain().is_empty());
+    assert_eq!(h.node.waiter_count(), 1);
+    assert_eq!(
+        h.node.poll_timeout(),
+        Some(h.now.saturating_add(Duration::from_secs(5)))
+    );
+    // An enqueue to another queue does not wake it.
+    h.enqueue(1, &alice, b"", b"x", 9).unwrap();
+    assert_eq!(h.node.waiter_count(), 1);
+    let eid = h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"hi".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    let replies = h.drain();
+    let woken = replies.iter().find(|(r, _)| *r == rid).unwrap();
+    assert_eq!(payloads(&woken.1), vec![b"hi".to_vec()]);
+    assert!(replies.iter().any(|(r, _)| *r == eid));
+    assert_eq!(h.node.waiter_count(), 0);
+    assert_eq!(h.node.poll_timeout(), None);
+}
+
+#[test]
+fn fetch_wait_expires_at_its_deadline_with_an_empty_reply() {
+    let mut h = Harness::new();
+    let bob = user(2);
+    h.login(2, &bob);
+    let rid = h.fetch_wait(2, &bob, 0, 1_000);
+    let deadline = h.node.poll_timeout().unwrap();
+    // A spurious early timeout does nothing.
+    h.node.handle_timeout(h.now);
+    assert!(h.drain().is_empty());
+    h.now = deadline;
+    h.node.handle_timeout(h.now);
+    let replies = h.drain();
+    assert_eq!(replies[0].0, rid);
+    assert!(seqs(&replies[0].1).is_empty());
+    assert_eq!(h.node.waiter_count(), 0);
+}
+
+#[test]
+fn fetch_wait_timeout_is_clamped() {
+    let mut h = Harness::new();
+    let bob = user(2);
+    h.login(2, &bob);
+    h.fetch_wait(2, &bob, 0, u64::MAX);
+    let max = Duration::from_millis(limits::FETCH_WAIT_TIMEOUT_MS_MAX);
+    assert_eq!(h.node.poll_timeout(), Some(h.now.saturating_add(max)));
+}
+
+#[test]
+fn fetch_wait_needs_a_limit() {
+    let mut h = Harness::new();
+    let bob = user(2);
+    h.login(2, &bob);
+    let r = h.call(
+        2,
+        RequestBody::FetchWait {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            after_seq: 0,
+            limit: 0,
+            timeout_ms: 10,
+        },
+    );
+    assert_eq!(kind(&r), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn closing_a_connection_drops_its_waiters() {
+    let mut h = Harness::new();
+    let bob = user(2);
+    h.login(2, &bob);
+    h.fetch_wait(2, &bob, 0, 1_000);
+    h.node.handle_connection_closed(h.now, conn(2));
+    assert_eq!(h.node.waiter_count(), 0);
+    assert_eq!(h.node.poll_timeout(), None);
+}
+
+#[test]
+fn waiters_are_bounded_per_connection_and_in_total() {
+    let mut h = Harness::with_config(NodeConfig {
+        waiters_per_connection_max: 2,
+        waiters_max: 3,
+        ..NodeConfig::default()
+    });
+    let (bob, carol) = (user(2), user(3));
+    h.login(2, &bob);
+    h.login(3, &carol);
+    h.fetch_wait(2, &bob, 0, 1_000);
+    h.fetch_wait(2, &bob, 0, 1_000);
+    h.fetch_wait(2, &bob, 0, 1_000);
+    let replies = h.drain();
+    assert!(matches!(kind(&replies[0].1), ErrorKind::RateLimited { .. }));
+    let w = |h: &mut Harness| {
+        h.send(
+            3,
+            RequestBody::FetchWait {
+                recipient_key: id(&carol),
+                channel_id: ChannelId::DEFAULT,
+                after_seq: 0,
+                limit: 1,
+                timeout_ms: 1_000,
+            },
+        )
+    };
+    w(&mut h);
+    w(&mut h);
+    let replies = h.drain();
+    assert_eq!(kind(&replies[0].1), ErrorKind::Unavailable);
+    assert_eq!(h.node.waiter_count(), 3);
+}
+
+// ----- durability -------------------------------------------------------
+
+#[test]
+fn replies_wait_for_sync_in_fsync_mode() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.auto_sync = false;
+    let rid = h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"a".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    let mut syncs = Vec::new();
+    while let Some(out) = h.node.poll_output() {
+        match out {
+            Output::Sync { lsn } => syncs.push(lsn),
+            Output::Reply { .. } => panic!("reply before durability"),
+        }
+    }
+    assert_eq!(syncs.len(), 1);
+    // A read that follows an unsynced write waits too.
+    let rid2 = h.send(
+        1,
+        RequestBody::FetchHybridKey {
+            identity_key: id(&bob),
+        },
+    );
+    assert!(h.node.poll_output().is_none());
+    assert_eq!(h.node.held_reply_count(), 2);
+    let lsn = h.node.store_mut().sync();
+    h.node.handle_synced(h.now, lsn);
+    let order: Vec<_> = std::iter::from_fn(|| h.node.poll_output())
+        .map(|o| match o {
+            Output::Reply { request_id, .. } => request_id,
+            Output::Sync { .. } => panic!("sync after sync"),
+        })
+        .collect();
+    assert_eq!(order, vec![rid, rid2]);
+}
+
+#[test]
+fn buffered_mode_replies_at_once_without_syncs() {
+    let mut h = Harness::with_config(NodeConfig {
+        durability: Durability::Buffered,
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.auto_sync = false;
+    h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"a".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    assert!(matches!(h.node.poll_output(), Some(Output::Reply { .. })));
+    assert!(h.node.poll_output().is_none());
+}
+
+#[test]
+fn sync_failure_turns_held_replies_into_unavailable_and_stops_writes() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.auto_sync = false;
+    h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"a".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    h.drain();
+    h.node.handle_sync_failed(h.now, "disk on fire");
+    let replies = h.drain();
+    assert_eq!(kind(&replies[0].1), ErrorKind::Unavailable);
+    assert_eq!(
+        kind(&h.enqueue(1, &bob, b"", b"b", 2)),
+        ErrorKind::Unavailable
+    );
+}
+
+#[test]
+fn restart_keeps_seq_counters_and_refuses_newer_format() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.enqueue(1, &bob, b"", b"a", 1).unwrap();
+    let mut store = h.node.into_store();
+    store.crash();
+    let mut h = Harness {
+        node: NodeService::new(NodeConfig::default(), [3; 32], store).unwrap(),
+        now: Time::ZERO,
+        next_request: 0,
+        auto_sync: true,
+    };
+    h.login(1, &alice);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"b", 2)), 2);
+    let mut store = h.node.into_store();
+    let mut b = Batch::new();
+    b.put(
+        layout::version_key(),
+        layout::encode_version(FORMAT_VERSION + 1),
+    );
+    store.write(b).unwrap();
+    let err = NodeService::new(NodeConfig::default(), [3; 32], store).unwrap_err();
+    assert_eq!(
+        err,
+        OpenError::NewerFormat {
+            found: FORMAT_VERSION + 1,
+            supported: FORMAT_VERSION
+        }
+    );
+}
