@@ -81,7 +81,8 @@ pub enum Durability {
     /// Replies wait until the writes they depend on are synced (default).
     #[default]
     Fsync,
-    /// Replies go out at once; a crash may lose acknowledged writes.
+    /// Replies go out at once and syncs run behind them; a crash may lose
+    /// writes that were already acknowledged.
     Buffered,
 }
 
@@ -1036,9 +1037,10 @@ impl<S: Store> NodeService<S> {
         }
     }
 
+    /// Asks for a sync of everything written so far. Both modes sync (so
+    /// the disk keeps up); only [`Durability::Fsync`] makes replies wait.
     fn request_sync(&mut self) {
-        if self.config.durability == Durability::Fsync
-            && self.failed.is_none()
+        if self.failed.is_none()
             && self.last_write > self.sync_requested
             && self.last_write > self.durable
         {

@@ -1110,7 +1110,7 @@ fn replies_wait_for_sync_in_fsync_mode() {
 }
 
 #[test]
-fn buffered_mode_replies_at_once_without_syncs() {
+fn buffered_mode_replies_before_the_sync() {
     let mut h = Harness::with_config(NodeConfig {
         durability: Durability::Buffered,
         ..NodeConfig::default()
@@ -1127,8 +1127,11 @@ fn buffered_mode_replies_at_once_without_syncs() {
             message_id: mid(1),
         },
     );
-    assert!(matches!(h.node.poll_output(), Some(Output::Reply { .. })));
-    assert!(h.node.poll_output().is_none());
+    let outputs: Vec<_> = std::iter::from_fn(|| h.node.poll_output()).collect();
+    assert!(matches!(outputs[0], Output::Reply { .. }));
+    // The disk is still kept up to date behind the reply.
+    assert!(matches!(outputs[1], Output::Sync { .. }));
+    assert_eq!(outputs.len(), 2);
 }
 
 #[test]
