@@ -1,0 +1,255 @@
+//! Conversion between the core's [`Reply`] (a [`Response`] or a
+//! [`ServiceError`]) and the wire's `Response` struct. Decoding checks the
+//! fixed-size fields (nonce, fingerprint, signature), refuses a message list
+//! longer than any fetch may return, and requires error messages to be
+//! UTF-8.
+
+use std::borrow::Cow;
+
+use quicproquo_core::limits::FETCH_LIMIT_MAX;
+use quicproquo_core::node::{QueuedMessage, Reply, Response};
+use quicproquo_core::{ErrorKind, ServiceError};
+
+use crate::error::DecodeError;
+use crate::generated::node_capnp::{error, response};
+use crate::request::signature;
+
+/// Writes `reply` into a freshly initialised root.
+pub(crate) fn to_wire(reply: &Reply, mut w: response::Builder<'_>) {
+    match reply {
+        Ok(resp) => {
+            if let Err(gap) = ok_to_wire(resp, w.reborrow().init_ok()) {
+                error_to_wire(&gap, w.init_error());
+            }
+        }
+        Err(e) => error_to_wire(e, w.init_error()),
+    }
+}
+
+/// Reads a reply.
+pub(crate) fn from_wire(r: response::Reader<'_>) -> Result<Reply, DecodeError> {
+    match r.which() {
+        Ok(response::Ok(ok)) => ok_from_wire(ok).map(Ok),
+        Ok(response::Error(e)) => error_from_wire(e?).map(Err),
+        Err(capnp::NotInSchema(discriminant)) => Err(DecodeError::UnknownVariant {
+            what: "reply",
+            discriminant,
+        }),
+    }
+}
+
+/// Words the encoding of `reply` needs: root pointer and struct, each byte
+/// field padded to a word, and two words plus the payload per queued
+/// message. An underestimate only costs a second segment.
+pub(crate) fn size_in_words(reply: &Reply) -> usize {
+    // Root pointer (1) + Response (3 data words + 2 pointers) + the Error
+    // struct or a list tag, and the fixed-size fields (at most 64 bytes).
+    const FIXED_WORDS: usize = 24;
+    let variable = match reply {
+        Ok(Response::KeyPackage { package, .. }) => package.len().div_ceil(8),
+        Ok(Response::HybridKey { hybrid_key, .. }) => hybrid_key.len().div_ceil(8),
+        Ok(Response::Messages { messages, .. }) => messages
+            .iter()
+            .map(|m| 2 + m.payload.len().div_ceil(8))
+            .sum(),
+        // The message text and its NUL terminator.
+        Err(e) => (e.message.len() + 1).div_ceil(8),
+        Ok(_) => 0,
+    };
+    FIXED_WORDS + variable
+}
+
+/// Writes a successful response, or returns the error to send instead when
+/// `resp` is a variant this crate does not know yet (then nothing but the
+/// `ok` tag has been written, and the caller overwrites it).
+fn ok_to_wire(resp: &Response, mut w: response::ok::Builder<'_>) -> Result<(), ServiceError> {
+    match resp {
+        Response::AuthChallenge { nonce } => w.init_auth_challenge().set_nonce(nonce),
+        Response::Authenticated => w.set_authenticated(()),
+        Response::KeyPackageUploaded { fingerprint } => {
+            w.init_key_package_uploaded().set_fingerprint(fingerprint);
+        }
+        Response::KeyPackage {
+            package,
+            last_resort,
+        } => {
+            let mut g = w.init_key_package();
+            g.set_package(package);
+            g.set_last_resort(*last_resort);
+        }
+        Response::KeyPackageCount {
+            count,
+            has_last_resort,
+        } => {
+            let mut g = w.init_key_package_count();
+            g.set_count(*count);
+            g.set_has_last_resort(*has_last_resort);
+        }
+        Response::HybridKeyUploaded => w.set_hybrid_key_uploaded(()),
+        Response::HybridKey {
+            hybrid_key,
+            signature,
+        } => {
+            let mut g = w.init_hybrid_key();
+            g.set_hybrid_key(hybrid_key);
+            g.set_signature(&signature.0);
+        }
+        Response::Enqueued { seq } => w.init_enqueued().set_seq(*seq),
+        Response::Messages { messages, next_seq } => {
+            let mut g = w.init_messages();
+            g.set_next_seq(*next_seq);
+            let len = u32::try_from(messages.len())
+                .expect("a reply holds far fewer than 2^32 messages (FETCH_LIMIT_MAX)");
+            let mut list = g.init_messages(len);
+            for (i, m) in (0..len).zip(messages) {
+                let mut entry = list.reborrow().get(i);
+                entry.set_seq(m.seq);
+                entry.set_payload(&m.payload);
+            }
+        }
+        // `Response` is non-exhaustive: a variant the core gains before the
+        // schema does is answered as a server-side bug, not a panic.
+        other => {
+            return Err(ServiceError::internal(format!(
+                "the server cannot encode its response {:?}",
+                variant_name(other)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a successful response.
+fn ok_from_wire(r: response::ok::Reader<'_>) -> Result<Response, DecodeError> {
+    use response::ok::Which;
+    Ok(match r.which() {
+        Ok(Which::AuthChallenge(g)) => Response::AuthChallenge {
+            nonce: fixed(g.get_nonce()?, "nonce")?,
+        },
+        Ok(Which::Authenticated(())) => Response::Authenticated,
+        Ok(Which::KeyPackageUploaded(g)) => Response::KeyPackageUploaded {
+            fingerprint: fixed(g.get_fingerprint()?, "fingerprint")?,
+        },
+        Ok(Which::KeyPackage(g)) => Response::KeyPackage {
+            package: g.get_package()?.to_vec(),
+            last_resort: g.get_last_resort(),
+        },
+        Ok(Which::KeyPackageCount(g)) => Response::KeyPackageCount {
+            count: g.get_count(),
+            has_last_resort: g.get_has_last_resort(),
+        },
+        Ok(Which::HybridKeyUploaded(())) => Response::HybridKeyUploaded,
+        Ok(Which::HybridKey(g)) => Response::HybridKey {
+            hybrid_key: g.get_hybrid_key()?.to_vec(),
+            signature: signature(g.get_signature()?)?,
+        },
+        Ok(Which::Enqueued(g)) => Response::Enqueued { seq: g.get_seq() },
+        Ok(Which::Messages(g)) => {
+            let list = g.get_messages()?;
+            // Checked before anything is sized by the list's length: a list
+            // of zero-sized structs can claim many elements cheaply.
+            if list.len() > FETCH_LIMIT_MAX {
+                return Err(DecodeError::Invalid(ServiceError::invalid_argument(
+                    format!(
+                        "reply holds {} messages, more than a fetch may return ({FETCH_LIMIT_MAX})",
+                        list.len()
+                    ),
+                )));
+            }
+            let mut messages = Vec::with_capacity(list.len() as usize);
+            for m in list.iter() {
+                messages.push(QueuedMessage {
+                    seq: m.get_seq(),
+                    payload: m.get_payload()?.to_vec(),
+                });
+            }
+            Response::Messages {
+                messages,
+                next_seq: g.get_next_seq(),
+            }
+        }
+        Err(capnp::NotInSchema(discriminant)) => {
+            return Err(DecodeError::UnknownVariant {
+                what: "response",
+                discriminant,
+            });
+        }
+    })
+}
+
+/// Writes a typed error. An `ErrorKind` newer than the schema is sent as
+/// `internal`, keeping its message.
+fn error_to_wire(e: &ServiceError, mut w: error::Builder<'_>) {
+    w.set_message(&*e.message);
+    let mut kind = w.init_kind();
+    match e.kind {
+        ErrorKind::InvalidArgument => kind.set_invalid_argument(()),
+        ErrorKind::Unauthenticated => kind.set_unauthenticated(()),
+        ErrorKind::PermissionDenied => kind.set_permission_denied(()),
+        ErrorKind::NotFound => kind.set_not_found(()),
+        ErrorKind::PayloadTooLarge => kind.set_payload_too_large(()),
+        ErrorKind::RateLimited { retry_after_ms } => {
+            kind.init_rate_limited().set_retry_after_ms(retry_after_ms);
+        }
+        ErrorKind::QueueFull => kind.set_queue_full(()),
+        ErrorKind::StaleEpoch { current_epoch } => {
+            kind.init_stale_epoch().set_current_epoch(current_epoch);
+        }
+        ErrorKind::Unavailable => kind.set_unavailable(()),
+        ErrorKind::Internal => kind.set_internal(()),
+        _ => kind.set_internal(()),
+    }
+}
+
+/// Reads a typed error.
+fn error_from_wire(r: error::Reader<'_>) -> Result<ServiceError, DecodeError> {
+    use error::kind::Which;
+    let kind = match r.get_kind().which() {
+        Ok(Which::InvalidArgument(())) => ErrorKind::InvalidArgument,
+        Ok(Which::Unauthenticated(())) => ErrorKind::Unauthenticated,
+        Ok(Which::PermissionDenied(())) => ErrorKind::PermissionDenied,
+        Ok(Which::NotFound(())) => ErrorKind::NotFound,
+        Ok(Which::PayloadTooLarge(())) => ErrorKind::PayloadTooLarge,
+        Ok(Which::RateLimited(g)) => ErrorKind::RateLimited {
+            retry_after_ms: g.get_retry_after_ms(),
+        },
+        Ok(Which::QueueFull(())) => ErrorKind::QueueFull,
+        Ok(Which::StaleEpoch(g)) => ErrorKind::StaleEpoch {
+            current_epoch: g.get_current_epoch(),
+        },
+        Ok(Which::Unavailable(())) => ErrorKind::Unavailable,
+        Ok(Which::Internal(())) => ErrorKind::Internal,
+        Err(capnp::NotInSchema(discriminant)) => {
+            return Err(DecodeError::UnknownVariant {
+                what: "error kind",
+                discriminant,
+            });
+        }
+    };
+    let message = r
+        .get_message()?
+        .to_string()
+        .map_err(|_| DecodeError::Malformed("error message is not UTF-8".into()))?;
+    Ok(ServiceError::new(kind, Cow::Owned(message)))
+}
+
+/// Copies a fixed-size field, refusing any other length.
+fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], DecodeError> {
+    <[u8; N]>::try_from(bytes).map_err(|_| {
+        DecodeError::Invalid(ServiceError::invalid_argument(format!(
+            "{what} must be {N} bytes, got {}",
+            bytes.len()
+        )))
+    })
+}
+
+/// The name of a response variant, for the error sent when it cannot be
+/// encoded; never its contents, which may hold keys or payloads.
+fn variant_name(resp: &Response) -> String {
+    let debug = format!("{resp:?}");
+    debug
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
