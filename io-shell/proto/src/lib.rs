@@ -99,6 +99,15 @@ pub fn reader_options(bytes_max: usize) -> ReaderOptions {
     options
 }
 
+/// ALPN protocol id of the NodeService over QUIC; a connection offering
+/// anything else is refused during the handshake.
+pub const ALPN: &[u8] = b"qpq/1";
+
+/// TLS exporter label (RFC 8446 §7.5) for the value a client signs to
+/// authenticate a connection; both ends derive 32 bytes with an empty
+/// context.
+pub const AUTH_EXPORTER_LABEL: &[u8] = b"EXPORTER-quicproquo-auth-v1";
+
 /// Serializes a request as one single-segment Cap'n Proto message.
 ///
 /// # Panics
@@ -229,3 +238,22 @@ const BYTES_PER_WORD: usize = 8;
 
 #[cfg(test)]
 mod tests;
+
+/// Builders of malformed requests, for tests of the server's input
+/// validation; not part of the stable API.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// A `fetchKeyPackage` request whose identity key is `key` as given,
+    /// whatever its length.
+    pub fn fetch_key_package_with_raw_key(key: &[u8]) -> Vec<u8> {
+        let mut builder = message::Builder::new_default();
+        let mut root = builder.init_root::<node_capnp::request::Builder<'_>>();
+        root.set_auth_version(quicproquo_core::limits::AUTH_VERSION);
+        root.init_body()
+            .init_fetch_key_package()
+            .set_identity_key(key);
+        serialize::write_message_to_words(&builder)
+    }
+}

@@ -1,0 +1,487 @@
+//! The async NodeService client library: connect over QUIC with the server
+//! trusted by a pinned certificate fingerprint or a CA file, authenticate an
+//! Ed25519 identity, and make typed calls for every method. Used by the
+//! tests and simulations and by the `qpq` command-line client.
+//!
+//! Each call opens one bidirectional stream, writes one request, finishes
+//! the stream and reads one reply. Enqueue retries reuse the same
+//! `messageId`, so a retry after a lost acknowledgement is stored once.
+
+mod trust;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::{Signer, SigningKey};
+use quicproquo_core::error::{ErrorKind, ServiceError};
+use quicproquo_core::limits::AUTH_VERSION;
+use quicproquo_core::node::{QueuedMessage, Request, RequestBody, Response, auth_message};
+use quicproquo_core::types::{ChannelId, Fingerprint, IdentityKey, MessageId, Signature};
+use quicproquo_proto::{
+    ALPN, AUTH_EXPORTER_LABEL, DecodeError, REPLY_BYTES_MAX, decode_reply, encode_request,
+};
+use rand_core::{OsRng, RngCore};
+
+pub use trust::{ServerTrust, TrustError};
+
+/// How many times [`Client::enqueue`] tries before giving up.
+pub const ENQUEUE_ATTEMPTS_MAX: u32 = 5;
+/// First pause between enqueue attempts; doubles each time.
+pub const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest pause between attempts, whatever the server's retry hint.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Time a call may take on top of any server-side wait (fetchWait).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A failed call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered with a typed error.
+    #[error("server refused: {0}")]
+    Service(#[from] ServiceError),
+    /// The connection or handshake failed.
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// The stream broke before the reply arrived.
+    #[error("request failed in transit: {0}")]
+    Transport(String),
+    /// The reply did not decode.
+    #[error("undecodable reply: {0}")]
+    Decode(#[from] DecodeError),
+    /// The reply was of the wrong kind for the request.
+    #[error("unexpected reply to {method}: {got}")]
+    UnexpectedReply {
+        /// The method called.
+        method: &'static str,
+        /// What came back.
+        got: String,
+    },
+    /// No reply within the call timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The server's certificate could not be set up for trust.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+}
+
+impl ClientError {
+    /// True if trying again (same request, maybe on a new connection) may
+    /// succeed: transport failures, timeouts, `unavailable`, `rateLimited`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Service(e) => matches!(
+                e.kind,
+                ErrorKind::Unavailable | ErrorKind::RateLimited { .. }
+            ),
+            ClientError::Transport(_) | ClientError::Timeout(_) | ClientError::Connect(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A batch of messages from a fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Messages after the cursor, in seq order.
+    pub messages: Vec<QueuedMessage>,
+    /// The seq the next enqueue to this queue will get.
+    pub next_seq: u64,
+}
+
+/// One connection to a NodeService.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: quinn::Connection,
+    identity: Option<IdentityKey>,
+}
+
+impl Client {
+    /// Connects to `addr` (e.g. `localhost:7443`) from a fresh UDP socket.
+    pub async fn connect(server: &str, trust: &ServerTrust) -> Result<Client, ClientError> {
+        let addr = resolve(server).await?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+                .parse()
+                .map_err(|_| ClientError::Connect("bind address".into()))?
+        } else {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| ClientError::Connect("bind address".into()))?
+        };
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Connect(format!("binding a UDP socket: {e}")))?;
+        let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Self::connect_with(&endpoint, addr, host, trust).await
+    }
+
+    /// Connects through an existing `endpoint` (a simulation supplies one
+    /// over its own socket). `server_name` is checked against the
+    /// certificate when trusting a CA; a pinned fingerprint ignores it.
+    pub async fn connect_with(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        trust: &ServerTrust,
+    ) -> Result<Client, ClientError> {
+        let config = client_config(trust)?;
+        let connecting = endpoint
+            .connect_with(config, addr, server_name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connecting
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Client {
+            conn,
+            identity: None,
+        })
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// The identity this connection is authenticated as, if any.
+    pub fn identity(&self) -> Option<IdentityKey> {
+        self.identity
+    }
+
+    /// Proves ownership of `key`'s identity to the server: fetches a nonce
+    /// and signs it together with this connection's TLS exporter value.
+    pub async fn authenticate(&mut self, key: &SigningKey) -> Result<(), ClientError> {
+        let identity = IdentityKey(key.verifying_key().to_bytes());
+        let nonce = match self.call(RequestBody::AuthChallenge).await? {
+            Response::AuthChallenge { nonce } => nonce,
+            other => return Err(unexpected("authChallenge", &other)),
+        };
+        let exporter = self.tls_exporter()?;
+        let sig = key.sign(&auth_message(&identity, &nonce, &exporter));
+        match self
+            .call(RequestBody::Authenticate {
+                identity_key: identity,
+                signature: Signature(sig.to_bytes()),
+            })
+            .await?
+        {
+            Response::Authenticated => {
+                self.identity = Some(identity);
+                Ok(())
+            }
+            other => Err(unexpected("authenticate", &other)),
+        }
+    }
+
+    /// This connection's TLS exporter value, as the server derives it.
+    pub fn tls_exporter(&self) -> Result<[u8; 32], ClientError> {
+        let mut out = [0u8; 32];
+        self.conn
+            .export_keying_material(&mut out, AUTH_EXPORTER_LABEL, b"")
+            .map_err(|_| ClientError::Transport("TLS exporter unavailable".into()))?;
+        Ok(out)
+    }
+
+    /// Uploads a KeyPackage and returns the server's SHA-256 fingerprint of
+    /// it (compare it with your own to detect tampering).
+    pub async fn upload_key_package(
+        &self,
+        identity_key: IdentityKey,
+        package: Vec<u8>,
+        last_resort: bool,
+    ) -> Result<Fingerprint, ClientError> {
+        match self
+            .call(RequestBody::UploadKeyPackage {
+                identity_key,
+                package,
+                last_resort,
+            })
+            .await?
+        {
+            Response::KeyPackageUploaded { fingerprint } => Ok(fingerprint),
+            other => Err(unexpected("uploadKeyPackage", &other)),
+        }
+    }
+
+    /// Pops one of `identity_key`'s KeyPackages; `true` if it is the
+    /// last-resort package.
+    pub async fn fetch_key_package(
+        &self,
+        identity_key: IdentityKey,
+    ) -> Result<(Vec<u8>, bool), ClientError> {
+        match self
+            .call(RequestBody::FetchKeyPackage { identity_key })
+            .await?
+        {
+            Response::KeyPackage {
+                package,
+                last_resort,
+            } => Ok((package, last_resort)),
+            other => Err(unexpected("fetchKeyPackage", &other)),
+        }
+    }
+
+    /// The caller's remaining KeyPackages and whether a last resort exists.
+    pub async fn key_package_count(
+        &self,
+        identity_key: IdentityKey,
+    ) -> Result<(u32, bool), ClientError> {
+        match self
+            .call(RequestBody::KeyPackageCount { identity_key })
+            .await?
+        {
+            Response::KeyPackageCount {
+                count,
+                has_last_resort,
+            } => Ok((count, has_last_resort)),
+            other => Err(unexpected("keyPackageCount", &other)),
+        }
+    }
+
+    /// Uploads the caller's hybrid public key with its signature.
+    pub async fn upload_hybrid_key(
+        &self,
+        identity_key: IdentityKey,
+        hybrid_key: Vec<u8>,
+        signature: Signature,
+    ) -> Result<(), ClientError> {
+        match self
+            .call(RequestBody::UploadHybridKey {
+                identity_key,
+                hybrid_key,
+                signature,
+            })
+            .await?
+        {
+            Response::HybridKeyUploaded => Ok(()),
+            other => Err(unexpected("uploadHybridKey", &other)),
+        }
+    }
+
+    /// Fetches someone's hybrid public key and the owner's signature over it.
+    pub async fn fetch_hybrid_key(
+        &self,
+        identity_key: IdentityKey,
+    ) -> Result<(Vec<u8>, Signature), ClientError> {
+        match self
+            .call(RequestBody::FetchHybridKey { identity_key })
+            .await?
+        {
+            Response::HybridKey {
+                hybrid_key,
+                signature,
+            } => Ok((hybrid_key, signature)),
+            other => Err(unexpected("fetchHybridKey", &other)),
+        }
+    }
+
+    /// Enqueues once, without retrying; returns the seq.
+    pub async fn enqueue_once(
+        &self,
+        recipient_key: IdentityKey,
+        channel_id: ChannelId,
+        payload: Vec<u8>,
+        message_id: MessageId,
+    ) -> Result<u64, ClientError> {
+        match self
+            .call(RequestBody::Enqueue {
+                recipient_key,
+                channel_id,
+                payload,
+                message_id,
+            })
+            .await?
+        {
+            Response::Enqueued { seq } => Ok(seq),
+            other => Err(unexpected("enqueue", &other)),
+        }
+    }
+
+    /// Enqueues `payload`, retrying transient failures with the same
+    /// `message_id` (so the server stores it once) and a growing pause.
+    pub async fn enqueue(
+        &self,
+        recipient_key: IdentityKey,
+        channel_id: ChannelId,
+        payload: Vec<u8>,
+        message_id: MessageId,
+    ) -> Result<u64, ClientError> {
+        let mut backoff = RETRY_BACKOFF_INITIAL;
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .enqueue_once(recipient_key, channel_id, payload.clone(), message_id)
+                .await;
+            match result {
+                Err(e) if e.is_transient() && attempt < ENQUEUE_ATTEMPTS_MAX => {
+                    let pause = match &e {
+                        ClientError::Service(ServiceError {
+                            kind: ErrorKind::RateLimited { retry_after_ms },
+                            ..
+                        }) => Duration::from_millis(*retry_after_ms).max(backoff),
+                        _ => backoff,
+                    };
+                    tracing::debug!(attempt, error = %e, "enqueue failed; retrying with the same messageId");
+                    tokio::time::sleep(pause.min(RETRY_BACKOFF_MAX)).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Acknowledges `seq <= after_seq` and returns up to `limit` messages
+    /// after it.
+    pub async fn fetch(
+        &self,
+        recipient_key: IdentityKey,
+        channel_id: ChannelId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Fetched, ClientError> {
+        let r = self
+            .call(RequestBody::Fetch {
+                recipient_key,
+                channel_id,
+                after_seq,
+                limit,
+            })
+            .await?;
+        messages("fetch", r)
+    }
+
+    /// As [`Self::fetch`], but waits up to `timeout_ms` for a message.
+    pub async fn fetch_wait(
+        &self,
+        recipient_key: IdentityKey,
+        channel_id: ChannelId,
+        after_seq: u64,
+        limit: u32,
+        timeout_ms: u64,
+    ) -> Result<Fetched, ClientError> {
+        let r = self
+            .call_with_timeout(
+                RequestBody::FetchWait {
+                    recipient_key,
+                    channel_id,
+                    after_seq,
+                    limit,
+                    timeout_ms,
+                },
+                CALL_TIMEOUT + Duration::from_millis(timeout_ms),
+            )
+            .await?;
+        messages("fetchWait", r)
+    }
+
+    /// Sends any request and returns the successful response.
+    pub async fn call(&self, body: RequestBody) -> Result<Response, ClientError> {
+        self.call_with_timeout(body, CALL_TIMEOUT).await
+    }
+
+    async fn call_with_timeout(
+        &self,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let request = Request {
+            auth_version: AUTH_VERSION,
+            body,
+        };
+        let bytes = encode_request(&request);
+        let exchange = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            send.write_all(&bytes)
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            send.finish()
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            recv.read_to_end(REPLY_BYTES_MAX)
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))
+        };
+        let reply_bytes = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))??;
+        Ok(decode_reply(&reply_bytes)??)
+    }
+}
+
+/// A fresh random message id for a new enqueue.
+pub fn random_message_id() -> MessageId {
+    let mut id = [0u8; 16];
+    OsRng.fill_bytes(&mut id);
+    MessageId(id)
+}
+
+fn messages(method: &'static str, r: Response) -> Result<Fetched, ClientError> {
+    match r {
+        Response::Messages { messages, next_seq } => Ok(Fetched { messages, next_seq }),
+        other => Err(unexpected(method, &other)),
+    }
+}
+
+fn unexpected(method: &'static str, got: &Response) -> ClientError {
+    ClientError::UnexpectedReply {
+        method,
+        got: format!("{got:?}").chars().take(80).collect(),
+    }
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
+    let mut addrs = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| ClientError::Connect(format!("resolving `{server}`: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| ClientError::Connect(format!("`{server}` resolves to no address")))
+}
+
+fn client_config(trust: &ServerTrust) -> Result<quinn::ClientConfig, ClientError> {
+    let mut crypto = trust.rustls_config()?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // Keep long-polling connections alive well inside the server's idle
+    // timeout.
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Helpers for tests of the server's edge cases; not part of the stable API.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// Connects offering `alpn` instead of `qpq/1`.
+    pub async fn connect_with_alpn(
+        addr: SocketAddr,
+        trust: &ServerTrust,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, ClientError> {
+        let mut crypto = trust.rustls_config()?;
+        crypto.alpn_protocols = vec![alpn.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal address"))
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        endpoint
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                addr,
+                "localhost",
+            )
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))
+    }
+}

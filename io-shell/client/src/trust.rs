@@ -1,0 +1,169 @@
+//! How the client trusts the server: by pinning the SHA-256 fingerprint of
+//! its certificate (the value `qpq-server` prints at start), or through a CA
+//! certificate file. Verification is never turned off.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// The server's expected identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTrust {
+    /// Accept exactly the certificate with this SHA-256 (of its DER).
+    Fingerprint([u8; 32]),
+    /// Accept certificates issued by the CA certificates in this PEM file,
+    /// for the server's name.
+    CaFile(PathBuf),
+}
+
+/// The trust setting cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// A fingerprint is not 64 hex digits.
+    #[error("server fingerprint must be 64 hex digits (SHA-256), got `{0}`")]
+    BadFingerprint(String),
+    /// The CA file cannot be read or holds no certificate.
+    #[error("CA file {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl ServerTrust {
+    /// Parses a fingerprint given as 64 hex digits (colons allowed).
+    pub fn fingerprint_hex(hex: &str) -> Result<ServerTrust, TrustError> {
+        let clean: String = hex.chars().filter(|c| *c != ':').collect();
+        let bad = || TrustError::BadFingerprint(hex.to_owned());
+        if clean.len() != 64 || !clean.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&clean[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(ServerTrust::Fingerprint(out))
+    }
+
+    pub(crate) fn rustls_config(&self) -> Result<rustls::ClientConfig, TrustError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        Ok(match self {
+            ServerTrust::Fingerprint(fp) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                    fingerprint: *fp,
+                    provider,
+                }))
+                .with_no_client_auth(),
+            ServerTrust::CaFile(path) => builder
+                .with_root_certificates(load_roots(path)?)
+                .with_no_client_auth(),
+        })
+    }
+}
+
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TrustError> {
+    let err = |message: String| TrustError::CaFile {
+        path: path.to_owned(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+        let cert = cert.map_err(|e| err(e.to_string()))?;
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate found".into()));
+    }
+    Ok(roots)
+}
+
+/// Accepts the one certificate whose SHA-256 is pinned, and still checks
+/// that the server proves possession of its key in the handshake.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if got == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered; a 1.2 handshake is never valid here.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_must_be_64_hex_digits() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            ServerTrust::fingerprint_hex(&hex).unwrap(),
+            ServerTrust::Fingerprint([0xab; 32])
+        );
+        assert!(ServerTrust::fingerprint_hex("abc").is_err());
+        assert!(ServerTrust::fingerprint_hex(&"zz".repeat(32)).is_err());
+        assert!(ServerTrust::fingerprint_hex(&"é".repeat(32)).is_err());
+    }
+}
