@@ -262,26 +262,17 @@ fn fetch_wait_is_woken_by_enqueue_or_expires_empty() {
     );
 }
 
-/// KNOWN BUG (reported, not fixed here): `NodeService::new` assumes that
-/// everything in the store it opens is durable (`last_write` and `durable`
-/// both start at `Lsn(0)`). After a restart *without* a crash — the process
-/// died but the OS still holds its unsynced writes, which the reopened store
-/// reads back — the machine never asks for those writes to be synced, and a
-/// reply that reveals them goes out at once. If the OS then crashes before
-/// some later sync, the writes are lost although a client saw them: here the
-/// recipient is shown seq 1, which a later enqueue can reissue for another
-/// payload (DESIGN.md §4, §5). A fix: write a record on every open (or sync
-/// before accepting requests), so replies wait for a sync that covers what
-/// the previous process left unsynced.
+/// Regression: after a restart *without* a crash (the process died but the
+/// OS still holds its unsynced writes, which the reopened store reads back)
+/// the machine once treated those writes as durable and released a reply
+/// revealing them at once; an OS crash later could then reissue seq 1 for
+/// another payload (DESIGN.md §4, §5). The machine now writes on every open,
+/// so its replies wait for a sync that covers what the previous process left.
 #[test]
-#[ignore = "known bug: NodeService::new treats unsynced writes left in the store as durable"]
 fn restart_without_crash_holds_replies_until_earlier_writes_are_durable() {
     let mut run = Run::new();
     run.step(&enqueue(1, 0));
-    // Fails here: "a write was never asked to be synced".
     run.restart(false);
-    // Past that check, fails here: the recipient's reply shows the unsynced
-    // message at once ("released before its writes were durable").
     run.step(&fetch(0, Cursor::Zero, 1));
 }
 
@@ -391,6 +382,9 @@ enum Op {
         notify: bool,
     },
     Crash,
+    /// The process stops and starts again but the store keeps its unsynced
+    /// writes (the OS still holds them).
+    Restart,
 }
 
 fn proptest_config() -> ProptestConfig {
@@ -498,6 +492,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (prop::option::weighted(0.3, any::<u16>()), prop::bool::weighted(0.9))
             .prop_map(|(upto, notify)| Op::Sync { upto, notify }),
         1 => Just(Op::Crash),
+        1 => Just(Op::Restart),
     ]
 }
 
@@ -916,6 +911,7 @@ impl Run {
                 self.settle(before, Outcome::default());
             }
             Op::Crash => self.restart(true),
+            Op::Restart => self.restart(false),
         }
     }
 
@@ -1567,30 +1563,31 @@ impl Run {
                 false,
             );
         }
-        let mut wrote = false;
-        while queue.messages.front().is_some_and(|(s, _)| *s <= after_seq) {
-            queue.messages.pop_front();
-            wrote = true;
-        }
+        // Messages after the cursor do not depend on the acknowledgement, so
+        // the reply is read first; the acknowledgement is applied only once
+        // the request is accepted (a refused wait changes nothing).
         let reply = self.read(q, after_seq, limit);
         let pending =
             matches!(&reply, Ok(Response::Messages { messages, .. }) if !messages.is_empty());
         let meta = self.messages_meta(q, after_seq, limit);
         let timeout_ms = match wait {
             Some(t) if t > 0 && !pending => t,
-            _ => return answer(rid, actor, reply, meta, wrote),
+            _ => {
+                let wrote = self.acknowledge(q, after_seq);
+                return answer(rid, actor, reply, meta, wrote);
+            }
         };
-        // The acknowledgement above stands even when the wait is refused.
         let mine = self.waiters.iter().filter(|w| w.actor == actor).count();
         if mine >= WAITERS_PER_CONNECTION_MAX {
             let e = error(ErrorKind::RateLimited {
                 retry_after_ms: 1_000,
             });
-            return answer(rid, actor, e, Meta::None, wrote);
+            return answer(rid, actor, e, Meta::None, false);
         }
         if self.waiters.len() >= WAITERS_MAX {
-            return answer(rid, actor, error(ErrorKind::Unavailable), Meta::None, wrote);
+            return answer(rid, actor, error(ErrorKind::Unavailable), Meta::None, false);
         }
+        let wrote = self.acknowledge(q, after_seq);
         let timeout = Duration::from_millis(timeout_ms.min(FETCH_WAIT_TIMEOUT_MS_MAX));
         self.waiters.push(WaiterModel {
             request_id: rid,
@@ -1604,6 +1601,18 @@ impl Run {
             wrote,
             replies: Vec::new(),
         }
+    }
+
+    /// Deletes the messages `seq <= after_seq` of `q`; true if any was
+    /// stored (the machine then writes a batch).
+    fn acknowledge(&mut self, q: Q, after_seq: u64) -> bool {
+        let queue = self.queue(q);
+        let mut wrote = false;
+        while queue.messages.front().is_some_and(|(s, _)| *s <= after_seq) {
+            queue.messages.pop_front();
+            wrote = true;
+        }
+        wrote
     }
 
     /// Expires the waiters whose deadline has passed, earliest first (ties

@@ -247,27 +247,25 @@ impl<S: Store> NodeService<S> {
     /// Opens the machine over `store`. `seed` seeds the nonce generator: OS
     /// entropy in production, the test seed in tests and simulations.
     pub fn new(config: NodeConfig, seed: [u8; 32], mut store: S) -> Result<Self, OpenError> {
-        let mut last_write = Lsn(0);
-        match store.get(&layout::version_key())? {
-            Some(v) => {
-                let found =
-                    layout::decode_version(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?;
-                if found > FORMAT_VERSION {
-                    return Err(OpenError::NewerFormat {
-                        found,
-                        supported: FORMAT_VERSION,
-                    });
-                }
-            }
-            None => {
-                let mut b = Batch::new();
-                b.put(
-                    layout::version_key(),
-                    layout::encode_version(FORMAT_VERSION),
-                );
-                last_write = store.write(b)?;
+        if let Some(v) = store.get(&layout::version_key())? {
+            let found = layout::decode_version(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?;
+            if found > FORMAT_VERSION {
+                return Err(OpenError::NewerFormat {
+                    found,
+                    supported: FORMAT_VERSION,
+                });
             }
         }
+        // Always write on open. A previous process may have died leaving
+        // writes the OS still holds unsynced, so nothing in the store is known
+        // to be durable: every reply of this machine waits for a sync that
+        // covers this batch, and with it everything written before.
+        let mut b = Batch::new();
+        b.put(
+            layout::version_key(),
+            layout::encode_version(FORMAT_VERSION),
+        );
+        let last_write = store.write(b)?;
         let capacity = limits::RATE_LIMIT_KEYS_MAX;
         let mut machine = NodeService {
             enqueue_limiter: RateLimiter::new(config.enqueue_rate, capacity),
@@ -833,14 +831,16 @@ impl<S: Store> NodeService<S> {
                 "fetchWait needs a limit of at least 1",
             )));
         }
-        if let Err(e) = self.acknowledge(&queue, after_seq) {
+        if let Err(e) = self.cursor_meta(&queue, after_seq) {
             return Some(Err(e));
         }
+        // Read before acknowledging: the read does not depend on the
+        // acknowledgement, and a request refused below must change nothing.
         let reply = self.read_messages(&queue, after_seq, limit);
         let pending =
             matches!(&reply, Ok(Response::Messages { messages, .. }) if !messages.is_empty());
         if pending || reply.is_err() || timeout_ms == 0 {
-            return Some(reply);
+            return Some(self.acknowledge(&queue, after_seq).and(reply));
         }
         let per_conn = self.connections.get(&conn).map_or(0, |c| c.waiters.len());
         if per_conn >= self.config.waiters_per_connection_max {
@@ -855,6 +855,9 @@ impl<S: Store> NodeService<S> {
             return Some(Err(ServiceError::unavailable(
                 "the server holds its maximum number of waiting fetchWait calls",
             )));
+        }
+        if let Err(e) = self.acknowledge(&queue, after_seq) {
+            return Some(Err(e));
         }
         let timeout = Duration::from_millis(timeout_ms.min(self.config.fetch_wait_timeout_ms_max));
         let deadline = now.saturating_add(timeout);
@@ -881,13 +884,7 @@ impl<S: Store> NodeService<S> {
 
     /// Deletes the messages `seq <= after_seq` of `queue`.
     fn acknowledge(&mut self, queue: &QueueId, after_seq: u64) -> Result<(), ServiceError> {
-        let mut meta = self.queue_meta(queue)?;
-        let last = meta.next_seq - 1;
-        if after_seq > last {
-            return Err(ServiceError::invalid_argument(format!(
-                "afterSeq {after_seq} is beyond the last seq {last} of this queue"
-            )));
-        }
+        let mut meta = self.cursor_meta(queue, after_seq)?;
         if after_seq < meta.head {
             return Ok(());
         }
@@ -904,6 +901,19 @@ impl<S: Store> NodeService<S> {
         meta.head = after_seq + 1;
         batch.put(layout::queue_meta_key(queue), meta.encode());
         self.write(batch)
+    }
+
+    /// The queue's counters, if `after_seq` is a valid cursor for it: a
+    /// client may not acknowledge seqs the queue has not issued yet.
+    fn cursor_meta(&self, queue: &QueueId, after_seq: u64) -> Result<QueueMeta, ServiceError> {
+        let meta = self.queue_meta(queue)?;
+        let last = meta.next_seq - 1;
+        if after_seq > last {
+            return Err(ServiceError::invalid_argument(format!(
+                "afterSeq {after_seq} is beyond the last seq {last} of this queue"
+            )));
+        }
+        Ok(meta)
     }
 
     /// Reads up to `limit` messages after `after_seq` (and after the head),
