@@ -1,0 +1,440 @@
+//! [`FjallStore`]: the machine's storage port over an embedded fjall 3
+//! database (`<data_dir>/qpq.db`, DESIGN.md §5), and [`FjallSync`], the
+//! handle that fsyncs it for group commit.
+//!
+//! All of the machine's records live in one keyspace, [`KEYSPACE`]; the
+//! machine's own layout (`quicproquo_core::node`) gives every key a one-byte
+//! tag, and its format version record sits at key `0x00`. The port is used
+//! only through point reads and atomic batches, never scans, so deleted
+//! entries (tombstones) are never walked over.
+//!
+//! Durability: [`Store::write`] commits a batch to fjall's journal with
+//! `PersistMode::Buffer` — handed to the OS, so it survives a crash of the
+//! process but not of the machine — and numbers it with an [`Lsn`] from a
+//! counter that starts at 0 on every open (the machine compares only `Lsn`s
+//! of one process). [`FjallSync`] reads that counter *before* it fsyncs the
+//! journal, so the `Lsn` it reports is covered by the fsync. Nothing else
+//! here syncs. Data no sync covered yet reaches the disk when the OS writes
+//! its page cache back, or when fjall fsyncs on its own: when it seals a
+//! journal (rotation after a memtable flush) and when the database is closed
+//! (dropping the last handle). With `durability = "buffered"` the machine
+//! still requests syncs, but its replies do not wait for them.
+//!
+//! A database is opened once per process: fjall holds an exclusive `flock` on
+//! `<db>/lock` while any [`FjallStore`] or [`FjallSync`] of it is alive, and a
+//! second open — from this or another process — fails with
+//! [`StorageError::Locked`] (after fjall's own three tries, about 0.2 s).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
+use quicproquo_core::store::{Batch, Lsn, Store, StoreError};
+
+use super::{ShellStore, StorageError, SyncHandle};
+
+/// Name of the keyspace holding the NodeService's records.
+pub const KEYSPACE: &str = "node";
+
+/// The NodeService's storage port over a fjall database.
+pub struct FjallStore {
+    db: Database,
+    keyspace: Keyspace,
+    lsns: Arc<LsnCounters>,
+    path: PathBuf,
+}
+
+impl FjallStore {
+    /// Opens the database directory at `path` (e.g. `<data_dir>/qpq.db`),
+    /// creating it if absent and recovering its journal otherwise. This
+    /// blocks on disk I/O (recovery replays the journal); call it before the
+    /// runtime starts or from a blocking task.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let path = path.to_path_buf();
+        let db = Database::builder(&path)
+            .open()
+            .map_err(|e| open_error(&path, e))?;
+        let keyspace = db
+            .keyspace(KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(|e| open_error(&path, e))?;
+        tracing::debug!(path = %path.display(), "opened database");
+        Ok(FjallStore {
+            db,
+            keyspace,
+            lsns: Arc::default(),
+            path,
+        })
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `Lsn` of the last batch written since this open.
+    pub fn last_lsn(&self) -> Lsn {
+        Lsn(self.lsns.written.load(Ordering::Acquire))
+    }
+
+    /// The number of stored records, counting deletions not yet compacted
+    /// away; cheap (no scan), for metrics.
+    pub fn approximate_len(&self) -> usize {
+        self.keyspace.approximate_len()
+    }
+
+    /// Bytes the database occupies on disk (journals and tables), for
+    /// metrics.
+    pub fn disk_space_bytes(&self) -> Result<u64, StorageError> {
+        Ok(self.db.disk_space()?)
+    }
+}
+
+impl Store for FjallStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if check_key(key).is_err() {
+            // fjall cannot hold such a key, so it is not stored.
+            return Ok(None);
+        }
+        let value = self.keyspace.get(key).map_err(StorageError::from)?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
+        let ops = batch.into_ops();
+        // fjall writes the journal before it checks key sizes (and
+        // truncates a key length to 16 bits there), so an unstorable key
+        // must be refused before anything is committed.
+        for (key, value) in &ops {
+            check_key(key)?;
+            if let Some(v) = value
+                && u32::try_from(v.len()).is_err()
+            {
+                return Err(StorageError::Unstorable {
+                    what: "value",
+                    bytes: v.len(),
+                }
+                .into());
+            }
+        }
+        let mut wb = OwnedWriteBatch::with_capacity(self.db.clone(), ops.len())
+            .durability(Some(PersistMode::Buffer));
+        for (key, value) in ops {
+            match value {
+                Some(v) => wb.insert(&self.keyspace, key, v),
+                None => wb.remove(&self.keyspace, key),
+            }
+        }
+        wb.commit().map_err(StorageError::from)?;
+        // Numbered only after the commit: whoever reads the counter sees
+        // only Lsns of batches already in the journal.
+        let lsn = self.lsns.written.fetch_add(1, Ordering::AcqRel) + 1;
+        Ok(Lsn(lsn))
+    }
+}
+
+impl ShellStore for FjallStore {
+    type Sync = FjallSync;
+
+    fn sync_handle(&self) -> FjallSync {
+        FjallSync {
+            db: self.db.clone(),
+            lsns: Arc::clone(&self.lsns),
+        }
+    }
+}
+
+impl fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallStore")
+            .field("path", &self.path)
+            .field("last_lsn", &self.last_lsn())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fsyncs a [`FjallStore`]'s journal. Holding one keeps the database open.
+#[derive(Clone)]
+pub struct FjallSync {
+    db: Database,
+    lsns: Arc<LsnCounters>,
+}
+
+impl FjallSync {
+    /// Makes every batch written before the call durable and returns the
+    /// last `Lsn` it covers, blocking the calling thread for the fsync.
+    pub fn sync_blocking(&self) -> Result<Lsn, StorageError> {
+        // Read before the fsync: every batch numbered up to here is already
+        // in the journal, so this fsync covers it.
+        let covered = self.lsns.written.load(Ordering::Acquire);
+        if covered <= self.lsns.synced.load(Ordering::Acquire) {
+            // An fsync that completed already covered all of it.
+            return Ok(Lsn(covered));
+        }
+        self.db.persist(SYNC_MODE)?;
+        self.lsns.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(Lsn(covered))
+    }
+}
+
+impl SyncHandle for FjallSync {
+    fn sync(&self) -> impl std::future::Future<Output = Result<Lsn, StorageError>> + Send {
+        let handle = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || handle.sync_blocking())
+                .await
+                .map_err(|e| StorageError::SyncTask(e.to_string()))?
+        }
+    }
+}
+
+impl fmt::Debug for FjallSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallSync")
+            .field("lsns", &self.lsns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `Lsn`s of one open database, shared by the store and its handles.
+#[derive(Debug, Default)]
+struct LsnCounters {
+    /// Last `Lsn` handed out; incremented after its batch is committed.
+    written: AtomicU64,
+    /// Highest `Lsn` a completed fsync covered.
+    synced: AtomicU64,
+}
+
+fn open_error(path: &Path, e: fjall::Error) -> StorageError {
+    let path = path.to_path_buf();
+    match e {
+        fjall::Error::Locked => StorageError::Locked { path },
+        fjall::Error::InvalidVersion(found) => StorageError::EngineFormat {
+            path,
+            found: found.map_or_else(|| "unknown".to_owned(), |v| format!("{v:?}")),
+        },
+        source => StorageError::Open { path, source },
+    }
+}
+
+/// Keys fjall can store: 1 to 65535 bytes (lsm-tree asserts both bounds).
+fn check_key(key: &[u8]) -> Result<(), StorageError> {
+    if key.is_empty() || u16::try_from(key.len()).is_err() {
+        return Err(StorageError::Unstorable {
+            what: "key",
+            bytes: key.len(),
+        });
+    }
+    Ok(())
+}
+
+/// How the journal is synced. `SyncData` (fdatasync) is enough for our
+/// data, and skips the timestamp update `SyncAll` (fsync) also writes:
+/// - fjall creates every journal file with `create_new`, preallocates it
+///   (`set_len`), fsyncs the file *and* its directory before any batch goes
+///   into it, so a new journal's name and inode are already durable;
+/// - fdatasync still flushes the metadata needed to read the data back —
+///   block allocation and a changed file size (a recovered journal is
+///   truncated and then appended to) — per POSIX and Linux `fdatasync(2)`;
+/// - a sealed journal was fsynced (`SyncAll`) under the journal lock when it
+///   was rotated, so batches in older journals are durable already.
+const SYNC_MODE: PersistMode = PersistMode::SyncData;
+
+#[cfg(test)]
+mod tests {
+    use quicproquo_core::node::{NodeConfig, NodeService, OpenError, Output};
+
+    use super::*;
+
+    fn open(dir: &tempfile::TempDir) -> FjallStore {
+        FjallStore::open(&dir.path().join("qpq.db")).unwrap()
+    }
+
+    fn batch(ops: &[(&[u8], Option<&[u8]>)]) -> Batch {
+        let mut b = Batch::new();
+        for (k, v) in ops {
+            match v {
+                Some(v) => b.put(k.to_vec(), v.to_vec()),
+                None => b.delete(k.to_vec()),
+            }
+        }
+        b
+    }
+
+    fn check(store: &FjallStore, key: &[u8], want: Option<&[u8]>) {
+        assert_eq!(store.get(key).unwrap().as_deref(), want, "key {key:?}");
+    }
+
+    #[test]
+    fn put_get_delete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        check(&s, b"a", None);
+        s.write(batch(&[(b"a", Some(b"1"))])).unwrap();
+        check(&s, b"a", Some(b"1"));
+        s.write(batch(&[(b"a", Some(b"2"))])).unwrap();
+        check(&s, b"a", Some(b"2"));
+        s.write(batch(&[(b"a", None)])).unwrap();
+        check(&s, b"a", None);
+        s.write(batch(&[(b"e", Some(b""))])).unwrap();
+        check(&s, b"e", Some(b""));
+    }
+
+    #[test]
+    fn a_batch_applies_all_its_operations_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(b"old", Some(b"0"))])).unwrap();
+        s.write(batch(&[
+            (b"x", Some(b"1")),
+            (b"y", Some(b"2")),
+            (b"x", None),
+            (b"old", None),
+            (b"y", Some(b"3")),
+        ]))
+        .unwrap();
+        check(&s, b"x", None);
+        check(&s, b"y", Some(b"3"));
+        check(&s, b"old", None);
+    }
+
+    #[test]
+    fn lsns_increase_strictly_and_restart_at_zero_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        let lsns: Vec<Lsn> = (0..5u8)
+            .map(|i| s.write(batch(&[(&[i + 1], Some(b"v"))])).unwrap())
+            .collect();
+        assert_eq!(lsns, (1..=5).map(Lsn).collect::<Vec<_>>());
+        assert_eq!(s.write(Batch::new()).unwrap(), Lsn(6));
+        assert_eq!(s.last_lsn(), Lsn(6));
+        drop(s);
+        let mut s = open(&dir);
+        assert_eq!(s.last_lsn(), Lsn(0));
+        assert_eq!(s.write(batch(&[(b"k", Some(b"v"))])).unwrap(), Lsn(1));
+    }
+
+    #[test]
+    fn sync_reports_the_last_lsn_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        let h = s.sync_handle();
+        assert_eq!(h.sync_blocking().unwrap(), Lsn(0));
+        s.write(batch(&[(b"a", Some(b"1"))])).unwrap();
+        let l2 = s.write(batch(&[(b"b", Some(b"2"))])).unwrap();
+        assert_eq!(h.sync_blocking().unwrap(), l2);
+        assert_eq!(
+            h.sync_blocking().unwrap(),
+            l2,
+            "nothing new: no fsync needed"
+        );
+    }
+
+    #[test]
+    fn synced_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(b"a", Some(b"1")), (b"b", Some(b"2"))]))
+            .unwrap();
+        s.write(batch(&[(b"a", None)])).unwrap();
+        s.sync_handle().sync_blocking().unwrap();
+        drop(s);
+        let s = open(&dir);
+        check(&s, b"a", None);
+        check(&s, b"b", Some(b"2"));
+    }
+
+    #[test]
+    fn a_second_open_of_an_open_database_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let s = FjallStore::open(&path).unwrap();
+        let sync = s.sync_handle();
+        let err = FjallStore::open(&path).unwrap_err();
+        assert!(matches!(&err, StorageError::Locked { path: p } if *p == path));
+        assert!(err.to_string().contains("already in use"), "{err}");
+        // A sync handle keeps the database open, too.
+        drop(s);
+        assert!(matches!(
+            FjallStore::open(&path),
+            Err(StorageError::Locked { .. })
+        ));
+        drop(sync);
+        FjallStore::open(&path).unwrap();
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_fjall_3_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("version"), b"FJL\x02").unwrap();
+        let err = FjallStore::open(&path).unwrap_err();
+        assert!(matches!(err, StorageError::EngineFormat { .. }), "{err}");
+        std::fs::write(path.join("version"), b"junk").unwrap();
+        let err = FjallStore::open(&path).unwrap_err();
+        assert!(matches!(err, StorageError::EngineFormat { .. }), "{err}");
+    }
+
+    #[test]
+    fn unstorable_keys_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        let long = vec![7u8; 65_536];
+        for bad in [Vec::new(), long.clone()] {
+            let mut b = batch(&[(b"ok", Some(b"1"))]);
+            b.put(bad.clone(), b"v".to_vec());
+            assert!(s.write(b).is_err());
+            assert_eq!(s.get(&bad).unwrap(), None);
+        }
+        check(&s, b"ok", None);
+        assert_eq!(s.last_lsn(), Lsn(0));
+        let longest = vec![7u8; 65_535];
+        let mut b = Batch::new();
+        b.put(longest.clone(), b"v".to_vec());
+        s.write(b).unwrap();
+        check(&s, &longest, Some(b"v"));
+    }
+
+    #[test]
+    fn node_service_opens_and_reopens_on_fjall() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let h = store.sync_handle();
+        let mut node = NodeService::new(NodeConfig::default(), [0; 32], store).unwrap();
+        let Some(Output::Sync { lsn }) = node.poll_output() else {
+            panic!("a fresh store gets its version record synced");
+        };
+        assert_eq!(h.sync_blocking().unwrap(), lsn);
+        drop((node, h));
+        // The reopened machine rewrites its version record (nothing it finds
+        // is known to be durable) and numbering starts afresh.
+        let mut node = NodeService::new(NodeConfig::default(), [0; 32], open(&dir)).unwrap();
+        assert_eq!(node.poll_output(), Some(Output::Sync { lsn: Lsn(1) }));
+    }
+
+    #[test]
+    fn a_newer_format_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(&[0x00], Some(&99u32.to_be_bytes()))]))
+            .unwrap();
+        s.sync_handle().sync_blocking().unwrap();
+        drop(s);
+        let err = NodeService::new(NodeConfig::default(), [0; 32], open(&dir)).unwrap_err();
+        assert!(
+            matches!(err, OpenError::NewerFormat { found: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_version_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(&[0x00], Some(b"\x01\x02\x03"))])).unwrap();
+        let err = NodeService::new(NodeConfig::default(), [0; 32], s).unwrap_err();
+        assert!(matches!(err, OpenError::Corrupt(_)), "{err}");
+    }
+}
