@@ -1,3 +1,15 @@
 //! qpq-server: the production shell around the NodeService machine.
+//!
+//! Bytes move through here and decisions are made in `quicproquo-core`:
+//! [`serve`] accepts QUIC connections and request streams, decodes requests
+//! with `quicproquo-proto`, and passes them to the [`service`] task that owns
+//! the machine; [`store`] implements the machine's storage port over fjall
+//! with group commit. [`config`] resolves file, environment and flags;
+//! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC.
 
+pub mod config;
+pub mod endpoint;
+pub mod serve;
+pub mod service;
 pub mod store;
+pub mod tls;

@@ -1,0 +1,447 @@
+//! Server configuration: built-in defaults, overridden by `qpq-server.toml`
+//! (or the file `QPQ_CONFIG` / `--config` names), overridden by `QPQ_*`
+//! environment variables, overridden by command-line flags.
+//!
+//! Every key of [`FileConfig`] has a flag `--key-name` and a variable
+//! `QPQ_KEY_NAME`; `qpq-server --help` lists them. The checked-in
+//! `qpq-server.toml` documents each key and its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use quicproquo_core::limits;
+use quicproquo_core::node::{Durability, NodeConfig, RateConfig};
+use serde::Deserialize;
+
+/// Default UDP address the server listens on.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default data directory; the database is `<data_dir>/qpq.db`.
+pub const DEFAULT_DATA_DIR: &str = "qpq-data";
+/// Default config file, read if present.
+pub const DEFAULT_CONFIG: &str = "qpq-server.toml";
+/// Default log filter.
+pub const DEFAULT_LOG: &str = "info";
+/// Name of the database directory inside the data directory.
+pub const DB_DIR_NAME: &str = "qpq.db";
+
+/// Transport limits the shell enforces before the core sees anything.
+pub mod transport {
+    /// Connections open at once; beyond it new connections are refused.
+    pub const CONNECTIONS_MAX: u32 = 10_000;
+    /// Connections from one IP address at once, so one host cannot take
+    /// the whole table.
+    pub const CONNECTIONS_PER_IP_MAX: u32 = 64;
+    /// Handshakes in progress at once (quinn's incoming buffer).
+    pub const PENDING_HANDSHAKES_MAX: u32 = 1_024;
+    /// Concurrent request streams per connection: enough for pipelining
+    /// and a long-poll per channel, small enough to bound memory.
+    pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
+    /// Bytes a connection may have in flight towards the server, over all
+    /// its streams.
+    pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+    /// Idle time after which a silent connection is closed.
+    pub const IDLE_TIMEOUT_MS: u64 = 30_000;
+    /// Time a client has to send a whole request on a stream.
+    pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
+    /// Time a QUIC + TLS handshake may take.
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+    /// Time given to in-flight requests on shutdown before they are cut.
+    pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+}
+
+/// Command-line flags; each also reads its `QPQ_*` variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "qpq-server",
+    version,
+    about = "quicproquo NodeService: end-to-end encrypted group messaging delivery over QUIC",
+    long_about = "quicproquo NodeService: stores single-use MLS KeyPackages and per-recipient \
+message queues for qpq clients, over QUIC + TLS 1.3, in an embedded database.\n\n\
+With no arguments it reads ./qpq-server.toml if present, listens on 0.0.0.0:7443 (UDP), \
+keeps data in ./qpq-data/qpq.db and, on first start, generates a self-signed certificate \
+in the data directory and prints its SHA-256 fingerprint for clients to pin.\n\n\
+Precedence: flag > QPQ_* variable > config file > built-in default."
+)]
+pub struct Args {
+    /// Config file (TOML); default ./qpq-server.toml if it exists.
+    #[arg(long, env = "QPQ_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: FileConfig,
+}
+
+macro_rules! config_keys {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty, env = $env:literal ; )*) => {
+        /// Every configuration key. In the file all are optional; missing
+        /// keys take their defaults.
+        #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct FileConfig {
+            $(
+                $(#[$doc])*
+                #[arg(long, env = $env)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl FileConfig {
+            /// Keys set in `other` replace those in `self`.
+            fn merge(self, other: FileConfig) -> FileConfig {
+                FileConfig { $( $name: other.$name.or(self.$name), )* }
+            }
+        }
+    };
+}
+
+config_keys! {
+    /// UDP address and port to listen on [default: 0.0.0.0:7443].
+    listen: String, env = "QPQ_LISTEN";
+    /// Data directory; holds qpq.db and the generated certificate [default: qpq-data].
+    data_dir: PathBuf, env = "QPQ_DATA_DIR";
+    /// `fsync` (answer after data is on disk) or `buffered` (answer at once; a crash may lose acknowledged messages) [default: fsync].
+    durability: String, env = "QPQ_DURABILITY";
+    /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info].
+    log: String, env = "QPQ_LOG";
+    /// PEM certificate chain to serve instead of the generated self-signed one.
+    tls_cert: PathBuf, env = "QPQ_TLS_CERT";
+    /// PEM private key for tls_cert.
+    tls_key: PathBuf, env = "QPQ_TLS_KEY";
+    /// Connections open at once [default: 10000].
+    connections_max: u32, env = "QPQ_CONNECTIONS_MAX";
+    /// Connections from one IP address at once [default: 64].
+    connections_per_ip_max: u32, env = "QPQ_CONNECTIONS_PER_IP_MAX";
+    /// QUIC handshakes in progress at once [default: 1024].
+    pending_handshakes_max: u32, env = "QPQ_PENDING_HANDSHAKES_MAX";
+    /// Concurrent request streams per connection [default: 128].
+    streams_per_connection_max: u32, env = "QPQ_STREAMS_PER_CONNECTION_MAX";
+    /// Receive window per connection, bytes [default: 8388608].
+    connection_receive_window_bytes: u32, env = "QPQ_CONNECTION_RECEIVE_WINDOW_BYTES";
+    /// Close connections idle this long, ms [default: 30000].
+    idle_timeout_ms: u64, env = "QPQ_IDLE_TIMEOUT_MS";
+    /// Time to send one whole request, ms [default: 10000].
+    request_timeout_ms: u64, env = "QPQ_REQUEST_TIMEOUT_MS";
+    /// Largest enqueued payload, bytes [default: 1048576, also the maximum].
+    payload_bytes_max: usize, env = "QPQ_PAYLOAD_BYTES_MAX";
+    /// KeyPackages kept per identity [default: 1000].
+    key_packages_per_identity_max: u32, env = "QPQ_KEY_PACKAGES_PER_IDENTITY_MAX";
+    /// Messages per queue [default: 10000].
+    queue_depth_max: u64, env = "QPQ_QUEUE_DEPTH_MAX";
+    /// Payload bytes per queue [default: 268435456].
+    queue_bytes_max: u64, env = "QPQ_QUEUE_BYTES_MAX";
+    /// Longest fetchWait, ms [default: 25000].
+    fetch_wait_timeout_ms_max: u64, env = "QPQ_FETCH_WAIT_TIMEOUT_MS_MAX";
+    /// Waiting fetchWait calls per connection [default: 64].
+    waiters_per_connection_max: usize, env = "QPQ_WAITERS_PER_CONNECTION_MAX";
+    /// Waiting fetchWait calls in total [default: 100000].
+    waiters_max: usize, env = "QPQ_WAITERS_MAX";
+    /// Sustained enqueues per second per sender identity [default: 10000].
+    enqueue_per_sender_per_sec: u32, env = "QPQ_ENQUEUE_PER_SENDER_PER_SEC";
+    /// Enqueue burst per sender identity [default: 20000].
+    enqueue_per_sender_burst: u32, env = "QPQ_ENQUEUE_PER_SENDER_BURST";
+    /// KeyPackage/hybrid-key fetches per second per (requester, target) [default: 1].
+    key_fetch_per_pair_per_sec: u32, env = "QPQ_KEY_FETCH_PER_PAIR_PER_SEC";
+    /// KeyPackage/hybrid-key fetch burst per (requester, target) [default: 20].
+    key_fetch_per_pair_burst: u32, env = "QPQ_KEY_FETCH_PER_PAIR_BURST";
+    /// KeyPackage fetches per second per target, all requesters together [default: 5].
+    key_package_fetch_per_target_per_sec: u32, env = "QPQ_KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC";
+    /// KeyPackage fetch burst per target [default: 100].
+    key_package_fetch_per_target_burst: u32, env = "QPQ_KEY_PACKAGE_FETCH_PER_TARGET_BURST";
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid value for `{key}`: {message}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log filter.
+    pub log: String,
+    /// Served certificate and key, or `None` for the generated one.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Transport limits.
+    pub transport: TransportLimits,
+    /// The machine's configuration (durability and limits).
+    pub node: NodeConfig,
+}
+
+/// Limits the shell applies to QUIC connections and streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Connections open at once.
+    pub connections_max: u32,
+    /// Connections per IP address.
+    pub connections_per_ip_max: u32,
+    /// Handshakes in progress.
+    pub pending_handshakes_max: u32,
+    /// Concurrent bidirectional streams per connection.
+    pub streams_per_connection_max: u32,
+    /// Connection receive window.
+    pub connection_receive_window_bytes: u32,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Time to receive a whole request.
+    pub request_timeout: Duration,
+    /// Handshake timeout.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            connections_max: transport::CONNECTIONS_MAX,
+            connections_per_ip_max: transport::CONNECTIONS_PER_IP_MAX,
+            pending_handshakes_max: transport::PENDING_HANDSHAKES_MAX,
+            streams_per_connection_max: transport::STREAMS_PER_CONNECTION_MAX,
+            connection_receive_window_bytes: transport::CONNECTION_RECEIVE_WINDOW_BYTES,
+            idle_timeout: Duration::from_millis(transport::IDLE_TIMEOUT_MS),
+            request_timeout: Duration::from_millis(transport::REQUEST_TIMEOUT_MS),
+            handshake_timeout: Duration::from_millis(transport::HANDSHAKE_TIMEOUT_MS),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Resolves the configuration from parsed flags (which already include
+    /// the environment) and the config file.
+    pub fn load(args: Args) -> Result<ServerConfig, ConfigError> {
+        let (path, required) = match args.config {
+            Some(p) => (p, true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let file = read_file(&path, required)?;
+        Self::resolve(file.merge(args.overrides))
+    }
+
+    /// Resolves a merged set of keys against the defaults.
+    pub fn resolve(c: FileConfig) -> Result<ServerConfig, ConfigError> {
+        let listen_str = c.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_str.parse().map_err(|e| ConfigError::Value {
+            key: "listen",
+            message: format!("`{listen_str}` is not an address:port ({e})"),
+        })?;
+        let durability = match c.durability.as_deref().unwrap_or("fsync") {
+            "fsync" => Durability::Fsync,
+            "buffered" => Durability::Buffered,
+            other => {
+                return Err(ConfigError::Value {
+                    key: "durability",
+                    message: format!("`{other}`: expected `fsync` or `buffered`"),
+                });
+            }
+        };
+        let tls = match (c.tls_cert, c.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Value {
+                    key: "tls_cert",
+                    message: "tls_cert and tls_key must be given together".to_owned(),
+                });
+            }
+        };
+        let d = NodeConfig::default();
+        let payload_bytes_max = c.payload_bytes_max.unwrap_or(d.payload_bytes_max);
+        if payload_bytes_max == 0 || payload_bytes_max > limits::PAYLOAD_BYTES_MAX {
+            return Err(ConfigError::Value {
+                key: "payload_bytes_max",
+                message: format!("must be between 1 and {}", limits::PAYLOAD_BYTES_MAX),
+            });
+        }
+        let fetch_wait_timeout_ms_max = c
+            .fetch_wait_timeout_ms_max
+            .unwrap_or(d.fetch_wait_timeout_ms_max);
+        let t = TransportLimits::default();
+        let idle_timeout = c
+            .idle_timeout_ms
+            .map_or(t.idle_timeout, Duration::from_millis);
+        if Duration::from_millis(fetch_wait_timeout_ms_max) >= idle_timeout {
+            return Err(ConfigError::Value {
+                key: "fetch_wait_timeout_ms_max",
+                message: "must be shorter than idle_timeout_ms, or waiting connections are closed as idle".to_owned(),
+            });
+        }
+        let streams = c
+            .streams_per_connection_max
+            .unwrap_or(t.streams_per_connection_max);
+        if streams == 0 {
+            return Err(ConfigError::Value {
+                key: "streams_per_connection_max",
+                message: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(ServerConfig {
+            listen,
+            data_dir: c
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            log: c.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+            tls,
+            transport: TransportLimits {
+                connections_max: c.connections_max.unwrap_or(t.connections_max),
+                connections_per_ip_max: c
+                    .connections_per_ip_max
+                    .unwrap_or(t.connections_per_ip_max),
+                pending_handshakes_max: c
+                    .pending_handshakes_max
+                    .unwrap_or(t.pending_handshakes_max),
+                streams_per_connection_max: streams,
+                connection_receive_window_bytes: c
+                    .connection_receive_window_bytes
+                    .unwrap_or(t.connection_receive_window_bytes),
+                idle_timeout,
+                request_timeout: c
+                    .request_timeout_ms
+                    .map_or(t.request_timeout, Duration::from_millis),
+                handshake_timeout: t.handshake_timeout,
+            },
+            node: NodeConfig {
+                durability,
+                payload_bytes_max,
+                key_package_bytes_max: d.key_package_bytes_max,
+                key_packages_per_identity_max: c
+                    .key_packages_per_identity_max
+                    .unwrap_or(d.key_packages_per_identity_max),
+                queue_depth_max: c.queue_depth_max.unwrap_or(d.queue_depth_max),
+                queue_bytes_max: c.queue_bytes_max.unwrap_or(d.queue_bytes_max),
+                fetch_wait_timeout_ms_max,
+                waiters_per_connection_max: c
+                    .waiters_per_connection_max
+                    .unwrap_or(d.waiters_per_connection_max),
+                waiters_max: c.waiters_max.unwrap_or(d.waiters_max),
+                connections_max: d.connections_max,
+                enqueue_rate: RateConfig {
+                    burst: c.enqueue_per_sender_burst.unwrap_or(d.enqueue_rate.burst),
+                    per_sec: c
+                        .enqueue_per_sender_per_sec
+                        .unwrap_or(d.enqueue_rate.per_sec),
+                },
+                key_fetch_pair_rate: RateConfig {
+                    burst: c
+                        .key_fetch_per_pair_burst
+                        .unwrap_or(d.key_fetch_pair_rate.burst),
+                    per_sec: c
+                        .key_fetch_per_pair_per_sec
+                        .unwrap_or(d.key_fetch_pair_rate.per_sec),
+                },
+                key_package_fetch_target_rate: RateConfig {
+                    burst: c
+                        .key_package_fetch_per_target_burst
+                        .unwrap_or(d.key_package_fetch_target_rate.burst),
+                    per_sec: c
+                        .key_package_fetch_per_target_per_sec
+                        .unwrap_or(d.key_package_fetch_target_rate.per_sec),
+                },
+            },
+        })
+    }
+
+    /// The database directory, `<data_dir>/qpq.db`.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join(DB_DIR_NAME)
+    }
+}
+
+fn read_file(path: &Path, required: bool) -> Result<FileConfig, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(FileConfig::default());
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = ServerConfig::resolve(FileConfig::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(c.db_path(), PathBuf::from("qpq-data/qpq.db"));
+        assert_eq!(c.node.durability, Durability::Fsync);
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn checked_in_config_file_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../qpq-server.toml");
+        let file = read_file(&path, true).unwrap();
+        let from_file = ServerConfig::resolve(file).unwrap();
+        let defaults = ServerConfig::resolve(FileConfig::default()).unwrap();
+        assert_eq!(from_file.listen, defaults.listen);
+        assert_eq!(from_file.data_dir, defaults.data_dir);
+        assert_eq!(from_file.transport, defaults.transport);
+        assert_eq!(from_file.node, defaults.node);
+    }
+
+    #[test]
+    fn flags_override_file_and_bad_values_are_named() {
+        let file = FileConfig {
+            listen: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let flags = FileConfig {
+            listen: Some("127.0.0.1:2".into()),
+            durability: Some("buffered".into()),
+            ..Default::default()
+        };
+        let c = ServerConfig::resolve(file.merge(flags)).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.node.durability, Durability::Buffered);
+        let bad = FileConfig {
+            durability: Some("sometimes".into()),
+            ..Default::default()
+        };
+        let e = ServerConfig::resolve(bad).unwrap_err();
+        assert!(e.to_string().contains("durability"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<FileConfig>("listn = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+}

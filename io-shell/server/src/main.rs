@@ -1,0 +1,98 @@
+//! `qpq-server`: runs the NodeService on its embedded defaults or the
+//! configuration given by `qpq-server.toml`, `QPQ_*` variables and flags.
+
+use std::net::UdpSocket;
+
+use anyhow::Context;
+use clap::Parser;
+use quicproquo_core::node::NodeService;
+use quicproquo_server::config::{Args, ServerConfig};
+use quicproquo_server::store::fjall_store::FjallStore;
+use quicproquo_server::{endpoint, serve, tls};
+use rand_core::{OsRng, RngCore};
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = ServerConfig::load(args)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("invalid log filter `{}`", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}
+
+async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let identity = match &config.tls {
+        Some((cert, key)) => tls::load(cert, key)?,
+        None => tls::load_or_generate(&config.data_dir)?,
+    };
+    if identity.generated {
+        tracing::info!(path = %identity.cert_path.display(), "generated a self-signed certificate");
+    }
+    let fingerprint = quicproquo_core::types::hex(&identity.fingerprint());
+    let db_path = config.db_path();
+    let store = FjallStore::open(&db_path)
+        .with_context(|| format!("opening database {}", db_path.display()))?;
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    let node = NodeService::new(config.node.clone(), seed, store)
+        .with_context(|| format!("opening database {}", db_path.display()))?;
+
+    let socket =
+        UdpSocket::bind(config.listen).with_context(|| format!("binding UDP {}", config.listen))?;
+    let server_config = endpoint::server_config(&identity, &config.transport)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )?;
+    let addr = endpoint.local_addr()?;
+    // The fingerprint goes to stdout so scripts can read it; logs go to stderr.
+    println!("qpq-server listening on {addr} (UDP)");
+    println!("certificate SHA-256 fingerprint: {fingerprint}");
+    tracing::info!(
+        %addr,
+        db = %db_path.display(),
+        durability = ?config.node.durability,
+        "qpq-server started"
+    );
+    let stats = serve::serve(endpoint, node, config.transport.clone(), shutdown_signal()).await;
+    tracing::info!(
+        requests = stats.requests,
+        syncs = stats.syncs,
+        "qpq-server stopped cleanly"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,276 @@
+//! The service task: the one place the NodeService machine lives. Connection
+//! tasks send it commands over a channel; it feeds the machine, routes
+//! replies back to the waiting streams, hands sync requests to the
+//! group-commit task and re-arms its timer from `poll_timeout`.
+//!
+//! This is the shell's whole loop: read (commands, sync completions, timer),
+//! feed the core, drain its outputs. It makes no protocol decisions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use quicproquo_core::error::ServiceError;
+use quicproquo_core::limits::TLS_EXPORTER_BYTES;
+use quicproquo_core::node::{NodeService, Output, Reply, Request};
+use quicproquo_core::store::Lsn;
+use quicproquo_core::time::Time;
+use quicproquo_core::types::{ConnectionId, RequestId};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::store::{ShellStore, StorageError, SyncHandle, run_group_commit};
+
+/// Commands queued for the service task before senders wait: deep enough to
+/// absorb bursts from thousands of streams, bounded so memory is too.
+pub const COMMAND_QUEUE_DEPTH: usize = 16_384;
+/// Commands handled per wake-up before outputs are drained, so replies and
+/// sync requests are not starved by a flood of new requests.
+const COMMANDS_PER_TURN_MAX: usize = 256;
+
+enum Command {
+    Open {
+        conn: ConnectionId,
+        tls_exporter: [u8; TLS_EXPORTER_BYTES],
+        done: oneshot::Sender<Result<(), ServiceError>>,
+    },
+    Close {
+        conn: ConnectionId,
+    },
+    Request {
+        conn: ConnectionId,
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+}
+
+/// A cloneable handle through which connection tasks talk to the service.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    tx: mpsc::Sender<Command>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl ServiceHandle {
+    /// Registers a new connection with its TLS exporter value.
+    pub async fn open(
+        &self,
+        tls_exporter: [u8; TLS_EXPORTER_BYTES],
+    ) -> Result<ConnectionId, ServiceError> {
+        let conn = ConnectionId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Open {
+                conn,
+                tls_exporter,
+                done,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())??;
+        Ok(conn)
+    }
+
+    /// Tells the service the connection is gone.
+    pub async fn close(&self, conn: ConnectionId) {
+        // If the service has stopped there is nothing left to tell.
+        let _ = self.tx.send(Command::Close { conn }).await;
+    }
+
+    /// Sends one request and waits for its reply.
+    pub async fn request(&self, conn: ConnectionId, request: Request) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Request {
+                conn,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> ServiceError {
+    ServiceError::unavailable("the server is shutting down")
+}
+
+/// Counters the service exposes for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Syncs completed.
+    pub syncs: u64,
+    /// Requests handled.
+    pub requests: u64,
+}
+
+/// Starts the service task and its group-commit task over `node`. Returns
+/// the handle connection tasks use and a join handle that resolves, with
+/// the final counters, once every handle is dropped and the last writes are
+/// synced.
+pub fn spawn<S: ShellStore>(
+    node: NodeService<S>,
+) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
+    let sync = node.store().sync_handle();
+    let (sync_tx, sync_rx) = mpsc::unbounded_channel();
+    let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+    let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx));
+    let service = Service {
+        node,
+        rx,
+        pending: HashMap::new(),
+        next_request: 0,
+        start: Instant::now(),
+        sync_tx,
+        synced_rx,
+        stats: ServiceStats::default(),
+    };
+    let join = tokio::spawn(async move {
+        let stats = service.run().await;
+        let _ = group_commit.await;
+        // A last sync so buffered mode, too, leaves everything on disk.
+        if let Err(e) = sync.sync().await {
+            tracing::error!(error = %e, "final sync failed");
+        }
+        stats
+    });
+    (
+        ServiceHandle {
+            tx,
+            next_conn: Arc::new(AtomicU64::new(1)),
+        },
+        join,
+    )
+}
+
+struct Service<S> {
+    node: NodeService<S>,
+    rx: mpsc::Receiver<Command>,
+    pending: HashMap<RequestId, (ConnectionId, oneshot::Sender<Reply>)>,
+    next_request: u64,
+    start: Instant,
+    sync_tx: mpsc::UnboundedSender<Lsn>,
+    synced_rx: mpsc::UnboundedReceiver<Result<Lsn, StorageError>>,
+    stats: ServiceStats,
+}
+
+impl<S: ShellStore> Service<S> {
+    async fn run(mut self) -> ServiceStats {
+        let mut open = true;
+        // Run until every handle is gone and no reply still waits on disk.
+        while open || self.node.held_reply_count() > 0 {
+            let timer = self.node.poll_timeout().map(|t| self.instant(t));
+            tokio::select! {
+                biased;
+                synced = self.synced_rx.recv() => match synced {
+                    Some(Ok(lsn)) => {
+                        self.stats.syncs += 1;
+                        let now = self.now();
+                        self.node.handle_synced(now, lsn);
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "sync failed; refusing writes from now on");
+                        let now = self.now();
+                        self.node.handle_sync_failed(now, &e.to_string());
+                    }
+                    None => {
+                        // The group-commit task stopped after a failure;
+                        // nothing more will become durable.
+                        if !open {
+                            break;
+                        }
+                    }
+                },
+                cmd = self.rx.recv(), if open => match cmd {
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        for _ in 1..COMMANDS_PER_TURN_MAX {
+                            match self.rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                () = sleep_until(timer), if timer.is_some() => {
+                    let now = self.now();
+                    self.node.handle_timeout(now);
+                }
+            }
+            self.drain();
+        }
+        self.stats
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Open {
+                conn,
+                tls_exporter,
+                done,
+            } => {
+                let r = self.node.handle_connection_opened(now, conn, tls_exporter);
+                let _ = done.send(r);
+            }
+            Command::Close { conn } => {
+                self.node.handle_connection_closed(now, conn);
+                // Replies still owed to the closed connection go nowhere.
+                self.pending.retain(|_, (c, _)| *c != conn);
+            }
+            Command::Request {
+                conn,
+                request,
+                reply,
+            } => {
+                let id = RequestId(self.next_request);
+                self.next_request += 1;
+                self.stats.requests += 1;
+                self.pending.insert(id, (conn, reply));
+                self.node.handle_request(now, conn, id, request);
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Reply {
+                    request_id, reply, ..
+                } => {
+                    if let Some((_, tx)) = self.pending.remove(&request_id) {
+                        // The stream may have gone away meanwhile.
+                        let _ = tx.send(reply);
+                    }
+                }
+                Output::Sync { lsn } => {
+                    if self.sync_tx.send(lsn).is_err() {
+                        let now = self.now();
+                        self.node
+                            .handle_sync_failed(now, "the group-commit task has stopped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn now(&self) -> Time {
+        let micros = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Time::from_micros(micros)
+    }
+
+    fn instant(&self, t: Time) -> Instant {
+        self.start + Duration::from_micros(t.as_micros())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

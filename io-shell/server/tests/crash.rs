@@ -1,0 +1,142 @@
+//! Crash test: a child `qpq-server` process takes enqueues from concurrent
+//! clients and is killed with SIGKILL mid-stream. After a restart on the
+//! same data directory, every enqueue that was acknowledged is there, in
+//! order, exactly once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{id, user};
+use quicproquo_client::{Client, ServerTrust};
+use quicproquo_core::types::{ChannelId, MessageId};
+
+struct ChildServer {
+    child: Child,
+    addr: String,
+    trust: ServerTrust,
+}
+
+fn start_child(data_dir: &Path) -> ChildServer {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq-server"))
+        .env("QPQ_LISTEN", "127.0.0.1:0")
+        .env("QPQ_DATA_DIR", data_dir)
+        .env("QPQ_CONFIG", data_dir.join("none.toml"))
+        .env("QPQ_LOG", "warn")
+        .current_dir(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn qpq-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut addr = None;
+    let mut fp = None;
+    while addr.is_none() || fp.is_none() {
+        let line = lines.next().expect("server exited early").expect("read");
+        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
+            fp = Some(rest.trim().to_owned());
+        }
+    }
+    ChildServer {
+        child,
+        addr: addr.unwrap(),
+        trust: ServerTrust::fingerprint_hex(&fp.unwrap()).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_enqueues_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    // An empty config file so a developer's ./qpq-server.toml is not read.
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let mut server = start_child(dir.path());
+    let bob_sk = user(2);
+    let bob = id(&bob_sk);
+
+    // seq -> payload for every acknowledged enqueue.
+    let acked: Arc<Mutex<HashMap<u64, Vec<u8>>>> = Arc::default();
+    let mut senders = Vec::new();
+    for s in 0..4u8 {
+        let mut c = Client::connect(&server.addr, &server.trust).await.unwrap();
+        c.authenticate(&user(10 + s)).await.unwrap();
+        let acked = acked.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0u32.. {
+                let mut m = [0u8; 16];
+                m[0] = s;
+                m[1..5].copy_from_slice(&i.to_be_bytes());
+                let payload = [&[s][..], &i.to_be_bytes()[..]].concat();
+                match c
+                    .enqueue_once(bob, ChannelId::DEFAULT, payload.clone(), MessageId(m))
+                    .await
+                {
+                    Ok(seq) => {
+                        let prev = acked.lock().unwrap().insert(seq, payload);
+                        assert!(prev.is_none(), "seq {seq} acknowledged twice");
+                    }
+                    Err(_) => return i,
+                }
+            }
+            unreachable!()
+        }));
+    }
+    // Let traffic run, then kill the server without warning.
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if acked.lock().unwrap().len() >= 400 {
+            break;
+        }
+    }
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    for t in senders {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 400);
+
+    let mut server = start_child(dir.path());
+    let mut b = Client::connect(&server.addr, &server.trust).await.unwrap();
+    b.authenticate(&bob_sk).await.unwrap();
+    let mut cursor = 0;
+    let mut stored: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut last_per_sender: HashMap<u8, u32> = HashMap::new();
+    loop {
+        let f = b.fetch(bob, ChannelId::DEFAULT, cursor, 500).await.unwrap();
+        if f.messages.is_empty() {
+            break;
+        }
+        for m in f.messages {
+            assert_eq!(m.seq, cursor + 1, "seqs are gap-free");
+            cursor = m.seq;
+            let s = m.payload[0];
+            let i = u32::from_be_bytes(m.payload[1..5].try_into().unwrap());
+            if let Some(prev) = last_per_sender.insert(s, i) {
+                assert!(i > prev, "sender {s}: {i} after {prev}");
+            }
+            stored.insert(m.seq, m.payload);
+        }
+    }
+    for (seq, payload) in &acked {
+        assert_eq!(
+            stored.get(seq),
+            Some(payload),
+            "acknowledged seq {seq} lost or changed"
+        );
+    }
+    let mut payloads: Vec<_> = stored.values().collect();
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len(), stored.len(), "a message is stored twice");
+    server.child.kill().ok();
+    server.child.wait().ok();
+}
