@@ -22,7 +22,8 @@ pub const DEFAULT_DATA_DIR: &str = "qpq-data";
 /// Default config file, read if present.
 pub const DEFAULT_CONFIG: &str = "qpq-server.toml";
 /// Default log filter.
-pub const DEFAULT_LOG: &str = "info";
+/// The storage engine is chatty at `info`; its warnings still show.
+pub const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
 /// Name of the database directory inside the data directory.
 pub const DB_DIR_NAME: &str = "qpq.db";
 
@@ -102,7 +103,7 @@ config_keys! {
     data_dir: PathBuf, env = "QPQ_DATA_DIR";
     /// `fsync` (answer after data is on disk) or `buffered` (answer at once; a crash may lose acknowledged messages) [default: fsync].
     durability: String, env = "QPQ_DURABILITY";
-    /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info].
+    /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info,fjall=warn,lsm_tree=warn].
     log: String, env = "QPQ_LOG";
     /// PEM certificate chain to serve instead of the generated self-signed one.
     tls_cert: PathBuf, env = "QPQ_TLS_CERT";
@@ -413,6 +414,7 @@ mod tests {
         let defaults = ServerConfig::resolve(FileConfig::default()).unwrap();
         assert_eq!(from_file.listen, defaults.listen);
         assert_eq!(from_file.data_dir, defaults.data_dir);
+        assert_eq!(from_file.log, defaults.log);
         assert_eq!(from_file.transport, defaults.transport);
         assert_eq!(from_file.node, defaults.node);
     }

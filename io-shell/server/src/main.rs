@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid log filter `{}`", config.log))?,
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

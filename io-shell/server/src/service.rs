@@ -159,6 +159,8 @@ struct Service<S> {
 
 impl<S: ShellStore> Service<S> {
     async fn run(mut self) -> ServiceStats {
+        // Opening the machine already wrote (and asked for a sync).
+        self.drain();
         let mut open = true;
         // Run until every handle is gone and no reply still waits on disk.
         while open || self.node.held_reply_count() > 0 {

@@ -140,3 +140,53 @@ async fn acknowledged_enqueues_survive_sigkill() {
     server.child.kill().ok();
     server.child.wait().ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_data() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let mut server = start_child(dir.path());
+    let bob_sk = user(2);
+    let bob = id(&bob_sk);
+    let mut a = Client::connect(&server.addr, &server.trust).await.unwrap();
+    a.authenticate(&user(1)).await.unwrap();
+    for i in 0..20u8 {
+        a.enqueue(bob, ChannelId::DEFAULT, vec![i], MessageId([i; 16]))
+            .await
+            .unwrap();
+    }
+    // A long-poll in flight while the signal arrives.
+    let mut b = Client::connect(&server.addr, &server.trust).await.unwrap();
+    b.authenticate(&bob_sk).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        b.fetch_wait(
+            bob,
+            ChannelId::try_from_slice(b"idle").unwrap(),
+            0,
+            1,
+            20_000,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = server.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "qpq-server exited with {exit:?}");
+    // The waiting call ends (answered or cut by the close), never hangs.
+    let _ = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("long-poll ends at shutdown");
+
+    let mut server = start_child(dir.path());
+    let mut b = Client::connect(&server.addr, &server.trust).await.unwrap();
+    b.authenticate(&bob_sk).await.unwrap();
+    let f = b.fetch(bob, ChannelId::DEFAULT, 0, 100).await.unwrap();
+    let payloads: Vec<u8> = f.messages.iter().map(|m| m.payload[0]).collect();
+    assert_eq!(payloads, (0..20).collect::<Vec<u8>>());
+    server.child.kill().ok();
+    server.child.wait().ok();
+}
