@@ -10,6 +10,7 @@
 //! argument) and draws randomness only from a generator seeded by its caller.
 //! `tests/sans_io.rs` enforces this.
 
+pub mod client;
 pub mod error;
 pub mod limits;
 pub mod node;

@@ -1,0 +1,1364 @@
+//! The client state machine: a user's identity, KeyPackages, MLS groups,
+//! queue cursors and outbox, sans-io.
+//!
+//! The shell starts one [`Command`] at a time with [`ClientMachine::start`]
+//! and drains [`Effect`]s with [`ClientMachine::poll_effect`]: requests to
+//! send to the NodeService (answered with
+//! [`ClientMachine::handle_response`]), state to persist, events to show,
+//! and finally the command's outcome. The machine never performs I/O.
+//!
+//! States (DESIGN.md §3), derived from what the machine holds:
+//! `NoState` (no state file) → `IdentityGenerated` → `Registered` →
+//! `GroupOwner` | `GroupMember` → `Active` (see [`Phase`]).
+//!
+//! Invariants:
+//! - Persist before upload: KeyPackage private keys are in the persisted
+//!   state before any upload request is emitted.
+//! - Persist before acknowledge: a fetch that acknowledges messages (by its
+//!   cursor) is emitted only after the state that processed them is
+//!   persisted, and a seq at or below a channel's cursor is never decrypted
+//!   again (openmls cannot decrypt a message twice).
+//! - Every enqueue goes through the persisted outbox with a fixed
+//!   `messageId`, so retries — also after a crash — are stored once.
+//! - A fetched KeyPackage's credential identity and signature key both equal
+//!   the identity asked for, and after every join and Commit each member's
+//!   credential identity equals its signature key (DESIGN.md §7).
+
+pub mod envelope;
+pub mod provider;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chacha20poly1305::ChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use ed25519_dalek::{Signer as _, SigningKey};
+use openmls::prelude::*;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::signatures::{Signer, SignerError};
+use openmls_traits::types::SignatureScheme;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tls_codec::Deserialize as _;
+
+use crate::error::{ErrorKind, ServiceError};
+use crate::node::{QueuedMessage, RequestBody, Response};
+use crate::types::{ChannelId, IdentityKey, MessageId};
+
+pub use envelope::{Envelope, EnvelopeError};
+pub use provider::QpqProvider;
+
+/// The MLS profile's ciphersuite (DESIGN.md §7): 0x0001.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// KeyPackage lifetime: at most 84 days (DESIGN.md §7).
+pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 60 * 60;
+/// MLS exporter label of the key that seals a group's name in a Welcome.
+pub const GROUP_NAME_EXPORTER_LABEL: &str = "quicproquo group name";
+/// Messages asked for per fetch.
+pub const FETCH_BATCH: u32 = 100;
+/// Longest group name, in bytes.
+pub const GROUP_NAME_BYTES_MAX: usize = 64;
+/// Longest message text, in bytes; well inside the server's payload limit
+/// after MLS framing.
+pub const TEXT_BYTES_MAX: usize = 64 * 1024;
+/// KeyPackages one `register` may generate at once.
+pub const REGISTER_COUNT_MAX: u32 = 100;
+/// Version of the persisted state layout.
+pub const STATE_VERSION: u32 = 1;
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Make sure at least `count` KeyPackages (and a last-resort one) are on
+    /// the server.
+    Register {
+        /// Single-use KeyPackages to keep on the server.
+        count: u32,
+    },
+    /// Create a group named `name` with only this user in it.
+    CreateGroup {
+        /// Its name, unique among this user's groups.
+        name: String,
+    },
+    /// Add `member` to the group `group`.
+    AddMember {
+        /// The group's name.
+        group: String,
+        /// The new member's identity key.
+        member: IdentityKey,
+    },
+    /// Send `text` to every other member of `group`.
+    Send {
+        /// The group's name.
+        group: String,
+        /// The message.
+        text: String,
+    },
+    /// Fetch and process everything pending; if nothing is, wait up to
+    /// `wait_ms` for something to arrive.
+    Receive {
+        /// How long to wait when nothing is pending (0: don't wait).
+        wait_ms: u64,
+    },
+}
+
+/// What the machine asks the shell to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Write [`ClientMachine::snapshot`] to the state file now, before
+    /// carrying out any later effect.
+    Persist,
+    /// Send `request` and pass its result to
+    /// [`ClientMachine::handle_response`] with `token`.
+    Request {
+        /// Identifies the answer.
+        token: u64,
+        /// What to send.
+        request: RequestBody,
+    },
+    /// Show this to the user.
+    Event(Event),
+    /// The command is finished.
+    Done(Result<Outcome, CommandError>),
+}
+
+/// Something for the user to see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message from a group member.
+    Message {
+        /// The group's name.
+        group: String,
+        /// Who sent it.
+        sender: IdentityKey,
+        /// What it says.
+        text: String,
+    },
+    /// This user joined a group from a Welcome.
+    Joined {
+        /// The group's name.
+        group: String,
+        /// Members now in the group.
+        members: usize,
+    },
+    /// A Commit changed a group.
+    GroupChanged {
+        /// The group's name.
+        group: String,
+        /// The new epoch.
+        epoch: u64,
+        /// Members now in the group.
+        members: usize,
+    },
+    /// The server returned a KeyPackage fingerprint that differs from ours.
+    Tampering {
+        /// What was tampered with.
+        what: String,
+    },
+    /// Something went wrong that did not stop the command.
+    Warning {
+        /// What.
+        message: String,
+    },
+}
+
+/// A finished command's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// KeyPackages uploaded.
+    Registered {
+        /// Uploaded and confirmed by fingerprint.
+        uploaded: u32,
+        /// Already on the server before this call.
+        already: u32,
+        /// Refused or tampered with.
+        failed: u32,
+    },
+    /// The group exists, with this user alone in it.
+    GroupCreated {
+        /// Its name.
+        group: String,
+    },
+    /// The member is in the group.
+    MemberAdded {
+        /// The group.
+        group: String,
+        /// The new member.
+        member: IdentityKey,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// The message is on its way.
+    Sent {
+        /// The group.
+        group: String,
+        /// Recipients it was stored for.
+        delivered: u32,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// Messages processed.
+    Received {
+        /// Application messages shown.
+        messages: u32,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// Another command is still running.
+    #[error("another command is still running")]
+    Busy,
+    /// No group has that name.
+    #[error("no group named `{0}`")]
+    UnknownGroup(String),
+    /// A group with that name exists already.
+    #[error("a group named `{0}` exists already")]
+    GroupExists(String),
+    /// The name is empty, too long or not printable.
+    #[error("invalid group name: {0}")]
+    InvalidName(String),
+    /// The text is too long.
+    #[error("message of {0} bytes is longer than {TEXT_BYTES_MAX}")]
+    TextTooLong(usize),
+    /// The identity is already in the group (or is this user).
+    #[error("{0} is already a member of the group")]
+    AlreadyMember(String),
+    /// The server has no KeyPackage for that identity.
+    #[error("{0} has no KeyPackage on the server; they need to run `qpq register`")]
+    NoKeyPackage(String),
+    /// The fetched KeyPackage is invalid or not theirs.
+    #[error("the KeyPackage the server returned is not acceptable: {0}")]
+    BadKeyPackage(String),
+    /// An MLS operation failed.
+    #[error("MLS: {0}")]
+    Mls(String),
+    /// The server refused a request the command needs.
+    #[error("server: {0}")]
+    Server(ServiceError),
+    /// The persisted state does not decode.
+    #[error("state: {0}")]
+    State(String),
+}
+
+/// Where the user is in the life cycle (DESIGN.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// An identity exists; nothing uploaded yet.
+    IdentityGenerated,
+    /// KeyPackages are on the server; no group yet.
+    Registered,
+    /// This user created a group (epoch 0 at creation).
+    GroupOwner,
+    /// This user joined a group from a Welcome.
+    GroupMember,
+    /// Messages have been exchanged.
+    Active,
+}
+
+/// A group as the user sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// Its name.
+    pub name: String,
+    /// The channel it talks on.
+    pub channel_id: ChannelId,
+    /// The current epoch.
+    pub epoch: u64,
+    /// Every member, this user included.
+    pub members: Vec<IdentityKey>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GroupRecord {
+    name: String,
+    group_id: Vec<u8>,
+    channel_id: Vec<u8>,
+    owner: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxEntry {
+    recipient: [u8; 32],
+    channel_id: Vec<u8>,
+    payload: Vec<u8>,
+    message_id: [u8; 16],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Persisted {
+    version: u32,
+    identity_seed: [u8; 32],
+    registered: bool,
+    active: bool,
+    groups: Vec<GroupRecord>,
+    cursors: Vec<(Vec<u8>, u64)>,
+    outbox: Vec<(u64, OutboxEntry)>,
+    next_outbox_id: u64,
+    mls_storage: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What an in-flight request was for.
+#[derive(Debug, Clone)]
+enum Pending {
+    Outbox(u64),
+    Count,
+    Upload { fingerprint: [u8; 32] },
+    FetchKeyPackage,
+    Fetch(ChannelId),
+    Wait(ChannelId),
+}
+
+#[derive(Debug)]
+enum Op {
+    Register {
+        want: u32,
+        uploaded: u32,
+        already: u32,
+        failed: u32,
+    },
+    AddMember {
+        group: String,
+        member: IdentityKey,
+        added: bool,
+    },
+    Send {
+        group: String,
+        delivered: u32,
+    },
+    Receive {
+        wait_ms: u64,
+        waited: bool,
+        shown: u32,
+    },
+}
+
+/// The client machine.
+#[derive(Debug)]
+pub struct ClientMachine {
+    signer: IdentitySigner,
+    identity: IdentityKey,
+    provider: QpqProvider,
+    registered: bool,
+    active: bool,
+    groups: Vec<GroupRecord>,
+    cursors: BTreeMap<ChannelId, u64>,
+    outbox: BTreeMap<u64, OutboxEntry>,
+    next_outbox_id: u64,
+    op: Option<Op>,
+    in_flight: BTreeMap<u64, Pending>,
+    next_token: u64,
+    effects: VecDeque<Effect>,
+}
+
+impl ClientMachine {
+    /// A new identity. `seed` seeds every random choice the machine makes
+    /// (identity key, KeyPackage keys, ids): OS entropy in production.
+    pub fn generate(seed: [u8; 32]) -> ClientMachine {
+        let provider = QpqProvider::new(seed);
+        let mut identity_seed = [0u8; 32];
+        provider.fill(&mut identity_seed);
+        Self::with(provider, identity_seed)
+    }
+
+    /// Restores a machine from [`Self::snapshot`] bytes; `seed` reseeds its
+    /// randomness for this run.
+    pub fn restore(snapshot: &[u8], seed: [u8; 32]) -> Result<ClientMachine, CommandError> {
+        let p: Persisted = postcard::from_bytes(snapshot)
+            .map_err(|e| CommandError::State(format!("state does not decode: {e}")))?;
+        if p.version != STATE_VERSION {
+            return Err(CommandError::State(format!(
+                "state version {} is not the supported {STATE_VERSION}",
+                p.version
+            )));
+        }
+        let provider = QpqProvider::new(seed);
+        provider.restore_storage(p.mls_storage);
+        let mut m = Self::with(provider, p.identity_seed);
+        m.registered = p.registered;
+        m.active = p.active;
+        m.groups = p.groups;
+        for (ch, seq) in p.cursors {
+            let ch = ChannelId::try_from_slice(&ch)
+                .map_err(|_| CommandError::State("bad channel id".into()))?;
+            m.cursors.insert(ch, seq);
+        }
+        m.outbox = p.outbox.into_iter().collect();
+        m.next_outbox_id = p.next_outbox_id;
+        Ok(m)
+    }
+
+    fn with(provider: QpqProvider, identity_seed: [u8; 32]) -> ClientMachine {
+        let key = SigningKey::from_bytes(&identity_seed);
+        ClientMachine {
+            identity: IdentityKey(key.verifying_key().to_bytes()),
+            signer: IdentitySigner(key),
+            provider,
+            registered: false,
+            active: false,
+            groups: Vec::new(),
+            cursors: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            next_outbox_id: 0,
+            op: None,
+            in_flight: BTreeMap::new(),
+            next_token: 0,
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// Everything to persist, as bytes for the encrypted state file.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let p = Persisted {
+            version: STATE_VERSION,
+            identity_seed: self.signer.0.to_bytes(),
+            registered: self.registered,
+            active: self.active,
+            groups: self.groups.clone(),
+            cursors: self
+                .cursors
+                .iter()
+                .map(|(c, s)| (c.as_bytes().to_vec(), *s))
+                .collect(),
+            outbox: self.outbox.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            next_outbox_id: self.next_outbox_id,
+            mls_storage: self.provider.storage_snapshot(),
+        };
+        // Serializing owned plain data into a Vec cannot fail.
+        postcard::to_allocvec(&p).unwrap_or_default()
+    }
+
+    /// This user's identity key.
+    pub fn identity_key(&self) -> IdentityKey {
+        self.identity
+    }
+
+    /// The Ed25519 key that proves the identity (to the server and in MLS).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signer.0
+    }
+
+    /// Where the user is in the life cycle.
+    pub fn phase(&self) -> Phase {
+        if self.active {
+            Phase::Active
+        } else if self.groups.iter().any(|g| g.owner) {
+            Phase::GroupOwner
+        } else if !self.groups.is_empty() {
+            Phase::GroupMember
+        } else if self.registered {
+            Phase::Registered
+        } else {
+            Phase::IdentityGenerated
+        }
+    }
+
+    /// Deliveries waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// This user's groups.
+    pub fn groups(&self) -> Vec<GroupSummary> {
+        self.groups
+            .iter()
+            .filter_map(|r| {
+                let group = self.load_group(r).ok()?;
+                Some(GroupSummary {
+                    name: r.name.clone(),
+                    channel_id: ChannelId::try_from_slice(&r.channel_id).ok()?,
+                    epoch: group.epoch().as_u64(),
+                    members: members(&group),
+                })
+            })
+            .collect()
+    }
+
+    /// The MLS epoch authenticator of a group (equal for all members of the
+    /// same epoch); for tests and diagnostics.
+    pub fn epoch_authenticator(&self, group: &str) -> Option<Vec<u8>> {
+        let r = self.groups.iter().find(|g| g.name == group)?;
+        let g = self.load_group(r).ok()?;
+        Some(g.epoch_authenticator().as_slice().to_vec())
+    }
+
+    /// Starts a command. Its effects follow from [`Self::poll_effect`]; the
+    /// last one is [`Effect::Done`].
+    pub fn start(&mut self, command: Command) {
+        if self.op.is_some() {
+            self.effects
+                .push_back(Effect::Done(Err(CommandError::Busy)));
+            return;
+        }
+        // Deliveries left over from an earlier run go first.
+        self.flush_outbox();
+        let result = match command {
+            Command::Register { count } => self.start_register(count),
+            Command::CreateGroup { name } => self.create_group(name),
+            Command::AddMember { group, member } => self.start_add(group, member),
+            Command::Send { group, text } => self.start_send(group, text),
+            Command::Receive { wait_ms } => self.start_receive(wait_ms),
+        };
+        if let Err(e) = result {
+            self.op = None;
+            self.in_flight.clear();
+            self.effects.push_back(Effect::Done(Err(e)));
+            return;
+        }
+        self.maybe_done();
+    }
+
+    /// The answer to the request `token`. Transport failures come in as
+    /// `unavailable`. Answers to requests the machine no longer waits for
+    /// are ignored.
+    pub fn handle_response(&mut self, token: u64, result: Result<Response, ServiceError>) {
+        let Some(pending) = self.in_flight.remove(&token) else {
+            return;
+        };
+        match pending {
+            Pending::Outbox(id) => self.on_enqueued(id, result),
+            Pending::Count => self.on_count(result),
+            Pending::Upload { fingerprint } => self.on_uploaded(fingerprint, result),
+            Pending::FetchKeyPackage => self.on_key_package(result),
+            Pending::Fetch(ch) => self.on_messages(ch, result, false),
+            Pending::Wait(ch) => self.on_messages(ch, result, true),
+        }
+        self.maybe_done();
+    }
+
+    /// The next effect, or `None`.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    // ----- register ---------------------------------------------------------
+
+    fn start_register(&mut self, count: u32) -> Result<(), CommandError> {
+        self.op = Some(Op::Register {
+            want: count.min(REGISTER_COUNT_MAX),
+            uploaded: 0,
+            already: 0,
+            failed: 0,
+        });
+        self.request(
+            Pending::Count,
+            RequestBody::KeyPackageCount {
+                identity_key: self.identity,
+            },
+        );
+        Ok(())
+    }
+
+    fn on_count(&mut self, result: Result<Response, ServiceError>) {
+        let (count, has_last_resort) = match result {
+            Ok(Response::KeyPackageCount {
+                count,
+                has_last_resort,
+            }) => (count, has_last_resort),
+            Ok(other) => return self.fail(unexpected(&other)),
+            Err(e) => return self.fail(CommandError::Server(e)),
+        };
+        let Some(Op::Register { want, already, .. }) = &mut self.op else {
+            return;
+        };
+        *already = count;
+        let missing = want.saturating_sub(count);
+        let mut uploads = Vec::new();
+        for i in 0..missing + u32::from(!has_last_resort) {
+            let last_resort = i == missing;
+            match self.key_package(last_resort) {
+                Ok(bytes) => uploads.push((bytes, last_resort)),
+                Err(e) => return self.fail(e),
+            }
+        }
+        if uploads.is_empty() {
+            self.registered = true;
+            return;
+        }
+        // The private keys are in storage now: persist before uploading.
+        self.effects.push_back(Effect::Persist);
+        for (package, last_resort) in uploads {
+            let fingerprint: [u8; 32] = Sha256::digest(&package).into();
+            self.request(
+                Pending::Upload { fingerprint },
+                RequestBody::UploadKeyPackage {
+                    identity_key: self.identity,
+                    package,
+                    last_resort,
+                },
+            );
+        }
+    }
+
+    fn on_uploaded(&mut self, fingerprint: [u8; 32], result: Result<Response, ServiceError>) {
+        let ok = match result {
+            Ok(Response::KeyPackageUploaded {
+                fingerprint: theirs,
+            }) if theirs == fingerprint => true,
+            Ok(Response::KeyPackageUploaded { .. }) => {
+                self.effects.push_back(Effect::Event(Event::Tampering {
+                    what: "the server's fingerprint of an uploaded KeyPackage differs from ours; it is not counted as uploaded".into(),
+                }));
+                false
+            }
+            Ok(other) => {
+                self.warn(format!("unexpected answer to an upload: {other:?}"));
+                false
+            }
+            Err(e) => {
+                self.warn(format!("KeyPackage upload refused: {e}"));
+                false
+            }
+        };
+        if let Some(Op::Register {
+            uploaded, failed, ..
+        }) = &mut self.op
+        {
+            if ok {
+                *uploaded += 1;
+                self.registered = true;
+            } else {
+                *failed += 1;
+            }
+        }
+    }
+
+    fn key_package(&mut self, last_resort: bool) -> Result<Vec<u8>, CommandError> {
+        let mut builder = KeyPackage::builder()
+            .key_package_lifetime(Lifetime::new(KEY_PACKAGE_LIFETIME_SECS))
+            .leaf_node_capabilities(capabilities());
+        if last_resort {
+            builder = builder.mark_as_last_resort();
+        }
+        let bundle = builder
+            .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
+            .map_err(mls)?;
+        MlsMessageOut::from(bundle.key_package().clone())
+            .to_bytes()
+            .map_err(mls)
+    }
+
+    // ----- groups -----------------------------------------------------------
+
+    fn create_group(&mut self, name: String) -> Result<(), CommandError> {
+        check_name(&name)?;
+        if self.groups.iter().any(|g| g.name == name) {
+            return Err(CommandError::GroupExists(name));
+        }
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .capabilities(capabilities())
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let group =
+            MlsGroup::new(&self.provider, &self.signer, &config, self.credential()).map_err(mls)?;
+        let mut channel = [0u8; 16];
+        self.provider.fill(&mut channel);
+        self.groups.push(GroupRecord {
+            name: name.clone(),
+            group_id: group.group_id().as_slice().to_vec(),
+            channel_id: channel.to_vec(),
+            owner: true,
+        });
+        self.effects.push_back(Effect::Persist);
+        self.effects
+            .push_back(Effect::Done(Ok(Outcome::GroupCreated { group: name })));
+        Ok(())
+    }
+
+    fn start_add(&mut self, group: String, member: IdentityKey) -> Result<(), CommandError> {
+        let record = self.record(&group)?;
+        let g = self.load_group(&record)?;
+        if members(&g).contains(&member) {
+            return Err(CommandError::AlreadyMember(member.short()));
+        }
+        self.op = Some(Op::AddMember {
+            group,
+            member,
+            added: false,
+        });
+        self.request(
+            Pending::FetchKeyPackage,
+            RequestBody::FetchKeyPackage {
+                identity_key: member,
+            },
+        );
+        Ok(())
+    }
+
+    fn on_key_package(&mut self, result: Result<Response, ServiceError>) {
+        let Some(Op::AddMember { group, member, .. }) = &self.op else {
+            return;
+        };
+        let (group, member) = (group.clone(), *member);
+        let package = match result {
+            Ok(Response::KeyPackage { package, .. }) => package,
+            Ok(other) => return self.fail(unexpected(&other)),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return self.fail(CommandError::NoKeyPackage(member.short()));
+            }
+            Err(e) => return self.fail(CommandError::Server(e)),
+        };
+        match self.add_member(&group, member, &package) {
+            Ok(()) => {
+                if let Some(Op::AddMember { added, .. }) = &mut self.op {
+                    *added = true;
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn add_member(
+        &mut self,
+        group_name: &str,
+        member: IdentityKey,
+        package: &[u8],
+    ) -> Result<(), CommandError> {
+        let key_package = self.validate_key_package(member, package)?;
+        let record = self.record(group_name)?;
+        let mut group = self.load_group(&record)?;
+        let existing: Vec<IdentityKey> = members(&group)
+            .into_iter()
+            .filter(|m| *m != self.identity)
+            .collect();
+        let (commit, welcome, _) = group
+            .add_members(&self.provider, &self.signer, &[key_package])
+            .map_err(mls)?;
+        group.merge_pending_commit(&self.provider).map_err(mls)?;
+        check_members(&group)?;
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        let commit = Envelope::Group {
+            message: commit.to_bytes().map_err(mls)?,
+        }
+        .encode();
+        for m in existing {
+            self.add_to_outbox(m, channel, commit.clone());
+        }
+        let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
+        self.provider.fill(&mut nonce);
+        let sealed_name = seal_name(&self.provider, &group, &channel, &nonce, group_name)?;
+        let welcome = Envelope::Welcome {
+            channel_id: channel,
+            nonce,
+            sealed_name,
+            welcome: welcome.to_bytes().map_err(mls)?,
+        }
+        .encode();
+        // The Welcome goes to the new member's default channel: they do not
+        // know the group's channel yet.
+        self.add_to_outbox(member, ChannelId::DEFAULT, welcome);
+        self.effects.push_back(Effect::Persist);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    /// Parses and validates a fetched KeyPackage, and checks that it is
+    /// really `member`'s: its credential identity and its signature key must
+    /// both be the identity asked for, or the server substituted a key.
+    fn validate_key_package(
+        &self,
+        member: IdentityKey,
+        package: &[u8],
+    ) -> Result<KeyPackage, CommandError> {
+        let bad = |m: String| CommandError::BadKeyPackage(m);
+        let key_package_in = match MlsMessageIn::tls_deserialize_exact(package) {
+            Ok(msg) => match msg.extract() {
+                MlsMessageBodyIn::KeyPackage(kp) => kp,
+                _ => return Err(bad("not a KeyPackage message".into())),
+            },
+            // A bare KeyPackage (no MLSMessage framing) is accepted too.
+            Err(_) => KeyPackageIn::tls_deserialize_exact(package)
+                .map_err(|e| bad(format!("does not decode: {e}")))?,
+        };
+        let kp = key_package_in
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(|e| bad(e.to_string()))?;
+        if kp.ciphersuite() != CIPHERSUITE {
+            return Err(bad("unsupported ciphersuite".into()));
+        }
+        let credential = BasicCredential::try_from(kp.leaf_node().credential().clone())
+            .map_err(|e| bad(e.to_string()))?;
+        if credential.identity() != member.as_bytes()
+            || kp.leaf_node().signature_key().as_slice() != member.as_bytes()
+        {
+            return Err(bad(
+                "its credential or signature key is not the identity asked for".into(),
+            ));
+        }
+        Ok(kp)
+    }
+
+    // ----- send -------------------------------------------------------------
+
+    fn start_send(&mut self, group_name: String, text: String) -> Result<(), CommandError> {
+        if text.len() > TEXT_BYTES_MAX {
+            return Err(CommandError::TextTooLong(text.len()));
+        }
+        let record = self.record(&group_name)?;
+        let mut group = self.load_group(&record)?;
+        let message = group
+            .create_message(&self.provider, &self.signer, text.as_bytes())
+            .map_err(mls)?;
+        let payload = Envelope::Group {
+            message: message.to_bytes().map_err(mls)?,
+        }
+        .encode();
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        // Encrypted once, stored for each other member.
+        let me = self.identity;
+        for m in members(&group).into_iter().filter(|m| *m != me) {
+            self.add_to_outbox(m, channel, payload.clone());
+        }
+        self.active = true;
+        self.op = Some(Op::Send {
+            group: group_name,
+            delivered: 0,
+        });
+        // The ratchet advanced: persist before anything leaves.
+        self.effects.push_back(Effect::Persist);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    // ----- receive ----------------------------------------------------------
+
+    fn start_receive(&mut self, wait_ms: u64) -> Result<(), CommandError> {
+        self.op = Some(Op::Receive {
+            wait_ms,
+            waited: false,
+            shown: 0,
+        });
+        for ch in self.channels() {
+            self.fetch(ch);
+        }
+        Ok(())
+    }
+
+    fn channels(&self) -> Vec<ChannelId> {
+        let mut out = vec![ChannelId::DEFAULT];
+        out.extend(
+            self.groups
+                .iter()
+                .filter_map(|g| ChannelId::try_from_slice(&g.channel_id).ok()),
+        );
+        out
+    }
+
+    fn fetch(&mut self, channel: ChannelId) {
+        let after_seq = self.cursors.get(&channel).copied().unwrap_or(0);
+        self.request(
+            Pending::Fetch(channel),
+            RequestBody::Fetch {
+                recipient_key: self.identity,
+                channel_id: channel,
+                after_seq,
+                limit: FETCH_BATCH,
+            },
+        );
+    }
+
+    fn on_messages(
+        &mut self,
+        channel: ChannelId,
+        result: Result<Response, ServiceError>,
+        waited: bool,
+    ) {
+        let messages = match result {
+            Ok(Response::Messages { messages, .. }) => messages,
+            Ok(other) => {
+                self.warn(format!("unexpected answer to a fetch: {other:?}"));
+                return;
+            }
+            Err(e) => {
+                self.warn(format!("fetch refused: {e}"));
+                return;
+            }
+        };
+        if messages.is_empty() {
+            return;
+        }
+        let groups_before = self.groups.len();
+        for m in messages {
+            self.process(channel, m);
+        }
+        // Persist what was processed, then acknowledge it with the next
+        // fetch (its cursor), which also drains the rest.
+        self.effects.push_back(Effect::Persist);
+        if waited {
+            // Something arrived: stop waiting on the other channels.
+            self.in_flight.retain(|_, p| !matches!(p, Pending::Wait(_)));
+        }
+        self.fetch(channel);
+        let joined: Vec<ChannelId> = self.groups[groups_before..]
+            .iter()
+            .filter_map(|g| ChannelId::try_from_slice(&g.channel_id).ok())
+            .collect();
+        for ch in joined {
+            self.fetch(ch);
+        }
+    }
+
+    fn process(&mut self, channel: ChannelId, message: QueuedMessage) {
+        let cursor = self.cursors.entry(channel).or_insert(0);
+        if message.seq <= *cursor {
+            // Delivered again after a lost acknowledgement: already processed,
+            // and MLS cannot decrypt it twice.
+            return;
+        }
+        *cursor = message.seq;
+        let result = match Envelope::decode(&message.payload) {
+            Ok(Envelope::Welcome {
+                channel_id,
+                nonce,
+                sealed_name,
+                welcome,
+            }) => self.join(channel_id, &nonce, &sealed_name, &welcome),
+            Ok(Envelope::Group { message }) => self.process_group_message(channel, &message),
+            Err(e) => Err(CommandError::Mls(e.to_string())),
+        };
+        if let Err(e) = result {
+            self.warn(format!(
+                "message {} on channel could not be processed: {e}",
+                message.seq
+            ));
+        }
+    }
+
+    fn join(
+        &mut self,
+        channel: ChannelId,
+        nonce: &[u8; envelope::NAME_NONCE_BYTES],
+        sealed_name: &[u8],
+        welcome: &[u8],
+    ) -> Result<(), CommandError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(mls)?;
+        let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+            return Err(CommandError::Mls("not a Welcome".into()));
+        };
+        let config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(mls)?
+            .into_group(&self.provider)
+            .map_err(mls)?;
+        check_members(&group)?;
+        let name = open_name(&self.provider, &group, &channel, nonce, sealed_name)?;
+        let name = self.unique_name(name);
+        let count = group.members().count();
+        self.groups.push(GroupRecord {
+            name: name.clone(),
+            group_id: group.group_id().as_slice().to_vec(),
+            channel_id: channel.as_bytes().to_vec(),
+            owner: false,
+        });
+        self.effects.push_back(Effect::Event(Event::Joined {
+            group: name,
+            members: count,
+        }));
+        Ok(())
+    }
+
+    fn process_group_message(
+        &mut self,
+        channel: ChannelId,
+        bytes: &[u8],
+    ) -> Result<(), CommandError> {
+        let Some(record) = self
+            .groups
+            .iter()
+            .find(|g| g.channel_id == channel.as_bytes())
+            .cloned()
+        else {
+            return Err(CommandError::Mls(
+                "message on a channel of no known group".into(),
+            ));
+        };
+        let mut group = self.load_group(&record)?;
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
+        let protocol = msg.try_into_protocol_message().map_err(mls)?;
+        let processed = group
+            .process_message(&self.provider, protocol)
+            .map_err(mls)?;
+        let sender = BasicCredential::try_from(processed.credential().clone())
+            .ok()
+            .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                let text = String::from_utf8_lossy(&app.into_bytes()).into_owned();
+                self.active = true;
+                if let Some(Op::Receive { shown, .. }) = &mut self.op {
+                    *shown += 1;
+                }
+                let sender =
+                    sender.ok_or_else(|| CommandError::Mls("sender has no identity".into()))?;
+                self.effects.push_back(Effect::Event(Event::Message {
+                    group: record.name,
+                    sender,
+                    text,
+                }));
+            }
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                group
+                    .store_pending_proposal(self.provider.storage(), *proposal)
+                    .map_err(mls)?;
+            }
+            ProcessedMessageContent::StagedCommitMessage(commit) => {
+                for add in commit.add_proposals() {
+                    let leaf = add.add_proposal().key_package().leaf_node();
+                    let identity =
+                        BasicCredential::try_from(leaf.credential().clone()).map_err(mls)?;
+                    if identity.identity() != leaf.signature_key().as_slice() {
+                        return Err(CommandError::Mls(
+                            "a Commit adds a member whose credential is not its signature key"
+                                .into(),
+                        ));
+                    }
+                }
+                group
+                    .merge_staged_commit(&self.provider, *commit)
+                    .map_err(mls)?;
+                check_members(&group)?;
+                self.effects.push_back(Effect::Event(Event::GroupChanged {
+                    group: record.name,
+                    epoch: group.epoch().as_u64(),
+                    members: group.members().count(),
+                }));
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn unique_name(&self, name: String) -> String {
+        if !self.groups.iter().any(|g| g.name == name) {
+            return name;
+        }
+        (2..)
+            .map(|n| format!("{name} ({n})"))
+            .find(|candidate| !self.groups.iter().any(|g| g.name == *candidate))
+            .unwrap_or(name)
+    }
+
+    // ----- outbox -----------------------------------------------------------
+
+    fn add_to_outbox(&mut self, recipient: IdentityKey, channel: ChannelId, payload: Vec<u8>) {
+        let mut message_id = [0u8; 16];
+        self.provider.fill(&mut message_id);
+        let id = self.next_outbox_id;
+        self.next_outbox_id += 1;
+        self.outbox.insert(
+            id,
+            OutboxEntry {
+                recipient: recipient.0,
+                channel_id: channel.as_bytes().to_vec(),
+                payload,
+                message_id,
+            },
+        );
+    }
+
+    /// Sends every outbox entry not already in flight.
+    fn flush_outbox(&mut self) {
+        let ids: Vec<u64> = self
+            .outbox
+            .keys()
+            .copied()
+            .filter(|id| {
+                !self
+                    .in_flight
+                    .values()
+                    .any(|p| matches!(p, Pending::Outbox(x) if x == id))
+            })
+            .collect();
+        for id in ids {
+            let Some(e) = self.outbox.get(&id) else {
+                continue;
+            };
+            let Ok(channel_id) = ChannelId::try_from_slice(&e.channel_id) else {
+                self.outbox.remove(&id);
+                continue;
+            };
+            let body = RequestBody::Enqueue {
+                recipient_key: IdentityKey(e.recipient),
+                channel_id,
+                payload: e.payload.clone(),
+                message_id: MessageId(e.message_id),
+            };
+            self.request(Pending::Outbox(id), body);
+        }
+    }
+
+    fn on_enqueued(&mut self, id: u64, result: Result<Response, ServiceError>) {
+        match result {
+            Ok(Response::Enqueued { .. }) => {
+                self.outbox.remove(&id);
+                self.effects.push_back(Effect::Persist);
+                if let Some(Op::Send { delivered, .. }) = &mut self.op {
+                    *delivered += 1;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::InvalidArgument
+                        | ErrorKind::PayloadTooLarge
+                        | ErrorKind::PermissionDenied
+                ) =>
+            {
+                // Retrying cannot help: drop it and say so.
+                self.outbox.remove(&id);
+                self.effects.push_back(Effect::Persist);
+                self.warn(format!(
+                    "a message could not be delivered and was dropped: {e}"
+                ));
+            }
+            Err(e) => self.warn(format!("delivery deferred, will retry: {e}")),
+            Ok(other) => self.warn(format!("unexpected answer to an enqueue: {other:?}")),
+        }
+    }
+
+    // ----- plumbing ---------------------------------------------------------
+
+    fn request(&mut self, pending: Pending, request: RequestBody) {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.in_flight.insert(token, pending);
+        self.effects.push_back(Effect::Request { token, request });
+    }
+
+    fn warn(&mut self, message: String) {
+        self.effects
+            .push_back(Effect::Event(Event::Warning { message }));
+    }
+
+    fn fail(&mut self, e: CommandError) {
+        // Outbox deliveries already sent keep going; the command ends.
+        self.in_flight
+            .retain(|_, p| matches!(p, Pending::Outbox(_)));
+        self.op = None;
+        self.effects.push_back(Effect::Done(Err(e)));
+    }
+
+    /// Finishes the running command once nothing it waits for is in flight.
+    fn maybe_done(&mut self) {
+        if !self.in_flight.is_empty() {
+            return;
+        }
+        if let Some(Op::Receive {
+            wait_ms,
+            waited: false,
+            shown: 0,
+        }) = self.op
+        {
+            if wait_ms > 0 {
+                self.op = Some(Op::Receive {
+                    wait_ms,
+                    waited: true,
+                    shown: 0,
+                });
+                for ch in self.channels() {
+                    let after_seq = self.cursors.get(&ch).copied().unwrap_or(0);
+                    self.request(
+                        Pending::Wait(ch),
+                        RequestBody::FetchWait {
+                            recipient_key: self.identity,
+                            channel_id: ch,
+                            after_seq,
+                            limit: FETCH_BATCH,
+                            timeout_ms: wait_ms,
+                        },
+                    );
+                }
+                return;
+            }
+        }
+        let undelivered = u32::try_from(self.outbox.len()).unwrap_or(u32::MAX);
+        if matches!(self.op, None | Some(Op::AddMember { added: false, .. })) {
+            return;
+        }
+        // Counters and flags changed by the answers are persisted too.
+        self.effects.push_back(Effect::Persist);
+        let outcome = match self.op.take() {
+            None => return,
+            Some(Op::Register {
+                uploaded,
+                already,
+                failed,
+                ..
+            }) => Outcome::Registered {
+                uploaded,
+                already,
+                failed,
+            },
+            Some(Op::AddMember { added: false, .. }) => return,
+            Some(Op::AddMember { group, member, .. }) => Outcome::MemberAdded {
+                group,
+                member,
+                undelivered,
+            },
+            Some(Op::Send { group, delivered }) => Outcome::Sent {
+                group,
+                delivered,
+                undelivered,
+            },
+            Some(Op::Receive { shown, .. }) => Outcome::Received { messages: shown },
+        };
+        self.effects.push_back(Effect::Done(Ok(outcome)));
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.identity.0.to_vec()).into(),
+            signature_key: self.identity.0.to_vec().into(),
+        }
+    }
+
+    fn record(&self, name: &str) -> Result<GroupRecord, CommandError> {
+        self.groups
+            .iter()
+            .find(|g| g.name == name)
+            .cloned()
+            .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
+    }
+
+    fn load_group(&self, record: &GroupRecord) -> Result<MlsGroup, CommandError> {
+        MlsGroup::load(
+            self.provider.storage(),
+            &GroupId::from_slice(&record.group_id),
+        )
+        .map_err(mls)?
+        .ok_or_else(|| {
+            CommandError::State(format!("group `{}` missing from MLS storage", record.name))
+        })
+    }
+}
+
+/// The identity key as an openmls signer: the MLS signature key is the
+/// identity key itself.
+#[derive(Debug)]
+struct IdentitySigner(SigningKey);
+
+impl Signer for IdentitySigner {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, SignerError> {
+        Ok(self.0.sign(payload).to_bytes().to_vec())
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+/// Leaf capabilities: the defaults plus the last-resort KeyPackage
+/// extension (RFC 9420 §17.3), which a leaf must list to carry it.
+fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[ExtensionType::LastResort]),
+        None,
+        Some(&[CredentialType::Basic]),
+    )
+}
+
+fn members(group: &MlsGroup) -> Vec<IdentityKey> {
+    group
+        .members()
+        .filter_map(|m| IdentityKey::try_from_slice(&m.signature_key).ok())
+        .collect()
+}
+
+/// After a join or Commit: every member's credential identity must equal
+/// its signature key (DESIGN.md §7).
+fn check_members(group: &MlsGroup) -> Result<(), CommandError> {
+    for m in group.members() {
+        let credential = BasicCredential::try_from(m.credential.clone()).map_err(mls)?;
+        if credential.identity() != m.signature_key.as_slice() {
+            return Err(CommandError::Mls(
+                "a member's credential identity differs from its signature key".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<(), CommandError> {
+    if name.is_empty() || name.len() > GROUP_NAME_BYTES_MAX {
+        return Err(CommandError::InvalidName(format!(
+            "must be 1 to {GROUP_NAME_BYTES_MAX} bytes"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(CommandError::InvalidName(
+            "must not contain control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn name_cipher(provider: &QpqProvider, group: &MlsGroup) -> Result<ChaCha20Poly1305, CommandError> {
+    let key = group
+        .export_secret(provider.crypto(), GROUP_NAME_EXPORTER_LABEL, b"", 32)
+        .map_err(mls)?;
+    ChaCha20Poly1305::new_from_slice(&key).map_err(|_| CommandError::Mls("exporter length".into()))
+}
+
+fn seal_name(
+    provider: &QpqProvider,
+    group: &MlsGroup,
+    channel: &ChannelId,
+    nonce: &[u8; envelope::NAME_NONCE_BYTES],
+    name: &str,
+) -> Result<Vec<u8>, CommandError> {
+    name_cipher(provider, group)?
+        .encrypt(
+            nonce.into(),
+            Payload {
+                msg: name.as_bytes(),
+                aad: channel.as_bytes(),
+            },
+        )
+        .map_err(|_| CommandError::Mls("sealing the group name failed".into()))
+}
+
+fn open_name(
+    provider: &QpqProvider,
+    group: &MlsGroup,
+    channel: &ChannelId,
+    nonce: &[u8; envelope::NAME_NONCE_BYTES],
+    sealed: &[u8],
+) -> Result<String, CommandError> {
+    let plain = name_cipher(provider, group)?
+        .decrypt(
+            nonce.into(),
+            Payload {
+                msg: sealed,
+                aad: channel.as_bytes(),
+            },
+        )
+        .map_err(|_| CommandError::Mls("the group name in the Welcome does not open".into()))?;
+    let name = String::from_utf8(plain)
+        .map_err(|_| CommandError::Mls("group name is not UTF-8".into()))?;
+    check_name(&name)?;
+    Ok(name)
+}
+
+fn mls(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Mls(e.to_string())
+}
+
+fn unexpected(r: &Response) -> CommandError {
+    CommandError::Server(ServiceError::internal(format!("unexpected answer: {r:?}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,634 @@
+//! Client machine tests against the real NodeService machine in memory: no
+//! network, no threads. Every command runs on a machine restored from the
+//! last persisted snapshot, as the CLI does (one process per command), so
+//! persistence is exercised all the time.
+
+use ed25519_dalek::Signer as _;
+
+use super::*;
+use crate::node::{NodeConfig, NodeService, Output, Reply, Request, auth_message};
+use crate::store::MemStore;
+use crate::time::Time;
+use crate::types::{ConnectionId, RequestId, Signature};
+
+const EXPORTER: [u8; 32] = [0x55; 32];
+
+struct User {
+    saved: Vec<u8>,
+    conn: ConnectionId,
+}
+
+struct World {
+    node: NodeService<MemStore>,
+    users: Vec<User>,
+    next_request: u64,
+    /// Every run gets a distinct seed, as OS entropy would give.
+    runs: u64,
+}
+
+/// Decides the server's answer to a request: `None` lets the real server
+/// answer; `Some` answers without the request ever reaching it.
+type Intercept<'a> = &'a mut dyn FnMut(&RequestBody) -> Option<Reply>;
+/// Changes the server's answer to a request before the client sees it.
+type Tamper<'a> = &'a mut dyn FnMut(&RequestBody, &mut Reply);
+
+impl World {
+    fn new(n: usize) -> World {
+        let mut node = NodeService::new(NodeConfig::default(), [1; 32], MemStore::new()).unwrap();
+        let mut users = Vec::new();
+        for i in 0..n {
+            let machine = ClientMachine::generate([i as u8 + 10; 32]);
+            users.push(User {
+                saved: machine.snapshot(),
+                conn: ConnectionId(i as u64),
+            });
+            node.handle_connection_opened(Time::ZERO, ConnectionId(i as u64), EXPORTER)
+                .unwrap();
+        }
+        let mut w = World {
+            node,
+            users,
+            next_request: 0,
+            runs: 0,
+        };
+        for i in 0..n {
+            w.authenticate(i);
+        }
+        w
+    }
+
+    fn machine(&mut self, who: usize) -> ClientMachine {
+        self.runs += 1;
+        let mut seed = [0xa5; 32];
+        seed[..8].copy_from_slice(&self.runs.to_le_bytes());
+        ClientMachine::restore(&self.users[who].saved, seed).unwrap()
+    }
+
+    fn key(&mut self, who: usize) -> IdentityKey {
+        self.machine(who).identity_key()
+    }
+
+    fn authenticate(&mut self, who: usize) {
+        let m = self.machine(who);
+        let conn = self.users[who].conn;
+        let Ok(Response::AuthChallenge { nonce }) = self.call(conn, RequestBody::AuthChallenge)
+        else {
+            panic!("challenge");
+        };
+        let sig = m
+            .signing_key()
+            .sign(&auth_message(&m.identity_key(), &nonce, &EXPORTER));
+        let r = self.call(
+            conn,
+            RequestBody::Authenticate {
+                identity_key: m.identity_key(),
+                signature: Signature(sig.to_bytes()),
+            },
+        );
+        assert_eq!(r, Ok(Response::Authenticated));
+    }
+
+    fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
+        let rid = RequestId(self.next_request);
+        self.next_request += 1;
+        self.node.handle_request(
+            Time::ZERO,
+            conn,
+            rid,
+            Request {
+                auth_version: crate::limits::AUTH_VERSION,
+                body,
+            },
+        );
+        let mut reply = None;
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Sync { lsn } => {
+                    let synced = self.node.store_mut().sync_up_to(lsn);
+                    self.node.handle_synced(Time::ZERO, synced);
+                }
+                Output::Reply {
+                    request_id,
+                    reply: r,
+                    ..
+                } if request_id == rid => reply = Some(r),
+                Output::Reply { .. } => {}
+            }
+        }
+        reply.expect("the in-memory server answers at once")
+    }
+
+    /// Runs one command to completion on a freshly restored machine.
+    fn run(&mut self, who: usize, command: Command) -> (Vec<Event>, Result<Outcome, CommandError>) {
+        self.run_with(who, command, &mut |_, _| {})
+    }
+
+    fn run_with(
+        &mut self,
+        who: usize,
+        command: Command,
+        tamper: Tamper<'_>,
+    ) -> (Vec<Event>, Result<Outcome, CommandError>) {
+        self.run_full(who, command, &mut |_| None, tamper)
+    }
+
+    fn run_full(
+        &mut self,
+        who: usize,
+        command: Command,
+        intercept: Intercept<'_>,
+        tamper: Tamper<'_>,
+    ) -> (Vec<Event>, Result<Outcome, CommandError>) {
+        let mut m = self.machine(who);
+        let conn = self.users[who].conn;
+        m.start(command);
+        let mut events = Vec::new();
+        loop {
+            let Some(effect) = m.poll_effect() else {
+                panic!("machine stalled without finishing");
+            };
+            match effect {
+                Effect::Persist => self.users[who].saved = m.snapshot(),
+                Effect::Request { token, request } => {
+                    if let Some(reply) = intercept(&request) {
+                        m.handle_response(token, reply);
+                        continue;
+                    }
+                    let mut reply = self.call(conn, request.clone());
+                    tamper(&request, &mut reply);
+                    m.handle_response(token, reply);
+                }
+                Effect::Event(e) => events.push(e),
+                Effect::Done(outcome) => return (events, outcome),
+            }
+        }
+    }
+
+    fn texts(&mut self, who: usize) -> Vec<(String, String)> {
+        let (events, outcome) = self.run(who, Command::Receive { wait_ms: 0 });
+        outcome.unwrap();
+        messages(&events)
+    }
+}
+
+fn messages(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { group, text, .. } => Some((group.clone(), text.clone())),
+            Event::Warning { message } => panic!("warning: {message}"),
+            _ => None,
+        })
+        .collect()
+}
+
+fn register(w: &mut World, who: usize) {
+    let (_, outcome) = w.run(who, Command::Register { count: 3 });
+    assert_eq!(
+        outcome,
+        Ok(Outcome::Registered {
+            uploaded: 4,
+            already: 0,
+            failed: 0
+        })
+    );
+}
+
+fn add(w: &mut World, who: usize, group: &str, member: usize) {
+    let member = w.key(member);
+    let (events, outcome) = w.run(
+        who,
+        Command::AddMember {
+            group: group.into(),
+            member,
+        },
+    );
+    assert!(events.is_empty(), "{events:?}");
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberAdded { undelivered: 0, .. })),
+        "{outcome:?}"
+    );
+}
+
+fn send(w: &mut World, who: usize, group: &str, text: &str) {
+    let (_, outcome) = w.run(
+        who,
+        Command::Send {
+            group: group.into(),
+            text: text.into(),
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 0, .. })),
+        "{outcome:?}"
+    );
+}
+
+fn pair(g: &str, t: &str) -> (String, String) {
+    (g.to_owned(), t.to_owned())
+}
+
+/// Alice creates "team", adds Bob and Carol.
+fn team() -> World {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    let (_, r) = w.run(
+        0,
+        Command::CreateGroup {
+            name: "team".into(),
+        },
+    );
+    assert_eq!(
+        r,
+        Ok(Outcome::GroupCreated {
+            group: "team".into()
+        })
+    );
+    add(&mut w, 0, "team", 1);
+    add(&mut w, 0, "team", 2);
+    w
+}
+
+#[test]
+fn life_cycle_phases() {
+    let mut w = World::new(2);
+    assert_eq!(w.machine(0).phase(), Phase::IdentityGenerated);
+    register(&mut w, 0);
+    register(&mut w, 1);
+    assert_eq!(w.machine(0).phase(), Phase::Registered);
+    w.run(0, Command::CreateGroup { name: "g".into() })
+        .1
+        .unwrap();
+    assert_eq!(w.machine(0).phase(), Phase::GroupOwner);
+    add(&mut w, 0, "g", 1);
+    w.texts(1);
+    assert_eq!(w.machine(1).phase(), Phase::GroupMember);
+    send(&mut w, 1, "g", "hi");
+    assert_eq!(w.machine(1).phase(), Phase::Active);
+}
+
+#[test]
+fn three_members_see_every_message_once_and_in_order() {
+    let mut w = team();
+    // Bob and Carol join from their Welcomes and know the group's name.
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { group, .. } if group == "team"))
+    );
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { group, members: 3 } if group == "team"))
+    );
+    // Bob also processes the Commit that added Carol.
+    assert!(w.texts(1).is_empty());
+
+    send(&mut w, 0, "team", "a1");
+    send(&mut w, 1, "team", "b1");
+    send(&mut w, 0, "team", "a2");
+    send(&mut w, 2, "team", "c1");
+    send(&mut w, 1, "team", "b2");
+    assert_eq!(
+        w.texts(0),
+        vec![pair("team", "b1"), pair("team", "c1"), pair("team", "b2")]
+    );
+    assert_eq!(
+        w.texts(1),
+        vec![pair("team", "a1"), pair("team", "a2"), pair("team", "c1")]
+    );
+    assert_eq!(
+        w.texts(2),
+        vec![
+            pair("team", "a1"),
+            pair("team", "b1"),
+            pair("team", "a2"),
+            pair("team", "b2")
+        ]
+    );
+    // Nothing is shown twice.
+    for u in 0..3 {
+        assert!(w.texts(u).is_empty());
+    }
+    // Everyone is in the same epoch with the same group state.
+    let auth: Vec<_> = (0..3)
+        .map(|u| w.machine(u).epoch_authenticator("team"))
+        .collect();
+    assert!(auth[0].is_some());
+    assert_eq!(auth[0], auth[1]);
+    assert_eq!(auth[1], auth[2]);
+    let summary = &w.machine(2).groups()[0];
+    assert_eq!(summary.members.len(), 3);
+}
+
+#[test]
+fn duplicate_delivery_after_lost_acknowledgement_is_shown_once() {
+    let mut w = team();
+    w.texts(1);
+    send(&mut w, 0, "team", "once");
+    // Bob's first fetch answer is delivered, then the server (as after a
+    // lost acknowledgement) delivers the same seqs again.
+    let mut first: Option<Reply> = None;
+    let (events, _) = w.run_with(1, Command::Receive { wait_ms: 0 }, &mut |req, reply| {
+        if let RequestBody::Fetch { .. } = req {
+            match &first {
+                None => first = Some(reply.clone()),
+                Some(f) if matches!(reply, Ok(Response::Messages { messages, .. }) if messages.is_empty()) => {
+                    // Replay the first batch once instead of the empty answer.
+                    *reply = f.clone();
+                    first = Some(Ok(Response::Messages {
+                        messages: Vec::new(),
+                        next_seq: 0,
+                    }));
+                }
+                Some(_) => {}
+            }
+        }
+    });
+    assert_eq!(messages(&events), vec![pair("team", "once")]);
+}
+
+#[test]
+fn crash_after_decrypting_before_acknowledging_loses_nothing() {
+    let mut w = team();
+    w.texts(1);
+    send(&mut w, 0, "team", "survives");
+    // Bob fetches and decrypts, then crashes before his state is written and
+    // before the acknowledging fetch goes out.
+    let mut m = w.machine(1);
+    let conn = w.users[1].conn;
+    m.start(Command::Receive { wait_ms: 0 });
+    let mut fetched = Vec::new();
+    let mut shown = Vec::new();
+    while let Some(effect) = m.poll_effect() {
+        match effect {
+            Effect::Persist => {} // lost in the crash
+            Effect::Request { token, request } => {
+                if let RequestBody::Fetch { channel_id, .. } = &request {
+                    if fetched.contains(channel_id) {
+                        break; // the acknowledging fetch never leaves
+                    }
+                    fetched.push(*channel_id);
+                }
+                let reply = w.call(conn, request);
+                m.handle_response(token, reply);
+            }
+            Effect::Event(e) => shown.push(e),
+            Effect::Done(_) => break,
+        }
+    }
+    assert_eq!(messages(&shown), vec![pair("team", "survives")]);
+    drop(m);
+    // After the restart the message is still there, shown exactly once.
+    assert_eq!(w.texts(1), vec![pair("team", "survives")]);
+    assert!(w.texts(1).is_empty());
+}
+
+#[test]
+fn bob_restarting_between_messages_carries_on() {
+    // Every command in this harness runs in a fresh machine restored from
+    // the snapshot; this checks many restarts in a row explicitly.
+    let mut w = team();
+    w.texts(1);
+    for i in 0..5 {
+        send(&mut w, 0, "team", &format!("m{i}"));
+        assert_eq!(w.texts(1), vec![pair("team", &format!("m{i}"))]);
+    }
+}
+
+#[test]
+fn tampered_upload_fingerprint_is_reported_and_not_counted() {
+    let mut w = World::new(1);
+    let (events, outcome) = w.run_with(0, Command::Register { count: 1 }, &mut |req, reply| {
+        if let (
+            RequestBody::UploadKeyPackage {
+                last_resort: false, ..
+            },
+            Ok(Response::KeyPackageUploaded { fingerprint }),
+        ) = (req, reply)
+        {
+            fingerprint[0] ^= 1;
+        }
+    });
+    assert!(events.iter().any(|e| matches!(e, Event::Tampering { .. })));
+    assert_eq!(
+        outcome,
+        Ok(Outcome::Registered {
+            uploaded: 1,
+            already: 0,
+            failed: 1
+        })
+    );
+}
+
+#[test]
+fn substituted_key_package_is_refused() {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    w.run(0, Command::CreateGroup { name: "g".into() })
+        .1
+        .unwrap();
+    // The server hands out Carol's KeyPackage when Alice asks for Bob's.
+    let carol = w.key(2);
+    let carol_conn = w.users[0].conn;
+    let carols = w.call(
+        carol_conn,
+        RequestBody::FetchKeyPackage {
+            identity_key: carol,
+        },
+    );
+    let bob = w.key(1);
+    let (_, outcome) = w.run_with(
+        0,
+        Command::AddMember {
+            group: "g".into(),
+            member: bob,
+        },
+        &mut |req, reply| {
+            if matches!(req, RequestBody::FetchKeyPackage { .. }) {
+                *reply = carols.clone();
+            }
+        },
+    );
+    assert!(
+        matches!(outcome, Err(CommandError::BadKeyPackage(_))),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn adding_someone_without_key_packages_says_so() {
+    let mut w = World::new(2);
+    register(&mut w, 0);
+    w.run(0, Command::CreateGroup { name: "g".into() })
+        .1
+        .unwrap();
+    let bob = w.key(1);
+    let (_, outcome) = w.run(
+        0,
+        Command::AddMember {
+            group: "g".into(),
+            member: bob,
+        },
+    );
+    assert!(
+        matches!(outcome, Err(CommandError::NoKeyPackage(_))),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn register_tops_up_using_the_count() {
+    let mut w = World::new(1);
+    register(&mut w, 0);
+    let (_, outcome) = w.run(0, Command::Register { count: 5 });
+    assert_eq!(
+        outcome,
+        Ok(Outcome::Registered {
+            uploaded: 2,
+            already: 3,
+            failed: 0
+        })
+    );
+}
+
+#[test]
+fn last_resort_package_lets_a_drained_user_be_added() {
+    let mut w = World::new(2);
+    register(&mut w, 0);
+    let (_, outcome) = w.run(1, Command::Register { count: 0 });
+    assert!(matches!(
+        outcome,
+        Ok(Outcome::Registered { uploaded: 1, .. })
+    ));
+    w.run(0, Command::CreateGroup { name: "g".into() })
+        .1
+        .unwrap();
+    add(&mut w, 0, "g", 1);
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(events.iter().any(|e| matches!(e, Event::Joined { .. })));
+}
+
+#[test]
+fn group_names_are_validated_and_unique() {
+    let mut w = World::new(1);
+    assert!(matches!(
+        w.run(
+            0,
+            Command::CreateGroup {
+                name: String::new()
+            }
+        )
+        .1,
+        Err(CommandError::InvalidName(_))
+    ));
+    assert!(matches!(
+        w.run(
+            0,
+            Command::CreateGroup {
+                name: "x".repeat(65)
+            }
+        )
+        .1,
+        Err(CommandError::InvalidName(_))
+    ));
+    w.run(0, Command::CreateGroup { name: "a".into() })
+        .1
+        .unwrap();
+    assert!(matches!(
+        w.run(0, Command::CreateGroup { name: "a".into() }).1,
+        Err(CommandError::GroupExists(_))
+    ));
+    assert!(matches!(
+        w.run(
+            0,
+            Command::Send {
+                group: "nope".into(),
+                text: "x".into()
+            }
+        )
+        .1,
+        Err(CommandError::UnknownGroup(_))
+    ));
+}
+
+#[test]
+fn undeliverable_sends_stay_in_the_outbox_and_go_out_later() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    // The server is unavailable for Alice's next send.
+    let (_, outcome) = w.run_full(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "later".into(),
+        },
+        &mut |req| {
+            matches!(req, RequestBody::Enqueue { .. })
+                .then(|| Err(ServiceError::unavailable("down")))
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(
+            outcome,
+            Ok(Outcome::Sent {
+                delivered: 0,
+                undelivered: 2,
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    assert!(w.texts(1).is_empty());
+    // Her next command delivers it first, with the same message ids.
+    send(&mut w, 0, "team", "now");
+    assert_eq!(w.texts(1), vec![pair("team", "later"), pair("team", "now")]);
+}
+
+#[test]
+fn garbage_payloads_are_warnings_not_crashes() {
+    let mut w = team();
+    w.texts(1);
+    let bob = w.key(1);
+    let conn = w.users[0].conn;
+    for (i, junk) in [
+        &b"\x01\x02"[..],
+        b"\x01\x01\x05",
+        b"zzz",
+        b"\x01\x02garbage-mls",
+    ]
+    .iter()
+    .enumerate()
+    {
+        w.call(
+            conn,
+            RequestBody::Enqueue {
+                recipient_key: bob,
+                channel_id: ChannelId::DEFAULT,
+                payload: junk.to_vec(),
+                message_id: MessageId([i as u8 + 100; 16]),
+            },
+        )
+        .unwrap();
+    }
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(outcome.is_ok());
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Warning { .. }))
+            .count(),
+        4
+    );
+    // And Bob still chats.
+    send(&mut w, 0, "team", "fine");
+    assert_eq!(w.texts(1), vec![pair("team", "fine")]);
+}
