@@ -7,6 +7,7 @@
 //! the stream and reads one reply. Enqueue retries reuse the same
 //! `messageId`, so a retry after a lost acknowledgement is stored once.
 
+pub mod state_file;
 mod trust;
 
 use std::net::SocketAddr;
