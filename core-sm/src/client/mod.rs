@@ -99,6 +99,13 @@ pub enum Command {
         /// How long to wait when nothing is pending (0: don't wait).
         wait_ms: u64,
     },
+    /// Wait up to `wait_ms` until a message is pending on any channel,
+    /// without processing or persisting anything (a later `Receive` does
+    /// that). Lets a long-running shell wait without holding the state.
+    Wait {
+        /// How long to wait.
+        wait_ms: u64,
+    },
 }
 
 /// What the machine asks the shell to do, in order.
@@ -202,6 +209,11 @@ pub enum Outcome {
     Received {
         /// Application messages shown.
         messages: u32,
+    },
+    /// The wait ended.
+    Waited {
+        /// True if a message is pending on some channel.
+        pending: bool,
     },
 }
 
@@ -310,6 +322,7 @@ enum Pending {
     FetchKeyPackage,
     Fetch(ChannelId),
     Wait(ChannelId),
+    Peek,
 }
 
 #[derive(Debug)]
@@ -333,6 +346,9 @@ enum Op {
         wait_ms: u64,
         waited: bool,
         shown: u32,
+    },
+    Wait {
+        pending: bool,
     },
 }
 
@@ -493,14 +509,24 @@ impl ClientMachine {
                 .push_back(Effect::Done(Err(CommandError::Busy)));
             return;
         }
-        // Deliveries left over from an earlier run go first.
-        self.flush_outbox();
+        // Deliveries left over from an earlier run go first (a wait touches
+        // no state, so it sends nothing).
+        if !matches!(command, Command::Wait { .. }) {
+            self.flush_outbox();
+        }
         let result = match command {
             Command::Register { count } => self.start_register(count),
             Command::CreateGroup { name } => self.create_group(name),
             Command::AddMember { group, member } => self.start_add(group, member),
             Command::Send { group, text } => self.start_send(group, text),
             Command::Receive { wait_ms } => self.start_receive(wait_ms),
+            Command::Wait { wait_ms } => {
+                self.op = Some(Op::Wait { pending: false });
+                for ch in self.channels() {
+                    self.wait_on(ch, wait_ms, Pending::Peek, 1);
+                }
+                Ok(())
+            }
         };
         if let Err(e) = result {
             self.op = None;
@@ -525,6 +551,13 @@ impl ClientMachine {
             Pending::FetchKeyPackage => self.on_key_package(result),
             Pending::Fetch(ch) => self.on_messages(ch, result, false),
             Pending::Wait(ch) => self.on_messages(ch, result, true),
+            Pending::Peek => {
+                if matches!(&result, Ok(Response::Messages { messages, .. }) if !messages.is_empty())
+                {
+                    self.op = Some(Op::Wait { pending: true });
+                    self.in_flight.retain(|_, p| !matches!(p, Pending::Peek));
+                }
+            }
         }
         self.maybe_done();
     }
@@ -864,6 +897,21 @@ impl ClientMachine {
         );
     }
 
+    /// A long-poll on `channel` from its cursor, answered as `pending`.
+    fn wait_on(&mut self, channel: ChannelId, wait_ms: u64, pending: Pending, limit: u32) {
+        let after_seq = self.cursors.get(&channel).copied().unwrap_or(0);
+        self.request(
+            pending,
+            RequestBody::FetchWait {
+                recipient_key: self.identity,
+                channel_id: channel,
+                after_seq,
+                limit,
+                timeout_ms: wait_ms,
+            },
+        );
+    }
+
     fn on_messages(
         &mut self,
         channel: ChannelId,
@@ -885,12 +933,16 @@ impl ClientMachine {
             return;
         }
         let groups_before = self.groups.len();
+        let effects_before = self.effects.len();
         for m in messages {
             self.process(channel, m);
         }
-        // Persist what was processed, then acknowledge it with the next
+        // Persist what was processed before showing it (a crash in between
+        // would otherwise show it twice), then acknowledge it with the next
         // fetch (its cursor), which also drains the rest.
+        let shown: Vec<Effect> = self.effects.drain(effects_before..).collect();
         self.effects.push_back(Effect::Persist);
+        self.effects.extend(shown);
         if waited {
             // Something arrived: stop waiting on the other channels.
             self.in_flight.retain(|_, p| !matches!(p, Pending::Wait(_)));
@@ -1154,40 +1206,33 @@ impl ClientMachine {
         if !self.in_flight.is_empty() {
             return;
         }
+        // Nothing was pending: wait on every channel, once.
         if let Some(Op::Receive {
             wait_ms,
             waited: false,
             shown: 0,
         }) = self.op
+            && wait_ms > 0
         {
-            if wait_ms > 0 {
-                self.op = Some(Op::Receive {
-                    wait_ms,
-                    waited: true,
-                    shown: 0,
-                });
-                for ch in self.channels() {
-                    let after_seq = self.cursors.get(&ch).copied().unwrap_or(0);
-                    self.request(
-                        Pending::Wait(ch),
-                        RequestBody::FetchWait {
-                            recipient_key: self.identity,
-                            channel_id: ch,
-                            after_seq,
-                            limit: FETCH_BATCH,
-                            timeout_ms: wait_ms,
-                        },
-                    );
-                }
-                return;
+            self.op = Some(Op::Receive {
+                wait_ms,
+                waited: true,
+                shown: 0,
+            });
+            for ch in self.channels() {
+                self.wait_on(ch, wait_ms, Pending::Wait(ch), FETCH_BATCH);
             }
+            return;
         }
         let undelivered = u32::try_from(self.outbox.len()).unwrap_or(u32::MAX);
         if matches!(self.op, None | Some(Op::AddMember { added: false, .. })) {
             return;
         }
-        // Counters and flags changed by the answers are persisted too.
-        self.effects.push_back(Effect::Persist);
+        // Counters and flags changed by the answers are persisted too (a
+        // wait changes nothing).
+        if !matches!(self.op, Some(Op::Wait { .. })) {
+            self.effects.push_back(Effect::Persist);
+        }
         let outcome = match self.op.take() {
             None => return,
             Some(Op::Register {
@@ -1212,6 +1257,7 @@ impl ClientMachine {
                 undelivered,
             },
             Some(Op::Receive { shown, .. }) => Outcome::Received { messages: shown },
+            Some(Op::Wait { pending }) => Outcome::Waited { pending },
         };
         self.effects.push_back(Effect::Done(Ok(outcome)));
     }

@@ -1,0 +1,673 @@
+//! `qpq`: the quicproquo command-line client. Each command loads the
+//! encrypted state file, runs one command of the client machine against the
+//! server, persisting whenever the machine asks, and prints the result —
+//! human-readable by default, one JSON object per line with `--json`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use quicproquo_client::state_file::{self, KdfParams, StateKey};
+use quicproquo_client::{Client, ClientError, ServerTrust};
+use quicproquo_core::client::{ClientMachine, Command, Effect, Event, Outcome};
+use quicproquo_core::error::ServiceError;
+use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
+use quicproquo_core::node::{RequestBody, Response};
+use quicproquo_core::types::{IdentityKey, hex};
+use rand_core::{OsRng, RngCore};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qpq",
+    version,
+    about = "quicproquo: end-to-end encrypted group messaging (MLS) over QUIC",
+    long_about = "quicproquo: end-to-end encrypted group messaging (MLS, RFC 9420) over QUIC.\n\n\
+Start with `qpq init`, then `qpq register`. Share the key `qpq whoami` prints; \
+someone who has it can add you to a group with `qpq group add`.\n\n\
+The server is trusted by the certificate fingerprint qpq-server prints at start \
+(--server-fingerprint) or by a CA file (--server-ca); verification is never turned off."
+)]
+struct Cli {
+    /// Server address (host:port).
+    #[arg(
+        long,
+        env = "QPQ_SERVER",
+        default_value = "localhost:7443",
+        global = true
+    )]
+    server: String,
+    /// SHA-256 fingerprint (64 hex digits) of the server's certificate, as qpq-server prints it.
+    #[arg(
+        long,
+        env = "QPQ_SERVER_FINGERPRINT",
+        global = true,
+        value_name = "HEX"
+    )]
+    server_fingerprint: Option<String>,
+    /// PEM file of the CA that issued the server's certificate.
+    #[arg(long, env = "QPQ_SERVER_CA", global = true, value_name = "PATH")]
+    server_ca: Option<PathBuf>,
+    /// Encrypted state file (identity, groups, keys).
+    #[arg(
+        long,
+        env = "QPQ_STATE",
+        default_value = "qpq-state.bin",
+        global = true
+    )]
+    state: PathBuf,
+    /// Print one JSON object per line instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a new identity and state file (password from QPQ_PASSWORD or a prompt).
+    Init,
+    /// Print this identity's key (64 hex digits) for others to add you.
+    Whoami {
+        /// Also print it as a QR code.
+        #[arg(long)]
+        qr: bool,
+    },
+    /// Upload KeyPackages so others can add you to groups.
+    Register {
+        /// Single-use KeyPackages to keep on the server (a last-resort one is added).
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+    },
+    /// Create, extend and list groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Send a message to every other member of a group.
+    Send {
+        /// The group's name.
+        name: String,
+        /// The message.
+        text: String,
+    },
+    /// Receive and show pending messages.
+    Recv {
+        /// Keep receiving until interrupted.
+        #[arg(long)]
+        stream: bool,
+        /// If nothing is pending, wait this long for something (ms).
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    /// Create a group with you as its only member.
+    Create {
+        /// The group's name (known to every member).
+        name: String,
+    },
+    /// Add someone (by identity key) to a group.
+    Add {
+        /// The group's name.
+        name: String,
+        /// Their identity key, 64 hex digits (`qpq whoami`).
+        member_key: String,
+    },
+    /// List your groups.
+    List,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = std::env::var("QPQ_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let out = Output { json: cli.json };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.error(&anyhow!(e));
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli, &out)) {
+        out.error(&e);
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
+    match &cli.command {
+        Cmd::Init => return init(&cli, out),
+        Cmd::Whoami { qr } => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return whoami(&machine, *qr, out);
+        }
+        Cmd::Group(GroupCmd::List) => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return list(&machine, out);
+        }
+        _ => {}
+    }
+    if let Cmd::Recv { stream: true, .. } = &cli.command {
+        return stream(&cli, out).await;
+    }
+    // One command at a time per state file: another `qpq` on the same file
+    // waits here instead of overwriting this one's state.
+    let _lock = lock(&cli.state)?;
+    let (mut state, (key, mut machine)) = State::load(&cli.state)?;
+    let command = match &cli.command {
+        Cmd::Register { count } => Command::Register { count: *count },
+        Cmd::Group(GroupCmd::Create { name }) => Command::CreateGroup { name: name.clone() },
+        Cmd::Group(GroupCmd::Add { name, member_key }) => Command::AddMember {
+            group: name.clone(),
+            member: parse_key(member_key)?,
+        },
+        Cmd::Send { name, text } => Command::Send {
+            group: name.clone(),
+            text: text.clone(),
+        },
+        Cmd::Recv {
+            stream: false,
+            timeout_ms,
+        } => Command::Receive {
+            wait_ms: *timeout_ms,
+        },
+        Cmd::Init
+        | Cmd::Whoami { .. }
+        | Cmd::Group(GroupCmd::List)
+        | Cmd::Recv { stream: true, .. } => {
+            unreachable!("handled above")
+        }
+    };
+    // Group creation is local; everything else talks to the server.
+    let client = if matches!(command, Command::CreateGroup { .. }) {
+        None
+    } else {
+        Some(connect(&cli, &machine).await?)
+    };
+    let outcome = drive(
+        &mut machine,
+        client.as_ref(),
+        &mut state,
+        &key,
+        command,
+        out,
+    )
+    .await?;
+    out.outcome(&outcome?);
+    Ok(())
+}
+
+fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
+    if state_file::exists(&cli.state) {
+        bail!(
+            "{} exists already; it holds an identity. Use --state to pick another file",
+            cli.state.display()
+        );
+    }
+    let _lock = lock(&cli.state)?;
+    if state_file::exists(&cli.state) {
+        bail!("{} was created meanwhile", cli.state.display());
+    }
+    let password = password(&cli.state, true)?;
+    let machine = ClientMachine::generate(os_seed());
+    let key = StateKey::derive(password.as_bytes(), KdfParams::RECOMMENDED, &mut OsRng)?;
+    state_file::save_with_key(&cli.state, &key, &machine.snapshot())?;
+    let id = hex(machine.identity_key().as_bytes());
+    if out.json {
+        println!(
+            "{}",
+            json!({"ok": true, "identity_key": id, "state": cli.state})
+        );
+    } else {
+        println!("Created a new identity in {}.", cli.state.display());
+        println!("Your identity key (share it with people who will add you):\n{id}");
+        println!("Next: qpq register");
+    }
+    Ok(())
+}
+
+fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()> {
+    let id = hex(machine.identity_key().as_bytes());
+    if out.json {
+        println!(
+            "{}",
+            json!({"identity_key": id, "phase": format!("{:?}", machine.phase())})
+        );
+        return Ok(());
+    }
+    println!("{id}");
+    if qr {
+        let code = qrcode::QrCode::new(id.as_bytes()).context("making the QR code")?;
+        let text = code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .quiet_zone(true)
+            .build();
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn list(machine: &ClientMachine, out: &Output) -> anyhow::Result<()> {
+    let groups = machine.groups();
+    if out.json {
+        for g in &groups {
+            println!(
+                "{}",
+                json!({
+                    "group": g.name,
+                    "epoch": g.epoch,
+                    "channel_id": hex(g.channel_id.as_bytes()),
+                    "members": g.members.iter().map(|m| hex(m.as_bytes())).collect::<Vec<_>>(),
+                })
+            );
+        }
+        return Ok(());
+    }
+    if groups.is_empty() {
+        println!("No groups yet. Create one with `qpq group create NAME`.");
+    }
+    for g in groups {
+        println!(
+            "{}  ({} members, epoch {})",
+            g.name,
+            g.members.len(),
+            g.epoch
+        );
+        for m in g.members {
+            let me = if m == machine.identity_key() {
+                "  (you)"
+            } else {
+                ""
+            };
+            println!("    {}{me}", hex(m.as_bytes()));
+        }
+    }
+    Ok(())
+}
+
+/// `recv --stream`: receive, then wait for more without holding the state
+/// file (so `qpq send` works from another terminal meanwhile), and repeat.
+async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
+    let password = password(&cli.state, false)?;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let (_, (_, machine)) = State::load_with(&cli.state, &password)?;
+        let client = match connect(cli, &machine).await {
+            Ok(c) => c,
+            Err(e) => {
+                out.warning(&format!("{e:#}; retrying in {} ms", backoff.as_millis()));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(500);
+        while client.connection().close_reason().is_none() {
+            {
+                // Reload under the lock: another command may have changed
+                // the state since the last round.
+                let _lock = lock(&cli.state)?;
+                let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
+                let command = Command::Receive { wait_ms: 0 };
+                if let Err(e) =
+                    drive(&mut machine, Some(&client), &mut state, &key, command, out).await?
+                {
+                    out.warning(&e.to_string());
+                }
+            }
+            let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
+            let wait = Command::Wait {
+                wait_ms: FETCH_WAIT_TIMEOUT_MS_MAX,
+            };
+            if let Err(e) = drive(&mut machine, Some(&client), &mut state, &key, wait, out).await? {
+                out.warning(&e.to_string());
+                break;
+            }
+        }
+    }
+}
+
+/// Runs one command to its end, carrying out the machine's effects.
+async fn drive(
+    machine: &mut ClientMachine,
+    client: Option<&Client>,
+    state: &mut State,
+    key: &StateKey,
+    command: Command,
+    out: &Output,
+) -> anyhow::Result<Result<Outcome, quicproquo_core::client::CommandError>> {
+    machine.start(command);
+    let mut calls = JoinSet::new();
+    // Persists are merged: the state is written before the next effect that
+    // depends on it (a request, an event or the end), once.
+    let mut dirty = false;
+    loop {
+        while let Some(effect) = machine.poll_effect() {
+            if !matches!(effect, Effect::Persist) && dirty {
+                state.save(key, &machine.snapshot())?;
+                dirty = false;
+            }
+            match effect {
+                Effect::Persist => dirty = true,
+                Effect::Request { token, request } => {
+                    let Some(client) = client else {
+                        bail!("internal: a local command asked for the network");
+                    };
+                    let client = client.clone();
+                    calls.spawn(async move { (token, call(&client, request).await) });
+                }
+                Effect::Event(e) => out.event(&e),
+                Effect::Done(result) => return Ok(result),
+            }
+        }
+        let Some(joined) = calls.join_next().await else {
+            bail!("internal: the client machine stalled");
+        };
+        let (token, result) = joined.context("a request task failed")?;
+        machine.handle_response(token, result);
+    }
+}
+
+async fn call(client: &Client, request: RequestBody) -> Result<Response, ServiceError> {
+    let result = match request {
+        RequestBody::Enqueue {
+            recipient_key,
+            channel_id,
+            payload,
+            message_id,
+        } => client
+            .enqueue(recipient_key, channel_id, payload, message_id)
+            .await
+            .map(|seq| Response::Enqueued { seq }),
+        RequestBody::FetchWait {
+            recipient_key,
+            channel_id,
+            after_seq,
+            limit,
+            timeout_ms,
+        } => client
+            .fetch_wait(recipient_key, channel_id, after_seq, limit, timeout_ms)
+            .await
+            .map(|f| Response::Messages {
+                messages: f.messages,
+                next_seq: f.next_seq,
+            }),
+        other => client.call(other).await,
+    };
+    result.map_err(|e| match e {
+        ClientError::Service(e) => e,
+        other => ServiceError::unavailable(other.to_string()),
+    })
+}
+
+async fn connect(cli: &Cli, machine: &ClientMachine) -> anyhow::Result<Client> {
+    let trust = match (&cli.server_fingerprint, &cli.server_ca) {
+        (Some(fp), None) => ServerTrust::fingerprint_hex(fp)?,
+        (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+        (Some(_), Some(_)) => bail!("give either --server-fingerprint or --server-ca, not both"),
+        (None, None) => bail!(
+            "the server is not trusted yet: pass --server-fingerprint HEX (qpq-server prints it at start) or --server-ca PATH (or set QPQ_SERVER_FINGERPRINT / QPQ_SERVER_CA)"
+        ),
+    };
+    let mut client = Client::connect(&cli.server, &trust)
+        .await
+        .with_context(|| format!("connecting to {}", cli.server))?;
+    client
+        .authenticate(machine.signing_key())
+        .await
+        .context("authenticating to the server")?;
+    Ok(client)
+}
+
+/// The open state file: where it lives and its derived key.
+struct State {
+    path: PathBuf,
+}
+
+impl State {
+    /// Loads and decrypts the state file.
+    fn load(path: &std::path::Path) -> anyhow::Result<(State, (StateKey, ClientMachine))> {
+        if !state_file::exists(path) {
+            bail!("no state file at {}; run `qpq init` first", path.display());
+        }
+        Self::load_with(path, &password(path, false)?)
+    }
+
+    /// Loads and decrypts the state file with `password`.
+    fn load_with(
+        path: &std::path::Path,
+        password: &str,
+    ) -> anyhow::Result<(State, (StateKey, ClientMachine))> {
+        if !state_file::exists(path) {
+            bail!("no state file at {}; run `qpq init` first", path.display());
+        }
+        let (plaintext, key) = state_file::load_and_keep_key(path, password.as_bytes())
+            .with_context(|| format!("opening {}", path.display()))?;
+        let machine = ClientMachine::restore(&plaintext, os_seed())
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok((
+            State {
+                path: path.to_owned(),
+            },
+            (key, machine),
+        ))
+    }
+
+    fn save(&mut self, key: &StateKey, snapshot: &[u8]) -> anyhow::Result<()> {
+        state_file::save_with_key(&self.path, key, snapshot)
+            .with_context(|| format!("saving {}", self.path.display()))
+    }
+}
+
+/// Takes the state file's lock (`<state>.lock`), waiting for any other
+/// `qpq` using the same state file to finish.
+fn lock(state: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
+fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("QPQ_PASSWORD") {
+        return Ok(p);
+    }
+    let p = rpassword::prompt_password(format!("Password for {}: ", path.display()))
+        .context("reading the password (set QPQ_PASSWORD when there is no terminal)")?;
+    if confirm {
+        let again = rpassword::prompt_password("Repeat the password: ")?;
+        if again != p {
+            bail!("the passwords differ");
+        }
+    }
+    if p.is_empty() {
+        bail!("the password is empty");
+    }
+    Ok(p)
+}
+
+fn parse_key(s: &str) -> anyhow::Result<IdentityKey> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        bail!("an identity key is 64 hex digits (as `qpq whoami` prints it)");
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|_| anyhow!("an identity key is 64 hex digits"))?;
+    }
+    Ok(IdentityKey(out))
+}
+
+fn os_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    seed
+}
+
+/// Prints results in the chosen format.
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    fn event(&self, e: &Event) {
+        if self.json {
+            let v = match e {
+                Event::Message {
+                    group,
+                    sender,
+                    text,
+                } => {
+                    json!({"event": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
+                }
+                Event::Joined { group, members } => {
+                    json!({"event": "joined", "group": group, "members": members})
+                }
+                Event::GroupChanged {
+                    group,
+                    epoch,
+                    members,
+                } => {
+                    json!({"event": "group_changed", "group": group, "epoch": epoch, "members": members})
+                }
+                Event::Tampering { what } => json!({"event": "tampering", "message": what}),
+                Event::Warning { message } => json!({"event": "warning", "message": message}),
+                other => json!({"event": "other", "detail": format!("{other:?}")}),
+            };
+            println!("{v}");
+            return;
+        }
+        match e {
+            Event::Message {
+                group,
+                sender,
+                text,
+            } => println!("[{group}] {}: {text}", short(sender)),
+            Event::Joined { group, members } => {
+                println!("* you joined {group} ({members} members)");
+            }
+            Event::GroupChanged {
+                group,
+                epoch,
+                members,
+            } => println!("* {group} changed: epoch {epoch}, {members} members"),
+            Event::Tampering { what } => eprintln!("TAMPERING: {what}"),
+            Event::Warning { message } => eprintln!("warning: {message}"),
+            other => eprintln!("{other:?}"),
+        }
+    }
+
+    fn outcome(&self, o: &Outcome) {
+        if self.json {
+            let v = match o {
+                Outcome::Registered {
+                    uploaded,
+                    already,
+                    failed,
+                } => {
+                    json!({"ok": true, "registered": {"uploaded": uploaded, "already": already, "failed": failed}})
+                }
+                Outcome::GroupCreated { group } => json!({"ok": true, "group_created": group}),
+                Outcome::MemberAdded {
+                    group,
+                    member,
+                    undelivered,
+                } => {
+                    json!({"ok": true, "member_added": {"group": group, "member": hex(member.as_bytes()), "undelivered": undelivered}})
+                }
+                Outcome::Sent {
+                    group,
+                    delivered,
+                    undelivered,
+                } => {
+                    json!({"ok": true, "sent": {"group": group, "delivered": delivered, "undelivered": undelivered}})
+                }
+                Outcome::Received { messages } => json!({"ok": true, "received": messages}),
+                other => json!({"ok": true, "detail": format!("{other:?}")}),
+            };
+            println!("{v}");
+            return;
+        }
+        match o {
+            Outcome::Registered {
+                uploaded,
+                already,
+                failed,
+            } => {
+                println!("Uploaded {uploaded} KeyPackages ({already} were already on the server).");
+                if *failed > 0 {
+                    eprintln!("{failed} uploads failed; run `qpq register` again.");
+                }
+            }
+            Outcome::GroupCreated { group } => println!("Created group {group}."),
+            Outcome::MemberAdded {
+                group,
+                member,
+                undelivered,
+            } => {
+                println!("Added {} to {group}.", short(member));
+                pending(*undelivered);
+            }
+            Outcome::Sent {
+                group,
+                delivered,
+                undelivered,
+            } => {
+                println!("Sent to {delivered} members of {group}.");
+                pending(*undelivered);
+            }
+            Outcome::Received { messages } => {
+                if *messages == 0 {
+                    eprintln!("No new messages.");
+                }
+            }
+            other => println!("{other:?}"),
+        }
+    }
+
+    fn warning(&self, message: &str) {
+        if self.json {
+            println!("{}", json!({"event": "warning", "message": message}));
+        } else {
+            eprintln!("warning: {message}");
+        }
+    }
+
+    fn error(&self, e: &anyhow::Error) {
+        if self.json {
+            println!("{}", json!({"ok": false, "error": format!("{e:#}")}));
+        } else {
+            eprintln!("error: {e:#}");
+        }
+    }
+}
+
+fn pending(undelivered: u32) {
+    if undelivered > 0 {
+        eprintln!("{undelivered} deliveries are pending; the next qpq command retries them.");
+    }
+}
+
+fn short(key: &IdentityKey) -> String {
+    format!("{}…", &hex(key.as_bytes())[..16])
+}

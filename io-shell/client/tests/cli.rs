@@ -1,0 +1,271 @@
+//! End to end through the `qpq` binary: a real `qpq-server` process and three
+//! users with separate state files, each command its own process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+struct Server {
+    child: Child,
+    addr: String,
+    fingerprint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `qpq-server` binary next to `qpq`, built if this test run has not
+/// built it yet.
+fn server_binary() -> PathBuf {
+    let qpq = PathBuf::from(env!("CARGO_BIN_EXE_qpq"));
+    let server = qpq.with_file_name(format!("qpq-server{}", std::env::consts::EXE_SUFFIX));
+    if !server.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile_release = qpq.parent().is_some_and(|p| p.ends_with("release"));
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bin", "qpq-server", "-p", "quicproquo-server"]);
+        if profile_release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo build runs");
+        assert!(status.success(), "building qpq-server failed");
+    }
+    server
+}
+
+fn start_server(dir: &Path) -> Server {
+    std::fs::write(dir.join("server.toml"), "").unwrap();
+    let mut child = Command::new(server_binary())
+        .env("QPQ_CONFIG", dir.join("server.toml"))
+        .env("QPQ_LISTEN", "127.0.0.1:0")
+        .env("QPQ_DATA_DIR", dir.join("server-data"))
+        .env("QPQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn qpq-server");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut fingerprint) = (None, None);
+    while addr.is_none() || fingerprint.is_none() {
+        let line = lines.next().expect("server output").unwrap();
+        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
+            fingerprint = Some(rest.trim().to_owned());
+        }
+    }
+    Server {
+        child,
+        addr: addr.unwrap(),
+        fingerprint: fingerprint.unwrap(),
+    }
+}
+
+struct User<'a> {
+    state: PathBuf,
+    server: &'a Server,
+}
+
+impl User<'_> {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_qpq"));
+        c.env("QPQ_STATE", &self.state)
+            .env("QPQ_PASSWORD", "correct horse battery staple")
+            .env("QPQ_SERVER", &self.server.addr)
+            .env("QPQ_SERVER_FINGERPRINT", &self.server.fingerprint)
+            .env_remove("QPQ_SERVER_CA")
+            .arg("--json");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Vec<Value> {
+        let out: Output = self.cmd().args(args).output().expect("run qpq");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "qpq {args:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    fn key(&self) -> String {
+        self.run(&["whoami"])[0]["identity_key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// (sender, text) of every message a `recv` shows.
+    fn recv(&self) -> Vec<(String, String)> {
+        self.run(&["recv"])
+            .into_iter()
+            .filter(|v| v["event"] == "message")
+            .map(|v| {
+                assert_eq!(v["group"], "team");
+                (
+                    v["sender"].as_str().unwrap().to_owned(),
+                    v["text"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn three_users_chat_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let user = |name: &str| User {
+        state: dir.path().join(format!("{name}.bin")),
+        server: &server,
+    };
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    for u in [&alice, &bob, &carol] {
+        let init = u.run(&["init"]);
+        assert_eq!(init[0]["ok"], true);
+        let reg = u.run(&["register", "--count", "3"]);
+        assert_eq!(reg[0]["registered"]["uploaded"], 4);
+    }
+    let (a, b, c) = (alice.key(), bob.key(), carol.key());
+    assert_eq!(a.len(), 64);
+
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &b]);
+    alice.run(&["group", "add", "team", &c]);
+    // Bob and Carol join from their Welcomes under the same group name.
+    let joined = bob.run(&["recv"]);
+    assert!(
+        joined
+            .iter()
+            .any(|v| v["event"] == "joined" && v["group"] == "team")
+    );
+    let joined = carol.run(&["recv"]);
+    assert!(
+        joined
+            .iter()
+            .any(|v| v["event"] == "joined" && v["group"] == "team")
+    );
+    assert!(bob.recv().is_empty());
+
+    // Everyone sends; each command is a separate process, so every user
+    // restarts between messages.
+    alice.run(&["send", "team", "a1"]);
+    bob.run(&["send", "team", "b1"]);
+    alice.run(&["send", "team", "a2"]);
+    carol.run(&["send", "team", "c1"]);
+    bob.run(&["send", "team", "b2"]);
+    let m = |who: &str, t: &str| (who.to_owned(), t.to_owned());
+    assert_eq!(alice.recv(), vec![m(&b, "b1"), m(&c, "c1"), m(&b, "b2")]);
+    assert_eq!(bob.recv(), vec![m(&a, "a1"), m(&a, "a2"), m(&c, "c1")]);
+    assert_eq!(
+        carol.recv(),
+        vec![m(&a, "a1"), m(&b, "b1"), m(&a, "a2"), m(&b, "b2")]
+    );
+    // Exactly once: nothing more.
+    for u in [&alice, &bob, &carol] {
+        assert!(u.recv().is_empty());
+    }
+    let list = carol.run(&["group", "list"]);
+    assert_eq!(list[0]["group"], "team");
+    assert_eq!(list[0]["members"].as_array().unwrap().len(), 3);
+
+    // recv --stream delivers while another user sends.
+    let mut streaming = carol
+        .cmd()
+        .args(["recv", "--stream"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = streaming.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the stream a moment to start waiting, then send twice.
+    std::thread::sleep(Duration::from_millis(500));
+    alice.run(&["send", "team", "live-1"]);
+    bob.run(&["send", "team", "live-2"]);
+    let mut live = Vec::new();
+    while live.len() < 2 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("recv --stream shows the messages");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "message" {
+            live.push(v["text"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(live, vec!["live-1", "live-2"]);
+    // Carol sends from another terminal while her stream runs: the state
+    // file is shared safely, and her stream keeps decrypting afterwards.
+    carol.run(&["send", "team", "from-carol"]);
+    alice.run(&["send", "team", "live-3"]);
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the stream carries on after a send from the same state");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "message" {
+            assert_eq!(v["text"], "live-3");
+            break;
+        }
+        assert_ne!(v["event"], "warning", "{v}");
+    }
+    let _ = streaming.kill();
+    let _ = streaming.wait();
+    let texts: Vec<String> = alice.recv().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, vec!["live-2", "from-carol"]);
+    let rest = carol.recv();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[test]
+fn wrong_password_and_missing_trust_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = User {
+        state: dir.path().join("alice.bin"),
+        server: &server,
+    };
+    alice.run(&["init"]);
+    let out = alice
+        .cmd()
+        .env("QPQ_PASSWORD", "wrong")
+        .args(["whoami"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("password"), "{text}");
+    // The state file is untouched by the failed attempt.
+    assert_eq!(alice.key().len(), 64);
+    let out = alice
+        .cmd()
+        .env_remove("QPQ_SERVER_FINGERPRINT")
+        .args(["register"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--server-fingerprint"));
+    // A second init refuses to overwrite the identity.
+    let out = alice.cmd().args(["init"]).output().unwrap();
+    assert!(!out.status.success());
+}
