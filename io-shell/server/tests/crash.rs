@@ -190,3 +190,53 @@ async fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_data() {
     server.child.kill().ok();
     server.child.wait().ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_certificate_is_served_instead_of_a_generated_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    // An operator's certificate, made elsewhere.
+    let certs = tempfile::tempdir().unwrap();
+    let made = quicproquo_server::tls::load_or_generate(certs.path()).unwrap();
+    let cert = certs
+        .path()
+        .join(quicproquo_server::tls::GENERATED_CERT_FILE);
+    let key = certs
+        .path()
+        .join(quicproquo_server::tls::GENERATED_KEY_FILE);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq-server"))
+        .env("QPQ_LISTEN", "127.0.0.1:0")
+        .env("QPQ_DATA_DIR", dir.path().join("data"))
+        .env("QPQ_CONFIG", dir.path().join("none.toml"))
+        .env("QPQ_TLS_CERT", &cert)
+        .env("QPQ_TLS_KEY", &key)
+        .env("QPQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut fp) = (None, None);
+    while addr.is_none() || fp.is_none() {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
+            fp = Some(rest.trim().to_owned());
+        }
+    }
+    let fp = fp.unwrap();
+    assert_eq!(fp, quicproquo_core::types::hex(&made.fingerprint()));
+    // No certificate was generated in the data directory.
+    assert!(
+        !dir.path()
+            .join("data")
+            .join(quicproquo_server::tls::GENERATED_CERT_FILE)
+            .exists()
+    );
+    let trust = ServerTrust::fingerprint_hex(&fp).unwrap();
+    let mut c = Client::connect(&addr.unwrap(), &trust).await.unwrap();
+    c.authenticate(&user(1)).await.unwrap();
+    child.kill().ok();
+    child.wait().ok();
+}
