@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::TransportLimits;
-use crate::service::{self, ServiceHandle, ServiceStats};
+use crate::service::{self, ServiceGauges, ServiceHandle, ServiceStats};
 use crate::store::ShellStore;
 
 /// QUIC application error codes the server closes or resets with.
@@ -43,7 +43,20 @@ pub async fn serve<S: ShellStore>(
     limits: TransportLimits,
     shutdown: impl Future<Output = ()>,
 ) -> ServiceStats {
-    let (svc, service_task) = service::spawn(node);
+    serve_with_gauges(endpoint, node, limits, shutdown, ServiceGauges::default()).await
+}
+
+/// As [`serve`], publishing the service's live counts (connections,
+/// waiters, replies in flight) to `gauges`, so a simulation can check that
+/// nothing is left behind after its clients are gone.
+pub async fn serve_with_gauges<S: ShellStore>(
+    endpoint: quinn::Endpoint,
+    node: NodeService<S>,
+    limits: TransportLimits,
+    shutdown: impl Future<Output = ()>,
+    gauges: ServiceGauges,
+) -> ServiceStats {
+    let (svc, service_task) = service::spawn_with_gauges(node, gauges);
     let limits = Arc::new(limits);
     let (stop_tx, stop_rx) = watch::channel(false);
     let per_ip: Arc<Mutex<HashMap<IpAddr, u32>>> = Arc::default();
