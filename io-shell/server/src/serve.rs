@@ -205,9 +205,24 @@ impl ConnectionTask {
                 _ = self.stop.changed() => break,
             }
         }
-        // Let the requests already received finish (on shutdown the server
-        // closes the endpoint after its grace period, which ends them).
-        while streams.join_next().await.is_some() {}
+        // Let the requests already received finish, unless the connection
+        // goes away (the peer closed it, it timed out, or shutdown closed
+        // the endpoint after its grace period): then no reply can reach the
+        // peer, and a fetchWait would otherwise keep its waiter, this
+        // connection and its per-address slot until its deadline. Requests
+        // already handed to the service still complete there.
+        let closed = conn.closed();
+        tokio::pin!(closed);
+        loop {
+            tokio::select! {
+                joined = streams.join_next() => if joined.is_none() { break },
+                _ = &mut closed => {
+                    streams.abort_all();
+                    while streams.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
     }
 }
 
