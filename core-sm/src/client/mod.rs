@@ -25,6 +25,7 @@
 //!   credential identity equals its signature key (DESIGN.md §7).
 
 pub mod envelope;
+pub mod hybrid;
 pub mod provider;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -85,6 +86,26 @@ pub enum Command {
         group: String,
         /// The new member's identity key.
         member: IdentityKey,
+    },
+    /// Remove `member` from `group` (a Commit every member processes; the
+    /// removed member learns it and stops).
+    RemoveMember {
+        /// The group's name.
+        group: String,
+        /// The member to remove.
+        member: IdentityKey,
+    },
+    /// Leave `group`: propose removing oneself and forget the group. The
+    /// remaining member with the lowest leaf index commits the proposal.
+    Leave {
+        /// The group's name.
+        group: String,
+    },
+    /// Rotate this member's leaf keys (a self-update Commit) in `group`, or
+    /// in every group when `None`.
+    Update {
+        /// The group, or all.
+        group: Option<String>,
     },
     /// Send `text` to every other member of `group`.
     Send {
@@ -148,6 +169,11 @@ pub enum Event {
         /// Members now in the group.
         members: usize,
     },
+    /// Another member removed this user from a group; it is forgotten.
+    Removed {
+        /// The group's name.
+        group: String,
+    },
     /// A Commit changed a group.
     GroupChanged {
         /// The group's name.
@@ -196,6 +222,27 @@ pub enum Outcome {
         /// Deliveries still in the outbox (retried by the next command).
         undelivered: u32,
     },
+    /// The member is removed.
+    MemberRemoved {
+        /// The group.
+        group: String,
+        /// The removed member.
+        member: IdentityKey,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// This user left the group.
+    Left {
+        /// The group.
+        group: String,
+    },
+    /// Keys rotated.
+    Updated {
+        /// The groups whose epoch advanced.
+        groups: Vec<String>,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
     /// The message is on its way.
     Sent {
         /// The group.
@@ -239,6 +286,9 @@ pub enum CommandError {
     /// The identity is already in the group (or is this user).
     #[error("{0} is already a member of the group")]
     AlreadyMember(String),
+    /// The identity is not in the group.
+    #[error("{0} is not a member of the group")]
+    NotMember(String),
     /// The server has no KeyPackage for that identity.
     #[error("{0} has no KeyPackage on the server; they need to run `qpq register`")]
     NoKeyPackage(String),
@@ -341,6 +391,11 @@ enum Op {
     Send {
         group: String,
         delivered: u32,
+    },
+    /// A Commit (or, for a leave, a proposal) this user made: its
+    /// deliveries are in flight; the outcome is ready.
+    Committed {
+        outcome: Outcome,
     },
     Receive {
         wait_ms: u64,
@@ -519,6 +574,9 @@ impl ClientMachine {
             Command::CreateGroup { name } => self.create_group(name),
             Command::AddMember { group, member } => self.start_add(group, member),
             Command::Send { group, text } => self.start_send(group, text),
+            Command::RemoveMember { group, member } => self.remove_member(group, member),
+            Command::Leave { group } => self.leave(group),
+            Command::Update { group } => self.update(group),
             Command::Receive { wait_ms } => self.start_receive(wait_ms),
             Command::Wait { wait_ms } => {
                 self.op = Some(Op::Wait { pending: false });
@@ -827,6 +885,116 @@ impl ClientMachine {
         Ok(kp)
     }
 
+    // ----- lifecycle --------------------------------------------------------
+
+    fn remove_member(&mut self, name: String, member: IdentityKey) -> Result<(), CommandError> {
+        if member == self.identity {
+            return Err(CommandError::NotMember(
+                "you (use `group leave` to leave a group)".into(),
+            ));
+        }
+        let record = self.record(&name)?;
+        let mut group = self.load_group(&record)?;
+        let Some(index) = group
+            .members()
+            .find(|m| m.signature_key == member.as_bytes())
+            .map(|m| m.index)
+        else {
+            return Err(CommandError::NotMember(member.short()));
+        };
+        // The removed member gets the Commit too, so they learn of it.
+        let recipients = self.others(&group);
+        let (commit, _, _) = group
+            .remove_members(&self.provider, &self.signer, &[index])
+            .map_err(mls)?;
+        group.merge_pending_commit(&self.provider).map_err(mls)?;
+        check_members(&group)?;
+        self.send_group_message(&record, &recipients, commit)?;
+        self.op = Some(Op::Committed {
+            outcome: Outcome::MemberRemoved {
+                group: name,
+                member,
+                undelivered: 0,
+            },
+        });
+        self.effects.push_back(Effect::Persist);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    fn leave(&mut self, name: String) -> Result<(), CommandError> {
+        let record = self.record(&name)?;
+        let mut group = self.load_group(&record)?;
+        let recipients = self.others(&group);
+        let proposal = group
+            .leave_group(&self.provider, &self.signer)
+            .map_err(mls)?;
+        self.send_group_message(&record, &recipients, proposal)?;
+        self.groups.retain(|g| g.name != name);
+        self.op = Some(Op::Committed {
+            outcome: Outcome::Left { group: name },
+        });
+        self.effects.push_back(Effect::Persist);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    fn update(&mut self, only: Option<String>) -> Result<(), CommandError> {
+        let names: Vec<String> = match only {
+            Some(name) => vec![self.record(&name)?.name],
+            None => self.groups.iter().map(|g| g.name.clone()).collect(),
+        };
+        for name in &names {
+            let record = self.record(name)?;
+            let mut group = self.load_group(&record)?;
+            let recipients = self.others(&group);
+            let (commit, _, _) = group
+                .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+                .map_err(mls)?
+                .into_contents();
+            group.merge_pending_commit(&self.provider).map_err(mls)?;
+            check_members(&group)?;
+            self.send_group_message(&record, &recipients, commit)?;
+        }
+        self.op = Some(Op::Committed {
+            outcome: Outcome::Updated {
+                groups: names,
+                undelivered: 0,
+            },
+        });
+        self.effects.push_back(Effect::Persist);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    /// Every member of `group` but this user.
+    fn others(&self, group: &MlsGroup) -> Vec<IdentityKey> {
+        members(group)
+            .into_iter()
+            .filter(|m| *m != self.identity)
+            .collect()
+    }
+
+    /// Puts one MLS message for the group's channel in the outbox for each
+    /// recipient.
+    fn send_group_message(
+        &mut self,
+        record: &GroupRecord,
+        recipients: &[IdentityKey],
+        message: MlsMessageOut,
+    ) -> Result<(), CommandError> {
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        let payload = Envelope::Group {
+            message: message.to_bytes().map_err(mls)?,
+        }
+        .encode();
+        for r in recipients {
+            self.add_to_outbox(*r, channel, payload.clone());
+        }
+        Ok(())
+    }
+
     // ----- send -------------------------------------------------------------
 
     fn start_send(&mut self, group_name: String, text: String) -> Result<(), CommandError> {
@@ -932,7 +1100,7 @@ impl ClientMachine {
         if messages.is_empty() {
             return;
         }
-        let groups_before = self.groups.len();
+        let channels_before = self.channels();
         let effects_before = self.effects.len();
         for m in messages {
             self.process(channel, m);
@@ -948,9 +1116,12 @@ impl ClientMachine {
             self.in_flight.retain(|_, p| !matches!(p, Pending::Wait(_)));
         }
         self.fetch(channel);
-        let joined: Vec<ChannelId> = self.groups[groups_before..]
-            .iter()
-            .filter_map(|g| ChannelId::try_from_slice(&g.channel_id).ok())
+        // Groups joined from Welcomes in this batch: drain their channels
+        // too. (Groups can also disappear, by removal, in the same batch.)
+        let joined: Vec<ChannelId> = self
+            .channels()
+            .into_iter()
+            .filter(|ch| !channels_before.contains(ch))
             .collect();
         for ch in joined {
             self.fetch(ch);
@@ -1059,9 +1230,41 @@ impl ClientMachine {
                 }));
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
+                let leaving = match (proposal.proposal(), proposal.sender()) {
+                    (Proposal::Remove(r), Sender::Member(from)) if r.removed() == *from => {
+                        Some(*from)
+                    }
+                    _ => None,
+                };
                 group
                     .store_pending_proposal(self.provider.storage(), *proposal)
                     .map_err(mls)?;
+                // A member leaving needs someone to commit its removal: the
+                // remaining member with the lowest leaf index does, so the
+                // others do not race it.
+                if let Some(leaver) = leaving {
+                    let me = group.own_leaf_index();
+                    let committer = group.members().map(|m| m.index).find(|i| *i != leaver);
+                    if committer == Some(me) {
+                        let recipients: Vec<IdentityKey> = group
+                            .members()
+                            .filter(|m| m.index != leaver && m.index != me)
+                            .filter_map(|m| IdentityKey::try_from_slice(&m.signature_key).ok())
+                            .collect();
+                        let (commit, _, _) = group
+                            .commit_to_pending_proposals(&self.provider, &self.signer)
+                            .map_err(mls)?;
+                        group.merge_pending_commit(&self.provider).map_err(mls)?;
+                        check_members(&group)?;
+                        self.send_group_message(&record, &recipients, commit)?;
+                        self.flush_outbox();
+                        self.effects.push_back(Effect::Event(Event::GroupChanged {
+                            group: record.name,
+                            epoch: group.epoch().as_u64(),
+                            members: group.members().count(),
+                        }));
+                    }
+                }
             }
             ProcessedMessageContent::StagedCommitMessage(commit) => {
                 for add in commit.add_proposals() {
@@ -1075,9 +1278,18 @@ impl ClientMachine {
                         ));
                     }
                 }
+                let removed = commit.self_removed();
                 group
                     .merge_staged_commit(&self.provider, *commit)
                     .map_err(mls)?;
+                if removed {
+                    // Removed by another member: nothing more can be read or
+                    // sent in this group.
+                    self.groups.retain(|g| g.group_id != record.group_id);
+                    self.effects
+                        .push_back(Effect::Event(Event::Removed { group: record.name }));
+                    return Ok(());
+                }
                 check_members(&group)?;
                 self.effects.push_back(Effect::Event(Event::GroupChanged {
                     group: record.name,
@@ -1258,6 +1470,18 @@ impl ClientMachine {
             },
             Some(Op::Receive { shown, .. }) => Outcome::Received { messages: shown },
             Some(Op::Wait { pending }) => Outcome::Waited { pending },
+            Some(Op::Committed { outcome }) => match outcome {
+                Outcome::MemberRemoved { group, member, .. } => Outcome::MemberRemoved {
+                    group,
+                    member,
+                    undelivered,
+                },
+                Outcome::Updated { groups, .. } => Outcome::Updated {
+                    groups,
+                    undelivered,
+                },
+                other => other,
+            },
         };
         self.effects.push_back(Effect::Done(Ok(outcome)));
     }

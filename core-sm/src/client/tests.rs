@@ -650,6 +650,208 @@ fn wait_reports_pending_messages_without_processing_them() {
     assert_eq!(w.texts(1), vec![pair("team", "ping")]);
 }
 
+fn same_epoch(w: &mut World, users: &[usize], group: &str) {
+    let auth: Vec<_> = users
+        .iter()
+        .map(|u| w.machine(*u).epoch_authenticator(group))
+        .collect();
+    assert!(auth[0].is_some());
+    assert!(auth.windows(2).all(|p| p[0] == p[1]), "members diverged");
+}
+
+#[test]
+fn removed_member_learns_it_and_gets_nothing_more() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let carol = w.key(2);
+    let (_, outcome) = w.run(
+        0,
+        Command::RemoveMember {
+            group: "team".into(),
+            member: carol,
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberRemoved { undelivered: 0, .. })),
+        "{outcome:?}"
+    );
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Removed { group } if group == "team"))
+    );
+    assert!(w.machine(2).groups().is_empty());
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GroupChanged { members: 2, .. }))
+    );
+    send(&mut w, 0, "team", "without carol");
+    assert_eq!(w.texts(1), vec![pair("team", "without carol")]);
+    assert!(w.texts(2).is_empty());
+    same_epoch(&mut w, &[0, 1], "team");
+    // Removing someone who is not a member is refused.
+    assert!(matches!(
+        w.run(
+            0,
+            Command::RemoveMember {
+                group: "team".into(),
+                member: carol
+            }
+        )
+        .1,
+        Err(CommandError::NotMember(_))
+    ));
+}
+
+#[test]
+fn leaving_member_is_committed_out_by_the_lowest_leaf() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let (_, outcome) = w.run(
+        1,
+        Command::Leave {
+            group: "team".into(),
+        },
+    );
+    assert_eq!(
+        outcome,
+        Ok(Outcome::Left {
+            group: "team".into()
+        })
+    );
+    assert!(w.machine(1).groups().is_empty());
+    // Alice (leaf 0) commits Bob's removal when she sees his proposal;
+    // Carol only stores it and then processes Alice's Commit.
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Warning { .. })),
+        "{events:?}"
+    );
+    let (events, _) = w.run(0, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GroupChanged { members: 2, .. })),
+        "{events:?}"
+    );
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GroupChanged { members: 2, .. })),
+        "{events:?}"
+    );
+    same_epoch(&mut w, &[0, 2], "team");
+    send(&mut w, 2, "team", "bye bob");
+    assert_eq!(w.texts(0), vec![pair("team", "bye bob")]);
+}
+
+#[test]
+fn self_update_advances_the_epoch_for_everyone() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let before = w.machine(0).groups()[0].epoch;
+    let (_, outcome) = w.run(1, Command::Update { group: None });
+    assert!(
+        matches!(outcome, Ok(Outcome::Updated { ref groups, undelivered: 0 }) if groups == &["team"]),
+        "{outcome:?}"
+    );
+    w.texts(0);
+    w.texts(2);
+    assert_eq!(w.machine(0).groups()[0].epoch, before + 1);
+    same_epoch(&mut w, &[0, 1, 2], "team");
+    send(&mut w, 1, "team", "fresh keys");
+    assert_eq!(w.texts(2), vec![pair("team", "fresh keys")]);
+}
+
+#[test]
+fn five_members_through_removal_update_and_leave_keep_chatting() {
+    let mut w = World::new(5);
+    for u in 0..5 {
+        register(&mut w, u);
+    }
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "five".into(),
+        },
+    )
+    .1
+    .unwrap();
+    for u in 1..5 {
+        add(&mut w, 0, "five", u);
+    }
+    for u in 1..5 {
+        w.run(u, Command::Receive { wait_ms: 0 }).1.unwrap();
+    }
+    let drain = |w: &mut World, users: &[usize]| {
+        for u in users {
+            let (events, outcome) = w.run(*u, Command::Receive { wait_ms: 0 });
+            outcome.unwrap();
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::Warning { .. })),
+                "{events:?}"
+            );
+        }
+    };
+    // Dave (3) removes Erin (4); Bob (1) rotates his keys; Carol (2) leaves.
+    let erin = w.key(4);
+    w.run(
+        3,
+        Command::RemoveMember {
+            group: "five".into(),
+            member: erin,
+        },
+    )
+    .1
+    .unwrap();
+    drain(&mut w, &[0, 1, 2, 4]);
+    w.run(
+        1,
+        Command::Update {
+            group: Some("five".into()),
+        },
+    )
+    .1
+    .unwrap();
+    drain(&mut w, &[0, 2, 3]);
+    w.run(
+        2,
+        Command::Leave {
+            group: "five".into(),
+        },
+    )
+    .1
+    .unwrap();
+    drain(&mut w, &[0, 1, 3]);
+    drain(&mut w, &[1, 3]);
+    same_epoch(&mut w, &[0, 1, 3], "five");
+    for u in [0, 1, 3] {
+        send(&mut w, u, "five", &format!("still here {u}"));
+    }
+    let got: Vec<Vec<(String, String)>> = [0, 1, 3].iter().map(|u| w.texts(*u)).collect();
+    assert_eq!(
+        got[0],
+        vec![pair("five", "still here 1"), pair("five", "still here 3")]
+    );
+    assert_eq!(
+        got[1],
+        vec![pair("five", "still here 0"), pair("five", "still here 3")]
+    );
+    assert_eq!(
+        got[2],
+        vec![pair("five", "still here 0"), pair("five", "still here 1")]
+    );
+    assert!(w.texts(4).is_empty());
+    assert!(w.texts(2).is_empty());
+}
+
 mod interleavings {
     use proptest::prelude::*;
 

@@ -84,6 +84,11 @@ enum Cmd {
     /// Create, extend and list groups.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Rotate your keys (a self-update Commit) in one group or all.
+    Update {
+        /// The group; all groups if omitted.
+        name: Option<String>,
+    },
     /// Send a message to every other member of a group.
     Send {
         /// The group's name.
@@ -115,6 +120,23 @@ enum GroupCmd {
         name: String,
         /// Their identity key, 64 hex digits (`qpq whoami`).
         member_key: String,
+    },
+    /// Remove someone from a group.
+    Remove {
+        /// The group's name.
+        name: String,
+        /// Their identity key, 64 hex digits.
+        member_key: String,
+    },
+    /// Leave a group (its other members commit your removal).
+    Leave {
+        /// The group's name.
+        name: String,
+    },
+    /// List a group's members.
+    Members {
+        /// The group's name.
+        name: String,
     },
     /// List your groups.
     List,
@@ -154,7 +176,11 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         }
         Cmd::Group(GroupCmd::List) => {
             let (_, (_, machine)) = State::load(&cli.state)?;
-            return list(&machine, out);
+            return list(&machine, out, None);
+        }
+        Cmd::Group(GroupCmd::Members { name }) => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return list(&machine, out, Some(name));
         }
         _ => {}
     }
@@ -172,6 +198,16 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
             group: name.clone(),
             member: parse_key(member_key)?,
         },
+        Cmd::Group(GroupCmd::Remove { name, member_key }) => Command::RemoveMember {
+            group: name.clone(),
+            member: parse_key(member_key)?,
+        },
+        Cmd::Group(GroupCmd::Leave { name }) => Command::Leave {
+            group: name.clone(),
+        },
+        Cmd::Update { name } => Command::Update {
+            group: name.clone(),
+        },
         Cmd::Send { name, text } => Command::Send {
             group: name.clone(),
             text: text.clone(),
@@ -184,7 +220,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         },
         Cmd::Init
         | Cmd::Whoami { .. }
-        | Cmd::Group(GroupCmd::List)
+        | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. })
         | Cmd::Recv { stream: true, .. } => {
             unreachable!("handled above")
         }
@@ -258,8 +294,14 @@ fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()>
     Ok(())
 }
 
-fn list(machine: &ClientMachine, out: &Output) -> anyhow::Result<()> {
-    let groups = machine.groups();
+fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow::Result<()> {
+    let mut groups = machine.groups();
+    if let Some(name) = only {
+        groups.retain(|g| &g.name == name);
+        if groups.is_empty() {
+            bail!("no group named `{name}`");
+        }
+    }
     if out.json {
         for g in &groups {
             println!(
@@ -550,6 +592,7 @@ impl Output {
                 } => {
                     json!({"event": "group_changed", "group": group, "epoch": epoch, "members": members})
                 }
+                Event::Removed { group } => json!({"event": "removed", "group": group}),
                 Event::Tampering { what } => json!({"event": "tampering", "message": what}),
                 Event::Warning { message } => json!({"event": "warning", "message": message}),
                 other => json!({"event": "other", "detail": format!("{other:?}")}),
@@ -571,6 +614,7 @@ impl Output {
                 epoch,
                 members,
             } => println!("* {group} changed: epoch {epoch}, {members} members"),
+            Event::Removed { group } => println!("* you were removed from {group}"),
             Event::Tampering { what } => eprintln!("TAMPERING: {what}"),
             Event::Warning { message } => eprintln!("warning: {message}"),
             other => eprintln!("{other:?}"),
@@ -603,6 +647,18 @@ impl Output {
                     json!({"ok": true, "sent": {"group": group, "delivered": delivered, "undelivered": undelivered}})
                 }
                 Outcome::Received { messages } => json!({"ok": true, "received": messages}),
+                Outcome::MemberRemoved {
+                    group,
+                    member,
+                    undelivered,
+                } => {
+                    json!({"ok": true, "member_removed": {"group": group, "member": hex(member.as_bytes()), "undelivered": undelivered}})
+                }
+                Outcome::Left { group } => json!({"ok": true, "left": group}),
+                Outcome::Updated {
+                    groups,
+                    undelivered,
+                } => json!({"ok": true, "updated": {"groups": groups, "undelivered": undelivered}}),
                 other => json!({"ok": true, "detail": format!("{other:?}")}),
             };
             println!("{v}");
@@ -634,6 +690,22 @@ impl Output {
                 undelivered,
             } => {
                 println!("Sent to {delivered} members of {group}.");
+                pending(*undelivered);
+            }
+            Outcome::MemberRemoved {
+                group,
+                member,
+                undelivered,
+            } => {
+                println!("Removed {} from {group}.", short(member));
+                pending(*undelivered);
+            }
+            Outcome::Left { group } => println!("Left {group}."),
+            Outcome::Updated {
+                groups,
+                undelivered,
+            } => {
+                println!("Rotated your keys in {} group(s).", groups.len());
                 pending(*undelivered);
             }
             Outcome::Received { messages } => {
