@@ -1,0 +1,1006 @@
+//! The history checker: decides from a run's [`History`] alone whether the
+//! server kept the delivery guarantees of DESIGN.md §4 and §5.
+//!
+//! It checks, per run, once the network has healed and the queues are
+//! drained:
+//! - no acknowledged enqueue is lost, and it is delivered at the seq its
+//!   acknowledgement named; nothing is delivered that was never sent to that
+//!   queue;
+//! - per queue, the seqs a fetch returns strictly increase from the cursor
+//!   on with no gap, the queue's seqs are gap-free from 1, and one seq never
+//!   names two payloads (also across server restarts);
+//! - a message acknowledged before the same sender sent the next one to the
+//!   same queue has the smaller seq;
+//! - a message id (retries included) is stored at one seq only;
+//! - no KeyPackage is handed out twice or made up; the last-resort package
+//!   is served when, and only when, the pool is empty;
+//! - requests for another identity's queue are refused;
+//! - the server holds no connection, waiter or reply once every client has
+//!   gone, and never holds on to a closed connection; nothing panicked; the
+//!   run finished.
+//!
+//! Every violation names its invariant and the event where it was seen, so
+//! a failing seed's report points at the moment things went wrong.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use quicproquo_core::types::{IdentityKey, MessageId, QueueId};
+
+use crate::history::{Event, History, brief};
+
+/// The guarantee a [`Violation`] breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Invariant {
+    /// An acknowledged enqueue was never delivered.
+    AckedLost,
+    /// A delivered payload was never sent to that queue.
+    Phantom,
+    /// One seq of a queue named two different payloads.
+    SeqReused,
+    /// Seqs skipped: a fetch did not continue at its cursor, or the queue's
+    /// seqs are not gap-free.
+    SeqGap,
+    /// A fetch returned seqs out of order or at or before its cursor.
+    SeqOrder,
+    /// A sender's messages to one queue got seqs out of the order sent.
+    SenderOrder,
+    /// One message id was stored at two seqs (a retry stored twice).
+    StoredTwice,
+    /// A message was delivered at another seq than its acknowledgement named.
+    AckMismatch,
+    /// A well-formed enqueue was refused for good.
+    Refused,
+    /// The owner's fetch was refused (e.g. its cursor is beyond the queue's
+    /// end, so delivered messages were forgotten).
+    FetchRefused,
+    /// The final audit found messages nobody fetched or counters that do
+    /// not match what was delivered.
+    Audit,
+    /// A KeyPackage was handed out twice.
+    KeyPackageTwice,
+    /// A pop returned a KeyPackage never uploaded for that identity.
+    KeyPackageForged,
+    /// The last-resort package was not served when the pool was empty, was
+    /// served while it was not, or was the wrong package.
+    LastResort,
+    /// A request for another identity's queue was answered.
+    ForeignAccess,
+    /// The server still held connections, waiters or replies at the end,
+    /// or held on to connections that were already closed.
+    LeftOpen,
+    /// Something panicked.
+    Panic,
+    /// The run did not finish in its time budget.
+    Stuck,
+}
+
+/// One broken guarantee.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Which guarantee.
+    pub invariant: Invariant,
+    /// The history index where it was seen, if one event shows it.
+    pub at: Option<usize>,
+    /// What exactly.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some(i) => write!(f, "{:?} at event {i}: {}", self.invariant, self.detail),
+            None => write!(f, "{:?}: {}", self.invariant, self.detail),
+        }
+    }
+}
+
+/// Checks `history`; an empty result means every guarantee held.
+pub fn check(history: &History) -> Vec<Violation> {
+    let mut c = Checker::default();
+    for r in &history.events {
+        c.observe(r.index, &r.event);
+    }
+    c.finish()
+}
+
+/// The invariants `violations` break, each once, in order.
+pub fn invariants(violations: &[Violation]) -> Vec<Invariant> {
+    violations
+        .iter()
+        .map(|v| v.invariant)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// An acknowledged message: history index of its first attempt, index of
+/// its acknowledgement, its seq.
+type AckedMessage = (usize, usize, u64);
+
+#[derive(Debug)]
+struct Sent {
+    sender: IdentityKey,
+    first_sent: usize,
+}
+
+#[derive(Debug, Default)]
+struct QueueView {
+    /// Payload of each delivered seq (first delivery).
+    by_seq: BTreeMap<u64, Vec<u8>>,
+    /// Seq each delivered message id was delivered at.
+    seq_of: HashMap<MessageId, u64>,
+}
+
+#[derive(Debug)]
+struct Pop {
+    target: IdentityKey,
+    sent: usize,
+}
+
+#[derive(Debug, Default)]
+struct Checker {
+    v: Vec<Violation>,
+    sent: HashMap<(QueueId, MessageId), Sent>,
+    by_payload: HashMap<(QueueId, Vec<u8>), MessageId>,
+    acked: BTreeMap<(QueueId, MessageId), (u64, usize)>,
+    queues: BTreeMap<QueueId, QueueView>,
+    audited: Vec<(usize, QueueId, u64, usize, u64)>,
+    /// `(target, package, last_resort)` -> index of the first upload sent.
+    kp_sent: HashMap<(IdentityKey, Vec<u8>, bool), usize>,
+    /// `(target, package)` of non-last-resort uploads -> index of the ack.
+    kp_acked: HashMap<(IdentityKey, Vec<u8>), usize>,
+    /// Target -> index of the first acknowledged last-resort upload.
+    lr_acked: HashMap<IdentityKey, usize>,
+    pops: HashMap<u64, Pop>,
+    /// `(target, package)` -> the pop that returned it.
+    handed: HashMap<(IdentityKey, Vec<u8>), u64>,
+    /// Non-last-resort results: `(pop sent, target, package, result index)`.
+    nonlr_results: Vec<(usize, IdentityKey, Vec<u8>, usize)>,
+    /// Last-resort results: `(pop sent, target, result index)`.
+    lr_results: Vec<(usize, IdentityKey, usize)>,
+}
+
+impl Checker {
+    fn flag(&mut self, invariant: Invariant, at: Option<usize>, detail: String) {
+        self.v.push(Violation {
+            invariant,
+            at,
+            detail,
+        });
+    }
+
+    fn observe(&mut self, i: usize, e: &Event) {
+        match e {
+            Event::EnqueueSent {
+                sender,
+                queue,
+                message_id,
+                payload,
+                ..
+            } => {
+                self.sent.entry((*queue, *message_id)).or_insert(Sent {
+                    sender: *sender,
+                    first_sent: i,
+                });
+                self.by_payload
+                    .entry((*queue, payload.clone()))
+                    .or_insert(*message_id);
+            }
+            Event::EnqueueAcked {
+                queue,
+                message_id,
+                seq,
+                ..
+            } => match self.acked.get(&(*queue, *message_id)) {
+                Some((first, _)) if first != seq => {
+                    let first = *first;
+                    self.flag(
+                        Invariant::StoredTwice,
+                        Some(i),
+                        format!("message acknowledged with seq {first} and again with seq {seq}"),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    self.acked.insert((*queue, *message_id), (*seq, i));
+                }
+            },
+            Event::EnqueueFailed {
+                error, transient, ..
+            } => {
+                if !transient {
+                    self.flag(Invariant::Refused, Some(i), error.clone());
+                }
+            }
+            Event::Fetched {
+                queue,
+                after_seq,
+                messages,
+                next_seq,
+            } => self.fetched(i, *queue, *after_seq, messages, *next_seq),
+            Event::FetchRefused {
+                after_seq, error, ..
+            } => self.flag(
+                Invariant::FetchRefused,
+                Some(i),
+                format!("fetch after {after_seq} refused: {error}"),
+            ),
+            Event::QueueAudited {
+                queue,
+                cursor,
+                pending,
+                next_seq,
+            } => self
+                .audited
+                .push((i, *queue, *cursor, *pending, *next_seq)),
+            Event::KeyPackageUploadSent {
+                owner,
+                package,
+                last_resort,
+            } => {
+                self.kp_sent
+                    .entry((*owner, package.clone(), *last_resort))
+                    .or_insert(i);
+            }
+            Event::KeyPackageUploaded {
+                owner,
+                package,
+                last_resort,
+            } => {
+                if *last_resort {
+                    self.lr_acked.entry(*owner).or_insert(i);
+                } else {
+                    self.kp_acked.entry((*owner, package.clone())).or_insert(i);
+                }
+            }
+            Event::KeyPackagePopSent { target, pop, .. } => {
+                self.pops.insert(
+                    *pop,
+                    Pop {
+                        target: *target,
+                        sent: i,
+                    },
+                );
+            }
+            Event::KeyPackagePopped {
+                pop,
+                target,
+                package,
+                last_resort,
+            } => self.popped(i, *pop, *target, package, *last_resort),
+            Event::KeyPackageNotFound { pop, target } => {
+                let sent = self.pops.get(pop).map_or(i, |p| p.sent);
+                if let Some(lr) = self.lr_acked.get(target)
+                    && *lr < sent
+                {
+                    let lr = *lr;
+                    self.flag(
+                        Invariant::LastResort,
+                        Some(i),
+                        format!(
+                            "pop {pop} got notFound although a last-resort package was acknowledged at event {lr}"
+                        ),
+                    );
+                }
+            }
+            Event::KeyPackageAudited {
+                owner,
+                count,
+                has_last_resort,
+                popped,
+                then_last_resort,
+            } => {
+                if popped != count {
+                    self.flag(
+                        Invariant::LastResort,
+                        Some(i),
+                        format!(
+                            "the owner counted {count} packages but the audit popped {popped} before the pool ran dry"
+                        ),
+                    );
+                }
+                if then_last_resort != has_last_resort {
+                    self.flag(
+                        Invariant::LastResort,
+                        Some(i),
+                        format!(
+                            "count said last resort {has_last_resort}, the empty pool answered last resort {then_last_resort}"
+                        ),
+                    );
+                }
+                if self.lr_acked.contains_key(owner) && !has_last_resort {
+                    self.flag(
+                        Invariant::LastResort,
+                        Some(i),
+                        "an acknowledged last-resort package is gone".into(),
+                    );
+                }
+            }
+            Event::ForeignRequest {
+                answered: Some(n),
+                after_seq,
+                detail,
+                ..
+            } => self.flag(
+                Invariant::ForeignAccess,
+                Some(i),
+                format!("a request for someone else's queue (after {after_seq}) was answered with {n} messages: {detail}"),
+            ),
+            Event::ServerQuiescent {
+                gauges,
+                open_connections,
+            } => {
+                if *gauges != Default::default() || *open_connections != 0 {
+                    self.flag(
+                        Invariant::LeftOpen,
+                        Some(i),
+                        format!(
+                            "after every client left the server still holds {gauges:?} and {open_connections} QUIC connections"
+                        ),
+                    );
+                }
+            }
+            Event::Retained {
+                tracked,
+                open_connections,
+                lasted,
+            } => self.flag(
+                Invariant::LeftOpen,
+                Some(i),
+                format!(
+                    "the server tracked {tracked} connections while QUIC had {open_connections} open, for {lasted:?}"
+                ),
+            ),
+            Event::Panicked(what) => self.flag(Invariant::Panic, Some(i), what.clone()),
+            Event::Stuck(what) => self.flag(Invariant::Stuck, Some(i), what.clone()),
+            Event::ForeignRequest { answered: None, .. }
+            | Event::ServerCrashed { .. }
+            | Event::ServerRestarted
+            | Event::ClientCrashed(_)
+            | Event::AnswerDropped { .. }
+            | Event::Fault(_) => {}
+        }
+    }
+
+    fn fetched(
+        &mut self,
+        i: usize,
+        queue: QueueId,
+        after_seq: u64,
+        messages: &[(u64, Vec<u8>)],
+        next_seq: u64,
+    ) {
+        let mut expected = after_seq + 1;
+        for (seq, payload) in messages {
+            if *seq < expected && *seq <= after_seq {
+                self.flag(
+                    Invariant::SeqOrder,
+                    Some(i),
+                    format!("fetch after {after_seq} returned seq {seq}"),
+                );
+            } else if *seq < expected {
+                self.flag(
+                    Invariant::SeqOrder,
+                    Some(i),
+                    format!(
+                        "fetch after {after_seq} returned seq {seq} after seq {}",
+                        expected - 1
+                    ),
+                );
+            } else if *seq > expected {
+                self.flag(
+                    Invariant::SeqGap,
+                    Some(i),
+                    format!("fetch after {after_seq} skipped from seq {expected} to {seq}"),
+                );
+            }
+            expected = expected.max(seq + 1);
+            if *seq >= next_seq {
+                self.flag(
+                    Invariant::SeqOrder,
+                    Some(i),
+                    format!("fetch returned seq {seq} but reported next seq {next_seq}"),
+                );
+            }
+            self.delivered(i, queue, *seq, payload);
+        }
+    }
+
+    fn delivered(&mut self, i: usize, queue: QueueId, seq: u64, payload: &[u8]) {
+        let Some(mid) = self.by_payload.get(&(queue, payload.to_vec())).copied() else {
+            self.flag(
+                Invariant::Phantom,
+                Some(i),
+                format!("seq {seq} carries a payload never sent to this queue"),
+            );
+            return;
+        };
+        let view = self.queues.entry(queue).or_default();
+        let mut found = Vec::new();
+        match view.by_seq.get(&seq) {
+            Some(p) if p != payload => found.push((
+                Invariant::SeqReused,
+                format!("seq {seq} delivered with two different payloads"),
+            )),
+            Some(_) => {}
+            None => {
+                view.by_seq.insert(seq, payload.to_vec());
+            }
+        }
+        match view.seq_of.get(&mid) {
+            Some(s) if *s != seq => found.push((
+                Invariant::StoredTwice,
+                format!("one message id delivered at seq {s} and at seq {seq}"),
+            )),
+            Some(_) => {}
+            None => {
+                view.seq_of.insert(mid, seq);
+            }
+        }
+        for (inv, d) in found {
+            self.flag(inv, Some(i), d);
+        }
+    }
+
+    fn popped(
+        &mut self,
+        i: usize,
+        pop: u64,
+        target: IdentityKey,
+        package: &[u8],
+        last_resort: bool,
+    ) {
+        let sent = self.pops.get(&pop).map_or(i, |p| p.sent);
+        debug_assert!(self.pops.get(&pop).is_none_or(|p| p.target == target));
+        if last_resort {
+            if !self.kp_sent.contains_key(&(target, package.to_vec(), true)) {
+                self.flag(
+                    Invariant::LastResort,
+                    Some(i),
+                    format!("pop {pop} returned a last-resort package never uploaded as one"),
+                );
+            }
+            self.lr_results.push((sent, target, i));
+            return;
+        }
+        if !self
+            .kp_sent
+            .contains_key(&(target, package.to_vec(), false))
+        {
+            self.flag(
+                Invariant::KeyPackageForged,
+                Some(i),
+                format!("pop {pop} returned a KeyPackage never uploaded for that identity"),
+            );
+        }
+        if let Some(first) = self.handed.insert((target, package.to_vec()), pop) {
+            self.flag(
+                Invariant::KeyPackageTwice,
+                Some(i),
+                format!("pops {first} and {pop} got the same KeyPackage"),
+            );
+        }
+        self.nonlr_results.push((sent, target, package.to_vec(), i));
+    }
+
+    fn finish(mut self) -> Vec<Violation> {
+        self.check_acked();
+        self.check_gap_free_and_audits();
+        self.check_sender_order();
+        self.check_last_resort_only_when_empty();
+        self.v
+    }
+
+    fn check_acked(&mut self) {
+        let mut found = Vec::new();
+        for ((queue, mid), (seq, i)) in &self.acked {
+            match self.queues.get(queue).and_then(|q| q.seq_of.get(mid)) {
+                None => found.push((
+                    Invariant::AckedLost,
+                    *i,
+                    format!("message acknowledged with seq {seq} was never delivered"),
+                )),
+                Some(d) if d != seq => found.push((
+                    Invariant::AckMismatch,
+                    *i,
+                    format!("message acknowledged with seq {seq} was delivered at seq {d}"),
+                )),
+                Some(_) => {}
+            }
+        }
+        for (inv, i, d) in found {
+            self.flag(inv, Some(i), d);
+        }
+    }
+
+    fn check_gap_free_and_audits(&mut self) {
+        let mut found = Vec::new();
+        for (queue, view) in &self.queues {
+            let max = view.by_seq.keys().next_back().copied().unwrap_or(0);
+            let missing: Vec<u64> = (1..=max).filter(|s| !view.by_seq.contains_key(s)).collect();
+            if !missing.is_empty() {
+                found.push((
+                    Invariant::SeqGap,
+                    None,
+                    format!(
+                        "queue {} never delivered seqs {missing:?} below its highest seq {max}",
+                        queue.recipient_key.short()
+                    ),
+                ));
+            }
+        }
+        for (i, queue, cursor, pending, next_seq) in &self.audited {
+            let max = self
+                .queues
+                .get(queue)
+                .and_then(|v| v.by_seq.keys().next_back().copied())
+                .unwrap_or(0);
+            if *pending > 0 {
+                found.push((
+                    Invariant::Audit,
+                    Some(*i),
+                    format!("{pending} messages still pending after the drain"),
+                ));
+            }
+            if *cursor != max || *next_seq != max + 1 {
+                found.push((
+                    Invariant::Audit,
+                    Some(*i),
+                    format!(
+                        "after the drain the cursor is {cursor} and the next seq {next_seq}, but the highest seq delivered is {max}"
+                    ),
+                ));
+            }
+        }
+        for (inv, i, d) in found {
+            self.flag(inv, i, d);
+        }
+    }
+
+    fn check_sender_order(&mut self) {
+        // Per (sender, queue): acknowledged messages with when they were
+        // first sent, when acknowledged, and their seq.
+        let mut per: BTreeMap<(IdentityKey, QueueId), Vec<AckedMessage>> = BTreeMap::new();
+        for ((queue, mid), (seq, acked_at)) in &self.acked {
+            if let Some(s) = self.sent.get(&(*queue, *mid)) {
+                per.entry((s.sender, *queue))
+                    .or_default()
+                    .push((s.first_sent, *acked_at, *seq));
+            }
+        }
+        let mut found = Vec::new();
+        for msgs in per.values_mut() {
+            msgs.sort_unstable();
+            for (b, &(b_sent, _, b_seq)) in msgs.iter().enumerate() {
+                for &(_, a_acked, a_seq) in &msgs[..b] {
+                    if a_acked < b_sent && a_seq >= b_seq {
+                        found.push((
+                            b_sent,
+                            format!(
+                                "a message acknowledged (seq {a_seq}) before its sender sent the next one got the larger seq; the next got {b_seq}"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, d) in found {
+            self.flag(Invariant::SenderOrder, Some(i), d);
+        }
+    }
+
+    /// A last-resort answer means the pool was empty while that pop ran. A
+    /// package whose upload was acknowledged before the pop was sent, and
+    /// which a pop sent after the answer arrived still found, was in the
+    /// pool all along.
+    fn check_last_resort_only_when_empty(&mut self) {
+        let mut found = Vec::new();
+        for (lr_sent, lr_target, lr_done) in &self.lr_results {
+            for (sent, target, package, i) in &self.nonlr_results {
+                if target != lr_target || sent <= lr_done {
+                    continue;
+                }
+                if let Some(up) = self.kp_acked.get(&(*target, package.clone()))
+                    && up < lr_sent
+                {
+                    found.push((
+                        *i,
+                        format!(
+                            "the last-resort package was served (event {lr_done}) while a package uploaded at event {up} was still in the pool"
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, d) in found {
+            self.flag(Invariant::LastResort, Some(i), d);
+        }
+    }
+}
+
+/// Renders `violations` with the events they point at, for a failure report.
+pub fn report(history: &History, violations: &[Violation]) -> String {
+    let mut out = String::new();
+    for v in violations.iter().take(REPORTED_VIOLATIONS_MAX) {
+        out.push_str(&format!("  - {v}\n"));
+        if let Some(r) = v.at.and_then(|i| history.events.get(i)) {
+            out.push_str(&format!("      event: {}\n", brief(&r.event)));
+        }
+    }
+    if violations.len() > REPORTED_VIOLATIONS_MAX {
+        out.push_str(&format!(
+            "  ... and {} more\n",
+            violations.len() - REPORTED_VIOLATIONS_MAX
+        ));
+    }
+    out
+}
+
+/// Violations listed in a failure report; the rest are counted.
+const REPORTED_VIOLATIONS_MAX: usize = 20;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use quicproquo_core::types::ChannelId;
+    use quicproquo_server::service::GaugeSnapshot;
+
+    use super::*;
+
+    fn key(n: u8) -> IdentityKey {
+        IdentityKey([n; 32])
+    }
+
+    fn queue(n: u8) -> QueueId {
+        QueueId {
+            recipient_key: key(n),
+            channel_id: ChannelId::default(),
+        }
+    }
+
+    fn mid(n: u8) -> MessageId {
+        MessageId([n; 16])
+    }
+
+    fn payload(n: u8) -> Vec<u8> {
+        vec![b'p', n]
+    }
+
+    /// A synthetic history, built one event at a time.
+    #[derive(Default)]
+    struct Synth(History);
+
+    impl Synth {
+        fn push(&mut self, e: Event) -> &mut Self {
+            let at = Duration::from_millis(self.0.events.len() as u64);
+            self.0.push(at, e);
+            self
+        }
+
+        fn send(&mut self, sender: u8, q: u8, m: u8) -> &mut Self {
+            self.push(Event::EnqueueSent {
+                sender: key(sender),
+                queue: queue(q),
+                message_id: mid(m),
+                payload: payload(m),
+                attempt: 1,
+            })
+        }
+
+        fn ack(&mut self, sender: u8, q: u8, m: u8, seq: u64) -> &mut Self {
+            self.push(Event::EnqueueAcked {
+                sender: key(sender),
+                queue: queue(q),
+                message_id: mid(m),
+                seq,
+            })
+        }
+
+        /// Sends and acknowledges message `m` with `seq`.
+        fn enqueue(&mut self, sender: u8, q: u8, m: u8, seq: u64) -> &mut Self {
+            self.send(sender, q, m).ack(sender, q, m, seq)
+        }
+
+        fn fetch(&mut self, q: u8, after: u64, msgs: &[(u64, u8)], next: u64) -> &mut Self {
+            self.push(Event::Fetched {
+                queue: queue(q),
+                after_seq: after,
+                messages: msgs.iter().map(|(s, m)| (*s, payload(*m))).collect(),
+                next_seq: next,
+            })
+        }
+
+        fn audit(&mut self, q: u8, cursor: u64, next: u64) -> &mut Self {
+            self.push(Event::QueueAudited {
+                queue: queue(q),
+                cursor,
+                pending: 0,
+                next_seq: next,
+            })
+        }
+
+        fn upload(&mut self, owner: u8, pkg: &[u8], last_resort: bool) -> &mut Self {
+            let e = |ack| {
+                if ack {
+                    Event::KeyPackageUploaded {
+                        owner: key(owner),
+                        package: pkg.to_vec(),
+                        last_resort,
+                    }
+                } else {
+                    Event::KeyPackageUploadSent {
+                        owner: key(owner),
+                        package: pkg.to_vec(),
+                        last_resort,
+                    }
+                }
+            };
+            self.push(e(false)).push(e(true))
+        }
+
+        fn pop(&mut self, pop: u64, target: u8, got: Option<(&[u8], bool)>) -> &mut Self {
+            self.push(Event::KeyPackagePopSent {
+                requester: key(99),
+                target: key(target),
+                pop,
+            });
+            match got {
+                Some((pkg, last_resort)) => self.push(Event::KeyPackagePopped {
+                    pop,
+                    target: key(target),
+                    package: pkg.to_vec(),
+                    last_resort,
+                }),
+                None => self.push(Event::KeyPackageNotFound {
+                    pop,
+                    target: key(target),
+                }),
+            }
+        }
+
+        fn quiet(&mut self) -> &mut Self {
+            self.push(Event::ServerQuiescent {
+                gauges: GaugeSnapshot::default(),
+                open_connections: 0,
+            })
+        }
+    }
+
+    /// Checks `h` and compares the set of broken invariants with `want`.
+    fn check_finds(h: &Synth, want: &[Invariant]) {
+        let v = check(&h.0);
+        assert_eq!(invariants(&v), want, "violations: {v:#?}");
+    }
+
+    /// Two senders, one queue, everything delivered once in order.
+    fn clean() -> Synth {
+        let mut h = Synth::default();
+        h.enqueue(1, 9, 1, 1)
+            .enqueue(2, 9, 2, 2)
+            .enqueue(1, 9, 3, 3)
+            .fetch(9, 0, &[(1, 1), (2, 2)], 3)
+            // A lost response: the same cursor gets the same messages again.
+            .fetch(9, 0, &[(1, 1), (2, 2), (3, 3)], 4)
+            .fetch(9, 3, &[], 4)
+            .audit(9, 3, 4)
+            .quiet();
+        h
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        check_finds(&clean(), &[]);
+    }
+
+    #[test]
+    fn a_lost_acknowledged_message_is_reported() {
+        let mut h = Synth::default();
+        h.enqueue(1, 9, 1, 1)
+            .enqueue(1, 9, 2, 2)
+            .fetch(9, 0, &[(1, 1)], 3)
+            .fetch(9, 1, &[], 3)
+            .audit(9, 1, 3);
+        // Seq 2 was acknowledged but never delivered; the audit sees the
+        // queue's counter ahead of what was delivered.
+        check_finds(&h, &[Invariant::AckedLost, Invariant::Audit]);
+    }
+
+    #[test]
+    fn a_message_stored_twice_is_reported() {
+        let mut h = Synth::default();
+        // The first attempt's acknowledgement is lost; the retry is stored
+        // again under a new seq.
+        h.send(1, 9, 1)
+            .send(1, 9, 1)
+            .ack(1, 9, 1, 2)
+            .fetch(9, 0, &[(1, 1), (2, 1)], 3)
+            .audit(9, 2, 3);
+        check_finds(&h, &[Invariant::StoredTwice, Invariant::AckMismatch]);
+    }
+
+    #[test]
+    fn two_acknowledgements_with_different_seqs_are_reported() {
+        let mut h = Synth::default();
+        h.enqueue(1, 9, 1, 1)
+            .ack(1, 9, 1, 2)
+            .fetch(9, 0, &[(1, 1)], 2);
+        check_finds(&h, &[Invariant::StoredTwice]);
+    }
+
+    #[test]
+    fn a_reordering_of_one_senders_messages_is_reported() {
+        let mut h = Synth::default();
+        // Message 1 was acknowledged before message 2 was sent, yet got
+        // the larger seq.
+        h.enqueue(1, 9, 1, 2)
+            .enqueue(1, 9, 2, 1)
+            .fetch(9, 0, &[(1, 2), (2, 1)], 3)
+            .audit(9, 2, 3);
+        check_finds(&h, &[Invariant::SenderOrder]);
+    }
+
+    #[test]
+    fn concurrent_sends_of_one_sender_may_land_in_any_order() {
+        let mut h = Synth::default();
+        // Message 2 was sent before message 1 was acknowledged: no order.
+        h.send(1, 9, 1)
+            .send(1, 9, 2)
+            .ack(1, 9, 2, 1)
+            .ack(1, 9, 1, 2)
+            .fetch(9, 0, &[(1, 2), (2, 1)], 3)
+            .audit(9, 2, 3);
+        check_finds(&h, &[]);
+    }
+
+    #[test]
+    fn a_reused_seq_is_reported() {
+        let mut h = Synth::default();
+        // Seq 1 shown with message 1, then (after a restart) with message 2.
+        h.enqueue(1, 9, 1, 1)
+            .send(2, 9, 2)
+            .fetch(9, 0, &[(1, 1)], 2)
+            .fetch(9, 0, &[(1, 2)], 2);
+        check_finds(&h, &[Invariant::SeqReused]);
+    }
+
+    #[test]
+    fn a_gap_and_a_backwards_fetch_are_reported() {
+        let mut h = Synth::default();
+        h.enqueue(1, 9, 1, 1)
+            .enqueue(1, 9, 2, 2)
+            .enqueue(1, 9, 3, 3)
+            .fetch(9, 0, &[(1, 1), (3, 3)], 4)
+            .fetch(9, 1, &[(1, 1)], 4);
+        check_finds(
+            &h,
+            &[Invariant::AckedLost, Invariant::SeqGap, Invariant::SeqOrder],
+        );
+    }
+
+    #[test]
+    fn a_payload_never_sent_is_reported() {
+        let mut h = Synth::default();
+        // Message 7 was sent to queue 8, not 9.
+        h.send(1, 8, 7).fetch(9, 0, &[(1, 7)], 2);
+        check_finds(&h, &[Invariant::Phantom]);
+    }
+
+    #[test]
+    fn a_double_issued_key_package_is_reported() {
+        let mut h = Synth::default();
+        h.upload(5, b"kp-a", false)
+            .upload(5, b"kp-b", false)
+            .pop(1, 5, Some((b"kp-a", false)))
+            .pop(2, 5, Some((b"kp-a", false)));
+        check_finds(&h, &[Invariant::KeyPackageTwice]);
+    }
+
+    #[test]
+    fn a_made_up_key_package_is_reported() {
+        let mut h = Synth::default();
+        h.upload(5, b"kp-a", false)
+            .pop(1, 5, Some((b"kp-x", false)))
+            .pop(2, 6, Some((b"kp-a", false)));
+        check_finds(&h, &[Invariant::KeyPackageForged]);
+    }
+
+    #[test]
+    fn the_last_resort_served_when_empty_passes() {
+        let mut h = Synth::default();
+        h.upload(5, b"kp-a", false)
+            .upload(5, b"lr", true)
+            .pop(1, 5, Some((b"kp-a", false)))
+            .pop(2, 5, Some((b"lr", true)))
+            .pop(3, 5, Some((b"lr", true)))
+            .push(Event::KeyPackageAudited {
+                owner: key(5),
+                count: 0,
+                has_last_resort: true,
+                popped: 0,
+                then_last_resort: true,
+            });
+        check_finds(&h, &[]);
+    }
+
+    #[test]
+    fn the_last_resort_served_while_the_pool_is_not_empty_is_reported() {
+        let mut h = Synth::default();
+        h.upload(5, b"kp-a", false)
+            .upload(5, b"lr", true)
+            .pop(1, 5, Some((b"lr", true)))
+            .pop(2, 5, Some((b"kp-a", false)));
+        check_finds(&h, &[Invariant::LastResort]);
+    }
+
+    #[test]
+    fn not_found_with_a_last_resort_uploaded_is_reported() {
+        let mut h = Synth::default();
+        h.upload(5, b"lr", true).pop(1, 5, None);
+        check_finds(&h, &[Invariant::LastResort]);
+    }
+
+    #[test]
+    fn an_audit_that_miscounts_the_pool_is_reported() {
+        let mut h = Synth::default();
+        h.upload(5, b"lr", true).push(Event::KeyPackageAudited {
+            owner: key(5),
+            count: 2,
+            has_last_resort: true,
+            popped: 1,
+            then_last_resort: true,
+        });
+        check_finds(&h, &[Invariant::LastResort]);
+    }
+
+    #[test]
+    fn an_answered_foreign_request_is_reported() {
+        let mut h = clean();
+        h.push(Event::ForeignRequest {
+            requester: Some(key(1)),
+            queue: queue(9),
+            after_seq: 3,
+            answered: None,
+            detail: "permissionDenied".into(),
+        })
+        .push(Event::ForeignRequest {
+            requester: Some(key(1)),
+            queue: queue(9),
+            after_seq: 3,
+            answered: Some(0),
+            detail: String::new(),
+        });
+        check_finds(&h, &[Invariant::ForeignAccess]);
+    }
+
+    #[test]
+    fn a_server_left_with_waiters_is_reported() {
+        let mut h = clean();
+        h.push(Event::ServerQuiescent {
+            gauges: GaugeSnapshot {
+                waiters: 1,
+                ..GaugeSnapshot::default()
+            },
+            open_connections: 0,
+        });
+        check_finds(&h, &[Invariant::LeftOpen]);
+    }
+
+    #[test]
+    fn panics_stuck_runs_and_refusals_are_reported() {
+        let mut h = clean();
+        h.push(Event::Panicked("boom".into()))
+            .push(Event::Stuck("recipient 2 not done".into()))
+            .push(Event::EnqueueFailed {
+                sender: key(1),
+                message_id: mid(4),
+                error: "queueFull".into(),
+                transient: false,
+            });
+        check_finds(
+            &h,
+            &[Invariant::Refused, Invariant::Panic, Invariant::Stuck],
+        );
+    }
+}

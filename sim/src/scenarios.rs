@@ -1,0 +1,543 @@
+//! The scenarios: each is a function from a seed to a [`Plan`] (network,
+//! actors, fault schedule). Everything random in a plan comes from the seed.
+//!
+//! | scenario | what it stresses |
+//! |---|---|
+//! | [`lossy_network`] | 5-20% datagram loss, variable latency (reordering), 8 senders, 4 recipients on 2 channels each, snoopers |
+//! | [`server_crash`] | the server crashed 1-3 times mid-traffic with slow syncs, so unsynced writes are lost |
+//! | [`lost_ack`] | enqueue acknowledgements dropped after the server handled the request; the sender retries with the same messageId |
+//! | [`key_packages`] | six clients popping one identity's KeyPackages while its owner uploads more and the server crashes |
+//! | [`partitions`] | links between the server and one client at a time cut (both ways or one way) and healed while traffic runs |
+//! | [`lost_fetch_answer`] | a fetch answer dropped after the server handled it, the recipient crashed and restarted from its saved cursor |
+//! | [`long_poll_storm`] | twelve long-polling recipients, crashed and restarted at random, with partition flaps |
+//!
+//! A scenario with full MLS clients (a group exchanging messages under
+//! loss) comes once the MLS client exists; see `sim/README.md`.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use quicproquo_core::types::{ChannelId, MessageId, QueueId};
+
+use crate::actors::{
+    KeyOwnerPlan, PlannedMessage, PollerPlan, PopperPlan, SenderPlan, SnooperPlan, identity,
+};
+use crate::coverage::Coverage;
+use crate::driver::{Fault, Plan};
+use crate::rng::Rng;
+
+/// A named scenario and how many seeds the default sweep runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Name (also the test's name).
+    pub name: &'static str,
+    /// Builds the plan for a seed.
+    pub plan: fn(u64) -> Plan,
+    /// Seeds of the default `cargo test` sweep.
+    pub default_seeds: u64,
+    /// What a sweep of this scenario must have exercised (over all its
+    /// seeds together), in words.
+    pub exercises: &'static str,
+    /// Whether a sweep's added-up coverage shows [`Self::exercises`].
+    pub exercised: fn(&Coverage) -> bool,
+}
+
+/// Every scenario.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "lossy_network",
+        plan: lossy_network,
+        default_seeds: 10,
+        exercises: "requests for others' queues refused",
+        exercised: |c| c.foreign_refused > 0,
+    },
+    Scenario {
+        name: "server_crash",
+        plan: server_crash,
+        default_seeds: 12,
+        exercises: "server crashes that discard unsynced writes, and enqueue retries",
+        exercised: |c| c.unsynced_batches_lost > 0 && c.enqueue_retries > 0,
+    },
+    Scenario {
+        name: "lost_ack",
+        plan: lost_ack,
+        default_seeds: 12,
+        exercises: "enqueues retried after the recipient already had the message",
+        exercised: |c| c.retries_after_delivery > 0,
+    },
+    Scenario {
+        name: "key_packages",
+        plan: key_packages,
+        default_seeds: 12,
+        exercises: "KeyPackages popped across server crashes and the last resort served",
+        exercised: |c| {
+            c.server_crashes > 0 && c.key_packages_popped > 0 && c.last_resort_served > 0
+        },
+    },
+    Scenario {
+        name: "partitions",
+        plan: partitions,
+        default_seeds: 12,
+        exercises: "enqueue retries",
+        exercised: |c| c.enqueue_retries > 0,
+    },
+    Scenario {
+        name: "lost_fetch_answer",
+        plan: lost_fetch_answer,
+        default_seeds: 12,
+        exercises: "crashed recipients fetching lost answers again",
+        exercised: |c| c.client_crashes > 0 && c.lost_answers_refetched > 0,
+    },
+    Scenario {
+        name: "long_poll_storm",
+        plan: long_poll_storm,
+        default_seeds: 6,
+        exercises: "crashed long-polling recipients",
+        exercised: |c| c.client_crashes > 0,
+    },
+];
+
+/// The scenario called `name`.
+pub fn scenario(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// A lossy, reordering network: 5-20% of datagrams lost, latency varying
+/// per datagram; 8 senders to 4 recipients on 2 channels each, one
+/// authenticated and one anonymous snooper.
+pub fn lossy_network(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "lossy_network", 0);
+    let loss = rng.float(0.05, 0.20);
+    let min = rng.millis(0, 10);
+    let latency = (min, min + rng.millis(20, 150));
+    let w = Workload {
+        senders: 8,
+        recipients: 4,
+        channels: 2,
+        messages: (4, 8),
+        pause_ms: (0, 100),
+        wait_ms_max: 3_000,
+        abandon: 0.0,
+    }
+    .build(seed, &mut rng);
+    let snoopers = w.snoopers(&mut rng, 2);
+    plan(
+        "lossy_network",
+        seed,
+        loss,
+        latency,
+        (0, 2),
+        w,
+        snoopers,
+        Vec::new(),
+    )
+}
+
+/// The server crashes 1-3 times while traffic runs and comes back after up
+/// to 1.5 s; syncs take 1-10 ms, so crashes land on unsynced writes.
+pub fn server_crash(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "server_crash", 0);
+    let loss = rng.float(0.0, 0.05);
+    let min = rng.millis(1, 10);
+    let latency = (min, min + rng.millis(10, 60));
+    let w = Workload {
+        senders: 6,
+        recipients: 3,
+        channels: 2,
+        messages: (8, 12),
+        pause_ms: (0, 150),
+        wait_ms_max: 2_000,
+        abandon: 0.0,
+    }
+    .build(seed, &mut rng);
+    let snoopers = w.snoopers(&mut rng, 1);
+    let crashes = rng.between(1, 3);
+    let faults = server_crashes(&mut rng, crashes, (200, 3_000), 1_500);
+    plan(
+        "server_crash",
+        seed,
+        loss,
+        latency,
+        (1, 10),
+        w,
+        snoopers,
+        faults,
+    )
+}
+
+/// Enqueue acknowledgements lost after the server handled the request: for
+/// two messages per sender the server's answers are dropped for longer than
+/// the sender waits, so it retries (on a new connection) with the same
+/// messageId; for one more they are dropped briefly, so the answer is only
+/// late. Recipients on healthy links usually see the message before the
+/// retry.
+pub fn lost_ack(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "lost_ack", 0);
+    let loss = rng.float(0.0, 0.03);
+    let min = rng.millis(1, 5);
+    let latency = (min, min + rng.millis(5, 50));
+    let mut w = Workload {
+        senders: 4,
+        recipients: 2,
+        channels: 1,
+        messages: (6, 8),
+        pause_ms: (0, 200),
+        wait_ms_max: 2_000,
+        abandon: 0.0,
+    }
+    .build(seed, &mut rng);
+    for s in &mut w.senders {
+        let s = Rc::get_mut(s).expect("plans are not shared yet");
+        let n = s.messages.len() as u64;
+        for k in 0..3 {
+            let m = &mut s.messages[rng.below(n) as usize];
+            m.lose_ack_for = Some(if k < 2 {
+                rng.millis(2_500, 4_500)
+            } else {
+                rng.millis(200, 1_200)
+            });
+        }
+    }
+    plan(
+        "lost_ack",
+        seed,
+        loss,
+        latency,
+        (0, 3),
+        w,
+        Vec::new(),
+        Vec::new(),
+    )
+}
+
+/// Six clients pop one identity's KeyPackages (more pops than packages, so
+/// the last resort is served) while the owner uploads more and the server
+/// crashes once or twice.
+pub fn key_packages(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "key_packages", 0);
+    let loss = rng.float(0.0, 0.05);
+    let min = rng.millis(1, 10);
+    let latency = (min, min + rng.millis(10, 50));
+    let owner = Rc::new(KeyOwnerPlan {
+        name: "kp-owner".into(),
+        key: signing_key(&mut rng),
+        initial: 24,
+        last_resort: true,
+        later: 6,
+    });
+    let target = identity(&owner.key);
+    let poppers = (0..6)
+        .map(|i| {
+            Rc::new(PopperPlan {
+                name: format!("popper-{i}"),
+                key: signing_key(&mut rng),
+                target,
+                pops: 6,
+            })
+        })
+        .collect();
+    let crashes = rng.between(1, 2);
+    let faults = server_crashes(&mut rng, crashes, (100, 3_000), 1_000);
+    Plan {
+        key_owner: Some(owner),
+        poppers,
+        ..plan(
+            "key_packages",
+            seed,
+            loss,
+            latency,
+            (1, 10),
+            Workload::default().build(seed, &mut rng),
+            Vec::new(),
+            faults,
+        )
+    }
+}
+
+/// The link between the server and one client at a time is cut (both
+/// ways, or only one way) for 0.3-4 s and healed, over about ten seconds
+/// of traffic.
+pub fn partitions(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "partitions", 0);
+    let loss = rng.float(0.0, 0.02);
+    let min = rng.millis(1, 10);
+    let latency = (min, min + rng.millis(5, 40));
+    let w = Workload {
+        senders: 6,
+        recipients: 3,
+        channels: 2,
+        messages: (8, 12),
+        pause_ms: (100, 600),
+        wait_ms_max: 3_000,
+        abandon: 0.0,
+    }
+    .build(seed, &mut rng);
+    let hosts = w.hosts();
+    let mut faults = Vec::new();
+    let mut t = rng.millis(100, 500);
+    while t < Duration::from_secs(10) {
+        let h = rng.pick(&hosts).clone();
+        faults.push((
+            t,
+            match rng.below(3) {
+                0 => Fault::Partition(h.clone()),
+                1 => Fault::PartitionToHost(h.clone()),
+                _ => Fault::PartitionFromHost(h.clone()),
+            },
+        ));
+        t += rng.millis(300, 4_000);
+        faults.push((t, Fault::Repair(h)));
+        t += rng.millis(0, 800);
+    }
+    plan(
+        "partitions",
+        seed,
+        loss,
+        latency,
+        (0, 3),
+        w,
+        Vec::new(),
+        faults,
+    )
+}
+
+/// Each recipient has one fetch answer dropped after the server handled
+/// it (the fetch acknowledged older messages and returned newer ones); the
+/// recipient's host is then crashed and restarted, and fetches again from
+/// the cursor it had saved.
+pub fn lost_fetch_answer(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "lost_fetch_answer", 0);
+    let loss = rng.float(0.0, 0.02);
+    let min = rng.millis(1, 10);
+    let latency = (min, min + rng.millis(5, 40));
+    let mut w = Workload {
+        senders: 3,
+        recipients: 3,
+        channels: 1,
+        messages: (8, 10),
+        pause_ms: (50, 250),
+        wait_ms_max: 1_000,
+        abandon: 0.0,
+    }
+    .build(seed, &mut rng);
+    for p in &mut w.pollers {
+        let p = Rc::get_mut(p).expect("plans are not shared yet");
+        p.lose_answer_from = Some(rng.between(0, 3) as u32);
+    }
+    plan(
+        "lost_fetch_answer",
+        seed,
+        loss,
+        latency,
+        (0, 3),
+        w,
+        Vec::new(),
+        Vec::new(),
+    )
+}
+
+/// Twelve recipients long-poll with waits up to the 25 s maximum while
+/// their hosts crash and restart at random, links to them flap, and now
+/// and then a recipient gives up on a long-poll and drops its connection;
+/// the server must let go of a closed connection's waiter at once and end
+/// with no waiter and no connection once they are gone.
+pub fn long_poll_storm(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "long_poll_storm", 0);
+    let loss = rng.float(0.0, 0.03);
+    let min = rng.millis(1, 10);
+    let latency = (min, min + rng.millis(5, 40));
+    let w = Workload {
+        senders: 4,
+        recipients: 6,
+        channels: 2,
+        messages: (6, 10),
+        pause_ms: (200, 1_000),
+        wait_ms_max: 25_000,
+        abandon: 0.3,
+    }
+    .build(seed, &mut rng);
+    let pollers: Vec<String> = w.pollers.iter().map(|p| p.name.clone()).collect();
+    let mut faults = Vec::new();
+    for _ in 0..rng.between(6, 10) {
+        let h = rng.pick(&pollers).clone();
+        faults.push((
+            rng.millis(300, 12_000),
+            Fault::CrashClient(h, rng.millis(0, 2_000)),
+        ));
+    }
+    for _ in 0..rng.between(6, 10) {
+        let h = rng.pick(&pollers).clone();
+        let t = rng.millis(300, 12_000);
+        faults.push((t, Fault::Partition(h.clone())));
+        faults.push((t + rng.millis(200, 3_000), Fault::Repair(h)));
+    }
+    plan(
+        "long_poll_storm",
+        seed,
+        loss,
+        latency,
+        (0, 3),
+        w,
+        Vec::new(),
+        faults,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    scenario: &'static str,
+    seed: u64,
+    loss: f64,
+    latency: (Duration, Duration),
+    sync_delay_ms: (u64, u64),
+    w: Built,
+    snoopers: Vec<Rc<SnooperPlan>>,
+    faults: Vec<(Duration, Fault)>,
+) -> Plan {
+    Plan {
+        scenario,
+        seed,
+        loss,
+        latency,
+        sync_delay: (
+            Duration::from_millis(sync_delay_ms.0),
+            Duration::from_millis(sync_delay_ms.1),
+        ),
+        senders: w.senders,
+        pollers: w.pollers,
+        snoopers,
+        key_owner: None,
+        poppers: Vec::new(),
+        faults,
+    }
+}
+
+/// `n` server crashes, due at random times within `window_ms`, each down
+/// for up to `down_ms_max`.
+fn server_crashes(
+    rng: &mut Rng,
+    n: u64,
+    window_ms: (u64, u64),
+    down_ms_max: u64,
+) -> Vec<(Duration, Fault)> {
+    (0..n)
+        .map(|_| {
+            (
+                rng.millis(window_ms.0, window_ms.1),
+                Fault::CrashServer(rng.millis(0, down_ms_max)),
+            )
+        })
+        .collect()
+}
+
+fn signing_key(rng: &mut Rng) -> SigningKey {
+    SigningKey::from_bytes(&rng.bytes::<32>())
+}
+
+/// The shape of a queue workload.
+#[derive(Debug, Clone, Copy, Default)]
+struct Workload {
+    senders: usize,
+    recipients: usize,
+    channels: usize,
+    /// Messages per sender, inclusive range.
+    messages: (u64, u64),
+    /// Think time before each message, inclusive range in milliseconds.
+    pause_ms: (u64, u64),
+    wait_ms_max: u64,
+    /// Chance a poller abandons a long-poll by dropping its connection.
+    abandon: f64,
+}
+
+/// A built workload: senders with their messages, one poller per queue.
+struct Built {
+    senders: Vec<Rc<SenderPlan>>,
+    pollers: Vec<Rc<PollerPlan>>,
+}
+
+impl Workload {
+    fn build(self, seed: u64, rng: &mut Rng) -> Built {
+        let recipients: Vec<SigningKey> = (0..self.recipients).map(|_| signing_key(rng)).collect();
+        let channels: Vec<ChannelId> = (0..self.channels)
+            .map(|c| {
+                if c == 0 {
+                    ChannelId::DEFAULT
+                } else {
+                    ChannelId::try_from_slice(&rng.bytes::<16>()).expect("16 bytes fit")
+                }
+            })
+            .collect();
+        let mut pollers = Vec::new();
+        let mut queues = Vec::new();
+        for (r, key) in recipients.iter().enumerate() {
+            for (c, channel) in channels.iter().enumerate() {
+                let queue = QueueId {
+                    recipient_key: identity(key),
+                    channel_id: *channel,
+                };
+                queues.push(queue);
+                pollers.push(Rc::new(PollerPlan {
+                    name: format!("poller-{r}-{c}"),
+                    key: key.clone(),
+                    queue,
+                    wait_ms_max: self.wait_ms_max,
+                    abandon: self.abandon,
+                    lose_answer_from: None,
+                    cursor: Default::default(),
+                    starts: Default::default(),
+                }));
+            }
+        }
+        let senders = (0..self.senders)
+            .map(|s| {
+                let n = rng.between(self.messages.0, self.messages.1);
+                let messages = (0..n)
+                    .map(|k| {
+                        let mut payload = format!("m/{seed}/{s}/{k}/").into_bytes();
+                        payload.extend((0..rng.between(1, 64)).map(|_| rng.below(256) as u8));
+                        PlannedMessage {
+                            queue: *rng.pick(&queues),
+                            message_id: MessageId(rng.bytes::<16>()),
+                            payload,
+                            pause_before: rng.millis(self.pause_ms.0, self.pause_ms.1),
+                            lose_ack_for: None,
+                        }
+                    })
+                    .collect();
+                Rc::new(SenderPlan {
+                    name: format!("sender-{s}"),
+                    key: signing_key(rng),
+                    messages,
+                })
+            })
+            .collect();
+        Built { senders, pollers }
+    }
+}
+
+impl Built {
+    /// Every client host of the workload.
+    fn hosts(&self) -> Vec<String> {
+        self.senders
+            .iter()
+            .map(|s| s.name.clone())
+            .chain(self.pollers.iter().map(|p| p.name.clone()))
+            .collect()
+    }
+
+    /// `n` snoopers asking for the workload's queues: the first
+    /// authenticated as an identity of its own, the second anonymous.
+    fn snoopers(&self, rng: &mut Rng, n: usize) -> Vec<Rc<SnooperPlan>> {
+        let victims: Vec<QueueId> = self.pollers.iter().map(|p| p.queue).collect();
+        (0..n)
+            .map(|i| {
+                Rc::new(SnooperPlan {
+                    name: format!("snooper-{i}"),
+                    key: (i % 2 == 0).then(|| signing_key(rng)),
+                    victims: victims.clone(),
+                })
+            })
+            .collect()
+    }
+}
