@@ -9,7 +9,10 @@
 //! crash can only forget what nobody was told about.
 //!
 //! [`MemStore`] models exactly that: writes apply at once to the live map, and
-//! [`MemStore::crash`] throws away every batch not yet synced.
+//! [`MemStore::crash`] throws away every batch not yet synced. It keeps, for
+//! every unsynced batch, the values its writes replaced (an undo log): a sync
+//! just forgets them, a crash puts them back newest first, so the live map
+//! returns to exactly the synced state without a second copy of the data.
 
 use std::collections::BTreeMap;
 
@@ -79,12 +82,17 @@ pub trait Store {
 #[derive(Debug, Clone, Default)]
 pub struct MemStore {
     live: BTreeMap<Vec<u8>, Vec<u8>>,
-    durable: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Batches written but not yet synced, oldest first.
-    unsynced: Vec<(Lsn, Batch)>,
+    /// Batches written but not yet synced, oldest first, each with the undo
+    /// record of its operations in order: the key and the value it had
+    /// before (`None`: absent). Undoing every unsynced batch, newest
+    /// operation first, yields the synced state.
+    unsynced: Vec<(Lsn, Vec<Undo>)>,
     last_lsn: Lsn,
     synced_lsn: Lsn,
 }
+
+/// A key and the value it held before one operation overwrote it.
+type Undo = (Vec<u8>, Option<Vec<u8>>);
 
 impl MemStore {
     /// An empty store.
@@ -113,9 +121,8 @@ impl MemStore {
     pub fn sync_up_to(&mut self, lsn: Lsn) -> Lsn {
         let upto = lsn.min(self.last_lsn);
         let split = self.unsynced.partition_point(|(l, _)| *l <= upto);
-        for (_, batch) in self.unsynced.drain(..split) {
-            apply(&mut self.durable, batch);
-        }
+        // Durable now: their undo records are no longer needed.
+        self.unsynced.drain(..split);
         self.synced_lsn = self.synced_lsn.max(upto);
         self.synced_lsn
     }
@@ -124,8 +131,18 @@ impl MemStore {
     /// numbers keep counting from where they were, as a real log would after
     /// recovery never reuse a number it may have handed out.
     pub fn crash(&mut self) {
-        self.unsynced.clear();
-        self.live = self.durable.clone();
+        for (_, undo) in self.unsynced.drain(..).rev() {
+            for (key, old) in undo.into_iter().rev() {
+                match old {
+                    Some(v) => {
+                        self.live.insert(key, v);
+                    }
+                    None => {
+                        self.live.remove(&key);
+                    }
+                }
+            }
+        }
     }
 
     /// Number of keys currently stored (live view).
@@ -151,22 +168,17 @@ impl Store for MemStore {
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.last_lsn = Lsn(self.last_lsn.0 + 1);
-        apply(&mut self.live, batch.clone());
-        self.unsynced.push((self.last_lsn, batch));
-        Ok(self.last_lsn)
-    }
-}
-
-fn apply(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: Batch) {
-    for (key, value) in batch.into_ops() {
-        match value {
-            Some(v) => {
-                map.insert(key, v);
-            }
-            None => {
-                map.remove(&key);
-            }
+        let ops = batch.into_ops();
+        let mut undo = Vec::with_capacity(ops.len());
+        for (key, value) in ops {
+            let old = match value {
+                Some(v) => self.live.insert(key.clone(), v),
+                None => self.live.remove(&key),
+            };
+            undo.push((key, old));
         }
+        self.unsynced.push((self.last_lsn, undo));
+        Ok(self.last_lsn)
     }
 }
 
@@ -212,6 +224,34 @@ mod tests {
         s.crash();
         let l2 = put(&mut s, b"a", b"2");
         assert!(l2 > l1);
+    }
+
+    #[test]
+    fn crash_restores_overwritten_and_deleted_values() {
+        let mut s = MemStore::new();
+        put(&mut s, b"a", b"1");
+        put(&mut s, b"b", b"2");
+        s.sync();
+        put(&mut s, b"a", b"3");
+        let mut b = Batch::new();
+        b.delete(b"b".to_vec());
+        b.put(b"a".to_vec(), b"4".to_vec());
+        b.put(b"c".to_vec(), b"5".to_vec());
+        s.write(b).unwrap();
+        s.crash();
+        let all: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(
+            all,
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        // Writes after the crash continue from the synced state.
+        put(&mut s, b"a", b"6");
+        s.sync();
+        s.crash();
+        assert_eq!(s.get(b"a").unwrap(), Some(b"6".to_vec()));
     }
 
     #[test]
