@@ -1,0 +1,213 @@
+//! `qpq-bench`: the load generator. Drives a running qpq-server (or the
+//! bare-QUIC baseline server it also contains) and prints throughput and
+//! latency percentiles; `--json` prints one JSON object instead.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use quicproquo_benches::echo::EchoServer;
+use quicproquo_benches::load::{self, LoadConfig, Workload};
+use quicproquo_client::ServerTrust;
+
+const WORKLOADS: &str = "\
+Workloads (--workload); one operation is:
+  enqueue        one enqueue of P bytes to the connection's own queues. A slot
+                 moves to a fresh channel every 5,000 messages, so no queue
+                 reaches the server's depth limit (10,000).
+  enqueue+fetch  one enqueue to the slot's own queue, then one fetch with the
+                 cursor: it acknowledges the previous message and returns the
+                 new one (recipients drain with cursors).
+  fetch          queues are first filled with --prefill messages per slot (not
+                 timed); one fetch with the cursor returns up to --fetch-limit
+                 messages and acknowledges the previous batch. Reports items/s,
+                 the drain rate. Ends early once the queues are empty.
+  fetchwait      every connection long-polls its own queue with fetchWait while
+                 its S slots enqueue to the next connection's queue; one
+                 operation is one delivered message, latency is
+                 enqueue-to-delivery (the send time travels in the payload).
+  keypackages    one KeyPackage upload of P bytes to the connection's own pool
+                 and one pop (fetchKeyPackage) of it. The server's defaults
+                 allow only a few pops per second per target: start it with
+                 QPQ_KEY_FETCH_PER_PAIR_PER_SEC, QPQ_KEY_FETCH_PER_PAIR_BURST,
+                 QPQ_KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC and
+                 QPQ_KEY_PACKAGE_FETCH_PER_TARGET_BURST raised (e.g. 1000000).
+  quic-echo      the bare-QUIC baseline against `qpq-bench baseline-server`:
+                 one stream carrying the bytes of an enqueue request of P bytes,
+                 answered with the bytes of an enqueue reply, over the same
+                 QUIC/TLS configuration as qpq-server.
+
+Every connection authenticates as its own fresh identity. The server limits
+enqueues per sender identity (default 10,000/s, burst 20,000): a run that
+pushes one connection past that sees rateLimited errors; raise it for
+benchmarks with QPQ_ENQUEUE_PER_SENDER_PER_SEC / QPQ_ENQUEUE_PER_SENDER_BURST
+on the server.
+
+With --metrics URL (the server's metrics_listen endpoint) the report adds the
+server's fsyncs and messages per fsync over the measured window.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qpq-bench",
+    version,
+    about = "Load generator for qpq-server: C connections x S requests in flight, payload P, \
+for a duration or a count; prints throughput and p50/p99/p99.9 latency.",
+    after_long_help = WORKLOADS,
+    args_conflicts_with_subcommands = true
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Server address, host:port.
+    #[arg(long, env = "QPQ_SERVER", default_value = "localhost:7443")]
+    server: String,
+    /// SHA-256 fingerprint of the server's certificate (64 hex digits, as
+    /// qpq-server or `qpq-bench baseline-server` prints it).
+    #[arg(long, env = "QPQ_SERVER_FINGERPRINT", conflicts_with = "server_ca")]
+    server_fingerprint: Option<String>,
+    /// CA certificate file (PEM) that issued the server's certificate.
+    #[arg(long, env = "QPQ_SERVER_CA")]
+    server_ca: Option<PathBuf>,
+    /// The workload; see below.
+    #[arg(long, short, value_enum, default_value = "enqueue")]
+    workload: Workload,
+    /// Connections (C), each authenticated as its own identity.
+    #[arg(long, short, default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight per connection (S).
+    #[arg(long, short = 's', default_value_t = 1)]
+    in_flight: usize,
+    /// Payload bytes (P).
+    #[arg(long, short, default_value_t = 1024)]
+    payload: usize,
+    /// Seconds to measure (after the warm-up).
+    #[arg(long, short, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many operations instead of after --duration (no
+    /// warm-up).
+    #[arg(long, short = 'n')]
+    count: Option<u64>,
+    /// Seconds to run before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Messages per fetch (fetch, fetchwait).
+    #[arg(long, default_value_t = 100)]
+    fetch_limit: u32,
+    /// Messages enqueued into each slot's queue before a `fetch` run (at
+    /// most the server's queue_depth_max).
+    #[arg(long, default_value_t = 2_000)]
+    prefill: u64,
+    /// The server's Prometheus endpoint, e.g. http://127.0.0.1:9464/metrics,
+    /// to report fsyncs and messages per fsync.
+    #[arg(long, env = "QPQ_BENCH_METRICS")]
+    metrics: Option<String>,
+    /// Print one JSON object instead of text (and no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the bare-QUIC baseline server: qpq-server's QUIC and TLS
+    /// configuration answering every stream with the bytes of an enqueue
+    /// reply. Prints its address and certificate fingerprint; runs until
+    /// SIGINT/SIGTERM.
+    BaselineServer {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        listen: SocketAddr,
+        /// Directory for its generated certificate.
+        #[arg(long, default_value = "qpq-echo-data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match args.command {
+        Some(Command::BaselineServer { listen, data_dir }) => {
+            rt.block_on(baseline_server(listen, data_dir))
+        }
+        None => rt.block_on(load_run(args.load)),
+    }
+}
+
+async fn load_run(a: LoadArgs) -> anyhow::Result<()> {
+    let trust = match (&a.server_fingerprint, &a.server_ca) {
+        (Some(fp), _) => ServerTrust::fingerprint_hex(fp)?,
+        (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+        (None, None) => {
+            bail!("give --server-fingerprint or --server-ca (or QPQ_SERVER_FINGERPRINT)")
+        }
+    };
+    let seconds = |s: f64, what: &str| {
+        Duration::try_from_secs_f64(s).with_context(|| format!("--{what} must be >= 0"))
+    };
+    let config = LoadConfig {
+        server: a.server,
+        trust,
+        workload: a.workload,
+        connections: a.connections,
+        in_flight: a.in_flight,
+        payload_bytes: a.payload,
+        duration: seconds(a.duration, "duration")?,
+        count: a.count,
+        warmup: seconds(a.warmup, "warmup")?,
+        fetch_limit: a.fetch_limit,
+        prefill: a.prefill,
+        metrics_url: a.metrics,
+        progress: !a.json,
+    };
+    let report = load::run(config).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(())
+}
+
+async fn baseline_server(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let server = EchoServer::bind(listen, &data_dir)?;
+    let hex: String = server
+        .fingerprint
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Same two lines as qpq-server prints, so scripts read both alike.
+    println!(
+        "qpq-bench baseline-server listening on {} (UDP)",
+        server.local_addr()?
+    );
+    println!("certificate SHA-256 fingerprint: {hex}");
+    server.serve(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Shared pieces of quicproquo's measurements: the criterion benches in
+//! `benches/` and the `qpq-bench` load generator use them.
+//!
+//! - [`core_rig`]: the NodeService machine over the core's `MemStore`, driven
+//!   the way the server shell drives it (feed a request, drain outputs, sync
+//!   when asked), with no I/O at all.
+//! - [`server`]: a real qpq-server in this process on loopback, for the end
+//!   to end benches.
+//! - [`load`]: the load generator's workloads against a running server.
+//! - [`echo`]: the bare-QUIC baseline, a trivial echo server and client with
+//!   the same request and response sizes.
+//! - [`scrape`]: reads the server's Prometheus metrics endpoint.
+//!
+//! Nothing here asserts a speed; measurements are printed, never tested.
+
+pub mod core_rig;
+pub mod echo;
+pub mod load;
+pub mod scrape;
+pub mod server;
+
+/// Payload sizes the benches use, in bytes: a small chat message and a
+/// typical MLS application message with padding.
+pub const PAYLOAD_SIZES: [usize; 2] = [256, 1024];
