@@ -105,6 +105,8 @@ config_keys! {
     durability: String, env = "QPQ_DURABILITY";
     /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info,fjall=warn,lsm_tree=warn].
     log: String, env = "QPQ_LOG";
+    /// TCP address for the Prometheus metrics endpoint (HTTP, GET /metrics), e.g. 127.0.0.1:9464; keep it on loopback [default: off].
+    metrics_listen: String, env = "QPQ_METRICS_LISTEN";
     /// PEM certificate chain to serve instead of the generated self-signed one.
     tls_cert: PathBuf, env = "QPQ_TLS_CERT";
     /// PEM private key for tls_cert.
@@ -189,6 +191,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Log filter.
     pub log: String,
+    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Served certificate and key, or `None` for the generated one.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Transport limits.
@@ -252,6 +256,13 @@ impl ServerConfig {
             key: "listen",
             message: format!("`{listen_str}` is not an address:port ({e})"),
         })?;
+        let metrics_listen = match c.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(s.parse().map_err(|e| ConfigError::Value {
+                key: "metrics_listen",
+                message: format!("`{s}` is not an address:port ({e})"),
+            })?),
+        };
         let durability = match c.durability.as_deref().unwrap_or("fsync") {
             "fsync" => Durability::Fsync,
             "buffered" => Durability::Buffered,
@@ -308,6 +319,7 @@ impl ServerConfig {
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             log: c.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+            metrics_listen,
             tls,
             transport: TransportLimits {
                 connections_max: c.connections_max.unwrap_or(t.connections_max),
@@ -404,6 +416,7 @@ mod tests {
         assert_eq!(c.db_path(), PathBuf::from("qpq-data/qpq.db"));
         assert_eq!(c.node.durability, Durability::Fsync);
         assert!(c.tls.is_none());
+        assert!(c.metrics_listen.is_none(), "metrics are off by default");
     }
 
     #[test]
@@ -415,6 +428,7 @@ mod tests {
         assert_eq!(from_file.listen, defaults.listen);
         assert_eq!(from_file.data_dir, defaults.data_dir);
         assert_eq!(from_file.log, defaults.log);
+        assert_eq!(from_file.metrics_listen, defaults.metrics_listen);
         assert_eq!(from_file.transport, defaults.transport);
         assert_eq!(from_file.node, defaults.node);
     }

@@ -5,10 +5,12 @@
 //! with `quicproquo-proto`, and passes them to the [`service`] task that owns
 //! the machine; [`store`] implements the machine's storage port over fjall
 //! with group commit. [`config`] resolves file, environment and flags;
-//! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC.
+//! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC; [`metrics`] counts
+//! requests and fsyncs and serves them as Prometheus text.
 
 pub mod config;
 pub mod endpoint;
+pub mod metrics;
 pub mod serve;
 pub mod service;
 pub mod store;

@@ -2,11 +2,14 @@
 //! configuration given by `qpq-server.toml`, `QPQ_*` variables and flags.
 
 use std::net::UdpSocket;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use quicproquo_core::node::NodeService;
 use quicproquo_server::config::{Args, ServerConfig};
+use quicproquo_server::metrics::{self, Metrics};
+use quicproquo_server::service::ServiceGauges;
 use quicproquo_server::store::fjall_store::FjallStore;
 use quicproquo_server::{endpoint, serve, tls};
 use rand_core::{OsRng, RngCore};
@@ -54,7 +57,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         quinn::EndpointConfig::default(),
         Some(server_config),
         socket,
-        std::sync::Arc::new(quinn::TokioRuntime),
+        Arc::new(quinn::TokioRuntime),
     )?;
     let addr = endpoint.local_addr()?;
     // The fingerprint goes to stdout so scripts can read it; logs go to stderr.
@@ -66,7 +69,28 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         durability = ?config.node.durability,
         "qpq-server started"
     );
-    let stats = serve::serve(endpoint, node, config.transport.clone(), shutdown_signal()).await;
+    let gauges = ServiceGauges::default();
+    let metrics = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint on TCP {addr}"))?;
+            let metrics = Arc::new(Metrics::new(config.node.durability, gauges.clone()));
+            tokio::spawn(metrics::serve_metrics(listener, metrics.clone()));
+            println!("metrics on http://{addr}/metrics");
+            Some(metrics)
+        }
+    };
+    let stats = serve::serve_observed(
+        endpoint,
+        node,
+        config.transport.clone(),
+        shutdown_signal(),
+        gauges,
+        metrics,
+    )
+    .await;
     tracing::info!(
         requests = stats.requests,
         syncs = stats.syncs,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::node::{NodeService, Reply};
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::TransportLimits;
+use crate::metrics::Metrics;
 use crate::service::{self, ServiceGauges, ServiceHandle, ServiceStats};
 use crate::store::ShellStore;
 
@@ -56,7 +58,20 @@ pub async fn serve_with_gauges<S: ShellStore>(
     shutdown: impl Future<Output = ()>,
     gauges: ServiceGauges,
 ) -> ServiceStats {
-    let (svc, service_task) = service::spawn_with_gauges(node, gauges);
+    serve_observed(endpoint, node, limits, shutdown, gauges, None).await
+}
+
+/// As [`serve_with_gauges`], also counting requests, errors, latencies
+/// and fsyncs in `metrics` when given (see [`crate::metrics`]).
+pub async fn serve_observed<S: ShellStore>(
+    endpoint: quinn::Endpoint,
+    node: NodeService<S>,
+    limits: TransportLimits,
+    shutdown: impl Future<Output = ()>,
+    gauges: ServiceGauges,
+    metrics: Option<Arc<Metrics>>,
+) -> ServiceStats {
+    let (svc, service_task) = service::spawn_observed(node, gauges, metrics.clone());
     let limits = Arc::new(limits);
     let (stop_tx, stop_rx) = watch::channel(false);
     let per_ip: Arc<Mutex<HashMap<IpAddr, u32>>> = Arc::default();
@@ -83,6 +98,7 @@ pub async fn serve_with_gauges<S: ShellStore>(
                     stop: stop_rx.clone(),
                     per_ip: per_ip.clone(),
                     ip,
+                    metrics: metrics.clone(),
                 };
                 connections.spawn(task.run(incoming));
             }
@@ -129,6 +145,7 @@ struct ConnectionTask {
     stop: watch::Receiver<bool>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
     ip: IpAddr,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ConnectionTask {
@@ -195,7 +212,7 @@ impl ConnectionTask {
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         while streams.try_join_next().is_some() {}
-                        streams.spawn(serve_stream(send, recv, id, self.svc.clone(), self.limits.clone()));
+                        streams.spawn(serve_stream(send, recv, id, self.svc.clone(), self.limits.clone(), self.metrics.clone()));
                     }
                     Err(e) => {
                         tracing::debug!(conn = id.0, reason = %e, "connection closed");
@@ -232,9 +249,14 @@ async fn serve_stream(
     conn: ConnectionId,
     svc: ServiceHandle,
     limits: Arc<TransportLimits>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     let read =
         tokio::time::timeout(limits.request_timeout, recv.read_to_end(REQUEST_BYTES_MAX)).await;
+    let received = Instant::now();
+    // The method as counted in the metrics: requests that never decoded
+    // are counted under one name of their own.
+    let mut method = "undecodable";
     let reply: Reply = match read {
         Err(_) => {
             let _ = recv.stop(codes::REQUEST_TIMEOUT.into());
@@ -260,7 +282,7 @@ async fn serve_stream(
                 Err(e.to_service_error())
             }
             Ok(request) => {
-                let method = request.body.method();
+                method = request.body.method();
                 let reply = svc.request(conn, request).await;
                 if let Err(e) = &reply {
                     tracing::debug!(conn = conn.0, method, kind = ?e.kind, "request refused");
@@ -270,6 +292,13 @@ async fn serve_stream(
         },
     };
     let bytes = encode_reply(&reply);
+    if let Some(m) = &metrics {
+        m.request(
+            method,
+            reply.as_ref().err().map(|e| e.kind),
+            received.elapsed(),
+        );
+    }
     let write = async {
         send.write_all(&bytes).await?;
         send.finish()?;

@@ -20,6 +20,7 @@ use quicproquo_core::types::{ConnectionId, RequestId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::store::{ShellStore, StorageError, SyncHandle, run_group_commit};
 
 /// Commands queued for the service task before senders wait: deep enough to
@@ -174,6 +175,16 @@ pub fn spawn_with_gauges<S: ShellStore>(
     node: NodeService<S>,
     gauges: ServiceGauges,
 ) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
+    spawn_observed(node, gauges, None)
+}
+
+/// As [`spawn_with_gauges`], also counting fsyncs, the batches each one
+/// covered and the command queue's depth in `metrics` when given.
+pub fn spawn_observed<S: ShellStore>(
+    node: NodeService<S>,
+    gauges: ServiceGauges,
+    metrics: Option<Arc<Metrics>>,
+) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
     let sync = node.store().sync_handle();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
@@ -189,6 +200,8 @@ pub fn spawn_with_gauges<S: ShellStore>(
         synced_rx,
         stats: ServiceStats::default(),
         gauges,
+        metrics,
+        synced_lsn: Lsn(0),
     };
     let join = tokio::spawn(async move {
         let stats = service.run().await;
@@ -218,6 +231,9 @@ struct Service<S> {
     synced_rx: mpsc::UnboundedReceiver<Result<Lsn, StorageError>>,
     stats: ServiceStats,
     gauges: ServiceGauges,
+    metrics: Option<Arc<Metrics>>,
+    /// Last `Lsn` a sync reported, to count the batches each fsync covers.
+    synced_lsn: Lsn,
 }
 
 impl<S: ShellStore> Service<S> {
@@ -233,11 +249,18 @@ impl<S: ShellStore> Service<S> {
                 synced = self.synced_rx.recv() => match synced {
                     Some(Ok(lsn)) => {
                         self.stats.syncs += 1;
+                        if let Some(m) = &self.metrics {
+                            m.fsync(lsn.0.saturating_sub(self.synced_lsn.0));
+                        }
+                        self.synced_lsn = self.synced_lsn.max(lsn);
                         let now = self.now();
                         self.node.handle_synced(now, lsn);
                     }
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "sync failed; refusing writes from now on");
+                        if let Some(m) = &self.metrics {
+                            m.sync_failed();
+                        }
                         let now = self.now();
                         self.node.handle_sync_failed(now, &e.to_string());
                     }
@@ -322,6 +345,9 @@ impl<S: ShellStore> Service<S> {
             }
         }
         self.gauges.publish(&self.node, self.pending.len());
+        if let Some(m) = &self.metrics {
+            m.service_queue_depth(self.rx.len());
+        }
     }
 
     fn now(&self) -> Time {
