@@ -1,0 +1,6 @@
+//! cargo-fuzz entry point; the body is [`quicproquo_fuzz::reply_decoder::run`], which
+//! `cargo test` also runs over the committed corpus.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| quicproquo_fuzz::reply_decoder::run(data));

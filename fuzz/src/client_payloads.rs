@@ -1,0 +1,707 @@
+//! Target `client_payloads`: a `ClientMachine` that is a member of a group
+//! runs `Receive`, and every fetch it makes is answered from the fuzz input
+//! as if by its queue: arbitrary bytes, real MLS messages from the group,
+//! real messages with one byte changed or cut short, envelopes around
+//! garbage, replays, lying seqs, wrong response kinds and errors.
+//!
+//! The world is built once per process, as `core-sm/src/client/tests.rs`
+//! builds its own: an in-memory NodeService, and users A, B and C. A
+//! creates group `g` and adds B, who joins. Then A's outgoing payloads are
+//! captured instead of delivered: an application message on `g`, a Commit
+//! adding C, a message of the next epoch, a Welcome for B into a new group
+//! `h`, and a message on `h`. Every run restores B from the same snapshot,
+//! so the input alone decides what happens.
+//!
+//! Checked: nothing panics; the command finishes (within a bound on
+//! effects) with one `Done`; every message shown was really sent by A,
+//! and none twice; B joins at most one group (`h`); and the state B
+//! persists restores.
+
+use std::collections::VecDeque;
+use std::sync::OnceLock;
+
+use ed25519_dalek::Signer as _;
+use quicproquo_core::client::{ClientMachine, Command, Effect, Event, Outcome};
+use quicproquo_core::limits::AUTH_VERSION;
+use quicproquo_core::node::{
+    NodeConfig, NodeService, Output, QueuedMessage, Reply, Request, RequestBody, Response,
+    auth_message,
+};
+use quicproquo_core::store::MemStore;
+use quicproquo_core::types::{ConnectionId, IdentityKey, RequestId, Signature};
+use quicproquo_core::{ErrorKind, ServiceError, Time};
+
+/// Effects one run may produce before it counts as not terminating.
+pub const EFFECTS_MAX: usize = 100_000;
+
+/// Texts A sends, in the order of [`Fixture::real`]'s messages.
+pub const TEXTS: [&str; 3] = ["hello from a", "after the commit", "in h"];
+
+/// Indexes into [`Fixture::real`].
+pub mod real {
+    /// Application message on `g` (epoch 1).
+    pub const MESSAGE_G: u8 = 0;
+    /// Commit on `g` adding C.
+    pub const COMMIT_G: u8 = 1;
+    /// Application message on `g` after the Commit (epoch 2).
+    pub const MESSAGE_G_AFTER_COMMIT: u8 = 2;
+    /// Welcome for B into `h`, on B's default channel.
+    pub const WELCOME_H: u8 = 3;
+    /// Application message on `h`.
+    pub const MESSAGE_H: u8 = 4;
+}
+
+/// The target's body: runs one `Receive` fed from `data` and returns the
+/// events shown.
+pub fn run(data: &[u8]) -> Vec<Event> {
+    let f = fixture();
+    let mut input = Input(data);
+    let wait_ms = if input.byte().unwrap_or(0) & 1 == 1 {
+        1_000
+    } else {
+        0
+    };
+    let mut m = ClientMachine::restore(&f.snapshot, [0x77; 32]).expect("the fixture restores");
+    m.start(Command::Receive { wait_ms });
+    let mut requests = VecDeque::new();
+    let mut events = Vec::new();
+    let mut done = None;
+    let mut finished = false;
+    for _ in 0..EFFECTS_MAX {
+        match m.poll_effect() {
+            Some(Effect::Persist) => {}
+            Some(Effect::Request { token, request }) => requests.push_back((token, request)),
+            Some(Effect::Event(e)) => events.push(e),
+            Some(Effect::Done(outcome)) => {
+                assert!(done.is_none(), "two Done effects for one command");
+                done = Some(outcome);
+            }
+            None => {
+                let Some((token, request)) = requests.pop_front() else {
+                    finished = true;
+                    break;
+                };
+                let reply = respond(&mut input, &request, f);
+                m.handle_response(token, reply);
+            }
+        }
+    }
+    assert!(
+        finished,
+        "Receive did not finish within {EFFECTS_MAX} effects"
+    );
+    let outcome = done.expect("Receive ended without Done");
+    check_events(&events, f);
+    if let Ok(Outcome::Received { messages }) = outcome {
+        let shown = events
+            .iter()
+            .filter(|e| matches!(e, Event::Message { .. }))
+            .count();
+        assert_eq!(messages as usize, shown, "Received counts what was shown");
+    }
+    ClientMachine::restore(&m.snapshot(), [0x78; 32]).expect("persisted state restores");
+    events
+}
+
+fn check_events(events: &[Event], f: &Fixture) {
+    let mut texts = Vec::new();
+    let mut joined = 0;
+    for e in events {
+        match e {
+            Event::Message { sender, text, .. } => {
+                assert_eq!(
+                    *sender, f.sender,
+                    "a message from someone who never sent one"
+                );
+                assert!(
+                    TEXTS.contains(&text.as_str()),
+                    "a message nobody sent: {text:?}"
+                );
+                assert!(!texts.contains(text), "{text:?} shown twice");
+                texts.push(text.clone());
+            }
+            Event::Joined { group, .. } => {
+                assert_eq!(group, "h", "joined a group nobody invited B to");
+                joined += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(joined <= 1, "joined {joined} times from one Welcome");
+}
+
+/// Answers one of the machine's requests from the input.
+fn respond(input: &mut Input<'_>, request: &RequestBody, f: &Fixture) -> Reply {
+    let after_seq = match request {
+        RequestBody::Fetch { after_seq, .. } | RequestBody::FetchWait { after_seq, .. } => {
+            *after_seq
+        }
+        _ => return Err(ServiceError::unavailable("fuzz: only fetches are answered")),
+    };
+    let Some(tag) = input.byte() else {
+        return Ok(Response::Messages {
+            messages: Vec::new(),
+            next_seq: after_seq.saturating_add(1),
+        });
+    };
+    match tag % 4 {
+        1 => Err(ServiceError::new(
+            error_kind(input.byte().unwrap_or(0)),
+            "fuzz",
+        )),
+        2 => Ok(Response::Enqueued { seq: 1 }),
+        _ => {
+            let n = input.byte().unwrap_or(0) % 8;
+            let mut seq = after_seq;
+            let mut messages = Vec::new();
+            for _ in 0..n {
+                seq = match input.byte().unwrap_or(0) % 3 {
+                    0 => seq.saturating_add(1),
+                    1 => seq,
+                    _ => input.u64(),
+                };
+                let payload = payload(input, f);
+                messages.push(QueuedMessage { seq, payload });
+            }
+            Ok(Response::Messages {
+                messages,
+                next_seq: seq.saturating_add(1),
+            })
+        }
+    }
+}
+
+fn payload(input: &mut Input<'_>, f: &Fixture) -> Vec<u8> {
+    let real = |i: u8| f.real[usize::from(i) % f.real.len()].clone();
+    match input.byte().unwrap_or(0) % 6 {
+        0 => real(input.byte().unwrap_or(0)),
+        1 => {
+            let mut p = real(input.byte().unwrap_or(0));
+            let pos = usize::from(input.u16());
+            let xor = input.byte().unwrap_or(1).max(1);
+            if !p.is_empty() {
+                let i = pos % p.len();
+                p[i] ^= xor;
+            }
+            p
+        }
+        2 => {
+            let len = usize::from(input.u16());
+            input.bytes(len).to_vec()
+        }
+        3 => {
+            let len = usize::from(input.u16());
+            [&[1u8, 2][..], input.bytes(len)].concat()
+        }
+        4 => {
+            let len = usize::from(input.u16());
+            [&[1u8, 1][..], input.bytes(len)].concat()
+        }
+        _ => {
+            let p = real(input.byte().unwrap_or(0));
+            let cut = usize::from(input.u16()) % (p.len() + 1);
+            p[..cut].to_vec()
+        }
+    }
+}
+
+fn error_kind(b: u8) -> ErrorKind {
+    match b % 10 {
+        0 => ErrorKind::InvalidArgument,
+        1 => ErrorKind::Unauthenticated,
+        2 => ErrorKind::PermissionDenied,
+        3 => ErrorKind::NotFound,
+        4 => ErrorKind::PayloadTooLarge,
+        5 => ErrorKind::RateLimited {
+            retry_after_ms: 100,
+        },
+        6 => ErrorKind::QueueFull,
+        7 => ErrorKind::StaleEpoch { current_epoch: 1 },
+        8 => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// The fuzz input, consumed front to back; reads past the end give zeros
+/// (or nothing, for [`Input::byte`]).
+struct Input<'a>(&'a [u8]);
+
+impl<'a> Input<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes([self.byte().unwrap_or(0), self.byte().unwrap_or(0)])
+    }
+
+    fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        for x in &mut b {
+            *x = self.byte().unwrap_or(0);
+        }
+        u64::from_be_bytes(b)
+    }
+
+    fn bytes(&mut self, len: usize) -> &'a [u8] {
+        let (taken, rest) = self.0.split_at(len.min(self.0.len()));
+        self.0 = rest;
+        taken
+    }
+}
+
+// ----- seeds -----------------------------------------------------------------
+
+/// How a seed message's seq is chosen.
+#[derive(Debug, Clone, Copy)]
+pub enum SeedSeq {
+    /// One after the previous (the cursor for the first).
+    Next,
+    /// The same as the previous (a redelivery).
+    Same,
+    /// This value.
+    Raw(u64),
+}
+
+/// A seed message's payload.
+#[derive(Debug, Clone)]
+pub enum SeedPayload {
+    /// A real payload (see [`real`]).
+    Real(u8),
+    /// A real payload with the byte at `pos` (modulo its length) xored.
+    Mutated {
+        /// Which real payload.
+        index: u8,
+        /// Where.
+        pos: u16,
+        /// With what (non-zero).
+        xor: u8,
+    },
+    /// These bytes.
+    Raw(Vec<u8>),
+    /// A group envelope around these bytes.
+    GroupEnvelope(Vec<u8>),
+    /// A Welcome envelope header followed by these bytes.
+    WelcomeEnvelope(Vec<u8>),
+    /// A real payload cut to `len` bytes (modulo its length + 1).
+    Truncated {
+        /// Which real payload.
+        index: u8,
+        /// How long.
+        len: u16,
+    },
+}
+
+/// The answer to one fetch in a seed.
+#[derive(Debug, Clone)]
+pub enum SeedResponse {
+    /// These messages.
+    Messages(Vec<(SeedSeq, SeedPayload)>),
+    /// No messages.
+    Empty,
+    /// An error of kind `n` (see `error_kind`).
+    Error(u8),
+    /// A response of the wrong kind.
+    WrongKind,
+}
+
+/// Encodes a run: whether `Receive` waits, then the answers to the
+/// machine's fetches in the order it makes them.
+pub fn encode(wait: bool, responses: &[SeedResponse]) -> Vec<u8> {
+    let mut out = vec![u8::from(wait)];
+    for r in responses {
+        match r {
+            SeedResponse::Empty => out.extend([3, 0]),
+            SeedResponse::Error(k) => out.extend([1, *k]),
+            SeedResponse::WrongKind => out.push(2),
+            SeedResponse::Messages(ms) => {
+                out.push(0);
+                out.push(u8::try_from(ms.len()).unwrap_or(7).min(7));
+                for (seq, p) in ms.iter().take(7) {
+                    match seq {
+                        SeedSeq::Next => out.push(0),
+                        SeedSeq::Same => out.push(1),
+                        SeedSeq::Raw(v) => {
+                            out.push(2);
+                            out.extend(v.to_be_bytes());
+                        }
+                    }
+                    encode_payload(&mut out, p);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn encode_payload(out: &mut Vec<u8>, p: &SeedPayload) {
+    let len16 = |b: &[u8]| u16::try_from(b.len()).unwrap_or(u16::MAX).to_be_bytes();
+    match p {
+        SeedPayload::Real(i) => out.extend([0, *i]),
+        SeedPayload::Mutated { index, pos, xor } => {
+            out.extend([1, *index]);
+            out.extend(pos.to_be_bytes());
+            out.push(*xor);
+        }
+        SeedPayload::Raw(b) => {
+            out.push(2);
+            out.extend(len16(b));
+            out.extend(b);
+        }
+        SeedPayload::GroupEnvelope(b) => {
+            out.push(3);
+            out.extend(len16(b));
+            out.extend(b);
+        }
+        SeedPayload::WelcomeEnvelope(b) => {
+            out.push(4);
+            out.extend(len16(b));
+            out.extend(b);
+        }
+        SeedPayload::Truncated { index, len } => {
+            out.extend([5, *index]);
+            out.extend(len.to_be_bytes());
+        }
+    }
+}
+
+/// Seeds, each with the texts it must show (in order) and whether B joins
+/// `h`; the corpus replay checks both.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>, bool)> {
+    use SeedPayload as P;
+    use SeedResponse as R;
+    use SeedSeq as S;
+    // B's fetches start with its default channel, then `g`; a batch with
+    // messages is followed by a fetch of the same channel (which
+    // acknowledges it) and fetches of any channel just joined.
+    vec![
+        (
+            "message",
+            encode(
+                false,
+                &[
+                    R::Empty,
+                    R::Messages(vec![(S::Next, P::Real(real::MESSAGE_G))]),
+                    R::Empty,
+                ],
+            ),
+            vec![TEXTS[0]],
+            false,
+        ),
+        (
+            "commit_then_message",
+            encode(
+                false,
+                &[
+                    R::Empty,
+                    R::Messages(vec![
+                        (S::Next, P::Real(real::COMMIT_G)),
+                        (S::Next, P::Real(real::MESSAGE_G_AFTER_COMMIT)),
+                    ]),
+                    R::Empty,
+                ],
+            ),
+            vec![TEXTS[1]],
+            false,
+        ),
+        (
+            "welcome_then_message",
+            encode(
+                false,
+                &[
+                    R::Messages(vec![(S::Next, P::Real(real::WELCOME_H))]),
+                    R::Empty,
+                    R::Empty,
+                    R::Messages(vec![(S::Next, P::Real(real::MESSAGE_H))]),
+                    R::Empty,
+                ],
+            ),
+            vec![TEXTS[2]],
+            true,
+        ),
+        (
+            "replays_and_tampering",
+            encode(
+                false,
+                &[
+                    R::Empty,
+                    R::Messages(vec![
+                        (S::Next, P::Real(real::MESSAGE_G)),
+                        (S::Same, P::Real(real::MESSAGE_G)),
+                        (S::Next, P::Real(real::MESSAGE_G)),
+                        (
+                            S::Next,
+                            P::Mutated {
+                                index: real::MESSAGE_G_AFTER_COMMIT,
+                                pos: 60,
+                                xor: 1,
+                            },
+                        ),
+                        (
+                            S::Next,
+                            P::Truncated {
+                                index: real::COMMIT_G,
+                                len: 100,
+                            },
+                        ),
+                        (S::Raw(u64::MAX), P::Real(real::MESSAGE_G)),
+                    ]),
+                    R::Empty,
+                ],
+            ),
+            vec![TEXTS[0]],
+            false,
+        ),
+        (
+            "garbage",
+            encode(
+                false,
+                &[
+                    R::Messages(vec![
+                        (S::Next, P::Raw(b"not an envelope".to_vec())),
+                        (S::Next, P::GroupEnvelope(b"not MLS".to_vec())),
+                        (S::Next, P::WelcomeEnvelope(vec![16; 40])),
+                        (
+                            S::Next,
+                            P::Mutated {
+                                index: real::WELCOME_H,
+                                pos: 300,
+                                xor: 0x80,
+                            },
+                        ),
+                    ]),
+                    R::Error(5),
+                    R::WrongKind,
+                ],
+            ),
+            vec![],
+            false,
+        ),
+        (
+            "wait_then_message",
+            encode(
+                true,
+                &[
+                    R::Empty,
+                    R::Empty,
+                    R::Empty,
+                    R::Messages(vec![(S::Next, P::Real(real::MESSAGE_G))]),
+                    R::Empty,
+                ],
+            ),
+            vec![TEXTS[0]],
+            false,
+        ),
+    ]
+}
+
+// ----- the world -------------------------------------------------------------
+
+/// B's state in group `g` and what A sent afterwards.
+pub struct Fixture {
+    /// B's snapshot, taken before any of [`Fixture::real`] was delivered.
+    pub snapshot: Vec<u8>,
+    /// A's identity, the only sender of real messages.
+    pub sender: IdentityKey,
+    /// A's captured payloads for B (see [`real`]).
+    pub real: Vec<Vec<u8>>,
+}
+
+/// The world, built on first use.
+pub fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(build_fixture)
+}
+
+const EXPORTER: [u8; 32] = [0x55; 32];
+
+struct World {
+    node: NodeService<MemStore>,
+    next_request: u64,
+    /// Enqueues captured instead of delivered: (recipient, payload).
+    captured: Option<Vec<(IdentityKey, Vec<u8>)>>,
+}
+
+fn build_fixture() -> Fixture {
+    let node = NodeService::new(NodeConfig::default(), [1; 32], MemStore::new())
+        .expect("open an empty store");
+    let mut w = World {
+        node,
+        next_request: 0,
+        captured: None,
+    };
+    let mut users: Vec<ClientMachine> = (0..3u8)
+        .map(|i| ClientMachine::generate([i + 10; 32]))
+        .collect();
+    for (i, m) in users.iter().enumerate() {
+        w.login(ConnectionId(i as u64), m);
+    }
+    let [a, b, c] = &mut users[..] else {
+        unreachable!("three users")
+    };
+    let (b_key, c_key) = (b.identity_key(), c.identity_key());
+    w.run_ok(a, 0, Command::Register { count: 1 });
+    w.run_ok(b, 1, Command::Register { count: 3 });
+    w.run_ok(c, 2, Command::Register { count: 1 });
+    w.run_ok(a, 0, Command::CreateGroup { name: "g".into() });
+    w.run_ok(
+        a,
+        0,
+        Command::AddMember {
+            group: "g".into(),
+            member: b_key,
+        },
+    );
+    let events = w.run_ok(b, 1, Command::Receive { wait_ms: 0 });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { group, .. } if group == "g")),
+        "B joins g: {events:?}"
+    );
+    let snapshot = b.snapshot();
+
+    // From here on A's payloads are captured, never delivered.
+    w.captured = Some(Vec::new());
+    let for_b = |w: &mut World, a: &mut ClientMachine, command: Command| {
+        w.run_ok(a, 0, command);
+        let captured = w.captured.replace(Vec::new()).unwrap_or_default();
+        let mine: Vec<Vec<u8>> = captured
+            .into_iter()
+            .filter(|(to, _)| *to == b_key)
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(mine.len(), 1, "one payload for B");
+        mine.into_iter().next().unwrap_or_default()
+    };
+    let send = |group: &str, text: &str| Command::Send {
+        group: group.into(),
+        text: text.into(),
+    };
+    let real = vec![
+        for_b(&mut w, a, send("g", TEXTS[0])),
+        for_b(
+            &mut w,
+            a,
+            Command::AddMember {
+                group: "g".into(),
+                member: c_key,
+            },
+        ),
+        for_b(&mut w, a, send("g", TEXTS[1])),
+        {
+            w.run_ok(a, 0, Command::CreateGroup { name: "h".into() });
+            for_b(
+                &mut w,
+                a,
+                Command::AddMember {
+                    group: "h".into(),
+                    member: b_key,
+                },
+            )
+        },
+        for_b(&mut w, a, send("h", TEXTS[2])),
+    ];
+    Fixture {
+        snapshot,
+        sender: a.identity_key(),
+        real,
+    }
+}
+
+impl World {
+    fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
+        let rid = RequestId(self.next_request);
+        self.next_request += 1;
+        self.node.handle_request(
+            Time::ZERO,
+            conn,
+            rid,
+            Request {
+                auth_version: AUTH_VERSION,
+                body,
+            },
+        );
+        let mut reply = None;
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Sync { lsn } => {
+                    let synced = self.node.store_mut().sync_up_to(lsn);
+                    self.node.handle_synced(Time::ZERO, synced);
+                }
+                Output::Reply {
+                    request_id,
+                    reply: r,
+                    ..
+                } if request_id == rid => reply = Some(r),
+                Output::Reply { .. } => {}
+            }
+        }
+        reply.expect("the in-memory server answers at once")
+    }
+
+    fn login(&mut self, conn: ConnectionId, m: &ClientMachine) {
+        self.node
+            .handle_connection_opened(Time::ZERO, conn, EXPORTER)
+            .expect("room for three connections");
+        let Ok(Response::AuthChallenge { nonce }) = self.call(conn, RequestBody::AuthChallenge)
+        else {
+            panic!("no challenge");
+        };
+        let sig = m
+            .signing_key()
+            .sign(&auth_message(&m.identity_key(), &nonce, &EXPORTER));
+        let r = self.call(
+            conn,
+            RequestBody::Authenticate {
+                identity_key: m.identity_key(),
+                signature: Signature(sig.to_bytes()),
+            },
+        );
+        assert_eq!(r, Ok(Response::Authenticated));
+    }
+
+    /// Runs `command` to completion; it must succeed.
+    fn run_ok(&mut self, m: &mut ClientMachine, conn: u64, command: Command) -> Vec<Event> {
+        let conn = ConnectionId(conn);
+        m.start(command.clone());
+        let mut events = Vec::new();
+        loop {
+            match m.poll_effect().expect("the machine finishes its command") {
+                Effect::Persist => {}
+                Effect::Request { token, request } => {
+                    let reply = match (&mut self.captured, &request) {
+                        (
+                            Some(captured),
+                            RequestBody::Enqueue {
+                                recipient_key,
+                                payload,
+                                ..
+                            },
+                        ) => {
+                            captured.push((*recipient_key, payload.clone()));
+                            Ok(Response::Enqueued {
+                                seq: captured.len() as u64,
+                            })
+                        }
+                        _ => self.call(conn, request),
+                    };
+                    m.handle_response(token, reply);
+                }
+                Effect::Event(e) => {
+                    assert!(
+                        !matches!(e, Event::Warning { .. } | Event::Tampering { .. }),
+                        "{command:?}: {e:?}"
+                    );
+                    events.push(e);
+                }
+                Effect::Done(outcome) => {
+                    outcome.unwrap_or_else(|e| panic!("{command:?} failed: {e}"));
+                    return events;
+                }
+            }
+        }
+    }
+}
