@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use quicproquo_core::limits;
 use quicproquo_core::node::{Durability, NodeConfig, RateConfig};
+use quicproquo_proto::{REPLY_BYTES_MAX, REQUEST_BYTES_MAX};
 use serde::Deserialize;
 
 /// Default UDP address the server listens on.
@@ -40,8 +41,19 @@ pub mod transport {
     /// and a long-poll per channel, small enough to bound memory.
     pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
     /// Bytes a connection may have in flight towards the server, over all
-    /// its streams.
+    /// its streams (QUIC's connection window), and the most the server
+    /// holds for the connection's requests until they are answered: a
+    /// request that finds this spent is answered `unavailable`. Without the
+    /// second, a client could pin a nearly full-size request on every one
+    /// of its streams by never finishing them.
     pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+    /// Bytes of fetch replies one connection may have in the making or
+    /// unread at once. A fetch or fetchWait sets aside room for the largest
+    /// reply before the machine reads anything (waiting for it up to the
+    /// request timeout); the room shrinks to the reply's real size, and is
+    /// given back while a fetchWait waits. Without it a client that never
+    /// reads could make the server hold a 4 MiB reply on every stream.
+    pub const CONNECTION_REPLY_BYTES_MAX: u32 = 16 * 1024 * 1024;
     /// Idle time after which a silent connection is closed.
     pub const IDLE_TIMEOUT_MS: u64 = 30_000;
     /// Time a client has to send a whole request on a stream.
@@ -119,8 +131,10 @@ config_keys! {
     pending_handshakes_max: u32, env = "QPQ_PENDING_HANDSHAKES_MAX";
     /// Concurrent request streams per connection [default: 128].
     streams_per_connection_max: u32, env = "QPQ_STREAMS_PER_CONNECTION_MAX";
-    /// Receive window per connection, bytes [default: 8388608].
+    /// Receive window, and bytes of unanswered requests held, per connection [default: 8388608].
     connection_receive_window_bytes: u32, env = "QPQ_CONNECTION_RECEIVE_WINDOW_BYTES";
+    /// Bytes of fetch replies in the making or unread, per connection [default: 16777216].
+    connection_reply_bytes_max: u32, env = "QPQ_CONNECTION_REPLY_BYTES_MAX";
     /// Close connections idle this long, ms [default: 30000].
     idle_timeout_ms: u64, env = "QPQ_IDLE_TIMEOUT_MS";
     /// Time to send one whole request, ms [default: 10000].
@@ -212,8 +226,10 @@ pub struct TransportLimits {
     pub pending_handshakes_max: u32,
     /// Concurrent bidirectional streams per connection.
     pub streams_per_connection_max: u32,
-    /// Connection receive window.
+    /// Connection receive window, and bytes of unanswered requests held.
     pub connection_receive_window_bytes: u32,
+    /// Bytes of fetch replies in the making or unread per connection.
+    pub connection_reply_bytes_max: u32,
     /// Idle timeout.
     pub idle_timeout: Duration,
     /// Time to receive a whole request.
@@ -230,6 +246,7 @@ impl Default for TransportLimits {
             pending_handshakes_max: transport::PENDING_HANDSHAKES_MAX,
             streams_per_connection_max: transport::STREAMS_PER_CONNECTION_MAX,
             connection_receive_window_bytes: transport::CONNECTION_RECEIVE_WINDOW_BYTES,
+            connection_reply_bytes_max: transport::CONNECTION_REPLY_BYTES_MAX,
             idle_timeout: Duration::from_millis(transport::IDLE_TIMEOUT_MS),
             request_timeout: Duration::from_millis(transport::REQUEST_TIMEOUT_MS),
             handshake_timeout: Duration::from_millis(transport::HANDSHAKE_TIMEOUT_MS),
@@ -313,6 +330,26 @@ impl ServerConfig {
                 message: "must be at least 1".to_owned(),
             });
         }
+        // Both connection budgets must hold the largest message, or it
+        // could never be received or sent.
+        let receive_window = c
+            .connection_receive_window_bytes
+            .unwrap_or(t.connection_receive_window_bytes);
+        if (receive_window as usize) < REQUEST_BYTES_MAX {
+            return Err(ConfigError::Value {
+                key: "connection_receive_window_bytes",
+                message: format!("must be at least the largest request, {REQUEST_BYTES_MAX}"),
+            });
+        }
+        let reply_bytes = c
+            .connection_reply_bytes_max
+            .unwrap_or(t.connection_reply_bytes_max);
+        if (reply_bytes as usize) < REPLY_BYTES_MAX {
+            return Err(ConfigError::Value {
+                key: "connection_reply_bytes_max",
+                message: format!("must be at least the largest reply, {REPLY_BYTES_MAX}"),
+            });
+        }
         Ok(ServerConfig {
             listen,
             data_dir: c
@@ -330,9 +367,8 @@ impl ServerConfig {
                     .pending_handshakes_max
                     .unwrap_or(t.pending_handshakes_max),
                 streams_per_connection_max: streams,
-                connection_receive_window_bytes: c
-                    .connection_receive_window_bytes
-                    .unwrap_or(t.connection_receive_window_bytes),
+                connection_receive_window_bytes: receive_window,
+                connection_reply_bytes_max: reply_bytes,
                 idle_timeout,
                 request_timeout: c
                     .request_timeout_ms
@@ -453,6 +489,31 @@ mod tests {
         };
         let e = ServerConfig::resolve(bad).unwrap_err();
         assert!(e.to_string().contains("durability"), "{e}");
+    }
+
+    #[test]
+    fn connection_budgets_must_hold_the_largest_message() {
+        let small_window = FileConfig {
+            connection_receive_window_bytes: Some(REQUEST_BYTES_MAX as u32 - 1),
+            ..Default::default()
+        };
+        let e = ServerConfig::resolve(small_window).unwrap_err();
+        assert!(
+            e.to_string().contains("connection_receive_window_bytes"),
+            "{e}"
+        );
+        let small_replies = FileConfig {
+            connection_reply_bytes_max: Some(REPLY_BYTES_MAX as u32 - 1),
+            ..Default::default()
+        };
+        let e = ServerConfig::resolve(small_replies).unwrap_err();
+        assert!(e.to_string().contains("connection_reply_bytes_max"), "{e}");
+        let exact = FileConfig {
+            connection_receive_window_bytes: Some(REQUEST_BYTES_MAX as u32),
+            connection_reply_bytes_max: Some(REPLY_BYTES_MAX as u32),
+            ..Default::default()
+        };
+        assert!(ServerConfig::resolve(exact).is_ok());
     }
 
     #[test]

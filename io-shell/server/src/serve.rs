@@ -11,15 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use quicproquo_core::error::ServiceError;
-use quicproquo_core::node::{NodeService, Reply};
+use quicproquo_core::node::{NodeService, Reply, RequestBody};
 use quicproquo_core::types::ConnectionId;
-use quicproquo_proto::{AUTH_EXPORTER_LABEL, REQUEST_BYTES_MAX, decode_request, encode_reply};
-use tokio::sync::watch;
+use quicproquo_proto::{
+    AUTH_EXPORTER_LABEL, REPLY_BYTES_MAX, REQUEST_BYTES_MAX, decode_request, encode_reply,
+};
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tokio::task::JoinSet;
 
 use crate::config::TransportLimits;
 use crate::metrics::Metrics;
-use crate::service::{self, ServiceGauges, ServiceHandle, ServiceStats};
+use crate::service::{self, ReplyReservation, ServiceGauges, ServiceHandle, ServiceStats};
 use crate::store::ShellStore;
 
 /// QUIC application error codes the server closes or resets with.
@@ -206,13 +208,14 @@ impl ConnectionTask {
     }
 
     async fn serve_streams(&mut self, conn: &quinn::Connection, id: ConnectionId) {
+        let budgets = Arc::new(ConnectionBudgets::new(&self.limits));
         let mut streams = JoinSet::new();
         loop {
             tokio::select! {
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         while streams.try_join_next().is_some() {}
-                        streams.spawn(serve_stream(send, recv, id, self.svc.clone(), self.limits.clone(), self.metrics.clone()));
+                        streams.spawn(serve_stream(send, recv, id, self.svc.clone(), self.limits.clone(), budgets.clone(), self.metrics.clone()));
                     }
                     Err(e) => {
                         tracing::debug!(conn = id.0, reason = %e, "connection closed");
@@ -243,20 +246,101 @@ impl ConnectionTask {
     }
 }
 
+/// The bytes the server holds on behalf of one connection, shared by its
+/// streams. Flow control bounds what a peer has in flight, but not what
+/// the server has already read or has yet to send: without these, each of
+/// a connection's streams could pin a request of nearly the size limit
+/// (by never finishing it) or a multi-megabyte fetch reply (by never
+/// reading it).
+struct ConnectionBudgets {
+    /// Bytes of requests read (or being read) and not yet answered; sized
+    /// by `connection_receive_window_bytes`.
+    requests: Semaphore,
+    /// Bytes of fetch replies the peer has not taken yet, or reserved for
+    /// fetches in the machine; sized by `connection_reply_bytes_max` (see
+    /// [`ServiceHandle::request_reserved`]).
+    replies: Arc<Semaphore>,
+}
+
+impl ConnectionBudgets {
+    fn new(limits: &TransportLimits) -> Self {
+        ConnectionBudgets {
+            requests: Semaphore::new(limits.connection_receive_window_bytes as usize),
+            replies: Arc::new(Semaphore::new(limits.connection_reply_bytes_max as usize)),
+        }
+    }
+}
+
+/// What a fetch or fetchWait reserves in its connection's reply budget
+/// before it reaches the machine: its largest possible reply.
+const RESERVED_REPLY_BYTES: u32 = REPLY_BYTES_MAX as u32;
+
+/// Largest piece of a request read at once: its bytes are taken from the
+/// connection's request budget before the read, the unused ones returned
+/// after it.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Why a request could not be read.
+enum ReadFailure {
+    /// It is longer than [`REQUEST_BYTES_MAX`].
+    TooLong,
+    /// The connection's request budget is spent.
+    Busy,
+    /// The stream failed.
+    Stream(quinn::ReadError),
+}
+
+/// Reads one whole request, holding its bytes against `budget` until the
+/// returned permit is dropped.
+async fn read_request<'a>(
+    recv: &mut quinn::RecvStream,
+    budget: &'a Semaphore,
+) -> Result<(Vec<u8>, SemaphorePermit<'a>), ReadFailure> {
+    let chunk_permits = READ_CHUNK_BYTES as u32;
+    let mut bytes = Vec::new();
+    let mut held = budget.try_acquire_many(0).map_err(|_| ReadFailure::Busy)?;
+    loop {
+        let mut permit = budget
+            .try_acquire_many(chunk_permits)
+            .map_err(|_| ReadFailure::Busy)?;
+        let Some(chunk) = recv
+            .read_chunk(READ_CHUNK_BYTES, true)
+            .await
+            .map_err(ReadFailure::Stream)?
+        else {
+            return Ok((bytes, held));
+        };
+        if bytes.len() + chunk.bytes.len() > REQUEST_BYTES_MAX {
+            return Err(ReadFailure::TooLong);
+        }
+        bytes.extend_from_slice(&chunk.bytes);
+        // Keep what the chunk used; the rest goes back with `permit`.
+        if let Some(used) = permit.split(chunk.bytes.len()) {
+            held.merge(used);
+        }
+    }
+}
+
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     conn: ConnectionId,
     svc: ServiceHandle,
     limits: Arc<TransportLimits>,
+    budgets: Arc<ConnectionBudgets>,
     metrics: Option<Arc<Metrics>>,
 ) {
-    let read =
-        tokio::time::timeout(limits.request_timeout, recv.read_to_end(REQUEST_BYTES_MAX)).await;
+    let read = tokio::time::timeout(
+        limits.request_timeout,
+        read_request(&mut recv, &budgets.requests),
+    )
+    .await;
     let received = Instant::now();
     // The method as counted in the metrics: requests that never decoded
     // are counted under one name of their own.
     let mut method = "undecodable";
+    // Bytes of the reply budget the reply holds until the peer takes it.
+    let mut reply_permit = None;
     let reply: Reply = match read {
         Err(_) => {
             let _ = recv.stop(codes::REQUEST_TIMEOUT.into());
@@ -265,25 +349,67 @@ async fn serve_stream(
                 limits.request_timeout.as_millis()
             )))
         }
-        Ok(Err(quinn::ReadToEndError::TooLong)) => {
+        Ok(Err(ReadFailure::TooLong)) => {
             let _ = recv.stop(0u32.into());
             Err(ServiceError::payload_too_large(format!(
                 "request exceeds {REQUEST_BYTES_MAX} bytes"
             )))
         }
-        Ok(Err(e)) => {
+        Ok(Err(ReadFailure::Busy)) => {
+            let _ = recv.stop(codes::BUSY.into());
+            Err(ServiceError::unavailable(format!(
+                "this connection's unanswered requests hold {} bytes, its limit; wait for replies before sending more",
+                limits.connection_receive_window_bytes
+            )))
+        }
+        Ok(Err(ReadFailure::Stream(e))) => {
             tracing::debug!(conn = conn.0, error = %e, "request stream failed");
             let _ = send.reset(0u32.into());
             return;
         }
-        Ok(Ok(bytes)) => match decode_request(&bytes) {
+        // The request's bytes stay counted (`_held`) until it is answered:
+        // its payload lives on in the service until then.
+        Ok(Ok((bytes, _held))) => match decode_request(&bytes) {
             Err(e) => {
                 tracing::debug!(conn = conn.0, error = %e, "undecodable request");
                 Err(e.to_service_error())
             }
             Ok(request) => {
                 method = request.body.method();
-                let reply = svc.request(conn, request).await;
+                let (reply, permit) = if matches!(
+                    request.body,
+                    RequestBody::Fetch { .. } | RequestBody::FetchWait { .. }
+                ) {
+                    // Its largest reply is set aside before the machine
+                    // reads anything; a connection whose budget is held by
+                    // unread replies waits here, not in memory.
+                    let reserve = tokio::time::timeout(
+                        limits.request_timeout,
+                        budgets
+                            .replies
+                            .clone()
+                            .acquire_many_owned(RESERVED_REPLY_BYTES),
+                    )
+                    .await;
+                    match reserve {
+                        Ok(Ok(held)) => {
+                            let reservation = ReplyReservation {
+                                budget: budgets.replies.clone(),
+                                held: Some(held),
+                            };
+                            svc.request_reserved(conn, request, reservation).await
+                        }
+                        _ => (
+                            Err(ServiceError::unavailable(
+                                "this connection has too many bytes of replies it has not read; read them, then fetch again",
+                            )),
+                            None,
+                        ),
+                    }
+                } else {
+                    (svc.request(conn, request).await, None)
+                };
+                reply_permit = permit;
                 if let Err(e) = &reply {
                     tracing::debug!(conn = conn.0, method, kind = ?e.kind, "request refused");
                 }
@@ -292,12 +418,11 @@ async fn serve_stream(
         },
     };
     let bytes = encode_reply(&reply);
+    let kind = reply.as_ref().err().map(|e| e.kind);
+    // Only the encoded bytes wait for the peer (with their budget permit).
+    drop(reply);
     if let Some(m) = &metrics {
-        m.request(
-            method,
-            reply.as_ref().err().map(|e| e.kind),
-            received.elapsed(),
-        );
+        m.request(method, kind, received.elapsed());
     }
     let write = async {
         send.write_all(&bytes).await?;
@@ -311,4 +436,5 @@ async fn serve_stream(
             let _ = send.reset(codes::REPLY_TIMEOUT.into());
         }
     }
+    drop(reply_permit);
 }

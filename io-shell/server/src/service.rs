@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::limits::TLS_EXPORTER_BYTES;
-use quicproquo_core::node::{NodeService, Output, Reply, Request};
+use quicproquo_core::node::{NodeService, Output, Reply, Request, Response};
 use quicproquo_core::store::Lsn;
 use quicproquo_core::time::Time;
 use quicproquo_core::types::{ConnectionId, RequestId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -42,8 +42,25 @@ enum Command {
     Request {
         conn: ConnectionId,
         request: Request,
-        reply: oneshot::Sender<Reply>,
+        budget: Option<ReplyReservation>,
+        reply: oneshot::Sender<BudgetedReply>,
     },
+}
+
+/// A reply and the bytes of its connection's reply budget it holds until
+/// dropped (see [`ServiceHandle::request_reserved`]).
+pub type BudgetedReply = (Reply, Option<OwnedSemaphorePermit>);
+
+/// Bytes of a connection's reply budget set aside for one fetch or
+/// fetchWait before it reaches the machine: enough for the largest reply,
+/// so whatever the machine answers (and holds until durable) is already
+/// paid for. The reservation is cut to the reply's real size when the
+/// reply comes out, and given back while a fetchWait waits.
+pub struct ReplyReservation {
+    /// The connection's reply budget.
+    pub budget: Arc<Semaphore>,
+    /// The bytes reserved; `None` once given back.
+    pub held: Option<OwnedSemaphorePermit>,
 }
 
 /// A cloneable handle through which connection tasks talk to the service.
@@ -81,18 +98,86 @@ impl ServiceHandle {
 
     /// Sends one request and waits for its reply.
     pub async fn request(&self, conn: ConnectionId, request: Request) -> Reply {
+        self.send_request(conn, request, None).await.0
+    }
+
+    /// As [`Self::request`] for a fetch or fetchWait whose largest reply is
+    /// reserved in its connection's reply budget (the bytes of replies the
+    /// connection may leave unread). The reply comes back holding its real
+    /// size in permits, to be dropped once the peer has taken it. A woken
+    /// fetchWait, whose reservation was given back while it waited, takes
+    /// its bytes anew; if they do not fit it is answered `unavailable` and
+    /// its messages stay queued for the next fetch with the same cursor.
+    /// So a client that never reads cannot make the server hold more than
+    /// its budget.
+    pub async fn request_reserved(
+        &self,
+        conn: ConnectionId,
+        request: Request,
+        reservation: ReplyReservation,
+    ) -> BudgetedReply {
+        self.send_request(conn, request, Some(reservation)).await
+    }
+
+    async fn send_request(
+        &self,
+        conn: ConnectionId,
+        request: Request,
+        budget: Option<ReplyReservation>,
+    ) -> BudgetedReply {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        if self
+            .tx
             .send(Command::Request {
                 conn,
                 request,
+                budget,
                 reply,
             })
             .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+            .is_err()
+        {
+            return (Err(stopped()), None);
+        }
+        rx.await.unwrap_or_else(|_| (Err(stopped()), None))
     }
 }
+
+/// Pays for `reply`'s message bytes out of `reservation` (the rest goes
+/// back to the budget), or out of the budget itself if the reservation was
+/// given back; turns the reply into `unavailable` if they do not fit.
+fn admit(reply: Reply, reservation: Option<ReplyReservation>) -> BudgetedReply {
+    let Some(ReplyReservation { budget, held }) = reservation else {
+        return (reply, None);
+    };
+    let bytes = match &reply {
+        Ok(Response::Messages { messages, .. }) => messages
+            .iter()
+            .map(|m| m.payload.len().saturating_add(MESSAGE_FRAMING_BYTES))
+            .fold(0usize, usize::saturating_add),
+        _ => 0,
+    };
+    let paid = match held {
+        // Whatever is not split off returns to the budget when `held` drops.
+        Some(mut held) => held.split(bytes),
+        None => u32::try_from(bytes)
+            .ok()
+            .and_then(|n| budget.try_acquire_many_owned(n).ok()),
+    };
+    match paid {
+        Some(permit) => (reply, Some(permit)),
+        None => (
+            Err(ServiceError::unavailable(
+                "this connection has too many bytes of replies it has not read; read them, then fetch again (the messages stay queued)",
+            )),
+            None,
+        ),
+    }
+}
+
+/// Bytes a queued message adds to a reply besides its payload: its struct
+/// in the list and the padding of its payload to a word.
+const MESSAGE_FRAMING_BYTES: usize = 24;
 
 fn stopped() -> ServiceError {
     ServiceError::unavailable("the server is shutting down")
@@ -221,10 +306,18 @@ pub fn spawn_observed<S: ShellStore>(
     )
 }
 
+/// A request handed to the machine, waiting for its reply.
+struct Pending {
+    conn: ConnectionId,
+    /// The reply's reservation in its connection's reply budget, if any.
+    budget: Option<ReplyReservation>,
+    reply: oneshot::Sender<BudgetedReply>,
+}
+
 struct Service<S> {
     node: NodeService<S>,
     rx: mpsc::Receiver<Command>,
-    pending: HashMap<RequestId, (ConnectionId, oneshot::Sender<Reply>)>,
+    pending: HashMap<RequestId, Pending>,
     next_request: u64,
     start: Instant,
     sync_tx: mpsc::UnboundedSender<Lsn>,
@@ -308,18 +401,34 @@ impl<S: ShellStore> Service<S> {
             Command::Close { conn } => {
                 self.node.handle_connection_closed(now, conn);
                 // Replies still owed to the closed connection go nowhere.
-                self.pending.retain(|_, (c, _)| *c != conn);
+                self.pending.retain(|_, p| p.conn != conn);
             }
             Command::Request {
                 conn,
                 request,
+                budget,
                 reply,
             } => {
                 let id = RequestId(self.next_request);
                 self.next_request += 1;
                 self.stats.requests += 1;
-                self.pending.insert(id, (conn, reply));
+                self.pending.insert(
+                    id,
+                    Pending {
+                        conn,
+                        budget,
+                        reply,
+                    },
+                );
+                let waiters = self.node.waiter_count();
                 self.node.handle_request(now, conn, id, request);
+                // A fetchWait that now waits holds no bytes until it is
+                // woken: give its reservation back meanwhile.
+                if self.node.waiter_count() > waiters
+                    && let Some(r) = self.pending.get_mut(&id).and_then(|p| p.budget.as_mut())
+                {
+                    r.held = None;
+                }
             }
         }
     }
@@ -330,9 +439,9 @@ impl<S: ShellStore> Service<S> {
                 Output::Reply {
                     request_id, reply, ..
                 } => {
-                    if let Some((_, tx)) = self.pending.remove(&request_id) {
+                    if let Some(p) = self.pending.remove(&request_id) {
                         // The stream may have gone away meanwhile.
-                        let _ = tx.send(reply);
+                        let _ = p.reply.send(admit(reply, p.budget));
                     }
                 }
                 Output::Sync { lsn } => {
@@ -364,5 +473,91 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicproquo_core::error::ErrorKind;
+    use quicproquo_core::node::QueuedMessage;
+
+    fn messages(sizes: &[usize]) -> Reply {
+        Ok(Response::Messages {
+            messages: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| QueuedMessage {
+                    seq: i as u64 + 1,
+                    payload: vec![0; *n],
+                })
+                .collect(),
+            next_seq: sizes.len() as u64 + 1,
+        })
+    }
+
+    fn reservation(budget: &Arc<Semaphore>, held: u32) -> ReplyReservation {
+        ReplyReservation {
+            budget: budget.clone(),
+            held: Some(budget.clone().try_acquire_many_owned(held).unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_reply_keeps_only_what_it_needs_of_its_reservation() {
+        let budget = Arc::new(Semaphore::new(10_000));
+        let (reply, permit) = admit(messages(&[100, 200]), Some(reservation(&budget, 6_000)));
+        assert!(reply.is_ok());
+        let kept = 100 + 200 + 2 * MESSAGE_FRAMING_BYTES;
+        assert_eq!(permit.as_ref().map(|p| p.num_permits()), Some(kept));
+        assert_eq!(budget.available_permits(), 10_000 - kept);
+        drop(permit);
+        assert_eq!(budget.available_permits(), 10_000);
+    }
+
+    #[test]
+    fn a_reply_without_messages_gives_its_reservation_back() {
+        let budget = Arc::new(Semaphore::new(10_000));
+        let (reply, permit) = admit(
+            Err(ServiceError::not_found("x")),
+            Some(reservation(&budget, 6_000)),
+        );
+        assert_eq!(reply.unwrap_err().kind, ErrorKind::NotFound);
+        assert!(permit.is_none_or(|p| p.num_permits() == 0));
+        assert_eq!(budget.available_permits(), 10_000);
+    }
+
+    #[test]
+    fn a_woken_wait_that_does_not_fit_is_answered_unavailable() {
+        // The reservation was given back while the fetchWait waited; the
+        // budget is meanwhile held by unread replies.
+        let budget = Arc::new(Semaphore::new(1_000));
+        let unread = budget.clone().try_acquire_many_owned(900).unwrap();
+        let waited = ReplyReservation {
+            budget: budget.clone(),
+            held: None,
+        };
+        let (reply, permit) = admit(messages(&[500]), Some(waited));
+        assert_eq!(reply.unwrap_err().kind, ErrorKind::Unavailable);
+        assert!(permit.is_none());
+        // Once the peer reads, the same reply fits.
+        drop(unread);
+        let waited = ReplyReservation {
+            budget: budget.clone(),
+            held: None,
+        };
+        let (reply, permit) = admit(messages(&[500]), Some(waited));
+        assert!(reply.is_ok());
+        assert_eq!(
+            permit.map(|p| p.num_permits()),
+            Some(500 + MESSAGE_FRAMING_BYTES)
+        );
+    }
+
+    #[test]
+    fn unbudgeted_requests_pass_untouched() {
+        let (reply, permit) = admit(messages(&[1 << 20]), None);
+        assert!(reply.is_ok());
+        assert!(permit.is_none());
     }
 }
