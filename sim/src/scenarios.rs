@@ -48,28 +48,28 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "lossy_network",
         plan: lossy_network,
-        default_seeds: 10,
+        default_seeds: 16,
         exercises: "requests for others' queues refused",
         exercised: |c| c.foreign_refused > 0,
     },
     Scenario {
         name: "server_crash",
         plan: server_crash,
-        default_seeds: 12,
+        default_seeds: 16,
         exercises: "server crashes that discard unsynced writes, and enqueue retries",
         exercised: |c| c.unsynced_batches_lost > 0 && c.enqueue_retries > 0,
     },
     Scenario {
         name: "lost_ack",
         plan: lost_ack,
-        default_seeds: 12,
+        default_seeds: 16,
         exercises: "enqueues retried after the recipient already had the message",
         exercised: |c| c.retries_after_delivery > 0,
     },
     Scenario {
         name: "key_packages",
         plan: key_packages,
-        default_seeds: 12,
+        default_seeds: 16,
         exercises: "KeyPackages popped across server crashes and the last resort served",
         exercised: |c| {
             c.server_crashes > 0 && c.key_packages_popped > 0 && c.last_resort_served > 0
@@ -78,21 +78,21 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "partitions",
         plan: partitions,
-        default_seeds: 12,
+        default_seeds: 16,
         exercises: "enqueue retries",
         exercised: |c| c.enqueue_retries > 0,
     },
     Scenario {
         name: "lost_fetch_answer",
         plan: lost_fetch_answer,
-        default_seeds: 12,
+        default_seeds: 16,
         exercises: "crashed recipients fetching lost answers again",
         exercised: |c| c.client_crashes > 0 && c.lost_answers_refetched > 0,
     },
     Scenario {
         name: "long_poll_storm",
         plan: long_poll_storm,
-        default_seeds: 6,
+        default_seeds: 8,
         exercises: "crashed long-polling recipients",
         exercised: |c| c.client_crashes > 0,
     },

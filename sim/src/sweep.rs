@@ -42,6 +42,9 @@ pub fn run_seed(scenario: &Scenario, seed: u64) -> Outcome {
     run((scenario.plan)(seed))
 }
 
+/// A long sweep prints a progress line every this many seeds.
+const PROGRESS_EVERY: usize = 50;
+
 /// One failed seed, with its report.
 #[derive(Debug)]
 pub struct Failure {
@@ -73,7 +76,16 @@ pub fn sweep(scenario: &Scenario, seeds: &[u64]) -> Sweep {
     let mut simulated = Duration::ZERO;
     let mut coverage = Coverage::default();
     let single = seeds.len() == 1;
-    for &seed in seeds {
+    for (n, &seed) in seeds.iter().enumerate() {
+        if n > 0 && n % PROGRESS_EVERY == 0 {
+            eprintln!(
+                "{}: {n}/{} seeds, {} failed, {:.0?} wall",
+                scenario.name,
+                seeds.len(),
+                failures.len(),
+                started.elapsed()
+            );
+        }
         let outcome = run_seed(scenario, seed);
         simulated += outcome.sim_time;
         coverage.add(&Coverage::of(&outcome.history));

@@ -1,0 +1,24 @@
+//! Every seed that ever failed, as a named test. A seed names one run of
+//! its scenario as the scenario is defined now; keep the scenario's plan
+//! stable or re-check these seeds when changing it.
+
+use quicproquo_sim::scenarios::scenario;
+use quicproquo_sim::sweep::assert_seed;
+
+fn seed(name: &str, seed: u64) {
+    assert_seed(scenario(name).expect("scenario exists"), seed);
+}
+
+/// Failed (with seeds 0-5) before the server let go of a closed
+/// connection's fetchWait: the server tracked 20 connections while QUIC
+/// had 16 open, for over a second, several times in the run.
+#[test]
+fn long_poll_storm_seed_2() {
+    seed("long_poll_storm", 2);
+}
+
+/// Same bug, the first seed that showed it.
+#[test]
+fn long_poll_storm_seed_0() {
+    seed("long_poll_storm", 0);
+}
