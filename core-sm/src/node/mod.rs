@@ -1027,6 +1027,20 @@ impl<S: Store> NodeService<S> {
             };
             self.ready.push_back(out);
         }
+        // Parked long-polls too: a waiter answered later would read state
+        // whose writes may never become durable.
+        let parked: Vec<u64> = self.waiters.keys().copied().collect();
+        for id in parked {
+            if let Some(w) = self.remove_waiter(id) {
+                self.ready.push_back(Output::Reply {
+                    conn: w.conn,
+                    request_id: w.request_id,
+                    reply: Err(ServiceError::unavailable(
+                        "storage failed while this long-poll waited; retry after the server restarts",
+                    )),
+                });
+            }
+        }
     }
 
     fn reply(&mut self, conn: ConnectionId, request_id: RequestId, reply: Reply) {

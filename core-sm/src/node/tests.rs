@@ -1159,6 +1159,25 @@ fn sync_failure_turns_held_replies_into_unavailable_and_stops_writes() {
     );
 }
 
+// Found by the `node_sequence` fuzz target: a long-poll parked before a
+// sync failure expired afterwards and was answered with a successful read
+// of writes that never became durable.
+#[test]
+fn sync_failure_answers_parked_long_polls_unavailable() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let rid = h.fetch_wait(2, &bob, 0, 1_000);
+    assert!(h.drain().is_empty());
+    h.node.handle_sync_failed(h.now, "disk on fire");
+    let replies = h.drain();
+    let parked = replies.iter().find(|(r, _)| *r == rid).expect("answered");
+    assert_eq!(kind(&parked.1), ErrorKind::Unavailable);
+    assert_eq!(h.node.waiter_count(), 0);
+    assert_eq!(h.node.poll_timeout(), None);
+}
+
 #[test]
 fn restart_keeps_seq_counters_and_refuses_newer_format() {
     let mut h = Harness::new();
