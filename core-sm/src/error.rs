@@ -92,6 +92,11 @@ impl ServiceError {
         Self::new(ErrorKind::QueueFull, message)
     }
 
+    /// `staleEpoch` carrying the channel's `current_epoch`, with `message`.
+    pub fn stale_epoch(current_epoch: u64, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::StaleEpoch { current_epoch }, message)
+    }
+
     /// `unavailable` with `message`.
     pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorKind::Unavailable, message)

@@ -55,6 +55,17 @@ pub const FETCH_LIMIT_MAX: u32 = 1_000;
 /// returned if one is pending); keeps replies under the wire limit.
 pub const FETCH_RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Recipients of one `enqueueBatch`: a large MLS group. 1,000 keys are
+/// 32 KB of request, well inside the request limit beside a full payload.
+pub const ENQUEUE_BATCH_RECIPIENTS_MAX: usize = 1_000;
+/// Channels one `fetchWaitChannels` call may wait on.
+pub const FETCH_WAIT_CHANNELS_MAX: usize = 256;
+/// `(queue, waiter)` registrations all waiting calls together may hold (a
+/// `fetchWait` holds one, a `fetchWaitChannels` one per channel); beyond it
+/// new waits are answered `unavailable`. Bounds the wake-up index's memory
+/// (about 100 bytes each).
+pub const WAIT_CURSORS_MAX: usize = 1_000_000;
+
 /// Longest a fetchWait may block; longer requests are clamped to it. Shorter
 /// than the QUIC idle timeout so a waiting connection is never idle-closed.
 pub const FETCH_WAIT_TIMEOUT_MS_MAX: u64 = 25_000;

@@ -12,10 +12,17 @@
 //! scan over deleted entries (tombstones).
 
 use crate::limits::{CHANNEL_ID_BYTES_MAX, IDENTITY_KEY_BYTES, MESSAGE_ID_BYTES, SIGNATURE_BYTES};
-use crate::types::{IdentityKey, MessageId, QueueId, Signature};
+use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 
 /// Version of this layout. A store written by a newer version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// - 1: messages stored whole under [`TAG_MESSAGE`].
+/// - 2: messages stored as entries under [`TAG_ENTRY`], inline or as a
+///   reference to a payload shared by the recipients of one `enqueueBatch`;
+///   commit fences. Version 1 records stay readable: a queue's counters say
+///   below which seq its messages are still version-1 records, so a
+///   version-1 store is upgraded in place by opening it.
+pub const FORMAT_VERSION: u32 = 2;
 
 const TAG_VERSION: u8 = 0x00;
 const TAG_KP_META: u8 = 0x01;
@@ -26,6 +33,14 @@ const TAG_QUEUE_META: u8 = 0x10;
 const TAG_MESSAGE: u8 = 0x11;
 const TAG_DEDUP: u8 = 0x12;
 const TAG_DEDUP_RING: u8 = 0x13;
+const TAG_ENTRY: u8 = 0x14;
+const TAG_BLOB: u8 = 0x15;
+const TAG_BLOB_REFS: u8 = 0x16;
+const TAG_BLOB_NEXT: u8 = 0x17;
+const TAG_FENCE: u8 = 0x18;
+
+/// Bytes of the group id digest in a fence key.
+const FENCE_GROUP_BYTES: usize = 16;
 
 const QUEUE_KEY_BYTES: usize = IDENTITY_KEY_BYTES + 1 + CHANNEL_ID_BYTES_MAX;
 
@@ -144,10 +159,52 @@ pub fn queue_meta_key(q: &QueueId) -> Vec<u8> {
     queue_key(TAG_QUEUE_META, q, 0)
 }
 
-/// Key of the message at `seq` in a queue.
-pub fn message_key(q: &QueueId, seq: u64) -> Vec<u8> {
-    let mut k = queue_key(TAG_MESSAGE, q, 8);
+/// Key of the message at `seq` in a queue: a version-1 record below the
+/// queue's [`QueueMeta::legacy_below`], an [`Entry`] from there on.
+pub fn message_key(q: &QueueId, meta: &QueueMeta, seq: u64) -> Vec<u8> {
+    let tag = if seq < meta.legacy_below {
+        TAG_MESSAGE
+    } else {
+        TAG_ENTRY
+    };
+    let mut k = queue_key(tag, q, 8);
     k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of a payload shared by several queues' entries.
+pub fn blob_key(blob: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(TAG_BLOB);
+    k.extend_from_slice(&blob.to_be_bytes());
+    k
+}
+
+/// Key of a shared payload's reference count (kept apart from the payload
+/// so an acknowledgement rewrites eight bytes, not the payload).
+pub fn blob_refs_key(blob: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(TAG_BLOB_REFS);
+    k.extend_from_slice(&blob.to_be_bytes());
+    k
+}
+
+/// Key of the counter that numbers shared payloads.
+pub fn blob_next_key() -> Vec<u8> {
+    vec![TAG_BLOB_NEXT]
+}
+
+/// Key of the commit fence of one MLS group on one channel: the channel
+/// (as in a queue key, without a recipient) and a digest of the group id.
+pub fn fence_key(channel: &ChannelId, group_digest: &[u8; 32]) -> Vec<u8> {
+    let ch = channel.as_bytes();
+    let mut k = Vec::with_capacity(2 + CHANNEL_ID_BYTES_MAX + FENCE_GROUP_BYTES);
+    k.push(TAG_FENCE);
+    // At most CHANNEL_ID_BYTES_MAX (16), so it fits a byte.
+    k.push(ch.len() as u8);
+    k.extend_from_slice(ch);
+    k.resize(2 + CHANNEL_ID_BYTES_MAX, 0);
+    k.extend_from_slice(&group_digest[..FENCE_GROUP_BYTES]);
     k
 }
 
@@ -177,6 +234,9 @@ pub struct QueueMeta {
     pub head: u64,
     /// Payload bytes stored.
     pub bytes: u64,
+    /// Messages below this seq are version-1 records (a queue written
+    /// before format 2); 0 when there are none.
+    pub legacy_below: u64,
 }
 
 impl Default for QueueMeta {
@@ -186,6 +246,7 @@ impl Default for QueueMeta {
             next_seq: 1,
             head: 1,
             bytes: 0,
+            legacy_below: 0,
         }
     }
 }
@@ -196,53 +257,145 @@ impl QueueMeta {
         self.next_seq.saturating_sub(self.head)
     }
 
-    /// Encodes the record.
+    /// Encodes the record (format 2: four counters).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(24);
+        let mut v = Vec::with_capacity(32);
         v.extend_from_slice(&self.next_seq.to_be_bytes());
         v.extend_from_slice(&self.head.to_be_bytes());
         v.extend_from_slice(&self.bytes.to_be_bytes());
+        v.extend_from_slice(&self.legacy_below.to_be_bytes());
         v
     }
 
-    /// Decodes the record.
+    /// Decodes the record. A format-1 record (three counters) belongs to a
+    /// queue whose every stored message is a version-1 record.
     pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
-        let [next_seq, head, bytes] = u64s::<3>(bytes, "queue counters")?;
-        if head > next_seq || head == 0 {
+        let [next_seq, head, bytes, legacy_below] = if bytes.len() == 24 {
+            let [next_seq, head, b] = u64s::<3>(bytes, "queue counters")?;
+            [next_seq, head, b, next_seq]
+        } else {
+            u64s::<4>(bytes, "queue counters")?
+        };
+        if head > next_seq || head == 0 || legacy_below > next_seq {
             return Err(Corrupt("queue counters out of order"));
         }
         Ok(QueueMeta {
             next_seq,
             head,
             bytes,
+            legacy_below,
         })
     }
 }
 
-/// Encodes a stored message: its message id, then the payload.
-pub fn encode_message(message_id: &MessageId, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(MESSAGE_ID_BYTES + payload.len());
+const ENTRY_INLINE: u8 = 0;
+const ENTRY_SHARED: u8 = 1;
+
+/// A queue's message as stored: its payload inline, or a reference to a
+/// payload stored once for all recipients of an `enqueueBatch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// The payload itself.
+    Inline(Vec<u8>),
+    /// A shared payload.
+    Shared {
+        /// Which blob ([`blob_key`]).
+        blob: u64,
+        /// Its length, so acknowledging needs no read of the payload.
+        len: u64,
+    },
+}
+
+impl Entry {
+    /// Payload bytes this entry stands for.
+    pub fn payload_len(&self) -> u64 {
+        match self {
+            Entry::Inline(p) => p.len() as u64,
+            Entry::Shared { len, .. } => *len,
+        }
+    }
+}
+
+/// Encodes an inline entry: kind, message id, payload.
+pub fn encode_inline(message_id: &MessageId, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + MESSAGE_ID_BYTES + payload.len());
+    v.push(ENTRY_INLINE);
     v.extend_from_slice(&message_id.0);
     v.extend_from_slice(payload);
     v
 }
 
-/// Decodes a stored message into its payload, reusing the buffer.
-pub fn decode_message_payload(mut bytes: Vec<u8>) -> Result<Vec<u8>, Corrupt> {
-    if bytes.len() < MESSAGE_ID_BYTES {
-        return Err(Corrupt("message record too short"));
-    }
-    bytes.drain(..MESSAGE_ID_BYTES);
-    Ok(bytes)
+/// Encodes a shared entry: kind, message id, blob number, payload length.
+pub fn encode_shared(message_id: &MessageId, blob: u64, len: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + MESSAGE_ID_BYTES + 16);
+    v.push(ENTRY_SHARED);
+    v.extend_from_slice(&message_id.0);
+    v.extend_from_slice(&blob.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
 }
 
-/// Payload length of a stored message record.
-pub fn message_payload_len(bytes: &[u8]) -> Result<u64, Corrupt> {
-    bytes
-        .len()
-        .checked_sub(MESSAGE_ID_BYTES)
-        .map(|n| n as u64)
-        .ok_or(Corrupt("message record too short"))
+/// Decodes a stored message, a version-1 record (`legacy`: message id,
+/// payload) or an entry, reusing the buffer for an inline payload.
+pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<Entry, Corrupt> {
+    if legacy {
+        if bytes.len() < MESSAGE_ID_BYTES {
+            return Err(Corrupt("message record too short"));
+        }
+        bytes.drain(..MESSAGE_ID_BYTES);
+        return Ok(Entry::Inline(bytes));
+    }
+    if bytes.len() < 1 + MESSAGE_ID_BYTES {
+        return Err(Corrupt("message entry too short"));
+    }
+    match bytes[0] {
+        ENTRY_INLINE => {
+            bytes.drain(..1 + MESSAGE_ID_BYTES);
+            Ok(Entry::Inline(bytes))
+        }
+        ENTRY_SHARED => {
+            let [blob, len] = u64s::<2>(&bytes[1 + MESSAGE_ID_BYTES..], "shared message entry")?;
+            Ok(Entry::Shared { blob, len })
+        }
+        _ => Err(Corrupt("message entry of unknown kind")),
+    }
+}
+
+/// Bytes of the payload digest a fence keeps.
+pub const COMMIT_DIGEST_BYTES: usize = 16;
+
+/// The commit fence of one group on one channel: the epoch whose Commit is
+/// accepted next, and a digest of the Commit that got the group there (so
+/// the same Commit sent again — to the next recipient, or as a retry — is
+/// not refused as stale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The epoch the group is at: the next Commit accepted is for it.
+    pub epoch: u64,
+    /// SHA-256 (truncated) of the payload accepted for `epoch - 1`.
+    pub last_commit: [u8; COMMIT_DIGEST_BYTES],
+}
+
+impl Fence {
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + COMMIT_DIGEST_BYTES);
+        v.extend_from_slice(&self.epoch.to_be_bytes());
+        v.extend_from_slice(&self.last_commit);
+        v
+    }
+
+    /// Decodes the record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
+        if bytes.len() != 8 + COMMIT_DIGEST_BYTES {
+            return Err(Corrupt("commit fence"));
+        }
+        let (epoch, digest) = bytes.split_at(8);
+        Ok(Fence {
+            epoch: u64::from_be_bytes(array(epoch, "commit fence")?),
+            last_commit: array(digest, "commit fence")?,
+        })
+    }
 }
 
 /// Encodes a seq.
@@ -295,12 +448,14 @@ mod tests {
         );
         // A channel of one zero byte is not the default channel.
         assert_ne!(queue_meta_key(&q(b"")), queue_meta_key(&q(&[0])));
-        assert_ne!(message_key(&q(b"a"), 1), message_key(&q(b"b"), 1));
+        let m = QueueMeta::default();
+        assert_ne!(message_key(&q(b"a"), &m, 1), message_key(&q(b"b"), &m, 1));
     }
 
     #[test]
     fn message_keys_sort_by_seq() {
-        assert!(message_key(&q(b"a"), 255) < message_key(&q(b"a"), 256));
+        let m = QueueMeta::default();
+        assert!(message_key(&q(b"a"), &m, 255) < message_key(&q(b"a"), &m, 256));
     }
 
     #[test]
@@ -309,16 +464,64 @@ mod tests {
             next_seq: 9,
             head: 4,
             bytes: 77,
+            legacy_below: 6,
         };
         assert_eq!(QueueMeta::decode(&m.encode()), Ok(m));
         assert!(QueueMeta::decode(&[1, 2, 3]).is_err());
+        assert!(
+            QueueMeta::decode(
+                &QueueMeta {
+                    legacy_below: 10,
+                    ..m
+                }
+                .encode()
+            )
+            .is_err()
+        );
         let k = KpMeta { head: 2, tail: 5 };
         assert_eq!(KpMeta::decode(&k.encode()), Ok(k));
         assert!(KpMeta::decode(&KpMeta { head: 6, tail: 5 }.encode()).is_err());
         let id = MessageId([3; 16]);
-        let rec = encode_message(&id, b"hi");
-        assert_eq!(message_payload_len(&rec), Ok(2));
-        assert_eq!(decode_message_payload(rec), Ok(b"hi".to_vec()));
-        assert!(decode_message_payload(vec![0; 3]).is_err());
+        let rec = encode_inline(&id, b"hi");
+        assert_eq!(decode_entry(rec, false), Ok(Entry::Inline(b"hi".to_vec())));
+        let rec = encode_shared(&id, 7, 1_000);
+        assert_eq!(
+            decode_entry(rec.clone(), false),
+            Ok(Entry::Shared {
+                blob: 7,
+                len: 1_000
+            })
+        );
+        assert!(decode_entry(rec[..20].to_vec(), false).is_err());
+        assert!(decode_entry(vec![9; 40], false).is_err());
+        assert!(decode_entry(vec![0; 3], false).is_err());
+        let f = Fence {
+            epoch: 4,
+            last_commit: [5; COMMIT_DIGEST_BYTES],
+        };
+        assert_eq!(Fence::decode(&f.encode()), Ok(f));
+        assert!(Fence::decode(&[0; 8]).is_err());
+    }
+
+    // A store written by format 1: whole records under the old tag, three
+    // counters per queue. Format 2 reads them where they are.
+    #[test]
+    fn format_1_records_stay_readable() {
+        let mut v1 = Vec::new();
+        for n in [5u64, 2, 100] {
+            v1.extend_from_slice(&n.to_be_bytes());
+        }
+        let meta = QueueMeta::decode(&v1).unwrap();
+        assert_eq!(meta.legacy_below, 5);
+        let mut old_key = vec![TAG_MESSAGE];
+        old_key.extend_from_slice(&message_key(&q(b"a"), &meta, 3)[1..]);
+        assert_eq!(message_key(&q(b"a"), &meta, 3), old_key);
+        assert_eq!(message_key(&q(b"a"), &meta, 5)[0], TAG_ENTRY);
+        let mut record = vec![3; MESSAGE_ID_BYTES];
+        record.extend_from_slice(b"payload");
+        assert_eq!(
+            decode_entry(record, true),
+            Ok(Entry::Inline(b"payload".to_vec()))
+        );
     }
 }

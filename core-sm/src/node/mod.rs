@@ -18,11 +18,12 @@
 //! - A request from the wrong identity changes nothing.
 //! - Every collection a peer can grow is bounded (see [`crate::limits`]).
 
+pub mod commit;
 mod layout;
 mod ratelimit;
 mod request;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use ed25519_dalek::{Verifier, VerifyingKey};
@@ -40,9 +41,9 @@ use crate::types::{
 
 pub use layout::FORMAT_VERSION;
 pub use ratelimit::{RateConfig, RateLimiter};
-pub use request::{QueuedMessage, Reply, Request, RequestBody, Response};
+pub use request::{ChannelMessages, QueuedMessage, Reply, Request, RequestBody, Response};
 
-use layout::{Corrupt, KpMeta, QueueMeta};
+use layout::{Corrupt, Entry, Fence, KpMeta, QueueMeta};
 
 /// Domain-separation prefix of the connection-authentication signature.
 pub const AUTH_CONTEXT: &[u8] = b"quicproquo/auth/v1\0";
@@ -199,14 +200,46 @@ struct Connection {
     waiters: Vec<u64>,
 }
 
+/// A parked long-poll: a `fetchWait` (one cursor, answered with
+/// [`Response::Messages`]) or a `fetchWaitChannels` (answered with
+/// [`Response::ChannelMessages`]).
 #[derive(Debug)]
 struct Waiter {
     conn: ConnectionId,
     request_id: RequestId,
-    queue: QueueId,
-    after_seq: u64,
+    recipient_key: IdentityKey,
+    cursors: Vec<(ChannelId, u64)>,
+    channels: bool,
     limit: u32,
     deadline: Time,
+}
+
+impl Waiter {
+    fn queues(&self) -> impl Iterator<Item = QueueId> + '_ {
+        self.cursors.iter().map(|(channel_id, _)| QueueId {
+            recipient_key: self.recipient_key,
+            channel_id: *channel_id,
+        })
+    }
+}
+
+/// What one reply may still carry: messages in total and payload bytes
+/// (the first message always fits).
+#[derive(Debug)]
+struct ReadBudget {
+    messages: u32,
+    bytes: usize,
+    taken: bool,
+}
+
+impl ReadBudget {
+    fn new() -> Self {
+        ReadBudget {
+            messages: limits::FETCH_LIMIT_MAX,
+            bytes: 0,
+            taken: false,
+        }
+    }
 }
 
 /// Which kind of key a requester fetches from a target, for rate limiting.
@@ -227,6 +260,10 @@ pub struct NodeService<S> {
     waiters_by_queue: HashMap<QueueId, Vec<u64>>,
     deadlines: BTreeSet<(Time, u64)>,
     next_waiter: u64,
+    /// Entries of `waiters_by_queue` (cursors of all waiters).
+    wait_cursors: usize,
+    /// Number of the next shared payload.
+    next_blob: u64,
     enqueue_limiter: RateLimiter<IdentityKey>,
     key_fetch_pair_limiter: RateLimiter<(KeyFetch, IdentityKey, IdentityKey)>,
     key_package_target_limiter: RateLimiter<IdentityKey>,
@@ -256,6 +293,10 @@ impl<S: Store> NodeService<S> {
                 });
             }
         }
+        let next_blob = match store.get(&layout::blob_next_key())? {
+            Some(v) => layout::decode_seq(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?,
+            None => 0,
+        };
         // Always write on open. A previous process may have died leaving
         // writes the OS still holds unsynced, so nothing in the store is known
         // to be durable: every reply of this machine waits for a sync that
@@ -282,6 +323,8 @@ impl<S: Store> NodeService<S> {
             waiters_by_queue: HashMap::new(),
             deadlines: BTreeSet::new(),
             next_waiter: 0,
+            wait_cursors: 0,
+            next_blob,
             last_write,
             durable: Lsn(0),
             sync_requested: Lsn(0),
@@ -394,7 +437,7 @@ impl<S: Store> NodeService<S> {
                 break;
             }
             if let Some(w) = self.remove_waiter(id) {
-                let reply = self.read_messages(&w.queue, w.after_seq, w.limit);
+                let reply = self.answer(&w);
                 self.reply(w.conn, w.request_id, reply);
             }
         }
@@ -479,7 +522,26 @@ impl<S: Store> NodeService<S> {
                 channel_id,
                 payload,
                 message_id,
-            } => self.enqueue(now, conn, recipient_key, channel_id, payload, message_id),
+            } => self
+                .enqueue(
+                    now,
+                    conn,
+                    vec![recipient_key],
+                    channel_id,
+                    payload,
+                    message_id,
+                )
+                .map(|seqs| Response::Enqueued { seq: seqs[0] }),
+            RequestBody::EnqueueBatch {
+                recipient_keys,
+                channel_id,
+                payload,
+                message_id,
+            } => check_recipients(&recipient_keys)
+                .and_then(|()| {
+                    self.enqueue(now, conn, recipient_keys, channel_id, payload, message_id)
+                })
+                .map(|seqs| Response::EnqueuedBatch { seqs }),
             RequestBody::Fetch {
                 recipient_key,
                 channel_id,
@@ -493,18 +555,36 @@ impl<S: Store> NodeService<S> {
                 limit,
                 timeout_ms,
             } => {
-                return self.fetch_wait(
-                    now,
+                let wait = Waiter {
                     conn,
                     request_id,
-                    QueueId {
-                        recipient_key,
-                        channel_id,
-                    },
-                    after_seq,
+                    recipient_key,
+                    cursors: vec![(channel_id, after_seq)],
+                    channels: false,
                     limit,
-                    timeout_ms,
-                );
+                    deadline: now,
+                };
+                return self.fetch_wait(now, wait, timeout_ms);
+            }
+            RequestBody::FetchWaitChannels {
+                recipient_key,
+                cursors,
+                limit,
+                timeout_ms,
+            } => {
+                if let Err(e) = check_cursors(&cursors) {
+                    return Some(Err(e));
+                }
+                let wait = Waiter {
+                    conn,
+                    request_id,
+                    recipient_key,
+                    cursors,
+                    channels: true,
+                    limit,
+                    deadline: now,
+                };
+                return self.fetch_wait(now, wait, timeout_ms);
             }
         };
         Some(reply)
@@ -718,15 +798,20 @@ impl<S: Store> NodeService<S> {
 
     // ----- Delivery Service -----------------------------------------------
 
+    /// `enqueue` (one recipient) and `enqueueBatch`: appends `payload` to
+    /// the queue `(channel_id, r)` of every recipient `r`, in one atomic
+    /// batch, and returns each recipient's seq. A recipient whose queue
+    /// already holds `message_id` (a retry) keeps its original seq and gets
+    /// nothing new. Several new entries share one stored payload.
     fn enqueue(
         &mut self,
         now: Time,
         conn: ConnectionId,
-        recipient_key: IdentityKey,
+        recipients: Vec<IdentityKey>,
         channel_id: ChannelId,
         payload: Vec<u8>,
         message_id: MessageId,
-    ) -> Reply {
+    ) -> Result<Vec<u64>, ServiceError> {
         let sender = self.identity(conn)?;
         if payload.is_empty() {
             return Err(ServiceError::invalid_argument("payload is empty"));
@@ -738,61 +823,144 @@ impl<S: Store> NodeService<S> {
                 self.config.payload_bytes_max
             )));
         }
-        let queue = QueueId {
-            recipient_key,
-            channel_id,
-        };
         // A retry of a stored message answers with the original seq, before
         // any limit: it costs nothing and the sender must learn its seq.
-        if let Some(seq) = self.get(&layout::dedup_key(&queue, &message_id))? {
-            let seq = layout::decode_seq(&seq).map_err(corrupt)?;
-            return Ok(Response::Enqueued { seq });
+        let mut seqs = vec![0u64; recipients.len()];
+        let mut fresh = Vec::new();
+        for (i, recipient_key) in recipients.iter().enumerate() {
+            let queue = QueueId {
+                recipient_key: *recipient_key,
+                channel_id,
+            };
+            match self.get(&layout::dedup_key(&queue, &message_id))? {
+                Some(seq) => seqs[i] = layout::decode_seq(&seq).map_err(corrupt)?,
+                None => fresh.push((i, queue)),
+            }
         }
+        if fresh.is_empty() {
+            return Ok(seqs);
+        }
+        let fence = self.fence_check(&channel_id, &payload)?;
         self.enqueue_limiter
             .acquire(now, sender)
             .map_err(|ms| rate_limited(ms, "enqueues from this identity"))?;
-        let mut meta = self.queue_meta(&queue)?;
         let len = payload.len() as u64;
-        if meta.depth() >= self.config.queue_depth_max {
-            return Err(ServiceError::queue_full(format!(
-                "the recipient's queue holds {} messages, its limit",
-                meta.depth()
-            )));
-        }
-        if meta.bytes.saturating_add(len) > self.config.queue_bytes_max {
-            return Err(ServiceError::queue_full(format!(
-                "the recipient's queue would exceed its limit of {} bytes",
-                self.config.queue_bytes_max
-            )));
-        }
-        let seq = meta.next_seq;
-        let mut batch = Batch::new();
-        batch.put(
-            layout::message_key(&queue, seq),
-            layout::encode_message(&message_id, &payload),
-        );
-        batch.put(
-            layout::dedup_key(&queue, &message_id),
-            layout::encode_seq(seq),
-        );
-        batch.put(layout::dedup_ring_key(&queue, seq), message_id.0.to_vec());
-        if let Some(old) = seq
-            .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
-            .filter(|s| *s > 0)
-        {
-            let ring = layout::dedup_ring_key(&queue, old);
-            if let Some(old_id) = self.get(&ring)? {
-                let old_id = layout::decode_message_id(&old_id).map_err(corrupt)?;
-                batch.delete(layout::dedup_key(&queue, &old_id));
+        let mut metas = Vec::with_capacity(fresh.len());
+        for (i, queue) in &fresh {
+            let meta = self.queue_meta(queue)?;
+            let whose = if recipients.len() == 1 {
+                "the recipient's queue".to_owned()
+            } else {
+                format!("recipient #{i}'s queue")
+            };
+            if meta.depth() >= self.config.queue_depth_max {
+                return Err(ServiceError::queue_full(format!(
+                    "{whose} holds {} messages, its limit",
+                    meta.depth()
+                )));
             }
-            batch.delete(ring);
+            if meta.bytes.saturating_add(len) > self.config.queue_bytes_max {
+                return Err(ServiceError::queue_full(format!(
+                    "{whose} would exceed its limit of {} bytes",
+                    self.config.queue_bytes_max
+                )));
+            }
+            metas.push(meta);
         }
-        meta.next_seq += 1;
-        meta.bytes = meta.bytes.saturating_add(len);
-        batch.put(layout::queue_meta_key(&queue), meta.encode());
+        let mut batch = Batch::new();
+        // One new entry holds the payload itself; several share one copy.
+        let mut inline = Some(payload);
+        if fresh.len() > 1 {
+            let blob = self.next_blob;
+            if let Some(payload) = inline.take() {
+                batch.put(layout::blob_key(blob), payload);
+            }
+            batch.put(
+                layout::blob_refs_key(blob),
+                layout::encode_seq(fresh.len() as u64),
+            );
+            batch.put(layout::blob_next_key(), layout::encode_seq(blob + 1));
+        }
+        for ((i, queue), mut meta) in fresh.iter().zip(metas) {
+            let seq = meta.next_seq;
+            let entry = match inline.take() {
+                Some(payload) => layout::encode_inline(&message_id, &payload),
+                None => layout::encode_shared(&message_id, self.next_blob, len),
+            };
+            batch.put(layout::message_key(queue, &meta, seq), entry);
+            batch.put(
+                layout::dedup_key(queue, &message_id),
+                layout::encode_seq(seq),
+            );
+            batch.put(layout::dedup_ring_key(queue, seq), message_id.0.to_vec());
+            if let Some(old) = seq
+                .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
+                .filter(|s| *s > 0)
+            {
+                let ring = layout::dedup_ring_key(queue, old);
+                if let Some(old_id) = self.get(&ring)? {
+                    let old_id = layout::decode_message_id(&old_id).map_err(corrupt)?;
+                    batch.delete(layout::dedup_key(queue, &old_id));
+                }
+                batch.delete(ring);
+            }
+            meta.next_seq += 1;
+            meta.bytes = meta.bytes.saturating_add(len);
+            batch.put(layout::queue_meta_key(queue), meta.encode());
+            seqs[*i] = seq;
+        }
+        if let Some((key, fence)) = fence {
+            batch.put(key, fence.encode());
+        }
         self.write(batch)?;
-        self.wake_waiters(&queue);
-        Ok(Response::Enqueued { seq })
+        if fresh.len() > 1 {
+            self.next_blob += 1;
+        }
+        for (_, queue) in &fresh {
+            self.wake_waiters(queue);
+        }
+        Ok(seqs)
+    }
+
+    /// The commit fence (DESIGN.md §4, [`commit`]): if `payload` is an MLS
+    /// Commit, it is accepted only for the group's current epoch on this
+    /// channel (or a later one), once; the same Commit bytes sent again (to
+    /// the next recipient, or as a retry) pass without moving it. Returns
+    /// the fence record to write with the enqueue, if it moves.
+    fn fence_check(
+        &self,
+        channel_id: &ChannelId,
+        payload: &[u8],
+    ) -> Result<Option<(Vec<u8>, Fence)>, ServiceError> {
+        let Some(header) = commit::commit_header(payload) else {
+            return Ok(None);
+        };
+        let key = layout::fence_key(channel_id, &Sha256::digest(header.group_id).into());
+        let digest: [u8; 32] = Sha256::digest(payload).into();
+        let mut last_commit = [0u8; layout::COMMIT_DIGEST_BYTES];
+        last_commit.copy_from_slice(&digest[..layout::COMMIT_DIGEST_BYTES]);
+        let current = match self.get(&key)? {
+            Some(v) => Some(Fence::decode(&v).map_err(corrupt)?),
+            None => None,
+        };
+        if let Some(f) = current
+            && header.epoch < f.epoch
+        {
+            if header.epoch + 1 == f.epoch && f.last_commit == last_commit {
+                return Ok(None);
+            }
+            return Err(ServiceError::stale_epoch(
+                f.epoch,
+                format!(
+                    "the group already has a Commit for epoch {}; it is at epoch {} now",
+                    header.epoch, f.epoch
+                ),
+            ));
+        }
+        let epoch = header.epoch.checked_add(1).ok_or_else(|| {
+            ServiceError::invalid_argument("a Commit for the last possible epoch")
+        })?;
+        Ok(Some((key, Fence { epoch, last_commit })))
     }
 
     fn fetch(
@@ -812,37 +980,39 @@ impl<S: Store> NodeService<S> {
         self.read_messages(&queue, after_seq, limit)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fetch_wait(
-        &mut self,
-        now: Time,
-        conn: ConnectionId,
-        request_id: RequestId,
-        queue: QueueId,
-        after_seq: u64,
-        limit: u32,
-        timeout_ms: u64,
-    ) -> Option<Reply> {
-        if let Err(e) = self.owner(conn, &queue.recipient_key) {
+    /// `fetchWait` and `fetchWaitChannels`: answers at once if any cursor
+    /// has messages after it (or on error, or with a zero timeout), else
+    /// parks `wait` until an enqueue to one of its queues or its deadline.
+    fn fetch_wait(&mut self, now: Time, mut wait: Waiter, timeout_ms: u64) -> Option<Reply> {
+        if let Err(e) = self.owner(wait.conn, &wait.recipient_key) {
             return Some(Err(e));
         }
-        if limit == 0 {
+        if wait.limit == 0 {
             return Some(Err(ServiceError::invalid_argument(
                 "fetchWait needs a limit of at least 1",
             )));
         }
-        if let Err(e) = self.cursor_meta(&queue, after_seq) {
-            return Some(Err(e));
+        let queues: Vec<QueueId> = wait.queues().collect();
+        for (queue, (_, after_seq)) in queues.iter().zip(&wait.cursors) {
+            if let Err(e) = self.cursor_meta(queue, *after_seq) {
+                return Some(Err(e));
+            }
         }
         // Read before acknowledging: the read does not depend on the
         // acknowledgement, and a request refused below must change nothing.
-        let reply = self.read_messages(&queue, after_seq, limit);
-        let pending =
-            matches!(&reply, Ok(Response::Messages { messages, .. }) if !messages.is_empty());
-        if pending || reply.is_err() || timeout_ms == 0 {
-            return Some(self.acknowledge(&queue, after_seq).and(reply));
+        let reply = self.answer(&wait);
+        let pending = match &reply {
+            Ok(Response::Messages { messages, .. }) => !messages.is_empty(),
+            Ok(Response::ChannelMessages { channels }) => !channels.is_empty(),
+            _ => true,
+        };
+        if pending || timeout_ms == 0 {
+            return Some(self.acknowledge_all(&queues, &wait.cursors).and(reply));
         }
-        let per_conn = self.connections.get(&conn).map_or(0, |c| c.waiters.len());
+        let per_conn = self
+            .connections
+            .get(&wait.conn)
+            .map_or(0, |c| c.waiters.len());
         if per_conn >= self.config.waiters_per_connection_max {
             return Some(Err(ServiceError::rate_limited(
                 1_000,
@@ -851,38 +1021,45 @@ impl<S: Store> NodeService<S> {
                 ),
             )));
         }
-        if self.waiters.len() >= self.config.waiters_max {
+        if self.waiters.len() >= self.config.waiters_max
+            || self.wait_cursors + queues.len() > limits::WAIT_CURSORS_MAX
+        {
             return Some(Err(ServiceError::unavailable(
                 "the server holds its maximum number of waiting fetchWait calls",
             )));
         }
-        if let Err(e) = self.acknowledge(&queue, after_seq) {
+        if let Err(e) = self.acknowledge_all(&queues, &wait.cursors) {
             return Some(Err(e));
         }
         let timeout = Duration::from_millis(timeout_ms.min(self.config.fetch_wait_timeout_ms_max));
-        let deadline = now.saturating_add(timeout);
+        wait.deadline = now.saturating_add(timeout);
         let id = self.next_waiter;
         self.next_waiter += 1;
-        self.waiters.insert(
-            id,
-            Waiter {
-                conn,
-                request_id,
-                queue,
-                after_seq,
-                limit,
-                deadline,
-            },
-        );
-        self.waiters_by_queue.entry(queue).or_default().push(id);
-        self.deadlines.insert((deadline, id));
-        if let Some(c) = self.connections.get_mut(&conn) {
+        for queue in queues {
+            self.waiters_by_queue.entry(queue).or_default().push(id);
+        }
+        self.wait_cursors += wait.cursors.len();
+        self.deadlines.insert((wait.deadline, id));
+        if let Some(c) = self.connections.get_mut(&wait.conn) {
             c.waiters.push(id);
         }
+        self.waiters.insert(id, wait);
         None
     }
 
-    /// Deletes the messages `seq <= after_seq` of `queue`.
+    fn acknowledge_all(
+        &mut self,
+        queues: &[QueueId],
+        cursors: &[(ChannelId, u64)],
+    ) -> Result<(), ServiceError> {
+        for (queue, (_, after_seq)) in queues.iter().zip(cursors) {
+            self.acknowledge(queue, *after_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the messages `seq <= after_seq` of `queue`, and each shared
+    /// payload whose last reference that was.
     fn acknowledge(&mut self, queue: &QueueId, after_seq: u64) -> Result<(), ServiceError> {
         let mut meta = self.cursor_meta(queue, after_seq)?;
         if after_seq < meta.head {
@@ -890,12 +1067,27 @@ impl<S: Store> NodeService<S> {
         }
         let mut batch = Batch::new();
         for seq in meta.head..=after_seq {
-            let key = layout::message_key(queue, seq);
+            let key = layout::message_key(queue, &meta, seq);
             let record = self
                 .get(&key)?
                 .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
-            let len = layout::message_payload_len(&record).map_err(corrupt)?;
-            meta.bytes = meta.bytes.saturating_sub(len);
+            let entry = layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
+            meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
+            if let Entry::Shared { blob, .. } = entry {
+                // One queue holds at most one entry of a blob, so no other
+                // decrement of it is in this batch.
+                let refs_key = layout::blob_refs_key(blob);
+                let refs = match self.get(&refs_key)? {
+                    Some(v) => layout::decode_seq(&v).map_err(corrupt)?,
+                    None => return Err(ServiceError::internal("shared payload count missing")),
+                };
+                if refs <= 1 {
+                    batch.delete(refs_key);
+                    batch.delete(layout::blob_key(blob));
+                } else {
+                    batch.put(refs_key, layout::encode_seq(refs - 1));
+                }
+            }
             batch.delete(key);
         }
         meta.head = after_seq + 1;
@@ -919,27 +1111,76 @@ impl<S: Store> NodeService<S> {
     /// Reads up to `limit` messages after `after_seq` (and after the head),
     /// within the reply byte budget; never deletes.
     fn read_messages(&mut self, queue: &QueueId, after_seq: u64, limit: u32) -> Reply {
+        let mut budget = ReadBudget::new();
+        let (messages, next_seq) = self.read_queue(queue, after_seq, limit, &mut budget)?;
+        Ok(Response::Messages { messages, next_seq })
+    }
+
+    /// Reads messages of `queue` after `after_seq` into the reply, taking
+    /// from `budget`: at most `limit` here, and within the reply's total
+    /// message count and payload bytes (at least one message per reply).
+    fn read_queue(
+        &self,
+        queue: &QueueId,
+        after_seq: u64,
+        limit: u32,
+        budget: &mut ReadBudget,
+    ) -> Result<(Vec<QueuedMessage>, u64), ServiceError> {
         let meta = self.queue_meta(queue)?;
-        let limit = u64::from(limit.min(limits::FETCH_LIMIT_MAX));
+        let limit = u64::from(limit.min(budget.messages));
         let start = meta.head.max(after_seq.saturating_add(1));
         let end = meta.next_seq.min(start.saturating_add(limit));
         let mut messages = Vec::new();
-        let mut bytes = 0usize;
         for seq in start..end {
             let record = self
-                .get(&layout::message_key(queue, seq))?
+                .get(&layout::message_key(queue, &meta, seq))?
                 .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
-            let payload = layout::decode_message_payload(record).map_err(corrupt)?;
-            bytes = bytes.saturating_add(payload.len());
-            if bytes > limits::FETCH_RESPONSE_BYTES_MAX && !messages.is_empty() {
+            let payload =
+                match layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)? {
+                    Entry::Inline(payload) => payload,
+                    Entry::Shared { blob, .. } => self
+                        .get(&layout::blob_key(blob))?
+                        .ok_or_else(|| ServiceError::internal("shared payload missing"))?,
+                };
+            let bytes = budget.bytes.saturating_add(payload.len());
+            if bytes > limits::FETCH_RESPONSE_BYTES_MAX && budget.taken {
                 break;
             }
+            budget.bytes = bytes;
+            budget.taken = true;
+            budget.messages -= 1;
             messages.push(QueuedMessage { seq, payload });
         }
-        Ok(Response::Messages {
-            messages,
-            next_seq: meta.next_seq,
-        })
+        Ok((messages, meta.next_seq))
+    }
+
+    /// What a waiting (or due) long-poll answers now.
+    fn answer(&self, w: &Waiter) -> Reply {
+        let mut budget = ReadBudget::new();
+        if !w.channels {
+            let queue = w
+                .queues()
+                .next()
+                .ok_or_else(|| ServiceError::internal("no cursor"))?;
+            let (messages, next_seq) =
+                self.read_queue(&queue, w.cursors[0].1, w.limit, &mut budget)?;
+            return Ok(Response::Messages { messages, next_seq });
+        }
+        let mut channels = Vec::new();
+        for (queue, (channel_id, after_seq)) in w.queues().zip(&w.cursors) {
+            if budget.messages == 0 {
+                break;
+            }
+            let (messages, next_seq) = self.read_queue(&queue, *after_seq, w.limit, &mut budget)?;
+            if !messages.is_empty() {
+                channels.push(ChannelMessages {
+                    channel_id: *channel_id,
+                    messages,
+                    next_seq,
+                });
+            }
+        }
+        Ok(Response::ChannelMessages { channels })
     }
 
     fn wake_waiters(&mut self, queue: &QueueId) {
@@ -948,7 +1189,7 @@ impl<S: Store> NodeService<S> {
         };
         for id in ids {
             if let Some(w) = self.remove_waiter(id) {
-                let reply = self.read_messages(&w.queue, w.after_seq, w.limit);
+                let reply = self.answer(&w);
                 self.reply(w.conn, w.request_id, reply);
             }
         }
@@ -957,10 +1198,13 @@ impl<S: Store> NodeService<S> {
     fn remove_waiter(&mut self, id: u64) -> Option<Waiter> {
         let w = self.waiters.remove(&id)?;
         self.deadlines.remove(&(w.deadline, id));
-        if let Some(ids) = self.waiters_by_queue.get_mut(&w.queue) {
-            ids.retain(|x| *x != id);
-            if ids.is_empty() {
-                self.waiters_by_queue.remove(&w.queue);
+        self.wait_cursors = self.wait_cursors.saturating_sub(w.cursors.len());
+        for queue in w.queues() {
+            if let Some(ids) = self.waiters_by_queue.get_mut(&queue) {
+                ids.retain(|x| *x != id);
+                if ids.is_empty() {
+                    self.waiters_by_queue.remove(&queue);
+                }
             }
         }
         if let Some(c) = self.connections.get_mut(&w.conn) {
@@ -1090,6 +1334,52 @@ fn rate_limited(retry_after_ms: u64, what: &str) -> ServiceError {
         retry_after_ms,
         format!("too many {what}; retry in {retry_after_ms} ms"),
     )
+}
+
+/// An `enqueueBatch` names each recipient once, and not too many.
+fn check_recipients(recipients: &[IdentityKey]) -> Result<(), ServiceError> {
+    if recipients.is_empty() {
+        return Err(ServiceError::invalid_argument(
+            "enqueueBatch needs at least one recipient",
+        ));
+    }
+    if recipients.len() > limits::ENQUEUE_BATCH_RECIPIENTS_MAX {
+        return Err(ServiceError::invalid_argument(format!(
+            "enqueueBatch names {} recipients, more than the limit of {}",
+            recipients.len(),
+            limits::ENQUEUE_BATCH_RECIPIENTS_MAX
+        )));
+    }
+    let mut seen = HashSet::with_capacity(recipients.len());
+    if let Some(i) = recipients.iter().position(|r| !seen.insert(*r)) {
+        return Err(ServiceError::invalid_argument(format!(
+            "enqueueBatch names recipient #{i} twice"
+        )));
+    }
+    Ok(())
+}
+
+/// A `fetchWaitChannels` names each channel once, and not too many.
+fn check_cursors(cursors: &[(ChannelId, u64)]) -> Result<(), ServiceError> {
+    if cursors.is_empty() {
+        return Err(ServiceError::invalid_argument(
+            "fetchWaitChannels needs at least one channel",
+        ));
+    }
+    if cursors.len() > limits::FETCH_WAIT_CHANNELS_MAX {
+        return Err(ServiceError::invalid_argument(format!(
+            "fetchWaitChannels names {} channels, more than the limit of {}",
+            cursors.len(),
+            limits::FETCH_WAIT_CHANNELS_MAX
+        )));
+    }
+    let mut seen = HashSet::with_capacity(cursors.len());
+    if let Some(i) = cursors.iter().position(|(c, _)| !seen.insert(*c)) {
+        return Err(ServiceError::invalid_argument(format!(
+            "fetchWaitChannels names channel #{i} twice"
+        )));
+    }
+    Ok(())
 }
 
 fn corrupt(Corrupt(what): Corrupt) -> ServiceError {

@@ -87,6 +87,20 @@ pub enum RequestBody {
         /// Most messages to return; 0 only acknowledges.
         limit: u32,
     },
+    /// Append one payload to the queues `(channel_id, r)` of every
+    /// recipient `r` at once: the payload is stored once, each recipient
+    /// gets its own entry and seq. All or nothing.
+    EnqueueBatch {
+        /// The recipients, each at most once.
+        recipient_keys: Vec<IdentityKey>,
+        /// The recipients' channel.
+        channel_id: ChannelId,
+        /// The opaque payload.
+        payload: Vec<u8>,
+        /// Sender-chosen id; a retry with the same id is stored once per
+        /// recipient.
+        message_id: MessageId,
+    },
     /// As `Fetch`, but wait up to `timeout_ms` for a message if none is
     /// pending.
     FetchWait {
@@ -100,6 +114,19 @@ pub enum RequestBody {
         limit: u32,
         /// How long to wait; clamped to
         /// [`crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX`].
+        timeout_ms: u64,
+    },
+    /// One wait over several channels of the caller's queues: acknowledges
+    /// each cursor, then answers with every channel that has messages after
+    /// its cursor, waiting up to `timeout_ms` for the first (owner only).
+    FetchWaitChannels {
+        /// Whose queues; must be the connection's identity.
+        recipient_key: IdentityKey,
+        /// `(channel, after_seq)` per channel, each channel at most once.
+        cursors: Vec<(ChannelId, u64)>,
+        /// Most messages returned per channel; at least 1.
+        limit: u32,
+        /// How long to wait; clamped as for `FetchWait`.
         timeout_ms: u64,
     },
 }
@@ -118,6 +145,8 @@ impl RequestBody {
             RequestBody::Enqueue { .. } => "enqueue",
             RequestBody::Fetch { .. } => "fetch",
             RequestBody::FetchWait { .. } => "fetchWait",
+            RequestBody::EnqueueBatch { .. } => "enqueueBatch",
+            RequestBody::FetchWaitChannels { .. } => "fetchWaitChannels",
         }
     }
 }
@@ -182,6 +211,29 @@ pub enum Response {
         /// The seq the next enqueue to this queue will get.
         next_seq: u64,
     },
+    /// The payload is stored (and durable) in every recipient's queue.
+    EnqueuedBatch {
+        /// Each recipient's seq, in the order of the request's recipients.
+        seqs: Vec<u64>,
+    },
+    /// The channels of a [`RequestBody::FetchWaitChannels`] that have
+    /// messages, in the order of the request's cursors; empty when the
+    /// wait ran out.
+    ChannelMessages {
+        /// Channels with messages.
+        channels: Vec<ChannelMessages>,
+    },
+}
+
+/// One channel's part of a [`Response::ChannelMessages`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelMessages {
+    /// Which channel.
+    pub channel_id: ChannelId,
+    /// Messages after the channel's cursor, in seq order, without gaps.
+    pub messages: Vec<QueuedMessage>,
+    /// The seq the next enqueue to this channel's queue will get.
+    pub next_seq: u64,
 }
 
 /// A reply: the answer to one request.

@@ -1210,3 +1210,440 @@ fn restart_keeps_seq_counters_and_refuses_newer_format() {
         }
     );
 }
+
+// ----- enqueueBatch ------------------------------------------------------
+
+fn batch(
+    h: &mut Harness,
+    c: u64,
+    to: &[&SigningKey],
+    channel: &[u8],
+    payload: &[u8],
+    m: u8,
+) -> Reply {
+    h.call(
+        c,
+        RequestBody::EnqueueBatch {
+            recipient_keys: to.iter().map(|k| id(k)).collect(),
+            channel_id: ch(channel),
+            payload: payload.to_vec(),
+            message_id: mid(m),
+        },
+    )
+}
+
+fn batch_seqs(r: &Reply) -> Vec<u64> {
+    match r {
+        Ok(Response::EnqueuedBatch { seqs }) => seqs.clone(),
+        other => panic!("not a batch answer: {other:?}"),
+    }
+}
+
+/// Store records holding `needle` somewhere in their value.
+fn copies(h: &Harness, needle: &[u8]) -> usize {
+    h.node
+        .store()
+        .iter()
+        .filter(|(_, v)| v.windows(needle.len()).any(|w| w == needle))
+        .count()
+}
+
+#[test]
+fn enqueue_batch_stores_the_payload_once_and_gives_each_recipient_a_seq() {
+    let mut h = Harness::new();
+    let (alice, bob, carol, dave) = (user(1), user(2), user(3), user(4));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    h.enqueue(1, &bob, b"g", b"earlier", 1).unwrap();
+    let payload = b"the one shared payload".repeat(10);
+    let r = batch(&mut h, 1, &[&bob, &carol, &dave], b"g", &payload, 2);
+    assert_eq!(batch_seqs(&r), vec![2, 1, 1]);
+    assert_eq!(copies(&h, &payload), 1);
+    // Each recipient reads it in its own queue, in order.
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"g", 0, 10)),
+        vec![b"earlier".to_vec(), payload.clone()]
+    );
+    assert_eq!(
+        payloads(&h.fetch(3, &carol, b"g", 0, 10)),
+        vec![payload.clone()]
+    );
+    // Acknowledged by some: still there for the others.
+    h.fetch(2, &bob, b"g", 2, 0).unwrap();
+    h.fetch(3, &carol, b"g", 1, 0).unwrap();
+    assert_eq!(copies(&h, &payload), 1);
+    h.login(4, &dave);
+    assert_eq!(seqs(&h.fetch(4, &dave, b"g", 0, 10)), vec![1]);
+    // The last acknowledgement drops the payload and its count.
+    h.fetch(4, &dave, b"g", 1, 0).unwrap();
+    assert_eq!(copies(&h, &payload), 0);
+    let left: Vec<u8> = h.node.store().iter().map(|(k, _)| k[0]).collect();
+    assert!(
+        !left.contains(&0x15) && !left.contains(&0x16),
+        "shared payload records left: {left:x?}"
+    );
+}
+
+#[test]
+fn enqueue_batch_retries_are_stored_once_per_recipient() {
+    let mut h = Harness::new();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    // Bob already has the message (say, sent to him alone first).
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"g", b"m", 7)), 1);
+    let r = batch(&mut h, 1, &[&bob, &carol], b"g", b"m", 7);
+    assert_eq!(batch_seqs(&r), vec![1, 1]);
+    // A full retry changes nothing and answers the same seqs.
+    let again = batch(&mut h, 1, &[&bob, &carol], b"g", b"m", 7);
+    assert_eq!(batch_seqs(&again), vec![1, 1]);
+    assert_eq!(seqs(&h.fetch(2, &bob, b"g", 0, 10)), vec![1]);
+    // One new entry is stored inline, not as a shared payload.
+    assert!(!h.node.store().iter().any(|(k, _)| k[0] == 0x15));
+}
+
+#[test]
+fn enqueue_batch_is_all_or_nothing_and_validates_recipients() {
+    let mut h = Harness::with_config(NodeConfig {
+        queue_depth_max: 1,
+        ..NodeConfig::default()
+    });
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(3, &carol);
+    h.enqueue(1, &bob, b"g", b"fills bob", 1).unwrap();
+    let r = batch(&mut h, 1, &[&carol, &bob], b"g", b"x", 2);
+    assert_eq!(kind(&r), ErrorKind::QueueFull);
+    assert!(r.unwrap_err().message.contains("recipient #1"));
+    // Carol got nothing from the refused batch.
+    assert_eq!(seqs(&h.fetch(3, &carol, b"g", 0, 10)), Vec::<u64>::new());
+    assert_eq!(
+        kind(&batch(&mut h, 1, &[], b"g", b"x", 3)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        kind(&batch(&mut h, 1, &[&carol, &carol], b"g", b"x", 3)),
+        ErrorKind::InvalidArgument
+    );
+    let many: Vec<SigningKey> = (0..=limits::ENQUEUE_BATCH_RECIPIENTS_MAX)
+        .map(|i| {
+            SigningKey::from_bytes(&[
+                (i % 250) as u8,
+                (i / 250) as u8,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+            ])
+        })
+        .collect();
+    let refs: Vec<&SigningKey> = many.iter().collect();
+    assert_eq!(
+        kind(&batch(&mut h, 1, &refs, b"g", b"x", 3)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        kind(&batch(&mut h, 1, &[&carol], b"g", b"", 3)),
+        ErrorKind::InvalidArgument
+    );
+}
+
+#[test]
+fn enqueue_batch_wakes_every_recipients_waiter_and_survives_a_crash() {
+    let mut h = Harness::new();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    let wb = h.fetch_wait(2, &bob, 0, 1_000);
+    let wc = h.send(
+        3,
+        RequestBody::FetchWait {
+            recipient_key: id(&carol),
+            channel_id: ChannelId::DEFAULT,
+            after_seq: 0,
+            limit: 10,
+            timeout_ms: 1_000,
+        },
+    );
+    assert!(h.drain().is_empty());
+    let rid = h.send(
+        1,
+        RequestBody::EnqueueBatch {
+            recipient_keys: vec![id(&bob), id(&carol)],
+            channel_id: ChannelId::DEFAULT,
+            payload: b"hello both".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    let replies = h.drain();
+    let woken: Vec<RequestId> = replies.iter().map(|(r, _)| *r).collect();
+    assert!(woken.contains(&wb) && woken.contains(&wc) && woken.contains(&rid));
+    let mut store = h.node.into_store();
+    store.crash();
+    let mut h = Harness {
+        node: NodeService::new(NodeConfig::default(), [3; 32], store).unwrap(),
+        now: Time::ZERO,
+        next_request: 0,
+        auto_sync: true,
+    };
+    h.login(1, &alice);
+    h.login(2, &bob);
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"", 0, 10)),
+        vec![b"hello both".to_vec()]
+    );
+    // The blob counter survived: a new batch does not reuse the old one.
+    let r = batch(&mut h, 1, &[&bob, &carol], b"", b"second", 2);
+    assert_eq!(batch_seqs(&r), vec![2, 2]);
+    h.fetch(2, &bob, b"", 2, 0).unwrap();
+    h.login(3, &carol);
+    assert_eq!(
+        payloads(&h.fetch(3, &carol, b"", 0, 10)),
+        vec![b"hello both".to_vec(), b"second".to_vec()]
+    );
+}
+
+// ----- the commit fence ----------------------------------------------------
+
+/// A group envelope around an MLS PrivateMessage header of `content_type`.
+fn mls(group: &[u8], epoch: u64, content_type: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x01, 0x02, 0, 1, 0, 2, group.len() as u8];
+    v.extend_from_slice(group);
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v.push(content_type);
+    v.extend_from_slice(body);
+    v
+}
+
+fn stale(r: &Reply) -> u64 {
+    match kind(r) {
+        ErrorKind::StaleEpoch { current_epoch } => current_epoch,
+        other => panic!("not staleEpoch: {other:?}"),
+    }
+}
+
+#[test]
+fn the_first_commit_per_epoch_wins_and_later_ones_learn_the_epoch() {
+    let mut h = Harness::new();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let a = mls(b"grp", 5, 3, b"alice's commit");
+    let b = mls(b"grp", 5, 3, b"bob's commit");
+    // Alice's commit goes to bob and carol one enqueue at a time: the same
+    // bytes pass for the second recipient and on a retry.
+    h.enqueue(1, &bob, b"g", &a, 1).unwrap();
+    h.enqueue(1, &carol, b"g", &a, 2).unwrap();
+    assert_eq!(enqueued(&h.enqueue(1, &carol, b"g", &a, 2)), 1);
+    // Bob's commit for the same epoch is refused, as a batch too.
+    assert_eq!(stale(&h.enqueue(2, &alice, b"g", &b, 4)), 6);
+    assert_eq!(stale(&batch(&mut h, 2, &[&alice, &carol], b"g", &b, 5)), 6);
+    // An older epoch too; application messages and proposals never are.
+    assert_eq!(
+        stale(&h.enqueue(2, &alice, b"g", &mls(b"grp", 2, 3, b"old"), 6)),
+        6
+    );
+    h.enqueue(2, &alice, b"g", &mls(b"grp", 5, 1, b"app"), 7)
+        .unwrap();
+    h.enqueue(2, &alice, b"g", &mls(b"grp", 4, 2, b"proposal"), 8)
+        .unwrap();
+    // Bob retries on epoch 6 and wins it.
+    let b6 = batch(
+        &mut h,
+        2,
+        &[&alice, &carol],
+        b"g",
+        &mls(b"grp", 6, 3, b"bob again"),
+        9,
+    );
+    assert_eq!(batch_seqs(&b6).len(), 2);
+    assert_eq!(
+        stale(&h.enqueue(1, &bob, b"g", &mls(b"grp", 6, 3, b"late"), 10)),
+        7
+    );
+    // Nothing refused was stored.
+    h.login(3, &carol);
+    assert_eq!(
+        payloads(&h.fetch(3, &carol, b"g", 0, 10)),
+        vec![a, mls(b"grp", 6, 3, b"bob again")]
+    );
+}
+
+#[test]
+fn fences_are_per_group_and_channel_and_survive_a_restart() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.enqueue(1, &bob, b"g", &mls(b"grp", 3, 3, b"c"), 1)
+        .unwrap();
+    // Another channel, another group on the same channel: their own fences.
+    h.enqueue(1, &bob, b"h", &mls(b"grp", 3, 3, b"c2"), 2)
+        .unwrap();
+    h.enqueue(1, &bob, b"g", &mls(b"other", 0, 3, b"c3"), 3)
+        .unwrap();
+    // A later epoch than the fence knows is accepted (the group's history
+    // may predate the fence).
+    h.enqueue(1, &bob, b"g", &mls(b"grp", 9, 3, b"c4"), 4)
+        .unwrap();
+    let mut store = h.node.into_store();
+    store.crash();
+    let mut h = Harness {
+        node: NodeService::new(NodeConfig::default(), [3; 32], store).unwrap(),
+        now: Time::ZERO,
+        next_request: 0,
+        auto_sync: true,
+    };
+    h.login(1, &alice);
+    assert_eq!(
+        stale(&h.enqueue(1, &bob, b"g", &mls(b"grp", 9, 3, b"x"), 5)),
+        10
+    );
+    // Bytes that are not a group envelope are never looked at.
+    h.enqueue(1, &bob, b"g", &[0x01, 0x01, 0, 1, 0, 2], 6)
+        .unwrap();
+    h.enqueue(1, &bob, b"g", b"opaque", 7).unwrap();
+}
+
+// ----- fetchWaitChannels ----------------------------------------------------
+
+fn wait_channels(
+    h: &mut Harness,
+    c: u64,
+    owner: &SigningKey,
+    cursors: &[(&[u8], u64)],
+    timeout_ms: u64,
+) -> RequestId {
+    h.send(
+        c,
+        RequestBody::FetchWaitChannels {
+            recipient_key: id(owner),
+            cursors: cursors.iter().map(|(c, s)| (ch(c), *s)).collect(),
+            limit: 10,
+            timeout_ms,
+        },
+    )
+}
+
+fn channel_seqs(r: &Reply) -> Vec<(Vec<u8>, Vec<u64>)> {
+    match r {
+        Ok(Response::ChannelMessages { channels }) => channels
+            .iter()
+            .map(|c| {
+                (
+                    c.channel_id.as_bytes().to_vec(),
+                    c.messages.iter().map(|m| m.seq).collect(),
+                )
+            })
+            .collect(),
+        other => panic!("not channel messages: {other:?}"),
+    }
+}
+
+#[test]
+fn fetch_wait_channels_answers_pending_channels_at_once_and_acknowledges() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    for (m, channel) in [(1, b"a"), (2, b"a"), (3, b"c")] {
+        h.enqueue(1, &bob, channel, b"x", m).unwrap();
+    }
+    let rid = wait_channels(&mut h, 2, &bob, &[(b"a", 1), (b"b", 0), (b"c", 0)], 1_000);
+    let replies = h.drain();
+    assert_eq!(replies[0].0, rid);
+    assert_eq!(
+        channel_seqs(&replies[0].1),
+        vec![(b"a".to_vec(), vec![2]), (b"c".to_vec(), vec![1])]
+    );
+    // The cursor acknowledged seq 1 of channel a.
+    assert_eq!(seqs(&h.fetch(2, &bob, b"a", 0, 10)), vec![2]);
+    assert_eq!(h.node.waiter_count(), 0);
+}
+
+#[test]
+fn fetch_wait_channels_is_woken_by_any_of_its_channels_and_expires_empty() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let rid = wait_channels(&mut h, 2, &bob, &[(b"a", 0), (b"b", 0)], 1_000);
+    assert!(h.drain().is_empty());
+    h.enqueue(1, &bob, b"b", b"x", 1).unwrap();
+    let replies = h.drain();
+    let _ = replies;
+    // `enqueue` drained the woken reply with its own; look again.
+    assert_eq!(h.node.waiter_count(), 0);
+    assert_eq!(h.node.poll_timeout(), None);
+    let rid2 = wait_channels(&mut h, 2, &bob, &[(b"a", 0), (b"b", 1)], 1_000);
+    assert!(h.drain().is_empty());
+    let deadline = h.node.poll_timeout().unwrap();
+    h.now = deadline;
+    h.node.handle_timeout(h.now);
+    let replies = h.drain();
+    assert_eq!(replies[0].0, rid2);
+    assert!(channel_seqs(&replies[0].1).is_empty());
+    assert_ne!(rid, rid2);
+    // Closing the connection drops a waiter on several queues entirely.
+    wait_channels(&mut h, 2, &bob, &[(b"a", 0), (b"b", 1)], 1_000);
+    assert_eq!(h.node.waiter_count(), 1);
+    h.node.handle_connection_closed(h.now, conn(2));
+    assert_eq!(h.node.waiter_count(), 0);
+    h.enqueue(1, &bob, b"a", b"y", 2).unwrap();
+}
+
+#[test]
+fn fetch_wait_channels_refusals_change_nothing() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"a", b"x", 1).unwrap();
+    let refuse = |h: &mut Harness, cursors: &[(&[u8], u64)], who: u64, owner: &SigningKey| {
+        wait_channels(h, who, owner, cursors, 1_000);
+        let replies = h.drain();
+        kind(&replies[0].1)
+    };
+    // A cursor beyond the queue: nothing acknowledged on the other channel.
+    assert_eq!(
+        refuse(&mut h, &[(b"a", 1), (b"b", 5)], 2, &bob),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refuse(&mut h, &[(b"a", 1), (b"a", 1)], 2, &bob),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(refuse(&mut h, &[], 2, &bob), ErrorKind::InvalidArgument);
+    assert_eq!(
+        refuse(&mut h, &[(b"a", 1)], 1, &bob),
+        ErrorKind::PermissionDenied
+    );
+    assert_eq!(seqs(&h.fetch(2, &bob, b"a", 0, 10)), vec![1]);
+}
