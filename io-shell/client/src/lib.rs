@@ -17,7 +17,9 @@ use std::time::Duration;
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_core::error::{ErrorKind, ServiceError};
 use quicproquo_core::limits::AUTH_VERSION;
-use quicproquo_core::node::{QueuedMessage, Request, RequestBody, Response, auth_message};
+use quicproquo_core::node::{
+    ChannelMessages, QueuedMessage, Request, RequestBody, Response, auth_message,
+};
 use quicproquo_core::types::{ChannelId, Fingerprint, IdentityKey, MessageId, Signature};
 use quicproquo_proto::{
     ALPN, AUTH_EXPORTER_LABEL, DecodeError, REPLY_BYTES_MAX, decode_reply, encode_request,
@@ -308,29 +310,55 @@ impl Client {
         payload: Vec<u8>,
         message_id: MessageId,
     ) -> Result<u64, ClientError> {
-        let mut backoff = RETRY_BACKOFF_INITIAL;
-        let mut attempt = 1;
-        loop {
-            let result = self
-                .enqueue_once(recipient_key, channel_id, payload.clone(), message_id)
-                .await;
-            match result {
-                Err(e) if e.is_transient() && attempt < ENQUEUE_ATTEMPTS_MAX => {
-                    let pause = match &e {
-                        ClientError::Service(ServiceError {
-                            kind: ErrorKind::RateLimited { retry_after_ms },
-                            ..
-                        }) => Duration::from_millis(*retry_after_ms).max(backoff),
-                        _ => backoff,
-                    };
-                    tracing::debug!(attempt, error = %e, "enqueue failed; retrying with the same messageId");
-                    tokio::time::sleep(pause.min(RETRY_BACKOFF_MAX)).await;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                    attempt += 1;
-                }
-                other => return other,
-            }
+        retrying("enqueue", || {
+            self.enqueue_once(recipient_key, channel_id, payload.clone(), message_id)
+        })
+        .await
+    }
+
+    /// Enqueues one payload to every recipient's queue on `channel_id` at
+    /// once (stored once on the server), without retrying; returns each
+    /// recipient's seq in the order given.
+    pub async fn enqueue_batch_once(
+        &self,
+        recipient_keys: Vec<IdentityKey>,
+        channel_id: ChannelId,
+        payload: Vec<u8>,
+        message_id: MessageId,
+    ) -> Result<Vec<u64>, ClientError> {
+        let n = recipient_keys.len();
+        match self
+            .call(RequestBody::EnqueueBatch {
+                recipient_keys,
+                channel_id,
+                payload,
+                message_id,
+            })
+            .await?
+        {
+            Response::EnqueuedBatch { seqs } if seqs.len() == n => Ok(seqs),
+            other => Err(unexpected("enqueueBatch", &other)),
         }
+    }
+
+    /// As [`Self::enqueue_batch_once`], retrying transient failures with the
+    /// same `message_id`, as [`Self::enqueue`] does.
+    pub async fn enqueue_batch(
+        &self,
+        recipient_keys: Vec<IdentityKey>,
+        channel_id: ChannelId,
+        payload: Vec<u8>,
+        message_id: MessageId,
+    ) -> Result<Vec<u64>, ClientError> {
+        retrying("enqueueBatch", || {
+            self.enqueue_batch_once(
+                recipient_keys.clone(),
+                channel_id,
+                payload.clone(),
+                message_id,
+            )
+        })
+        .await
     }
 
     /// Acknowledges `seq <= after_seq` and returns up to `limit` messages
@@ -377,6 +405,34 @@ impl Client {
         messages("fetchWait", r)
     }
 
+    /// One wait over several channels: acknowledges each `(channel,
+    /// after_seq)` cursor and returns the channels with messages after
+    /// theirs, waiting up to `timeout_ms` for the first (an empty list when
+    /// the wait ran out).
+    pub async fn fetch_wait_channels(
+        &self,
+        recipient_key: IdentityKey,
+        cursors: Vec<(ChannelId, u64)>,
+        limit: u32,
+        timeout_ms: u64,
+    ) -> Result<Vec<ChannelMessages>, ClientError> {
+        let r = self
+            .call_with_timeout(
+                RequestBody::FetchWaitChannels {
+                    recipient_key,
+                    cursors,
+                    limit,
+                    timeout_ms,
+                },
+                CALL_TIMEOUT + Duration::from_millis(timeout_ms),
+            )
+            .await?;
+        match r {
+            Response::ChannelMessages { channels } => Ok(channels),
+            other => Err(unexpected("fetchWaitChannels", &other)),
+        }
+    }
+
     /// Sends any request and returns the successful response.
     pub async fn call(&self, body: RequestBody) -> Result<Response, ClientError> {
         self.call_with_timeout(body, CALL_TIMEOUT).await
@@ -411,6 +467,37 @@ impl Client {
             .await
             .map_err(|_| ClientError::Timeout(timeout))??;
         Ok(decode_reply(&reply_bytes)??)
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or has failed
+/// transiently [`ENQUEUE_ATTEMPTS_MAX`] times, pausing between attempts
+/// (growing, and at least what a `rateLimited` answer asks). The attempts
+/// must reuse one message id, so the server stores the message once.
+async fn retrying<T, F, Fut>(method: &str, mut attempt: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut backoff = RETRY_BACKOFF_INITIAL;
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_transient() && n < ENQUEUE_ATTEMPTS_MAX => {
+                let pause = match &e {
+                    ClientError::Service(ServiceError {
+                        kind: ErrorKind::RateLimited { retry_after_ms },
+                        ..
+                    }) => Duration::from_millis(*retry_after_ms).max(backoff),
+                    _ => backoff,
+                };
+                tracing::debug!(method, attempt = n, error = %e, "failed; retrying with the same messageId");
+                tokio::time::sleep(pause.min(RETRY_BACKOFF_MAX)).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                n += 1;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 # code in `../src/generated/` is generated from this file by `../regen.sh`.
 #
 # Evolution: Cap'n Proto forbids gaps in ordinals, so room for later methods
-# (enqueueBatch, a multi-channel fetchWait, ...) is made by appending: a new
+# (enqueueBatch and fetchWaitChannels came this way) is made by appending: a new
 # method is a new member at the end of `Request.body` with the next free
 # ordinals, and its answer a new member at the end of `Response.ok`. Union
 # discriminants follow ordinal order, so existing members keep their values
@@ -119,7 +119,33 @@ struct Request {
       timeoutMs @25 :UInt64;
     }
 
-    # Later methods go here, at ordinal 26 and up.
+    # One payload to many recipients' queues on one channel, stored once:
+    # all or nothing; answered with each recipient's seq (enqueuedBatch).
+    enqueueBatch :group {
+      # The recipients (32 bytes each), each at most once, at most 1,000.
+      recipientKeys @26 :List(Data);
+      # Which channel: empty for the default queue, else at most 16 bytes.
+      channelId @27 :Data;
+      # The opaque payload, stored once for all recipients.
+      payload @28 :Data;
+      # 16 bytes chosen by the sender; a retry is stored once per recipient.
+      messageId @29 :Data;
+    }
+
+    # One long-poll over several channels of the caller's queues; answered
+    # with the channels that have messages (channelMessages).
+    fetchWaitChannels :group {
+      # Whose queues; must be the connection's identity (32 bytes).
+      recipientKey @30 :Data;
+      # One cursor per channel, each channel at most once, at most 256.
+      cursors @31 :List(ChannelCursor);
+      # Most messages returned per channel; at least 1.
+      limit @32 :UInt32;
+      # How long to wait, in milliseconds; the server clamps it to its bound.
+      timeoutMs @33 :UInt64;
+    }
+
+    # Later methods go here, at ordinal 34 and up.
   }
 }
 
@@ -185,7 +211,19 @@ struct Response {
         nextSeq @12 :UInt64;
       }
 
-      # Answers to later methods go here, at ordinal 14 and up.
+      # The payload is stored durably in every recipient's queue.
+      enqueuedBatch :group {
+        # Each recipient's seq, in the order of the request's recipients.
+        seqs @14 :List(UInt64);
+      }
+
+      # The channels of a `fetchWaitChannels` with messages, in the order of
+      # the request's cursors; empty when the wait ran out.
+      channelMessages :group {
+        channels @15 :List(ChannelMessages);
+      }
+
+      # Answers to later methods go here, at ordinal 16 and up.
     }
 
     # The call failed.
@@ -199,6 +237,24 @@ struct QueuedMessage {
   seq @0 :UInt64;
   # The opaque payload as it was enqueued.
   payload @1 :Data;
+}
+
+# One channel's cursor in a `fetchWaitChannels`.
+struct ChannelCursor {
+  # Which channel: empty for the default queue, else at most 16 bytes.
+  channelId @0 :Data;
+  # Messages with seq <= afterSeq are acknowledged and deleted.
+  afterSeq @1 :UInt64;
+}
+
+# One channel's messages in a `channelMessages` answer.
+struct ChannelMessages {
+  # Which channel.
+  channelId @0 :Data;
+  # Oldest first, in seq order without gaps.
+  messages @1 :List(QueuedMessage);
+  # The seq the next enqueue to this channel's queue will get.
+  nextSeq @2 :UInt64;
 }
 
 # A typed error: clients act on `kind`; `message` is for humans.

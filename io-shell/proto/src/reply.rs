@@ -6,12 +6,15 @@
 
 use std::borrow::Cow;
 
-use quicproquo_core::limits::FETCH_LIMIT_MAX;
-use quicproquo_core::node::{QueuedMessage, Reply, Response};
+use quicproquo_core::limits::{
+    ENQUEUE_BATCH_RECIPIENTS_MAX, FETCH_LIMIT_MAX, FETCH_WAIT_CHANNELS_MAX,
+};
+use quicproquo_core::node::{ChannelMessages, QueuedMessage, Reply, Response};
+use quicproquo_core::types::ChannelId;
 use quicproquo_core::{ErrorKind, ServiceError};
 
 use crate::error::DecodeError;
-use crate::generated::node_capnp::{error, response};
+use crate::generated::node_capnp::{error, queued_message, response};
 use crate::request::signature;
 
 /// Writes `reply` into a freshly initialised root.
@@ -48,15 +51,68 @@ pub(crate) fn size_in_words(reply: &Reply) -> usize {
     let variable = match reply {
         Ok(Response::KeyPackage { package, .. }) => package.len().div_ceil(8),
         Ok(Response::HybridKey { hybrid_key, .. }) => hybrid_key.len().div_ceil(8),
-        Ok(Response::Messages { messages, .. }) => messages
+        Ok(Response::Messages { messages, .. }) => messages_words(messages),
+        Ok(Response::EnqueuedBatch { seqs }) => seqs.len(),
+        // Per channel: its struct (1 data word, 2 pointers), the channel
+        // id, and its messages.
+        Ok(Response::ChannelMessages { channels }) => channels
             .iter()
-            .map(|m| 2 + m.payload.len().div_ceil(8))
+            .map(|c| 5 + messages_words(&c.messages))
             .sum(),
         // The message text and its NUL terminator.
         Err(e) => (e.message.len() + 1).div_ceil(8),
         Ok(_) => 0,
     };
     FIXED_WORDS + variable
+}
+
+/// Words of a message list: two per message (its struct and pointer tag)
+/// and the payload.
+fn messages_words(messages: &[QueuedMessage]) -> usize {
+    messages
+        .iter()
+        .map(|m| 2 + m.payload.len().div_ceil(8))
+        .sum()
+}
+
+fn messages_to_wire(
+    messages: &[QueuedMessage],
+    mut list: capnp::struct_list::Builder<'_, queued_message::Owned>,
+) {
+    for (i, m) in (0..list.len()).zip(messages) {
+        let mut entry = list.reborrow().get(i);
+        entry.set_seq(m.seq);
+        entry.set_payload(&m.payload);
+    }
+}
+
+fn list_len(n: usize) -> u32 {
+    u32::try_from(n).expect("a reply holds far fewer than 2^32 entries (FETCH_LIMIT_MAX)")
+}
+
+/// Reads a message list of at most `max` entries.
+fn messages_from_wire(
+    list: capnp::struct_list::Reader<'_, queued_message::Owned>,
+    max: u32,
+) -> Result<Vec<QueuedMessage>, DecodeError> {
+    // Checked before anything is sized by the list's length: a list of
+    // zero-sized structs can claim many elements cheaply.
+    if list.len() > max {
+        return Err(DecodeError::Invalid(ServiceError::invalid_argument(
+            format!(
+                "reply holds {} messages, more than a fetch may return ({FETCH_LIMIT_MAX})",
+                list.len()
+            ),
+        )));
+    }
+    let mut messages = Vec::with_capacity(list.len() as usize);
+    for m in list.iter() {
+        messages.push(QueuedMessage {
+            seq: m.get_seq(),
+            payload: m.get_payload()?.to_vec(),
+        });
+    }
+    Ok(messages)
 }
 
 /// Writes a successful response, or returns the error to send instead when
@@ -98,13 +154,23 @@ fn ok_to_wire(resp: &Response, mut w: response::ok::Builder<'_>) -> Result<(), S
         Response::Messages { messages, next_seq } => {
             let mut g = w.init_messages();
             g.set_next_seq(*next_seq);
-            let len = u32::try_from(messages.len())
-                .expect("a reply holds far fewer than 2^32 messages (FETCH_LIMIT_MAX)");
-            let mut list = g.init_messages(len);
-            for (i, m) in (0..len).zip(messages) {
+            messages_to_wire(messages, g.init_messages(list_len(messages.len())));
+        }
+        Response::EnqueuedBatch { seqs } => {
+            let mut list = w.init_enqueued_batch().init_seqs(list_len(seqs.len()));
+            for (i, seq) in (0..list.len()).zip(seqs) {
+                list.set(i, *seq);
+            }
+        }
+        Response::ChannelMessages { channels } => {
+            let mut list = w
+                .init_channel_messages()
+                .init_channels(list_len(channels.len()));
+            for (i, c) in (0..list.len()).zip(channels) {
                 let mut entry = list.reborrow().get(i);
-                entry.set_seq(m.seq);
-                entry.set_payload(&m.payload);
+                entry.set_channel_id(c.channel_id.as_bytes());
+                entry.set_next_seq(c.next_seq);
+                messages_to_wire(&c.messages, entry.init_messages(list_len(c.messages.len())));
             }
         }
         // `Response` is non-exhaustive: a variant the core gains before the
@@ -144,29 +210,50 @@ fn ok_from_wire(r: response::ok::Reader<'_>) -> Result<Response, DecodeError> {
             signature: signature(g.get_signature()?)?,
         },
         Ok(Which::Enqueued(g)) => Response::Enqueued { seq: g.get_seq() },
-        Ok(Which::Messages(g)) => {
-            let list = g.get_messages()?;
-            // Checked before anything is sized by the list's length: a list
-            // of zero-sized structs can claim many elements cheaply.
-            if list.len() > FETCH_LIMIT_MAX {
+        Ok(Which::Messages(g)) => Response::Messages {
+            messages: messages_from_wire(g.get_messages()?, FETCH_LIMIT_MAX)?,
+            next_seq: g.get_next_seq(),
+        },
+        Ok(Which::EnqueuedBatch(g)) => {
+            let list = g.get_seqs()?;
+            if list.len() as usize > ENQUEUE_BATCH_RECIPIENTS_MAX {
                 return Err(DecodeError::Invalid(ServiceError::invalid_argument(
                     format!(
-                        "reply holds {} messages, more than a fetch may return ({FETCH_LIMIT_MAX})",
+                        "reply holds {} seqs, more than a batch may have recipients ({ENQUEUE_BATCH_RECIPIENTS_MAX})",
                         list.len()
                     ),
                 )));
             }
-            let mut messages = Vec::with_capacity(list.len() as usize);
-            for m in list.iter() {
-                messages.push(QueuedMessage {
-                    seq: m.get_seq(),
-                    payload: m.get_payload()?.to_vec(),
+            Response::EnqueuedBatch {
+                seqs: list.iter().collect(),
+            }
+        }
+        Ok(Which::ChannelMessages(g)) => {
+            let list = g.get_channels()?;
+            if list.len() as usize > FETCH_WAIT_CHANNELS_MAX {
+                return Err(DecodeError::Invalid(ServiceError::invalid_argument(
+                    format!(
+                        "reply holds {} channels, more than a wait may name ({FETCH_WAIT_CHANNELS_MAX})",
+                        list.len()
+                    ),
+                )));
+            }
+            // The messages of all channels together are within one fetch's
+            // count, as the core returns them.
+            let mut left = FETCH_LIMIT_MAX;
+            let mut channels = Vec::with_capacity(list.len() as usize);
+            for c in list.iter() {
+                let messages = messages_from_wire(c.get_messages()?, left)?;
+                left -= messages.len() as u32;
+                let channel_id =
+                    ChannelId::try_from_slice(c.get_channel_id()?).map_err(DecodeError::Invalid)?;
+                channels.push(ChannelMessages {
+                    channel_id,
+                    messages,
+                    next_seq: c.get_next_seq(),
                 });
             }
-            Response::Messages {
-                messages,
-                next_seq: g.get_next_seq(),
-            }
+            Response::ChannelMessages { channels }
         }
         Err(capnp::NotInSchema(discriminant)) => {
             return Err(DecodeError::UnknownVariant {

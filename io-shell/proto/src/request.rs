@@ -4,6 +4,8 @@
 //! opaque blobs (payloads, packages, hybrid keys) are copied out and left to
 //! the core's size checks, which operators can configure.
 
+use quicproquo_core::ServiceError;
+use quicproquo_core::limits::{ENQUEUE_BATCH_RECIPIENTS_MAX, FETCH_WAIT_CHANNELS_MAX};
 use quicproquo_core::node::{Request, RequestBody};
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId, Signature};
 
@@ -95,6 +97,42 @@ pub(crate) fn to_wire(req: &Request, mut w: request::Builder<'_>) {
             g.set_limit(*limit);
             g.set_timeout_ms(*timeout_ms);
         }
+        RequestBody::EnqueueBatch {
+            recipient_keys,
+            channel_id,
+            payload,
+            message_id,
+        } => {
+            let mut g = body.init_enqueue_batch();
+            let len = u32::try_from(recipient_keys.len())
+                .expect("far fewer than 2^32 recipients (ENQUEUE_BATCH_RECIPIENTS_MAX)");
+            let mut list = g.reborrow().init_recipient_keys(len);
+            for (i, key) in (0..len).zip(recipient_keys) {
+                list.set(i, key.as_bytes());
+            }
+            g.set_channel_id(channel_id.as_bytes());
+            g.set_payload(payload);
+            g.set_message_id(&message_id.0);
+        }
+        RequestBody::FetchWaitChannels {
+            recipient_key,
+            cursors,
+            limit,
+            timeout_ms,
+        } => {
+            let mut g = body.init_fetch_wait_channels();
+            g.set_recipient_key(recipient_key.as_bytes());
+            let len = u32::try_from(cursors.len())
+                .expect("far fewer than 2^32 cursors (FETCH_WAIT_CHANNELS_MAX)");
+            let mut list = g.reborrow().init_cursors(len);
+            for (i, (channel, after_seq)) in (0..len).zip(cursors) {
+                let mut c = list.reborrow().get(i);
+                c.set_channel_id(channel.as_bytes());
+                c.set_after_seq(*after_seq);
+            }
+            g.set_limit(*limit);
+            g.set_timeout_ms(*timeout_ms);
+        }
         // `RequestBody` is non-exhaustive; a method the core gains must get a
         // schema member here before a client can send it. Reaching this is a
         // bug in the caller's build, not peer input.
@@ -151,6 +189,49 @@ pub(crate) fn from_wire(r: request::Reader<'_>) -> Result<Request, DecodeError> 
             limit: g.get_limit(),
             timeout_ms: g.get_timeout_ms(),
         },
+        Ok(Which::EnqueueBatch(g)) => {
+            let list = g.get_recipient_keys()?;
+            // Checked before anything is sized by the list's length.
+            if list.len() as usize > ENQUEUE_BATCH_RECIPIENTS_MAX {
+                return Err(DecodeError::Invalid(ServiceError::invalid_argument(
+                    format!(
+                        "enqueueBatch names {} recipients, more than the limit of {ENQUEUE_BATCH_RECIPIENTS_MAX}",
+                        list.len()
+                    ),
+                )));
+            }
+            let mut recipient_keys = Vec::with_capacity(list.len() as usize);
+            for key in list.iter() {
+                recipient_keys.push(identity_key(key?)?);
+            }
+            RequestBody::EnqueueBatch {
+                recipient_keys,
+                channel_id: channel_id(g.get_channel_id()?)?,
+                payload: g.get_payload()?.to_vec(),
+                message_id: message_id(g.get_message_id()?)?,
+            }
+        }
+        Ok(Which::FetchWaitChannels(g)) => {
+            let list = g.get_cursors()?;
+            if list.len() as usize > FETCH_WAIT_CHANNELS_MAX {
+                return Err(DecodeError::Invalid(ServiceError::invalid_argument(
+                    format!(
+                        "fetchWaitChannels names {} channels, more than the limit of {FETCH_WAIT_CHANNELS_MAX}",
+                        list.len()
+                    ),
+                )));
+            }
+            let mut cursors = Vec::with_capacity(list.len() as usize);
+            for c in list.iter() {
+                cursors.push((channel_id(c.get_channel_id()?)?, c.get_after_seq()));
+            }
+            RequestBody::FetchWaitChannels {
+                recipient_key: identity_key(g.get_recipient_key()?)?,
+                cursors,
+                limit: g.get_limit(),
+                timeout_ms: g.get_timeout_ms(),
+            }
+        }
         Err(capnp::NotInSchema(discriminant)) => {
             return Err(DecodeError::UnknownVariant {
                 what: "method",
@@ -174,6 +255,15 @@ pub(crate) fn size_in_words(req: &Request) -> usize {
         RequestBody::UploadKeyPackage { package, .. } => package.len(),
         RequestBody::UploadHybridKey { hybrid_key, .. } => hybrid_key.len(),
         RequestBody::Enqueue { payload, .. } => payload.len(),
+        // Each key a list element of 4 words (32 bytes) plus its pointer.
+        RequestBody::EnqueueBatch {
+            payload,
+            recipient_keys,
+            ..
+        } => payload.len() + recipient_keys.len() * 40,
+        // Each cursor a struct of 1 data word and 1 pointer, its channel
+        // two words.
+        RequestBody::FetchWaitChannels { cursors, .. } => cursors.len() * 32,
         _ => 0,
     };
     // Keys, signatures, ids and channel ids: at most 32 + 64 words' worth.

@@ -71,6 +71,101 @@ fn every_request_method_round_trips() {
         limit: 20,
         timeout_ms: u64::MAX,
     });
+    for n in [0u8, 1, 50] {
+        check_request(RequestBody::EnqueueBatch {
+            recipient_keys: (0..n).map(key).collect(),
+            channel_id: chan(&[21; 16]),
+            payload: vec![22; 1025],
+            message_id: mid(23),
+        });
+        check_request(RequestBody::FetchWaitChannels {
+            recipient_key: key(24),
+            cursors: (0..n).map(|i| (chan(&[i; 7]), u64::from(i))).collect(),
+            limit: 25,
+            timeout_ms: 26,
+        });
+    }
+}
+
+#[test]
+fn largest_batch_and_channel_wait_fit_the_request_limit() {
+    use quicproquo_core::limits::{ENQUEUE_BATCH_RECIPIENTS_MAX, FETCH_WAIT_CHANNELS_MAX};
+    let req = Request {
+        auth_version: AUTH_VERSION,
+        body: RequestBody::EnqueueBatch {
+            recipient_keys: (0..ENQUEUE_BATCH_RECIPIENTS_MAX)
+                .map(|i| IdentityKey([(i % 256) as u8; 32]))
+                .collect(),
+            channel_id: chan(&[2; 16]),
+            payload: vec![3; PAYLOAD_BYTES_MAX],
+            message_id: mid(4),
+        },
+    };
+    let bytes = encode_request(&req);
+    assert!(bytes.len() <= REQUEST_BYTES_MAX, "{} bytes", bytes.len());
+    assert_eq!(decode_request(&bytes), Ok(req));
+    let req = Request {
+        auth_version: AUTH_VERSION,
+        body: RequestBody::FetchWaitChannels {
+            recipient_key: key(1),
+            cursors: (0..FETCH_WAIT_CHANNELS_MAX)
+                .map(|i| (chan(&[(i % 256) as u8; 16]), u64::MAX))
+                .collect(),
+            limit: 1,
+            timeout_ms: 1,
+        },
+    };
+    let bytes = encode_request(&req);
+    assert!(bytes.len() <= REQUEST_BYTES_MAX, "{} bytes", bytes.len());
+    assert_eq!(decode_request(&bytes), Ok(req));
+    // One recipient or channel too many is refused by the decoder itself.
+    let mut too_many = RequestBody::EnqueueBatch {
+        recipient_keys: vec![key(1); ENQUEUE_BATCH_RECIPIENTS_MAX + 1],
+        channel_id: ChannelId::DEFAULT,
+        payload: vec![1],
+        message_id: mid(1),
+    };
+    for _ in 0..2 {
+        let bytes = encode_request(&Request {
+            auth_version: AUTH_VERSION,
+            body: too_many.clone(),
+        });
+        let err = decode_request(&bytes).unwrap_err().to_service_error();
+        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        too_many = RequestBody::FetchWaitChannels {
+            recipient_key: key(1),
+            cursors: vec![(ChannelId::DEFAULT, 0); FETCH_WAIT_CHANNELS_MAX + 1],
+            limit: 1,
+            timeout_ms: 1,
+        };
+    }
+}
+
+#[test]
+fn largest_channel_messages_reply_fits_the_reply_limit() {
+    use quicproquo_core::limits::FETCH_WAIT_CHANNELS_MAX;
+    use quicproquo_core::node::ChannelMessages;
+    // The core's budget holds across channels: FETCH_LIMIT_MAX messages and
+    // max(budget, one payload) bytes in all, spread over every channel.
+    let total = FETCH_RESPONSE_BYTES_MAX + PAYLOAD_BYTES_MAX;
+    let per_channel = FETCH_LIMIT_MAX as usize / FETCH_WAIT_CHANNELS_MAX;
+    let each = (total / FETCH_LIMIT_MAX as usize) / 8 * 8 + 1;
+    let channels: Vec<_> = (0..FETCH_WAIT_CHANNELS_MAX)
+        .map(|c| ChannelMessages {
+            channel_id: chan(&[(c % 256) as u8; 16]),
+            messages: (0..per_channel as u64)
+                .map(|seq| QueuedMessage {
+                    seq,
+                    payload: vec![7; each],
+                })
+                .collect(),
+            next_seq: u64::MAX,
+        })
+        .collect();
+    let reply: Reply = Ok(Response::ChannelMessages { channels });
+    let bytes = encode_reply(&reply);
+    assert!(bytes.len() <= REPLY_BYTES_MAX, "{} bytes", bytes.len());
+    assert_eq!(decode_reply(&bytes), Ok(reply));
 }
 
 #[test]
@@ -125,6 +220,27 @@ fn every_response_round_trips() {
             })
             .collect(),
         next_seq: 6,
+    }));
+    check_reply(Ok(Response::EnqueuedBatch { seqs: Vec::new() }));
+    check_reply(Ok(Response::EnqueuedBatch {
+        seqs: vec![1, u64::MAX, 7],
+    }));
+    check_reply(Ok(Response::ChannelMessages {
+        channels: Vec::new(),
+    }));
+    check_reply(Ok(Response::ChannelMessages {
+        channels: (0..3u8)
+            .map(|c| quicproquo_core::node::ChannelMessages {
+                channel_id: chan(&vec![c; usize::from(c) * 5]),
+                messages: (1..=u64::from(c))
+                    .map(|seq| QueuedMessage {
+                        seq,
+                        payload: vec![c; 9],
+                    })
+                    .collect(),
+                next_seq: 99,
+            })
+            .collect(),
     }));
 }
 
@@ -357,7 +473,7 @@ fn error_message_must_be_utf8() {
 
 #[test]
 fn unknown_method_is_refused_as_unknown_method() {
-    for tag in [10, 11, u16::MAX] {
+    for tag in [12, 13, u16::MAX] {
         let mut bytes = encode_request(&Request {
             auth_version: AUTH_VERSION,
             body: RequestBody::AuthChallenge,
@@ -382,12 +498,12 @@ fn unknown_method_is_refused_as_unknown_method() {
 #[test]
 fn unknown_reply_members_are_refused() {
     let mut bytes = encode_reply(&Ok(Response::Authenticated));
-    patch_u16(&mut bytes, RESPONSE_OK_TAG_AT, 1, 9);
+    patch_u16(&mut bytes, RESPONSE_OK_TAG_AT, 1, 11);
     assert_eq!(
         decode_reply(&bytes),
         Err(DecodeError::UnknownVariant {
             what: "response",
-            discriminant: 9
+            discriminant: 11
         })
     );
 
@@ -811,6 +927,34 @@ fn arb_request() -> impl Strategy<Value = Request> {
                     }
                 }
             ),
+        (
+            proptest::collection::vec(arb_key(), 0..5),
+            arb_channel(),
+            arb_bytes(300),
+            any::<[u8; 16]>()
+        )
+            .prop_map(|(recipient_keys, channel_id, payload, id)| {
+                RequestBody::EnqueueBatch {
+                    recipient_keys,
+                    channel_id,
+                    payload,
+                    message_id: MessageId(id),
+                }
+            }),
+        (
+            arb_key(),
+            proptest::collection::vec((arb_channel(), any::<u64>()), 0..5),
+            any::<u32>(),
+            any::<u64>()
+        )
+            .prop_map(|(recipient_key, cursors, limit, timeout_ms)| {
+                RequestBody::FetchWaitChannels {
+                    recipient_key,
+                    cursors,
+                    limit,
+                    timeout_ms,
+                }
+            }),
     ];
     (any::<u16>(), body).prop_map(|(auth_version, body)| Request { auth_version, body })
 }

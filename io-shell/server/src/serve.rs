@@ -378,7 +378,9 @@ async fn serve_stream(
                 method = request.body.method();
                 let (reply, permit) = if matches!(
                     request.body,
-                    RequestBody::Fetch { .. } | RequestBody::FetchWait { .. }
+                    RequestBody::Fetch { .. }
+                        | RequestBody::FetchWait { .. }
+                        | RequestBody::FetchWaitChannels { .. }
                 ) {
                     // Its largest reply is set aside before the machine
                     // reads anything; a connection whose budget is held by
