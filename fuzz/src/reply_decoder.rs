@@ -5,7 +5,8 @@
 //! `payloadTooLarge`; and whatever it accepts re-encodes to a message that
 //! decodes to the same reply.
 
-use quicproquo_core::node::{QueuedMessage, Reply, Response};
+use quicproquo_core::node::{ChannelMessages, QueuedMessage, Reply, Response};
+use quicproquo_core::types::ChannelId;
 use quicproquo_core::{ErrorKind, ServiceError};
 use quicproquo_proto::{REPLY_BYTES_MAX, decode_reply, encode_reply};
 
@@ -100,6 +101,41 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             Response::Messages {
                 messages: Vec::new(),
                 next_seq: 1,
+            },
+        ),
+        ok(
+            "enqueued_batch",
+            Response::EnqueuedBatch {
+                seqs: vec![3, 1, 99],
+            },
+        ),
+        ok(
+            "channel_messages",
+            Response::ChannelMessages {
+                channels: vec![
+                    ChannelMessages {
+                        channel_id: ChannelId::DEFAULT,
+                        messages: vec![QueuedMessage {
+                            seq: 2,
+                            payload: b"a welcome".to_vec(),
+                        }],
+                        next_seq: 3,
+                    },
+                    ChannelMessages {
+                        channel_id: ChannelId::try_from_slice(&[5; 16]).expect("16 bytes"),
+                        messages: vec![
+                            QueuedMessage {
+                                seq: 8,
+                                payload: b"one".to_vec(),
+                            },
+                            QueuedMessage {
+                                seq: 9,
+                                payload: b"two".to_vec(),
+                            },
+                        ],
+                        next_seq: 10,
+                    },
+                ],
             },
         ),
         err("invalid_argument", ErrorKind::InvalidArgument),

@@ -112,6 +112,24 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 timeout_ms: 25_000,
             },
         ),
+        (
+            "enqueue_batch",
+            RequestBody::EnqueueBatch {
+                recipient_keys: vec![key, IdentityKey([8; 32]), IdentityKey([6; 32])],
+                channel_id: channel,
+                payload: b"a group message".to_vec(),
+                message_id: MessageId([4; 16]),
+            },
+        ),
+        (
+            "fetch_wait_channels",
+            RequestBody::FetchWaitChannels {
+                recipient_key: key,
+                cursors: vec![(ChannelId::DEFAULT, 0), (channel, 17)],
+                limit: 10,
+                timeout_ms: 25_000,
+            },
+        ),
     ];
     let mut out: Vec<(String, Vec<u8>)> = bodies
         .into_iter()
