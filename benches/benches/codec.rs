@@ -31,6 +31,7 @@ fn messages_reply(size: usize, count: usize) -> Reply {
             })
             .collect(),
         next_seq: count as u64 + 1,
+        gap: None,
     })
 }
 

@@ -66,6 +66,11 @@ pub const FETCH_WAIT_CHANNELS_MAX: usize = 256;
 /// (about 100 bytes each).
 pub const WAIT_CURSORS_MAX: usize = 1_000_000;
 
+/// Messages one request drops from one queue for being older than the
+/// message TTL; the rest go with the queue's next reads and writes, so no
+/// request does unbounded work.
+pub const TTL_EXPIRY_PER_REQUEST_MAX: u64 = 1_000;
+
 /// Longest a fetchWait may block; longer requests are clamped to it. Shorter
 /// than the QUIC idle timeout so a waiting connection is never idle-closed.
 pub const FETCH_WAIT_TIMEOUT_MS_MAX: u64 = 25_000;

@@ -43,6 +43,8 @@ fn node_sequence_corpus_replays_and_covers_the_machine() {
         "enqueue",
         "fetch",
         "fetchWait",
+        "enqueueBatch",
+        "fetchWaitChannels",
     ] {
         assert!(
             total.ok.contains_key(method),

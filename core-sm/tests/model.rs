@@ -258,6 +258,7 @@ fn fetch_wait_is_woken_by_enqueue_or_expires_empty() {
         Some(&Ok(Response::Messages {
             messages: Vec::new(),
             next_seq: 2,
+            gap: None,
         }))
     );
 }
@@ -1144,7 +1145,11 @@ impl Run {
                     acked_floor,
                     deletable_upto,
                 },
-                Ok(Response::Messages { messages, next_seq }),
+                Ok(Response::Messages {
+                    messages,
+                    next_seq,
+                    gap: None,
+                }),
             ) => {
                 assert!(messages.len() <= limit as usize, "more messages than limit");
                 assert!(*next_seq >= next_seq_floor, "next_seq went backwards");
@@ -1656,6 +1661,7 @@ impl Run {
         Ok(Response::Messages {
             messages,
             next_seq: queue.next_seq,
+            gap: None,
         })
     }
 

@@ -142,6 +142,7 @@ fn respond(input: &mut Input<'_>, request: &RequestBody, f: &Fixture) -> Reply {
         return Ok(Response::Messages {
             messages: Vec::new(),
             next_seq: after_seq.saturating_add(1),
+            gap: None,
         });
     };
     match tag % 4 {
@@ -166,6 +167,7 @@ fn respond(input: &mut Input<'_>, request: &RequestBody, f: &Fixture) -> Reply {
             Ok(Response::Messages {
                 messages,
                 next_seq: seq.saturating_add(1),
+                gap: None,
             })
         }
     }

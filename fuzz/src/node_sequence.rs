@@ -23,7 +23,13 @@
 //!   `next_seq` never goes back, fetched seqs are consecutive and after the
 //!   cursor;
 //! - after a final crash, every acknowledged enqueue that no fetch cursor
-//!   covers is still there with a payload sent under its message id.
+//!   covers is still there with a payload sent under its message id;
+//! - an `enqueueBatch` answers one seq per recipient, each checked as a
+//!   single enqueue's; a `fetchWaitChannels` answers only channels it asked
+//!   for, in order, each checked as a fetch's, within one fetch's count;
+//! - the commit fence: fetches never show two Commit payloads for one
+//!   (channel, group, epoch), and `staleEpoch` names an epoch after the
+//!   refused Commit's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
@@ -32,8 +38,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_core::limits::{AUTH_VERSION, FETCH_LIMIT_MAX};
 use quicproquo_core::node::{
-    Durability, NodeConfig, NodeService, Output, RateConfig, Reply, Request, RequestBody, Response,
-    auth_message, hybrid_key_message,
+    Durability, NodeConfig, NodeService, Output, QueuedMessage, RateConfig, Reply, Request,
+    RequestBody, Response, auth_message, commit, hybrid_key_message,
 };
 use quicproquo_core::store::{Lsn, MemStore};
 use quicproquo_core::types::{
@@ -227,6 +233,45 @@ pub enum Body {
         /// Timeout.
         timeout_ms: u16,
     },
+    /// enqueueBatch.
+    EnqueueBatch {
+        /// Recipients (duplicates and empty lists are refusals to reach).
+        recipients: Vec<Who>,
+        /// Channel.
+        channel: Chan,
+        /// Payload.
+        payload: Payload,
+        /// Message id.
+        message_id: Mid,
+    },
+    /// fetchWaitChannels.
+    FetchWaitChannels {
+        /// Whose queues.
+        recipient: Who,
+        /// Channels and their cursors.
+        cursors: Vec<(Chan, Cursor)>,
+        /// Limit per channel.
+        limit: u16,
+        /// Timeout.
+        timeout_ms: u16,
+    },
+}
+
+/// An `enqueueBatch` payload: opaque bytes, or the MLS framing of a
+/// Commit the commit fence reads.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Payload {
+    /// Any bytes.
+    Raw(Vec<u8>),
+    /// A group envelope around a PrivateMessage Commit header.
+    Commit {
+        /// Group `n % 2`.
+        group: u8,
+        /// Epoch `n % 4`.
+        epoch: u8,
+        /// Distinguishes Commits for one epoch.
+        body: u8,
+    },
 }
 
 /// An identity: one of the known ones, or (one time in eight) any 32
@@ -344,6 +389,8 @@ fn config() -> NodeConfig {
             burst: 5,
             per_sec: 1,
         },
+        // Off: the audit expects every acknowledged message to stay.
+        message_ttl: None,
     }
 }
 
@@ -399,6 +446,16 @@ enum Sent {
         after_seq: u64,
         limit: u32,
     },
+    Batch {
+        queues: Vec<QueueId>,
+        message_id: MessageId,
+        payload: Vec<u8>,
+    },
+    FetchChannels {
+        recipient: IdentityKey,
+        cursors: Vec<(ChannelId, u64)>,
+        limit: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -440,9 +497,11 @@ struct Checker {
     next_seq_floor: HashMap<QueueId, u64>,
     /// Highest seq shown per queue.
     last_seen: HashMap<QueueId, u64>,
-    /// The cursor of every fetch not known to have been refused: anything
+    /// The cursors of every fetch not known to have been refused: anything
     /// at or below one may have been acknowledged away.
-    cursors: HashMap<RequestId, (QueueId, u64)>,
+    cursors: HashMap<RequestId, Vec<(QueueId, u64)>>,
+    /// The Commit payload shown per (channel, group id, epoch).
+    commits: HashMap<(ChannelId, Vec<u8>, u64), Vec<u8>>,
 }
 
 struct Harness {
@@ -727,10 +786,7 @@ impl Harness {
                     recipient_key: self.who(*recipient),
                     channel_id: chan(*channel),
                 };
-                let message_id = match message_id {
-                    Mid::Pool(n) => MessageId([n % 8; 16]),
-                    Mid::Raw(bytes) => MessageId(*bytes),
-                };
+                let message_id = mid(*message_id);
                 let sent = self
                     .checker
                     .sent_payloads
@@ -803,6 +859,85 @@ impl Harness {
                     },
                 )
             }
+            Body::EnqueueBatch {
+                recipients,
+                channel,
+                payload,
+                message_id,
+            } => {
+                let channel_id = chan(*channel);
+                let payload = match payload {
+                    Payload::Raw(bytes) => bytes.clone(),
+                    Payload::Commit { group, epoch, body } => {
+                        commit_payload(group % 2, u64::from(epoch % 4), *body)
+                    }
+                };
+                let message_id = mid(*message_id);
+                let queues: Vec<QueueId> = recipients
+                    .iter()
+                    .take(6)
+                    .map(|r| QueueId {
+                        recipient_key: self.who(*r),
+                        channel_id,
+                    })
+                    .collect();
+                for queue in &queues {
+                    let sent = self
+                        .checker
+                        .sent_payloads
+                        .entry((*queue, message_id))
+                        .or_default();
+                    if !sent.contains(&payload) {
+                        sent.push(payload.clone());
+                    }
+                }
+                (
+                    RequestBody::EnqueueBatch {
+                        recipient_keys: queues.iter().map(|q| q.recipient_key).collect(),
+                        channel_id,
+                        payload: payload.clone(),
+                        message_id,
+                    },
+                    Sent::Batch {
+                        queues,
+                        message_id,
+                        payload,
+                    },
+                )
+            }
+            Body::FetchWaitChannels {
+                recipient,
+                cursors,
+                limit,
+                timeout_ms,
+            } => {
+                let recipient = self.who(*recipient);
+                let cursors: Vec<(ChannelId, u64)> = cursors
+                    .iter()
+                    .take(4)
+                    .map(|(c, cursor)| {
+                        let queue = QueueId {
+                            recipient_key: recipient,
+                            channel_id: chan(*c),
+                        };
+                        (queue.channel_id, self.cursor(queue, *cursor))
+                    })
+                    .collect();
+                let limit = u32::from(*limit);
+                (
+                    RequestBody::FetchWaitChannels {
+                        recipient_key: recipient,
+                        cursors: cursors.clone(),
+                        limit,
+                        timeout_ms: u64::from(*timeout_ms),
+                    },
+                    Sent::FetchChannels {
+                        recipient,
+                        cursors,
+                        limit,
+                    },
+                )
+            }
         };
         self.send(slot, version, body, sent);
     }
@@ -850,11 +985,30 @@ impl Harness {
             },
         );
         let lsn = self.node.store().last_lsn();
-        if let Sent::Fetch {
-            queue, after_seq, ..
-        } = &sent
-        {
-            self.checker.cursors.insert(rid, (*queue, *after_seq));
+        match &sent {
+            Sent::Fetch {
+                queue, after_seq, ..
+            } => {
+                self.checker.cursors.insert(rid, vec![(*queue, *after_seq)]);
+            }
+            Sent::FetchChannels {
+                recipient, cursors, ..
+            } => {
+                let queues = cursors
+                    .iter()
+                    .map(|(channel_id, after_seq)| {
+                        (
+                            QueueId {
+                                recipient_key: *recipient,
+                                channel_id: *channel_id,
+                            },
+                            *after_seq,
+                        )
+                    })
+                    .collect();
+                self.checker.cursors.insert(rid, queues);
+            }
+            _ => {}
         }
         self.pending.insert(
             rid,
@@ -929,6 +1083,18 @@ impl Harness {
             Err(e) => {
                 *self.stats.errors.entry(p.method).or_default() += 1;
                 assert!(!e.message.is_empty(), "error without a message");
+                if let ErrorKind::StaleEpoch { current_epoch } = e.kind {
+                    let Sent::Batch { payload, .. } = &p.sent else {
+                        panic!("staleEpoch for {}", p.method);
+                    };
+                    let header =
+                        commit::commit_header(payload).expect("staleEpoch for a non-Commit");
+                    assert!(
+                        current_epoch > header.epoch,
+                        "staleEpoch names epoch {current_epoch} for a Commit in {}",
+                        header.epoch
+                    );
+                }
                 // A refusal changes nothing; only `unavailable` after a
                 // storage failure leaves it open whether it was applied.
                 if e.kind != ErrorKind::Unavailable {
@@ -1017,33 +1183,94 @@ impl Harness {
                     after_seq,
                     limit,
                 },
-                Response::Messages { messages, next_seq },
+                Response::Messages {
+                    messages,
+                    next_seq,
+                    gap: None,
+                },
             ) => {
                 assert!(
                     owner_ok(&queue.recipient_key),
                     "fetch of a queue the connection does not own"
                 );
-                let limit = limit.min(FETCH_LIMIT_MAX) as usize;
-                assert!(messages.len() <= limit, "more messages than the limit");
-                let floor = self.checker.next_seq_floor.entry(queue).or_insert(1);
-                assert!(
-                    next_seq >= *floor,
-                    "next_seq went back from {floor} to {next_seq}"
-                );
-                *floor = next_seq;
-                let mut expect = None;
                 self.last_fetched = Some(messages.iter().map(|m| m.seq).collect());
-                for m in messages {
-                    assert!(m.seq > after_seq, "message at or before the cursor");
-                    assert!(m.seq < next_seq, "message at or after next_seq");
-                    if let Some(e) = expect {
-                        assert_eq!(m.seq, e, "fetched seqs not consecutive");
-                    }
-                    expect = Some(m.seq + 1);
-                    self.check_shown(queue, m.seq, m.payload);
+                self.check_messages(queue, after_seq, limit, messages, next_seq);
+            }
+            (
+                Sent::Batch {
+                    queues, message_id, ..
+                },
+                Response::EnqueuedBatch { seqs },
+            ) => {
+                assert!(slot.is_none() || authed.is_some(), "unauthenticated batch");
+                assert_eq!(seqs.len(), queues.len(), "one seq per recipient");
+                for (queue, seq) in queues.iter().zip(seqs) {
+                    self.check_enqueued(*queue, message_id, seq);
+                }
+            }
+            (
+                Sent::FetchChannels {
+                    recipient,
+                    cursors,
+                    limit,
+                },
+                Response::ChannelMessages { channels },
+            ) => {
+                assert!(
+                    owner_ok(&recipient),
+                    "fetch of queues the connection does not own"
+                );
+                let total: usize = channels.iter().map(|c| c.messages.len()).sum();
+                assert!(
+                    total <= FETCH_LIMIT_MAX as usize,
+                    "more than one fetch's messages"
+                );
+                let mut asked = cursors.iter();
+                for c in channels {
+                    assert!(
+                        !c.messages.is_empty(),
+                        "a channel without messages answered"
+                    );
+                    let (_, after_seq) = asked
+                        .find(|(ch, _)| *ch == c.channel_id)
+                        .expect("a channel not asked for, or out of order");
+                    let queue = QueueId {
+                        recipient_key: recipient,
+                        channel_id: c.channel_id,
+                    };
+                    self.check_messages(queue, *after_seq, limit, c.messages, c.next_seq);
                 }
             }
             (sent, r) => panic!("{method} answered with {r:?} for {sent:?}"),
+        }
+    }
+
+    /// A fetch's messages of `queue` after `after_seq`.
+    fn check_messages(
+        &mut self,
+        queue: QueueId,
+        after_seq: u64,
+        limit: u32,
+        messages: Vec<QueuedMessage>,
+        next_seq: u64,
+    ) {
+        let limit = limit.min(FETCH_LIMIT_MAX) as usize;
+        assert!(messages.len() <= limit, "more messages than the limit");
+        let floor = self.checker.next_seq_floor.entry(queue).or_insert(1);
+        assert!(
+            next_seq >= *floor,
+            "next_seq went back from {floor} to {next_seq}"
+        );
+        *floor = next_seq;
+        let mut expect = None;
+        for m in messages {
+            assert!(m.seq > after_seq, "message at or before the cursor");
+            assert!(m.seq < next_seq, "message at or after next_seq");
+            if let Some(e) = expect {
+                assert_eq!(m.seq, e, "fetched seqs not consecutive");
+            }
+            expect = Some(m.seq + 1);
+            self.check_shown(queue, m.seq, m.payload);
         }
     }
 
@@ -1086,6 +1313,17 @@ impl Harness {
     }
 
     fn check_shown(&mut self, queue: QueueId, seq: u64, payload: Vec<u8>) {
+        // The commit fence: whatever reached which queue, one Commit per
+        // (channel, group, epoch) was ever stored.
+        if let Some(header) = commit::commit_header(&payload) {
+            let key = (queue.channel_id, header.group_id.to_vec(), header.epoch);
+            let stored = self.checker.commits.entry(key).or_insert(payload.clone());
+            assert_eq!(
+                *stored, payload,
+                "two Commits stored for epoch {}",
+                header.epoch
+            );
+        }
         if let Some(id) = self
             .checker
             .seq_ids
@@ -1145,6 +1383,7 @@ impl Harness {
                     .checker
                     .cursors
                     .values()
+                    .flatten()
                     .filter(|(cq, _)| cq == q)
                     .map(|(_, c)| *c)
                     .max()
@@ -1196,6 +1435,25 @@ impl Harness {
             self.close(0);
         }
     }
+}
+
+fn mid(m: Mid) -> MessageId {
+    match m {
+        Mid::Pool(n) => MessageId([n % 8; 16]),
+        Mid::Raw(bytes) => MessageId(bytes),
+    }
+}
+
+/// A group envelope around the framing of an MLS PrivateMessage Commit
+/// (what `quicproquo_core::node::commit` reads), then `body`.
+fn commit_payload(group: u8, epoch: u64, body: u8) -> Vec<u8> {
+    let mut v = commit::GROUP_ENVELOPE_PREFIX.to_vec();
+    // mls10, private_message, a one-byte group id.
+    v.extend_from_slice(&[0, 1, 0, 2, 1, group]);
+    v.extend_from_slice(&epoch.to_be_bytes());
+    // content_type commit, then something that differs per Commit.
+    v.extend_from_slice(&[3, body]);
+    v
 }
 
 fn chan(c: Chan) -> ChannelId {

@@ -94,6 +94,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                     },
                 ],
                 next_seq: 7,
+                gap: None,
             },
         ),
         ok(
@@ -101,6 +102,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             Response::Messages {
                 messages: Vec::new(),
                 next_seq: 1,
+                gap: None,
             },
         ),
         ok(
@@ -120,6 +122,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                             payload: b"a welcome".to_vec(),
                         }],
                         next_seq: 3,
+                        gap: None,
                     },
                     ChannelMessages {
                         channel_id: ChannelId::try_from_slice(&[5; 16]).expect("16 bytes"),
@@ -134,6 +137,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                             },
                         ],
                         next_seq: 10,
+                        gap: None,
                     },
                 ],
             },

@@ -704,6 +704,7 @@ pub async fn run_audit(ctx: Ctx, plan: Rc<AuditPlan>) -> turmoil::Result {
                     break quicproquo_client::Fetched {
                         messages: Vec::new(),
                         next_seq: 0,
+                        gap: None,
                     };
                 }
             }

@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use tls_codec::Deserialize as _;
 
 use crate::error::{ErrorKind, ServiceError};
-use crate::node::{QueuedMessage, RequestBody, Response};
+use crate::node::{Gap, QueuedMessage, RequestBody, Response};
 use crate::types::{ChannelId, IdentityKey, MessageId};
 
 pub use envelope::{Envelope, EnvelopeError};
@@ -1086,8 +1086,8 @@ impl ClientMachine {
         result: Result<Response, ServiceError>,
         waited: bool,
     ) {
-        let messages = match result {
-            Ok(Response::Messages { messages, .. }) => messages,
+        let (messages, gap) = match result {
+            Ok(Response::Messages { messages, gap, .. }) => (messages, gap),
             Ok(other) => {
                 self.warn(format!("unexpected answer to a fetch: {other:?}"));
                 return;
@@ -1097,6 +1097,9 @@ impl ClientMachine {
                 return;
             }
         };
+        if let Some(gap) = gap {
+            self.report_gap(channel, gap);
+        }
         if messages.is_empty() {
             return;
         }
@@ -1126,6 +1129,28 @@ impl ClientMachine {
         for ch in joined {
             self.fetch(ch);
         }
+    }
+
+    /// The server dropped `gap` (its message TTL) before this client
+    /// fetched it: say so, once, and move the cursor past it (those seqs
+    /// are gone; the cursor is persisted with the next state write).
+    fn report_gap(&mut self, channel: ChannelId, gap: Gap) {
+        let cursor = self.cursors.entry(channel).or_insert(0);
+        if gap.to <= *cursor {
+            return;
+        }
+        *cursor = gap.to;
+        let whose = self
+            .groups
+            .iter()
+            .find(|g| g.channel_id == channel.as_bytes())
+            .map_or_else(|| "invitations".to_owned(), |g| format!("group {}", g.name));
+        let n = gap.to - gap.from + 1;
+        self.effects.push_back(Effect::Persist);
+        self.warn(format!(
+            "{n} message(s) of {whose} (seq {}..={}) expired on the server before they were fetched; they are lost",
+            gap.from, gap.to
+        ));
     }
 
     fn process(&mut self, channel: ChannelId, message: QueuedMessage) {

@@ -343,6 +343,7 @@ fn duplicate_delivery_after_lost_acknowledgement_is_shown_once() {
                     first = Some(Ok(Response::Messages {
                         messages: Vec::new(),
                         next_seq: 0,
+                        gap: None,
                     }));
                 }
                 Some(_) => {}

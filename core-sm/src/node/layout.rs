@@ -237,6 +237,9 @@ pub struct QueueMeta {
     /// Messages below this seq are version-1 records (a queue written
     /// before format 2); 0 when there are none.
     pub legacy_below: u64,
+    /// Seqs below this were dropped by the message TTL (or acknowledged
+    /// before that); a cursor below it has a gap.
+    pub expired_below: u64,
 }
 
 impl Default for QueueMeta {
@@ -247,6 +250,7 @@ impl Default for QueueMeta {
             head: 1,
             bytes: 0,
             legacy_below: 0,
+            expired_below: 0,
         }
     }
 }
@@ -257,26 +261,31 @@ impl QueueMeta {
         self.next_seq.saturating_sub(self.head)
     }
 
-    /// Encodes the record (format 2: four counters).
+    /// Encodes the record (format 2: five counters).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(32);
-        v.extend_from_slice(&self.next_seq.to_be_bytes());
-        v.extend_from_slice(&self.head.to_be_bytes());
-        v.extend_from_slice(&self.bytes.to_be_bytes());
-        v.extend_from_slice(&self.legacy_below.to_be_bytes());
+        let mut v = Vec::with_capacity(40);
+        for n in [
+            self.next_seq,
+            self.head,
+            self.bytes,
+            self.legacy_below,
+            self.expired_below,
+        ] {
+            v.extend_from_slice(&n.to_be_bytes());
+        }
         v
     }
 
     /// Decodes the record. A format-1 record (three counters) belongs to a
     /// queue whose every stored message is a version-1 record.
     pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
-        let [next_seq, head, bytes, legacy_below] = if bytes.len() == 24 {
+        let [next_seq, head, bytes, legacy_below, expired_below] = if bytes.len() == 24 {
             let [next_seq, head, b] = u64s::<3>(bytes, "queue counters")?;
-            [next_seq, head, b, next_seq]
+            [next_seq, head, b, next_seq, 0]
         } else {
-            u64s::<4>(bytes, "queue counters")?
+            u64s::<5>(bytes, "queue counters")?
         };
-        if head > next_seq || head == 0 || legacy_below > next_seq {
+        if head > next_seq || head == 0 || legacy_below > next_seq || expired_below > head {
             return Err(Corrupt("queue counters out of order"));
         }
         Ok(QueueMeta {
@@ -284,6 +293,7 @@ impl QueueMeta {
             head,
             bytes,
             legacy_below,
+            expired_below,
         })
     }
 }
@@ -316,49 +326,64 @@ impl Entry {
     }
 }
 
-/// Encodes an inline entry: kind, message id, payload.
-pub fn encode_inline(message_id: &MessageId, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + MESSAGE_ID_BYTES + payload.len());
-    v.push(ENTRY_INLINE);
+/// Bytes before an entry's payload or reference: kind, message id, the
+/// enqueue time (milliseconds of the machine's clock).
+const ENTRY_HEADER_BYTES: usize = 1 + MESSAGE_ID_BYTES + 8;
+
+fn entry_header(kind: u8, message_id: &MessageId, stamp_ms: u64, extra: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ENTRY_HEADER_BYTES + extra);
+    v.push(kind);
     v.extend_from_slice(&message_id.0);
+    v.extend_from_slice(&stamp_ms.to_be_bytes());
+    v
+}
+
+/// Encodes an inline entry: kind, message id, enqueue time, payload.
+pub fn encode_inline(message_id: &MessageId, stamp_ms: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = entry_header(ENTRY_INLINE, message_id, stamp_ms, payload.len());
     v.extend_from_slice(payload);
     v
 }
 
-/// Encodes a shared entry: kind, message id, blob number, payload length.
-pub fn encode_shared(message_id: &MessageId, blob: u64, len: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + MESSAGE_ID_BYTES + 16);
-    v.push(ENTRY_SHARED);
-    v.extend_from_slice(&message_id.0);
+/// Encodes a shared entry: kind, message id, enqueue time, blob number,
+/// payload length.
+pub fn encode_shared(message_id: &MessageId, stamp_ms: u64, blob: u64, len: u64) -> Vec<u8> {
+    let mut v = entry_header(ENTRY_SHARED, message_id, stamp_ms, 16);
     v.extend_from_slice(&blob.to_be_bytes());
     v.extend_from_slice(&len.to_be_bytes());
     v
 }
 
-/// Decodes a stored message, a version-1 record (`legacy`: message id,
-/// payload) or an entry, reusing the buffer for an inline payload.
-pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<Entry, Corrupt> {
+/// Decodes a stored message — a version-1 record (`legacy`: message id,
+/// payload) or an entry — into the entry and its enqueue time (none for a
+/// version-1 record), reusing the buffer for an inline payload.
+pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<(Entry, Option<u64>), Corrupt> {
     if legacy {
         if bytes.len() < MESSAGE_ID_BYTES {
             return Err(Corrupt("message record too short"));
         }
         bytes.drain(..MESSAGE_ID_BYTES);
-        return Ok(Entry::Inline(bytes));
+        return Ok((Entry::Inline(bytes), None));
     }
-    if bytes.len() < 1 + MESSAGE_ID_BYTES {
+    if bytes.len() < ENTRY_HEADER_BYTES {
         return Err(Corrupt("message entry too short"));
     }
-    match bytes[0] {
+    let stamp = u64::from_be_bytes(array(
+        &bytes[1 + MESSAGE_ID_BYTES..ENTRY_HEADER_BYTES],
+        "message entry time",
+    )?);
+    let entry = match bytes[0] {
         ENTRY_INLINE => {
-            bytes.drain(..1 + MESSAGE_ID_BYTES);
-            Ok(Entry::Inline(bytes))
+            bytes.drain(..ENTRY_HEADER_BYTES);
+            Entry::Inline(bytes)
         }
         ENTRY_SHARED => {
-            let [blob, len] = u64s::<2>(&bytes[1 + MESSAGE_ID_BYTES..], "shared message entry")?;
-            Ok(Entry::Shared { blob, len })
+            let [blob, len] = u64s::<2>(&bytes[ENTRY_HEADER_BYTES..], "shared message entry")?;
+            Entry::Shared { blob, len }
         }
-        _ => Err(Corrupt("message entry of unknown kind")),
-    }
+        _ => return Err(Corrupt("message entry of unknown kind")),
+    };
+    Ok((entry, Some(stamp)))
 }
 
 /// Bytes of the payload digest a fence keeps.
@@ -465,6 +490,7 @@ mod tests {
             head: 4,
             bytes: 77,
             legacy_below: 6,
+            expired_below: 3,
         };
         assert_eq!(QueueMeta::decode(&m.encode()), Ok(m));
         assert!(QueueMeta::decode(&[1, 2, 3]).is_err());
@@ -482,17 +508,23 @@ mod tests {
         assert_eq!(KpMeta::decode(&k.encode()), Ok(k));
         assert!(KpMeta::decode(&KpMeta { head: 6, tail: 5 }.encode()).is_err());
         let id = MessageId([3; 16]);
-        let rec = encode_inline(&id, b"hi");
-        assert_eq!(decode_entry(rec, false), Ok(Entry::Inline(b"hi".to_vec())));
-        let rec = encode_shared(&id, 7, 1_000);
+        let rec = encode_inline(&id, 5, b"hi");
+        assert_eq!(
+            decode_entry(rec, false),
+            Ok((Entry::Inline(b"hi".to_vec()), Some(5)))
+        );
+        let rec = encode_shared(&id, 6, 7, 1_000);
         assert_eq!(
             decode_entry(rec.clone(), false),
-            Ok(Entry::Shared {
-                blob: 7,
-                len: 1_000
-            })
+            Ok((
+                Entry::Shared {
+                    blob: 7,
+                    len: 1_000
+                },
+                Some(6)
+            ))
         );
-        assert!(decode_entry(rec[..20].to_vec(), false).is_err());
+        assert!(decode_entry(rec[..30].to_vec(), false).is_err());
         assert!(decode_entry(vec![9; 40], false).is_err());
         assert!(decode_entry(vec![0; 3], false).is_err());
         let f = Fence {
@@ -521,7 +553,7 @@ mod tests {
         record.extend_from_slice(b"payload");
         assert_eq!(
             decode_entry(record, true),
-            Ok(Entry::Inline(b"payload".to_vec()))
+            Ok((Entry::Inline(b"payload".to_vec()), None))
         );
     }
 }

@@ -41,7 +41,7 @@ use crate::types::{
 
 pub use layout::FORMAT_VERSION;
 pub use ratelimit::{RateConfig, RateLimiter};
-pub use request::{ChannelMessages, QueuedMessage, Reply, Request, RequestBody, Response};
+pub use request::{ChannelMessages, Gap, QueuedMessage, Reply, Request, RequestBody, Response};
 
 use layout::{Corrupt, Entry, Fence, KpMeta, QueueMeta};
 
@@ -117,6 +117,10 @@ pub struct NodeConfig {
     pub key_fetch_pair_rate: RateConfig,
     /// KeyPackage fetches per target from all requesters.
     pub key_package_fetch_target_rate: RateConfig,
+    /// Messages older than this (by the clock the shell passes in) are
+    /// dropped, and the recipient's next fetch reports the gap; `None`
+    /// keeps them until fetched.
+    pub message_ttl: Option<Duration>,
 }
 
 impl Default for NodeConfig {
@@ -144,6 +148,7 @@ impl Default for NodeConfig {
                 burst: limits::KEY_PACKAGE_FETCH_PER_TARGET_BURST,
                 per_sec: limits::KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC,
             },
+            message_ttl: None,
         }
     }
 }
@@ -221,6 +226,23 @@ impl Waiter {
             channel_id: *channel_id,
         })
     }
+}
+
+/// One queue's part of a reply.
+#[derive(Debug)]
+struct QueueRead {
+    messages: Vec<QueuedMessage>,
+    next_seq: u64,
+    gap: Option<Gap>,
+}
+
+/// References to shared payloads one batch drops, per payload.
+#[derive(Debug, Default)]
+struct BlobDrops(BTreeMap<u64, u64>);
+
+/// A message's enqueue time as stored: milliseconds of the machine's clock.
+fn stamp_ms(now: Time) -> u64 {
+    now.as_micros() / 1_000
 }
 
 /// What one reply may still carry: messages in total and payload bytes
@@ -547,7 +569,7 @@ impl<S: Store> NodeService<S> {
                 channel_id,
                 after_seq,
                 limit,
-            } => self.fetch(conn, recipient_key, channel_id, after_seq, limit),
+            } => self.fetch(now, conn, recipient_key, channel_id, after_seq, limit),
             RequestBody::FetchWait {
                 recipient_key,
                 channel_id,
@@ -845,9 +867,13 @@ impl<S: Store> NodeService<S> {
             .acquire(now, sender)
             .map_err(|ms| rate_limited(ms, "enqueues from this identity"))?;
         let len = payload.len() as u64;
+        let mut batch = Batch::new();
+        let mut drops = BlobDrops::default();
         let mut metas = Vec::with_capacity(fresh.len());
         for (i, queue) in &fresh {
-            let meta = self.queue_meta(queue)?;
+            let mut meta = self.queue_meta(queue)?;
+            // Expired messages make room before the limits are checked.
+            self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
             let whose = if recipients.len() == 1 {
                 "the recipient's queue".to_owned()
             } else {
@@ -867,7 +893,6 @@ impl<S: Store> NodeService<S> {
             }
             metas.push(meta);
         }
-        let mut batch = Batch::new();
         // One new entry holds the payload itself; several share one copy.
         let mut inline = Some(payload);
         if fresh.len() > 1 {
@@ -883,9 +908,10 @@ impl<S: Store> NodeService<S> {
         }
         for ((i, queue), mut meta) in fresh.iter().zip(metas) {
             let seq = meta.next_seq;
+            let stamp = stamp_ms(now);
             let entry = match inline.take() {
-                Some(payload) => layout::encode_inline(&message_id, &payload),
-                None => layout::encode_shared(&message_id, self.next_blob, len),
+                Some(payload) => layout::encode_inline(&message_id, stamp, &payload),
+                None => layout::encode_shared(&message_id, stamp, self.next_blob, len),
             };
             batch.put(layout::message_key(queue, &meta, seq), entry);
             batch.put(
@@ -912,6 +938,7 @@ impl<S: Store> NodeService<S> {
         if let Some((key, fence)) = fence {
             batch.put(key, fence.encode());
         }
+        self.finish_drops(drops, &mut batch)?;
         self.write(batch)?;
         if fresh.len() > 1 {
             self.next_blob += 1;
@@ -965,6 +992,7 @@ impl<S: Store> NodeService<S> {
 
     fn fetch(
         &mut self,
+        now: Time,
         conn: ConnectionId,
         recipient_key: IdentityKey,
         channel_id: ChannelId,
@@ -976,6 +1004,7 @@ impl<S: Store> NodeService<S> {
             recipient_key,
             channel_id,
         };
+        self.expire_queue(now, &queue)?;
         self.acknowledge(&queue, after_seq)?;
         self.read_messages(&queue, after_seq, limit)
     }
@@ -998,11 +1027,18 @@ impl<S: Store> NodeService<S> {
                 return Some(Err(e));
             }
         }
+        // Expired messages go first (housekeeping, whatever comes of the
+        // request), so the read below reports their gap.
+        for queue in &queues {
+            if let Err(e) = self.expire_queue(now, queue) {
+                return Some(Err(e));
+            }
+        }
         // Read before acknowledging: the read does not depend on the
         // acknowledgement, and a request refused below must change nothing.
         let reply = self.answer(&wait);
         let pending = match &reply {
-            Ok(Response::Messages { messages, .. }) => !messages.is_empty(),
+            Ok(Response::Messages { messages, gap, .. }) => !messages.is_empty() || gap.is_some(),
             Ok(Response::ChannelMessages { channels }) => !channels.is_empty(),
             _ => true,
         };
@@ -1066,32 +1102,119 @@ impl<S: Store> NodeService<S> {
             return Ok(());
         }
         let mut batch = Batch::new();
+        let mut drops = BlobDrops::default();
         for seq in meta.head..=after_seq {
-            let key = layout::message_key(queue, &meta, seq);
+            let (entry, _) = self.drop_entry(queue, &meta, seq, &mut batch, &mut drops)?;
+            meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
+        }
+        meta.head = after_seq + 1;
+        self.finish_drops(drops, &mut batch)?;
+        batch.put(layout::queue_meta_key(queue), meta.encode());
+        self.write(batch)
+    }
+
+    /// Deletes the entry at `seq` (the queue's head, about to move past
+    /// it) into `batch`, counting a shared payload's reference in `drops`.
+    fn drop_entry(
+        &self,
+        queue: &QueueId,
+        meta: &QueueMeta,
+        seq: u64,
+        batch: &mut Batch,
+        drops: &mut BlobDrops,
+    ) -> Result<(Entry, Option<u64>), ServiceError> {
+        let key = layout::message_key(queue, meta, seq);
+        let record = self
+            .get(&key)?
+            .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
+        let (entry, stamp) =
+            layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
+        if let Entry::Shared { blob, .. } = entry {
+            *drops.0.entry(blob).or_default() += 1;
+        }
+        batch.delete(key);
+        Ok((entry, stamp))
+    }
+
+    /// Writes the new reference counts of the shared payloads in `drops`
+    /// into `batch`, deleting each payload that lost its last reference.
+    /// Counted per batch: one batch may drop several references to one
+    /// payload (from several queues).
+    fn finish_drops(&self, drops: BlobDrops, batch: &mut Batch) -> Result<(), ServiceError> {
+        for (blob, n) in drops.0 {
+            let refs_key = layout::blob_refs_key(blob);
+            let refs = match self.get(&refs_key)? {
+                Some(v) => layout::decode_seq(&v).map_err(corrupt)?,
+                None => return Err(ServiceError::internal("shared payload count missing")),
+            };
+            if refs <= n {
+                batch.delete(refs_key);
+                batch.delete(layout::blob_key(blob));
+            } else {
+                batch.put(refs_key, layout::encode_seq(refs - n));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the messages at the head of `queue` older than the message
+    /// TTL (at most [`limits::TTL_EXPIRY_PER_REQUEST_MAX`]) into `batch`
+    /// and `drops`, updating `meta`; the caller finishes the drops and
+    /// writes. Version-1 records carry no time and never expire.
+    fn expire(
+        &self,
+        now: Time,
+        queue: &QueueId,
+        meta: &mut QueueMeta,
+        batch: &mut Batch,
+        drops: &mut BlobDrops,
+    ) -> Result<(), ServiceError> {
+        let Some(ttl) = self.config.message_ttl else {
+            return Ok(());
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let now_ms = stamp_ms(now);
+        let mut dropped = 0;
+        while meta.head < meta.next_seq
+            && meta.head >= meta.legacy_below
+            && dropped < limits::TTL_EXPIRY_PER_REQUEST_MAX
+        {
+            let key = layout::message_key(queue, meta, meta.head);
             let record = self
                 .get(&key)?
                 .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
-            let entry = layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
-            meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
+            let (entry, stamp) = layout::decode_entry(record, false).map_err(corrupt)?;
+            if stamp.is_none_or(|s| now_ms.saturating_sub(s) <= ttl_ms) {
+                break;
+            }
             if let Entry::Shared { blob, .. } = entry {
-                // One queue holds at most one entry of a blob, so no other
-                // decrement of it is in this batch.
-                let refs_key = layout::blob_refs_key(blob);
-                let refs = match self.get(&refs_key)? {
-                    Some(v) => layout::decode_seq(&v).map_err(corrupt)?,
-                    None => return Err(ServiceError::internal("shared payload count missing")),
-                };
-                if refs <= 1 {
-                    batch.delete(refs_key);
-                    batch.delete(layout::blob_key(blob));
-                } else {
-                    batch.put(refs_key, layout::encode_seq(refs - 1));
-                }
+                *drops.0.entry(blob).or_default() += 1;
             }
             batch.delete(key);
+            meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
+            meta.head += 1;
+            meta.expired_below = meta.head;
+            dropped += 1;
         }
-        meta.head = after_seq + 1;
-        batch.put(layout::queue_meta_key(queue), meta.encode());
+        if dropped > 0 {
+            batch.put(layout::queue_meta_key(queue), meta.encode());
+        }
+        Ok(())
+    }
+
+    /// [`Self::expire`] for one queue on its own batch.
+    fn expire_queue(&mut self, now: Time, queue: &QueueId) -> Result<(), ServiceError> {
+        if self.config.message_ttl.is_none() {
+            return Ok(());
+        }
+        let mut meta = self.queue_meta(queue)?;
+        let mut batch = Batch::new();
+        let mut drops = BlobDrops::default();
+        self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.finish_drops(drops, &mut batch)?;
         self.write(batch)
     }
 
@@ -1112,8 +1235,12 @@ impl<S: Store> NodeService<S> {
     /// within the reply byte budget; never deletes.
     fn read_messages(&mut self, queue: &QueueId, after_seq: u64, limit: u32) -> Reply {
         let mut budget = ReadBudget::new();
-        let (messages, next_seq) = self.read_queue(queue, after_seq, limit, &mut budget)?;
-        Ok(Response::Messages { messages, next_seq })
+        let r = self.read_queue(queue, after_seq, limit, &mut budget)?;
+        Ok(Response::Messages {
+            messages: r.messages,
+            next_seq: r.next_seq,
+            gap: r.gap,
+        })
     }
 
     /// Reads messages of `queue` after `after_seq` into the reply, taking
@@ -1125,8 +1252,13 @@ impl<S: Store> NodeService<S> {
         after_seq: u64,
         limit: u32,
         budget: &mut ReadBudget,
-    ) -> Result<(Vec<QueuedMessage>, u64), ServiceError> {
+    ) -> Result<QueueRead, ServiceError> {
         let meta = self.queue_meta(queue)?;
+        // Seqs after the cursor that the TTL dropped.
+        let gap = (after_seq.saturating_add(1) < meta.expired_below).then(|| Gap {
+            from: after_seq + 1,
+            to: meta.expired_below - 1,
+        });
         let limit = u64::from(limit.min(budget.messages));
         let start = meta.head.max(after_seq.saturating_add(1));
         let end = meta.next_seq.min(start.saturating_add(limit));
@@ -1135,13 +1267,14 @@ impl<S: Store> NodeService<S> {
             let record = self
                 .get(&layout::message_key(queue, &meta, seq))?
                 .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
-            let payload =
-                match layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)? {
-                    Entry::Inline(payload) => payload,
-                    Entry::Shared { blob, .. } => self
-                        .get(&layout::blob_key(blob))?
-                        .ok_or_else(|| ServiceError::internal("shared payload missing"))?,
-                };
+            let (entry, _) =
+                layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
+            let payload = match entry {
+                Entry::Inline(payload) => payload,
+                Entry::Shared { blob, .. } => self
+                    .get(&layout::blob_key(blob))?
+                    .ok_or_else(|| ServiceError::internal("shared payload missing"))?,
+            };
             let bytes = budget.bytes.saturating_add(payload.len());
             if bytes > limits::FETCH_RESPONSE_BYTES_MAX && budget.taken {
                 break;
@@ -1151,7 +1284,11 @@ impl<S: Store> NodeService<S> {
             budget.messages -= 1;
             messages.push(QueuedMessage { seq, payload });
         }
-        Ok((messages, meta.next_seq))
+        Ok(QueueRead {
+            messages,
+            next_seq: meta.next_seq,
+            gap,
+        })
     }
 
     /// What a waiting (or due) long-poll answers now.
@@ -1162,21 +1299,25 @@ impl<S: Store> NodeService<S> {
                 .queues()
                 .next()
                 .ok_or_else(|| ServiceError::internal("no cursor"))?;
-            let (messages, next_seq) =
-                self.read_queue(&queue, w.cursors[0].1, w.limit, &mut budget)?;
-            return Ok(Response::Messages { messages, next_seq });
+            let r = self.read_queue(&queue, w.cursors[0].1, w.limit, &mut budget)?;
+            return Ok(Response::Messages {
+                messages: r.messages,
+                next_seq: r.next_seq,
+                gap: r.gap,
+            });
         }
         let mut channels = Vec::new();
         for (queue, (channel_id, after_seq)) in w.queues().zip(&w.cursors) {
             if budget.messages == 0 {
                 break;
             }
-            let (messages, next_seq) = self.read_queue(&queue, *after_seq, w.limit, &mut budget)?;
-            if !messages.is_empty() {
+            let r = self.read_queue(&queue, *after_seq, w.limit, &mut budget)?;
+            if !r.messages.is_empty() || r.gap.is_some() {
                 channels.push(ChannelMessages {
                     channel_id: *channel_id,
-                    messages,
-                    next_seq,
+                    messages: r.messages,
+                    next_seq: r.next_seq,
+                    gap: r.gap,
                 });
             }
         }

@@ -160,6 +160,16 @@ pub struct QueuedMessage {
     pub payload: Vec<u8>,
 }
 
+/// Seqs `from..=to` of a queue that were dropped by the server's message
+/// TTL before being fetched: the recipient will never see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// First dropped seq after the cursor.
+    pub from: u64,
+    /// Last dropped seq.
+    pub to: u64,
+}
+
 /// A successful answer, one variant per method.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -210,6 +220,8 @@ pub enum Response {
         messages: Vec<QueuedMessage>,
         /// The seq the next enqueue to this queue will get.
         next_seq: u64,
+        /// Messages after the cursor the server dropped by its TTL.
+        gap: Option<Gap>,
     },
     /// The payload is stored (and durable) in every recipient's queue.
     EnqueuedBatch {
@@ -220,7 +232,7 @@ pub enum Response {
     /// messages, in the order of the request's cursors; empty when the
     /// wait ran out.
     ChannelMessages {
-        /// Channels with messages.
+        /// Channels with messages (or a gap).
         channels: Vec<ChannelMessages>,
     },
 }
@@ -234,6 +246,8 @@ pub struct ChannelMessages {
     pub messages: Vec<QueuedMessage>,
     /// The seq the next enqueue to this channel's queue will get.
     pub next_seq: u64,
+    /// Messages after the cursor the server dropped by its TTL.
+    pub gap: Option<Gap>,
 }
 
 /// A reply: the answer to one request.

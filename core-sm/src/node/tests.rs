@@ -1647,3 +1647,153 @@ fn fetch_wait_channels_refusals_change_nothing() {
     );
     assert_eq!(seqs(&h.fetch(2, &bob, b"a", 0, 10)), vec![1]);
 }
+
+// ----- message TTL -------------------------------------------------------
+
+fn gap_of(r: &Reply) -> Option<Gap> {
+    match r {
+        Ok(Response::Messages { gap, .. }) => *gap,
+        other => panic!("not messages: {other:?}"),
+    }
+}
+
+fn with_ttl() -> Harness {
+    Harness::with_config(NodeConfig {
+        message_ttl: Some(Duration::from_secs(60)),
+        ..NodeConfig::default()
+    })
+}
+
+#[test]
+fn expired_messages_are_dropped_and_the_next_fetch_reports_the_gap() {
+    let mut h = with_ttl();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    for m in 1..=3 {
+        h.enqueue(1, &bob, b"", b"old", m).unwrap();
+    }
+    h.now = h.now.saturating_add(Duration::from_secs(30));
+    h.enqueue(1, &bob, b"", b"newer", 4).unwrap();
+    // 61 s after the first three: they go, the fourth stays.
+    h.now = h.now.saturating_add(Duration::from_secs(31));
+    let r = h.fetch(2, &bob, b"", 0, 10);
+    assert_eq!(gap_of(&r), Some(Gap { from: 1, to: 3 }));
+    assert_eq!(payloads(&r), vec![b"newer".to_vec()]);
+    // A cursor past the gap hears of it no more.
+    let r = h.fetch(2, &bob, b"", 3, 10);
+    assert_eq!(gap_of(&r), None);
+    assert_eq!(seqs(&r), vec![4]);
+    // Expired room is free again: depth counts only what is left.
+    h.now = h.now.saturating_add(Duration::from_secs(60));
+    let r = h.fetch(2, &bob, b"", 3, 10);
+    assert_eq!(gap_of(&r), Some(Gap { from: 4, to: 4 }));
+    assert!(seqs(&r).is_empty());
+}
+
+#[test]
+fn a_gap_answers_a_long_poll_at_once() {
+    let mut h = with_ttl();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"g", b"old", 1).unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(61));
+    let rid = h.send(
+        2,
+        RequestBody::FetchWait {
+            recipient_key: id(&bob),
+            channel_id: ch(b"g"),
+            after_seq: 0,
+            limit: 10,
+            timeout_ms: 1_000,
+        },
+    );
+    let replies = h.drain();
+    assert_eq!(replies[0].0, rid);
+    assert_eq!(gap_of(&replies[0].1), Some(Gap { from: 1, to: 1 }));
+    // The same through fetchWaitChannels, on a channel with only a gap.
+    h.enqueue(1, &bob, b"h", b"old", 2).unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(61));
+    wait_channels(&mut h, 2, &bob, &[(b"g", 1), (b"h", 0)], 1_000);
+    let replies = h.drain();
+    match &replies[0].1 {
+        Ok(Response::ChannelMessages { channels }) => {
+            assert_eq!(channels.len(), 1);
+            assert_eq!(channels[0].channel_id, ch(b"h"));
+            assert!(channels[0].messages.is_empty());
+            assert_eq!(channels[0].gap, Some(Gap { from: 1, to: 1 }));
+        }
+        other => panic!("not channel messages: {other:?}"),
+    }
+}
+
+#[test]
+fn expiry_releases_shared_payloads_and_survives_a_restart() {
+    let mut h = with_ttl();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let payload = b"shared and then expired".repeat(4);
+    batch(&mut h, 1, &[&bob, &carol], b"g", &payload, 1).unwrap();
+    assert_eq!(copies(&h, &payload), 1);
+    // The stamps are on disk: a restart at a later clock expires them.
+    let mut store = h.node.into_store();
+    store.crash();
+    let mut h = Harness {
+        node: NodeService::new(
+            NodeConfig {
+                message_ttl: Some(Duration::from_secs(60)),
+                ..NodeConfig::default()
+            },
+            [3; 32],
+            store,
+        )
+        .unwrap(),
+        now: Time::from_millis(1_000).saturating_add(Duration::from_secs(120)),
+        next_request: 0,
+        auto_sync: true,
+    };
+    h.login(2, &bob);
+    h.login(3, &carol);
+    // Bob's reference goes; the payload stays for carol's.
+    assert_eq!(
+        gap_of(&h.fetch(2, &bob, b"g", 0, 10)),
+        Some(Gap { from: 1, to: 1 })
+    );
+    assert_eq!(copies(&h, &payload), 1);
+    // Carol's expiry is the last reference: the payload is gone.
+    assert_eq!(
+        gap_of(&h.fetch(3, &carol, b"g", 0, 10)),
+        Some(Gap { from: 1, to: 1 })
+    );
+    assert_eq!(copies(&h, &payload), 0);
+    assert!(
+        !h.node
+            .store()
+            .iter()
+            .any(|(k, _)| k[0] == 0x15 || k[0] == 0x16)
+    );
+}
+
+#[test]
+fn an_enqueue_batch_expiring_two_references_to_one_payload_counts_both() {
+    let mut h = with_ttl();
+    let (alice, bob, carol, dave) = (user(1), user(2), user(3), user(4));
+    h.login(1, &alice);
+    let payload = b"one payload, three references".to_vec();
+    batch(&mut h, 1, &[&bob, &carol, &dave], b"g", &payload, 1).unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(61));
+    // This batch expires bob's and carol's references in one write.
+    batch(&mut h, 1, &[&bob, &carol], b"g", b"new", 2).unwrap();
+    h.login(4, &dave);
+    assert_eq!(
+        gap_of(&h.fetch(4, &dave, b"g", 0, 10)),
+        Some(Gap { from: 1, to: 1 })
+    );
+    assert_eq!(
+        copies(&h, &payload),
+        0,
+        "a reference was lost: the payload leaked"
+    );
+}

@@ -18,7 +18,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_core::error::{ErrorKind, ServiceError};
 use quicproquo_core::limits::AUTH_VERSION;
 use quicproquo_core::node::{
-    ChannelMessages, QueuedMessage, Request, RequestBody, Response, auth_message,
+    ChannelMessages, Gap, QueuedMessage, Request, RequestBody, Response, auth_message,
 };
 use quicproquo_core::types::{ChannelId, Fingerprint, IdentityKey, MessageId, Signature};
 use quicproquo_proto::{
@@ -91,6 +91,8 @@ pub struct Fetched {
     pub messages: Vec<QueuedMessage>,
     /// The seq the next enqueue to this queue will get.
     pub next_seq: u64,
+    /// Messages after the cursor the server dropped by its TTL.
+    pub gap: Option<Gap>,
 }
 
 /// One connection to a NodeService.
@@ -510,7 +512,15 @@ pub fn random_message_id() -> MessageId {
 
 fn messages(method: &'static str, r: Response) -> Result<Fetched, ClientError> {
     match r {
-        Response::Messages { messages, next_seq } => Ok(Fetched { messages, next_seq }),
+        Response::Messages {
+            messages,
+            next_seq,
+            gap,
+        } => Ok(Fetched {
+            messages,
+            next_seq,
+            gap,
+        }),
         other => Err(unexpected(method, &other)),
     }
 }

@@ -444,6 +444,7 @@ async fn call(client: &Client, request: RequestBody) -> Result<Response, Service
             .map(|f| Response::Messages {
                 messages: f.messages,
                 next_seq: f.next_seq,
+                gap: f.gap,
             }),
         other => client.call(other).await,
     };

@@ -209,6 +209,10 @@ struct Response {
         messages @11 :List(QueuedMessage);
         # The seq the next enqueue to this queue will get.
         nextSeq @12 :UInt64;
+        # Seqs gapFrom..=gapTo after the cursor were dropped by the server's
+        # message TTL before they were fetched; gapTo = 0 when none were.
+        gapFrom @16 :UInt64;
+        gapTo @17 :UInt64;
       }
 
       # The payload is stored durably in every recipient's queue.
@@ -223,7 +227,7 @@ struct Response {
         channels @15 :List(ChannelMessages);
       }
 
-      # Answers to later methods go here, at ordinal 16 and up.
+      # Answers to later methods go here, at ordinal 18 and up.
     }
 
     # The call failed.
@@ -255,6 +259,9 @@ struct ChannelMessages {
   messages @1 :List(QueuedMessage);
   # The seq the next enqueue to this channel's queue will get.
   nextSeq @2 :UInt64;
+  # As in `messages`: seqs dropped by the message TTL; gapTo = 0 when none.
+  gapFrom @3 :UInt64;
+  gapTo @4 :UInt64;
 }
 
 # A typed error: clients act on `kind`; `message` is for humans.

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use quicproquo_core::limits::{
     ENQUEUE_BATCH_RECIPIENTS_MAX, FETCH_LIMIT_MAX, FETCH_WAIT_CHANNELS_MAX,
 };
-use quicproquo_core::node::{ChannelMessages, QueuedMessage, Reply, Response};
+use quicproquo_core::node::{ChannelMessages, Gap, QueuedMessage, Reply, Response};
 use quicproquo_core::types::ChannelId;
 use quicproquo_core::{ErrorKind, ServiceError};
 
@@ -151,9 +151,17 @@ fn ok_to_wire(resp: &Response, mut w: response::ok::Builder<'_>) -> Result<(), S
             g.set_signature(&signature.0);
         }
         Response::Enqueued { seq } => w.init_enqueued().set_seq(*seq),
-        Response::Messages { messages, next_seq } => {
+        Response::Messages {
+            messages,
+            next_seq,
+            gap,
+        } => {
             let mut g = w.init_messages();
             g.set_next_seq(*next_seq);
+            if let Some(gap) = gap {
+                g.set_gap_from(gap.from);
+                g.set_gap_to(gap.to);
+            }
             messages_to_wire(messages, g.init_messages(list_len(messages.len())));
         }
         Response::EnqueuedBatch { seqs } => {
@@ -170,6 +178,10 @@ fn ok_to_wire(resp: &Response, mut w: response::ok::Builder<'_>) -> Result<(), S
                 let mut entry = list.reborrow().get(i);
                 entry.set_channel_id(c.channel_id.as_bytes());
                 entry.set_next_seq(c.next_seq);
+                if let Some(gap) = c.gap {
+                    entry.set_gap_from(gap.from);
+                    entry.set_gap_to(gap.to);
+                }
                 messages_to_wire(&c.messages, entry.init_messages(list_len(c.messages.len())));
             }
         }
@@ -213,6 +225,7 @@ fn ok_from_wire(r: response::ok::Reader<'_>) -> Result<Response, DecodeError> {
         Ok(Which::Messages(g)) => Response::Messages {
             messages: messages_from_wire(g.get_messages()?, FETCH_LIMIT_MAX)?,
             next_seq: g.get_next_seq(),
+            gap: gap(g.get_gap_from(), g.get_gap_to())?,
         },
         Ok(Which::EnqueuedBatch(g)) => {
             let list = g.get_seqs()?;
@@ -251,6 +264,7 @@ fn ok_from_wire(r: response::ok::Reader<'_>) -> Result<Response, DecodeError> {
                     channel_id,
                     messages,
                     next_seq: c.get_next_seq(),
+                    gap: gap(c.get_gap_from(), c.get_gap_to())?,
                 });
             }
             Response::ChannelMessages { channels }
@@ -318,6 +332,17 @@ fn error_from_wire(r: error::Reader<'_>) -> Result<ServiceError, DecodeError> {
         .to_string()
         .map_err(|_| DecodeError::Malformed("error message is not UTF-8".into()))?;
     Ok(ServiceError::new(kind, Cow::Owned(message)))
+}
+
+/// A gap as the wire carries it: `to = 0` for none, else `1 <= from <= to`.
+fn gap(from: u64, to: u64) -> Result<Option<Gap>, DecodeError> {
+    match (from, to) {
+        (0, 0) => Ok(None),
+        (from, to) if from >= 1 && from <= to => Ok(Some(Gap { from, to })),
+        _ => Err(DecodeError::Invalid(ServiceError::invalid_argument(
+            format!("gap {from}..={to} is not a range of seqs"),
+        ))),
+    }
 }
 
 /// Copies a fixed-size field, refusing any other length.

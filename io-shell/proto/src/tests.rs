@@ -160,6 +160,7 @@ fn largest_channel_messages_reply_fits_the_reply_limit() {
                 })
                 .collect(),
             next_seq: u64::MAX,
+            gap: None,
         })
         .collect();
     let reply: Reply = Ok(Response::ChannelMessages { channels });
@@ -211,6 +212,7 @@ fn every_response_round_trips() {
     check_reply(Ok(Response::Messages {
         messages: Vec::new(),
         next_seq: 1,
+        gap: None,
     }));
     check_reply(Ok(Response::Messages {
         messages: (1..=5)
@@ -220,6 +222,15 @@ fn every_response_round_trips() {
             })
             .collect(),
         next_seq: 6,
+        gap: None,
+    }));
+    check_reply(Ok(Response::Messages {
+        messages: vec![QueuedMessage {
+            seq: 9,
+            payload: vec![1],
+        }],
+        next_seq: 10,
+        gap: Some(quicproquo_core::node::Gap { from: 3, to: 8 }),
     }));
     check_reply(Ok(Response::EnqueuedBatch { seqs: Vec::new() }));
     check_reply(Ok(Response::EnqueuedBatch {
@@ -239,6 +250,7 @@ fn every_response_round_trips() {
                     })
                     .collect(),
                 next_seq: 99,
+                gap: None,
             })
             .collect(),
     }));
@@ -304,6 +316,7 @@ fn largest_fetch_reply_fits_the_reply_limit() {
     let reply: Reply = Ok(Response::Messages {
         messages,
         next_seq: u64::from(FETCH_LIMIT_MAX),
+        gap: None,
     });
     let bytes = encode_reply(&reply);
     assert!(bytes.len() <= REPLY_BYTES_MAX, "{} bytes", bytes.len());
@@ -441,6 +454,14 @@ fn wrong_length_reply_fields_are_invalid() {
         g.set_hybrid_key(&[1; 10]);
         g.set_signature(&[0; 63]);
     });
+    // A gap that is not a range of seqs.
+    for (from, to) in [(5, 4), (0, 3), (7, 0)] {
+        check_invalid_reply(|ok| {
+            let mut g = ok.init_messages();
+            g.set_gap_from(from);
+            g.set_gap_to(to);
+        });
+    }
 }
 
 #[test]
@@ -454,6 +475,7 @@ fn reply_with_more_messages_than_a_fetch_returns_is_refused() {
     let bytes = encode_reply(&Ok(Response::Messages {
         messages,
         next_seq: 0,
+        gap: None,
     }));
     check_decode_error(decode_reply(&bytes), ErrorKind::InvalidArgument);
 }
@@ -558,6 +580,7 @@ fn every_truncation_is_an_error() {
             payload: vec![2; 30],
         }],
         next_seq: 2,
+        gap: None,
     }));
     for len in 0..bytes.len() {
         check_decode_error(decode_reply(&bytes[..len]), ErrorKind::InvalidArgument);
@@ -1003,8 +1026,11 @@ fn arb_reply() -> impl Strategy<Value = Reply> {
             }
         )),
         any::<u64>().prop_map(|seq| Ok(Response::Enqueued { seq })),
-        (messages, any::<u64>())
-            .prop_map(|(messages, next_seq)| Ok(Response::Messages { messages, next_seq })),
+        (messages, any::<u64>()).prop_map(|(messages, next_seq)| Ok(Response::Messages {
+            messages,
+            next_seq,
+            gap: None,
+        })),
         (arb_error_kind(), ".{0,40}")
             .prop_map(|(kind, message)| Err(ServiceError::new(kind, message))),
     ]
@@ -1150,8 +1176,8 @@ const INLINE_COMPOSITE: u8 = 7;
 
 /// Byte offsets of union tags in our single-segment encodings: segment
 /// table (8 bytes), root pointer (8), then the root struct's data; the
-/// Error struct follows the 5-word Response.
+/// Error struct follows the 7-word Response (5 data words, 2 pointers).
 const REQUEST_BODY_TAG_AT: usize = 16 + 2;
 const RESPONSE_OK_TAG_AT: usize = 16;
 const RESPONSE_TAG_AT: usize = 16 + 16;
-const ERROR_KIND_TAG_AT: usize = 16 + 5 * 8;
+const ERROR_KIND_TAG_AT: usize = 16 + 7 * 8;

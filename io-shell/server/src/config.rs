@@ -153,6 +153,8 @@ config_keys! {
     waiters_per_connection_max: usize, env = "QPQ_WAITERS_PER_CONNECTION_MAX";
     /// Waiting fetchWait calls in total [default: 100000].
     waiters_max: usize, env = "QPQ_WAITERS_MAX";
+    /// Drop queued messages older than this, ms; 0 keeps them [default: 0].
+    message_ttl_ms: u64, env = "QPQ_MESSAGE_TTL_MS";
     /// Sustained enqueues per second per sender identity [default: 10000].
     enqueue_per_sender_per_sec: u32, env = "QPQ_ENQUEUE_PER_SENDER_PER_SEC";
     /// Enqueue burst per sender identity [default: 20000].
@@ -390,6 +392,11 @@ impl ServerConfig {
                     .unwrap_or(d.waiters_per_connection_max),
                 waiters_max: c.waiters_max.unwrap_or(d.waiters_max),
                 connections_max: d.connections_max,
+                message_ttl: c
+                    .message_ttl_ms
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis)
+                    .or(d.message_ttl),
                 enqueue_rate: RateConfig {
                     burst: c.enqueue_per_sender_burst.unwrap_or(d.enqueue_rate.burst),
                     per_sec: c

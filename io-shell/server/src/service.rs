@@ -9,11 +9,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::limits::TLS_EXPORTER_BYTES;
-use quicproquo_core::node::{NodeService, Output, Reply, Request, Response};
+use quicproquo_core::node::{NodeService, Output, QueuedMessage, Reply, Request, Response};
 use quicproquo_core::store::Lsn;
 use quicproquo_core::time::Time;
 use quicproquo_core::types::{ConnectionId, RequestId};
@@ -150,10 +149,17 @@ fn admit(reply: Reply, reservation: Option<ReplyReservation>) -> BudgetedReply {
     let Some(ReplyReservation { budget, held }) = reservation else {
         return (reply, None);
     };
-    let bytes = match &reply {
-        Ok(Response::Messages { messages, .. }) => messages
+    let message_bytes = |messages: &[QueuedMessage]| {
+        messages
             .iter()
             .map(|m| m.payload.len().saturating_add(MESSAGE_FRAMING_BYTES))
+            .fold(0usize, usize::saturating_add)
+    };
+    let bytes = match &reply {
+        Ok(Response::Messages { messages, .. }) => message_bytes(messages),
+        Ok(Response::ChannelMessages { channels }) => channels
+            .iter()
+            .map(|c| message_bytes(&c.messages).saturating_add(CHANNEL_FRAMING_BYTES))
             .fold(0usize, usize::saturating_add),
         _ => 0,
     };
@@ -178,6 +184,9 @@ fn admit(reply: Reply, reservation: Option<ReplyReservation>) -> BudgetedReply {
 /// Bytes a queued message adds to a reply besides its payload: its struct
 /// in the list and the padding of its payload to a word.
 const MESSAGE_FRAMING_BYTES: usize = 24;
+/// Framing of one channel in a `fetchWaitChannels` reply: its struct (one
+/// data word, two pointers) and its channel id, rounded up.
+const CHANNEL_FRAMING_BYTES: usize = 48;
 
 fn stopped() -> ServiceError {
     ServiceError::unavailable("the server is shutting down")
@@ -281,6 +290,7 @@ pub fn spawn_observed<S: ShellStore>(
         pending: HashMap::new(),
         next_request: 0,
         start: Instant::now(),
+        clock_base: wall_clock(),
         sync_tx,
         synced_rx,
         stats: ServiceStats::default(),
@@ -320,6 +330,9 @@ struct Service<S> {
     pending: HashMap<RequestId, Pending>,
     next_request: u64,
     start: Instant,
+    /// The wall-clock time at `start`: the machine's clock continues across
+    /// restarts, so message ages (the TTL) survive them.
+    clock_base: Time,
     sync_tx: mpsc::UnboundedSender<Lsn>,
     synced_rx: mpsc::UnboundedReceiver<Result<Lsn, StorageError>>,
     stats: ServiceStats,
@@ -460,13 +473,21 @@ impl<S: ShellStore> Service<S> {
     }
 
     fn now(&self) -> Time {
-        let micros = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Time::from_micros(micros)
+        self.clock_base.saturating_add(self.start.elapsed())
     }
 
     fn instant(&self, t: Time) -> Instant {
-        self.start + Duration::from_micros(t.as_micros())
+        self.start + t.saturating_since(self.clock_base)
     }
+}
+
+/// Microseconds since the Unix epoch, read once per start. Only message
+/// ages depend on it; everything else is relative to `start`.
+fn wall_clock() -> Time {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Time::from_micros(u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -493,6 +514,7 @@ mod tests {
                 })
                 .collect(),
             next_seq: sizes.len() as u64 + 1,
+            gap: None,
         })
     }
 

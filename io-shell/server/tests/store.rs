@@ -131,7 +131,9 @@ fn fetch(of: IdentityKey, after_seq: u64) -> RequestBody {
 
 fn messages(reply: Reply) -> (Vec<QueuedMessage>, u64) {
     match reply {
-        Ok(Response::Messages { messages, next_seq }) => (messages, next_seq),
+        Ok(Response::Messages {
+            messages, next_seq, ..
+        }) => (messages, next_seq),
         other => panic!("expected messages, got {other:?}"),
     }
 }

@@ -3945,7 +3945,7 @@ pub mod response {
 
     pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
     impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-        const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+        const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
     }
     impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
         const TYPE_ID: u64 = _private::TYPE_ID;
@@ -4010,6 +4010,8 @@ pub mod response {
             self.builder.set_data_field::<u64>(1, 0u64);
             self.builder.reborrow().get_pointer_field(0).clear();
             self.builder.set_data_field::<u64>(1, 0u64);
+            self.builder.set_data_field::<u64>(3, 0u64);
+            self.builder.set_data_field::<u64>(4, 0u64);
             self.builder.reborrow().get_pointer_field(0).clear();
             self.builder.reborrow().get_pointer_field(0).clear();
             self.builder.into()
@@ -4059,7 +4061,7 @@ pub mod response {
         pub(crate) static ENCODED_NODE: [::capnp::Word; 40] = [
             ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
             ::capnp::word(175, 230, 241, 155, 75, 8, 252, 185),
-            ::capnp::word(11, 0, 0, 0, 1, 0, 3, 0),
+            ::capnp::word(11, 0, 0, 0, 1, 0, 5, 0),
             ::capnp::word(64, 177, 25, 190, 49, 195, 99, 162),
             ::capnp::word(2, 0, 7, 0, 0, 0, 2, 0),
             ::capnp::word(8, 0, 0, 0, 0, 0, 0, 0),
@@ -4255,7 +4257,7 @@ pub mod response {
 
         pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
         impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-            const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+            const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
         }
         impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
             const TYPE_ID: u64 = _private::TYPE_ID;
@@ -4357,6 +4359,8 @@ pub mod response {
                 self.builder.set_data_field::<u16>(0, 8);
                 self.builder.reborrow().get_pointer_field(0).clear();
                 self.builder.set_data_field::<u64>(1, 0u64);
+                self.builder.set_data_field::<u64>(3, 0u64);
+                self.builder.set_data_field::<u64>(4, 0u64);
                 self.builder.into()
             }
             #[inline]
@@ -4446,7 +4450,7 @@ pub mod response {
             pub(crate) static ENCODED_NODE: [::capnp::Word; 131] = [
                 ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                 ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
-                ::capnp::word(20, 0, 0, 0, 1, 0, 3, 0),
+                ::capnp::word(20, 0, 0, 0, 1, 0, 5, 0),
                 ::capnp::word(175, 230, 241, 155, 75, 8, 252, 185),
                 ::capnp::word(2, 0, 7, 0, 1, 0, 11, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -4696,7 +4700,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -4776,7 +4780,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 33] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(103, 208, 220, 221, 244, 122, 61, 187),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -4904,7 +4908,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -4984,7 +4988,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 35] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(79, 165, 238, 79, 149, 60, 166, 190),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -5118,7 +5122,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -5206,7 +5210,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 49] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(229, 147, 75, 16, 87, 6, 162, 189),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -5351,7 +5355,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -5431,7 +5435,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 49] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(152, 26, 58, 163, 187, 79, 228, 140),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -5584,7 +5588,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -5680,7 +5684,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 50] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(189, 203, 142, 125, 161, 98, 36, 143),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -5822,7 +5826,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -5894,7 +5898,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 32] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(40, 224, 107, 221, 120, 90, 39, 225),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -6021,11 +6025,19 @@ pub mod response {
                 pub fn get_next_seq(self) -> u64 {
                     self.reader.get_data_field::<u64>(1)
                 }
+                #[inline]
+                pub fn get_gap_from(self) -> u64 {
+                    self.reader.get_data_field::<u64>(3)
+                }
+                #[inline]
+                pub fn get_gap_to(self) -> u64 {
+                    self.reader.get_data_field::<u64>(4)
+                }
             }
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -6099,6 +6111,22 @@ pub mod response {
                 pub fn set_next_seq(&mut self, value: u64)  {
                     self.builder.set_data_field::<u64>(1, value);
                 }
+                #[inline]
+                pub fn get_gap_from(self) -> u64 {
+                    self.builder.get_data_field::<u64>(3)
+                }
+                #[inline]
+                pub fn set_gap_from(&mut self, value: u64)  {
+                    self.builder.set_data_field::<u64>(3, value);
+                }
+                #[inline]
+                pub fn get_gap_to(self) -> u64 {
+                    self.builder.get_data_field::<u64>(4)
+                }
+                #[inline]
+                pub fn set_gap_to(&mut self, value: u64)  {
+                    self.builder.set_data_field::<u64>(4, value);
+                }
             }
 
             pub struct Pipeline { _typeless: ::capnp::any_pointer::Pipeline }
@@ -6110,38 +6138,52 @@ pub mod response {
             impl Pipeline  {
             }
             mod _private {
-                pub(crate) static ENCODED_NODE: [::capnp::Word; 52] = [
+                pub(crate) static ENCODED_NODE: [::capnp::Word; 82] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(205, 183, 122, 35, 73, 78, 78, 194),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(21, 0, 0, 0, 2, 1, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(25, 0, 0, 0, 119, 0, 0, 0),
+                    ::capnp::word(25, 0, 0, 0, 231, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(110, 111, 100, 101, 46, 99, 97, 112),
                     ::capnp::word(110, 112, 58, 82, 101, 115, 112, 111),
                     ::capnp::word(110, 115, 101, 46, 111, 107, 46, 109),
                     ::capnp::word(101, 115, 115, 97, 103, 101, 115, 0),
-                    ::capnp::word(8, 0, 0, 0, 3, 0, 4, 0),
+                    ::capnp::word(16, 0, 0, 0, 3, 0, 4, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 11, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(41, 0, 0, 0, 74, 0, 0, 0),
+                    ::capnp::word(97, 0, 0, 0, 74, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(40, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(68, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(96, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(124, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(1, 0, 0, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 12, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(65, 0, 0, 0, 66, 0, 0, 0),
+                    ::capnp::word(121, 0, 0, 0, 66, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(60, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(72, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(116, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(128, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(2, 0, 0, 0, 3, 0, 0, 0),
+                    ::capnp::word(0, 0, 1, 0, 16, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(125, 0, 0, 0, 66, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(120, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(132, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(3, 0, 0, 0, 4, 0, 0, 0),
+                    ::capnp::word(0, 0, 1, 0, 17, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(129, 0, 0, 0, 50, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(124, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(136, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(109, 101, 115, 115, 97, 103, 101, 115),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(14, 0, 0, 0, 0, 0, 0, 0),
@@ -6163,11 +6205,29 @@ pub mod response {
                     ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(103, 97, 112, 70, 114, 111, 109, 0),
+                    ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(103, 97, 112, 84, 111, 0, 0, 0),
+                    ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ];
                 pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                     match index {
                         0 => <::capnp::struct_list::Owned<crate::generated::node_capnp::queued_message::Owned> as ::capnp::introspect::Introspect>::introspect(),
                         1 => <u64 as ::capnp::introspect::Introspect>::introspect(),
+                        2 => <u64 as ::capnp::introspect::Introspect>::introspect(),
+                        3 => <u64 as ::capnp::introspect::Introspect>::introspect(),
                         _ => ::capnp::introspect::panic_invalid_field_index(index),
                     }
                 }
@@ -6181,9 +6241,9 @@ pub mod response {
                     MEMBERS_BY_DISCRIMINANT,
                     MEMBERS_BY_NAME
                 );
-                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1];
+                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1,2,3];
                 pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
-                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[0,1];
+                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[2,3,0,1];
                 pub(crate) const TYPE_ID: u64 = 0xc24e_4e49_237a_b7cd;
             }
         }
@@ -6261,7 +6321,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -6341,7 +6401,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 37] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(249, 59, 39, 59, 239, 189, 204, 137),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -6473,7 +6533,7 @@ pub mod response {
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
             impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
+                const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 5, pointers: 2 };
             }
             impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
                 const TYPE_ID: u64 = _private::TYPE_ID;
@@ -6553,7 +6613,7 @@ pub mod response {
                 pub(crate) static ENCODED_NODE: [::capnp::Word; 38] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(231, 255, 203, 226, 104, 52, 236, 181),
-                    ::capnp::word(23, 0, 0, 0, 1, 0, 3, 0),
+                    ::capnp::word(23, 0, 0, 0, 1, 0, 5, 0),
                     ::capnp::word(175, 103, 118, 209, 97, 238, 148, 155),
                     ::capnp::word(2, 0, 7, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -7170,11 +7230,19 @@ pub mod channel_messages {
         pub fn get_next_seq(self) -> u64 {
             self.reader.get_data_field::<u64>(0)
         }
+        #[inline]
+        pub fn get_gap_from(self) -> u64 {
+            self.reader.get_data_field::<u64>(1)
+        }
+        #[inline]
+        pub fn get_gap_to(self) -> u64 {
+            self.reader.get_data_field::<u64>(2)
+        }
     }
 
     pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
     impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
-        const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 1, pointers: 2 };
+        const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 2 };
     }
     impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
         const TYPE_ID: u64 = _private::TYPE_ID;
@@ -7264,6 +7332,22 @@ pub mod channel_messages {
         pub fn set_next_seq(&mut self, value: u64)  {
             self.builder.set_data_field::<u64>(0, value);
         }
+        #[inline]
+        pub fn get_gap_from(self) -> u64 {
+            self.builder.get_data_field::<u64>(1)
+        }
+        #[inline]
+        pub fn set_gap_from(&mut self, value: u64)  {
+            self.builder.set_data_field::<u64>(1, value);
+        }
+        #[inline]
+        pub fn get_gap_to(self) -> u64 {
+            self.builder.get_data_field::<u64>(2)
+        }
+        #[inline]
+        pub fn set_gap_to(&mut self, value: u64)  {
+            self.builder.set_data_field::<u64>(2, value);
+        }
     }
 
     pub struct Pipeline { _typeless: ::capnp::any_pointer::Pipeline }
@@ -7275,17 +7359,17 @@ pub mod channel_messages {
     impl Pipeline  {
     }
     mod _private {
-        pub(crate) static ENCODED_NODE: [::capnp::Word; 69] = [
+        pub(crate) static ENCODED_NODE: [::capnp::Word; 99] = [
             ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
             ::capnp::word(185, 167, 47, 172, 235, 105, 106, 244),
-            ::capnp::word(11, 0, 0, 0, 1, 0, 1, 0),
+            ::capnp::word(11, 0, 0, 0, 1, 0, 3, 0),
             ::capnp::word(64, 177, 25, 190, 49, 195, 99, 162),
             ::capnp::word(2, 0, 7, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(21, 0, 0, 0, 218, 0, 0, 0),
             ::capnp::word(33, 0, 0, 0, 7, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(29, 0, 0, 0, 175, 0, 0, 0),
+            ::capnp::word(29, 0, 0, 0, 31, 1, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(110, 111, 100, 101, 46, 99, 97, 112),
@@ -7293,28 +7377,42 @@ pub mod channel_messages {
             ::capnp::word(101, 108, 77, 101, 115, 115, 97, 103),
             ::capnp::word(101, 115, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-            ::capnp::word(12, 0, 0, 0, 3, 0, 4, 0),
+            ::capnp::word(20, 0, 0, 0, 3, 0, 4, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 1, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(69, 0, 0, 0, 82, 0, 0, 0),
+            ::capnp::word(125, 0, 0, 0, 82, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(68, 0, 0, 0, 3, 0, 1, 0),
-            ::capnp::word(80, 0, 0, 0, 2, 0, 1, 0),
+            ::capnp::word(124, 0, 0, 0, 3, 0, 1, 0),
+            ::capnp::word(136, 0, 0, 0, 2, 0, 1, 0),
             ::capnp::word(1, 0, 0, 0, 1, 0, 0, 0),
             ::capnp::word(0, 0, 1, 0, 1, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(77, 0, 0, 0, 74, 0, 0, 0),
+            ::capnp::word(133, 0, 0, 0, 74, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(76, 0, 0, 0, 3, 0, 1, 0),
-            ::capnp::word(104, 0, 0, 0, 2, 0, 1, 0),
+            ::capnp::word(132, 0, 0, 0, 3, 0, 1, 0),
+            ::capnp::word(160, 0, 0, 0, 2, 0, 1, 0),
             ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 1, 0, 2, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(101, 0, 0, 0, 66, 0, 0, 0),
+            ::capnp::word(157, 0, 0, 0, 66, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(96, 0, 0, 0, 3, 0, 1, 0),
-            ::capnp::word(108, 0, 0, 0, 2, 0, 1, 0),
+            ::capnp::word(152, 0, 0, 0, 3, 0, 1, 0),
+            ::capnp::word(164, 0, 0, 0, 2, 0, 1, 0),
+            ::capnp::word(3, 0, 0, 0, 1, 0, 0, 0),
+            ::capnp::word(0, 0, 1, 0, 3, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(161, 0, 0, 0, 66, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(156, 0, 0, 0, 3, 0, 1, 0),
+            ::capnp::word(168, 0, 0, 0, 2, 0, 1, 0),
+            ::capnp::word(4, 0, 0, 0, 2, 0, 0, 0),
+            ::capnp::word(0, 0, 1, 0, 4, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(165, 0, 0, 0, 50, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(160, 0, 0, 0, 3, 0, 1, 0),
+            ::capnp::word(172, 0, 0, 0, 2, 0, 1, 0),
             ::capnp::word(99, 104, 97, 110, 110, 101, 108, 73),
             ::capnp::word(100, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(13, 0, 0, 0, 0, 0, 0, 0),
@@ -7345,12 +7443,30 @@ pub mod channel_messages {
             ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(103, 97, 112, 70, 114, 111, 109, 0),
+            ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(103, 97, 112, 84, 111, 0, 0, 0),
+            ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ];
         pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
             match index {
                 0 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
                 1 => <::capnp::struct_list::Owned<crate::generated::node_capnp::queued_message::Owned> as ::capnp::introspect::Introspect>::introspect(),
                 2 => <u64 as ::capnp::introspect::Introspect>::introspect(),
+                3 => <u64 as ::capnp::introspect::Introspect>::introspect(),
+                4 => <u64 as ::capnp::introspect::Introspect>::introspect(),
                 _ => ::capnp::introspect::panic_invalid_field_index(index),
             }
         }
@@ -7364,9 +7480,9 @@ pub mod channel_messages {
             MEMBERS_BY_DISCRIMINANT,
             MEMBERS_BY_NAME
         );
-        pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1,2];
+        pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1,2,3,4];
         pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
-        pub(crate) static MEMBERS_BY_NAME : &[u16] = &[0,1,2];
+        pub(crate) static MEMBERS_BY_NAME : &[u16] = &[0,3,4,1,2];
         pub(crate) const TYPE_ID: u64 = 0xf46a_69eb_ac2f_a7b9;
     }
 }
