@@ -193,7 +193,10 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     let (mut state, (key, mut machine)) = State::load(&cli.state)?;
     let command = match &cli.command {
         Cmd::Register { count } => Command::Register { count: *count },
-        Cmd::Group(GroupCmd::Create { name }) => Command::CreateGroup { name: name.clone() },
+        Cmd::Group(GroupCmd::Create { name }) => Command::CreateGroup {
+            name: name.clone(),
+            pq: false,
+        },
         Cmd::Group(GroupCmd::Add { name, member_key }) => Command::AddMember {
             group: name.clone(),
             member: parse_key(member_key)?,
