@@ -87,9 +87,10 @@ pub const STATE_VERSION: u32 = 2;
 /// before everyone has caught up, without keeping keys forever.
 pub const HYBRID_KEYS_KEPT: usize = 4;
 /// Verified peer hybrid public keys cached (one per identity this user
-/// sends to in pq groups); the oldest entry by identity is dropped when
-/// full, and refetched when needed.
-pub const PEER_HYBRID_KEYS_MAX: usize = 10_000;
+/// sends to in pq groups, 1,217 bytes each, so at most ~1.2 MB of state);
+/// when full, the entry with the lowest identity is dropped and refetched
+/// when needed.
+pub const PEER_HYBRID_KEYS_MAX: usize = 1_000;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
