@@ -1285,6 +1285,68 @@ fn pq_group_refuses_a_message_without_its_hybrid_envelope() {
 }
 
 #[test]
+fn malformed_hybrid_payloads_are_warnings_not_crashes() {
+    let mut w = pq_team();
+    let bob = w.key(1);
+    let channel = w.channel(1, "pq");
+    let public = w.machine(1).hybrid_public_key().unwrap().clone();
+    let key_id = public.key_id();
+    let mut rng = ChaCha20Rng::from_seed([3; 32]);
+    let sealed = |inner: &[u8], rng: &mut ChaCha20Rng| {
+        Envelope::Hybrid {
+            key_id,
+            sealed: hybrid::seal(&public, &key_id, inner, rng),
+        }
+        .encode()
+    };
+    let nested = sealed(&sealed(b"x", &mut rng), &mut rng);
+    let junk = vec![
+        vec![0x01, 0x03],
+        // Unknown key id.
+        Envelope::Hybrid {
+            key_id: [0; 32],
+            sealed: vec![0x01; hybrid::ENVELOPE_OVERHEAD_BYTES],
+        }
+        .encode(),
+        // Bob's key id, but not an envelope made for it.
+        Envelope::Hybrid {
+            key_id,
+            sealed: vec![0x01; hybrid::ENVELOPE_OVERHEAD_BYTES + 5],
+        }
+        .encode(),
+        // Opens, but what it wraps is not a payload.
+        sealed(b"zzz", &mut rng),
+        // A hybrid payload inside another.
+        nested,
+    ];
+    let conn = w.users[0].conn;
+    for (i, payload) in junk.into_iter().enumerate() {
+        w.call(
+            conn,
+            RequestBody::Enqueue {
+                recipient_key: bob,
+                channel_id: channel,
+                payload,
+                message_id: MessageId([i as u8 + 200; 16]),
+            },
+        )
+        .unwrap();
+    }
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert_eq!(outcome, Ok(Outcome::Received { messages: 0 }));
+    let warned = warnings(&events);
+    assert_eq!(warned.len(), 5, "{events:?}");
+    assert!(
+        warned
+            .iter()
+            .all(|m| m.contains("refused") || m.contains("malformed")),
+        "{warned:?}"
+    );
+    send(&mut w, 0, "pq", "fine");
+    assert_eq!(w.texts(1), vec![pair("pq", "fine")]);
+}
+
+#[test]
 fn rotated_hybrid_key_still_opens_envelopes_in_flight() {
     let mut w = pq_team();
     let bob = w.key(1);
