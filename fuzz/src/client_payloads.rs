@@ -547,7 +547,14 @@ fn build_fixture() -> Fixture {
     w.run_ok(a, 0, Command::Register { count: 1 });
     w.run_ok(b, 1, Command::Register { count: 3 });
     w.run_ok(c, 2, Command::Register { count: 1 });
-    w.run_ok(a, 0, Command::CreateGroup { name: "g".into() });
+    w.run_ok(
+        a,
+        0,
+        Command::CreateGroup {
+            name: "g".into(),
+            pq: false,
+        },
+    );
     w.run_ok(
         a,
         0,
@@ -594,7 +601,14 @@ fn build_fixture() -> Fixture {
         ),
         for_b(&mut w, a, send("g", TEXTS[1])),
         {
-            w.run_ok(a, 0, Command::CreateGroup { name: "h".into() });
+            w.run_ok(
+                a,
+                0,
+                Command::CreateGroup {
+                    name: "h".into(),
+                    pq: false,
+                },
+            );
             for_b(
                 &mut w,
                 a,

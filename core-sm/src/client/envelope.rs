@@ -1,23 +1,37 @@
 //! What the client puts inside an enqueued payload. The server never parses
-//! it. Two kinds, each starting with a version byte and a kind byte:
+//! it. Three kinds, each starting with a version byte and a kind byte:
 //!
 //! ```text
 //! welcome: 0x01 0x01 | channel_len u8 | channel_id | nonce[12]
 //!          | name_len u16 BE | sealed_name | MLSMessage(Welcome)
 //! group:   0x01 0x02 | MLSMessage (PrivateMessage or PublicMessage)
+//! hybrid:  0x01 0x03 | key_id[32] | hybrid envelope (hybrid.rs, >= 1161 bytes)
 //! ```
 //!
 //! A Welcome goes to the new member's default channel and says on which
 //! channel the group talks. The group's name is sealed under a key exported
 //! from the group's new epoch (RFC 9420 §8.5), so only members can read it
 //! and the server sees no names.
+//!
+//! A hybrid payload wraps one welcome or group payload (never another
+//! hybrid one) in a post-quantum envelope sealed to the recipient's hybrid
+//! key `key_id` (SHA-256 of the public key, also the AEAD's associated data,
+//! see [`super::hybrid`]). The hybrid envelope's own first byte is its suite
+//! version, which is why it never stands alone at the start of a payload:
+//! the outer `0x01 0x03` says unambiguously what follows, and the key id
+//! lets the recipient pick among its current and kept older keys.
 
+use super::hybrid::{ENVELOPE_OVERHEAD_BYTES, KEY_ID_BYTES};
 use crate::limits::CHANNEL_ID_BYTES_MAX;
 use crate::types::ChannelId;
 
 const VERSION: u8 = 1;
 const KIND_WELCOME: u8 = 1;
 const KIND_GROUP: u8 = 2;
+const KIND_HYBRID: u8 = 3;
+/// Bytes a hybrid payload adds to the payload it wraps: version and kind,
+/// key id, and the hybrid envelope's own overhead.
+pub const HYBRID_OVERHEAD_BYTES: usize = 2 + KEY_ID_BYTES + ENVELOPE_OVERHEAD_BYTES;
 /// Nonce length of the name AEAD (ChaCha20-Poly1305).
 pub const NAME_NONCE_BYTES: usize = 12;
 
@@ -39,6 +53,13 @@ pub enum Envelope {
     Group {
         /// The `MLSMessage`.
         message: Vec<u8>,
+    },
+    /// A welcome or group payload sealed to the recipient's hybrid key.
+    Hybrid {
+        /// Which of the recipient's hybrid keys it is sealed to.
+        key_id: [u8; KEY_ID_BYTES],
+        /// The hybrid envelope ([`super::hybrid::seal`]).
+        sealed: Vec<u8>,
     },
 }
 
@@ -76,6 +97,13 @@ impl Envelope {
                 let mut out = Vec::with_capacity(2 + message.len());
                 out.extend_from_slice(&[VERSION, KIND_GROUP]);
                 out.extend_from_slice(message);
+                out
+            }
+            Envelope::Hybrid { key_id, sealed } => {
+                let mut out = Vec::with_capacity(2 + KEY_ID_BYTES + sealed.len());
+                out.extend_from_slice(&[VERSION, KIND_HYBRID]);
+                out.extend_from_slice(key_id);
+                out.extend_from_slice(sealed);
                 out
             }
         }
@@ -119,6 +147,17 @@ impl Envelope {
                     message: r.0.to_vec(),
                 })
             }
+            KIND_HYBRID => {
+                let key_id = <[u8; KEY_ID_BYTES]>::try_from(r.take(KEY_ID_BYTES)?)
+                    .map_err(|_| EnvelopeError("truncated key id"))?;
+                if r.0.len() < ENVELOPE_OVERHEAD_BYTES {
+                    return Err(EnvelopeError("truncated hybrid envelope"));
+                }
+                Ok(Envelope::Hybrid {
+                    key_id,
+                    sealed: r.0.to_vec(),
+                })
+            }
             _ => Err(EnvelopeError("unknown kind")),
         }
     }
@@ -158,6 +197,26 @@ mod tests {
             message: b"mls".to_vec(),
         };
         assert_eq!(Envelope::decode(&g.encode()), Ok(g));
+        let h = Envelope::Hybrid {
+            key_id: [7; KEY_ID_BYTES],
+            sealed: vec![1; ENVELOPE_OVERHEAD_BYTES],
+        };
+        let bytes = h.encode();
+        assert_eq!(&bytes[..2], &[0x01, 0x03]);
+        assert_eq!(bytes.len(), HYBRID_OVERHEAD_BYTES);
+        assert_eq!(Envelope::decode(&bytes), Ok(h));
+    }
+
+    #[test]
+    fn hybrid_payload_shorter_than_an_envelope_is_refused() {
+        let h = Envelope::Hybrid {
+            key_id: [7; KEY_ID_BYTES],
+            sealed: vec![1; ENVELOPE_OVERHEAD_BYTES],
+        }
+        .encode();
+        for n in 0..h.len() {
+            assert!(Envelope::decode(&h[..n]).is_err(), "prefix of {n} bytes");
+        }
     }
 
     #[test]

@@ -23,10 +23,19 @@
 //! - A fetched KeyPackage's credential identity and signature key both equal
 //!   the identity asked for, and after every join and Commit each member's
 //!   credential identity equals its signature key (DESIGN.md §7).
+//! - Post-quantum groups (`pq`): every payload the group enqueues — Welcome,
+//!   Commit, proposal, application message — leaves only inside a hybrid
+//!   envelope sealed to the recipient's hybrid key, which was fetched and
+//!   whose identity signature was verified; a payload on a pq group's
+//!   channel that is not wrapped is refused. The own hybrid secret key is
+//!   persisted before its public key is uploaded, and the last
+//!   [`HYBRID_KEYS_KEPT`] keys are kept so envelopes sealed before a
+//!   rotation still open.
 
 pub mod envelope;
 pub mod hybrid;
 pub mod provider;
+mod state;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -37,7 +46,8 @@ use openmls::prelude::*;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::signatures::{Signer, SignerError};
 use openmls_traits::types::SignatureScheme;
-use serde::{Deserialize, Serialize};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
 use sha2::{Digest, Sha256};
 use tls_codec::Deserialize as _;
 
@@ -46,7 +56,10 @@ use crate::node::{Gap, QueuedMessage, RequestBody, Response};
 use crate::types::{ChannelId, IdentityKey, MessageId};
 
 pub use envelope::{Envelope, EnvelopeError};
+pub use hybrid::{HybridError, HybridPublicKey, HybridSecretKey};
 pub use provider::QpqProvider;
+
+use state::{GroupRecord, OutboxEntry, Persisted};
 
 /// The MLS profile's ciphersuite (DESIGN.md §7): 0x0001.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -63,8 +76,21 @@ pub const GROUP_NAME_BYTES_MAX: usize = 64;
 pub const TEXT_BYTES_MAX: usize = 64 * 1024;
 /// KeyPackages one `register` may generate at once.
 pub const REGISTER_COUNT_MAX: u32 = 100;
-/// Version of the persisted state layout.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the persisted state layout. Version 1 (before hybrid keys
+/// and pq groups) still restores.
+pub const STATE_VERSION: u32 = 2;
+/// This user's hybrid secret keys kept: the current one and the three
+/// before it. A rotation (`update` of all groups) publishes a new key; peers
+/// refetch it after they process the rotating member's Commit, so only
+/// envelopes sealed before that — queued, or in a peer's outbox — still use
+/// an older key. Three rotations of slack covers a member who rotates again
+/// before everyone has caught up, without keeping keys forever.
+pub const HYBRID_KEYS_KEPT: usize = 4;
+/// Verified peer hybrid public keys cached (one per identity this user
+/// sends to in pq groups, 1,217 bytes each, so at most ~1.2 MB of state);
+/// when full, the entry with the lowest identity is dropped and refetched
+/// when needed.
+pub const PEER_HYBRID_KEYS_MAX: usize = 1_000;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +105,9 @@ pub enum Command {
     CreateGroup {
         /// Its name, unique among this user's groups.
         name: String,
+        /// Post-quantum: every member needs a hybrid key, and everything the
+        /// group sends travels in hybrid envelopes.
+        pq: bool,
     },
     /// Add `member` to the group `group`.
     AddMember {
@@ -102,7 +131,8 @@ pub enum Command {
         group: String,
     },
     /// Rotate this member's leaf keys (a self-update Commit) in `group`, or
-    /// in every group when `None`.
+    /// in every group when `None`; the latter also rotates (or creates) the
+    /// hybrid key and uploads the new public key.
     Update {
         /// The group, or all.
         group: Option<String>,
@@ -295,6 +325,21 @@ pub enum CommandError {
     /// The fetched KeyPackage is invalid or not theirs.
     #[error("the KeyPackage the server returned is not acceptable: {0}")]
     BadKeyPackage(String),
+    /// The member has no hybrid key on the server, which a pq group needs.
+    #[error(
+        "{0} has no hybrid (post-quantum) key on the server, which a pq group needs; they need to run `qpq register` with a current qpq"
+    )]
+    NoHybridKey(String),
+    /// The hybrid key the server returned is not signed by its identity.
+    #[error("the hybrid key the server returned for {0} is not signed by them: {1}")]
+    BadHybridKey(String, HybridError),
+    /// A pq group needs this user's own hybrid key first.
+    #[error("a pq group needs your hybrid key on the server: run `qpq register` first")]
+    NoOwnHybridKey,
+    /// A hybrid envelope does not open, or a pq group's message came without
+    /// one.
+    #[error("hybrid envelope refused: {0}")]
+    HybridEnvelope(String),
     /// An MLS operation failed.
     #[error("MLS: {0}")]
     Mls(String),
@@ -332,35 +377,8 @@ pub struct GroupSummary {
     pub epoch: u64,
     /// Every member, this user included.
     pub members: Vec<IdentityKey>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct GroupRecord {
-    name: String,
-    group_id: Vec<u8>,
-    channel_id: Vec<u8>,
-    owner: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OutboxEntry {
-    recipient: [u8; 32],
-    channel_id: Vec<u8>,
-    payload: Vec<u8>,
-    message_id: [u8; 16],
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Persisted {
-    version: u32,
-    identity_seed: [u8; 32],
-    registered: bool,
-    active: bool,
-    groups: Vec<GroupRecord>,
-    cursors: Vec<(Vec<u8>, u64)>,
-    outbox: Vec<(u64, OutboxEntry)>,
-    next_outbox_id: u64,
-    mls_storage: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Post-quantum: everything travels in hybrid envelopes.
+    pub pq: bool,
 }
 
 /// What an in-flight request was for.
@@ -368,7 +386,14 @@ struct Persisted {
 enum Pending {
     Outbox(u64),
     Count,
-    Upload { fingerprint: [u8; 32] },
+    Upload {
+        fingerprint: [u8; 32],
+    },
+    UploadHybridKey,
+    /// A recipient's hybrid key, for outbox entries waiting to be sealed.
+    HybridKey(IdentityKey),
+    /// The hybrid key of the member being added to a pq group.
+    HybridKeyForAdd,
     FetchKeyPackage,
     Fetch(ChannelId),
     Wait(ChannelId),
@@ -415,6 +440,10 @@ pub struct ClientMachine {
     provider: QpqProvider,
     registered: bool,
     active: bool,
+    /// Own hybrid secret keys, oldest first; the last one is current.
+    hybrid_keys: Vec<HybridSecretKey>,
+    /// Verified hybrid public keys of peers, by identity.
+    peer_hybrid_keys: BTreeMap<IdentityKey, HybridPublicKey>,
     groups: Vec<GroupRecord>,
     cursors: BTreeMap<ChannelId, u64>,
     outbox: BTreeMap<u64, OutboxEntry>,
@@ -438,19 +467,23 @@ impl ClientMachine {
     /// Restores a machine from [`Self::snapshot`] bytes; `seed` reseeds its
     /// randomness for this run.
     pub fn restore(snapshot: &[u8], seed: [u8; 32]) -> Result<ClientMachine, CommandError> {
-        let p: Persisted = postcard::from_bytes(snapshot)
-            .map_err(|e| CommandError::State(format!("state does not decode: {e}")))?;
-        if p.version != STATE_VERSION {
-            return Err(CommandError::State(format!(
-                "state version {} is not the supported {STATE_VERSION}",
-                p.version
-            )));
-        }
+        let p = Persisted::decode(snapshot)?;
         let provider = QpqProvider::new(seed);
         provider.restore_storage(p.mls_storage);
         let mut m = Self::with(provider, p.identity_seed);
         m.registered = p.registered;
         m.active = p.active;
+        for secret in p.hybrid_keys {
+            let key = HybridSecretKey::from_bytes(&secret)
+                .map_err(|e| CommandError::State(format!("hybrid secret key: {e}")))?;
+            m.hybrid_keys.push(key);
+        }
+        for (identity, public) in p.peer_hybrid_keys {
+            // A cached key that no longer parses is refetched when needed.
+            if let Ok(key) = HybridPublicKey::from_bytes(&public) {
+                m.peer_hybrid_keys.insert(IdentityKey(identity), key);
+            }
+        }
         m.groups = p.groups;
         for (ch, seq) in p.cursors {
             let ch = ChannelId::try_from_slice(&ch)
@@ -470,6 +503,8 @@ impl ClientMachine {
             provider,
             registered: false,
             active: false,
+            hybrid_keys: Vec::new(),
+            peer_hybrid_keys: BTreeMap::new(),
             groups: Vec::new(),
             cursors: BTreeMap::new(),
             outbox: BTreeMap::new(),
@@ -497,9 +532,42 @@ impl ClientMachine {
             outbox: self.outbox.iter().map(|(k, v)| (*k, v.clone())).collect(),
             next_outbox_id: self.next_outbox_id,
             mls_storage: self.provider.storage_snapshot(),
+            hybrid_keys: self
+                .hybrid_keys
+                .iter()
+                .map(|k| k.to_bytes().to_vec())
+                .collect(),
+            peer_hybrid_keys: self
+                .peer_hybrid_keys
+                .iter()
+                .map(|(id, k)| (id.0, k.to_bytes()))
+                .collect(),
         };
-        // Serializing owned plain data into a Vec cannot fail.
-        postcard::to_allocvec(&p).unwrap_or_default()
+        p.encode()
+    }
+
+    /// This user's current hybrid public key, if it has one.
+    pub fn hybrid_public_key(&self) -> Option<&HybridPublicKey> {
+        self.hybrid_keys.last().map(HybridSecretKey::public)
+    }
+
+    /// Ids of the hybrid secret keys kept (oldest first; the last is
+    /// current).
+    pub fn hybrid_key_ids(&self) -> Vec<[u8; hybrid::KEY_ID_BYTES]> {
+        self.hybrid_keys
+            .iter()
+            .map(|k| k.public().key_id())
+            .collect()
+    }
+
+    /// Opens a payload sealed to one of this user's kept hybrid keys and
+    /// returns the payload it wraps; for tests and diagnostics.
+    pub fn open_hybrid_payload(&self, payload: &[u8]) -> Result<Vec<u8>, CommandError> {
+        match Envelope::decode(payload) {
+            Ok(Envelope::Hybrid { key_id, sealed }) => self.open_hybrid(&key_id, &sealed),
+            Ok(_) => Err(CommandError::HybridEnvelope("not a hybrid payload".into())),
+            Err(e) => Err(CommandError::HybridEnvelope(e.to_string())),
+        }
     }
 
     /// This user's identity key.
@@ -543,6 +611,7 @@ impl ClientMachine {
                     channel_id: ChannelId::try_from_slice(&r.channel_id).ok()?,
                     epoch: group.epoch().as_u64(),
                     members: members(&group),
+                    pq: r.pq,
                 })
             })
             .collect()
@@ -571,7 +640,7 @@ impl ClientMachine {
         }
         let result = match command {
             Command::Register { count } => self.start_register(count),
-            Command::CreateGroup { name } => self.create_group(name),
+            Command::CreateGroup { name, pq } => self.create_group(name, pq),
             Command::AddMember { group, member } => self.start_add(group, member),
             Command::Send { group, text } => self.start_send(group, text),
             Command::RemoveMember { group, member } => self.remove_member(group, member),
@@ -606,6 +675,9 @@ impl ClientMachine {
             Pending::Outbox(id) => self.on_enqueued(id, result),
             Pending::Count => self.on_count(result),
             Pending::Upload { fingerprint } => self.on_uploaded(fingerprint, result),
+            Pending::UploadHybridKey => self.on_hybrid_key_uploaded(result),
+            Pending::HybridKey(member) => self.on_hybrid_key(member, result),
+            Pending::HybridKeyForAdd => self.on_hybrid_key_for_add(result),
             Pending::FetchKeyPackage => self.on_key_package(result),
             Pending::Fetch(ch) => self.on_messages(ch, result, false),
             Pending::Wait(ch) => self.on_messages(ch, result, true),
@@ -640,7 +712,45 @@ impl ClientMachine {
                 identity_key: self.identity,
             },
         );
+        self.publish_hybrid_key(false);
         Ok(())
+    }
+
+    /// Makes sure this user has a hybrid key — a new one when `rotate`,
+    /// keeping the last [`HYBRID_KEYS_KEPT`] — persists it, and uploads its
+    /// public key signed by the identity key. The AS keeps one key per
+    /// identity, so the upload replaces the previous one.
+    fn publish_hybrid_key(&mut self, rotate: bool) {
+        if rotate || self.hybrid_keys.is_empty() {
+            let key = HybridSecretKey::generate(&mut self.rng());
+            self.hybrid_keys.push(key);
+            let excess = self.hybrid_keys.len().saturating_sub(HYBRID_KEYS_KEPT);
+            self.hybrid_keys.drain(..excess);
+            // The secret key is in the state before its public key is out.
+            self.effects.push_back(Effect::Persist);
+        }
+        let Some(secret) = self.hybrid_keys.last() else {
+            return;
+        };
+        let public = secret.public();
+        let body = RequestBody::UploadHybridKey {
+            identity_key: self.identity,
+            hybrid_key: public.to_bytes(),
+            signature: hybrid::sign_public_key(&self.signer.0, public),
+        };
+        self.request(Pending::UploadHybridKey, body);
+    }
+
+    fn on_hybrid_key_uploaded(&mut self, result: Result<Response, ServiceError>) {
+        match result {
+            Ok(Response::HybridKeyUploaded) => {}
+            Ok(other) => self.warn(format!(
+                "unexpected answer to a hybrid key upload: {other:?}"
+            )),
+            Err(e) => self.warn(format!(
+                "hybrid key upload refused: {e}; run `qpq register` again"
+            )),
+        }
     }
 
     fn on_count(&mut self, result: Result<Response, ServiceError>) {
@@ -734,10 +844,14 @@ impl ClientMachine {
 
     // ----- groups -----------------------------------------------------------
 
-    fn create_group(&mut self, name: String) -> Result<(), CommandError> {
+    fn create_group(&mut self, name: String, pq: bool) -> Result<(), CommandError> {
         check_name(&name)?;
         if self.groups.iter().any(|g| g.name == name) {
             return Err(CommandError::GroupExists(name));
+        }
+        // Members seal to each other's hybrid keys, this user's included.
+        if pq && self.hybrid_keys.is_empty() {
+            return Err(CommandError::NoOwnHybridKey);
         }
         let config = MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
@@ -754,6 +868,7 @@ impl ClientMachine {
             group_id: group.group_id().as_slice().to_vec(),
             channel_id: channel.to_vec(),
             owner: true,
+            pq,
         });
         self.effects.push_back(Effect::Persist);
         self.effects
@@ -772,12 +887,96 @@ impl ClientMachine {
             member,
             added: false,
         });
+        if record.pq {
+            // The hybrid key first: refusing a member without one must not
+            // use up one of their single-use KeyPackages. Always fetched
+            // anew (not from the cache), so the Welcome goes to their
+            // current key.
+            self.request(
+                Pending::HybridKeyForAdd,
+                RequestBody::FetchHybridKey {
+                    identity_key: member,
+                },
+            );
+        } else {
+            self.request_key_package(member);
+        }
+        Ok(())
+    }
+
+    fn request_key_package(&mut self, member: IdentityKey) {
         self.request(
             Pending::FetchKeyPackage,
             RequestBody::FetchKeyPackage {
                 identity_key: member,
             },
         );
+    }
+
+    fn on_hybrid_key_for_add(&mut self, result: Result<Response, ServiceError>) {
+        let Some(Op::AddMember { member, .. }) = &self.op else {
+            return;
+        };
+        let member = *member;
+        match self.accept_hybrid_key(member, result) {
+            Ok(()) => self.request_key_package(member),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// A fetched hybrid key for outbox entries waiting to be sealed to it.
+    fn on_hybrid_key(&mut self, member: IdentityKey, result: Result<Response, ServiceError>) {
+        match self.accept_hybrid_key(member, result) {
+            Ok(()) => self.flush_outbox(),
+            Err(CommandError::NoHybridKey(who)) => {
+                // Retrying cannot help: drop them and say so, as for an
+                // enqueue the server refuses for good.
+                let before = self.outbox.len();
+                self.outbox
+                    .retain(|_, e| !(e.seal && e.recipient == member.0));
+                self.effects.push_back(Effect::Persist);
+                self.warn(format!(
+                    "{} message(s) for {who} in a pq group were dropped: they have no hybrid key",
+                    before - self.outbox.len()
+                ));
+            }
+            Err(e @ CommandError::BadHybridKey(..)) => {
+                // The server lies about their key: nothing is sealed to it;
+                // the messages stay in the outbox for a later attempt.
+                self.effects.push_back(Effect::Event(Event::Tampering {
+                    what: format!("{e}; messages to them stay in the outbox"),
+                }));
+            }
+            Err(e) => self.warn(format!("delivery deferred, will retry: {e}")),
+        }
+    }
+
+    /// Checks a `fetchHybridKey` answer for `member`: their identity must
+    /// have signed the key. Caches it when it is good.
+    fn accept_hybrid_key(
+        &mut self,
+        member: IdentityKey,
+        result: Result<Response, ServiceError>,
+    ) -> Result<(), CommandError> {
+        let (blob, signature) = match result {
+            Ok(Response::HybridKey {
+                hybrid_key,
+                signature,
+            }) => (hybrid_key, signature),
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(CommandError::NoHybridKey(member.short()));
+            }
+            Err(e) => return Err(CommandError::Server(e)),
+        };
+        let key = hybrid::verify_public_key(&member, &blob, &signature)
+            .map_err(|e| CommandError::BadHybridKey(member.short(), e))?;
+        if self.peer_hybrid_keys.len() >= PEER_HYBRID_KEYS_MAX
+            && !self.peer_hybrid_keys.contains_key(&member)
+        {
+            self.peer_hybrid_keys.pop_first();
+        }
+        self.peer_hybrid_keys.insert(member, key);
         Ok(())
     }
 
@@ -829,7 +1028,7 @@ impl ClientMachine {
         }
         .encode();
         for m in existing {
-            self.add_to_outbox(m, channel, commit.clone());
+            self.add_to_outbox(m, channel, commit.clone(), record.pq);
         }
         let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
         self.provider.fill(&mut nonce);
@@ -843,7 +1042,7 @@ impl ClientMachine {
         .encode();
         // The Welcome goes to the new member's default channel: they do not
         // know the group's channel yet.
-        self.add_to_outbox(member, ChannelId::DEFAULT, welcome);
+        self.add_to_outbox(member, ChannelId::DEFAULT, welcome, record.pq);
         self.effects.push_back(Effect::Persist);
         self.flush_outbox();
         Ok(())
@@ -940,6 +1139,7 @@ impl ClientMachine {
     }
 
     fn update(&mut self, only: Option<String>) -> Result<(), CommandError> {
+        let all = only.is_none();
         let names: Vec<String> = match only {
             Some(name) => vec![self.record(&name)?.name],
             None => self.groups.iter().map(|g| g.name.clone()).collect(),
@@ -955,6 +1155,11 @@ impl ClientMachine {
             group.merge_pending_commit(&self.provider).map_err(mls)?;
             check_members(&group)?;
             self.send_group_message(&record, &recipients, commit)?;
+        }
+        if all {
+            // Every group just got a Commit from this user, on which each
+            // peer drops its cached copy of this user's hybrid key.
+            self.publish_hybrid_key(true);
         }
         self.op = Some(Op::Committed {
             outcome: Outcome::Updated {
@@ -990,7 +1195,7 @@ impl ClientMachine {
         }
         .encode();
         for r in recipients {
-            self.add_to_outbox(*r, channel, payload.clone());
+            self.add_to_outbox(*r, channel, payload.clone(), record.pq);
         }
         Ok(())
     }
@@ -1015,7 +1220,7 @@ impl ClientMachine {
         // Encrypted once, stored for each other member.
         let me = self.identity;
         for m in members(&group).into_iter().filter(|m| *m != me) {
-            self.add_to_outbox(m, channel, payload.clone());
+            self.add_to_outbox(m, channel, payload.clone(), record.pq);
         }
         self.active = true;
         self.op = Some(Op::Send {
@@ -1161,14 +1366,18 @@ impl ClientMachine {
             return;
         }
         *cursor = message.seq;
+        // A payload that does not open is skipped with a warning, like an
+        // MLS message that does not decrypt: the cursor moves on, so it
+        // does not block the queue behind it.
         let result = match Envelope::decode(&message.payload) {
-            Ok(Envelope::Welcome {
-                channel_id,
-                nonce,
-                sealed_name,
-                welcome,
-            }) => self.join(channel_id, &nonce, &sealed_name, &welcome),
-            Ok(Envelope::Group { message }) => self.process_group_message(channel, &message),
+            Ok(Envelope::Hybrid { key_id, sealed }) => self
+                .open_hybrid(&key_id, &sealed)
+                .and_then(|inner| {
+                    Envelope::decode(&inner)
+                        .map_err(|e| CommandError::HybridEnvelope(format!("its content: {e}")))
+                })
+                .and_then(|inner| self.process_envelope(channel, inner, true)),
+            Ok(envelope) => self.process_envelope(channel, envelope, false),
             Err(e) => Err(CommandError::Mls(e.to_string())),
         };
         if let Err(e) = result {
@@ -1179,12 +1388,57 @@ impl ClientMachine {
         }
     }
 
+    /// Processes a decoded payload; `wrapped` says it came in a hybrid
+    /// envelope.
+    fn process_envelope(
+        &mut self,
+        channel: ChannelId,
+        envelope: Envelope,
+        wrapped: bool,
+    ) -> Result<(), CommandError> {
+        match envelope {
+            Envelope::Welcome {
+                channel_id,
+                nonce,
+                sealed_name,
+                welcome,
+            } => self.join(channel_id, &nonce, &sealed_name, &welcome, wrapped),
+            Envelope::Group { message } => self.process_group_message(channel, &message, wrapped),
+            Envelope::Hybrid { .. } => Err(CommandError::HybridEnvelope(
+                "a hybrid envelope inside another".into(),
+            )),
+        }
+    }
+
+    /// Opens a hybrid envelope sealed to one of the kept hybrid keys.
+    fn open_hybrid(
+        &self,
+        key_id: &[u8; hybrid::KEY_ID_BYTES],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, CommandError> {
+        let key = self
+            .hybrid_keys
+            .iter()
+            .rev()
+            .find(|k| k.public().key_id() == *key_id)
+            .ok_or_else(|| {
+                CommandError::HybridEnvelope(format!(
+                    "sealed to hybrid key {}…, which this user does not hold (never had, or rotated out)",
+                    crate::types::hex(&key_id[..4])
+                ))
+            })?;
+        hybrid::open(key, key_id, sealed).map_err(|e| CommandError::HybridEnvelope(e.to_string()))
+    }
+
+    /// Joins from a Welcome; a Welcome that came in a hybrid envelope
+    /// (`pq`) makes a pq group, since only a pq group's member seals one.
     fn join(
         &mut self,
         channel: ChannelId,
         nonce: &[u8; envelope::NAME_NONCE_BYTES],
         sealed_name: &[u8],
         welcome: &[u8],
+        pq: bool,
     ) -> Result<(), CommandError> {
         let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(mls)?;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
@@ -1207,6 +1461,7 @@ impl ClientMachine {
             group_id: group.group_id().as_slice().to_vec(),
             channel_id: channel.as_bytes().to_vec(),
             owner: false,
+            pq,
         });
         self.effects.push_back(Effect::Event(Event::Joined {
             group: name,
@@ -1219,6 +1474,7 @@ impl ClientMachine {
         &mut self,
         channel: ChannelId,
         bytes: &[u8],
+        wrapped: bool,
     ) -> Result<(), CommandError> {
         let Some(record) = self
             .groups
@@ -1230,6 +1486,13 @@ impl ClientMachine {
                 "message on a channel of no known group".into(),
             ));
         };
+        if record.pq && !wrapped {
+            // No downgrade: every member of a pq group seals what it sends.
+            return Err(CommandError::HybridEnvelope(format!(
+                "a message in pq group `{}` came without a hybrid envelope",
+                record.name
+            )));
+        }
         let mut group = self.load_group(&record)?;
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
         let protocol = msg.try_into_protocol_message().map_err(mls)?;
@@ -1303,6 +1566,11 @@ impl ClientMachine {
                         ));
                     }
                 }
+                // The committer may have rotated its hybrid key with this
+                // Commit (`update`): fetch it anew before sealing to it.
+                if let Some(committer) = sender {
+                    self.peer_hybrid_keys.remove(&committer);
+                }
                 let removed = commit.self_removed();
                 group
                     .merge_staged_commit(&self.provider, *commit)
@@ -1340,7 +1608,15 @@ impl ClientMachine {
 
     // ----- outbox -----------------------------------------------------------
 
-    fn add_to_outbox(&mut self, recipient: IdentityKey, channel: ChannelId, payload: Vec<u8>) {
+    /// Queues `payload` for `recipient`; with `seal`, it is sealed to their
+    /// hybrid key when it goes out.
+    fn add_to_outbox(
+        &mut self,
+        recipient: IdentityKey,
+        channel: ChannelId,
+        payload: Vec<u8>,
+        seal: bool,
+    ) {
         let mut message_id = [0u8; 16];
         self.provider.fill(&mut message_id);
         let id = self.next_outbox_id;
@@ -1352,11 +1628,15 @@ impl ClientMachine {
                 channel_id: channel.as_bytes().to_vec(),
                 payload,
                 message_id,
+                seal,
             },
         );
     }
 
-    /// Sends every outbox entry not already in flight.
+    /// Sends every outbox entry not already in flight. An entry still to be
+    /// sealed is sealed first if the recipient's hybrid key is known (and
+    /// keeps its sealed payload, so retries send the same bytes); otherwise
+    /// the key is fetched, once per recipient, and the entry waits for it.
     fn flush_outbox(&mut self) {
         let ids: Vec<u64> = self
             .outbox
@@ -1369,12 +1649,32 @@ impl ClientMachine {
                     .any(|p| matches!(p, Pending::Outbox(x) if x == id))
             })
             .collect();
+        let mut missing: Vec<IdentityKey> = Vec::new();
         for id in ids {
             let Some(e) = self.outbox.get(&id) else {
                 continue;
             };
             let Ok(channel_id) = ChannelId::try_from_slice(&e.channel_id) else {
                 self.outbox.remove(&id);
+                continue;
+            };
+            let recipient = IdentityKey(e.recipient);
+            if e.seal {
+                let Some(key) = self.peer_hybrid_keys.get(&recipient) else {
+                    if !missing.contains(&recipient) {
+                        missing.push(recipient);
+                    }
+                    continue;
+                };
+                let key_id = key.key_id();
+                let sealed = hybrid::seal(key, &key_id, &e.payload, &mut self.rng());
+                let payload = Envelope::Hybrid { key_id, sealed }.encode();
+                if let Some(e) = self.outbox.get_mut(&id) {
+                    e.payload = payload;
+                    e.seal = false;
+                }
+            }
+            let Some(e) = self.outbox.get(&id) else {
                 continue;
             };
             let body = RequestBody::Enqueue {
@@ -1384,6 +1684,20 @@ impl ClientMachine {
                 message_id: MessageId(e.message_id),
             };
             self.request(Pending::Outbox(id), body);
+        }
+        for member in missing {
+            let asked = self
+                .in_flight
+                .values()
+                .any(|p| matches!(p, Pending::HybridKey(m) if *m == member));
+            if !asked {
+                self.request(
+                    Pending::HybridKey(member),
+                    RequestBody::FetchHybridKey {
+                        identity_key: member,
+                    },
+                );
+            }
         }
     }
 
@@ -1425,6 +1739,13 @@ impl ClientMachine {
         self.effects.push_back(Effect::Request { token, request });
     }
 
+    /// A generator for one operation, seeded from the machine's.
+    fn rng(&self) -> ChaCha20Rng {
+        let mut seed = [0u8; 32];
+        self.provider.fill(&mut seed);
+        ChaCha20Rng::from_seed(seed)
+    }
+
     fn warn(&mut self, message: String) {
         self.effects
             .push_back(Effect::Event(Event::Warning { message }));
@@ -1433,7 +1754,7 @@ impl ClientMachine {
     fn fail(&mut self, e: CommandError) {
         // Outbox deliveries already sent keep going; the command ends.
         self.in_flight
-            .retain(|_, p| matches!(p, Pending::Outbox(_)));
+            .retain(|_, p| matches!(p, Pending::Outbox(_) | Pending::HybridKey(_)));
         self.op = None;
         self.effects.push_back(Effect::Done(Err(e)));
     }

@@ -238,6 +238,7 @@ fn team() -> World {
         0,
         Command::CreateGroup {
             name: "team".into(),
+            pq: false,
         },
     );
     assert_eq!(
@@ -258,9 +259,15 @@ fn life_cycle_phases() {
     register(&mut w, 0);
     register(&mut w, 1);
     assert_eq!(w.machine(0).phase(), Phase::Registered);
-    w.run(0, Command::CreateGroup { name: "g".into() })
-        .1
-        .unwrap();
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "g".into(),
+            pq: false,
+        },
+    )
+    .1
+    .unwrap();
     assert_eq!(w.machine(0).phase(), Phase::GroupOwner);
     add(&mut w, 0, "g", 1);
     w.texts(1);
@@ -432,9 +439,15 @@ fn substituted_key_package_is_refused() {
     for u in 0..3 {
         register(&mut w, u);
     }
-    w.run(0, Command::CreateGroup { name: "g".into() })
-        .1
-        .unwrap();
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "g".into(),
+            pq: false,
+        },
+    )
+    .1
+    .unwrap();
     // The server hands out Carol's KeyPackage when Alice asks for Bob's.
     let carol = w.key(2);
     let carol_conn = w.users[0].conn;
@@ -467,9 +480,15 @@ fn substituted_key_package_is_refused() {
 fn adding_someone_without_key_packages_says_so() {
     let mut w = World::new(2);
     register(&mut w, 0);
-    w.run(0, Command::CreateGroup { name: "g".into() })
-        .1
-        .unwrap();
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "g".into(),
+            pq: false,
+        },
+    )
+    .1
+    .unwrap();
     let bob = w.key(1);
     let (_, outcome) = w.run(
         0,
@@ -508,9 +527,15 @@ fn last_resort_package_lets_a_drained_user_be_added() {
         outcome,
         Ok(Outcome::Registered { uploaded: 1, .. })
     ));
-    w.run(0, Command::CreateGroup { name: "g".into() })
-        .1
-        .unwrap();
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "g".into(),
+            pq: false,
+        },
+    )
+    .1
+    .unwrap();
     add(&mut w, 0, "g", 1);
     let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
     assert!(events.iter().any(|e| matches!(e, Event::Joined { .. })));
@@ -523,7 +548,8 @@ fn group_names_are_validated_and_unique() {
         w.run(
             0,
             Command::CreateGroup {
-                name: String::new()
+                name: String::new(),
+                pq: false,
             }
         )
         .1,
@@ -533,17 +559,31 @@ fn group_names_are_validated_and_unique() {
         w.run(
             0,
             Command::CreateGroup {
-                name: "x".repeat(65)
+                name: "x".repeat(65),
+                pq: false,
             }
         )
         .1,
         Err(CommandError::InvalidName(_))
     ));
-    w.run(0, Command::CreateGroup { name: "a".into() })
-        .1
-        .unwrap();
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "a".into(),
+            pq: false,
+        },
+    )
+    .1
+    .unwrap();
     assert!(matches!(
-        w.run(0, Command::CreateGroup { name: "a".into() }).1,
+        w.run(
+            0,
+            Command::CreateGroup {
+                name: "a".into(),
+                pq: false,
+            }
+        )
+        .1,
         Err(CommandError::GroupExists(_))
     ));
     assert!(matches!(
@@ -781,6 +821,7 @@ fn five_members_through_removal_update_and_leave_keep_chatting() {
         0,
         Command::CreateGroup {
             name: "five".into(),
+            pq: false,
         },
     )
     .1
@@ -851,6 +892,586 @@ fn five_members_through_removal_update_and_leave_keep_chatting() {
     );
     assert!(w.texts(4).is_empty());
     assert!(w.texts(2).is_empty());
+}
+
+// ----- post-quantum groups ---------------------------------------------------
+
+/// One enqueue a command made: recipient, channel, payload.
+type Sent = (IdentityKey, ChannelId, Vec<u8>);
+
+impl World {
+    /// Runs a command and returns, besides its result, every payload it
+    /// enqueued (delivered to the server as usual).
+    fn run_capturing(
+        &mut self,
+        who: usize,
+        command: Command,
+    ) -> (Vec<Event>, Result<Outcome, CommandError>, Vec<Sent>) {
+        let mut sent = Vec::new();
+        let (events, outcome) = self.run_full(
+            who,
+            command,
+            &mut |req| {
+                if let RequestBody::Enqueue {
+                    recipient_key,
+                    channel_id,
+                    payload,
+                    ..
+                } = req
+                {
+                    sent.push((*recipient_key, *channel_id, payload.clone()));
+                }
+                None
+            },
+            &mut |_, _| {},
+        );
+        (events, outcome, sent)
+    }
+
+    /// What the server holds in `who`'s queue on `channel`, not
+    /// acknowledging anything the user has not processed.
+    fn stored(&mut self, who: usize, channel: ChannelId) -> Vec<Vec<u8>> {
+        let m = self.machine(who);
+        let after_seq = m.cursors.get(&channel).copied().unwrap_or(0);
+        let reply = self.call(
+            self.users[who].conn,
+            RequestBody::Fetch {
+                recipient_key: m.identity_key(),
+                channel_id: channel,
+                after_seq,
+                limit: 100,
+            },
+        );
+        let Ok(Response::Messages { messages, .. }) = reply else {
+            panic!("fetch: {reply:?}");
+        };
+        messages.into_iter().map(|m| m.payload).collect()
+    }
+
+    fn channel(&mut self, who: usize, group: &str) -> ChannelId {
+        let groups = self.machine(who).groups();
+        groups
+            .iter()
+            .find(|g| g.name == group)
+            .map(|g| g.channel_id)
+            .expect("group exists")
+    }
+}
+
+fn create(w: &mut World, who: usize, name: &str, pq: bool) {
+    let (_, outcome) = w.run(
+        who,
+        Command::CreateGroup {
+            name: name.into(),
+            pq,
+        },
+    );
+    assert_eq!(outcome, Ok(Outcome::GroupCreated { group: name.into() }));
+}
+
+/// Checks that `payload` is a hybrid payload that opens with `opener`'s keys
+/// (and with nobody else's of `others`), and returns what it wraps.
+fn check_sealed(w: &mut World, payload: &[u8], opener: usize, others: &[usize]) -> Envelope {
+    assert_eq!(&payload[..2], &[0x01, 0x03], "hybrid framing");
+    let inner = w
+        .machine(opener)
+        .open_hybrid_payload(payload)
+        .expect("opens with the recipient's key");
+    assert_eq!(
+        payload.len(),
+        inner.len() + envelope::HYBRID_OVERHEAD_BYTES,
+        "overhead"
+    );
+    for o in others {
+        assert!(
+            matches!(
+                w.machine(*o).open_hybrid_payload(payload),
+                Err(CommandError::HybridEnvelope(_))
+            ),
+            "opens for user {o} too"
+        );
+    }
+    Envelope::decode(&inner).expect("wraps an envelope")
+}
+
+/// Alice creates the pq group "pq" and adds Bob and Carol; both join.
+fn pq_team() -> World {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    create(&mut w, 0, "pq", true);
+    add(&mut w, 0, "pq", 1);
+    add(&mut w, 0, "pq", 2);
+    assert!(w.texts(1).is_empty());
+    assert!(w.texts(2).is_empty());
+    w
+}
+
+fn warnings(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Warning { message } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn pq_group_of_three_sends_everything_in_hybrid_envelopes() {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    create(&mut w, 0, "pq", true);
+    let (bob, carol) = (w.key(1), w.key(2));
+    // The Welcome to Bob is sealed to Bob's key.
+    let (_, outcome, sent) = w.run_capturing(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: bob,
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberAdded { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].0, sent[0].1), (bob, ChannelId::DEFAULT));
+    assert!(matches!(
+        check_sealed(&mut w, &sent[0].2, 1, &[0, 2]),
+        Envelope::Welcome { .. }
+    ));
+    // Adding Carol: the Commit to Bob and the Welcome to Carol, each sealed
+    // to its recipient only.
+    let (_, outcome, sent) = w.run_capturing(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: carol,
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberAdded { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(sent.len(), 2);
+    for (to, _, payload) in &sent {
+        let (me, others) = if *to == bob { (1, [0, 2]) } else { (2, [0, 1]) };
+        let inner = check_sealed(&mut w, payload, me, &others);
+        assert_eq!(
+            matches!(inner, Envelope::Welcome { .. }),
+            *to == carol,
+            "{inner:?}"
+        );
+    }
+    assert!(w.texts(1).is_empty());
+    assert!(w.texts(2).is_empty());
+    for u in 0..3 {
+        assert!(
+            w.machine(u).groups()[0].pq,
+            "user {u} knows the group is pq"
+        );
+    }
+    // Everyone talks; what the server stores for each recipient is a hybrid
+    // envelope that only that recipient opens.
+    send(&mut w, 0, "pq", "from alice");
+    send(&mut w, 1, "pq", "from bob");
+    send(&mut w, 2, "pq", "from carol");
+    let channel = w.channel(0, "pq");
+    for (me, others) in [(0, [1, 2]), (1, [0, 2]), (2, [0, 1])] {
+        let stored = w.stored(me, channel);
+        assert_eq!(stored.len(), 2, "user {me}");
+        for payload in &stored {
+            assert!(matches!(
+                check_sealed(&mut w, payload, me, &others),
+                Envelope::Group { .. }
+            ));
+        }
+    }
+    assert_eq!(
+        w.texts(0),
+        vec![pair("pq", "from bob"), pair("pq", "from carol")]
+    );
+    assert_eq!(
+        w.texts(1),
+        vec![pair("pq", "from alice"), pair("pq", "from carol")]
+    );
+    assert_eq!(
+        w.texts(2),
+        vec![pair("pq", "from alice"), pair("pq", "from bob")]
+    );
+    // Commits too: a self-update reaches the others sealed.
+    let (_, outcome, sent) = w.run_capturing(
+        1,
+        Command::Update {
+            group: Some("pq".into()),
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Updated { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(sent.len(), 2);
+    for (to, _, payload) in &sent {
+        let me = if *to == w.key(0) { 0 } else { 2 };
+        check_sealed(&mut w, payload, me, &[1]);
+    }
+    w.texts(0);
+    w.texts(2);
+    same_epoch(&mut w, &[0, 1, 2], "pq");
+    send(&mut w, 2, "pq", "after the update");
+    assert_eq!(w.texts(1), vec![pair("pq", "after the update")]);
+}
+
+#[test]
+fn pq_group_refuses_a_member_without_a_hybrid_key_and_keeps_their_key_package() {
+    let mut w = World::new(2);
+    register(&mut w, 0);
+    // Bob registers as an older client would: KeyPackages, no hybrid key.
+    let (events, outcome) = w.run_full(
+        1,
+        Command::Register { count: 3 },
+        &mut |req| {
+            matches!(req, RequestBody::UploadHybridKey { .. })
+                .then(|| Err(ServiceError::unavailable("not supported")))
+        },
+        &mut |_, _| {},
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(warnings(&events).len(), 1, "{events:?}");
+    create(&mut w, 0, "pq", true);
+    let bob = w.key(1);
+    let (_, outcome) = w.run(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: bob,
+        },
+    );
+    assert!(
+        matches!(outcome, Err(CommandError::NoHybridKey(_))),
+        "{outcome:?}"
+    );
+    assert!(outcome.unwrap_err().to_string().contains("hybrid"));
+    // None of Bob's KeyPackages was used up.
+    let bob_conn = w.users[1].conn;
+    let count = w.call(bob_conn, RequestBody::KeyPackageCount { identity_key: bob });
+    assert!(
+        matches!(count, Ok(Response::KeyPackageCount { count: 3, .. })),
+        "{count:?}"
+    );
+    // A group without pq takes him.
+    create(&mut w, 0, "plain", false);
+    add(&mut w, 0, "plain", 1);
+}
+
+#[test]
+fn pq_group_refuses_a_hybrid_key_not_signed_by_the_member() {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    create(&mut w, 0, "pq", true);
+    // The server hands out Carol's (validly signed by Carol) key for Bob.
+    let carol = w.key(2);
+    let conn = w.users[0].conn;
+    let carols = w.call(
+        conn,
+        RequestBody::FetchHybridKey {
+            identity_key: carol,
+        },
+    );
+    assert!(carols.is_ok());
+    let bob = w.key(1);
+    let (_, outcome) = w.run_with(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: bob,
+        },
+        &mut |req, reply| {
+            if matches!(req, RequestBody::FetchHybridKey { .. }) {
+                *reply = carols.clone();
+            }
+        },
+    );
+    assert!(
+        matches!(
+            outcome,
+            Err(CommandError::BadHybridKey(_, HybridError::BadSignature))
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(w.machine(0).groups()[0].members.len(), 1);
+}
+
+#[test]
+fn creating_a_pq_group_needs_an_own_hybrid_key() {
+    let mut w = World::new(1);
+    let (_, outcome) = w.run(
+        0,
+        Command::CreateGroup {
+            name: "pq".into(),
+            pq: true,
+        },
+    );
+    assert_eq!(outcome, Err(CommandError::NoOwnHybridKey));
+    register(&mut w, 0);
+    create(&mut w, 0, "pq", true);
+}
+
+#[test]
+fn tampered_hybrid_envelope_is_refused_and_later_messages_still_arrive() {
+    let mut w = pq_team();
+    send(&mut w, 0, "pq", "one");
+    send(&mut w, 0, "pq", "two");
+    // The first payload Bob fetches has one byte changed inside the AEAD
+    // ciphertext.
+    let mut flipped = false;
+    let (events, outcome) = w.run_with(1, Command::Receive { wait_ms: 0 }, &mut |req, reply| {
+        if let (RequestBody::Fetch { .. }, Ok(Response::Messages { messages, .. })) = (req, reply)
+            && let Some(m) = messages.first_mut()
+            && !flipped
+        {
+            let at = m.payload.len() - 20;
+            m.payload[at] ^= 1;
+            flipped = true;
+        }
+    });
+    assert!(flipped);
+    assert_eq!(outcome, Ok(Outcome::Received { messages: 1 }));
+    let warned = warnings(&events);
+    assert_eq!(warned.len(), 1, "{events:?}");
+    assert!(warned[0].contains("hybrid envelope refused"), "{warned:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Message { text, .. } if text == "two"))
+    );
+    // Nothing else is lost, and the group carries on.
+    send(&mut w, 0, "pq", "three");
+    assert_eq!(w.texts(1), vec![pair("pq", "three")]);
+    assert_eq!(
+        w.texts(2),
+        vec![pair("pq", "one"), pair("pq", "two"), pair("pq", "three")]
+    );
+}
+
+#[test]
+fn pq_group_refuses_a_message_without_its_hybrid_envelope() {
+    let mut w = pq_team();
+    send(&mut w, 0, "pq", "wrapped");
+    // Bob is handed the very same MLS message with the envelope taken off
+    // (as a downgrading sender would send it).
+    let bob = w.machine(1);
+    let (events, outcome) = w.run_with(1, Command::Receive { wait_ms: 0 }, &mut |req, reply| {
+        if let (RequestBody::Fetch { .. }, Ok(Response::Messages { messages, .. })) = (req, reply) {
+            for m in messages.iter_mut() {
+                if let Ok(inner) = bob.open_hybrid_payload(&m.payload) {
+                    m.payload = inner;
+                }
+            }
+        }
+    });
+    assert_eq!(outcome, Ok(Outcome::Received { messages: 0 }));
+    let warned = warnings(&events);
+    assert_eq!(warned.len(), 1, "{events:?}");
+    assert!(
+        warned[0].contains("without a hybrid envelope"),
+        "{warned:?}"
+    );
+}
+
+#[test]
+fn malformed_hybrid_payloads_are_warnings_not_crashes() {
+    let mut w = pq_team();
+    let bob = w.key(1);
+    let channel = w.channel(1, "pq");
+    let public = w.machine(1).hybrid_public_key().unwrap().clone();
+    let key_id = public.key_id();
+    let mut rng = ChaCha20Rng::from_seed([3; 32]);
+    let sealed = |inner: &[u8], rng: &mut ChaCha20Rng| {
+        Envelope::Hybrid {
+            key_id,
+            sealed: hybrid::seal(&public, &key_id, inner, rng),
+        }
+        .encode()
+    };
+    let nested = sealed(&sealed(b"x", &mut rng), &mut rng);
+    let junk = vec![
+        vec![0x01, 0x03],
+        // Unknown key id.
+        Envelope::Hybrid {
+            key_id: [0; 32],
+            sealed: vec![0x01; hybrid::ENVELOPE_OVERHEAD_BYTES],
+        }
+        .encode(),
+        // Bob's key id, but not an envelope made for it.
+        Envelope::Hybrid {
+            key_id,
+            sealed: vec![0x01; hybrid::ENVELOPE_OVERHEAD_BYTES + 5],
+        }
+        .encode(),
+        // Opens, but what it wraps is not a payload.
+        sealed(b"zzz", &mut rng),
+        // A hybrid payload inside another.
+        nested,
+    ];
+    let conn = w.users[0].conn;
+    for (i, payload) in junk.into_iter().enumerate() {
+        w.call(
+            conn,
+            RequestBody::Enqueue {
+                recipient_key: bob,
+                channel_id: channel,
+                payload,
+                message_id: MessageId([i as u8 + 200; 16]),
+            },
+        )
+        .unwrap();
+    }
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert_eq!(outcome, Ok(Outcome::Received { messages: 0 }));
+    let warned = warnings(&events);
+    assert_eq!(warned.len(), 5, "{events:?}");
+    assert!(
+        warned
+            .iter()
+            .all(|m| m.contains("refused") || m.contains("malformed")),
+        "{warned:?}"
+    );
+    send(&mut w, 0, "pq", "fine");
+    assert_eq!(w.texts(1), vec![pair("pq", "fine")]);
+}
+
+#[test]
+fn rotated_hybrid_key_still_opens_envelopes_in_flight() {
+    let mut w = pq_team();
+    let bob = w.key(1);
+    let k1 = w.machine(1).hybrid_key_ids();
+    assert_eq!(k1.len(), 1);
+    // In flight: a Welcome to a second pq group, sealed to Bob's first key.
+    create(&mut w, 0, "second", true);
+    add(&mut w, 0, "second", 1);
+    // Bob rotates (update of all groups) before he receives it.
+    let (_, outcome) = w.run(1, Command::Update { group: None });
+    assert!(
+        matches!(outcome, Ok(Outcome::Updated { .. })),
+        "{outcome:?}"
+    );
+    let k2 = w.machine(1).hybrid_key_ids();
+    assert_eq!(k2.len(), 2);
+    assert_eq!(k2[0], k1[0]);
+    // The server now hands out the new key.
+    let conn = w.users[0].conn;
+    let Ok(Response::HybridKey { hybrid_key, .. }) =
+        w.call(conn, RequestBody::FetchHybridKey { identity_key: bob })
+    else {
+        panic!("fetch");
+    };
+    assert_eq!(
+        HybridPublicKey::from_bytes(&hybrid_key).unwrap().key_id(),
+        k2[1]
+    );
+    // The old envelope still opens.
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(warnings(&events).is_empty(), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { group, .. } if group == "second"))
+    );
+    // Alice learns of the rotation from Bob's Commit and seals to the new
+    // key from then on.
+    assert!(w.texts(0).is_empty());
+    let (_, outcome, sent) = w.run_capturing(
+        0,
+        Command::Send {
+            group: "pq".into(),
+            text: "to the new key".into(),
+        },
+    );
+    assert!(matches!(outcome, Ok(Outcome::Sent { .. })), "{outcome:?}");
+    let to_bob = sent.iter().find(|s| s.0 == bob).expect("sent to bob");
+    let Ok(Envelope::Hybrid { key_id, .. }) = Envelope::decode(&to_bob.2) else {
+        panic!("not hybrid");
+    };
+    assert_eq!(key_id, k2[1]);
+    assert_eq!(w.texts(1), vec![pair("pq", "to the new key")]);
+    // Only the last HYBRID_KEYS_KEPT keys are kept.
+    for _ in 0..HYBRID_KEYS_KEPT {
+        let (_, outcome) = w.run(1, Command::Update { group: None });
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    let kept = w.machine(1).hybrid_key_ids();
+    assert_eq!(kept.len(), HYBRID_KEYS_KEPT);
+    assert!(!kept.contains(&k1[0]));
+}
+
+#[test]
+fn snapshot_from_before_hybrid_keys_restores_and_register_adds_one() {
+    let mut w = team();
+    w.texts(1);
+    // Bob's state as the previous layout (version 1) wrote it.
+    let p = state::Persisted::decode(&w.users[1].saved).unwrap();
+    let old = state::PersistedV1 {
+        version: 1,
+        identity_seed: p.identity_seed,
+        registered: p.registered,
+        active: p.active,
+        groups: p
+            .groups
+            .into_iter()
+            .map(|g| state::GroupRecordV1 {
+                name: g.name,
+                group_id: g.group_id,
+                channel_id: g.channel_id,
+                owner: g.owner,
+            })
+            .collect(),
+        cursors: p.cursors,
+        outbox: Vec::new(),
+        next_outbox_id: p.next_outbox_id,
+        mls_storage: p.mls_storage,
+    };
+    w.users[1].saved = postcard::to_allocvec(&old).unwrap();
+    let m = w.machine(1);
+    assert!(m.hybrid_key_ids().is_empty());
+    assert_eq!(m.groups().len(), 1);
+    assert!(!m.groups()[0].pq);
+    // Bob carries on in his group.
+    send(&mut w, 0, "team", "still here");
+    assert_eq!(w.texts(1), vec![pair("team", "still here")]);
+    send(&mut w, 1, "team", "me too");
+    assert_eq!(w.texts(0), vec![pair("team", "me too")]);
+    // A pq group needs a hybrid key, which a later register adds.
+    let (_, outcome) = w.run(
+        1,
+        Command::CreateGroup {
+            name: "pq".into(),
+            pq: true,
+        },
+    );
+    assert_eq!(outcome, Err(CommandError::NoOwnHybridKey));
+    let (_, outcome) = w.run(1, Command::Register { count: 3 });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(w.machine(1).hybrid_key_ids().len(), 1);
+    create(&mut w, 1, "pq", true);
+    add(&mut w, 1, "pq", 0);
+    w.texts(0);
+    send(&mut w, 0, "pq", "post-quantum");
+    assert_eq!(w.texts(1), vec![pair("pq", "post-quantum")]);
+    // And the upgraded state restores as the current layout.
+    assert!(ClientMachine::restore(&w.users[1].saved, [0; 32]).is_ok());
+    let newer = postcard::to_allocvec(&(STATE_VERSION + 1, 0u8)).unwrap();
+    assert!(matches!(
+        ClientMachine::restore(&newer, [0; 32]),
+        Err(CommandError::State(_))
+    ));
 }
 
 mod interleavings {

@@ -7,7 +7,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use quicproquo_client::state_file;
+use quicproquo_client::{Client, ServerTrust};
+use quicproquo_core::client::ClientMachine;
 use serde_json::Value;
+
+const PASSWORD: &str = "correct horse battery staple";
 
 struct Server {
     child: Child,
@@ -76,14 +81,21 @@ struct User<'a> {
 }
 
 impl User<'_> {
-    fn cmd(&self) -> Command {
+    /// `qpq` for this user, with human-readable output.
+    fn plain(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_qpq"));
         c.env("QPQ_STATE", &self.state)
-            .env("QPQ_PASSWORD", "correct horse battery staple")
+            .env("QPQ_PASSWORD", PASSWORD)
             .env("QPQ_SERVER", &self.server.addr)
             .env("QPQ_SERVER_FINGERPRINT", &self.server.fingerprint)
-            .env_remove("QPQ_SERVER_CA")
-            .arg("--json");
+            .env_remove("QPQ_SERVER_CA");
+        c
+    }
+
+    /// `qpq --json` for this user.
+    fn cmd(&self) -> Command {
+        let mut c = self.plain();
+        c.arg("--json");
         c
     }
 
@@ -108,13 +120,31 @@ impl User<'_> {
             .to_owned()
     }
 
+    /// Human-readable output of a command that succeeds.
+    fn text(&self, args: &[&str]) -> String {
+        let out = self.plain().args(args).output().expect("run qpq");
+        assert!(out.status.success(), "qpq {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The machine in this user's state file (between commands).
+    fn machine(&self) -> ClientMachine {
+        let plain = state_file::load(&self.state, PASSWORD.as_bytes()).unwrap();
+        ClientMachine::restore(&plain, [7; 32]).unwrap()
+    }
+
     /// (sender, text) of every message a `recv` shows.
     fn recv(&self) -> Vec<(String, String)> {
+        self.recv_in("team")
+    }
+
+    /// (sender, text) of every message a `recv` shows, all in `group`.
+    fn recv_in(&self, group: &str) -> Vec<(String, String)> {
         self.run(&["recv"])
             .into_iter()
             .filter(|v| v["event"] == "message")
             .map(|v| {
-                assert_eq!(v["group"], "team");
+                assert_eq!(v["group"], group);
                 (
                     v["sender"].as_str().unwrap().to_owned(),
                     v["text"].as_str().unwrap().to_owned(),
@@ -268,4 +298,90 @@ fn wrong_password_and_missing_trust_are_clear_errors() {
     // A second init refuses to overwrite the identity.
     let out = alice.cmd().args(["init"]).output().unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let user = |name: &str| User {
+        state: dir.path().join(format!("{name}.bin")),
+        server: &server,
+    };
+    let users = [user("alice"), user("bob"), user("carol")];
+    let [alice, bob, carol] = &users;
+    for u in &users {
+        u.run(&["init"]);
+        u.run(&["register", "--count", "2"]);
+    }
+    let (a, b, c) = (alice.key(), bob.key(), carol.key());
+    assert!(alice.text(&["group", "create", "--help"]).contains("--pq"));
+    alice.run(&["group", "create", "quantum", "--pq"]);
+    alice.run(&["group", "add", "quantum", &b]);
+    alice.run(&["group", "add", "quantum", &c]);
+    for u in [bob, carol] {
+        let joined = u.run(&["recv"]);
+        assert!(
+            joined
+                .iter()
+                .any(|v| v["event"] == "joined" && v["group"] == "quantum"),
+            "{joined:?}"
+        );
+        assert!(
+            !joined.iter().any(|v| v["event"] == "warning"),
+            "{joined:?}"
+        );
+    }
+    let list = carol.run(&["group", "list"]);
+    assert_eq!(list[0]["group"], "quantum");
+    assert_eq!(list[0]["pq"], true);
+    assert!(carol.text(&["group", "list"]).contains("quantum  [pq]"));
+
+    alice.run(&["send", "quantum", "a1"]);
+    bob.run(&["send", "quantum", "b1"]);
+    carol.run(&["send", "quantum", "c1"]);
+
+    // Before anyone receives: what the server stores for each user is a
+    // hybrid payload (0x01 0x03) that opens with that user's hybrid key only.
+    let machines: Vec<ClientMachine> = users.iter().map(User::machine).collect();
+    let trust = ServerTrust::fingerprint_hex(&server.fingerprint).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (i, m) in machines.iter().enumerate() {
+        let channel = m.groups()[0].channel_id;
+        let stored = runtime.block_on(async {
+            let mut client = Client::connect(&server.addr, &trust).await.unwrap();
+            client.authenticate(m.signing_key()).await.unwrap();
+            // Cursor 0 acknowledges nothing: the messages stay queued.
+            client
+                .fetch(m.identity_key(), channel, 0, 100)
+                .await
+                .unwrap()
+                .messages
+        });
+        assert_eq!(stored.len(), 2, "user {i}");
+        for s in &stored {
+            assert_eq!(&s.payload[..2], &[0x01, 0x03], "user {i}");
+            assert!(m.open_hybrid_payload(&s.payload).is_ok(), "user {i}");
+            for (j, other) in machines.iter().enumerate() {
+                if j != i {
+                    assert!(other.open_hybrid_payload(&s.payload).is_err());
+                }
+            }
+        }
+    }
+
+    let m = |who: &str, t: &str| (who.to_owned(), t.to_owned());
+    assert_eq!(alice.recv_in("quantum"), vec![m(&b, "b1"), m(&c, "c1")]);
+    assert_eq!(bob.recv_in("quantum"), vec![m(&a, "a1"), m(&c, "c1")]);
+    assert_eq!(carol.recv_in("quantum"), vec![m(&a, "a1"), m(&b, "b1")]);
+    // A rotation of everyone's keys, and the group carries on.
+    bob.run(&["update"]);
+    alice.recv_in("quantum");
+    carol.recv_in("quantum");
+    alice.run(&["send", "quantum", "after rotation"]);
+    assert_eq!(bob.recv_in("quantum"), vec![m(&a, "after rotation")]);
+    assert_eq!(carol.recv_in("quantum"), vec![m(&a, "after rotation")]);
 }

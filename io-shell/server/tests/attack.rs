@@ -656,6 +656,7 @@ async fn key_package_draining_leaves_the_victim_addable() {
         &adder_conn,
         ClientCommand::CreateGroup {
             name: "after the drain".into(),
+            pq: false,
         },
     )
     .await;

@@ -1,0 +1,217 @@
+//! What a post-quantum group costs the client machine, measured against a
+//! plain group: bytes stored per message and recipient, and the time of a
+//! `Send` and of a `Receive`. Ignored by default (speed is measured, never
+//! asserted); run in release:
+//! `cargo test --release -p quicproquo-core --test pq_cost -- --ignored --nocapture`.
+//!
+//! The machines stay in memory and the NodeService answers inline, so the
+//! times are the client machine's own work (MLS, sealing, opening) plus the
+//! in-memory server, without the state file or the network.
+
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::Signer as _;
+use quicproquo_core::Time;
+use quicproquo_core::client::{ClientMachine, Command, Effect, Event};
+use quicproquo_core::limits::AUTH_VERSION;
+use quicproquo_core::node::{
+    NodeConfig, NodeService, Output, RateConfig, Reply, Request, RequestBody, Response,
+    auth_message,
+};
+use quicproquo_core::store::MemStore;
+use quicproquo_core::types::{ConnectionId, RequestId, Signature};
+
+const EXPORTER: [u8; 32] = [0x55; 32];
+const ROUNDS: u32 = 300;
+
+#[test]
+#[ignore = "a measurement, not a check; run in release with --nocapture"]
+fn report_pq_group_cost_per_send_and_receive() {
+    let mut w = World::new();
+    let mut users: Vec<ClientMachine> = (0..3u8)
+        .map(|i| ClientMachine::generate([i + 1; 32]))
+        .collect();
+    for (i, m) in users.iter().enumerate() {
+        w.login(i, m);
+    }
+    for (i, m) in users.iter_mut().enumerate() {
+        w.run(m, i, Command::Register { count: 4 });
+    }
+    let (bob, carol) = (users[1].identity_key(), users[2].identity_key());
+    for (name, pq) in [("plain", false), ("pq", true)] {
+        let alice = &mut users[0];
+        w.run(
+            alice,
+            0,
+            Command::CreateGroup {
+                name: name.into(),
+                pq,
+            },
+        );
+        for member in [bob, carol] {
+            w.run(
+                alice,
+                0,
+                Command::AddMember {
+                    group: name.into(),
+                    member,
+                },
+            );
+        }
+        w.run(&mut users[1], 1, Command::Receive { wait_ms: 0 });
+        w.run(&mut users[2], 2, Command::Receive { wait_ms: 0 });
+    }
+    let text = "x".repeat(1024);
+    println!("{ROUNDS} rounds: Alice sends 1 KiB, Bob and Carol receive it");
+    let mut results = Vec::new();
+    for group in ["plain", "pq"] {
+        let (mut send, mut receive) = (Duration::ZERO, Duration::ZERO);
+        w.sizes.clear();
+        for _ in 0..ROUNDS {
+            let start = Instant::now();
+            let events = w.run(
+                &mut users[0],
+                0,
+                Command::Send {
+                    group: group.into(),
+                    text: text.clone(),
+                },
+            );
+            send += start.elapsed();
+            assert!(events.is_empty(), "{events:?}");
+            for who in [1, 2] {
+                let start = Instant::now();
+                let events = w.run(&mut users[who], who, Command::Receive { wait_ms: 0 });
+                receive += start.elapsed();
+                assert_eq!(events.len(), 1, "{events:?}");
+            }
+        }
+        let size = w.sizes.iter().sum::<usize>() / w.sizes.len();
+        let send = send / ROUNDS;
+        let receive = receive / (2 * ROUNDS);
+        println!(
+            "{group:>6}: payload {size} bytes per recipient, send (2 recipients) {:.1} µs, receive {:.1} µs",
+            micros(send),
+            micros(receive)
+        );
+        results.push((size, send, receive));
+    }
+    let (plain, pq) = (results[0], results[1]);
+    println!(
+        " added: {} bytes per message and recipient, {:.1} µs per send to 2 recipients ({:.1} µs per recipient), {:.1} µs per receive",
+        pq.0 - plain.0,
+        micros(pq.1.saturating_sub(plain.1)),
+        micros(pq.1.saturating_sub(plain.1)) / 2.0,
+        micros(pq.2.saturating_sub(plain.2))
+    );
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+struct World {
+    node: NodeService<MemStore>,
+    next_request: u64,
+    /// Payload sizes of the enqueues since the last clear.
+    sizes: Vec<usize>,
+}
+
+impl World {
+    fn new() -> World {
+        let unlimited = RateConfig {
+            burst: 1_000_000,
+            per_sec: 1_000_000,
+        };
+        let config = NodeConfig {
+            enqueue_rate: unlimited,
+            key_fetch_pair_rate: unlimited,
+            key_package_fetch_target_rate: unlimited,
+            ..NodeConfig::default()
+        };
+        World {
+            node: NodeService::new(config, [1; 32], MemStore::new()).unwrap(),
+            next_request: 0,
+            sizes: Vec::new(),
+        }
+    }
+
+    fn login(&mut self, who: usize, m: &ClientMachine) {
+        let conn = ConnectionId(who as u64);
+        self.node
+            .handle_connection_opened(Time::ZERO, conn, EXPORTER)
+            .unwrap();
+        let Ok(Response::AuthChallenge { nonce }) = self.call(conn, RequestBody::AuthChallenge)
+        else {
+            panic!("no challenge");
+        };
+        let sig = m
+            .signing_key()
+            .sign(&auth_message(&m.identity_key(), &nonce, &EXPORTER));
+        let r = self.call(
+            conn,
+            RequestBody::Authenticate {
+                identity_key: m.identity_key(),
+                signature: Signature(sig.to_bytes()),
+            },
+        );
+        assert_eq!(r, Ok(Response::Authenticated));
+    }
+
+    fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
+        let rid = RequestId(self.next_request);
+        self.next_request += 1;
+        self.node.handle_request(
+            Time::ZERO,
+            conn,
+            rid,
+            Request {
+                auth_version: AUTH_VERSION,
+                body,
+            },
+        );
+        let mut reply = None;
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Sync { lsn } => {
+                    let synced = self.node.store_mut().sync_up_to(lsn);
+                    self.node.handle_synced(Time::ZERO, synced);
+                }
+                Output::Reply {
+                    request_id,
+                    reply: r,
+                    ..
+                } if request_id == rid => reply = Some(r),
+                Output::Reply { .. } => {}
+            }
+        }
+        reply.expect("the in-memory server answers at once")
+    }
+
+    /// Runs one command to its end; it must succeed. Returns its events
+    /// (messages only; warnings fail).
+    fn run(&mut self, m: &mut ClientMachine, who: usize, command: Command) -> Vec<Event> {
+        let conn = ConnectionId(who as u64);
+        m.start(command);
+        let mut events = Vec::new();
+        loop {
+            match m.poll_effect().expect("the machine finishes") {
+                Effect::Persist => {}
+                Effect::Request { token, request } => {
+                    if let RequestBody::Enqueue { payload, .. } = &request {
+                        self.sizes.push(payload.len());
+                    }
+                    let reply = self.call(conn, request);
+                    m.handle_response(token, reply);
+                }
+                Effect::Event(Event::Warning { message }) => panic!("warning: {message}"),
+                Effect::Event(e @ Event::Message { .. }) => events.push(e),
+                Effect::Event(_) => {}
+                Effect::Done(outcome) => {
+                    outcome.expect("the command succeeds");
+                    return events;
+                }
+            }
+        }
+    }
+}
