@@ -22,6 +22,7 @@ use crate::actors::{
 };
 use crate::checker::{Violation, check};
 use crate::history::{Event, History, Recorder};
+use crate::mls::{MemberPlan, run_member};
 use crate::net::Loss;
 use crate::rng::Rng;
 use crate::server::{SERVER_HOST, SimServer, SimStore};
@@ -71,6 +72,8 @@ pub struct Plan {
     pub key_owner: Option<Rc<KeyOwnerPlan>>,
     /// KeyPackage poppers.
     pub poppers: Vec<Rc<PopperPlan>>,
+    /// Members of an MLS group (full client machines).
+    pub members: Vec<Rc<MemberPlan>>,
     /// Faults at simulated times (any order; the driver sorts them).
     pub faults: Vec<(Duration, Fault)>,
 }
@@ -204,6 +207,18 @@ fn register_actors(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, plan: &Plan) {
         let (ctx, p) = (ctx.clone(), p.clone());
         sim.host(p.name.clone(), move || run_popper(ctx.clone(), p.clone()));
     }
+    for p in &plan.members {
+        ctx.progress.expect(&p.name);
+        ctx.rec.record_at(
+            Duration::ZERO,
+            Event::MlsMember {
+                member: p.identity,
+                name: p.name.clone(),
+            },
+        );
+        let (ctx, p) = (ctx.clone(), p.clone());
+        sim.host(p.name.clone(), move || run_member(ctx.clone(), p.clone()));
+    }
 }
 
 fn client_hosts(plan: &Plan) -> Vec<String> {
@@ -212,6 +227,7 @@ fn client_hosts(plan: &Plan) -> Vec<String> {
     hosts.extend(plan.snoopers.iter().map(|p| p.name.clone()));
     hosts.extend(plan.key_owner.iter().map(|p| p.name.clone()));
     hosts.extend(plan.poppers.iter().map(|p| p.name.clone()));
+    hosts.extend(plan.members.iter().map(|p| p.name.clone()));
     hosts
 }
 
@@ -484,6 +500,7 @@ impl Driver<'_> {
             name: "audit".into(),
             pollers: plan.pollers.clone(),
             key_owner: plan.key_owner.clone(),
+            members: plan.members.clone(),
         });
         self.progress.expect(&audit.name);
         let (c, a) = (ctx.clone(), audit.clone());

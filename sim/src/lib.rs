@@ -21,6 +21,7 @@ pub mod checker;
 pub mod coverage;
 pub mod driver;
 pub mod history;
+pub mod mls;
 pub mod net;
 pub mod rng;
 pub mod scenarios;
