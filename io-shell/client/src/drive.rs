@@ -4,9 +4,11 @@
 //!
 //! The loop starts the command and drains the machine's effects. Persists
 //! are merged: the snapshot is handed to the caller's `persist` once, before
-//! the next effect that depends on it (a request, an event or the end), so
-//! nothing leaves the machine — no request, no shown message, no outcome —
-//! before the state that produced it is written. Requests run concurrently,
+//! the next effect that depends on it (a request, an event or the end), or
+//! before the loop waits for answers, so nothing leaves the machine — no
+//! request, no shown message, no outcome — before the state that produced it
+//! is written, and nothing it asked to persist is left unwritten while the
+//! loop waits. Requests run concurrently,
 //! each on its own task; their answers go back to the machine as they come.
 //! How the state is written and how events are shown is the caller's.
 
@@ -46,7 +48,8 @@ impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for DriveError<E>
 
 /// Runs `command` on `machine` to its end: requests go to `client`
 /// concurrently, every snapshot the machine asks to persist goes to
-/// `persist` (merged, and always before the next non-persist effect), every
+/// `persist` (merged, and always before the next non-persist effect and
+/// before waiting for an answer), every
 /// event to `on_event`. Returns the command's own result; the outer error
 /// means the loop itself could not go on. `client` may be `None` for a
 /// command that stays local (creating a group).
@@ -60,7 +63,8 @@ pub async fn drive<E>(
     machine.start(command);
     let mut calls = JoinSet::new();
     // Persists are merged: the state is written before the next effect that
-    // depends on it (a request, an event or the end), once.
+    // depends on it (a request, an event or the end), or before waiting,
+    // once.
     let mut dirty = false;
     loop {
         while let Some(effect) = machine.poll_effect() {
@@ -80,6 +84,14 @@ pub async fn drive<E>(
                 Effect::Event(e) => on_event(&e),
                 Effect::Done(result) => return Ok(result),
             }
+        }
+        // Nothing more to carry out until an answer comes: write a pending
+        // persist now, so a command interrupted while it waits keeps it (a
+        // message the machine queued behind an earlier delivery to the same
+        // queue asks for no request yet, only for the persist).
+        if dirty {
+            persist(&machine.snapshot()).map_err(DriveError::Persist)?;
+            dirty = false;
         }
         let Some(joined) = calls.join_next().await else {
             return Err(DriveError::Stalled);
