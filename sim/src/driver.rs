@@ -494,13 +494,13 @@ impl Driver<'_> {
         }
     }
 
-    /// Registers the auditor host and steps until it is done.
+    /// Registers the auditor host and steps until it is done, then has
+    /// every MLS member receive until idle on its own host.
     fn audit(&mut self, ctx: &Ctx, plan: &Plan) {
         let audit = Rc::new(AuditPlan {
             name: "audit".into(),
             pollers: plan.pollers.clone(),
             key_owner: plan.key_owner.clone(),
-            members: plan.members.clone(),
         });
         self.progress.expect(&audit.name);
         let (c, a) = (ctx.clone(), audit.clone());
@@ -516,6 +516,25 @@ impl Driver<'_> {
                     "the final audit did not finish in {AUDIT_BUDGET:?}"
                 ));
                 return;
+            }
+        }
+        // Each MLS member's host starts once more, to receive until idle.
+        for m in &plan.members {
+            m.final_receive.set(true);
+            self.sim.bounce(m.name.as_str());
+            self.note(format!("restart {} to receive until idle", m.name));
+            let start = self.sim.elapsed();
+            while !m.idle.get() {
+                if !self.step() {
+                    return;
+                }
+                if self.sim.elapsed() - start > AUDIT_BUDGET {
+                    self.fail_stuck(format!(
+                        "{} did not receive until idle in {AUDIT_BUDGET:?}",
+                        m.name
+                    ));
+                    return;
+                }
             }
         }
     }

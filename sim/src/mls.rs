@@ -69,6 +69,11 @@ pub struct MemberPlan {
     pub sent: Cell<usize>,
     /// How many times the host has started.
     pub starts: Cell<u64>,
+    /// Set by the driver once the network has healed: the next start of
+    /// the host only receives until idle.
+    pub final_receive: Cell<bool>,
+    /// Set once that final receive is over.
+    pub idle: Cell<bool>,
 }
 
 impl MemberPlan {
@@ -86,12 +91,20 @@ impl MemberPlan {
             registered: Cell::new(false),
             sent: Cell::new(0),
             starts: Cell::new(0),
+            final_receive: Cell::new(false),
+            idle: Cell::new(false),
         }
     }
 }
 
-/// Runs a member until it has sent every message and its outbox is empty.
+/// Runs a member until it has sent every message and its outbox is empty;
+/// once the driver asks for the final receive, receives until idle instead.
 pub async fn run_member(ctx: Ctx, plan: Rc<MemberPlan>) -> turmoil::Result {
+    if plan.final_receive.get() {
+        receive_until_idle(&ctx, &plan).await?;
+        plan.idle.set(true);
+        return Ok(());
+    }
     if ctx.progress.is_done(&plan.name) {
         return Ok(());
     }
@@ -153,10 +166,9 @@ pub async fn run_member(ctx: Ctx, plan: Rc<MemberPlan>) -> turmoil::Result {
     Ok(())
 }
 
-/// After the network healed: runs `recv` as `plan`'s user (from its state
-/// file, on the current host) until nothing is left to show or deliver,
-/// and records how the member ended.
-pub async fn receive_until_idle(ctx: &Ctx, plan: &Rc<MemberPlan>) -> turmoil::Result {
+/// After the network healed: runs `recv` from the state file until nothing
+/// is left to show or deliver, and records how the member ended.
+async fn receive_until_idle(ctx: &Ctx, plan: &Rc<MemberPlan>) -> turmoil::Result {
     let mut m = Member::open(ctx, plan.clone(), u64::MAX).await?;
     loop {
         match m.run(Command::Receive { wait_ms: 0 }).await? {

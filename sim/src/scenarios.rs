@@ -98,7 +98,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "mls_group",
         plan: mls_group,
-        default_seeds: 4,
+        default_seeds: 16,
         exercises: "plaintexts shown across client and server crashes, and commands run again",
         exercised: |c| {
             c.plaintexts_shown > 0
