@@ -20,6 +20,9 @@
 //!   again (openmls cannot decrypt a message twice).
 //! - Every enqueue goes through the persisted outbox with a fixed
 //!   `messageId`, so retries — also after a crash — are stored once.
+//! - The outbox goes out one entry per queue at a time, oldest first, so a
+//!   recipient gets a Commit before its epoch's messages and each sender's
+//!   messages in order, however the network reorders requests.
 //! - A fetched KeyPackage's credential identity and signature key both equal
 //!   the identity asked for, and after every join and Commit each member's
 //!   credential identity equals its signature key (DESIGN.md §7).
