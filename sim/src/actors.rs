@@ -10,7 +10,7 @@
 //! holds everything an actor needs to start again after a crash.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::rc::Rc;
 use std::time::Duration;
@@ -70,6 +70,9 @@ pub struct Progress {
     pub max_acked: RefCell<BTreeMap<QueueId, u64>>,
     /// The next KeyPackage pop id.
     pub next_pop: Cell<u64>,
+    /// MLS clients whose KeyPackages are on the server (so they can be
+    /// added to the group).
+    pub mls_registered: RefCell<BTreeSet<String>>,
 }
 
 impl Progress {
@@ -106,7 +109,8 @@ impl Progress {
 }
 
 impl Ctx {
-    fn rng(&self, label: &str, salt: u64) -> Rng {
+    /// The generator for `label` and `salt` under the run's seed.
+    pub fn rng(&self, label: &str, salt: u64) -> Rng {
         Rng::new(self.seed, label, salt)
     }
 }
@@ -210,7 +214,7 @@ impl Session {
 
 /// The pause before retrying after `e`: the server's hint when rate
 /// limited, otherwise a short random backoff.
-async fn back_off(rng: &mut Rng, e: &ClientError) {
+pub(crate) async fn back_off(rng: &mut Rng, e: &ClientError) {
     let pause = match e {
         ClientError::Service(s) => match s.kind {
             ErrorKind::RateLimited { retry_after_ms } => {
@@ -669,7 +673,8 @@ async fn pop_once(
 
 /// The final audit, run once the network is healed and every actor is done:
 /// fetches every polled queue from its recipient's cursor and counts and
-/// drains the KeyPackage pool.
+/// drains the KeyPackage pool. (MLS members receive until idle on their own
+/// hosts, see [`crate::mls`].)
 #[derive(Debug)]
 pub struct AuditPlan {
     /// Host name.

@@ -17,7 +17,13 @@
 //! - requests for another identity's queue are refused;
 //! - the server holds no connection, waiter or reply once every client has
 //!   gone, and never holds on to a closed connection; nothing panicked; the
-//!   run finished.
+//!   run finished;
+//! - with MLS clients: each member is shown every plaintext another member
+//!   sent exactly once, in its sender's order, and nothing else (not its
+//!   own messages, nothing unsent, nothing before it was sent); every
+//!   command that failed was failing transiently and was run again; after
+//!   the network healed, every member ends with an empty outbox in the
+//!   full group.
 //!
 //! Every violation names its invariant and the event where it was seen, so
 //! a failing seed's report points at the moment things went wrong.
@@ -69,6 +75,17 @@ pub enum Invariant {
     /// The server still held connections, waiters or replies at the end,
     /// or held on to connections that were already closed.
     LeftOpen,
+    /// A plaintext one member sent was never shown to another member.
+    PlaintextLost,
+    /// A plaintext was shown to one member more than once.
+    PlaintextTwice,
+    /// A member was shown a plaintext its named sender never sent (or had
+    /// not sent yet), or one of its own.
+    PlaintextInvented,
+    /// A member was shown one sender's plaintexts out of the order sent.
+    PlaintextOrder,
+    /// A client command failed for good (not a transient failure).
+    CommandFailed,
     /// Something panicked.
     Panic,
     /// The run did not finish in its time budget.
@@ -159,6 +176,14 @@ struct Checker {
     nonlr_results: Vec<(usize, IdentityKey, Vec<u8>, usize)>,
     /// Last-resort results: `(pop sent, target, result index)`.
     lr_results: Vec<(usize, IdentityKey, usize)>,
+    /// The MLS group's members, in the order recorded.
+    mls_members: Vec<IdentityKey>,
+    /// Sender -> `(text, index)` of each plaintext it sent, in order.
+    plain_sent: BTreeMap<IdentityKey, Vec<(String, usize)>>,
+    /// `(member, sender)` -> `(text, index)` of each plaintext shown.
+    plain_shown: BTreeMap<(IdentityKey, IdentityKey), Vec<(String, usize)>>,
+    /// `(index, member, outbox, group members)` of each final idle receive.
+    mls_idle: Vec<(usize, IdentityKey, usize, usize)>,
 }
 
 impl Checker {
@@ -352,6 +377,32 @@ impl Checker {
                     "the server tracked {tracked} connections while QUIC had {open_connections} open, for {lasted:?}"
                 ),
             ),
+            Event::MlsMember { member, .. } => self.mls_members.push(*member),
+            Event::PlaintextSent { sender, text } => self
+                .plain_sent
+                .entry(*sender)
+                .or_default()
+                .push((text.clone(), i)),
+            Event::PlaintextShown {
+                member,
+                sender,
+                text,
+            } => self.shown(i, *member, *sender, text),
+            Event::MlsCommandFailed {
+                command,
+                error,
+                retried: false,
+                ..
+            } => self.flag(
+                Invariant::CommandFailed,
+                Some(i),
+                format!("{command} failed for good: {error}"),
+            ),
+            Event::MlsIdle {
+                member,
+                outbox,
+                group_members,
+            } => self.mls_idle.push((i, *member, *outbox, *group_members)),
             Event::Panicked(what) => self.flag(Invariant::Panic, Some(i), what.clone()),
             Event::Stuck(what) => self.flag(Invariant::Stuck, Some(i), what.clone()),
             Event::ForeignRequest { answered: None, .. }
@@ -359,6 +410,9 @@ impl Checker {
             | Event::ServerRestarted
             | Event::ClientCrashed(_)
             | Event::AnswerDropped { .. }
+            | Event::MlsCommandDone { .. }
+            | Event::MlsCommandFailed { retried: true, .. }
+            | Event::MlsWarning { .. }
             | Event::Fault(_) => {}
         }
     }
@@ -484,12 +538,122 @@ impl Checker {
         self.nonlr_results.push((sent, target, package.to_vec(), i));
     }
 
+    /// A plaintext shown to `member`: it must come from another member who
+    /// sent it before now.
+    fn shown(&mut self, i: usize, member: IdentityKey, sender: IdentityKey, text: &str) {
+        if sender == member {
+            self.flag(
+                Invariant::PlaintextInvented,
+                Some(i),
+                format!("{} was shown its own message {text:?}", member.short()),
+            );
+        } else if !self
+            .plain_sent
+            .get(&sender)
+            .is_some_and(|sent| sent.iter().any(|(t, _)| t == text))
+        {
+            self.flag(
+                Invariant::PlaintextInvented,
+                Some(i),
+                format!(
+                    "{} was shown {text:?} from {}, who had not sent it",
+                    member.short(),
+                    sender.short()
+                ),
+            );
+        }
+        self.plain_shown
+            .entry((member, sender))
+            .or_default()
+            .push((text.to_owned(), i));
+    }
+
     fn finish(mut self) -> Vec<Violation> {
         self.check_acked();
         self.check_gap_free_and_audits();
         self.check_sender_order();
         self.check_last_resort_only_when_empty();
+        self.check_plaintexts();
         self.v
+    }
+
+    /// Every member was shown each other member's plaintexts exactly once,
+    /// in the order sent, and ended idle in the full group.
+    fn check_plaintexts(&mut self) {
+        let mut found = Vec::new();
+        let empty = Vec::new();
+        for member in &self.mls_members {
+            for (sender, sent) in &self.plain_sent {
+                if sender == member {
+                    continue;
+                }
+                let shown = self.plain_shown.get(&(*member, *sender)).unwrap_or(&empty);
+                let who = format!("{} (from {})", member.short(), sender.short());
+                for (k, (text, i)) in shown.iter().enumerate() {
+                    if shown[..k].iter().any(|(t, _)| t == text) {
+                        found.push((
+                            Invariant::PlaintextTwice,
+                            Some(*i),
+                            format!("{who} was shown {text:?} again"),
+                        ));
+                    }
+                }
+                for (text, i) in sent {
+                    if !shown.iter().any(|(t, _)| t == text) {
+                        found.push((
+                            Invariant::PlaintextLost,
+                            Some(*i),
+                            format!("{who} was never shown {text:?}"),
+                        ));
+                    }
+                }
+                // Positions in the sender's order of the texts as first shown.
+                let mut last: Option<(usize, &str)> = None;
+                for (k, (text, i)) in shown.iter().enumerate() {
+                    if shown[..k].iter().any(|(t, _)| t == text) {
+                        continue;
+                    }
+                    let Some(pos) = sent.iter().position(|(t, _)| t == text) else {
+                        continue;
+                    };
+                    if let Some((before, before_text)) = last
+                        && pos < before
+                    {
+                        found.push((
+                            Invariant::PlaintextOrder,
+                            Some(*i),
+                            format!("{who} was shown {text:?} after {before_text:?}, which was sent later"),
+                        ));
+                    }
+                    if last.is_none_or(|(before, _)| pos > before) {
+                        last = Some((pos, text));
+                    }
+                }
+            }
+            if !self.mls_idle.iter().any(|(_, m, _, _)| m == member) {
+                found.push((
+                    Invariant::Audit,
+                    None,
+                    format!("{} never received until idle", member.short()),
+                ));
+            }
+        }
+        let n = self.mls_members.len();
+        for (i, member, outbox, group_members) in &self.mls_idle {
+            if *outbox != 0 || *group_members != n {
+                found.push((
+                    Invariant::Audit,
+                    Some(*i),
+                    format!(
+                        "{} ended with {outbox} undelivered messages in a group of {group_members} (of {n} members)",
+                        member.short()
+                    ),
+                ));
+            }
+        }
+        for (inv, i, d) in found {
+            self.flag(inv, i, d);
+        }
     }
 
     fn check_acked(&mut self) {
@@ -760,6 +924,36 @@ mod tests {
             }
         }
 
+        fn member(&mut self, m: u8) -> &mut Self {
+            self.push(Event::MlsMember {
+                member: key(m),
+                name: format!("member-{m}"),
+            })
+        }
+
+        fn say(&mut self, sender: u8, text: &str) -> &mut Self {
+            self.push(Event::PlaintextSent {
+                sender: key(sender),
+                text: text.into(),
+            })
+        }
+
+        fn shown(&mut self, member: u8, sender: u8, text: &str) -> &mut Self {
+            self.push(Event::PlaintextShown {
+                member: key(member),
+                sender: key(sender),
+                text: text.into(),
+            })
+        }
+
+        fn idle(&mut self, member: u8, outbox: usize, group_members: usize) -> &mut Self {
+            self.push(Event::MlsIdle {
+                member: key(member),
+                outbox,
+                group_members,
+            })
+        }
+
         fn quiet(&mut self) -> &mut Self {
             self.push(Event::ServerQuiescent {
                 gauges: GaugeSnapshot::default(),
@@ -985,6 +1179,102 @@ mod tests {
             open_connections: 0,
         });
         check_finds(&h, &[Invariant::LeftOpen]);
+    }
+
+    /// A three-member group: members 1 and 2 send two plaintexts each.
+    fn mls_clean() -> Synth {
+        let mut h = Synth::default();
+        for m in 1..=3 {
+            h.member(m);
+        }
+        h.say(1, "a1")
+            .say(2, "b1")
+            .shown(2, 1, "a1")
+            .shown(3, 1, "a1")
+            .say(1, "a2")
+            .shown(1, 2, "b1")
+            .shown(3, 2, "b1")
+            .shown(2, 1, "a2")
+            .say(2, "b2")
+            .shown(3, 1, "a2")
+            .shown(1, 2, "b2")
+            .shown(3, 2, "b2");
+        for m in 1..=3 {
+            h.idle(m, 0, 3);
+        }
+        h
+    }
+
+    #[test]
+    fn a_group_where_everyone_sees_everything_once_passes() {
+        check_finds(&mls_clean(), &[]);
+    }
+
+    #[test]
+    fn a_plaintext_shown_twice_is_reported() {
+        let mut h = mls_clean();
+        h.shown(3, 1, "a1");
+        check_finds(&h, &[Invariant::PlaintextTwice]);
+    }
+
+    #[test]
+    fn a_plaintext_never_shown_is_reported() {
+        let mut h = mls_clean();
+        // Member 2 sends a third plaintext nobody is shown.
+        h.say(2, "b3");
+        check_finds(&h, &[Invariant::PlaintextLost]);
+    }
+
+    #[test]
+    fn a_plaintext_shown_out_of_order_is_reported() {
+        let mut h = Synth::default();
+        for m in 1..=2 {
+            h.member(m);
+        }
+        h.say(1, "a1")
+            .say(1, "a2")
+            .shown(2, 1, "a2")
+            .shown(2, 1, "a1")
+            .idle(1, 0, 2)
+            .idle(2, 0, 2);
+        check_finds(&h, &[Invariant::PlaintextOrder]);
+    }
+
+    #[test]
+    fn invented_and_own_plaintexts_and_failed_commands_are_reported() {
+        let mut h = mls_clean();
+        // Shown before it was sent, never sent, and shown to its sender.
+        h.shown(2, 1, "a3")
+            .say(1, "a3")
+            .shown(3, 1, "a3")
+            .shown(3, 3, "c1")
+            .shown(1, 1, "a1")
+            .push(Event::MlsCommandFailed {
+                member: key(1),
+                command: "send".into(),
+                error: "MLS: boom".into(),
+                retried: false,
+            })
+            .push(Event::MlsCommandFailed {
+                member: key(1),
+                command: "send".into(),
+                error: "timed out".into(),
+                retried: true,
+            });
+        check_finds(
+            &h,
+            &[Invariant::PlaintextInvented, Invariant::CommandFailed],
+        );
+    }
+
+    #[test]
+    fn a_member_left_with_undelivered_messages_or_outside_the_group_is_reported() {
+        let mut h = mls_clean();
+        h.idle(2, 1, 3).idle(3, 0, 2);
+        check_finds(&h, &[Invariant::Audit]);
+        let mut h = Synth::default();
+        h.member(1).member(2).idle(1, 0, 2);
+        check_finds(&h, &[Invariant::Audit]);
     }
 
     #[test]

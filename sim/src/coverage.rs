@@ -38,6 +38,10 @@ pub struct Coverage {
     pub last_resort_served: u64,
     /// Requests for another identity's queue that were refused.
     pub foreign_refused: u64,
+    /// Plaintexts MLS clients showed.
+    pub plaintexts_shown: u64,
+    /// MLS client commands run again after a transient failure.
+    pub commands_retried: u64,
 }
 
 impl Coverage {
@@ -106,6 +110,8 @@ impl Coverage {
                     }
                 }
                 Event::ForeignRequest { answered: None, .. } => c.foreign_refused += 1,
+                Event::PlaintextShown { .. } => c.plaintexts_shown += 1,
+                Event::MlsCommandFailed { retried: true, .. } => c.commands_retried += 1,
                 _ => {}
             }
         }
@@ -126,6 +132,8 @@ impl Coverage {
         self.key_packages_popped += other.key_packages_popped;
         self.last_resort_served += other.last_resort_served;
         self.foreign_refused += other.foreign_refused;
+        self.plaintexts_shown += other.plaintexts_shown;
+        self.commands_retried += other.commands_retried;
     }
 }
 
@@ -133,7 +141,7 @@ impl fmt::Display for Coverage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} acked, {} retries ({} after delivery), {} redelivered, {} lost answers fetched again, {} server crashes ({} unsynced batches lost), {} client crashes, {} KeyPackages + {} last resort, {} foreign refused",
+            "{} acked, {} retries ({} after delivery), {} redelivered, {} lost answers fetched again, {} server crashes ({} unsynced batches lost), {} client crashes, {} KeyPackages + {} last resort, {} foreign refused, {} plaintexts shown, {} commands retried",
             self.messages_acked,
             self.enqueue_retries,
             self.retries_after_delivery,
@@ -144,7 +152,9 @@ impl fmt::Display for Coverage {
             self.client_crashes,
             self.key_packages_popped,
             self.last_resort_served,
-            self.foreign_refused
+            self.foreign_refused,
+            self.plaintexts_shown,
+            self.commands_retried
         )
     }
 }

@@ -22,6 +22,7 @@ use crate::actors::{
 };
 use crate::checker::{Violation, check};
 use crate::history::{Event, History, Recorder};
+use crate::mls::{MemberPlan, run_member};
 use crate::net::Loss;
 use crate::rng::Rng;
 use crate::server::{SERVER_HOST, SimServer, SimStore};
@@ -71,6 +72,8 @@ pub struct Plan {
     pub key_owner: Option<Rc<KeyOwnerPlan>>,
     /// KeyPackage poppers.
     pub poppers: Vec<Rc<PopperPlan>>,
+    /// Members of an MLS group (full client machines).
+    pub members: Vec<Rc<MemberPlan>>,
     /// Faults at simulated times (any order; the driver sorts them).
     pub faults: Vec<(Duration, Fault)>,
 }
@@ -204,6 +207,18 @@ fn register_actors(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, plan: &Plan) {
         let (ctx, p) = (ctx.clone(), p.clone());
         sim.host(p.name.clone(), move || run_popper(ctx.clone(), p.clone()));
     }
+    for p in &plan.members {
+        ctx.progress.expect(&p.name);
+        ctx.rec.record_at(
+            Duration::ZERO,
+            Event::MlsMember {
+                member: p.identity,
+                name: p.name.clone(),
+            },
+        );
+        let (ctx, p) = (ctx.clone(), p.clone());
+        sim.host(p.name.clone(), move || run_member(ctx.clone(), p.clone()));
+    }
 }
 
 fn client_hosts(plan: &Plan) -> Vec<String> {
@@ -212,6 +227,7 @@ fn client_hosts(plan: &Plan) -> Vec<String> {
     hosts.extend(plan.snoopers.iter().map(|p| p.name.clone()));
     hosts.extend(plan.key_owner.iter().map(|p| p.name.clone()));
     hosts.extend(plan.poppers.iter().map(|p| p.name.clone()));
+    hosts.extend(plan.members.iter().map(|p| p.name.clone()));
     hosts
 }
 
@@ -478,7 +494,8 @@ impl Driver<'_> {
         }
     }
 
-    /// Registers the auditor host and steps until it is done.
+    /// Registers the auditor host and steps until it is done, then has
+    /// every MLS member receive until idle on its own host.
     fn audit(&mut self, ctx: &Ctx, plan: &Plan) {
         let audit = Rc::new(AuditPlan {
             name: "audit".into(),
@@ -499,6 +516,25 @@ impl Driver<'_> {
                     "the final audit did not finish in {AUDIT_BUDGET:?}"
                 ));
                 return;
+            }
+        }
+        // Each MLS member's host starts once more, to receive until idle.
+        for m in &plan.members {
+            m.final_receive.set(true);
+            self.sim.bounce(m.name.as_str());
+            self.note(format!("restart {} to receive until idle", m.name));
+            let start = self.sim.elapsed();
+            while !m.idle.get() {
+                if !self.step() {
+                    return;
+                }
+                if self.sim.elapsed() - start > AUDIT_BUDGET {
+                    self.fail_stuck(format!(
+                        "{} did not receive until idle in {AUDIT_BUDGET:?}",
+                        m.name
+                    ));
+                    return;
+                }
             }
         }
     }

@@ -202,6 +202,69 @@ pub enum Event {
         /// How long this had lasted.
         lasted: Duration,
     },
+    /// An MLS client of the run's group (recorded once, at the start).
+    MlsMember {
+        /// Its identity.
+        member: IdentityKey,
+        /// Its host.
+        name: String,
+    },
+    /// An MLS client started a `Send` of `text`: from here on the message
+    /// is in its persisted state (the machine persists it before anything
+    /// else happens) and must reach every other member.
+    PlaintextSent {
+        /// Who sent it.
+        sender: IdentityKey,
+        /// The text (unique within the run).
+        text: String,
+    },
+    /// An MLS client's machine showed a message to its user.
+    PlaintextShown {
+        /// Whose machine showed it.
+        member: IdentityKey,
+        /// The sender the machine named.
+        sender: IdentityKey,
+        /// The text.
+        text: String,
+    },
+    /// A command of an MLS client finished (for the report).
+    MlsCommandDone {
+        /// Whose command.
+        member: IdentityKey,
+        /// The command, briefly.
+        command: String,
+        /// Its outcome, briefly.
+        outcome: String,
+    },
+    /// A command of an MLS client did not succeed; `retried` ones failed
+    /// for a transient reason (the user runs it again).
+    MlsCommandFailed {
+        /// Whose command.
+        member: IdentityKey,
+        /// The command, briefly.
+        command: String,
+        /// What went wrong.
+        error: String,
+        /// Whether the user runs it again.
+        retried: bool,
+    },
+    /// A warning an MLS client's machine showed (for the report).
+    MlsWarning {
+        /// Whose machine.
+        member: IdentityKey,
+        /// The warning.
+        message: String,
+    },
+    /// An MLS client received until idle after the network healed: nothing
+    /// more to show, nothing left to deliver.
+    MlsIdle {
+        /// Who.
+        member: IdentityKey,
+        /// Deliveries left in its outbox.
+        outbox: usize,
+        /// Members of its group, as it sees them (0 without the group).
+        group_members: usize,
+    },
     /// A panic happened on the simulation thread (server tasks included).
     Panicked(String),
     /// The run did not finish within its simulated time budget.
@@ -399,6 +462,43 @@ pub fn brief(e: &Event) -> String {
             lasted,
         } => format!(
             "server tracks {tracked} connections but only {open_connections} are open, for {lasted:?}"
+        ),
+        Event::MlsMember { member, name } => format!("mls member {} on {name}", member.short()),
+        Event::PlaintextSent { sender, text } => format!("mls {} sends {text:?}", sender.short()),
+        Event::PlaintextShown {
+            member,
+            sender,
+            text,
+        } => format!(
+            "mls {} shows {text:?} from {}",
+            member.short(),
+            sender.short()
+        ),
+        Event::MlsCommandDone {
+            member,
+            command,
+            outcome,
+        } => format!("mls {} {command}: {outcome}", member.short()),
+        Event::MlsCommandFailed {
+            member,
+            command,
+            error,
+            retried,
+        } => format!(
+            "mls {} {command} failed ({}): {error}",
+            member.short(),
+            if *retried { "retry" } else { "final" }
+        ),
+        Event::MlsWarning { member, message } => {
+            format!("mls {} warning: {message}", member.short())
+        }
+        Event::MlsIdle {
+            member,
+            outbox,
+            group_members,
+        } => format!(
+            "mls {} idle: outbox {outbox}, group of {group_members}",
+            member.short()
         ),
         Event::Panicked(what) => format!("PANIC: {what}"),
         Event::Stuck(what) => format!("STUCK: {what}"),

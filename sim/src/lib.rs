@@ -4,8 +4,9 @@
 //! turmoil runs every host of a simulation on one thread with simulated
 //! time: the real `qpq-server` loop (`quicproquo_server::serve`) over an
 //! in-memory store that forgets unsynced writes on a crash, and clients
-//! built on the real client library (`quicproquo_client`), all speaking QUIC
-//! through [`net::SimSocket`]. A [`driver`] applies a scenario's faults
+//! built on the real client library (`quicproquo_client`) — among them full
+//! MLS clients ([`mls`]): the real client machine carried out by the
+//! library's command loop — all speaking QUIC through [`net::SimSocket`]. A [`driver`] applies a scenario's faults
 //! (loss, reordering, partitions, crashes of the server and of clients),
 //! heals the network, waits until the server holds nothing and runs a final
 //! audit; the [`checker`] then judges the recorded [`history`] against the
@@ -21,6 +22,7 @@ pub mod checker;
 pub mod coverage;
 pub mod driver;
 pub mod history;
+pub mod mls;
 pub mod net;
 pub mod rng;
 pub mod scenarios;

@@ -10,9 +10,7 @@
 //! | [`partitions`] | links between the server and one client at a time cut (both ways or one way) and healed while traffic runs |
 //! | [`lost_fetch_answer`] | a fetch answer dropped after the server handled it, the recipient crashed and restarted from its saved cursor |
 //! | [`long_poll_storm`] | twelve long-polling recipients, crashed and restarted at random, with partition flaps |
-//!
-//! A scenario with full MLS clients (a group exchanging messages under
-//! loss) comes once the MLS client exists; see `sim/README.md`.
+//! | [`mls_group`] | three full MLS clients form a group and chat under 5-20% loss, with client and server crashes on some seeds |
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -25,6 +23,7 @@ use crate::actors::{
 };
 use crate::coverage::Coverage;
 use crate::driver::{Fault, Plan};
+use crate::mls::MemberPlan;
 use crate::rng::Rng;
 
 /// A named scenario and how many seeds the default sweep runs.
@@ -95,6 +94,18 @@ pub const SCENARIOS: &[Scenario] = &[
         default_seeds: 8,
         exercises: "crashed long-polling recipients",
         exercised: |c| c.client_crashes > 0,
+    },
+    Scenario {
+        name: "mls_group",
+        plan: mls_group,
+        default_seeds: 16,
+        exercises: "plaintexts shown across client and server crashes, and commands run again",
+        exercised: |c| {
+            c.plaintexts_shown > 0
+                && c.client_crashes > 0
+                && c.server_crashes > 0
+                && c.commands_retried > 0
+        },
     },
 ];
 
@@ -384,6 +395,65 @@ pub fn long_poll_storm(seed: u64) -> Plan {
     )
 }
 
+/// Three full MLS clients (the real client machine, driven by the client
+/// library's command loop) under 5-20% loss and variable latency: all
+/// register, the first creates a group and adds the other two, then each
+/// sends 4-6 messages. Seeds 1 and 3 (mod 4) crash members' hosts 1-3
+/// times (each restarts from its state file), seeds 2 and 3 crash the
+/// server once or twice, in the first 15 s. After the network heals every member receives until idle;
+/// each must have been shown every other member's messages exactly once,
+/// in order.
+pub fn mls_group(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "mls_group", 0);
+    let loss = rng.float(0.05, 0.20);
+    let min = rng.millis(0, 10);
+    let latency = (min, min + rng.millis(20, 150));
+    let group = "team".to_owned();
+    let mut members: Vec<MemberPlan> = (0..3)
+        .map(|i| MemberPlan::new(format!("member-{i}"), rng.bytes(), group.clone()))
+        .collect();
+    let identities: Vec<_> = members.iter().map(|m| m.identity).collect();
+    for (i, m) in members.iter_mut().enumerate() {
+        m.creator = i == 0;
+        m.peers = identities
+            .iter()
+            .copied()
+            .filter(|id| *id != m.identity)
+            .collect();
+        m.messages = (0..rng.between(4, 6))
+            .map(|k| (rng.millis(0, 1_000), format!("mls/{seed}/{i}/{k}")))
+            .collect();
+    }
+    let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+    let mut faults = Vec::new();
+    if seed % 4 == 1 || seed % 4 == 3 {
+        for _ in 0..rng.between(1, 3) {
+            let h = rng.pick(&names).clone();
+            faults.push((
+                rng.millis(300, 15_000),
+                Fault::CrashClient(h, rng.millis(0, 1_500)),
+            ));
+        }
+    }
+    if seed % 4 >= 2 {
+        let n = rng.between(1, 2);
+        faults.extend(server_crashes(&mut rng, n, (300, 15_000), 1_500));
+    }
+    Plan {
+        members: members.into_iter().map(Rc::new).collect(),
+        ..plan(
+            "mls_group",
+            seed,
+            loss,
+            latency,
+            (1, 5),
+            Workload::default().build(seed, &mut rng),
+            Vec::new(),
+            faults,
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn plan(
     scenario: &'static str,
@@ -409,6 +479,7 @@ fn plan(
         snoopers,
         key_owner: None,
         poppers: Vec::new(),
+        members: Vec::new(),
         faults,
     }
 }

@@ -22,3 +22,19 @@ fn long_poll_storm_seed_2() {
 fn long_poll_storm_seed_0() {
     seed("long_poll_storm", 0);
 }
+
+/// Failed before the client machine sent the outbox one entry per queue at
+/// a time: a member's two messages left in its outbox by a server crash
+/// and a host crash went out together with its next one, which the server
+/// stored first; the others were shown "mls/387/2/5" before "mls/387/2/3"
+/// and "mls/387/2/4" (`PlaintextOrder`).
+#[test]
+fn mls_group_seed_387() {
+    seed("mls_group", 387);
+}
+
+/// Same bug: one deferred message overtaken by the next.
+#[test]
+fn mls_group_seed_723() {
+    seed("mls_group", 723);
+}

@@ -26,3 +26,8 @@ fn a_seed_with_server_crashes_replays_identically() {
 fn a_seed_with_loss_and_snoopers_replays_identically() {
     check("lossy_network", 12);
 }
+
+#[test]
+fn a_seed_with_mls_clients_and_crashes_replays_identically() {
+    check("mls_group", 3);
+}

@@ -44,3 +44,8 @@ fn lost_fetch_answer() {
 fn long_poll_storm() {
     sweep("long_poll_storm");
 }
+
+#[test]
+fn mls_group() {
+    sweep("mls_group");
+}

@@ -20,6 +20,9 @@
 //!   again (openmls cannot decrypt a message twice).
 //! - Every enqueue goes through the persisted outbox with a fixed
 //!   `messageId`, so retries — also after a crash — are stored once.
+//! - The outbox goes out one entry per queue at a time, oldest first, so a
+//!   recipient gets a Commit before its epoch's messages and each sender's
+//!   messages in order, however the network reorders requests.
 //! - A fetched KeyPackage's credential identity and signature key both equal
 //!   the identity asked for, and after every join and Commit each member's
 //!   credential identity equals its signature key (DESIGN.md §7).
@@ -37,7 +40,7 @@ pub mod hybrid;
 pub mod provider;
 mod state;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -633,6 +636,12 @@ impl ClientMachine {
                 .push_back(Effect::Done(Err(CommandError::Busy)));
             return;
         }
+        // Requests an earlier command left in flight (deliveries that kept
+        // going after it failed) are no longer awaited: a shell stops at
+        // `Done`. Forget them, or their outbox entries would never be sent
+        // again and this command would wait for them forever; a late answer
+        // is ignored, and a resent entry keeps its messageId (stored once).
+        self.in_flight.clear();
         // Deliveries left over from an earlier run go first (a wait touches
         // no state, so it sends nothing).
         if !matches!(command, Command::Wait { .. }) {
@@ -1633,24 +1642,38 @@ impl ClientMachine {
         );
     }
 
-    /// Sends every outbox entry not already in flight. An entry still to be
-    /// sealed is sealed first if the recipient's hybrid key is known (and
-    /// keeps its sealed payload, so retries send the same bytes); otherwise
-    /// the key is fetched, once per recipient, and the entry waits for it.
+    /// Sends the oldest outbox entry of each queue that has none in flight.
+    ///
+    /// Entries to one queue (recipient and channel) go one at a time, in the
+    /// order they were made, the next only once the previous one is stored:
+    /// the server numbers a queue in arrival order, and concurrent enqueues
+    /// may arrive in any order. A recipient must get a Commit before the
+    /// messages of the epoch it starts (it cannot decrypt them otherwise)
+    /// and one sender's messages in the order sent; an entry deferred by a
+    /// failure would otherwise be overtaken by a later one sent beside it.
+    ///
+    /// An entry still to be sealed is sealed first if the recipient's
+    /// hybrid key is known (and keeps its sealed payload, so retries send
+    /// the same bytes); otherwise the key is fetched, once per recipient,
+    /// and the entry (with the rest of its queue) waits for it.
     fn flush_outbox(&mut self) {
-        let ids: Vec<u64> = self
-            .outbox
-            .keys()
-            .copied()
-            .filter(|id| {
-                !self
-                    .in_flight
-                    .values()
-                    .any(|p| matches!(p, Pending::Outbox(x) if x == id))
+        let mut busy: BTreeSet<(&[u8; 32], &[u8])> = self
+            .in_flight
+            .values()
+            .filter_map(|p| match p {
+                Pending::Outbox(id) => self.outbox.get(id),
+                _ => None,
             })
+            .map(|e| (&e.recipient, e.channel_id.as_slice()))
             .collect();
+        let mut next = Vec::new();
+        for (id, e) in &self.outbox {
+            if busy.insert((&e.recipient, e.channel_id.as_slice())) {
+                next.push(*id);
+            }
+        }
         let mut missing: Vec<IdentityKey> = Vec::new();
-        for id in ids {
+        for id in next {
             let Some(e) = self.outbox.get(&id) else {
                 continue;
             };
@@ -1709,6 +1732,8 @@ impl ClientMachine {
                 if let Some(Op::Send { delivered, .. }) = &mut self.op {
                     *delivered += 1;
                 }
+                // The next entry to the same queue may go now.
+                self.flush_outbox();
             }
             Err(e)
                 if matches!(
@@ -1724,7 +1749,10 @@ impl ClientMachine {
                 self.warn(format!(
                     "a message could not be delivered and was dropped: {e}"
                 ));
+                self.flush_outbox();
             }
+            // The entries behind it in its queue wait too, so they cannot
+            // overtake it.
             Err(e) => self.warn(format!("delivery deferred, will retry: {e}")),
             Ok(other) => self.warn(format!("unexpected answer to an enqueue: {other:?}")),
         }

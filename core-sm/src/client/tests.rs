@@ -634,6 +634,186 @@ fn undeliverable_sends_stay_in_the_outbox_and_go_out_later() {
     assert_eq!(w.texts(1), vec![pair("team", "later"), pair("team", "now")]);
 }
 
+/// Runs `command` on a fresh machine of `who`, holding every request until
+/// the machine waits for answers, then answering the newest first: a
+/// network that reorders concurrent requests.
+fn run_newest_first(w: &mut World, who: usize, command: Command) -> Result<Outcome, CommandError> {
+    let mut m = w.machine(who);
+    let conn = w.users[who].conn;
+    m.start(command);
+    let mut held: Vec<(u64, RequestBody)> = Vec::new();
+    loop {
+        match m.poll_effect() {
+            Some(Effect::Persist) => w.users[who].saved = m.snapshot(),
+            Some(Effect::Request { token, request }) => held.push((token, request)),
+            Some(Effect::Event(_)) => {}
+            Some(Effect::Done(outcome)) => return outcome,
+            None => {
+                let (token, request) = held.pop().expect("machine stalled without finishing");
+                let reply = w.call(conn, request);
+                m.handle_response(token, reply);
+            }
+        }
+    }
+}
+
+#[test]
+fn deliveries_to_one_queue_keep_their_order_however_answers_arrive() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let (_, outcome) = w.run_full(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "first".into(),
+        },
+        &mut |req| {
+            matches!(req, RequestBody::Enqueue { .. })
+                .then(|| Err(ServiceError::unavailable("down")))
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 2, .. })),
+        "{outcome:?}"
+    );
+    // The deferred message and the next one are both due; the network
+    // answers the newest request first.
+    let outcome = run_newest_first(
+        &mut w,
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "second".into(),
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 0, .. })),
+        "{outcome:?}"
+    );
+    for u in 1..3 {
+        assert_eq!(
+            w.texts(u),
+            vec![pair("team", "first"), pair("team", "second")]
+        );
+    }
+}
+
+#[test]
+fn a_commit_reaches_a_member_before_the_messages_of_its_epoch() {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    w.run(
+        0,
+        Command::CreateGroup {
+            name: "team".into(),
+            pq: false,
+        },
+    )
+    .1
+    .unwrap();
+    add(&mut w, 0, "team", 1);
+    w.texts(1);
+    // Adding Carol: the Commit to Bob is deferred.
+    let carol = w.key(2);
+    let bob = w.key(1);
+    let (_, outcome) = w.run_full(
+        0,
+        Command::AddMember {
+            group: "team".into(),
+            member: carol,
+        },
+        &mut |req| {
+            matches!(req, RequestBody::Enqueue { recipient_key, .. } if *recipient_key == bob)
+                .then(|| Err(ServiceError::unavailable("down")))
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberAdded { undelivered: 1, .. })),
+        "{outcome:?}"
+    );
+    // Alice's first message of the new epoch goes out with the deferred
+    // Commit, answers newest first; Bob still gets the Commit first.
+    let outcome = run_newest_first(
+        &mut w,
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "welcome carol".into(),
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 0, .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(w.texts(1), vec![pair("team", "welcome carol")]);
+    assert_eq!(w.texts(2), vec![pair("team", "welcome carol")]);
+}
+
+#[test]
+fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let (_, outcome) = w.run_full(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "kept".into(),
+        },
+        &mut |req| {
+            matches!(req, RequestBody::Enqueue { .. })
+                .then(|| Err(ServiceError::unavailable("down")))
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 2, .. })),
+        "{outcome:?}"
+    );
+    // One machine for two commands, as a long-running shell keeps it. The
+    // first fails while the deferred deliveries are in flight; the shell
+    // stops at Done and never answers them.
+    let mut m = w.machine(0);
+    m.start(Command::Register { count: 3 });
+    let mut done = None;
+    while let Some(effect) = m.poll_effect() {
+        match effect {
+            Effect::Request {
+                token,
+                request: RequestBody::KeyPackageCount { .. },
+            } => m.handle_response(token, Err(ServiceError::unavailable("down"))),
+            Effect::Done(outcome) => done = Some(outcome),
+            _ => {}
+        }
+    }
+    assert!(
+        matches!(done, Some(Err(CommandError::Server(_)))),
+        "{done:?}"
+    );
+    // The next command on the same machine sends them again and finishes.
+    let conn = w.users[0].conn;
+    m.start(Command::Receive { wait_ms: 0 });
+    let outcome = loop {
+        match m.poll_effect().expect("machine stalled without finishing") {
+            Effect::Persist => w.users[0].saved = m.snapshot(),
+            Effect::Request { token, request } => {
+                let reply = w.call(conn, request);
+                m.handle_response(token, reply);
+            }
+            Effect::Event(_) => {}
+            Effect::Done(outcome) => break outcome,
+        }
+    };
+    assert_eq!(outcome, Ok(Outcome::Received { messages: 0 }));
+    assert_eq!(m.outbox_len(), 0);
+    assert_eq!(w.texts(1), vec![pair("team", "kept")]);
+}
+
 #[test]
 fn garbage_payloads_are_warnings_not_crashes() {
     let mut w = team();

@@ -1,12 +1,15 @@
 //! The async NodeService client library: connect over QUIC with the server
 //! trusted by a pinned certificate fingerprint or a CA file, authenticate an
 //! Ed25519 identity, and make typed calls for every method. Used by the
-//! tests and simulations and by the `qpq` command-line client.
+//! tests and simulations and by the `qpq` command-line client. [`drive`]
+//! carries out one command of the sans-io client machine over a [`Client`]
+//! (the loop `qpq` and the simulations share).
 //!
 //! Each call opens one bidirectional stream, writes one request, finishes
 //! the stream and reads one reply. Enqueue retries reuse the same
 //! `messageId`, so a retry after a lost acknowledgement is stored once.
 
+mod drive;
 pub mod state_file;
 mod trust;
 
@@ -26,6 +29,7 @@ use quicproquo_proto::{
 };
 use rand_core::{OsRng, RngCore};
 
+pub use drive::{DriveError, call, drive};
 pub use trust::{ServerTrust, TrustError};
 
 /// How many times [`Client::enqueue`] tries before giving up.

@@ -9,15 +9,12 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use quicproquo_client::state_file::{self, KdfParams, StateKey};
-use quicproquo_client::{Client, ClientError, ServerTrust};
-use quicproquo_core::client::{ClientMachine, Command, Effect, Event, Outcome};
-use quicproquo_core::error::ServiceError;
+use quicproquo_client::{Client, DriveError, ServerTrust};
+use quicproquo_core::client::{ClientMachine, Command, Event, Outcome};
 use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
-use quicproquo_core::node::{RequestBody, Response};
 use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
 use serde_json::json;
-use tokio::task::JoinSet;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -398,7 +395,8 @@ async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     }
 }
 
-/// Runs one command to its end, carrying out the machine's effects.
+/// Runs one command to its end with the client library's loop, writing
+/// the state file whenever the machine asks and printing its events.
 async fn drive(
     machine: &mut ClientMachine,
     client: Option<&Client>,
@@ -407,68 +405,17 @@ async fn drive(
     command: Command,
     out: &Output,
 ) -> anyhow::Result<Result<Outcome, quicproquo_core::client::CommandError>> {
-    machine.start(command);
-    let mut calls = JoinSet::new();
-    // Persists are merged: the state is written before the next effect that
-    // depends on it (a request, an event or the end), once.
-    let mut dirty = false;
-    loop {
-        while let Some(effect) = machine.poll_effect() {
-            if !matches!(effect, Effect::Persist) && dirty {
-                state.save(key, &machine.snapshot())?;
-                dirty = false;
-            }
-            match effect {
-                Effect::Persist => dirty = true,
-                Effect::Request { token, request } => {
-                    let Some(client) = client else {
-                        bail!("internal: a local command asked for the network");
-                    };
-                    let client = client.clone();
-                    calls.spawn(async move { (token, call(&client, request).await) });
-                }
-                Effect::Event(e) => out.event(&e),
-                Effect::Done(result) => return Ok(result),
-            }
-        }
-        let Some(joined) = calls.join_next().await else {
-            bail!("internal: the client machine stalled");
-        };
-        let (token, result) = joined.context("a request task failed")?;
-        machine.handle_response(token, result);
-    }
-}
-
-async fn call(client: &Client, request: RequestBody) -> Result<Response, ServiceError> {
-    let result = match request {
-        RequestBody::Enqueue {
-            recipient_key,
-            channel_id,
-            payload,
-            message_id,
-        } => client
-            .enqueue(recipient_key, channel_id, payload, message_id)
-            .await
-            .map(|seq| Response::Enqueued { seq }),
-        RequestBody::FetchWait {
-            recipient_key,
-            channel_id,
-            after_seq,
-            limit,
-            timeout_ms,
-        } => client
-            .fetch_wait(recipient_key, channel_id, after_seq, limit, timeout_ms)
-            .await
-            .map(|f| Response::Messages {
-                messages: f.messages,
-                next_seq: f.next_seq,
-                gap: f.gap,
-            }),
-        other => client.call(other).await,
-    };
-    result.map_err(|e| match e {
-        ClientError::Service(e) => e,
-        other => ServiceError::unavailable(other.to_string()),
+    quicproquo_client::drive(
+        machine,
+        client,
+        command,
+        |snapshot| state.save(key, snapshot),
+        |e| out.event(e),
+    )
+    .await
+    .map_err(|e| match e {
+        DriveError::Persist(e) => e,
+        other => anyhow!(other.to_string()),
     })
 }
 
