@@ -24,8 +24,8 @@ use ed25519_dalek::Signer as _;
 use quicproquo_core::client::{ClientMachine, Command, Effect, Event, Outcome};
 use quicproquo_core::limits::AUTH_VERSION;
 use quicproquo_core::node::{
-    NodeConfig, NodeService, Output, QueuedMessage, Reply, Request, RequestBody, Response,
-    auth_message,
+    ChannelMessages, NodeConfig, NodeService, Output, QueuedMessage, Reply, Request, RequestBody,
+    Response, auth_message,
 };
 use quicproquo_core::store::MemStore;
 use quicproquo_core::types::{ConnectionId, IdentityKey, RequestId, Signature};
@@ -130,14 +130,44 @@ fn check_events(events: &[Event], f: &Fixture) {
     assert!(joined <= 1, "joined {joined} times from one Welcome");
 }
 
-/// Answers one of the machine's requests from the input.
+/// Answers one of the machine's requests from the input. A wait over
+/// several channels is answered for its last channel (the group's, once B
+/// is in one), as a fetch of that channel would be.
 fn respond(input: &mut Input<'_>, request: &RequestBody, f: &Fixture) -> Reply {
-    let after_seq = match request {
-        RequestBody::Fetch { after_seq, .. } | RequestBody::FetchWait { after_seq, .. } => {
-            *after_seq
+    match request {
+        RequestBody::FetchWaitChannels { cursors, .. } => {
+            let Some((channel_id, after_seq)) = cursors.last() else {
+                return Err(ServiceError::invalid_argument("fuzz: a wait on no channel"));
+            };
+            respond_fetch(input, *after_seq, f).map(|r| match r {
+                Response::Messages {
+                    messages,
+                    next_seq,
+                    gap,
+                } => Response::ChannelMessages {
+                    channels: if messages.is_empty() && gap.is_none() {
+                        Vec::new()
+                    } else {
+                        vec![ChannelMessages {
+                            channel_id: *channel_id,
+                            messages,
+                            next_seq,
+                            gap,
+                        }]
+                    },
+                },
+                other => other,
+            })
         }
-        _ => return Err(ServiceError::unavailable("fuzz: only fetches are answered")),
-    };
+        RequestBody::Fetch { after_seq, .. } | RequestBody::FetchWait { after_seq, .. } => {
+            respond_fetch(input, *after_seq, f)
+        }
+        _ => Err(ServiceError::unavailable("fuzz: only fetches are answered")),
+    }
+}
+
+/// A fetch's answer after `after_seq`, from the input.
+fn respond_fetch(input: &mut Input<'_>, after_seq: u64, f: &Fixture) -> Reply {
     let Some(tag) = input.byte() else {
         return Ok(Response::Messages {
             messages: Vec::new(),
@@ -486,7 +516,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>, bool)> {
             encode(
                 true,
                 &[
-                    R::Empty,
                     R::Empty,
                     R::Empty,
                     R::Messages(vec![(S::Next, P::Real(real::MESSAGE_G))]),

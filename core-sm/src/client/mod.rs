@@ -399,7 +399,9 @@ enum Pending {
     HybridKeyForAdd,
     FetchKeyPackage,
     Fetch(ChannelId),
-    Wait(ChannelId),
+    /// A `fetchWaitChannels` of a receive that found nothing pending.
+    Wait,
+    /// A `fetchWaitChannels` of `Command::Wait`: only whether anything came.
     Peek,
 }
 
@@ -658,9 +660,7 @@ impl ClientMachine {
             Command::Receive { wait_ms } => self.start_receive(wait_ms),
             Command::Wait { wait_ms } => {
                 self.op = Some(Op::Wait { pending: false });
-                for ch in self.channels() {
-                    self.wait_on(ch, wait_ms, Pending::Peek, 1);
-                }
+                self.wait_all(wait_ms, Pending::Peek, 1);
                 Ok(())
             }
         };
@@ -689,9 +689,9 @@ impl ClientMachine {
             Pending::HybridKeyForAdd => self.on_hybrid_key_for_add(result),
             Pending::FetchKeyPackage => self.on_key_package(result),
             Pending::Fetch(ch) => self.on_messages(ch, result, false),
-            Pending::Wait(ch) => self.on_messages(ch, result, true),
+            Pending::Wait => self.on_channels(result),
             Pending::Peek => {
-                if matches!(&result, Ok(Response::Messages { messages, .. }) if !messages.is_empty())
+                if matches!(&result, Ok(Response::ChannelMessages { channels }) if !channels.is_empty())
                 {
                     self.op = Some(Op::Wait { pending: true });
                     self.in_flight.retain(|_, p| !matches!(p, Pending::Peek));
@@ -1280,18 +1280,40 @@ impl ClientMachine {
     }
 
     /// A long-poll on `channel` from its cursor, answered as `pending`.
-    fn wait_on(&mut self, channel: ChannelId, wait_ms: u64, pending: Pending, limit: u32) {
-        let after_seq = self.cursors.get(&channel).copied().unwrap_or(0);
-        self.request(
-            pending,
-            RequestBody::FetchWait {
-                recipient_key: self.identity,
-                channel_id: channel,
-                after_seq,
-                limit,
-                timeout_ms: wait_ms,
-            },
-        );
+    /// One long-poll over every channel from its cursor (one per
+    /// [`crate::limits::FETCH_WAIT_CHANNELS_MAX`] channels), answered as
+    /// `pending`.
+    fn wait_all(&mut self, wait_ms: u64, pending: Pending, limit: u32) {
+        let cursors: Vec<(ChannelId, u64)> = self
+            .channels()
+            .into_iter()
+            .map(|ch| (ch, self.cursors.get(&ch).copied().unwrap_or(0)))
+            .collect();
+        for chunk in cursors.chunks(crate::limits::FETCH_WAIT_CHANNELS_MAX) {
+            self.request(
+                pending.clone(),
+                RequestBody::FetchWaitChannels {
+                    recipient_key: self.identity,
+                    cursors: chunk.to_vec(),
+                    limit,
+                    timeout_ms: wait_ms,
+                },
+            );
+        }
+    }
+
+    /// The answer to a [`Pending::Wait`]: each channel's messages, as a
+    /// fetch's.
+    fn on_channels(&mut self, result: Result<Response, ServiceError>) {
+        match result {
+            Ok(Response::ChannelMessages { channels }) => {
+                for c in channels {
+                    self.on_batch(c.channel_id, c.messages, c.gap, true);
+                }
+            }
+            Ok(other) => self.warn(format!("unexpected answer to a wait: {other:?}")),
+            Err(e) => self.warn(format!("wait refused: {e}")),
+        }
     }
 
     fn on_messages(
@@ -1311,6 +1333,18 @@ impl ClientMachine {
                 return;
             }
         };
+        self.on_batch(channel, messages, gap, waited);
+    }
+
+    /// Processes one channel's messages from a fetch or a wait, then fetches
+    /// the channel again with the new cursor (acknowledging them).
+    fn on_batch(
+        &mut self,
+        channel: ChannelId,
+        messages: Vec<QueuedMessage>,
+        gap: Option<Gap>,
+        waited: bool,
+    ) {
         if let Some(gap) = gap {
             self.report_gap(channel, gap);
         }
@@ -1330,7 +1364,7 @@ impl ClientMachine {
         self.effects.extend(shown);
         if waited {
             // Something arrived: stop waiting on the other channels.
-            self.in_flight.retain(|_, p| !matches!(p, Pending::Wait(_)));
+            self.in_flight.retain(|_, p| !matches!(p, Pending::Wait));
         }
         self.fetch(channel);
         // Groups joined from Welcomes in this batch: drain their channels
@@ -1805,9 +1839,7 @@ impl ClientMachine {
                 waited: true,
                 shown: 0,
             });
-            for ch in self.channels() {
-                self.wait_on(ch, wait_ms, Pending::Wait(ch), FETCH_BATCH);
-            }
+            self.wait_all(wait_ms, Pending::Wait, FETCH_BATCH);
             return;
         }
         let undelivered = u32::try_from(self.outbox.len()).unwrap_or(u32::MAX);
