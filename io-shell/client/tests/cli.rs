@@ -349,6 +349,7 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
         .enable_all()
         .build()
         .unwrap();
+    let mut bobs_payload = Vec::new();
     for (i, m) in machines.iter().enumerate() {
         let channel = m.groups()[0].channel_id;
         let stored = runtime.block_on(async {
@@ -362,6 +363,9 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
                 .messages
         });
         assert_eq!(stored.len(), 2, "user {i}");
+        if i == 1 {
+            bobs_payload = stored[0].payload.clone();
+        }
         for s in &stored {
             assert_eq!(&s.payload[..2], &[0x01, 0x03], "user {i}");
             assert!(m.open_hybrid_payload(&s.payload).is_ok(), "user {i}");
@@ -384,4 +388,43 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     alice.run(&["send", "quantum", "after rotation"]);
     assert_eq!(bob.recv_in("quantum"), vec![m(&a, "after rotation")]);
     assert_eq!(carol.recv_in("quantum"), vec![m(&a, "after rotation")]);
+
+    // A tampered envelope reaches Bob through the real server (one byte of
+    // a genuine one flipped, enqueued by Alice's identity): it is refused
+    // with a clear warning, and the message behind it still arrives.
+    let mut tampered = bobs_payload;
+    let last = tampered.len() - 20;
+    tampered[last] ^= 0x40;
+    let channel = machines[1].groups()[0].channel_id;
+    runtime.block_on(async {
+        let mut client = Client::connect(&server.addr, &trust).await.unwrap();
+        client
+            .authenticate(machines[0].signing_key())
+            .await
+            .unwrap();
+        client
+            .enqueue(
+                machines[1].identity_key(),
+                channel,
+                tampered,
+                quicproquo_client::random_message_id(),
+            )
+            .await
+            .unwrap();
+    });
+    alice.run(&["send", "quantum", "after tampering"]);
+    let events = bob.run(&["recv"]);
+    assert!(
+        events.iter().any(|v| v["event"] == "warning"
+            && v["message"]
+                .as_str()
+                .is_some_and(|t| t.contains("hybrid envelope refused"))),
+        "{events:?}"
+    );
+    let texts: Vec<&str> = events
+        .iter()
+        .filter(|v| v["event"] == "message")
+        .filter_map(|v| v["text"].as_str())
+        .collect();
+    assert_eq!(texts, vec!["after tampering"], "{events:?}");
 }
