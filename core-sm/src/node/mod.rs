@@ -1479,46 +1479,50 @@ fn rate_limited(retry_after_ms: u64, what: &str) -> ServiceError {
 
 /// An `enqueueBatch` names each recipient once, and not too many.
 fn check_recipients(recipients: &[IdentityKey]) -> Result<(), ServiceError> {
-    if recipients.is_empty() {
-        return Err(ServiceError::invalid_argument(
-            "enqueueBatch needs at least one recipient",
-        ));
-    }
-    if recipients.len() > limits::ENQUEUE_BATCH_RECIPIENTS_MAX {
-        return Err(ServiceError::invalid_argument(format!(
-            "enqueueBatch names {} recipients, more than the limit of {}",
-            recipients.len(),
-            limits::ENQUEUE_BATCH_RECIPIENTS_MAX
-        )));
-    }
-    let mut seen = HashSet::with_capacity(recipients.len());
-    if let Some(i) = recipients.iter().position(|r| !seen.insert(*r)) {
-        return Err(ServiceError::invalid_argument(format!(
-            "enqueueBatch names recipient #{i} twice"
-        )));
-    }
-    Ok(())
+    check_list(
+        recipients.iter(),
+        limits::ENQUEUE_BATCH_RECIPIENTS_MAX,
+        "enqueueBatch",
+        "recipient",
+    )
 }
 
 /// A `fetchWaitChannels` names each channel once, and not too many.
 fn check_cursors(cursors: &[(ChannelId, u64)]) -> Result<(), ServiceError> {
-    if cursors.is_empty() {
-        return Err(ServiceError::invalid_argument(
-            "fetchWaitChannels needs at least one channel",
-        ));
-    }
-    if cursors.len() > limits::FETCH_WAIT_CHANNELS_MAX {
+    check_list(
+        cursors.iter().map(|(c, _)| c),
+        limits::FETCH_WAIT_CHANNELS_MAX,
+        "fetchWaitChannels",
+        "channel",
+    )
+}
+
+/// A list argument of `method`: at least one `what`, at most `max`, each
+/// at most once.
+fn check_list<'a, T: std::hash::Hash + Eq + 'a>(
+    items: impl ExactSizeIterator<Item = &'a T>,
+    max: usize,
+    method: &str,
+    what: &str,
+) -> Result<(), ServiceError> {
+    let n = items.len();
+    if n == 0 {
         return Err(ServiceError::invalid_argument(format!(
-            "fetchWaitChannels names {} channels, more than the limit of {}",
-            cursors.len(),
-            limits::FETCH_WAIT_CHANNELS_MAX
+            "{method} needs at least one {what}"
         )));
     }
-    let mut seen = HashSet::with_capacity(cursors.len());
-    if let Some(i) = cursors.iter().position(|(c, _)| !seen.insert(*c)) {
+    if n > max {
         return Err(ServiceError::invalid_argument(format!(
-            "fetchWaitChannels names channel #{i} twice"
+            "{method} names {n} {what}s, more than the limit of {max}"
         )));
+    }
+    let mut seen = HashSet::with_capacity(n);
+    for (i, item) in items.enumerate() {
+        if !seen.insert(item) {
+            return Err(ServiceError::invalid_argument(format!(
+                "{method} names {what} #{i} twice"
+            )));
+        }
     }
     Ok(())
 }
