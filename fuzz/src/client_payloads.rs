@@ -731,6 +731,23 @@ impl World {
                                 seq: captured.len() as u64,
                             })
                         }
+                        (
+                            Some(captured),
+                            RequestBody::EnqueueBatch {
+                                recipient_keys,
+                                payload,
+                                ..
+                            },
+                        ) => {
+                            let seqs = recipient_keys
+                                .iter()
+                                .map(|r| {
+                                    captured.push((*r, payload.clone()));
+                                    captured.len() as u64
+                                })
+                                .collect();
+                            Ok(Response::EnqueuedBatch { seqs })
+                        }
                         _ => self.call(conn, request),
                     };
                     m.handle_response(token, reply);

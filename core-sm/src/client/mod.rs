@@ -388,6 +388,9 @@ pub struct GroupSummary {
 #[derive(Debug, Clone)]
 enum Pending {
     Outbox(u64),
+    /// One `enqueueBatch` carrying these entries (same channel, message id
+    /// and payload; one per recipient).
+    OutboxBatch(Vec<u64>),
     Count,
     Upload {
         fingerprint: [u8; 32],
@@ -455,6 +458,10 @@ pub struct ClientMachine {
     next_outbox_id: u64,
     op: Option<Op>,
     in_flight: BTreeMap<u64, Pending>,
+    /// Outbox entries to send one by one, not in an `enqueueBatch` (a
+    /// batch with them was refused for one member's full queue). Not
+    /// persisted: a new process tries the batch again first.
+    solo: BTreeSet<u64>,
     next_token: u64,
     effects: VecDeque<Effect>,
 }
@@ -516,6 +523,7 @@ impl ClientMachine {
             next_outbox_id: 0,
             op: None,
             in_flight: BTreeMap::new(),
+            solo: BTreeSet::new(),
             next_token: 0,
             effects: VecDeque::new(),
         }
@@ -682,6 +690,7 @@ impl ClientMachine {
         };
         match pending {
             Pending::Outbox(id) => self.on_enqueued(id, result),
+            Pending::OutboxBatch(ids) => self.on_enqueued_batch(ids, result),
             Pending::Count => self.on_count(result),
             Pending::Upload { fingerprint } => self.on_uploaded(fingerprint, result),
             Pending::UploadHybridKey => self.on_hybrid_key_uploaded(result),
@@ -1036,9 +1045,7 @@ impl ClientMachine {
             message: commit.to_bytes().map_err(mls)?,
         }
         .encode();
-        for m in existing {
-            self.add_to_outbox(m, channel, commit.clone(), record.pq);
-        }
+        self.add_group_to_outbox(&existing, channel, commit, record.pq);
         let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
         self.provider.fill(&mut nonce);
         let sealed_name = seal_name(&self.provider, &group, &channel, &nonce, group_name)?;
@@ -1203,9 +1210,7 @@ impl ClientMachine {
             message: message.to_bytes().map_err(mls)?,
         }
         .encode();
-        for r in recipients {
-            self.add_to_outbox(*r, channel, payload.clone(), record.pq);
-        }
+        self.add_group_to_outbox(recipients, channel, payload, record.pq);
         Ok(())
     }
 
@@ -1228,9 +1233,8 @@ impl ClientMachine {
             .map_err(|_| CommandError::State("bad channel id".into()))?;
         // Encrypted once, stored for each other member.
         let me = self.identity;
-        for m in members(&group).into_iter().filter(|m| *m != me) {
-            self.add_to_outbox(m, channel, payload.clone(), record.pq);
-        }
+        let others: Vec<IdentityKey> = members(&group).into_iter().filter(|m| *m != me).collect();
+        self.add_group_to_outbox(&others, channel, payload, record.pq);
         self.active = true;
         self.op = Some(Op::Send {
             group: group_name,
@@ -1662,6 +1666,35 @@ impl ClientMachine {
     ) {
         let mut message_id = [0u8; 16];
         self.provider.fill(&mut message_id);
+        self.add_entry(recipient, channel, payload, message_id, seal);
+    }
+
+    /// One payload for several recipients: one entry each, under one
+    /// message id, so [`Self::flush_outbox`] can send the entries that are
+    /// due together as one `enqueueBatch` (the server stores the payload
+    /// once). A retry to the recipients still missing it reuses the id.
+    fn add_group_to_outbox(
+        &mut self,
+        recipients: &[IdentityKey],
+        channel: ChannelId,
+        payload: Vec<u8>,
+        seal: bool,
+    ) {
+        let mut message_id = [0u8; 16];
+        self.provider.fill(&mut message_id);
+        for r in recipients {
+            self.add_entry(*r, channel, payload.clone(), message_id, seal);
+        }
+    }
+
+    fn add_entry(
+        &mut self,
+        recipient: IdentityKey,
+        channel: ChannelId,
+        payload: Vec<u8>,
+        message_id: [u8; 16],
+        seal: bool,
+    ) {
         let id = self.next_outbox_id;
         self.next_outbox_id += 1;
         self.outbox.insert(
@@ -1694,10 +1727,12 @@ impl ClientMachine {
         let mut busy: BTreeSet<(&[u8; 32], &[u8])> = self
             .in_flight
             .values()
-            .filter_map(|p| match p {
-                Pending::Outbox(id) => self.outbox.get(id),
-                _ => None,
+            .flat_map(|p| match p {
+                Pending::Outbox(id) => vec![*id],
+                Pending::OutboxBatch(ids) => ids.clone(),
+                _ => Vec::new(),
             })
+            .filter_map(|id| self.outbox.get(&id))
             .map(|e| (&e.recipient, e.channel_id.as_slice()))
             .collect();
         let mut next = Vec::new();
@@ -1707,11 +1742,12 @@ impl ClientMachine {
             }
         }
         let mut missing: Vec<IdentityKey> = Vec::new();
+        let mut due = Vec::new();
         for id in next {
             let Some(e) = self.outbox.get(&id) else {
                 continue;
             };
-            let Ok(channel_id) = ChannelId::try_from_slice(&e.channel_id) else {
+            let Ok(_) = ChannelId::try_from_slice(&e.channel_id) else {
                 self.outbox.remove(&id);
                 continue;
             };
@@ -1731,16 +1767,61 @@ impl ClientMachine {
                     e.seal = false;
                 }
             }
+            if self.outbox.contains_key(&id) {
+                due.push(id);
+            }
+        }
+        // Entries due at once with one channel, message id and payload (a
+        // group message to several members) go as one enqueueBatch.
+        let mut batches: Vec<Vec<u64>> = Vec::new();
+        for id in due {
             let Some(e) = self.outbox.get(&id) else {
                 continue;
             };
-            let body = RequestBody::Enqueue {
-                recipient_key: IdentityKey(e.recipient),
-                channel_id,
-                payload: e.payload.clone(),
-                message_id: MessageId(e.message_id),
+            let same = batches.iter_mut().find(|b| {
+                self.outbox.get(&b[0]).is_some_and(|f| {
+                    f.message_id == e.message_id
+                        && f.channel_id == e.channel_id
+                        && f.payload == e.payload
+                        && b.len() < crate::limits::ENQUEUE_BATCH_RECIPIENTS_MAX
+                })
+            });
+            let same = same.filter(|_| !self.solo.contains(&id));
+            match same {
+                Some(b) => b.push(id),
+                None => batches.push(vec![id]),
+            }
+        }
+        for ids in batches {
+            let Some(e) = self.outbox.get(&ids[0]) else {
+                continue;
             };
-            self.request(Pending::Outbox(id), body);
+            let Ok(channel_id) = ChannelId::try_from_slice(&e.channel_id) else {
+                continue;
+            };
+            let (payload, message_id) = (e.payload.clone(), MessageId(e.message_id));
+            if let [id] = ids[..] {
+                let body = RequestBody::Enqueue {
+                    recipient_key: IdentityKey(e.recipient),
+                    channel_id,
+                    payload,
+                    message_id,
+                };
+                self.request(Pending::Outbox(id), body);
+                continue;
+            }
+            let recipient_keys = ids
+                .iter()
+                .filter_map(|id| self.outbox.get(id))
+                .map(|e| IdentityKey(e.recipient))
+                .collect();
+            let body = RequestBody::EnqueueBatch {
+                recipient_keys,
+                channel_id,
+                payload,
+                message_id,
+            };
+            self.request(Pending::OutboxBatch(ids), body);
         }
         for member in missing {
             let asked = self
@@ -1755,6 +1836,53 @@ impl ClientMachine {
                     },
                 );
             }
+        }
+    }
+
+    /// The answer to an `enqueueBatch` of outbox entries: all stored, or
+    /// none, and then each entry is handled as a refused single enqueue
+    /// would be.
+    fn on_enqueued_batch(&mut self, ids: Vec<u64>, result: Result<Response, ServiceError>) {
+        match result {
+            Ok(Response::EnqueuedBatch { seqs }) if seqs.len() == ids.len() => {
+                for id in &ids {
+                    self.outbox.remove(id);
+                }
+                self.effects.push_back(Effect::Persist);
+                if let Some(Op::Send { delivered, .. }) = &mut self.op {
+                    *delivered = delivered.saturating_add(ids.len() as u32);
+                }
+                self.flush_outbox();
+            }
+            Ok(other) => self.warn(format!("unexpected answer to an enqueueBatch: {other:?}")),
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::InvalidArgument
+                        | ErrorKind::PayloadTooLarge
+                        | ErrorKind::PermissionDenied
+                ) =>
+            {
+                // Retrying cannot help: drop them and say so, once.
+                for id in &ids {
+                    self.outbox.remove(id);
+                }
+                self.effects.push_back(Effect::Persist);
+                self.warn(format!(
+                    "a message could not be delivered to {} members and was dropped: {e}",
+                    ids.len()
+                ));
+                self.flush_outbox();
+            }
+            Err(e) if matches!(e.kind, ErrorKind::QueueFull) => {
+                // One member's full queue must not hold up the others: send
+                // these one by one from now on.
+                self.solo.extend(ids);
+                self.warn(format!("delivery to a member deferred, will retry: {e}"));
+                self.flush_outbox();
+            }
+            // The entries behind them in their queues wait too.
+            Err(e) => self.warn(format!("delivery deferred, will retry: {e}")),
         }
     }
 
@@ -1815,8 +1943,12 @@ impl ClientMachine {
 
     fn fail(&mut self, e: CommandError) {
         // Outbox deliveries already sent keep going; the command ends.
-        self.in_flight
-            .retain(|_, p| matches!(p, Pending::Outbox(_) | Pending::HybridKey(_)));
+        self.in_flight.retain(|_, p| {
+            matches!(
+                p,
+                Pending::Outbox(_) | Pending::OutboxBatch(_) | Pending::HybridKey(_)
+            )
+        });
         self.op = None;
         self.effects.push_back(Effect::Done(Err(e)));
     }

@@ -612,8 +612,11 @@ fn undeliverable_sends_stay_in_the_outbox_and_go_out_later() {
             text: "later".into(),
         },
         &mut |req| {
-            matches!(req, RequestBody::Enqueue { .. })
-                .then(|| Err(ServiceError::unavailable("down")))
+            matches!(
+                req,
+                RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+            )
+            .then(|| Err(ServiceError::unavailable("down")))
         },
         &mut |_, _| {},
     );
@@ -669,8 +672,11 @@ fn deliveries_to_one_queue_keep_their_order_however_answers_arrive() {
             text: "first".into(),
         },
         &mut |req| {
-            matches!(req, RequestBody::Enqueue { .. })
-                .then(|| Err(ServiceError::unavailable("down")))
+            matches!(
+                req,
+                RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+            )
+            .then(|| Err(ServiceError::unavailable("down")))
         },
         &mut |_, _| {},
     );
@@ -766,8 +772,11 @@ fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
             text: "kept".into(),
         },
         &mut |req| {
-            matches!(req, RequestBody::Enqueue { .. })
-                .then(|| Err(ServiceError::unavailable("down")))
+            matches!(
+                req,
+                RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+            )
+            .then(|| Err(ServiceError::unavailable("down")))
         },
         &mut |_, _| {},
     );
@@ -1092,14 +1101,24 @@ impl World {
             who,
             command,
             &mut |req| {
-                if let RequestBody::Enqueue {
-                    recipient_key,
-                    channel_id,
-                    payload,
-                    ..
-                } = req
-                {
-                    sent.push((*recipient_key, *channel_id, payload.clone()));
+                match req {
+                    RequestBody::Enqueue {
+                        recipient_key,
+                        channel_id,
+                        payload,
+                        ..
+                    } => sent.push((*recipient_key, *channel_id, payload.clone())),
+                    RequestBody::EnqueueBatch {
+                        recipient_keys,
+                        channel_id,
+                        payload,
+                        ..
+                    } => {
+                        for r in recipient_keys {
+                            sent.push((*r, *channel_id, payload.clone()));
+                        }
+                    }
+                    _ => {}
                 }
                 None
             },
@@ -1732,4 +1751,73 @@ mod interleavings {
             prop_assert_eq!(&auth[1], &auth[2]);
         }
     }
+}
+
+#[test]
+fn a_group_message_goes_out_as_one_enqueue_batch() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let (mut batches, mut singles) = (Vec::new(), 0);
+    let (_, outcome) = w.run_full(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "to both".into(),
+        },
+        &mut |req| {
+            match req {
+                RequestBody::EnqueueBatch { recipient_keys, .. } => {
+                    batches.push(recipient_keys.len())
+                }
+                RequestBody::Enqueue { .. } => singles += 1,
+                _ => {}
+            }
+            None
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(
+            outcome,
+            Ok(Outcome::Sent {
+                delivered: 2,
+                undelivered: 0,
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!((batches, singles), (vec![2], 0));
+    assert_eq!(w.texts(1), vec![pair("team", "to both")]);
+    assert_eq!(w.texts(2), vec![pair("team", "to both")]);
+}
+
+#[test]
+fn a_batch_refused_for_one_full_queue_goes_out_one_by_one() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let mut refused = 0;
+    let (events, outcome) = w.run_full(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "despite a full queue".into(),
+        },
+        &mut |req| {
+            matches!(req, RequestBody::EnqueueBatch { .. }).then(|| {
+                refused += 1;
+                Err(ServiceError::queue_full("recipient #1's queue is full"))
+            })
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { delivered: 2, .. })),
+        "{outcome:?} {events:?}"
+    );
+    assert_eq!(refused, 1);
+    assert_eq!(w.texts(1), vec![pair("team", "despite a full queue")]);
+    assert_eq!(w.texts(2), vec![pair("team", "despite a full queue")]);
 }
