@@ -1,8 +1,9 @@
 //! What a post-quantum group costs the client machine, measured against a
 //! plain group: bytes stored per message and recipient, and the time of a
-//! `Send` and of a `Receive`. Ignored by default (speed is measured, never
+//! `Send` and of a `Receive`; and what a send to a 50-member group costs. Ignored by default (speed is measured, never
 //! asserted); run in release:
-//! `cargo test --release -p quicproquo-core --test pq_cost -- --ignored --nocapture`.
+//! `cargo test --release -p quicproquo-core --test pq_cost -- --ignored --nocapture`
+//! (add a test's name, e.g. `report_fifty_member_group_send`, for one).
 //!
 //! The machines stay in memory and the NodeService answers inline, so the
 //! times are the client machine's own work (MLS, sealing, opening) plus the
@@ -106,6 +107,76 @@ fn report_pq_group_cost_per_send_and_receive() {
     );
 }
 
+/// Members of the large group in [`report_fifty_member_group_send`].
+const LARGE_GROUP: usize = 50;
+
+#[test]
+#[ignore = "a measurement, not a check; run in release with --nocapture"]
+fn report_fifty_member_group_send() {
+    let mut w = World::new();
+    let mut users: Vec<ClientMachine> = (0..LARGE_GROUP)
+        .map(|i| ClientMachine::generate([i as u8 + 1; 32]))
+        .collect();
+    for (i, m) in users.iter().enumerate() {
+        w.login(i, m);
+    }
+    for (i, m) in users.iter_mut().enumerate() {
+        w.run(m, i, Command::Register { count: 2 });
+    }
+    let keys: Vec<_> = users.iter().map(|m| m.identity_key()).collect();
+    let (alice, rest) = users.split_first_mut().expect("users");
+    w.run(
+        alice,
+        0,
+        Command::CreateGroup {
+            name: "big".into(),
+            pq: false,
+        },
+    );
+    let start = Instant::now();
+    for member in &keys[1..] {
+        w.run(
+            alice,
+            0,
+            Command::AddMember {
+                group: "big".into(),
+                member: *member,
+            },
+        );
+    }
+    let adds = start.elapsed();
+    for (i, m) in rest.iter_mut().enumerate() {
+        w.run(m, i + 1, Command::Receive { wait_ms: 0 });
+    }
+    let text = "x".repeat(1024);
+    let rounds = 50u32;
+    let (mut send, mut receive) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        w.requests.clear();
+        let start = Instant::now();
+        w.run(
+            &mut users[0],
+            0,
+            Command::Send {
+                group: "big".into(),
+                text: text.clone(),
+            },
+        );
+        send += start.elapsed();
+        assert_eq!(w.requests, vec!["enqueueBatch"], "one request per send");
+        let start = Instant::now();
+        let events = w.run(&mut users[7], 7, Command::Receive { wait_ms: 0 });
+        receive += start.elapsed();
+        assert_eq!(events.len(), 1, "{events:?}");
+    }
+    println!(
+        "{LARGE_GROUP}-member group: building it (49 adds) {:.0} ms; a 1 KiB send (encrypt once, one enqueueBatch to 49 queues, in-memory server) {:.0} µs; one member's receive {:.0} µs",
+        adds.as_secs_f64() * 1e3,
+        micros(send / rounds),
+        micros(receive / rounds)
+    );
+}
+
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -115,6 +186,8 @@ struct World {
     next_request: u64,
     /// Payload sizes of the enqueues since the last clear.
     sizes: Vec<usize>,
+    /// Methods of the requests since the last clear.
+    requests: Vec<&'static str>,
 }
 
 impl World {
@@ -133,6 +206,7 @@ impl World {
             node: NodeService::new(config, [1; 32], MemStore::new()).unwrap(),
             next_request: 0,
             sizes: Vec::new(),
+            requests: Vec::new(),
         }
     }
 
@@ -159,6 +233,7 @@ impl World {
     }
 
     fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
+        self.requests.push(body.method());
         let rid = RequestId(self.next_request);
         self.next_request += 1;
         self.node.handle_request(
