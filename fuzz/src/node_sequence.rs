@@ -1388,8 +1388,12 @@ impl Harness {
                     .map(|(_, c)| *c)
                     .max()
                     .unwrap_or(0);
-                let must: Vec<(u64, MessageId)> =
-                    ids.range(covered + 1..).map(|(s, id)| (*s, *id)).collect();
+                // A cursor of u64::MAX (sent, and not known refused) covers
+                // everything.
+                let must: Vec<(u64, MessageId)> = match covered.checked_add(1) {
+                    Some(from) => ids.range(from..).map(|(s, id)| (*s, *id)).collect(),
+                    None => Vec::new(),
+                };
                 (*q, must)
             })
             .filter(|(_, must)| !must.is_empty())
