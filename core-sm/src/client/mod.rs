@@ -1855,6 +1855,13 @@ impl ClientMachine {
                 self.flush_outbox();
             }
             Ok(other) => self.warn(format!("unexpected answer to an enqueueBatch: {other:?}")),
+            Err(e) if matches!(e.kind, ErrorKind::StaleEpoch { .. }) => {
+                for id in &ids {
+                    self.outbox.remove(id);
+                }
+                self.lost_commit_race(&e);
+                self.flush_outbox();
+            }
             Err(e)
                 if matches!(
                     e.kind,
@@ -1886,6 +1893,18 @@ impl ClientMachine {
         }
     }
 
+    /// The server refused a Commit of ours: another member's Commit for the
+    /// same epoch came first. Retrying cannot help (the fence only moves
+    /// on), so the Commit is dropped and the user told what it means: this
+    /// machine merged its Commit when it made it, so its copy of the group
+    /// no longer matches the others'.
+    fn lost_commit_race(&mut self, e: &ServiceError) {
+        self.effects.push_back(Effect::Persist);
+        self.warn(format!(
+            "a change you made to a group lost a race with another member's change to the same epoch and was dropped by the server ({e}); this device's copy of the group no longer matches the others': leave the group and ask to be added again"
+        ));
+    }
+
     fn on_enqueued(&mut self, id: u64, result: Result<Response, ServiceError>) {
         match result {
             Ok(Response::Enqueued { .. }) => {
@@ -1895,6 +1914,25 @@ impl ClientMachine {
                     *delivered += 1;
                 }
                 // The next entry to the same queue may go now.
+                self.flush_outbox();
+            }
+            Err(e) if matches!(e.kind, ErrorKind::StaleEpoch { .. }) => {
+                // Its copies for the other members (one message id) would
+                // all be refused too: drop them with it, say so once.
+                if let Some(message_id) = self.outbox.get(&id).map(|e| e.message_id) {
+                    let in_flight: BTreeSet<u64> = self
+                        .in_flight
+                        .values()
+                        .filter_map(|p| match p {
+                            Pending::Outbox(x) => Some(*x),
+                            _ => None,
+                        })
+                        .collect();
+                    self.outbox.retain(|x, e| {
+                        e.message_id != message_id || (*x != id && in_flight.contains(x))
+                    });
+                }
+                self.lost_commit_race(&e);
                 self.flush_outbox();
             }
             Err(e)

@@ -1821,3 +1821,66 @@ fn a_batch_refused_for_one_full_queue_goes_out_one_by_one() {
     assert_eq!(w.texts(1), vec![pair("team", "despite a full queue")]);
     assert_eq!(w.texts(2), vec![pair("team", "despite a full queue")]);
 }
+
+// The server's commit fence against a client that merges its own Commit
+// when it makes it: the second of two Commits for one epoch is refused,
+// the group is not forked for anyone else, and the loser is told once and
+// stops resending. (Retrying the change on the new epoch is not built.)
+#[test]
+fn a_commit_losing_the_race_for_its_epoch_is_refused_and_reported_once() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    // Bob updates while the server is out of reach for him.
+    let (_, outcome) = w.run_full(
+        1,
+        Command::Update {
+            group: Some("team".into()),
+        },
+        &mut |req| {
+            matches!(
+                req,
+                RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+            )
+            .then(|| Err(ServiceError::unavailable("down")))
+        },
+        &mut |_, _| {},
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Updated { undelivered: 2, .. })),
+        "{outcome:?}"
+    );
+    // Alice's update of the same epoch gets there first.
+    let (_, outcome) = w.run(
+        0,
+        Command::Update {
+            group: Some("team".into()),
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // Bob's next command resends his Commit: refused, dropped, said once.
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let lost: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Warning { message } if message.contains("lost a race")))
+        .collect();
+    assert_eq!(lost.len(), 1, "{events:?}");
+    assert_eq!(w.machine(1).outbox_len(), 0);
+    // Carol followed Alice's Commit only: she and Alice agree.
+    w.texts(2);
+    assert_eq!(
+        w.machine(0).epoch_authenticator("team"),
+        w.machine(2).epoch_authenticator("team")
+    );
+    w.run(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "still one group".into(),
+        },
+    )
+    .1
+    .unwrap();
+    assert_eq!(w.texts(2), vec![pair("team", "still one group")]);
+}
