@@ -240,6 +240,15 @@ struct QueueRead {
 #[derive(Debug, Default)]
 struct BlobDrops(BTreeMap<u64, u64>);
 
+impl BlobDrops {
+    /// Counts `entry`'s reference, if it is to a shared payload.
+    fn count(&mut self, entry: &Entry) {
+        if let Entry::Shared { blob, .. } = entry {
+            *self.0.entry(*blob).or_default() += 1;
+        }
+    }
+}
+
 /// A message's enqueue time as stored: milliseconds of the machine's clock.
 fn stamp_ms(now: Time) -> u64 {
     now.as_micros() / 1_000
@@ -874,20 +883,25 @@ impl<S: Store> NodeService<S> {
             let mut meta = self.queue_meta(queue)?;
             // Expired messages make room before the limits are checked.
             self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
-            let whose = if recipients.len() == 1 {
-                "the recipient's queue".to_owned()
-            } else {
-                format!("recipient #{i}'s queue")
+            // Named only when refused: this is the enqueue hot path.
+            let whose = || {
+                if recipients.len() == 1 {
+                    "the recipient's queue".to_owned()
+                } else {
+                    format!("recipient #{i}'s queue")
+                }
             };
             if meta.depth() >= self.config.queue_depth_max {
                 return Err(ServiceError::queue_full(format!(
-                    "{whose} holds {} messages, its limit",
+                    "{} holds {} messages, its limit",
+                    whose(),
                     meta.depth()
                 )));
             }
             if meta.bytes.saturating_add(len) > self.config.queue_bytes_max {
                 return Err(ServiceError::queue_full(format!(
-                    "{whose} would exceed its limit of {} bytes",
+                    "{} would exceed its limit of {} bytes",
+                    whose(),
                     self.config.queue_bytes_max
                 )));
             }
@@ -1104,7 +1118,7 @@ impl<S: Store> NodeService<S> {
         let mut batch = Batch::new();
         let mut drops = BlobDrops::default();
         for seq in meta.head..=after_seq {
-            let (entry, _) = self.drop_entry(queue, &meta, seq, &mut batch, &mut drops)?;
+            let entry = self.drop_entry(queue, &meta, seq, &mut batch, &mut drops)?;
             meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
         }
         meta.head = after_seq + 1;
@@ -1122,18 +1136,28 @@ impl<S: Store> NodeService<S> {
         seq: u64,
         batch: &mut Batch,
         drops: &mut BlobDrops,
-    ) -> Result<(Entry, Option<u64>), ServiceError> {
+    ) -> Result<Entry, ServiceError> {
+        let (key, entry, _) = self.entry_at(queue, meta, seq)?;
+        drops.count(&entry);
+        batch.delete(key);
+        Ok(entry)
+    }
+
+    /// The stored message at `seq` of `queue`: its key, the entry and its
+    /// enqueue time (none for a version-1 record).
+    fn entry_at(
+        &self,
+        queue: &QueueId,
+        meta: &QueueMeta,
+        seq: u64,
+    ) -> Result<(Vec<u8>, Entry, Option<u64>), ServiceError> {
         let key = layout::message_key(queue, meta, seq);
         let record = self
             .get(&key)?
             .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
         let (entry, stamp) =
             layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
-        if let Entry::Shared { blob, .. } = entry {
-            *drops.0.entry(blob).or_default() += 1;
-        }
-        batch.delete(key);
-        Ok((entry, stamp))
+        Ok((key, entry, stamp))
     }
 
     /// Writes the new reference counts of the shared payloads in `drops`
@@ -1179,17 +1203,11 @@ impl<S: Store> NodeService<S> {
             && meta.head >= meta.legacy_below
             && dropped < limits::TTL_EXPIRY_PER_REQUEST_MAX
         {
-            let key = layout::message_key(queue, meta, meta.head);
-            let record = self
-                .get(&key)?
-                .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
-            let (entry, stamp) = layout::decode_entry(record, false).map_err(corrupt)?;
+            let (key, entry, stamp) = self.entry_at(queue, meta, meta.head)?;
             if stamp.is_none_or(|s| now_ms.saturating_sub(s) <= ttl_ms) {
                 break;
             }
-            if let Entry::Shared { blob, .. } = entry {
-                *drops.0.entry(blob).or_default() += 1;
-            }
+            drops.count(&entry);
             batch.delete(key);
             meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
             meta.head += 1;
@@ -1264,11 +1282,7 @@ impl<S: Store> NodeService<S> {
         let end = meta.next_seq.min(start.saturating_add(limit));
         let mut messages = Vec::new();
         for seq in start..end {
-            let record = self
-                .get(&layout::message_key(queue, &meta, seq))?
-                .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
-            let (entry, _) =
-                layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
+            let (_, entry, _) = self.entry_at(queue, &meta, seq)?;
             let payload = match entry {
                 Entry::Inline(payload) => payload,
                 Entry::Shared { blob, .. } => self

@@ -60,6 +60,19 @@ impl Harness {
         }
     }
 
+    /// The process dies (its unsynced writes are lost) and a machine with
+    /// `config` opens the store, its clock at `now`.
+    fn crash_and_reopen(self, config: NodeConfig, now: Time) -> Harness {
+        let mut store = self.node.into_store();
+        store.crash();
+        Harness {
+            node: NodeService::new(config, [3; 32], store).unwrap(),
+            now,
+            next_request: 0,
+            auto_sync: true,
+        }
+    }
+
     fn open(&mut self, c: u64) {
         self.node
             .handle_connection_opened(self.now, conn(c), EXPORTER)
@@ -1406,14 +1419,7 @@ fn enqueue_batch_wakes_every_recipients_waiter_and_survives_a_crash() {
     let replies = h.drain();
     let woken: Vec<RequestId> = replies.iter().map(|(r, _)| *r).collect();
     assert!(woken.contains(&wb) && woken.contains(&wc) && woken.contains(&rid));
-    let mut store = h.node.into_store();
-    store.crash();
-    let mut h = Harness {
-        node: NodeService::new(NodeConfig::default(), [3; 32], store).unwrap(),
-        now: Time::ZERO,
-        next_request: 0,
-        auto_sync: true,
-    };
+    let mut h = h.crash_and_reopen(NodeConfig::default(), Time::ZERO);
     h.login(1, &alice);
     h.login(2, &bob);
     assert_eq!(
@@ -1513,14 +1519,7 @@ fn fences_are_per_group_and_channel_and_survive_a_restart() {
     // may predate the fence).
     h.enqueue(1, &bob, b"g", &mls(b"grp", 9, 3, b"c4"), 4)
         .unwrap();
-    let mut store = h.node.into_store();
-    store.crash();
-    let mut h = Harness {
-        node: NodeService::new(NodeConfig::default(), [3; 32], store).unwrap(),
-        now: Time::ZERO,
-        next_request: 0,
-        auto_sync: true,
-    };
+    let mut h = h.crash_and_reopen(NodeConfig::default(), Time::ZERO);
     h.login(1, &alice);
     assert_eq!(
         stale(&h.enqueue(1, &bob, b"g", &mls(b"grp", 9, 3, b"x"), 5)),
@@ -1738,22 +1737,13 @@ fn expiry_releases_shared_payloads_and_survives_a_restart() {
     batch(&mut h, 1, &[&bob, &carol], b"g", &payload, 1).unwrap();
     assert_eq!(copies(&h, &payload), 1);
     // The stamps are on disk: a restart at a later clock expires them.
-    let mut store = h.node.into_store();
-    store.crash();
-    let mut h = Harness {
-        node: NodeService::new(
-            NodeConfig {
-                message_ttl: Some(Duration::from_secs(60)),
-                ..NodeConfig::default()
-            },
-            [3; 32],
-            store,
-        )
-        .unwrap(),
-        now: Time::from_millis(1_000).saturating_add(Duration::from_secs(120)),
-        next_request: 0,
-        auto_sync: true,
-    };
+    let mut h = h.crash_and_reopen(
+        NodeConfig {
+            message_ttl: Some(Duration::from_secs(60)),
+            ..NodeConfig::default()
+        },
+        Time::from_millis(1_000).saturating_add(Duration::from_secs(120)),
+    );
     h.login(2, &bob);
     h.login(3, &carol);
     // Bob's reference goes; the payload stays for carol's.
