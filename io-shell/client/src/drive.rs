@@ -103,8 +103,9 @@ pub async fn drive<E>(
 
 /// Sends one request of the machine and returns its answer the way the
 /// machine takes it: transport failures become `unavailable`. Enqueues go
-/// through [`Client::enqueue`] (its same-messageId retries), long-polls get
-/// the wait added to their timeout.
+/// through [`Client::enqueue`] / [`Client::enqueue_batch`] (their
+/// same-messageId retries), long-polls (`fetchWait`, `fetchWaitChannels`)
+/// get the wait added to their timeout.
 pub async fn call(client: &Client, request: RequestBody) -> Result<Response, ServiceError> {
     let result = match request {
         RequestBody::Enqueue {
@@ -130,6 +131,24 @@ pub async fn call(client: &Client, request: RequestBody) -> Result<Response, Ser
                 next_seq: f.next_seq,
                 gap: f.gap,
             }),
+        RequestBody::EnqueueBatch {
+            recipient_keys,
+            channel_id,
+            payload,
+            message_id,
+        } => client
+            .enqueue_batch(recipient_keys, channel_id, payload, message_id)
+            .await
+            .map(|seqs| Response::EnqueuedBatch { seqs }),
+        RequestBody::FetchWaitChannels {
+            recipient_key,
+            cursors,
+            limit,
+            timeout_ms,
+        } => client
+            .fetch_wait_channels(recipient_key, cursors, limit, timeout_ms)
+            .await
+            .map(|channels| Response::ChannelMessages { channels }),
         other => client.call(other).await,
     };
     result.map_err(|e| match e {

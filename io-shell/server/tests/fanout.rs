@@ -181,3 +181,36 @@ async fn enqueue_batch_stores_a_group_message_once() {
         "enqueueBatch stored {batched} B, single enqueues {singles} B"
     );
 }
+
+// The client machine's long-poll over all its channels goes through the
+// library's `call`, which must give it the whole wait on top of the call
+// timeout: a wait longer than `CALL_TIMEOUT` (15 s) with nothing arriving
+// ends in an empty answer, not in a client-side timeout.
+#[tokio::test]
+async fn a_channel_wait_longer_than_the_call_timeout_is_not_cut_short() {
+    use quicproquo_client::CALL_TIMEOUT;
+    use quicproquo_core::node::{RequestBody, Response};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = user(9);
+    let client = server.login(&key).await;
+    let wait = CALL_TIMEOUT + Duration::from_secs(1);
+    let reply = quicproquo_client::call(
+        &client,
+        RequestBody::FetchWaitChannels {
+            recipient_key: id(&key),
+            cursors: vec![(ChannelId::DEFAULT, 0)],
+            limit: 10,
+            timeout_ms: wait.as_millis() as u64,
+        },
+    )
+    .await;
+    assert_eq!(
+        reply,
+        Ok(Response::ChannelMessages {
+            channels: Vec::new()
+        })
+    );
+    server.stop().await;
+}
