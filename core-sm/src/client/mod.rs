@@ -62,7 +62,7 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use hybrid::{HybridError, HybridPublicKey, HybridSecretKey};
 pub use provider::QpqProvider;
 
-use state::{GroupRecord, OutboxEntry, Persisted};
+use state::{Change, CommitRecord, GroupRecord, OutboxEntry, Persisted};
 
 /// The MLS profile's ciphersuite (DESIGN.md §7): 0x0001.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -79,9 +79,17 @@ pub const GROUP_NAME_BYTES_MAX: usize = 64;
 pub const TEXT_BYTES_MAX: usize = 64 * 1024;
 /// KeyPackages one `register` may generate at once.
 pub const REGISTER_COUNT_MAX: u32 = 100;
-/// Version of the persisted state layout. Version 1 (before hybrid keys
-/// and pq groups) still restores.
-pub const STATE_VERSION: u32 = 2;
+/// Version of the persisted state layout. Versions 1 (before hybrid keys
+/// and pq groups) and 2 (before the per-group queue of changes) still
+/// restore.
+pub const STATE_VERSION: u32 = 3;
+/// Past epochs whose message keys a member keeps, so an application
+/// message made before other members' Commits (sent concurrently with a
+/// change, or from a device that was offline while the group changed)
+/// still decrypts after them. RFC 9420 §14 leaves this to the application:
+/// it trades a little forward secrecy for not losing such messages; one
+/// that arrives more epochs late than this is reported as undecryptable.
+pub const MAX_PAST_EPOCHS: usize = 16;
 /// This user's hybrid secret keys kept: the current one and the three
 /// before it. A rotation (`update` of all groups) publishes a new key; peers
 /// refetch it after they process the rotating member's Commit, so only
@@ -462,6 +470,10 @@ pub struct ClientMachine {
     /// batch with them was refused for one member's full queue). Not
     /// persisted: a new process tries the batch again first.
     solo: BTreeSet<u64>,
+    /// Message ids of this run's Commits the server accepted, whose other
+    /// copies may still be in the outbox. Not persisted: it only decides
+    /// whether a late refusal of such a copy is worth a warning.
+    accepted_commits: BTreeSet<[u8; 16]>,
     next_token: u64,
     effects: VecDeque<Effect>,
 }
@@ -524,6 +536,7 @@ impl ClientMachine {
             op: None,
             in_flight: BTreeMap::new(),
             solo: BTreeSet::new(),
+            accepted_commits: BTreeSet::new(),
             next_token: 0,
             effects: VecDeque::new(),
         }
@@ -656,6 +669,7 @@ impl ClientMachine {
         // no state, so it sends nothing).
         if !matches!(command, Command::Wait { .. }) {
             self.flush_outbox();
+            self.resume();
         }
         let result = match command {
             Command::Register { count } => self.start_register(count),
@@ -876,6 +890,7 @@ impl ClientMachine {
             .capabilities(capabilities())
             .use_ratchet_tree_extension(true)
             .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
         let group =
             MlsGroup::new(&self.provider, &self.signer, &config, self.credential()).map_err(mls)?;
@@ -887,6 +902,9 @@ impl ClientMachine {
             channel_id: channel.to_vec(),
             owner: true,
             pq,
+            queue: Vec::new(),
+            commit: None,
+            behind: 0,
         });
         self.effects.push_back(Effect::Persist);
         self.effects
@@ -899,6 +917,19 @@ impl ClientMachine {
         let g = self.load_group(&record)?;
         if members(&g).contains(&member) {
             return Err(CommandError::AlreadyMember(member.short()));
+        }
+        // Asked before (an interrupted `group add`): that add is on its way
+        // already, with a KeyPackage fetched for it.
+        let adding = |c: &Change| matches!(c, Change::Add { member: m, .. } if *m == member.0);
+        if record.queue.iter().any(adding)
+            || record.commit.as_ref().is_some_and(|c| adding(&c.change))
+        {
+            self.op = Some(Op::AddMember {
+                group,
+                member,
+                added: true,
+            });
+            return Ok(());
         }
         self.op = Some(Op::AddMember {
             group,
@@ -1021,47 +1052,22 @@ impl ClientMachine {
         }
     }
 
+    /// Queues the add of `member` with their fetched KeyPackage (checked
+    /// now, so a bad one fails the command).
     fn add_member(
         &mut self,
         group_name: &str,
         member: IdentityKey,
         package: &[u8],
     ) -> Result<(), CommandError> {
-        let key_package = self.validate_key_package(member, package)?;
-        let record = self.record(group_name)?;
-        let mut group = self.load_group(&record)?;
-        let existing: Vec<IdentityKey> = members(&group)
-            .into_iter()
-            .filter(|m| *m != self.identity)
-            .collect();
-        let (commit, welcome, _) = group
-            .add_members(&self.provider, &self.signer, &[key_package])
-            .map_err(mls)?;
-        group.merge_pending_commit(&self.provider).map_err(mls)?;
-        check_members(&group)?;
-        let channel = ChannelId::try_from_slice(&record.channel_id)
-            .map_err(|_| CommandError::State("bad channel id".into()))?;
-        let commit = Envelope::Group {
-            message: commit.to_bytes().map_err(mls)?,
-        }
-        .encode();
-        self.add_group_to_outbox(&existing, channel, commit, record.pq);
-        let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
-        self.provider.fill(&mut nonce);
-        let sealed_name = seal_name(&self.provider, &group, &channel, &nonce, group_name)?;
-        let welcome = Envelope::Welcome {
-            channel_id: channel,
-            nonce,
-            sealed_name,
-            welcome: welcome.to_bytes().map_err(mls)?,
-        }
-        .encode();
-        // The Welcome goes to the new member's default channel: they do not
-        // know the group's channel yet.
-        self.add_to_outbox(member, ChannelId::DEFAULT, welcome, record.pq);
-        self.effects.push_back(Effect::Persist);
-        self.flush_outbox();
-        Ok(())
+        self.validate_key_package(member, package)?;
+        self.queue_change(
+            group_name,
+            Change::Add {
+                member: member.0,
+                key_package: package.to_vec(),
+            },
+        )
     }
 
     /// Parses and validates a fetched KeyPackage, and checks that it is
@@ -1109,22 +1115,11 @@ impl ClientMachine {
             ));
         }
         let record = self.record(&name)?;
-        let mut group = self.load_group(&record)?;
-        let Some(index) = group
-            .members()
-            .find(|m| m.signature_key == member.as_bytes())
-            .map(|m| m.index)
-        else {
+        let group = self.load_group(&record)?;
+        if !members(&group).contains(&member) {
             return Err(CommandError::NotMember(member.short()));
-        };
-        // The removed member gets the Commit too, so they learn of it.
-        let recipients = self.others(&group);
-        let (commit, _, _) = group
-            .remove_members(&self.provider, &self.signer, &[index])
-            .map_err(mls)?;
-        group.merge_pending_commit(&self.provider).map_err(mls)?;
-        check_members(&group)?;
-        self.send_group_message(&record, &recipients, commit)?;
+        }
+        self.queue_change(&name, Change::Remove { member: member.0 })?;
         self.op = Some(Op::Committed {
             outcome: Outcome::MemberRemoved {
                 group: name,
@@ -1132,25 +1127,14 @@ impl ClientMachine {
                 undelivered: 0,
             },
         });
-        self.effects.push_back(Effect::Persist);
-        self.flush_outbox();
         Ok(())
     }
 
     fn leave(&mut self, name: String) -> Result<(), CommandError> {
-        let record = self.record(&name)?;
-        let mut group = self.load_group(&record)?;
-        let recipients = self.others(&group);
-        let proposal = group
-            .leave_group(&self.provider, &self.signer)
-            .map_err(mls)?;
-        self.send_group_message(&record, &recipients, proposal)?;
-        self.groups.retain(|g| g.name != name);
+        self.queue_change(&name, Change::Leave)?;
         self.op = Some(Op::Committed {
             outcome: Outcome::Left { group: name },
         });
-        self.effects.push_back(Effect::Persist);
-        self.flush_outbox();
         Ok(())
     }
 
@@ -1161,20 +1145,11 @@ impl ClientMachine {
             None => self.groups.iter().map(|g| g.name.clone()).collect(),
         };
         for name in &names {
-            let record = self.record(name)?;
-            let mut group = self.load_group(&record)?;
-            let recipients = self.others(&group);
-            let (commit, _, _) = group
-                .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
-                .map_err(mls)?
-                .into_contents();
-            group.merge_pending_commit(&self.provider).map_err(mls)?;
-            check_members(&group)?;
-            self.send_group_message(&record, &recipients, commit)?;
+            self.queue_change(name, Change::Update)?;
         }
         if all {
-            // Every group just got a Commit from this user, on which each
-            // peer drops its cached copy of this user's hybrid key.
+            // Every group gets a Commit from this user, on which each peer
+            // drops its cached copy of this user's hybrid key.
             self.publish_hybrid_key(true);
         }
         self.op = Some(Op::Committed {
@@ -1183,8 +1158,6 @@ impl ClientMachine {
                 undelivered: 0,
             },
         });
-        self.effects.push_back(Effect::Persist);
-        self.flush_outbox();
         Ok(())
     }
 
@@ -1197,21 +1170,20 @@ impl ClientMachine {
     }
 
     /// Puts one MLS message for the group's channel in the outbox for each
-    /// recipient.
+    /// recipient, under one message id, which it returns.
     fn send_group_message(
         &mut self,
         record: &GroupRecord,
         recipients: &[IdentityKey],
         message: MlsMessageOut,
-    ) -> Result<(), CommandError> {
+    ) -> Result<[u8; 16], CommandError> {
         let channel = ChannelId::try_from_slice(&record.channel_id)
             .map_err(|_| CommandError::State("bad channel id".into()))?;
         let payload = Envelope::Group {
             message: message.to_bytes().map_err(mls)?,
         }
         .encode();
-        self.add_group_to_outbox(recipients, channel, payload, record.pq);
-        Ok(())
+        Ok(self.add_group_to_outbox(recipients, channel, payload, record.pq))
     }
 
     // ----- send -------------------------------------------------------------
@@ -1220,30 +1192,375 @@ impl ClientMachine {
         if text.len() > TEXT_BYTES_MAX {
             return Err(CommandError::TextTooLong(text.len()));
         }
-        let record = self.record(&group_name)?;
-        let mut group = self.load_group(&record)?;
-        let message = group
-            .create_message(&self.provider, &self.signer, text.as_bytes())
-            .map_err(mls)?;
-        let payload = Envelope::Group {
-            message: message.to_bytes().map_err(mls)?,
-        }
-        .encode();
-        let channel = ChannelId::try_from_slice(&record.channel_id)
-            .map_err(|_| CommandError::State("bad channel id".into()))?;
-        // Encrypted once, stored for each other member.
-        let me = self.identity;
-        let others: Vec<IdentityKey> = members(&group).into_iter().filter(|m| *m != me).collect();
-        self.add_group_to_outbox(&others, channel, payload, record.pq);
         self.active = true;
         self.op = Some(Op::Send {
-            group: group_name,
+            group: group_name.clone(),
             delivered: 0,
         });
-        // The ratchet advanced: persist before anything leaves.
+        self.queue_change(&group_name, Change::Text(text))
+    }
+
+    // ----- the queue of changes ---------------------------------------------
+
+    /// Queues `change` for the group, persisted, then makes what can be made
+    /// now and sends it. A change waits behind the group's Commit that the
+    /// server has not accepted yet (MLS allows one pending Commit, and a
+    /// message or change made on top of it would be made in an epoch the
+    /// group may never reach).
+    fn queue_change(&mut self, group_name: &str, change: Change) -> Result<(), CommandError> {
+        let record = self.record(group_name)?;
+        if let Some(g) = self.groups.iter_mut().find(|g| g.name == group_name) {
+            g.queue.push(change);
+        }
         self.effects.push_back(Effect::Persist);
+        self.advance(&record.group_id);
         self.flush_outbox();
         Ok(())
+    }
+
+    /// What the start of a command picks up from an earlier run: queued
+    /// changes are made, and a group still behind the epoch its lost Commit
+    /// met is fetched first.
+    fn resume(&mut self) {
+        let groups: Vec<(Vec<u8>, bool, Vec<u8>)> = self
+            .groups
+            .iter()
+            .filter(|g| g.commit.is_none() && !g.queue.is_empty())
+            .map(|g| (g.group_id.clone(), g.behind > 0, g.channel_id.clone()))
+            .collect();
+        for (group_id, behind, channel) in groups {
+            match ChannelId::try_from_slice(&channel) {
+                Ok(ch) if behind => self.fetch(ch),
+                _ => self.advance(&group_id),
+            }
+        }
+        self.flush_outbox();
+    }
+
+    /// Makes the group's queued changes in order, until one is a Commit (it
+    /// waits for the server's acceptance) or the queue is empty. Nothing is
+    /// made while the group is behind the epoch a lost Commit met: those
+    /// changes would lose again.
+    fn advance(&mut self, group_id: &[u8]) {
+        loop {
+            let Some(record) = self.groups.iter().find(|g| g.group_id == group_id).cloned() else {
+                return;
+            };
+            if record.commit.is_some() || record.queue.is_empty() {
+                return;
+            }
+            let mut group = match self.load_group(&record) {
+                Ok(g) => g,
+                Err(e) => return self.warn(format!("group {}: {e}", record.name)),
+            };
+            if group.epoch().as_u64() < record.behind {
+                return;
+            }
+            if let Some(g) = self.groups.iter_mut().find(|g| g.group_id == group_id) {
+                g.queue.remove(0);
+                g.behind = 0;
+            }
+            let change = record.queue[0].clone();
+            if let Err(e) = self.make(&record, &mut group, change) {
+                self.warn(format!(
+                    "a change to group {} could not be made and was dropped: {e}",
+                    record.name
+                ));
+            }
+            self.effects.push_back(Effect::Persist);
+        }
+    }
+
+    /// Makes one change: an application message goes to the outbox; a
+    /// Commit goes to the outbox and stays pending (openmls) until the
+    /// server accepts it; a leave sends its proposal and forgets the group.
+    fn make(
+        &mut self,
+        record: &GroupRecord,
+        group: &mut MlsGroup,
+        change: Change,
+    ) -> Result<(), CommandError> {
+        let recipients = self.others(group);
+        let index_of = |group: &MlsGroup, who: &[u8; 32]| {
+            group
+                .members()
+                .find(|m| m.signature_key == who.as_slice())
+                .map(|m| m.index)
+        };
+        let (commit, welcome) = match &change {
+            Change::Text(text) => {
+                let message = group
+                    .create_message(&self.provider, &self.signer, text.as_bytes())
+                    .map_err(mls)?;
+                self.send_group_message(record, &recipients, message)?;
+                return Ok(());
+            }
+            Change::Leave => {
+                let proposal = group
+                    .leave_group(&self.provider, &self.signer)
+                    .map_err(mls)?;
+                self.send_group_message(record, &recipients, proposal)?;
+                self.forget(&record.group_id);
+                return Ok(());
+            }
+            Change::Add {
+                member,
+                key_package,
+            } => {
+                let member = IdentityKey(*member);
+                if recipients.contains(&member) {
+                    self.warn(format!(
+                        "{} was added to group {} by another member meanwhile",
+                        member.short(),
+                        record.name
+                    ));
+                    return Ok(());
+                }
+                let key_package = self.validate_key_package(member, key_package)?;
+                let (commit, welcome, _) = group
+                    .add_members(&self.provider, &self.signer, &[key_package])
+                    .map_err(mls)?;
+                (commit, Some((member.0, welcome.to_bytes().map_err(mls)?)))
+            }
+            Change::Remove { member } => {
+                // Removed by another member meanwhile: nothing to do. The
+                // removed member gets the Commit too, so they learn of it.
+                let Some(index) = index_of(group, member) else {
+                    return Ok(());
+                };
+                let (commit, _, _) = group
+                    .remove_members(&self.provider, &self.signer, &[index])
+                    .map_err(mls)?;
+                (commit, None)
+            }
+            Change::Update => {
+                let (commit, _, _) = group
+                    .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+                    .map_err(mls)?
+                    .into_contents();
+                (commit, None)
+            }
+            Change::CommitLeave { leaver } => {
+                let Some(index) = index_of(group, leaver) else {
+                    return Ok(());
+                };
+                let recipients: Vec<IdentityKey> =
+                    recipients.into_iter().filter(|m| m.0 != *leaver).collect();
+                // Their proposal, while it is in this epoch; once a Commit
+                // has moved the group on, a removal by value.
+                let (commit, _, _) = if group.pending_proposals().next().is_some() {
+                    group
+                        .commit_to_pending_proposals(&self.provider, &self.signer)
+                        .map_err(mls)?
+                } else {
+                    group
+                        .remove_members(&self.provider, &self.signer, &[index])
+                        .map_err(mls)?
+                };
+                self.commit(record, &recipients, commit, change, None)?;
+                return Ok(());
+            }
+        };
+        self.commit(record, &recipients, commit, change, welcome)
+    }
+
+    /// Sends a Commit just made and keeps it pending until the server
+    /// accepts it; with nobody to send it to, nobody can race it, and it is
+    /// merged at once.
+    fn commit(
+        &mut self,
+        record: &GroupRecord,
+        recipients: &[IdentityKey],
+        commit: MlsMessageOut,
+        change: Change,
+        welcome: Option<([u8; 32], Vec<u8>)>,
+    ) -> Result<(), CommandError> {
+        let message_id = self.send_group_message(record, recipients, commit)?;
+        if let Some(g) = self
+            .groups
+            .iter_mut()
+            .find(|g| g.group_id == record.group_id)
+        {
+            g.commit = Some(CommitRecord {
+                message_id,
+                change,
+                welcome,
+            });
+        }
+        if recipients.is_empty() {
+            self.commit_accepted(message_id);
+        }
+        Ok(())
+    }
+
+    /// The server stored a Commit of ours (the outbox entries with
+    /// `message_id`) for the first time: it won its epoch. Merge it, send
+    /// the Welcome if it added someone, and make what queued behind it.
+    fn commit_accepted(&mut self, message_id: [u8; 16]) {
+        let Some(record) = self
+            .groups
+            .iter()
+            .find(|g| {
+                g.commit
+                    .as_ref()
+                    .is_some_and(|c| c.message_id == message_id)
+            })
+            .cloned()
+        else {
+            return;
+        };
+        let Some(commit) = record.commit.clone() else {
+            return;
+        };
+        if let Some(g) = self
+            .groups
+            .iter_mut()
+            .find(|g| g.group_id == record.group_id)
+        {
+            g.commit = None;
+        }
+        self.accepted_commits.insert(message_id);
+        self.effects.push_back(Effect::Persist);
+        if let Err(e) = self.merge_own_commit(&record, commit) {
+            self.warn(format!("group {}: {e}", record.name));
+        }
+        self.advance(&record.group_id);
+    }
+
+    fn merge_own_commit(
+        &mut self,
+        record: &GroupRecord,
+        commit: CommitRecord,
+    ) -> Result<(), CommandError> {
+        let mut group = self.load_group(record)?;
+        group.merge_pending_commit(&self.provider).map_err(mls)?;
+        check_members(&group)?;
+        if matches!(commit.change, Change::CommitLeave { .. }) {
+            // Made for another member's leave, not asked for by this user:
+            // show it, as any change another member makes.
+            self.effects.push_back(Effect::Event(Event::GroupChanged {
+                group: record.name.clone(),
+                epoch: group.epoch().as_u64(),
+                members: group.members().count(),
+            }));
+        }
+        let Some((member, welcome)) = commit.welcome else {
+            return Ok(());
+        };
+        // The group's name is sealed under the new epoch's exporter secret,
+        // which the joiner derives from the Welcome.
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
+        self.provider.fill(&mut nonce);
+        let sealed_name = seal_name(&self.provider, &group, &channel, &nonce, &record.name)?;
+        let welcome = Envelope::Welcome {
+            channel_id: channel,
+            nonce,
+            sealed_name,
+            welcome,
+        }
+        .encode();
+        // The Welcome goes to the new member's default channel: they do not
+        // know the group's channel yet.
+        self.add_to_outbox(IdentityKey(member), ChannelId::DEFAULT, welcome, record.pq);
+        Ok(())
+    }
+
+    /// Our Commit with `message_id` lost its epoch to another member's
+    /// (refused `staleEpoch` saying the group is at `current`, or that
+    /// Commit arrived first): forget it and queue its change again, first,
+    /// to be made once this member has caught up with the winning Commit.
+    /// Its other copies in the outbox go too (they would be refused as
+    /// well); copies in flight are refused on their own.
+    fn commit_lost(&mut self, message_id: [u8; 16], current: Option<u64>) {
+        let in_flight = self.outbox_in_flight();
+        self.outbox
+            .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
+        self.effects.push_back(Effect::Persist);
+        let Some(record) = self
+            .groups
+            .iter()
+            .find(|g| {
+                g.commit
+                    .as_ref()
+                    .is_some_and(|c| c.message_id == message_id)
+            })
+            .cloned()
+        else {
+            if current.is_some() && self.accepted_commits.contains(&message_id) {
+                // A Commit accepted earlier whose copy to a member came too
+                // late: the group had moved on by more epochs than the
+                // server remembers. (A copy of a Commit already known to
+                // have lost is refused as expected.)
+                self.warn(
+                    "a change you made to a group reached some members too late and was refused for them; they cannot follow the group until they are removed and added again".into(),
+                );
+            }
+            return;
+        };
+        let Some(commit) = record.commit.clone() else {
+            return;
+        };
+        if let Ok(mut group) = self.load_group(&record)
+            && let Err(e) = group.clear_pending_commit(self.provider.storage())
+        {
+            self.warn(format!("group {}: {e:?}", record.name));
+        }
+        if let Some(g) = self
+            .groups
+            .iter_mut()
+            .find(|g| g.group_id == record.group_id)
+        {
+            g.commit = None;
+            g.queue.insert(0, commit.change);
+            if let Some(epoch) = current {
+                g.behind = g.behind.max(epoch);
+            }
+        }
+        // Catch up with the winning Commit, then make the change again.
+        if current.is_some()
+            && let Ok(ch) = ChannelId::try_from_slice(&record.channel_id)
+        {
+            self.fetch(ch);
+        }
+        self.advance(&record.group_id);
+    }
+
+    /// Forgets a group (left or removed), with what it still had to make.
+    fn forget(&mut self, group_id: &[u8]) {
+        let Some(record) = self.groups.iter().find(|g| g.group_id == group_id).cloned() else {
+            return;
+        };
+        if let Some(commit) = &record.commit {
+            let in_flight = self.outbox_in_flight();
+            self.outbox
+                .retain(|id, e| e.message_id != commit.message_id || in_flight.contains(id));
+        }
+        let unsent = record
+            .queue
+            .iter()
+            .filter(|c| matches!(c, Change::Text(_)))
+            .count();
+        if unsent > 0 {
+            self.warn(format!(
+                "{unsent} message(s) to group {} were never sent: you are no longer in it",
+                record.name
+            ));
+        }
+        self.groups.retain(|g| g.group_id != group_id);
+    }
+
+    /// Outbox entries in an enqueue in flight.
+    fn outbox_in_flight(&self) -> BTreeSet<u64> {
+        self.in_flight
+            .values()
+            .flat_map(|p| match p {
+                Pending::Outbox(id) => vec![*id],
+                Pending::OutboxBatch(ids) => ids.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
     // ----- receive ----------------------------------------------------------
@@ -1271,6 +1588,15 @@ impl ClientMachine {
     }
 
     fn fetch(&mut self, channel: ChannelId) {
+        // One fetch per channel at a time: a second would only bring the
+        // same messages.
+        if self
+            .in_flight
+            .values()
+            .any(|p| matches!(p, Pending::Fetch(c) if *c == channel))
+        {
+            return;
+        }
         let after_seq = self.cursors.get(&channel).copied().unwrap_or(0);
         self.request(
             Pending::Fetch(channel),
@@ -1353,6 +1679,18 @@ impl ClientMachine {
             self.report_gap(channel, gap);
         }
         if messages.is_empty() {
+            // Drained: the channel's groups are as up to date as the server
+            // can make them; make what they queued.
+            let groups: Vec<Vec<u8>> = self
+                .groups
+                .iter()
+                .filter(|g| g.channel_id == channel.as_bytes() && !g.queue.is_empty())
+                .map(|g| g.group_id.clone())
+                .collect();
+            for group_id in groups {
+                self.advance(&group_id);
+            }
+            self.flush_outbox();
             return;
         }
         let channels_before = self.channels();
@@ -1494,6 +1832,7 @@ impl ClientMachine {
         let config = MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
             .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
         let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
             .map_err(mls)?
@@ -1509,6 +1848,9 @@ impl ClientMachine {
             channel_id: channel.as_bytes().to_vec(),
             owner: false,
             pq,
+            queue: Vec::new(),
+            commit: None,
+            behind: 0,
         });
         self.effects.push_back(Effect::Event(Event::Joined {
             group: name,
@@ -1576,28 +1918,23 @@ impl ClientMachine {
                     .map_err(mls)?;
                 // A member leaving needs someone to commit its removal: the
                 // remaining member with the lowest leaf index does, so the
-                // others do not race it.
+                // others do not race it. It is queued (made once this
+                // channel is drained, behind this member's own changes).
                 if let Some(leaver) = leaving {
                     let me = group.own_leaf_index();
                     let committer = group.members().map(|m| m.index).find(|i| *i != leaver);
-                    if committer == Some(me) {
-                        let recipients: Vec<IdentityKey> = group
-                            .members()
-                            .filter(|m| m.index != leaver && m.index != me)
-                            .filter_map(|m| IdentityKey::try_from_slice(&m.signature_key).ok())
-                            .collect();
-                        let (commit, _, _) = group
-                            .commit_to_pending_proposals(&self.provider, &self.signer)
-                            .map_err(mls)?;
-                        group.merge_pending_commit(&self.provider).map_err(mls)?;
-                        check_members(&group)?;
-                        self.send_group_message(&record, &recipients, commit)?;
-                        self.flush_outbox();
-                        self.effects.push_back(Effect::Event(Event::GroupChanged {
-                            group: record.name,
-                            epoch: group.epoch().as_u64(),
-                            members: group.members().count(),
-                        }));
+                    let leaver = group
+                        .member(leaver)
+                        .and_then(|c| BasicCredential::try_from(c.clone()).ok())
+                        .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
+                    if committer == Some(me)
+                        && let Some(leaver) = leaver
+                        && let Some(g) = self
+                            .groups
+                            .iter_mut()
+                            .find(|g| g.group_id == record.group_id)
+                    {
+                        g.queue.push(Change::CommitLeave { leaver: leaver.0 });
                     }
                 }
             }
@@ -1619,13 +1956,21 @@ impl ClientMachine {
                     self.peer_hybrid_keys.remove(&committer);
                 }
                 let removed = commit.self_removed();
+                // Another member's Commit for this epoch came first: ours,
+                // if one is pending, lost; its change is made again on top.
+                if let Some(own) = &record.commit {
+                    group
+                        .clear_pending_commit(self.provider.storage())
+                        .map_err(mls)?;
+                    self.commit_lost(own.message_id, None);
+                }
                 group
                     .merge_staged_commit(&self.provider, *commit)
                     .map_err(mls)?;
                 if removed {
                     // Removed by another member: nothing more can be read or
                     // sent in this group.
-                    self.groups.retain(|g| g.group_id != record.group_id);
+                    self.forget(&record.group_id);
                     self.effects
                         .push_back(Effect::Event(Event::Removed { group: record.name }));
                     return Ok(());
@@ -1679,12 +2024,13 @@ impl ClientMachine {
         channel: ChannelId,
         payload: Vec<u8>,
         seal: bool,
-    ) {
+    ) -> [u8; 16] {
         let mut message_id = [0u8; 16];
         self.provider.fill(&mut message_id);
         for r in recipients {
             self.add_entry(*r, channel, payload.clone(), message_id, seal);
         }
+        message_id
     }
 
     fn add_entry(
@@ -1845,8 +2191,15 @@ impl ClientMachine {
     fn on_enqueued_batch(&mut self, ids: Vec<u64>, result: Result<Response, ServiceError>) {
         match result {
             Ok(Response::EnqueuedBatch { seqs }) if seqs.len() == ids.len() => {
+                let message_id = ids
+                    .first()
+                    .and_then(|id| self.outbox.get(id))
+                    .map(|e| e.message_id);
                 for id in &ids {
                     self.outbox.remove(id);
+                }
+                if let Some(message_id) = message_id {
+                    self.commit_accepted(message_id);
                 }
                 self.effects.push_back(Effect::Persist);
                 if let Some(Op::Send { delivered, .. }) = &mut self.op {
@@ -1855,11 +2208,20 @@ impl ClientMachine {
                 self.flush_outbox();
             }
             Ok(other) => self.warn(format!("unexpected answer to an enqueueBatch: {other:?}")),
-            Err(e) if matches!(e.kind, ErrorKind::StaleEpoch { .. }) => {
+            Err(ServiceError {
+                kind: ErrorKind::StaleEpoch { current_epoch },
+                ..
+            }) => {
+                let message_id = ids
+                    .first()
+                    .and_then(|id| self.outbox.get(id))
+                    .map(|e| e.message_id);
                 for id in &ids {
                     self.outbox.remove(id);
                 }
-                self.lost_commit_race(&e);
+                if let Some(message_id) = message_id {
+                    self.commit_lost(message_id, Some(current_epoch));
+                }
                 self.flush_outbox();
             }
             Err(e)
@@ -1893,22 +2255,12 @@ impl ClientMachine {
         }
     }
 
-    /// The server refused a Commit of ours: another member's Commit for the
-    /// same epoch came first. Retrying cannot help (the fence only moves
-    /// on), so the Commit is dropped and the user told what it means: this
-    /// machine merged its Commit when it made it, so its copy of the group
-    /// no longer matches the others'.
-    fn lost_commit_race(&mut self, e: &ServiceError) {
-        self.effects.push_back(Effect::Persist);
-        self.warn(format!(
-            "a change you made to a group lost a race with another member's change to the same epoch and was dropped by the server ({e}); this device's copy of the group no longer matches the others': leave the group and ask to be added again"
-        ));
-    }
-
     fn on_enqueued(&mut self, id: u64, result: Result<Response, ServiceError>) {
         match result {
             Ok(Response::Enqueued { .. }) => {
-                self.outbox.remove(&id);
+                if let Some(e) = self.outbox.remove(&id) {
+                    self.commit_accepted(e.message_id);
+                }
                 self.effects.push_back(Effect::Persist);
                 if let Some(Op::Send { delivered, .. }) = &mut self.op {
                     *delivered += 1;
@@ -1916,23 +2268,13 @@ impl ClientMachine {
                 // The next entry to the same queue may go now.
                 self.flush_outbox();
             }
-            Err(e) if matches!(e.kind, ErrorKind::StaleEpoch { .. }) => {
-                // Its copies for the other members (one message id) would
-                // all be refused too: drop them with it, say so once.
-                if let Some(message_id) = self.outbox.get(&id).map(|e| e.message_id) {
-                    let in_flight: BTreeSet<u64> = self
-                        .in_flight
-                        .values()
-                        .filter_map(|p| match p {
-                            Pending::Outbox(x) => Some(*x),
-                            _ => None,
-                        })
-                        .collect();
-                    self.outbox.retain(|x, e| {
-                        e.message_id != message_id || (*x != id && in_flight.contains(x))
-                    });
+            Err(ServiceError {
+                kind: ErrorKind::StaleEpoch { current_epoch },
+                ..
+            }) => {
+                if let Some(e) = self.outbox.remove(&id) {
+                    self.commit_lost(e.message_id, Some(current_epoch));
                 }
-                self.lost_commit_race(&e);
                 self.flush_outbox();
             }
             Err(e)

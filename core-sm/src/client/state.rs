@@ -6,7 +6,9 @@
 //! [`STATE_VERSION`], the first field, and the older layout stays here as a
 //! frozen copy that [`Persisted::decode`] converts. Version 1 predates
 //! hybrid keys and pq groups: it restores with no hybrid key (a later
-//! `register` or `update` makes one) and every group not pq.
+//! `register` or `update` makes one) and every group not pq. Version 2
+//! predates the per-group queue of changes and the Commit awaiting the
+//! server: it restores with both empty (its Commits were merged when made).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,50 @@ pub(super) struct GroupRecord {
     /// Post-quantum: everything the group sends is sealed to each
     /// recipient's hybrid key.
     pub pq: bool,
+    /// Changes and messages the user asked for that are not made yet, in
+    /// order: they wait for `commit` (and `behind`).
+    pub queue: Vec<Change>,
+    /// This user's Commit to the group that the server has not accepted
+    /// yet (openmls holds it as the group's pending commit).
+    pub commit: Option<CommitRecord>,
+    /// After a Commit lost the race for its epoch: the epoch the server said
+    /// the group is at. Nothing in `queue` is made before this member's copy
+    /// reaches it (it has not processed the winning Commit yet).
+    pub behind: u64,
+}
+
+/// Something the user asked a group for, made when its turn comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum Change {
+    /// An application message.
+    Text(String),
+    /// Add a member with the KeyPackage already fetched (single-use: it
+    /// is kept for a retry).
+    Add {
+        member: [u8; 32],
+        key_package: Vec<u8>,
+    },
+    /// Remove a member.
+    Remove { member: [u8; 32] },
+    /// Rotate this member's leaf keys.
+    Update,
+    /// Commit the removal of a member who left (its proposal, or a removal
+    /// by value once the proposal is gone with its epoch).
+    CommitLeave { leaver: [u8; 32] },
+    /// Propose removing oneself and forget the group.
+    Leave,
+}
+
+/// A Commit of this user's waiting for the server's first acceptance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct CommitRecord {
+    /// The message id of its outbox entries (one per recipient).
+    pub message_id: [u8; 16],
+    /// The change it makes, to make again if it loses its epoch's race.
+    pub change: Change,
+    /// For an add: the new member and the MLS Welcome, sent once the Commit
+    /// is accepted (never for a Commit that lost).
+    pub welcome: Option<([u8; 32], Vec<u8>)>,
 }
 
 /// One delivery waiting in the outbox.
@@ -36,7 +82,7 @@ pub(super) struct OutboxEntry {
     pub seal: bool,
 }
 
-/// Everything the machine persists (layout version 2).
+/// Everything the machine persists (layout version 3).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Persisted {
     pub version: u32,
@@ -67,12 +113,98 @@ impl Persisted {
         let (version, _) = postcard::take_from_bytes::<u32>(snapshot).map_err(bad)?;
         match version {
             STATE_VERSION => postcard::from_bytes(snapshot).map_err(bad),
-            1 => Ok(postcard::from_bytes::<PersistedV1>(snapshot)
+            2 => Ok(postcard::from_bytes::<PersistedV2>(snapshot)
                 .map_err(bad)?
                 .upgrade()),
+            1 => Ok(postcard::from_bytes::<PersistedV1>(snapshot)
+                .map_err(bad)?
+                .upgrade()
+                .upgrade()),
             other => Err(CommandError::State(format!(
-                "state version {other} is not the supported {STATE_VERSION} (or 1)"
+                "state version {other} is not the supported {STATE_VERSION} (or 2 or 1)"
             ))),
+        }
+    }
+}
+
+/// Layout version 2, frozen: do not change.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PersistedV2 {
+    pub version: u32,
+    pub identity_seed: [u8; 32],
+    pub registered: bool,
+    pub active: bool,
+    pub groups: Vec<GroupRecordV2>,
+    pub cursors: Vec<(Vec<u8>, u64)>,
+    pub outbox: Vec<(u64, OutboxEntryV2)>,
+    pub next_outbox_id: u64,
+    pub mls_storage: Vec<(Vec<u8>, Vec<u8>)>,
+    pub hybrid_keys: Vec<Vec<u8>>,
+    pub peer_hybrid_keys: Vec<([u8; 32], Vec<u8>)>,
+}
+
+/// A group in layout version 2, frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct GroupRecordV2 {
+    pub name: String,
+    pub group_id: Vec<u8>,
+    pub channel_id: Vec<u8>,
+    pub owner: bool,
+    pub pq: bool,
+}
+
+/// An outbox entry in layout version 2, frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct OutboxEntryV2 {
+    pub recipient: [u8; 32],
+    pub channel_id: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub message_id: [u8; 16],
+    pub seal: bool,
+}
+
+impl PersistedV2 {
+    fn upgrade(self) -> Persisted {
+        Persisted {
+            version: STATE_VERSION,
+            identity_seed: self.identity_seed,
+            registered: self.registered,
+            active: self.active,
+            groups: self
+                .groups
+                .into_iter()
+                .map(|g| GroupRecord {
+                    name: g.name,
+                    group_id: g.group_id,
+                    channel_id: g.channel_id,
+                    owner: g.owner,
+                    pq: g.pq,
+                    queue: Vec::new(),
+                    commit: None,
+                    behind: 0,
+                })
+                .collect(),
+            cursors: self.cursors,
+            outbox: self
+                .outbox
+                .into_iter()
+                .map(|(id, e)| {
+                    (
+                        id,
+                        OutboxEntry {
+                            recipient: e.recipient,
+                            channel_id: e.channel_id,
+                            payload: e.payload,
+                            message_id: e.message_id,
+                            seal: e.seal,
+                        },
+                    )
+                })
+                .collect(),
+            next_outbox_id: self.next_outbox_id,
+            mls_storage: self.mls_storage,
+            hybrid_keys: self.hybrid_keys,
+            peer_hybrid_keys: self.peer_hybrid_keys,
         }
     }
 }
@@ -110,16 +242,16 @@ pub(super) struct OutboxEntryV1 {
 }
 
 impl PersistedV1 {
-    fn upgrade(self) -> Persisted {
-        Persisted {
-            version: STATE_VERSION,
+    fn upgrade(self) -> PersistedV2 {
+        PersistedV2 {
+            version: 2,
             identity_seed: self.identity_seed,
             registered: self.registered,
             active: self.active,
             groups: self
                 .groups
                 .into_iter()
-                .map(|g| GroupRecord {
+                .map(|g| GroupRecordV2 {
                     name: g.name,
                     group_id: g.group_id,
                     channel_id: g.channel_id,
@@ -134,7 +266,7 @@ impl PersistedV1 {
                 .map(|(id, e)| {
                     (
                         id,
-                        OutboxEntry {
+                        OutboxEntryV2 {
                             recipient: e.recipient,
                             channel_id: e.channel_id,
                             payload: e.payload,
