@@ -58,6 +58,11 @@ pub const FETCH_RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Recipients of one `enqueueBatch`: a large MLS group. 1,000 keys are
 /// 32 KB of request, well inside the request limit beside a full payload.
 pub const ENQUEUE_BATCH_RECIPIENTS_MAX: usize = 1_000;
+/// Accepted Commits a commit fence remembers (digests of the last ones, one
+/// per epoch), so a copy of an accepted Commit that reaches its last
+/// recipients late — after the group moved on by up to this many epochs —
+/// still passes. 16 bytes each: at most 520 bytes per group and channel.
+pub const COMMIT_FENCE_HISTORY: usize = 32;
 /// Channels one `fetchWaitChannels` call may wait on.
 pub const FETCH_WAIT_CHANNELS_MAX: usize = 256;
 /// `(queue, waiter)` registrations all waiting calls together may hold (a

@@ -11,7 +11,10 @@
 //! metadata record: reads go straight to `head` with point lookups and never
 //! scan over deleted entries (tombstones).
 
-use crate::limits::{CHANNEL_ID_BYTES_MAX, IDENTITY_KEY_BYTES, MESSAGE_ID_BYTES, SIGNATURE_BYTES};
+use crate::limits::{
+    CHANNEL_ID_BYTES_MAX, COMMIT_FENCE_HISTORY, IDENTITY_KEY_BYTES, MESSAGE_ID_BYTES,
+    SIGNATURE_BYTES,
+};
 use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 
 /// Version of this layout. A store written by a newer version is refused.
@@ -390,35 +393,71 @@ pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<(Entry, Option<u
 pub const COMMIT_DIGEST_BYTES: usize = 16;
 
 /// The commit fence of one group on one channel: the epoch whose Commit is
-/// accepted next, and a digest of the Commit that got the group there (so
-/// the same Commit sent again — to the next recipient, or as a retry — is
-/// not refused as stale).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// accepted next, and digests of the Commits accepted for the epochs before
+/// it (so the same Commit sent again — to the next recipient, or as a
+/// retry, also after the group moved on — is not refused as stale).
+///
+/// Encoded as the epoch (8 bytes, big-endian) and 1 to
+/// [`COMMIT_FENCE_HISTORY`] digests, newest first; a record with one
+/// digest is the layout format 2 first wrote, so it needs no upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The epoch the group is at: the next Commit accepted is for it.
     pub epoch: u64,
-    /// SHA-256 (truncated) of the payload accepted for `epoch - 1`.
-    pub last_commit: [u8; COMMIT_DIGEST_BYTES],
+    /// SHA-256 (truncated) of the payloads accepted for `epoch - 1`,
+    /// `epoch - 2`, …: newest first, never empty.
+    pub accepted: Vec<[u8; COMMIT_DIGEST_BYTES]>,
 }
 
 impl Fence {
     /// Encodes the record.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(8 + COMMIT_DIGEST_BYTES);
+        let mut v = Vec::with_capacity(8 + COMMIT_DIGEST_BYTES * self.accepted.len());
         v.extend_from_slice(&self.epoch.to_be_bytes());
-        v.extend_from_slice(&self.last_commit);
+        for d in &self.accepted {
+            v.extend_from_slice(d);
+        }
         v
     }
 
     /// Decodes the record.
     pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
-        if bytes.len() != 8 + COMMIT_DIGEST_BYTES {
+        let (epoch, digests) = bytes.split_at_checked(8).ok_or(Corrupt("commit fence"))?;
+        let n = digests.len() / COMMIT_DIGEST_BYTES;
+        if digests.len() % COMMIT_DIGEST_BYTES != 0 || n == 0 || n > COMMIT_FENCE_HISTORY {
             return Err(Corrupt("commit fence"));
         }
-        let (epoch, digest) = bytes.split_at(8);
         Ok(Fence {
             epoch: u64::from_be_bytes(array(epoch, "commit fence")?),
-            last_commit: array(digest, "commit fence")?,
+            accepted: digests
+                .chunks_exact(COMMIT_DIGEST_BYTES)
+                .map(|d| array(d, "commit fence"))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether `digest` is the Commit accepted for `epoch` (one the fence
+    /// still remembers).
+    pub fn accepted_for(&self, epoch: u64, digest: &[u8; COMMIT_DIGEST_BYTES]) -> bool {
+        self.epoch
+            .checked_sub(epoch)
+            .and_then(|back| back.checked_sub(1))
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.accepted.get(i))
+            .is_some_and(|d| d == digest)
+    }
+
+    /// The fence after accepting `digest` for `epoch` (the fence's epoch or
+    /// a later one): the history carries on only if no epoch was skipped.
+    pub fn advance(self, epoch: u64, digest: [u8; COMMIT_DIGEST_BYTES]) -> Option<Fence> {
+        let next = epoch.checked_add(1)?;
+        let mut accepted = vec![digest];
+        if epoch == self.epoch {
+            accepted.extend(self.accepted.into_iter().take(COMMIT_FENCE_HISTORY - 1));
+        }
+        Some(Fence {
+            epoch: next,
+            accepted,
         })
     }
 }
@@ -529,10 +568,28 @@ mod tests {
         assert!(decode_entry(vec![0; 3], false).is_err());
         let f = Fence {
             epoch: 4,
-            last_commit: [5; COMMIT_DIGEST_BYTES],
+            accepted: vec![[5; COMMIT_DIGEST_BYTES]],
         };
-        assert_eq!(Fence::decode(&f.encode()), Ok(f));
+        assert_eq!(Fence::decode(&f.encode()), Ok(f.clone()));
         assert!(Fence::decode(&[0; 8]).is_err());
+        assert!(Fence::decode(&[0; 8 + COMMIT_DIGEST_BYTES + 1]).is_err());
+        assert!(Fence::decode(&[0; 8 + COMMIT_DIGEST_BYTES * (COMMIT_FENCE_HISTORY + 1)]).is_err());
+        // Each accepted Commit goes in front; the history keeps its bound
+        // and starts over when an epoch was skipped.
+        let mut g = f.clone();
+        for e in 4..4 + COMMIT_FENCE_HISTORY as u64 + 5 {
+            g = g.advance(e, [e as u8; COMMIT_DIGEST_BYTES]).unwrap();
+            assert_eq!(Fence::decode(&g.encode()), Ok(g.clone()));
+        }
+        assert_eq!(g.accepted.len(), COMMIT_FENCE_HISTORY);
+        assert!(g.accepted_for(g.epoch - 1, &[(g.epoch - 1) as u8; COMMIT_DIGEST_BYTES]));
+        let oldest = g.epoch - COMMIT_FENCE_HISTORY as u64;
+        assert!(g.accepted_for(oldest, &[oldest as u8; COMMIT_DIGEST_BYTES]));
+        assert!(!g.accepted_for(oldest - 1, &[(oldest - 1) as u8; COMMIT_DIGEST_BYTES]));
+        assert!(!g.accepted_for(g.epoch, &[g.epoch as u8; COMMIT_DIGEST_BYTES]));
+        let skipped = g.advance(100, [1; COMMIT_DIGEST_BYTES]).unwrap();
+        assert_eq!((skipped.epoch, skipped.accepted.len()), (101, 1));
+        assert_eq!(f.advance(u64::MAX, [0; COMMIT_DIGEST_BYTES]), None);
     }
 
     // A store written by format 1: whole records under the old tag, three

@@ -966,7 +966,9 @@ impl<S: Store> NodeService<S> {
     /// The commit fence (DESIGN.md §4, [`commit`]): if `payload` is an MLS
     /// Commit, it is accepted only for the group's current epoch on this
     /// channel (or a later one), once; the same Commit bytes sent again (to
-    /// the next recipient, or as a retry) pass without moving it. Returns
+    /// the next recipient, or as a retry) pass without moving it, also
+    /// after the group moved on (up to [`limits::COMMIT_FENCE_HISTORY`]
+    /// epochs). Returns
     /// the fence record to write with the enqueue, if it moves.
     fn fence_check(
         &self,
@@ -978,16 +980,25 @@ impl<S: Store> NodeService<S> {
         };
         let key = layout::fence_key(channel_id, &Sha256::digest(header.group_id).into());
         let digest: [u8; 32] = Sha256::digest(payload).into();
-        let mut last_commit = [0u8; layout::COMMIT_DIGEST_BYTES];
-        last_commit.copy_from_slice(&digest[..layout::COMMIT_DIGEST_BYTES]);
+        let mut this = [0u8; layout::COMMIT_DIGEST_BYTES];
+        this.copy_from_slice(&digest[..layout::COMMIT_DIGEST_BYTES]);
         let current = match self.get(&key)? {
             Some(v) => Some(Fence::decode(&v).map_err(corrupt)?),
             None => None,
         };
-        if let Some(f) = current
-            && header.epoch < f.epoch
-        {
-            if header.epoch + 1 == f.epoch && f.last_commit == last_commit {
+        let too_far = || ServiceError::invalid_argument("a Commit for the last possible epoch");
+        let Some(f) = current else {
+            let epoch = header.epoch.checked_add(1).ok_or_else(too_far)?;
+            return Ok(Some((
+                key,
+                Fence {
+                    epoch,
+                    accepted: vec![this],
+                },
+            )));
+        };
+        if header.epoch < f.epoch {
+            if f.accepted_for(header.epoch, &this) {
                 return Ok(None);
             }
             return Err(ServiceError::stale_epoch(
@@ -998,10 +1009,8 @@ impl<S: Store> NodeService<S> {
                 ),
             ));
         }
-        let epoch = header.epoch.checked_add(1).ok_or_else(|| {
-            ServiceError::invalid_argument("a Commit for the last possible epoch")
-        })?;
-        Ok(Some((key, Fence { epoch, last_commit })))
+        let fence = f.advance(header.epoch, this).ok_or_else(too_far)?;
+        Ok(Some((key, fence)))
     }
 
     fn fetch(

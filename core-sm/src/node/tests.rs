@@ -1495,6 +1495,14 @@ fn the_first_commit_per_epoch_wins_and_later_ones_learn_the_epoch() {
         stale(&h.enqueue(1, &bob, b"g", &mls(b"grp", 6, 3, b"late"), 10)),
         7
     );
+    // A copy of an accepted Commit that reaches its last recipient after
+    // the group moved on still passes (the fence remembers it); any other
+    // bytes for that epoch do not.
+    h.enqueue(1, &bob, b"g", &a, 11).unwrap();
+    assert_eq!(
+        stale(&h.enqueue(1, &bob, b"g", &mls(b"grp", 5, 3, b"forged"), 12)),
+        7
+    );
     // Nothing refused was stored.
     h.login(3, &carol);
     assert_eq!(
