@@ -2354,7 +2354,10 @@ impl ClientMachine {
             self.wait_all(wait_ms, Pending::Wait, FETCH_BATCH);
             return;
         }
-        let undelivered = u32::try_from(self.outbox.len()).unwrap_or(u32::MAX);
+        // Deliveries in the outbox, and messages and changes queued behind a
+        // Commit the server has not accepted yet.
+        let queued: usize = self.groups.iter().map(|g| g.queue.len()).sum();
+        let undelivered = u32::try_from(self.outbox.len() + queued).unwrap_or(u32::MAX);
         if matches!(self.op, None | Some(Op::AddMember { added: false, .. })) {
             return;
         }

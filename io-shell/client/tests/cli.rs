@@ -428,3 +428,109 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
         .collect();
     assert_eq!(texts, vec!["after tampering"], "{events:?}");
 }
+
+#[test]
+fn five_users_race_commits_leave_and_remove_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let user = |name: &str| User {
+        state: dir.path().join(format!("{name}.bin")),
+        server: &server,
+    };
+    let users: Vec<User> = ["alice", "bob", "carol", "dave", "erin"]
+        .iter()
+        .map(|n| user(n))
+        .collect();
+    for u in &users {
+        u.run(&["init"]);
+        u.run(&["register", "--count", "2"]);
+    }
+    let keys: Vec<String> = users.iter().map(User::key).collect();
+    let [alice, bob, carol, dave, erin] = &users[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    for k in &keys[1..] {
+        alice.run(&["group", "add", "team", k]);
+    }
+    for u in &users[1..] {
+        u.run(&["recv"]);
+    }
+    let epoch = |u: &User| u.machine().groups()[0].epoch;
+    let start = epoch(alice);
+    assert!(users.iter().all(|u| epoch(u) == start));
+
+    // Bob rotates his keys while Carol removes Dave, both from epoch
+    // `start`, as two processes at the same moment: the server takes one
+    // Commit for the epoch; the other member catches up and makes its
+    // change again on top. Nobody is told of a failure. (The race happens
+    // whatever the timing: neither fetches before making its Commit, so
+    // both Commits are for epoch `start`.)
+    let spawn =
+        |u: &User, args: &[&str]| u.cmd().args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let racing = [
+        spawn(bob, &["update", "team"]),
+        spawn(carol, &["group", "remove", "team", &keys[3]]),
+    ];
+    for child in racing {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert!(!stdout.contains("warning"), "{stdout}");
+        assert!(stdout.contains("\"undelivered\":0"), "{stdout}");
+    }
+    for u in [alice, bob, carol, erin] {
+        let out = u.run(&["recv"]);
+        assert!(!out.iter().any(|v| v["event"] == "warning"), "{out:?}");
+    }
+    // Both changes are in, once each, and the four agree on the group.
+    for u in [alice, bob, carol, erin] {
+        assert_eq!(epoch(u), start + 2);
+        assert_eq!(u.machine().groups()[0].members.len(), 4);
+    }
+    let auth = |u: &User| u.machine().epoch_authenticator("team");
+    assert!([bob, carol, erin].iter().all(|u| auth(u) == auth(alice)));
+
+    // Dave tries to read: he learns he was removed and gets nothing of the
+    // new epochs, now or later.
+    let out = dave.run(&["recv"]);
+    assert!(out.iter().any(|v| v["event"] == "removed"), "{out:?}");
+    assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
+    assert!(
+        dave.run(&["group", "list"])
+            .iter()
+            .all(|v| v.get("group").is_none())
+    );
+
+    // Erin leaves; Alice (the lowest leaf left) commits it when she sees
+    // the proposal, and Bob and Carol follow.
+    assert_eq!(erin.run(&["group", "leave", "team"])[0]["left"], "team");
+    let out = alice.run(&["recv"]);
+    assert!(
+        out.iter()
+            .any(|v| v["event"] == "group_changed" && v["members"] == 3),
+        "{out:?}"
+    );
+    for u in [bob, carol] {
+        let out = u.run(&["recv"]);
+        assert!(
+            out.iter()
+                .any(|v| v["event"] == "group_changed" && v["members"] == 3),
+            "{out:?}"
+        );
+    }
+    assert!([bob, carol].iter().all(|u| auth(u) == auth(alice)));
+
+    // The three keep chatting; Dave and Erin see nothing of it.
+    alice.run(&["send", "team", "still here"]);
+    bob.run(&["send", "team", "me too"]);
+    carol.run(&["send", "team", "and me"]);
+    let m = |who: usize, t: &str| (keys[who].clone(), t.to_owned());
+    assert_eq!(alice.recv(), vec![m(1, "me too"), m(2, "and me")]);
+    assert_eq!(bob.recv(), vec![m(0, "still here"), m(2, "and me")]);
+    assert_eq!(carol.recv(), vec![m(0, "still here"), m(1, "me too")]);
+    for u in [dave, erin] {
+        let out = u.run(&["recv"]);
+        assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
+    }
+}
