@@ -23,6 +23,12 @@
 //! - The outbox goes out one entry per queue at a time, oldest first, so a
 //!   recipient gets a Commit before its epoch's messages and each sender's
 //!   messages in order, however the network reorders requests.
+//! - One Commit per group at a time, merged only once the server has stored
+//!   it (the first to reach the server wins its epoch): a Commit that lost
+//!   is dropped and its change made again after catching up with the
+//!   winner; messages and changes asked for meanwhile wait in the group's
+//!   persisted queue, so nothing is encrypted for an epoch the group may
+//!   never reach, and no member forks off.
 //! - A fetched KeyPackage's credential identity and signature key both equal
 //!   the identity asked for, and after every join and Commit each member's
 //!   credential identity equals its signature key (DESIGN.md §7).
