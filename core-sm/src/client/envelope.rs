@@ -1,11 +1,13 @@
 //! What the client puts inside an enqueued payload. The server never parses
-//! it. Three kinds, each starting with a version byte and a kind byte:
+//! it (but for the commit framing of kind 4). Four kinds, each starting
+//! with a version byte and a kind byte:
 //!
 //! ```text
 //! welcome: 0x01 0x01 | channel_len u8 | channel_id | nonce[12]
 //!          | name_len u16 BE | sealed_name | MLSMessage(Welcome)
 //! group:   0x01 0x02 | MLSMessage (PrivateMessage or PublicMessage)
 //! hybrid:  0x01 0x03 | key_id[32] | hybrid envelope (hybrid.rs, >= 1161 bytes)
+//! framed:  0x01 0x04 | framing_len u16 BE | framing | key_id[32] | hybrid envelope
 //! ```
 //!
 //! A Welcome goes to the new member's default channel and says on which
@@ -20,6 +22,13 @@
 //! version, which is why it never stands alone at the start of a payload:
 //! the outer `0x01 0x03` says unambiguously what follows, and the key id
 //! lets the recipient pick among its current and kept older keys.
+//!
+//! A framed hybrid payload is a hybrid payload wrapping a Commit, with the
+//! Commit's framing in the clear before it (`crate::node::commit`): the
+//! MLS header fields a delivery service may read anyway (group id, epoch,
+//! content type) and a digest naming the Commit, so the server's commit
+//! fence covers pq groups too. The recipient checks that the framing is
+//! the one of the Commit inside.
 
 use super::hybrid::{ENVELOPE_OVERHEAD_BYTES, KEY_ID_BYTES};
 use crate::limits::CHANNEL_ID_BYTES_MAX;
@@ -29,6 +38,7 @@ const VERSION: u8 = 1;
 const KIND_WELCOME: u8 = 1;
 const KIND_GROUP: u8 = 2;
 const KIND_HYBRID: u8 = 3;
+const KIND_FRAMED_HYBRID: u8 = 4;
 /// Bytes a hybrid payload adds to the payload it wraps: version and kind,
 /// key id, and the hybrid envelope's own overhead.
 pub const HYBRID_OVERHEAD_BYTES: usize = 2 + KEY_ID_BYTES + ENVELOPE_OVERHEAD_BYTES;
@@ -56,6 +66,8 @@ pub enum Envelope {
     },
     /// A welcome or group payload sealed to the recipient's hybrid key.
     Hybrid {
+        /// For a Commit: its framing in the clear, for the commit fence.
+        framing: Option<Vec<u8>>,
         /// Which of the recipient's hybrid keys it is sealed to.
         key_id: [u8; KEY_ID_BYTES],
         /// The hybrid envelope ([`super::hybrid::seal`]).
@@ -99,9 +111,25 @@ impl Envelope {
                 out.extend_from_slice(message);
                 out
             }
-            Envelope::Hybrid { key_id, sealed } => {
-                let mut out = Vec::with_capacity(2 + KEY_ID_BYTES + sealed.len());
-                out.extend_from_slice(&[VERSION, KIND_HYBRID]);
+            Envelope::Hybrid {
+                framing,
+                key_id,
+                sealed,
+            } => {
+                let mut out = Vec::with_capacity(
+                    4 + framing.as_ref().map_or(0, Vec::len) + KEY_ID_BYTES + sealed.len(),
+                );
+                match framing {
+                    None => out.extend_from_slice(&[VERSION, KIND_HYBRID]),
+                    Some(f) => {
+                        // A framing is an MLS header and a digest: far
+                        // below 64 KiB.
+                        let len = u16::try_from(f.len()).unwrap_or(u16::MAX);
+                        out.extend_from_slice(&[VERSION, KIND_FRAMED_HYBRID]);
+                        out.extend_from_slice(&len.to_be_bytes());
+                        out.extend_from_slice(&f[..usize::from(len)]);
+                    }
+                }
                 out.extend_from_slice(key_id);
                 out.extend_from_slice(sealed);
                 out
@@ -147,13 +175,21 @@ impl Envelope {
                     message: r.0.to_vec(),
                 })
             }
-            KIND_HYBRID => {
+            kind @ (KIND_HYBRID | KIND_FRAMED_HYBRID) => {
+                let framing = if kind == KIND_FRAMED_HYBRID {
+                    let len_bytes = r.take(2)?;
+                    let len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
+                    Some(r.take(len)?.to_vec())
+                } else {
+                    None
+                };
                 let key_id = <[u8; KEY_ID_BYTES]>::try_from(r.take(KEY_ID_BYTES)?)
                     .map_err(|_| EnvelopeError("truncated key id"))?;
                 if r.0.len() < ENVELOPE_OVERHEAD_BYTES {
                     return Err(EnvelopeError("truncated hybrid envelope"));
                 }
                 Ok(Envelope::Hybrid {
+                    framing,
                     key_id,
                     sealed: r.0.to_vec(),
                 })
@@ -198,6 +234,7 @@ mod tests {
         };
         assert_eq!(Envelope::decode(&g.encode()), Ok(g));
         let h = Envelope::Hybrid {
+            framing: None,
             key_id: [7; KEY_ID_BYTES],
             sealed: vec![1; ENVELOPE_OVERHEAD_BYTES],
         };
@@ -205,17 +242,28 @@ mod tests {
         assert_eq!(&bytes[..2], &[0x01, 0x03]);
         assert_eq!(bytes.len(), HYBRID_OVERHEAD_BYTES);
         assert_eq!(Envelope::decode(&bytes), Ok(h));
+        let f = Envelope::Hybrid {
+            framing: Some(b"framing".to_vec()),
+            key_id: [7; KEY_ID_BYTES],
+            sealed: vec![1; ENVELOPE_OVERHEAD_BYTES],
+        };
+        let bytes = f.encode();
+        assert_eq!(&bytes[..4], &[0x01, 0x04, 0, 7]);
+        assert_eq!(Envelope::decode(&bytes), Ok(f));
     }
 
     #[test]
     fn hybrid_payload_shorter_than_an_envelope_is_refused() {
-        let h = Envelope::Hybrid {
-            key_id: [7; KEY_ID_BYTES],
-            sealed: vec![1; ENVELOPE_OVERHEAD_BYTES],
-        }
-        .encode();
-        for n in 0..h.len() {
-            assert!(Envelope::decode(&h[..n]).is_err(), "prefix of {n} bytes");
+        for framing in [None, Some(vec![3; 40])] {
+            let h = Envelope::Hybrid {
+                framing,
+                key_id: [7; KEY_ID_BYTES],
+                sealed: vec![1; ENVELOPE_OVERHEAD_BYTES],
+            }
+            .encode();
+            for n in 0..h.len() {
+                assert!(Envelope::decode(&h[..n]).is_err(), "prefix of {n} bytes");
+            }
         }
     }
 

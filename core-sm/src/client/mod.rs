@@ -596,7 +596,7 @@ impl ClientMachine {
     /// returns the payload it wraps; for tests and diagnostics.
     pub fn open_hybrid_payload(&self, payload: &[u8]) -> Result<Vec<u8>, CommandError> {
         match Envelope::decode(payload) {
-            Ok(Envelope::Hybrid { key_id, sealed }) => self.open_hybrid(&key_id, &sealed),
+            Ok(Envelope::Hybrid { key_id, sealed, .. }) => self.open_hybrid(&key_id, &sealed),
             Ok(_) => Err(CommandError::HybridEnvelope("not a hybrid payload".into())),
             Err(e) => Err(CommandError::HybridEnvelope(e.to_string())),
         }
@@ -1761,9 +1761,20 @@ impl ClientMachine {
         // MLS message that does not decrypt: the cursor moves on, so it
         // does not block the queue behind it.
         let result = match Envelope::decode(&message.payload) {
-            Ok(Envelope::Hybrid { key_id, sealed }) => self
+            Ok(Envelope::Hybrid {
+                framing,
+                key_id,
+                sealed,
+            }) => self
                 .open_hybrid(&key_id, &sealed)
                 .and_then(|inner| {
+                    // A framing in the clear must be the one of the Commit
+                    // inside, or the server fenced something else.
+                    if framing.is_some() && framing != crate::node::commit::commit_framing(&inner) {
+                        return Err(CommandError::HybridEnvelope(
+                            "its commit framing is not the one of the Commit inside".into(),
+                        ));
+                    }
                     Envelope::decode(&inner)
                         .map_err(|e| CommandError::HybridEnvelope(format!("its content: {e}")))
                 })
@@ -2113,7 +2124,13 @@ impl ClientMachine {
                 };
                 let key_id = key.key_id();
                 let sealed = hybrid::seal(key, &key_id, &e.payload, &mut self.rng());
-                let payload = Envelope::Hybrid { key_id, sealed }.encode();
+                // A Commit shows its framing, so the fence covers pq groups.
+                let payload = Envelope::Hybrid {
+                    framing: crate::node::commit::commit_framing(&e.payload),
+                    key_id,
+                    sealed,
+                }
+                .encode();
                 if let Some(e) = self.outbox.get_mut(&id) {
                     e.payload = payload;
                     e.seal = false;

@@ -1171,14 +1171,20 @@ fn create(w: &mut World, who: usize, name: &str, pq: bool) {
 /// Checks that `payload` is a hybrid payload that opens with `opener`'s keys
 /// (and with nobody else's of `others`), and returns what it wraps.
 fn check_sealed(w: &mut World, payload: &[u8], opener: usize, others: &[usize]) -> Envelope {
-    assert_eq!(&payload[..2], &[0x01, 0x03], "hybrid framing");
+    let Ok(Envelope::Hybrid { framing, .. }) = Envelope::decode(payload) else {
+        panic!("not a hybrid payload");
+    };
+    let kind = if framing.is_some() { 0x04 } else { 0x03 };
+    assert_eq!(&payload[..2], &[0x01, kind], "hybrid framing");
     let inner = w
         .machine(opener)
         .open_hybrid_payload(payload)
         .expect("opens with the recipient's key");
+    // A Commit, and nothing else, shows its framing in the clear.
+    assert_eq!(framing, crate::node::commit::commit_framing(&inner));
     assert_eq!(
         payload.len(),
-        inner.len() + envelope::HYBRID_OVERHEAD_BYTES,
+        inner.len() + envelope::HYBRID_OVERHEAD_BYTES + framing.map_or(0, |f| 2 + f.len()),
         "overhead"
     );
     for o in others {
@@ -1494,6 +1500,7 @@ fn malformed_hybrid_payloads_are_warnings_not_crashes() {
     let mut rng = ChaCha20Rng::from_seed([3; 32]);
     let sealed = |inner: &[u8], rng: &mut ChaCha20Rng| {
         Envelope::Hybrid {
+            framing: None,
             key_id,
             sealed: hybrid::seal(&public, &key_id, inner, rng),
         }
@@ -1504,12 +1511,14 @@ fn malformed_hybrid_payloads_are_warnings_not_crashes() {
         vec![0x01, 0x03],
         // Unknown key id.
         Envelope::Hybrid {
+            framing: None,
             key_id: [0; 32],
             sealed: vec![0x01; hybrid::ENVELOPE_OVERHEAD_BYTES],
         }
         .encode(),
         // Bob's key id, but not an envelope made for it.
         Envelope::Hybrid {
+            framing: None,
             key_id,
             sealed: vec![0x01; hybrid::ENVELOPE_OVERHEAD_BYTES + 5],
         }
@@ -1977,6 +1986,112 @@ fn a_commit_losing_the_race_for_its_epoch_is_made_again_on_the_winner() {
     send(&mut w, 1, "team", "still one group");
     assert_eq!(w.texts(2), vec![pair("team", "still one group")]);
     assert_eq!(w.texts(0), vec![pair("team", "still one group")]);
+}
+
+#[test]
+fn pq_groups_are_fenced_too_and_a_losing_commit_is_made_again() {
+    let mut w = pq_team();
+    let before = w.machine(0).groups()[0].epoch;
+    let outcome = run_offline(
+        &mut w,
+        1,
+        Command::Update {
+            group: Some("pq".into()),
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // Alice's Commit goes first; sealed per recipient, it shows its framing
+    // so the server can fence it.
+    let (_, outcome, sent) = w.run_capturing(
+        0,
+        Command::Update {
+            group: Some("pq".into()),
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(sent.len(), 2);
+    let framings: Vec<_> = sent
+        .iter()
+        .map(|(_, _, p)| {
+            assert_eq!(&p[..2], &[0x01, 0x04]);
+            crate::node::commit::commit_header(p)
+                .expect("a fenced Commit")
+                .identity
+                .to_vec()
+        })
+        .collect();
+    assert_eq!(framings[0], framings[1], "one Commit, one framing");
+    // Bob's sealed Commit for the same epoch is refused; he catches up and
+    // makes it again.
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(warnings(&events).is_empty(), "{events:?}");
+    w.texts(0);
+    w.texts(2);
+    same_epoch(&mut w, &[0, 1, 2], "pq");
+    assert_eq!(w.machine(2).groups()[0].epoch, before + 2);
+    send(&mut w, 2, "pq", "one pq group");
+    assert_eq!(w.texts(0), vec![pair("pq", "one pq group")]);
+    assert_eq!(w.texts(1), vec![pair("pq", "one pq group")]);
+}
+
+#[test]
+fn a_commit_framing_that_does_not_match_its_content_is_refused() {
+    let mut w = pq_team();
+    // The server (or a member) swaps the clear framing of Alice's Commit to
+    // Carol for the framing of another Commit.
+    let mut swapped = false;
+    let (_, outcome) = w.run_with(
+        0,
+        Command::Update {
+            group: Some("pq".into()),
+        },
+        &mut |_, _| {},
+    );
+    assert!(outcome.is_ok());
+    let (carol, conn, channel_id) = (w.key(2), w.users[2].conn, w.channel(2, "pq"));
+    let pending = w.call(
+        conn,
+        RequestBody::Fetch {
+            recipient_key: carol,
+            channel_id,
+            after_seq: 0,
+            limit: 10,
+        },
+    );
+    let Ok(Response::Messages { messages, .. }) = pending else {
+        panic!("fetch");
+    };
+    let payload = &messages.last().unwrap().payload;
+    let Ok(Envelope::Hybrid {
+        framing: Some(mut framing),
+        key_id,
+        sealed,
+    }) = Envelope::decode(payload)
+    else {
+        panic!("a framed Commit");
+    };
+    *framing.last_mut().unwrap() ^= 1;
+    let forged = Envelope::Hybrid {
+        framing: Some(framing),
+        key_id,
+        sealed,
+    }
+    .encode();
+    let (events, _) = w.run_with(2, Command::Receive { wait_ms: 0 }, &mut |req, reply| {
+        if let (RequestBody::Fetch { .. }, Ok(Response::Messages { messages, .. })) = (req, reply) {
+            for m in messages.iter_mut() {
+                if m.payload == *payload {
+                    m.payload = forged.clone();
+                    swapped = true;
+                }
+            }
+        }
+    });
+    assert!(swapped);
+    let refused = warnings(&events);
+    assert_eq!(refused.len(), 1, "{events:?}");
+    assert!(refused[0].contains("commit framing"), "{refused:?}");
 }
 
 #[test]

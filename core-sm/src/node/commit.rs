@@ -11,9 +11,22 @@
 //! group state beyond a counter per group and channel. Anything else (a
 //! Welcome, an application message, bytes that are not MLS at all) is not a
 //! Commit and passes untouched; the server stays a queue for opaque bytes.
+//!
+//! A post-quantum group seals each payload per recipient, so its Commits
+//! carry their framing in the clear beside the sealed envelope (kind
+//! `0x01 0x04`, see `crate::client::envelope`): the same header fields, up
+//! to the content type, then a SHA-256 of the whole `MLSMessage` that names
+//! the Commit, so every recipient's copy of one Commit has the same framing
+//! while two Commits for one epoch never do. The fence identifies a Commit
+//! by its payload, or for a sealed one by this framing.
 
 /// The client's envelope prefix for a group message: version 1, kind 2.
 pub const GROUP_ENVELOPE_PREFIX: [u8; 2] = [0x01, 0x02];
+/// The client's envelope prefix for a sealed (hybrid) payload with its
+/// Commit framing in the clear: version 1, kind 4.
+pub const FRAMED_HYBRID_PREFIX: [u8; 2] = [0x01, 0x04];
+/// Bytes of the Commit digest at the end of a sealed Commit's framing.
+pub const FRAMING_DIGEST_BYTES: usize = 32;
 
 const MLS10: u16 = 1;
 const WIRE_FORMAT_PUBLIC: u16 = 1;
@@ -31,12 +44,50 @@ pub struct CommitHeader<'a> {
     pub group_id: &'a [u8],
     /// The epoch the Commit was made in; it moves the group to `epoch + 1`.
     pub epoch: u64,
+    /// The bytes that identify this Commit (equal for every copy of it):
+    /// the payload, or a sealed Commit's framing.
+    pub identity: &'a [u8],
 }
 
 /// The Commit framing of `payload`, if it is a group envelope around an
-/// MLS Commit; `None` for anything else.
+/// MLS Commit, or a sealed payload with a Commit's framing in the clear;
+/// `None` for anything else.
 pub fn commit_header(payload: &[u8]) -> Option<CommitHeader<'_>> {
-    let mut r = Reader(payload.strip_prefix(&GROUP_ENVELOPE_PREFIX)?);
+    if let Some(group) = payload.strip_prefix(&GROUP_ENVELOPE_PREFIX) {
+        let (group_id, epoch, _) = mls_header(group)?;
+        return Some(CommitHeader {
+            group_id,
+            epoch,
+            identity: payload,
+        });
+    }
+    let mut r = Reader(payload.strip_prefix(&FRAMED_HYBRID_PREFIX)?);
+    let len = usize::from(r.u16()?);
+    let framing = r.take(len)?;
+    let (group_id, epoch, rest) = mls_header(framing)?;
+    (rest.len() == FRAMING_DIGEST_BYTES).then_some(CommitHeader {
+        group_id,
+        epoch,
+        identity: framing,
+    })
+}
+
+/// The framing a sealed copy of the group payload `payload` carries in the
+/// clear (see the module docs), if it is a Commit: its MLS header up to the
+/// content type, then the SHA-256 of the `MLSMessage`.
+pub fn commit_framing(payload: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    let message = payload.strip_prefix(&GROUP_ENVELOPE_PREFIX)?;
+    let (_, _, rest) = mls_header(message)?;
+    let mut framing = message[..message.len() - rest.len()].to_vec();
+    framing.extend_from_slice(&Sha256::digest(message));
+    Some(framing)
+}
+
+/// Reads an `MLSMessage` header up to its content type: the group id and
+/// epoch if it is a Commit, and the bytes after the content type.
+fn mls_header(message: &[u8]) -> Option<(&[u8], u64, &[u8])> {
+    let mut r = Reader(message);
     if r.u16()? != MLS10 {
         return None;
     }
@@ -54,13 +105,13 @@ pub fn commit_header(payload: &[u8]) -> Option<CommitHeader<'_>> {
                 _ => return None,
             }
             r.vector()?;
-            (r.u8()? == CONTENT_TYPE_COMMIT).then_some(CommitHeader { group_id, epoch })
+            (r.u8()? == CONTENT_TYPE_COMMIT).then_some((group_id, epoch, r.0))
         }
         WIRE_FORMAT_PRIVATE => {
             // PrivateMessage: group_id, epoch, content_type, ...
             let group_id = r.vector()?;
             let epoch = r.u64()?;
-            (r.u8()? == CONTENT_TYPE_COMMIT).then_some(CommitHeader { group_id, epoch })
+            (r.u8()? == CONTENT_TYPE_COMMIT).then_some((group_id, epoch, r.0))
         }
         _ => None,
     }
@@ -158,6 +209,38 @@ mod tests {
             let h = commit_header(&v).unwrap();
             assert_eq!((h.group_id.len(), h.epoch), (64, 3));
         }
+    }
+
+    #[test]
+    fn a_sealed_commit_is_read_from_its_framing() {
+        let commit = private(b"group", 7, CONTENT_TYPE_COMMIT);
+        let framing = commit_framing(&commit).unwrap();
+        // The header up to the content type, then the digest.
+        assert_eq!(framing.len(), 2 + 2 + 1 + 5 + 8 + 1 + FRAMING_DIGEST_BYTES);
+        let mut sealed = FRAMED_HYBRID_PREFIX.to_vec();
+        sealed.extend_from_slice(&(framing.len() as u16).to_be_bytes());
+        sealed.extend_from_slice(&framing);
+        sealed.extend_from_slice(&[0xee; 100]);
+        let h = commit_header(&sealed).unwrap();
+        assert_eq!(
+            (h.group_id, h.epoch, h.identity),
+            (&b"group"[..], 7, &framing[..])
+        );
+        // Another Commit for the same epoch has another framing.
+        let mut other = commit.clone();
+        other.push(9);
+        assert_ne!(commit_framing(&other), Some(framing.clone()));
+        // Not a Commit: no framing; a framing cut short or without its
+        // whole digest is not read.
+        assert_eq!(commit_framing(&private(b"group", 7, 1)), None);
+        for n in 0..framing.len() {
+            let mut cut = FRAMED_HYBRID_PREFIX.to_vec();
+            cut.extend_from_slice(&(n as u16).to_be_bytes());
+            cut.extend_from_slice(&framing[..n]);
+            cut.extend_from_slice(&[0xee; 100]);
+            assert_eq!(commit_header(&cut), None, "framing of {n} bytes");
+        }
+        assert_eq!(commit_header(&sealed[..10]), None);
     }
 
     #[test]

@@ -979,7 +979,7 @@ impl<S: Store> NodeService<S> {
             return Ok(None);
         };
         let key = layout::fence_key(channel_id, &Sha256::digest(header.group_id).into());
-        let digest: [u8; 32] = Sha256::digest(payload).into();
+        let digest: [u8; 32] = Sha256::digest(header.identity).into();
         let mut this = [0u8; layout::COMMIT_DIGEST_BYTES];
         this.copy_from_slice(&digest[..layout::COMMIT_DIGEST_BYTES]);
         let current = match self.get(&key)? {
