@@ -1473,13 +1473,15 @@ impl ClientMachine {
         Ok(())
     }
 
-    /// Our Commit with `message_id` lost its epoch to another member's
-    /// (refused `staleEpoch` saying the group is at `current`, or that
-    /// Commit arrived first): forget it and queue its change again, first,
-    /// to be made once this member has caught up with the winning Commit.
-    /// Its other copies in the outbox go too (they would be refused as
-    /// well); copies in flight are refused on their own.
-    fn commit_lost(&mut self, message_id: [u8; 16], current: Option<u64>) {
+    /// Our Commit with `message_id` lost its epoch to another member's:
+    /// forget it and queue its change again, first, to be made once this
+    /// member's copy of the group is at epoch `behind` (it has processed the
+    /// winning Commit). `refused`: the server refused it with `staleEpoch`
+    /// naming `behind`, so the channel is fetched to catch up; otherwise the
+    /// winning Commit is being processed right now. Its other copies in the
+    /// outbox go too (they would be refused as well); copies in flight are
+    /// refused on their own.
+    fn commit_lost(&mut self, message_id: [u8; 16], behind: u64, refused: bool) {
         let in_flight = self.outbox_in_flight();
         self.outbox
             .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
@@ -1494,7 +1496,7 @@ impl ClientMachine {
             })
             .cloned()
         else {
-            if current.is_some() && self.accepted_commits.contains(&message_id) {
+            if refused && self.accepted_commits.contains(&message_id) {
                 // A Commit accepted earlier whose copy to a member came too
                 // late: the group had moved on by more epochs than the
                 // server remembers. (A copy of a Commit already known to
@@ -1520,14 +1522,10 @@ impl ClientMachine {
         {
             g.commit = None;
             g.queue.insert(0, commit.change);
-            if let Some(epoch) = current {
-                g.behind = g.behind.max(epoch);
-            }
+            g.behind = g.behind.max(behind);
         }
         // Catch up with the winning Commit, then make the change again.
-        if current.is_some()
-            && let Ok(ch) = ChannelId::try_from_slice(&record.channel_id)
-        {
+        if refused && let Ok(ch) = ChannelId::try_from_slice(&record.channel_id) {
             self.fetch(ch);
         }
         self.advance(&record.group_id);
@@ -1979,7 +1977,8 @@ impl ClientMachine {
                     group
                         .clear_pending_commit(self.provider.storage())
                         .map_err(mls)?;
-                    self.commit_lost(own.message_id, None);
+                    let next = group.epoch().as_u64().saturating_add(1);
+                    self.commit_lost(own.message_id, next, false);
                 }
                 group
                     .merge_staged_commit(&self.provider, *commit)
@@ -2087,15 +2086,10 @@ impl ClientMachine {
     /// the same bytes); otherwise the key is fetched, once per recipient,
     /// and the entry (with the rest of its queue) waits for it.
     fn flush_outbox(&mut self) {
-        let mut busy: BTreeSet<(&[u8; 32], &[u8])> = self
-            .in_flight
-            .values()
-            .flat_map(|p| match p {
-                Pending::Outbox(id) => vec![*id],
-                Pending::OutboxBatch(ids) => ids.clone(),
-                _ => Vec::new(),
-            })
-            .filter_map(|id| self.outbox.get(&id))
+        let in_flight = self.outbox_in_flight();
+        let mut busy: BTreeSet<(&[u8; 32], &[u8])> = in_flight
+            .iter()
+            .filter_map(|id| self.outbox.get(id))
             .map(|e| (&e.recipient, e.channel_id.as_slice()))
             .collect();
         let mut next = Vec::new();
@@ -2243,7 +2237,7 @@ impl ClientMachine {
                     self.outbox.remove(id);
                 }
                 if let Some(message_id) = message_id {
-                    self.commit_lost(message_id, Some(current_epoch));
+                    self.commit_lost(message_id, current_epoch, true);
                 }
                 self.flush_outbox();
             }
@@ -2296,7 +2290,7 @@ impl ClientMachine {
                 ..
             }) => {
                 if let Some(e) = self.outbox.remove(&id) {
-                    self.commit_lost(e.message_id, Some(current_epoch));
+                    self.commit_lost(e.message_id, current_epoch, true);
                 }
                 self.flush_outbox();
             }
