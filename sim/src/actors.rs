@@ -73,6 +73,15 @@ pub struct Progress {
     /// MLS clients whose KeyPackages are on the server (so they can be
     /// added to the group).
     pub mls_registered: RefCell<BTreeSet<String>>,
+    /// When the MLS group's creator had added every member (simulated
+    /// time since the start); members' actions due [`When::At`] count
+    /// from here.
+    ///
+    /// [`When::At`]: crate::mls::When::At
+    pub mls_formed: Cell<Option<Duration>>,
+    /// The MLS epoch authenticators seen in the run, in the order first
+    /// seen (their positions are what the history records).
+    pub mls_authenticators: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Progress {

@@ -84,6 +84,13 @@ pub enum Invariant {
     PlaintextInvented,
     /// A member was shown one sender's plaintexts out of the order sent.
     PlaintextOrder,
+    /// At the final idle receive, members were on different epochs of
+    /// their group, or on one epoch with different epoch authenticators.
+    GroupForked,
+    /// A member's final epoch does not match the Commits made: fewer than
+    /// the adds plus the updates that finished, or more than the adds plus
+    /// every update started.
+    CommitCount,
     /// A client command failed for good (not a transient failure).
     CommandFailed,
     /// Something panicked.
@@ -182,8 +189,23 @@ struct Checker {
     plain_sent: BTreeMap<IdentityKey, Vec<(String, usize)>>,
     /// `(member, sender)` -> `(text, index)` of each plaintext shown.
     plain_shown: BTreeMap<(IdentityKey, IdentityKey), Vec<(String, usize)>>,
-    /// `(index, member, outbox, group members)` of each final idle receive.
-    mls_idle: Vec<(usize, IdentityKey, usize, usize)>,
+    /// Each final idle receive, in order.
+    mls_idle: Vec<Idle>,
+    /// Member -> updates started.
+    updates_started: BTreeMap<IdentityKey, u64>,
+    /// Member -> updates finished with `Updated`.
+    updates_done: BTreeMap<IdentityKey, u64>,
+}
+
+/// How a member ended a final receive until idle.
+#[derive(Debug)]
+struct Idle {
+    at: usize,
+    member: IdentityKey,
+    outbox: usize,
+    group_members: usize,
+    epoch: Option<u64>,
+    authenticator: Option<u32>,
 }
 
 impl Checker {
@@ -402,7 +424,22 @@ impl Checker {
                 member,
                 outbox,
                 group_members,
-            } => self.mls_idle.push((i, *member, *outbox, *group_members)),
+                epoch,
+                authenticator,
+            } => self.mls_idle.push(Idle {
+                at: i,
+                member: *member,
+                outbox: *outbox,
+                group_members: *group_members,
+                epoch: *epoch,
+                authenticator: *authenticator,
+            }),
+            Event::MlsUpdateStarted { member } => {
+                *self.updates_started.entry(*member).or_default() += 1;
+            }
+            Event::MlsUpdated { member, .. } => {
+                *self.updates_done.entry(*member).or_default() += 1;
+            }
             Event::Panicked(what) => self.flag(Invariant::Panic, Some(i), what.clone()),
             Event::Stuck(what) => self.flag(Invariant::Stuck, Some(i), what.clone()),
             Event::ForeignRequest { answered: None, .. }
@@ -574,7 +611,70 @@ impl Checker {
         self.check_sender_order();
         self.check_last_resort_only_when_empty();
         self.check_plaintexts();
+        self.check_epochs();
         self.v
+    }
+
+    /// At the end every member is on the same epoch of the group with the
+    /// same epoch authenticator (the last idle receive of each counts: a
+    /// member's final receive may make a change it had queued, which the
+    /// members idle before it process in a later round). The creator adds
+    /// each other member with one Commit, and every update that finished
+    /// made exactly one, every update started at most one: the final epoch
+    /// lies between the adds plus the finished updates and the adds plus
+    /// the started ones. (An update interrupted by a timeout or a crash may
+    /// or may not have reached the state file.)
+    fn check_epochs(&mut self) {
+        let mut last: BTreeMap<IdentityKey, &Idle> = BTreeMap::new();
+        for idle in &self.mls_idle {
+            last.insert(idle.member, idle);
+        }
+        let mut found = Vec::new();
+        let mut reference: Option<&Idle> = None;
+        for idle in last.values() {
+            let (Some(epoch), Some(auth)) = (idle.epoch, idle.authenticator) else {
+                // Without the group: the audit reports it.
+                continue;
+            };
+            match reference {
+                None => reference = Some(idle),
+                Some(r) if r.epoch != Some(epoch) || r.authenticator != Some(auth) => {
+                    found.push((
+                        Invariant::GroupForked,
+                        Some(idle.at),
+                        format!(
+                            "{} ended on epoch {epoch} (authenticator #{auth}), {} on epoch {} (authenticator #{})",
+                            idle.member.short(),
+                            r.member.short(),
+                            r.epoch.unwrap_or_default(),
+                            r.authenticator.unwrap_or_default()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let adds = self.mls_members.len().saturating_sub(1) as u64;
+        let done: u64 = self.updates_done.values().sum();
+        let started: u64 = self.updates_started.values().sum();
+        for idle in last.values() {
+            let Some(epoch) = idle.epoch else {
+                continue;
+            };
+            if epoch < adds + done || epoch > adds + started {
+                found.push((
+                    Invariant::CommitCount,
+                    Some(idle.at),
+                    format!(
+                        "{} ended on epoch {epoch}, after {adds} adds, {done} updates done and {started} started",
+                        idle.member.short()
+                    ),
+                ));
+            }
+        }
+        for (inv, i, d) in found {
+            self.flag(inv, i, d);
+        }
     }
 
     /// Every member was shown each other member's plaintexts exactly once,
@@ -630,7 +730,7 @@ impl Checker {
                     }
                 }
             }
-            if !self.mls_idle.iter().any(|(_, m, _, _)| m == member) {
+            if !self.mls_idle.iter().any(|idle| idle.member == *member) {
                 found.push((
                     Invariant::Audit,
                     None,
@@ -639,14 +739,16 @@ impl Checker {
             }
         }
         let n = self.mls_members.len();
-        for (i, member, outbox, group_members) in &self.mls_idle {
-            if *outbox != 0 || *group_members != n {
+        for idle in &self.mls_idle {
+            if idle.outbox != 0 || idle.group_members != n {
                 found.push((
                     Invariant::Audit,
-                    Some(*i),
+                    Some(idle.at),
                     format!(
-                        "{} ended with {outbox} undelivered messages in a group of {group_members} (of {n} members)",
-                        member.short()
+                        "{} ended with {} undelivered messages in a group of {} (of {n} members)",
+                        idle.member.short(),
+                        idle.outbox,
+                        idle.group_members
                     ),
                 ));
             }
@@ -947,11 +1049,45 @@ mod tests {
         }
 
         fn idle(&mut self, member: u8, outbox: usize, group_members: usize) -> &mut Self {
+            // The epoch the creator's adds reach.
+            let members = self
+                .0
+                .events
+                .iter()
+                .filter(|r| matches!(r.event, Event::MlsMember { .. }))
+                .count();
+            let epoch = members.saturating_sub(1) as u64;
+            self.idle_at(member, outbox, group_members, epoch, 0)
+        }
+
+        fn idle_at(
+            &mut self,
+            member: u8,
+            outbox: usize,
+            group_members: usize,
+            epoch: u64,
+            authenticator: u32,
+        ) -> &mut Self {
             self.push(Event::MlsIdle {
                 member: key(member),
                 outbox,
                 group_members,
+                epoch: (group_members > 0).then_some(epoch),
+                authenticator: (group_members > 0).then_some(authenticator),
             })
+        }
+
+        fn update(&mut self, member: u8, done: bool) -> &mut Self {
+            self.push(Event::MlsUpdateStarted {
+                member: key(member),
+            });
+            if done {
+                self.push(Event::MlsUpdated {
+                    member: key(member),
+                    moved: 1,
+                });
+            }
+            self
         }
 
         fn quiet(&mut self) -> &mut Self {
@@ -1275,6 +1411,72 @@ mod tests {
         let mut h = Synth::default();
         h.member(1).member(2).idle(1, 0, 2);
         check_finds(&h, &[Invariant::Audit]);
+    }
+
+    /// The three-member group after two updates that finished and one
+    /// that was interrupted and never made: everyone on epoch 4.
+    fn mls_updated() -> Synth {
+        let mut h = Synth::default();
+        for m in 1..=3 {
+            h.member(m);
+        }
+        h.update(1, true).update(2, true).update(3, false);
+        h
+    }
+
+    #[test]
+    fn members_on_one_epoch_with_one_authenticator_pass() {
+        let mut h = mls_updated();
+        for m in 1..=3 {
+            h.idle_at(m, 0, 3, 4, 4);
+        }
+        check_finds(&h, &[]);
+        // The interrupted update made its Commit after all.
+        let mut h = mls_updated();
+        for m in 1..=3 {
+            h.idle_at(m, 0, 3, 5, 5);
+        }
+        check_finds(&h, &[]);
+        // A member behind in the first round caught up in the second.
+        let mut h = mls_updated();
+        h.idle_at(1, 0, 3, 4, 4)
+            .idle_at(2, 0, 3, 5, 5)
+            .idle_at(3, 0, 3, 5, 5)
+            .idle_at(1, 0, 3, 5, 5);
+        check_finds(&h, &[]);
+    }
+
+    #[test]
+    fn a_forked_group_is_reported() {
+        // Same epoch, different authenticators: two Commits both merged.
+        let mut h = mls_updated();
+        h.idle_at(1, 0, 3, 4, 4)
+            .idle_at(2, 0, 3, 4, 7)
+            .idle_at(3, 0, 3, 4, 4);
+        check_finds(&h, &[Invariant::GroupForked]);
+        // A member left behind on an older epoch (each epoch a count the
+        // updates allow).
+        let mut h = mls_updated();
+        h.idle_at(1, 0, 3, 5, 5)
+            .idle_at(2, 0, 3, 5, 5)
+            .idle_at(3, 0, 3, 4, 4);
+        check_finds(&h, &[Invariant::GroupForked]);
+    }
+
+    #[test]
+    fn an_epoch_that_does_not_match_the_commits_made_is_reported() {
+        // An update that finished was never committed.
+        let mut h = mls_updated();
+        for m in 1..=3 {
+            h.idle_at(m, 0, 3, 3, 3);
+        }
+        check_finds(&h, &[Invariant::CommitCount]);
+        // More Commits than updates started (one made twice).
+        let mut h = mls_updated();
+        for m in 1..=3 {
+            h.idle_at(m, 0, 3, 6, 6);
+        }
+        check_finds(&h, &[Invariant::CommitCount]);
     }
 
     #[test]

@@ -42,6 +42,16 @@ pub struct Coverage {
     pub plaintexts_shown: u64,
     /// MLS client commands run again after a transient failure.
     pub commands_retried: u64,
+    /// MLS `update`s that finished (each one Commit accepted, now or
+    /// later).
+    pub updates_made: u64,
+    /// MLS `update`s started in the same instant as another member's
+    /// (their Commits race for one epoch).
+    pub updates_same_instant: u64,
+    /// MLS `update`s during which the group moved on by more than one
+    /// epoch: the member's Commit lost its epoch to another's and was made
+    /// again after catching up (or a change queued earlier was made too).
+    pub updates_raced: u64,
 }
 
 impl Coverage {
@@ -56,6 +66,7 @@ impl Coverage {
         let mut delivered = HashSet::new();
         let mut counted = HashSet::new();
         let mut dropped = HashSet::new();
+        let mut update_starts: HashMap<std::time::Duration, HashSet<_>> = HashMap::new();
         for r in &history.events {
             match &r.event {
                 Event::EnqueueSent {
@@ -112,9 +123,23 @@ impl Coverage {
                 Event::ForeignRequest { answered: None, .. } => c.foreign_refused += 1,
                 Event::PlaintextShown { .. } => c.plaintexts_shown += 1,
                 Event::MlsCommandFailed { retried: true, .. } => c.commands_retried += 1,
+                Event::MlsUpdated { moved, .. } => {
+                    c.updates_made += 1;
+                    if *moved > 1 {
+                        c.updates_raced += 1;
+                    }
+                }
+                Event::MlsUpdateStarted { member } => {
+                    update_starts.entry(r.at).or_default().insert(*member);
+                }
                 _ => {}
             }
         }
+        c.updates_same_instant = update_starts
+            .values()
+            .filter(|m| m.len() > 1)
+            .map(|m| m.len() as u64)
+            .sum();
         c
     }
 
@@ -134,6 +159,9 @@ impl Coverage {
         self.foreign_refused += other.foreign_refused;
         self.plaintexts_shown += other.plaintexts_shown;
         self.commands_retried += other.commands_retried;
+        self.updates_made += other.updates_made;
+        self.updates_raced += other.updates_raced;
+        self.updates_same_instant += other.updates_same_instant;
     }
 }
 
@@ -141,7 +169,7 @@ impl fmt::Display for Coverage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} acked, {} retries ({} after delivery), {} redelivered, {} lost answers fetched again, {} server crashes ({} unsynced batches lost), {} client crashes, {} KeyPackages + {} last resort, {} foreign refused, {} plaintexts shown, {} commands retried",
+            "{} acked, {} retries ({} after delivery), {} redelivered, {} lost answers fetched again, {} server crashes ({} unsynced batches lost), {} client crashes, {} KeyPackages + {} last resort, {} foreign refused, {} plaintexts shown, {} commands retried, {} updates ({} started in the same instant as another member's, {} moved the epoch by more than one)",
             self.messages_acked,
             self.enqueue_retries,
             self.retries_after_delivery,
@@ -154,7 +182,10 @@ impl fmt::Display for Coverage {
             self.last_resort_served,
             self.foreign_refused,
             self.plaintexts_shown,
-            self.commands_retried
+            self.commands_retried,
+            self.updates_made,
+            self.updates_same_instant,
+            self.updates_raced
         )
     }
 }

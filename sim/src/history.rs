@@ -264,6 +264,32 @@ pub enum Event {
         outbox: usize,
         /// Members of its group, as it sees them (0 without the group).
         group_members: usize,
+        /// Its group's epoch (`None` without the group).
+        epoch: Option<u64>,
+        /// Its group's epoch authenticator (members on one epoch of one
+        /// group agree on it, members of forked groups do not), by number:
+        /// the run's distinct authenticators are numbered from 0 in the
+        /// order first seen. (The bytes differ from replay to replay: MLS
+        /// draws fresh randomness for its keys.)
+        authenticator: Option<u32>,
+    },
+    /// An MLS client started an `update` of its group's keys (from here on
+    /// the Commit may be in its persisted state).
+    MlsUpdateStarted {
+        /// Who.
+        member: IdentityKey,
+    },
+    /// An MLS client's `update` finished with `Updated`: the change is in
+    /// its persisted state, so its Commit is made, now or later, and
+    /// accepted once.
+    MlsUpdated {
+        /// Who.
+        member: IdentityKey,
+        /// Epochs its group moved on during the command: more than one
+        /// when its Commit lost its epoch to another member's and was made
+        /// again after catching up (or a change queued earlier was made
+        /// too).
+        moved: u64,
     },
     /// A panic happened on the simulation thread (server tasks included).
     Panicked(String),
@@ -496,10 +522,18 @@ pub fn brief(e: &Event) -> String {
             member,
             outbox,
             group_members,
+            epoch,
+            authenticator,
         } => format!(
-            "mls {} idle: outbox {outbox}, group of {group_members}",
-            member.short()
+            "mls {} idle: outbox {outbox}, group of {group_members}, epoch {}, authenticator {}",
+            member.short(),
+            epoch.map_or("-".to_owned(), |e| e.to_string()),
+            authenticator.map_or("-".to_owned(), |a| format!("#{a}"))
         ),
+        Event::MlsUpdateStarted { member } => format!("mls {} starts an update", member.short()),
+        Event::MlsUpdated { member, moved } => {
+            format!("mls {} updated, epoch moved by {moved}", member.short())
+        }
         Event::Panicked(what) => format!("PANIC: {what}"),
         Event::Stuck(what) => format!("STUCK: {what}"),
     }

@@ -5,8 +5,11 @@
 //!
 //! A member behaves like a user of `qpq`: it registers, the group's creator
 //! creates the group and adds the others once they are registered, every
-//! member waits until it sees the whole group, then sends its messages one
-//! `send` at a time with a `recv` now and then, and finally runs `recv`
+//! member waits until it sees the whole group, then carries out its
+//! [`Action`]s — its messages one `send` at a time with a `recv` now and
+//! then, `update`s of its keys (Commits, which may race other members'),
+//! `recv`s — each after a think time or at an offset from the moment the
+//! group was complete that all members share, and finally runs `recv`
 //! until its outbox is empty. A command that fails for a transient reason
 //! (the server unavailable, no answer in time, no connection) is run again;
 //! one that hangs is abandoned after [`COMMAND_TIMEOUT`], and the user starts
@@ -18,7 +21,10 @@
 //! notes (registered yet, how many messages sent) survive too. A message
 //! counts as sent ([`Event::PlaintextSent`]) the moment its `send` starts:
 //! the machine persists it before anything else happens, and a crash can
-//! only land at an await, after that.
+//! only land at an await, after that. An `update` is noted as started
+//! ([`Event::MlsUpdateStarted`]) and, when it returns `Updated`, as done
+//! ([`Event::MlsUpdated`]); like a message, it is not run again after a
+//! timeout.
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
@@ -58,15 +64,14 @@ pub struct MemberPlan {
     pub group: String,
     /// The other members (told out of band).
     pub peers: Vec<IdentityKey>,
-    /// Its messages: think time before each, and the text (unique in the
-    /// run).
-    pub messages: Vec<(Duration, String)>,
+    /// What it does once it sees the whole group, in order.
+    pub actions: Vec<Action>,
     /// The state file: the last snapshot the machine asked to persist.
     pub state: RefCell<Option<Vec<u8>>>,
     /// The user's note that `register` succeeded.
     pub registered: Cell<bool>,
-    /// The user's note of how many messages it has sent.
-    pub sent: Cell<usize>,
+    /// The user's note of how many of its actions it has done.
+    pub done: Cell<usize>,
     /// How many times the host has started.
     pub starts: Cell<u64>,
     /// Set by the driver once the network has healed: the next start of
@@ -74,6 +79,41 @@ pub struct MemberPlan {
     pub final_receive: Cell<bool>,
     /// Set once that final receive is over.
     pub idle: Cell<bool>,
+    /// Its group's epoch and epoch authenticator at the end of its last
+    /// final receive.
+    pub ended: RefCell<Option<(u64, Vec<u8>)>>,
+}
+
+/// When a member's action is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// This long after its previous action (think time).
+    After(Duration),
+    /// This long after the creator finished adding the members (shared by
+    /// every member, so actions due at the same offset start in the same
+    /// instant).
+    At(Duration),
+}
+
+/// What a member does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// Half the time a short `recv`, then `send` of the text (unique in
+    /// the run).
+    Send(String),
+    /// `update` of the group's keys (a Commit).
+    Update,
+    /// One `recv` that waits up to this many milliseconds.
+    Receive(u64),
+}
+
+/// One of a member's actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// When it is due.
+    pub when: When,
+    /// What it is.
+    pub what: What,
 }
 
 impl MemberPlan {
@@ -86,13 +126,14 @@ impl MemberPlan {
             creator: false,
             group,
             peers: Vec::new(),
-            messages: Vec::new(),
+            actions: Vec::new(),
             state: RefCell::new(None),
             registered: Cell::new(false),
-            sent: Cell::new(0),
+            done: Cell::new(0),
             starts: Cell::new(0),
             final_receive: Cell::new(false),
             idle: Cell::new(false),
+            ended: RefCell::new(None),
         }
     }
 }
@@ -130,32 +171,75 @@ pub async fn run_member(ctx: Ctx, plan: Rc<MemberPlan>) -> turmoil::Result {
         .insert(plan.name.clone());
     if plan.creator {
         m.create_and_add().await?;
+        if ctx.progress.mls_formed.get().is_none() {
+            ctx.progress.mls_formed.set(Some(now()));
+        }
     }
     while m.group_size() < plan.peers.len() + 1 {
         let wait_ms = m.rng.between(0, RECEIVE_WAIT_MS_MAX);
         m.receive(wait_ms).await?;
     }
-    while plan.sent.get() < plan.messages.len() {
-        let (pause, text) = plan.messages[plan.sent.get()].clone();
-        tokio::time::sleep(pause).await;
-        if m.rng.chance(0.5) {
-            let wait_ms = m.rng.between(0, RECEIVE_WAIT_MS_MAX / 2);
-            m.receive(wait_ms).await?;
+    while plan.done.get() < plan.actions.len() {
+        let k = plan.done.get();
+        let Action { when, what } = plan.actions[k].clone();
+        match when {
+            When::After(pause) => tokio::time::sleep(pause).await,
+            When::At(at) => {
+                let formed = loop {
+                    match ctx.progress.mls_formed.get() {
+                        Some(t) => break t,
+                        None => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                };
+                tokio::time::sleep((formed + at).saturating_sub(now())).await;
+            }
         }
-        let send = Command::Send {
-            group: plan.group.clone(),
-            text: text.clone(),
-        };
-        let (rec, me, k) = (ctx.rec.clone(), plan.identity, plan.sent.get());
-        let sending = || {
-            plan.sent.set(k + 1);
-            rec.record(Event::PlaintextSent { sender: me, text });
-        };
-        match m.run_with(send, sending).await? {
-            // After a timeout the message is in the state file all the same
-            // and goes out with a later command.
-            Attempt::Done(..) | Attempt::Retry => {}
-            Attempt::Refused(e) => return Err(m.refused("send", e).into()),
+        let (rec, me) = (ctx.rec.clone(), plan.identity);
+        match what {
+            What::Send(text) => {
+                if m.rng.chance(0.5) {
+                    let wait_ms = m.rng.between(0, RECEIVE_WAIT_MS_MAX / 2);
+                    m.receive(wait_ms).await?;
+                }
+                let send = Command::Send {
+                    group: plan.group.clone(),
+                    text: text.clone(),
+                };
+                let sending = || {
+                    plan.done.set(k + 1);
+                    rec.record(Event::PlaintextSent { sender: me, text });
+                };
+                match m.run_with(send, sending).await? {
+                    // After a timeout the message is in the state file all
+                    // the same and goes out with a later command.
+                    Attempt::Done(..) | Attempt::Retry => {}
+                    Attempt::Refused(e) => return Err(m.refused("send", e).into()),
+                }
+            }
+            What::Update => {
+                let update = Command::Update {
+                    group: Some(plan.group.clone()),
+                };
+                let starting = || {
+                    plan.done.set(k + 1);
+                    rec.record(Event::MlsUpdateStarted { member: me });
+                };
+                let before = m.epoch().unwrap_or_default();
+                match m.run_with(update, starting).await? {
+                    Attempt::Done(Outcome::Updated { .. }, _) => {
+                        let moved = m.epoch().unwrap_or_default().saturating_sub(before);
+                        ctx.rec.record(Event::MlsUpdated { member: me, moved });
+                    }
+                    // Like a message, the change is in the state file
+                    // before anything is sent; a timeout leaves it there.
+                    Attempt::Done(..) | Attempt::Retry => {}
+                    Attempt::Refused(e) => return Err(m.refused("update", e).into()),
+                }
+            }
+            What::Receive(wait_ms) => {
+                m.receive(wait_ms).await?;
+                plan.done.set(k + 1);
+            }
         }
     }
     while m.machine.outbox_len() > 0 {
@@ -179,11 +263,24 @@ async fn receive_until_idle(ctx: &Ctx, plan: &Rc<MemberPlan>) -> turmoil::Result
             Attempt::Refused(e) => return Err(m.refused("recv", e).into()),
         }
     }
+    let epoch = m.epoch();
+    let authenticator = m.machine.epoch_authenticator(&plan.group);
+    let numbered = authenticator.as_ref().map(|a| {
+        let mut seen = ctx.progress.mls_authenticators.borrow_mut();
+        let n = seen.iter().position(|s| s == a).unwrap_or_else(|| {
+            seen.push(a.clone());
+            seen.len() - 1
+        });
+        u32::try_from(n).unwrap_or(u32::MAX)
+    });
     ctx.rec.record(Event::MlsIdle {
         member: plan.identity,
         outbox: m.machine.outbox_len(),
         group_members: m.group_size(),
+        epoch,
+        authenticator: numbered,
     });
+    *plan.ended.borrow_mut() = epoch.zip(authenticator);
     m.session.close().await;
     Ok(())
 }
@@ -392,6 +489,15 @@ impl Member {
             .map_or(0, |g| g.members.len())
     }
 
+    /// Its group's epoch (`None` before it has the group).
+    fn epoch(&self) -> Option<u64> {
+        self.machine
+            .groups()
+            .iter()
+            .find(|g| g.name == self.plan.group)
+            .map(|g| g.epoch)
+    }
+
     async fn pause(&mut self) {
         tokio::time::sleep(self.rng.millis(50, 300)).await;
     }
@@ -411,12 +517,18 @@ fn restore(plan: &MemberPlan, rng: &mut Rng) -> Result<ClientMachine, String> {
     }
 }
 
+/// Simulated time since the run started.
+fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
 fn brief(command: &Command) -> String {
     match command {
         Command::Register { .. } => "register".into(),
         Command::CreateGroup { .. } => "group create".into(),
         Command::AddMember { member, .. } => format!("group add {}", member.short()),
         Command::Send { text, .. } => format!("send {text:?}"),
+        Command::Update { .. } => "update".into(),
         Command::Receive { wait_ms } => format!("recv (wait {wait_ms} ms)"),
         other => format!("{other:?}"),
     }

@@ -11,6 +11,7 @@
 //! | [`lost_fetch_answer`] | a fetch answer dropped after the server handled it, the recipient crashed and restarted from its saved cursor |
 //! | [`long_poll_storm`] | twelve long-polling recipients, crashed and restarted at random, with partition flaps |
 //! | [`mls_group`] | three full MLS clients form a group and chat under 5-20% loss, with client and server crashes on some seeds |
+//! | [`mls_commits`] | three or four MLS clients rotate their keys at the same instants (racing Commits) while they chat, under 5-20% loss and partitions, with client and server crashes on some seeds |
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use crate::actors::{
 };
 use crate::coverage::Coverage;
 use crate::driver::{Fault, Plan};
-use crate::mls::MemberPlan;
+use crate::mls::{Action, MemberPlan, What, When};
 use crate::rng::Rng;
 
 /// A named scenario and how many seeds the default sweep runs.
@@ -102,6 +103,21 @@ pub const SCENARIOS: &[Scenario] = &[
         exercises: "plaintexts shown across client and server crashes, and commands run again",
         exercised: |c| {
             c.plaintexts_shown > 0
+                && c.client_crashes > 0
+                && c.server_crashes > 0
+                && c.commands_retried > 0
+        },
+    },
+    Scenario {
+        name: "mls_commits",
+        plan: mls_commits,
+        default_seeds: 8,
+        exercises: "updates started in the same instant by several members, Commits that lost their epoch and were made again, and plaintexts shown, across client and server crashes, with commands run again",
+        exercised: |c| {
+            c.updates_made > 0
+                && c.updates_same_instant > 0
+                && c.updates_raced > 0
+                && c.plaintexts_shown > 0
                 && c.client_crashes > 0
                 && c.server_crashes > 0
                 && c.commands_retried > 0
@@ -420,25 +436,15 @@ pub fn mls_group(seed: u64) -> Plan {
             .copied()
             .filter(|id| *id != m.identity)
             .collect();
-        m.messages = (0..rng.between(4, 6))
-            .map(|k| (rng.millis(0, 1_000), format!("mls/{seed}/{i}/{k}")))
+        m.actions = (0..rng.between(4, 6))
+            .map(|k| Action {
+                when: When::After(rng.millis(0, 1_000)),
+                what: What::Send(format!("mls/{seed}/{i}/{k}")),
+            })
             .collect();
     }
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
-    let mut faults = Vec::new();
-    if seed % 4 == 1 || seed % 4 == 3 {
-        for _ in 0..rng.between(1, 3) {
-            let h = rng.pick(&names).clone();
-            faults.push((
-                rng.millis(300, 15_000),
-                Fault::CrashClient(h, rng.millis(0, 1_500)),
-            ));
-        }
-    }
-    if seed % 4 >= 2 {
-        let n = rng.between(1, 2);
-        faults.extend(server_crashes(&mut rng, n, (300, 15_000), 1_500));
-    }
+    let faults = mls_crashes(seed, &mut rng, &names);
     Plan {
         members: members.into_iter().map(Rc::new).collect(),
         ..plan(
@@ -452,6 +458,146 @@ pub fn mls_group(seed: u64) -> Plan {
             faults,
         )
     }
+}
+
+/// Three or four full MLS clients under 5-20% loss and variable latency,
+/// as in [`mls_group`], that rotate their keys while they chat. Once the
+/// creator has added everyone and 1.5-2.5 s more have passed, 3-5 update
+/// rounds follow, 0.5-2 s apart:
+/// in each, 2 or more members start an `update` (a Commit) in the same
+/// instant, so their Commits race for one epoch; the server accepts one
+/// and the others catch up and commit again. Between and at those
+/// instants each member sends 3-5 messages and receives now and then.
+/// Every seed cuts the link between the server and a member 1-3 times for
+/// 0.3-3 s (both ways or either way only); client and server crashes as
+/// in [`mls_group`]. After the network heals every member receives until
+/// idle: besides each plaintext shown once and in order, all must end on
+/// one epoch with one epoch authenticator, which counts the updates.
+pub fn mls_commits(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "mls_commits", 0);
+    let loss = rng.float(0.05, 0.20);
+    let min = rng.millis(0, 10);
+    let latency = (min, min + rng.millis(20, 150));
+    let group = "team".to_owned();
+    let n = rng.between(3, 4) as usize;
+    let mut members: Vec<MemberPlan> = (0..n)
+        .map(|i| MemberPlan::new(format!("member-{i}"), rng.bytes(), group.clone()))
+        .collect();
+    let identities: Vec<_> = members.iter().map(|m| m.identity).collect();
+    let mut actions: Vec<Vec<Action>> = vec![Vec::new(); n];
+    let mut instants = Vec::new();
+    // Joiners need a moment to take the Welcome and the adds after them.
+    let mut at = rng.millis(1_500, 2_500);
+    for _ in 0..rng.between(3, 5) {
+        // 2..=n distinct members update at `at`.
+        let mut who: Vec<usize> = (0..n).collect();
+        let k = rng.between(2, n as u64) as usize;
+        for j in 0..k {
+            let r = j + rng.below((n - j) as u64) as usize;
+            who.swap(j, r);
+        }
+        for &i in &who[..k] {
+            actions[i].push(Action {
+                when: When::At(at),
+                what: What::Update,
+            });
+        }
+        instants.push(at);
+        at += rng.millis(500, 2_000);
+    }
+    let end = at.as_millis() as u64;
+    for (i, list) in actions.iter_mut().enumerate() {
+        for _ in 0..rng.between(3, 5) {
+            // Some messages go out in an update instant, right behind the
+            // update (so they queue behind its pending Commit).
+            let t = if rng.chance(0.4) {
+                *rng.pick(&instants)
+            } else {
+                rng.millis(0, end)
+            };
+            list.push(Action {
+                when: When::At(t),
+                what: What::Send(String::new()),
+            });
+        }
+        for _ in 0..rng.between(1, 3) {
+            list.push(Action {
+                when: When::At(rng.millis(0, end)),
+                what: What::Receive(rng.between(0, 300)),
+            });
+        }
+        // In time order (stable: an update before a message of its
+        // instant); the texts numbered in the order sent.
+        list.sort_by_key(|a| match a.when {
+            When::At(t) | When::After(t) => t,
+        });
+        let mut k = 0;
+        for a in list.iter_mut() {
+            if let What::Send(text) = &mut a.what {
+                *text = format!("mls/{seed}/{i}/{k}");
+                k += 1;
+            }
+        }
+    }
+    for ((i, m), list) in members.iter_mut().enumerate().zip(actions) {
+        m.creator = i == 0;
+        m.peers = identities
+            .iter()
+            .copied()
+            .filter(|id| *id != m.identity)
+            .collect();
+        m.actions = list;
+    }
+    let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+    let mut faults = Vec::new();
+    for _ in 0..rng.between(1, 3) {
+        let h = rng.pick(&names).clone();
+        let t = rng.millis(300, 12_000);
+        faults.push((
+            t,
+            match rng.below(3) {
+                0 => Fault::Partition(h.clone()),
+                1 => Fault::PartitionToHost(h.clone()),
+                _ => Fault::PartitionFromHost(h.clone()),
+            },
+        ));
+        faults.push((t + rng.millis(300, 3_000), Fault::Repair(h)));
+    }
+    faults.extend(mls_crashes(seed, &mut rng, &names));
+    Plan {
+        members: members.into_iter().map(Rc::new).collect(),
+        ..plan(
+            "mls_commits",
+            seed,
+            loss,
+            latency,
+            (1, 5),
+            Workload::default().build(seed, &mut rng),
+            Vec::new(),
+            faults,
+        )
+    }
+}
+
+/// The crashes of the MLS scenarios: seeds 1 and 3 (mod 4) crash members'
+/// hosts 1-3 times, seeds 2 and 3 crash the server once or twice, in the
+/// first 15 s.
+fn mls_crashes(seed: u64, rng: &mut Rng, names: &[String]) -> Vec<(Duration, Fault)> {
+    let mut faults = Vec::new();
+    if seed % 4 == 1 || seed % 4 == 3 {
+        for _ in 0..rng.between(1, 3) {
+            let h = rng.pick(names).clone();
+            faults.push((
+                rng.millis(300, 15_000),
+                Fault::CrashClient(h, rng.millis(0, 1_500)),
+            ));
+        }
+    }
+    if seed % 4 >= 2 {
+        let n = rng.between(1, 2);
+        faults.extend(server_crashes(rng, n, (300, 15_000), 1_500));
+    }
+    faults
 }
 
 #[allow(clippy::too_many_arguments)]

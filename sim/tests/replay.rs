@@ -31,3 +31,8 @@ fn a_seed_with_loss_and_snoopers_replays_identically() {
 fn a_seed_with_mls_clients_and_crashes_replays_identically() {
     check("mls_group", 3);
 }
+
+#[test]
+fn a_seed_with_racing_commits_and_crashes_replays_identically() {
+    check("mls_commits", 3);
+}

@@ -49,3 +49,8 @@ fn long_poll_storm() {
 fn mls_group() {
     sweep("mls_group");
 }
+
+#[test]
+fn mls_commits() {
+    sweep("mls_commits");
+}
