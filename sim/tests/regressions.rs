@@ -51,7 +51,6 @@ fn mls_group_seed_723() {
 /// and was shown nothing more (`PlaintextLost`, `GroupForked`,
 /// `CommitCount`).
 #[test]
-#[ignore = "open client bug 4: messages of the next epoch fetched while the member's own accepted Commit is still pending are dropped"]
 fn mls_commits_seed_1335() {
     seed("mls_commits", 1335);
 }

@@ -480,6 +480,12 @@ pub struct ClientMachine {
     /// copies may still be in the outbox. Not persisted: it only decides
     /// whether a late refusal of such a copy is worth a warning.
     accepted_commits: BTreeSet<[u8; 16]>,
+    /// Channels whose processing stopped at a message of a later epoch than
+    /// a group with a pending Commit of ours is at: that Commit was
+    /// accepted (others are past it) but its answer has not come back. The
+    /// channel is fetched again once the Commit is settled. Not persisted:
+    /// a new run finds the same message again.
+    blocked: BTreeSet<ChannelId>,
     next_token: u64,
     effects: VecDeque<Effect>,
 }
@@ -543,6 +549,7 @@ impl ClientMachine {
             in_flight: BTreeMap::new(),
             solo: BTreeSet::new(),
             accepted_commits: BTreeSet::new(),
+            blocked: BTreeSet::new(),
             next_token: 0,
             effects: VecDeque::new(),
         }
@@ -671,6 +678,7 @@ impl ClientMachine {
         // again and this command would wait for them forever; a late answer
         // is ignored, and a resent entry keeps its messageId (stored once).
         self.in_flight.clear();
+        self.blocked.clear();
         // Deliveries left over from an earlier run go first (a wait touches
         // no state, so it sends nothing).
         if !matches!(command, Command::Wait { .. }) {
@@ -1430,6 +1438,7 @@ impl ClientMachine {
         if let Err(e) = self.merge_own_commit(&record, commit) {
             self.warn(format!("group {}: {e}", record.name));
         }
+        self.unblock(&record.channel_id);
         self.advance(&record.group_id);
     }
 
@@ -1524,11 +1533,22 @@ impl ClientMachine {
             g.queue.insert(0, commit.change);
             g.behind = g.behind.max(behind);
         }
+        self.unblock(&record.channel_id);
         // Catch up with the winning Commit, then make the change again.
         if refused && let Ok(ch) = ChannelId::try_from_slice(&record.channel_id) {
             self.fetch(ch);
         }
         self.advance(&record.group_id);
+    }
+
+    /// Resumes a channel whose processing waited for a Commit of ours to be
+    /// settled.
+    fn unblock(&mut self, channel: &[u8]) {
+        if let Ok(ch) = ChannelId::try_from_slice(channel)
+            && self.blocked.remove(&ch)
+        {
+            self.fetch(ch);
+        }
     }
 
     /// Forgets a group (left or removed), with what it still had to make.
@@ -1700,6 +1720,9 @@ impl ClientMachine {
         let channels_before = self.channels();
         let effects_before = self.effects.len();
         for m in messages {
+            if self.blocked.contains(&channel) {
+                break;
+            }
             self.process(channel, m);
         }
         // Persist what was processed before showing it (a crash in between
@@ -1712,7 +1735,9 @@ impl ClientMachine {
             // Something arrived: stop waiting on the other channels.
             self.in_flight.retain(|_, p| !matches!(p, Pending::Wait));
         }
-        self.fetch(channel);
+        if !self.blocked.contains(&channel) {
+            self.fetch(channel);
+        }
         // Groups joined from Welcomes in this batch: drain their channels
         // too. (Groups can also disappear, by removal, in the same batch.)
         let joined: Vec<ChannelId> = self
@@ -1754,6 +1779,7 @@ impl ClientMachine {
             // and MLS cannot decrypt it twice.
             return;
         }
+        let before = *cursor;
         *cursor = message.seq;
         // A payload that does not open is skipped with a warning, like an
         // MLS message that does not decrypt: the cursor moves on, so it
@@ -1780,6 +1806,11 @@ impl ClientMachine {
             Ok(envelope) => self.process_envelope(channel, envelope, false),
             Err(e) => Err(CommandError::Mls(e.to_string())),
         };
+        if self.blocked.contains(&channel) {
+            // Not processed: read again once our pending Commit is settled.
+            self.cursors.insert(channel, before);
+            return;
+        }
         if let Err(e) = result {
             self.warn(format!(
                 "message {} on channel could not be processed: {e}",
@@ -1900,6 +1931,13 @@ impl ClientMachine {
         let mut group = self.load_group(&record)?;
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
         let protocol = msg.try_into_protocol_message().map_err(mls)?;
+        if record.commit.is_some() && protocol.epoch() > group.epoch() {
+            // Others are past the epoch of our pending Commit: the server
+            // accepted it, and the answer is still to come (or was lost).
+            // This message needs that Commit merged first.
+            self.blocked.insert(channel);
+            return Ok(());
+        }
         let processed = group
             .process_message(&self.provider, protocol)
             .map_err(mls)?;
