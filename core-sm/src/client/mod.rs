@@ -68,7 +68,7 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use hybrid::{HybridError, HybridPublicKey, HybridSecretKey};
 pub use provider::QpqProvider;
 
-use state::{Change, CommitRecord, GroupRecord, OutboxEntry, Persisted};
+use state::{Change, CommitRecord, EarlyMessage, GroupRecord, OutboxEntry, Persisted};
 
 /// The MLS profile's ciphersuite (DESIGN.md §7): 0x0001.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -89,6 +89,12 @@ pub const REGISTER_COUNT_MAX: u32 = 100;
 /// and pq groups) and 2 (before the per-group queue of changes) still
 /// restore.
 pub const STATE_VERSION: u32 = 3;
+/// Messages of a later epoch than its copy of the group that a member keeps
+/// per group until the Commit that starts that epoch reaches it (a
+/// Commit's copy to this member can be queued behind a message another
+/// member made after processing its own copy); beyond it they are dropped
+/// with a warning.
+pub const EARLY_MESSAGES_MAX: usize = 256;
 /// Past epochs whose message keys a member keeps, so an application
 /// message made before other members' Commits (sent concurrently with a
 /// change, or from a device that was offline while the group changed)
@@ -486,6 +492,9 @@ pub struct ClientMachine {
     /// channel is fetched again once the Commit is settled. Not persisted:
     /// a new run finds the same message again.
     blocked: BTreeSet<ChannelId>,
+    /// Set by the message being processed when it is of a later epoch than
+    /// its group: it is kept (`GroupRecord::early`) instead.
+    early_epoch: Option<u64>,
     next_token: u64,
     effects: VecDeque<Effect>,
 }
@@ -550,6 +559,7 @@ impl ClientMachine {
             solo: BTreeSet::new(),
             accepted_commits: BTreeSet::new(),
             blocked: BTreeSet::new(),
+            early_epoch: None,
             next_token: 0,
             effects: VecDeque::new(),
         }
@@ -919,6 +929,7 @@ impl ClientMachine {
             queue: Vec::new(),
             commit: None,
             behind: 0,
+            early: Vec::new(),
         });
         self.effects.push_back(Effect::Persist);
         self.effects
@@ -1438,6 +1449,7 @@ impl ClientMachine {
         if let Err(e) = self.merge_own_commit(&record, commit) {
             self.warn(format!("group {}: {e}", record.name));
         }
+        self.replay_early(&record.group_id);
         self.unblock(&record.channel_id);
         self.advance(&record.group_id);
     }
@@ -1781,10 +1793,29 @@ impl ClientMachine {
         }
         let before = *cursor;
         *cursor = message.seq;
-        // A payload that does not open is skipped with a warning, like an
-        // MLS message that does not decrypt: the cursor moves on, so it
-        // does not block the queue behind it.
-        let result = match Envelope::decode(&message.payload) {
+        self.early_epoch = None;
+        let result = self.process_payload(channel, &message.payload);
+        if self.blocked.contains(&channel) {
+            // Not processed: read again once our pending Commit is settled.
+            self.cursors.insert(channel, before);
+            return;
+        }
+        if let Some(epoch) = self.early_epoch.take() {
+            return self.keep_early(channel, epoch, message);
+        }
+        if let Err(e) = result {
+            self.warn(format!(
+                "message {} on channel could not be processed: {e}",
+                message.seq
+            ));
+        }
+    }
+
+    /// Processes one queued payload. A payload that does not open is an
+    /// error (the caller warns and moves on, like an MLS message that does
+    /// not decrypt, so it does not block the queue behind it).
+    fn process_payload(&mut self, channel: ChannelId, payload: &[u8]) -> Result<(), CommandError> {
+        match Envelope::decode(payload) {
             Ok(Envelope::Hybrid {
                 framing,
                 key_id,
@@ -1805,17 +1836,73 @@ impl ClientMachine {
                 .and_then(|inner| self.process_envelope(channel, inner, true)),
             Ok(envelope) => self.process_envelope(channel, envelope, false),
             Err(e) => Err(CommandError::Mls(e.to_string())),
-        };
-        if self.blocked.contains(&channel) {
-            // Not processed: read again once our pending Commit is settled.
-            self.cursors.insert(channel, before);
-            return;
         }
-        if let Err(e) = result {
-            self.warn(format!(
-                "message {} on channel could not be processed: {e}",
+    }
+
+    /// Keeps a message of a later epoch than its group's until the Commit
+    /// that starts that epoch arrives ([`Self::replay_early`]); the cursor
+    /// moves past it (it is persisted in the group's record).
+    fn keep_early(&mut self, channel: ChannelId, epoch: u64, message: QueuedMessage) {
+        let Some(g) = self
+            .groups
+            .iter_mut()
+            .find(|g| g.channel_id == channel.as_bytes())
+        else {
+            return;
+        };
+        if g.early.len() >= EARLY_MESSAGES_MAX {
+            let name = g.name.clone();
+            return self.warn(format!(
+                "message {} of group {name} is for epoch {epoch}, which this device has not reached, and {EARLY_MESSAGES_MAX} such messages wait already: dropped",
                 message.seq
             ));
+        }
+        g.early.push(EarlyMessage {
+            epoch,
+            seq: message.seq,
+            payload: message.payload,
+        });
+    }
+
+    /// Processes the kept messages of a group whose epoch it has reached,
+    /// oldest first (after a Commit moved it on).
+    fn replay_early(&mut self, group_id: &[u8]) {
+        loop {
+            let Some(record) = self.groups.iter().find(|g| g.group_id == group_id) else {
+                return;
+            };
+            let Ok(epoch) = self.load_group(record).map(|g| g.epoch().as_u64()) else {
+                return;
+            };
+            let Some(i) = record.early.iter().position(|m| m.epoch <= epoch) else {
+                return;
+            };
+            let Ok(channel) = ChannelId::try_from_slice(&record.channel_id) else {
+                return;
+            };
+            let Some(g) = self.groups.iter_mut().find(|g| g.group_id == group_id) else {
+                return;
+            };
+            let m = g.early.remove(i);
+            self.early_epoch = None;
+            let result = self.process_payload(channel, &m.payload);
+            if let Some(epoch) = self.early_epoch.take() {
+                self.keep_early(
+                    channel,
+                    epoch,
+                    QueuedMessage {
+                        seq: m.seq,
+                        payload: m.payload,
+                    },
+                );
+                return;
+            }
+            if let Err(e) = result {
+                self.warn(format!(
+                    "message {} on channel could not be processed: {e}",
+                    m.seq
+                ));
+            }
         }
     }
 
@@ -1897,6 +1984,7 @@ impl ClientMachine {
             queue: Vec::new(),
             commit: None,
             behind: 0,
+            early: Vec::new(),
         });
         self.effects.push_back(Effect::Event(Event::Joined {
             group: name,
@@ -1936,6 +2024,12 @@ impl ClientMachine {
             // accepted it, and the answer is still to come (or was lost).
             // This message needs that Commit merged first.
             self.blocked.insert(channel);
+            return Ok(());
+        }
+        if protocol.epoch() > group.epoch() {
+            // The Commit that starts that epoch is still to come (its copy
+            // to us is behind this message in our queue): keep it.
+            self.early_epoch = Some(protocol.epoch().as_u64());
             return Ok(());
         }
         let processed = group
@@ -2035,6 +2129,7 @@ impl ClientMachine {
                     epoch: group.epoch().as_u64(),
                     members: group.members().count(),
                 }));
+                self.replay_early(&record.group_id);
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
             _ => {}

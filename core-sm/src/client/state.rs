@@ -34,6 +34,20 @@ pub(super) struct GroupRecord {
     /// the group is at. Nothing in `queue` is made before this member's copy
     /// reaches it (it has not processed the winning Commit yet).
     pub behind: u64,
+    /// Messages of a later epoch than this member's copy of the group,
+    /// kept until the Commit that starts their epoch arrives.
+    pub early: Vec<EarlyMessage>,
+}
+
+/// A message that arrived before the Commit that starts its epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct EarlyMessage {
+    /// The epoch it was made in.
+    pub epoch: u64,
+    /// Its seq on the group's channel (for warnings).
+    pub seq: u64,
+    /// The payload as queued.
+    pub payload: Vec<u8>,
 }
 
 /// Something the user asked a group for, made when its turn comes.
@@ -182,6 +196,7 @@ impl PersistedV2 {
                     queue: Vec::new(),
                     commit: None,
                     behind: 0,
+                    early: Vec::new(),
                 })
                 .collect(),
             cursors: self.cursors,

@@ -2095,6 +2095,54 @@ fn a_commit_framing_that_does_not_match_its_content_is_refused() {
 }
 
 #[test]
+fn a_message_arriving_before_the_commit_of_its_epoch_is_kept_until_it_comes() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let carol = w.key(2);
+    // Alice's message and then her update wait in her outbox.
+    run_offline(
+        &mut w,
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "before".into(),
+        },
+    )
+    .unwrap();
+    run_offline(&mut w, 0, Command::Update { group: None }).unwrap();
+    // Then only Bob's copies get through (a batch refused for a full
+    // queue, then one by one, with Carol's queue out of reach): the server
+    // takes Alice's Commit, Carol's copy of it stays behind.
+    let (_, outcome) = w.run_full(
+        0,
+        Command::Receive { wait_ms: 0 },
+        &mut |req| match req {
+            RequestBody::EnqueueBatch { .. } => Some(Err(ServiceError::queue_full("full"))),
+            RequestBody::Enqueue { recipient_key, .. } if *recipient_key == carol => {
+                Some(Err(ServiceError::unavailable("down")))
+            }
+            _ => None,
+        },
+        &mut |_, _| {},
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(w.machine(0).outbox_len(), 2);
+    // Bob follows the Commit and writes in the new epoch: Carol's queue
+    // gets his message before Alice's Commit.
+    assert_eq!(w.texts(1), vec![pair("team", "before")]);
+    send(&mut w, 1, "team", "after");
+    w.texts(0);
+    // Carol keeps Bob's message until the Commit of its epoch arrives, then
+    // shows it: nothing lost, and in the order it was written after.
+    assert_eq!(
+        w.texts(2),
+        vec![pair("team", "before"), pair("team", "after")]
+    );
+    same_epoch(&mut w, &[0, 1, 2], "team");
+}
+
+#[test]
 fn a_message_sent_while_a_change_is_pending_goes_out_after_it() {
     let mut w = team();
     w.texts(1);
