@@ -2143,6 +2143,63 @@ fn a_message_arriving_before_the_commit_of_its_epoch_is_kept_until_it_comes() {
 }
 
 #[test]
+fn messages_after_our_accepted_commit_wait_for_its_lost_answer() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    // The server stores Alice's Commit, but the answer never reaches her:
+    // it stays pending in her state.
+    let (_, outcome) = w.run_with(
+        0,
+        Command::Update {
+            group: Some("team".into()),
+        },
+        &mut |req, reply| {
+            if matches!(req, RequestBody::EnqueueBatch { .. }) {
+                *reply = Err(ServiceError::unavailable("answer lost"));
+            }
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // Bob follows it and writes in the new epoch, and commits again.
+    w.texts(1);
+    send(&mut w, 1, "team", "new epoch");
+    w.run(
+        1,
+        Command::Update {
+            group: Some("team".into()),
+        },
+    )
+    .1
+    .unwrap();
+    // Alice's next receive: the resent Commit's answer is lost again, and
+    // the fetch brings Bob's message and Commit of epochs she has not
+    // merged yet. They wait (not skipped, not a warning) ...
+    let (events, outcome) = w.run_with(0, Command::Receive { wait_ms: 0 }, &mut |req, reply| {
+        if matches!(req, RequestBody::EnqueueBatch { .. }) {
+            *reply = Err(ServiceError::unavailable("answer lost"));
+        }
+    });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{events:?}"
+    );
+    assert!(
+        warnings(&events)
+            .iter()
+            .all(|m| m.starts_with("delivery deferred")),
+        "{events:?}"
+    );
+    // ... until the answer comes: her Commit is merged, then they are read.
+    assert_eq!(w.texts(0), vec![pair("team", "new epoch")]);
+    w.texts(2);
+    same_epoch(&mut w, &[0, 1, 2], "team");
+    send(&mut w, 0, "team", "in step");
+    assert_eq!(w.texts(1), vec![pair("team", "in step")]);
+}
+
+#[test]
 fn a_message_sent_while_a_change_is_pending_goes_out_after_it() {
     let mut w = team();
     w.texts(1);
