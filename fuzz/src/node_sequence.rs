@@ -27,9 +27,9 @@
 //! - an `enqueueBatch` answers one seq per recipient, each checked as a
 //!   single enqueue's; a `fetchWaitChannels` answers only channels it asked
 //!   for, in order, each checked as a fetch's, within one fetch's count;
-//! - the commit fence: fetches never show two Commit payloads for one
-//!   (channel, group, epoch), and `staleEpoch` names an epoch after the
-//!   refused Commit's.
+//! - the commit fence: fetches never show two Commits (payloads, or
+//!   framings of sealed ones) for one (channel, group, epoch), and
+//!   `staleEpoch` names an epoch after the refused Commit's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
@@ -500,7 +500,8 @@ struct Checker {
     /// The cursors of every fetch not known to have been refused: anything
     /// at or below one may have been acknowledged away.
     cursors: HashMap<RequestId, Vec<(QueueId, u64)>>,
-    /// The Commit payload shown per (channel, group id, epoch).
+    /// The Commit shown per (channel, group id, epoch): its payload, or a
+    /// sealed one's framing.
     commits: HashMap<(ChannelId, Vec<u8>, u64), Vec<u8>>,
 }
 
@@ -1316,10 +1317,13 @@ impl Harness {
         // The commit fence: whatever reached which queue, one Commit per
         // (channel, group, epoch) was ever stored.
         if let Some(header) = commit::commit_header(&payload) {
+            // A Commit is named by its payload, or a sealed one by its
+            // framing (its copies differ per recipient).
             let key = (queue.channel_id, header.group_id.to_vec(), header.epoch);
-            let stored = self.checker.commits.entry(key).or_insert(payload.clone());
+            let identity = header.identity.to_vec();
+            let stored = self.checker.commits.entry(key).or_insert(identity.clone());
             assert_eq!(
-                *stored, payload,
+                *stored, identity,
                 "two Commits stored for epoch {}",
                 header.epoch
             );
@@ -1450,6 +1454,9 @@ fn mid(m: Mid) -> MessageId {
 
 /// A group envelope around the framing of an MLS PrivateMessage Commit
 /// (what `quicproquo_core::node::commit` reads), then `body`.
+/// A Commit of `group` for `epoch`, told apart from others by `body`; with
+/// `body`'s top bit set, as a pq group sends it: its framing in the clear,
+/// then bytes the server cannot read (a stand-in for the sealed envelope).
 fn commit_payload(group: u8, epoch: u64, body: u8) -> Vec<u8> {
     let mut v = commit::GROUP_ENVELOPE_PREFIX.to_vec();
     // mls10, private_message, a one-byte group id.
@@ -1457,7 +1464,15 @@ fn commit_payload(group: u8, epoch: u64, body: u8) -> Vec<u8> {
     v.extend_from_slice(&epoch.to_be_bytes());
     // content_type commit, then something that differs per Commit.
     v.extend_from_slice(&[3, body]);
-    v
+    if body & 0x80 == 0 {
+        return v;
+    }
+    let framing = commit::commit_framing(&v).expect("a Commit has a framing");
+    let mut sealed = commit::FRAMED_HYBRID_PREFIX.to_vec();
+    sealed.extend_from_slice(&(framing.len() as u16).to_be_bytes());
+    sealed.extend_from_slice(&framing);
+    sealed.extend_from_slice(&[body; 40]);
+    sealed
 }
 
 fn chan(c: Chan) -> ChannelId {
