@@ -2200,6 +2200,86 @@ fn messages_after_our_accepted_commit_wait_for_its_lost_answer() {
 }
 
 #[test]
+fn two_members_making_the_same_change_at_once_make_it_once() {
+    // Alice, Bob and Carol in "team"; Dave registered but not in it.
+    let mut w = World::new(4);
+    for u in 0..4 {
+        register(&mut w, u);
+    }
+    create(&mut w, 0, "team", false);
+    add(&mut w, 0, "team", 1);
+    add(&mut w, 0, "team", 2);
+    w.texts(1);
+    w.texts(2);
+    let dave = w.key(3);
+    let before = w.machine(0).groups()[0].epoch;
+    // Bob and Carol both add Dave, each with one of his KeyPackages, while
+    // out of reach; Bob's Commit reaches the server first.
+    for u in [1, 2] {
+        let (_, outcome) = w.run_full(
+            u,
+            Command::AddMember {
+                group: "team".into(),
+                member: dave,
+            },
+            &mut |req| {
+                matches!(
+                    req,
+                    RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+                )
+                .then(|| Err(ServiceError::unavailable("down")))
+            },
+            &mut |_, _| {},
+        );
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    w.run(1, Command::Receive { wait_ms: 0 }).1.unwrap();
+    // Carol's add is refused for its epoch; after catching up she finds
+    // Dave added and says so, once, instead of adding him twice.
+    let (events, outcome) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let said = warnings(&events);
+    assert_eq!(said.len(), 1, "{events:?}");
+    assert!(said[0].contains("by another member meanwhile"), "{said:?}");
+    assert_eq!(w.machine(2).outbox_len(), 0);
+    // Dave gets one Welcome (Bob's); everyone is on one epoch.
+    let (events, _) = w.run(3, Command::Receive { wait_ms: 0 });
+    let joined = events
+        .iter()
+        .filter(|e| matches!(e, Event::Joined { .. }))
+        .count();
+    assert_eq!(joined, 1, "{events:?}");
+    w.texts(0);
+    same_epoch(&mut w, &[0, 1, 2, 3], "team");
+    assert_eq!(w.machine(3).groups()[0].epoch, before + 1);
+    // Then both remove him at once: one removal, the other is a no-op.
+    for u in [1, 2] {
+        let outcome = run_offline(
+            &mut w,
+            u,
+            Command::RemoveMember {
+                group: "team".into(),
+                member: dave,
+            },
+        );
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    for u in [2, 1, 0] {
+        let (events, outcome) = w.run(u, Command::Receive { wait_ms: 0 });
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert!(warnings(&events).is_empty(), "{events:?}");
+    }
+    same_epoch(&mut w, &[0, 1, 2], "team");
+    assert_eq!(w.machine(0).groups()[0].epoch, before + 2);
+    assert_eq!(w.machine(0).groups()[0].members.len(), 3);
+    let (events, _) = w.run(3, Command::Receive { wait_ms: 0 });
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Removed { .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn a_message_sent_while_a_change_is_pending_goes_out_after_it() {
     let mut w = team();
     w.texts(1);
