@@ -402,6 +402,9 @@ pub struct GroupSummary {
     pub members: Vec<IdentityKey>,
     /// Post-quantum: everything travels in hybrid envelopes.
     pub pq: bool,
+    /// Changes and messages this user asked for that the server has not
+    /// taken yet: a Commit awaiting acceptance and what queues behind it.
+    pub waiting: usize,
 }
 
 /// What an in-flight request was for.
@@ -661,6 +664,7 @@ impl ClientMachine {
                     epoch: group.epoch().as_u64(),
                     members: members(&group),
                     pq: r.pq,
+                    waiting: r.queue.len() + usize::from(r.commit.is_some()),
                 })
             })
             .collect()

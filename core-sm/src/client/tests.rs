@@ -2295,9 +2295,18 @@ fn a_message_sent_while_a_change_is_pending_goes_out_after_it() {
         },
     );
     assert!(
-        matches!(outcome, Ok(Outcome::Sent { delivered: 0, .. })),
+        matches!(
+            outcome,
+            Ok(Outcome::Sent {
+                delivered: 0,
+                undelivered: 3,
+                ..
+            })
+        ),
         "{outcome:?}"
     );
+    // The Commit and the message behind it.
+    assert_eq!(w.machine(1).groups()[0].waiting, 2);
     // Carol commits first; Bob's update is made again, then his message.
     let alice = w.key(0);
     let (_, outcome) = w.run(
@@ -2315,6 +2324,7 @@ fn a_message_sent_while_a_change_is_pending_goes_out_after_it() {
         "{events:?}"
     );
     assert_eq!(w.machine(1).outbox_len(), 0);
+    assert_eq!(w.machine(1).groups()[0].waiting, 0);
     assert_eq!(w.texts(2), vec![pair("team", "after my update")]);
     same_epoch(&mut w, &[1, 2], "team");
     assert_eq!(w.machine(1).groups()[0].members.len(), 2);

@@ -323,6 +323,7 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
                     "group": g.name,
                     "pq": g.pq,
                     "epoch": g.epoch,
+                    "waiting": g.waiting,
                     "channel_id": hex(g.channel_id.as_bytes()),
                     "members": g.members.iter().map(|m| hex(m.as_bytes())).collect::<Vec<_>>(),
                 })
@@ -335,11 +336,15 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     }
     for g in groups {
         println!(
-            "{}{}  ({} members, epoch {})",
+            "{}{}  ({} members, epoch {}){}",
             g.name,
             if g.pq { "  [pq]" } else { "" },
             g.members.len(),
-            g.epoch
+            g.epoch,
+            match g.waiting {
+                0 => String::new(),
+                n => format!("  — {n} change(s) or message(s) waiting for the server"),
+            }
         );
         for m in g.members {
             let me = if m == machine.identity_key() {
