@@ -1028,8 +1028,8 @@ impl<S: Store> NodeService<S> {
             channel_id,
         };
         self.expire_queue(now, &queue)?;
-        self.acknowledge(&queue, after_seq)?;
-        self.read_messages(&queue, after_seq, limit)
+        let meta = self.acknowledge(&queue, after_seq)?;
+        self.read_messages(&queue, meta, after_seq, limit)
     }
 
     /// `fetchWait` and `fetchWaitChannels`: answers at once if any cursor
@@ -1118,11 +1118,13 @@ impl<S: Store> NodeService<S> {
     }
 
     /// Deletes the messages `seq <= after_seq` of `queue`, and each shared
-    /// payload whose last reference that was.
-    fn acknowledge(&mut self, queue: &QueueId, after_seq: u64) -> Result<(), ServiceError> {
+    /// payload whose last reference that was. Returns the queue's counters
+    /// as they are now (a fetch reads on with them instead of reading them
+    /// again).
+    fn acknowledge(&mut self, queue: &QueueId, after_seq: u64) -> Result<QueueMeta, ServiceError> {
         let mut meta = self.cursor_meta(queue, after_seq)?;
         if after_seq < meta.head {
-            return Ok(());
+            return Ok(meta);
         }
         let mut batch = Batch::new();
         let mut drops = BlobDrops::default();
@@ -1133,7 +1135,8 @@ impl<S: Store> NodeService<S> {
         meta.head = after_seq + 1;
         self.finish_drops(drops, &mut batch)?;
         batch.put(layout::queue_meta_key(queue), meta.encode());
-        self.write(batch)
+        self.write(batch)?;
+        Ok(meta)
     }
 
     /// Deletes the entry at `seq` (the queue's head, about to move past
@@ -1260,9 +1263,15 @@ impl<S: Store> NodeService<S> {
 
     /// Reads up to `limit` messages after `after_seq` (and after the head),
     /// within the reply byte budget; never deletes.
-    fn read_messages(&mut self, queue: &QueueId, after_seq: u64, limit: u32) -> Reply {
+    fn read_messages(
+        &mut self,
+        queue: &QueueId,
+        meta: QueueMeta,
+        after_seq: u64,
+        limit: u32,
+    ) -> Reply {
         let mut budget = ReadBudget::new();
-        let r = self.read_queue(queue, after_seq, limit, &mut budget)?;
+        let r = self.read_queue_from(queue, meta, after_seq, limit, &mut budget)?;
         Ok(Response::Messages {
             messages: r.messages,
             next_seq: r.next_seq,
@@ -1281,6 +1290,18 @@ impl<S: Store> NodeService<S> {
         budget: &mut ReadBudget,
     ) -> Result<QueueRead, ServiceError> {
         let meta = self.queue_meta(queue)?;
+        self.read_queue_from(queue, meta, after_seq, limit, budget)
+    }
+
+    /// [`Self::read_queue`] with the queue's counters already read.
+    fn read_queue_from(
+        &self,
+        queue: &QueueId,
+        meta: QueueMeta,
+        after_seq: u64,
+        limit: u32,
+        budget: &mut ReadBudget,
+    ) -> Result<QueueRead, ServiceError> {
         // Seqs after the cursor that the TTL dropped.
         let gap = (after_seq.saturating_add(1) < meta.expired_below).then(|| Gap {
             from: after_seq + 1,
