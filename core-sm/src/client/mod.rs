@@ -95,6 +95,14 @@ pub const STATE_VERSION: u32 = 3;
 /// member made after processing its own copy); beyond it they are dropped
 /// with a warning.
 pub const EARLY_MESSAGES_MAX: usize = 256;
+/// Payload bytes of such early messages kept per group: they are kept
+/// before they can be authenticated, so whoever can put bytes in the queue
+/// (the server) must not be able to grow the state file without bound.
+pub const EARLY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// How many epochs ahead of the member's copy of the group an early
+/// message may be and still be kept; one further ahead is dropped with a
+/// warning (no real Commit backlog gets that deep before it is read).
+pub const EARLY_EPOCHS_AHEAD_MAX: u64 = 16;
 /// Past epochs whose message keys a member keeps, so an application
 /// message made before other members' Commits (sent concurrently with a
 /// change, or from a device that was offline while the group changed)
@@ -1854,10 +1862,11 @@ impl ClientMachine {
         else {
             return;
         };
-        if g.early.len() >= EARLY_MESSAGES_MAX {
-            let name = g.name.clone();
+        let kept: usize = g.early.iter().map(|m| m.payload.len()).sum();
+        if g.early.len() >= EARLY_MESSAGES_MAX || kept + message.payload.len() > EARLY_BYTES_MAX {
+            let (name, waiting) = (g.name.clone(), g.early.len());
             return self.warn(format!(
-                "message {} of group {name} is for epoch {epoch}, which this device has not reached, and {EARLY_MESSAGES_MAX} such messages wait already: dropped",
+                "message {} of group {name} is for epoch {epoch}, which this device has not reached, and {waiting} such messages ({kept} bytes) wait already: dropped",
                 message.seq
             ));
         }
@@ -2031,9 +2040,16 @@ impl ClientMachine {
             return Ok(());
         }
         if protocol.epoch() > group.epoch() {
+            let epoch = protocol.epoch().as_u64();
+            if epoch - group.epoch().as_u64() > EARLY_EPOCHS_AHEAD_MAX {
+                return Err(CommandError::Mls(format!(
+                    "a message for epoch {epoch}, more than {EARLY_EPOCHS_AHEAD_MAX} ahead of this device's epoch {}",
+                    group.epoch().as_u64()
+                )));
+            }
             // The Commit that starts that epoch is still to come (its copy
             // to us is behind this message in our queue): keep it.
-            self.early_epoch = Some(protocol.epoch().as_u64());
+            self.early_epoch = Some(epoch);
             return Ok(());
         }
         let processed = group

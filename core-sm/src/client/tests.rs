@@ -182,6 +182,17 @@ fn messages(events: &[Event]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The messages shown, whatever the warnings.
+fn messages_lenient(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { group, text, .. } => Some((group.clone(), text.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn register(w: &mut World, who: usize) {
     let (_, outcome) = w.run(who, Command::Register { count: 3 });
     assert_eq!(
@@ -2276,6 +2287,84 @@ fn two_members_making_the_same_change_at_once_make_it_once() {
     assert!(
         events.iter().any(|e| matches!(e, Event::Removed { .. })),
         "{events:?}"
+    );
+}
+
+#[test]
+fn early_messages_forged_into_a_queue_cannot_grow_the_state_without_bound() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let (bob, channel_id) = (w.key(1), w.channel(1, "team"));
+    let epoch = w.machine(1).groups()[0].epoch;
+    // A real message of the group, for its cleartext MLS framing.
+    let (_, _, sent) = w.run_capturing(
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "real".into(),
+        },
+    );
+    let real = &sent[0].2;
+    // 0x01 0x02, mls10, PrivateMessage, then the group id (one-byte length).
+    let id_len = usize::from(real[6]);
+    let prefix = &real[..7 + id_len];
+    let forged = |epoch: u64, len: usize| {
+        let mut v = prefix.to_vec();
+        v.extend_from_slice(&epoch.to_be_bytes());
+        // Application content, no authenticated data, sender data, and a
+        // ciphertext of `len` bytes (a minimal variable-length length).
+        v.extend_from_slice(&[1, 0, 1, 0xaa]);
+        let n = u32::try_from(len).unwrap();
+        match n {
+            0..64 => v.push(n as u8),
+            64..16_384 => v.extend_from_slice(&(n as u16 | 0x4000).to_be_bytes()),
+            _ => v.extend_from_slice(&(n | 0x8000_0000).to_be_bytes()),
+        }
+        v.extend(std::iter::repeat_n(0xbb, len));
+        v
+    };
+    // Whoever can write to Bob's queue (here Alice; the server too) sends
+    // bytes that look like messages of the next epoch, 20 of 300 KB, and
+    // one of an epoch far ahead.
+    let conn = w.users[0].conn;
+    let mut payloads: Vec<Vec<u8>> = (0..20).map(|_| forged(epoch + 1, 300_000)).collect();
+    payloads.push(forged(epoch + 1_000, 10));
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let r = w.call(
+            conn,
+            RequestBody::Enqueue {
+                recipient_key: bob,
+                channel_id,
+                payload,
+                message_id: MessageId([i as u8 + 1; 16]),
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let before = w.users[1].saved.len();
+    let (events, outcome) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(messages_lenient(&events), vec![pair("team", "real")]);
+    // What is kept stays within the bound; the rest is dropped, said once
+    // each.
+    let grown = w.users[1].saved.len() - before;
+    assert!(
+        grown <= EARLY_BYTES_MAX + 64 * 1024,
+        "state grew by {grown}"
+    );
+    let dropped = warnings(&events);
+    assert_eq!(
+        dropped.len(),
+        20 - EARLY_BYTES_MAX / 300_000 + 1,
+        "{dropped:?}"
+    );
+    assert!(dropped.last().unwrap().contains("ahead"), "{dropped:?}");
+    // The group carries on.
+    send(&mut w, 0, "team", "still fine");
+    assert_eq!(
+        messages_lenient(&w.run(1, Command::Receive { wait_ms: 0 }).0),
+        vec![pair("team", "still fine")]
     );
 }
 
