@@ -1293,7 +1293,7 @@ impl ClientMachine {
             if group.epoch().as_u64() < record.behind {
                 return;
             }
-            if let Some(g) = self.groups.iter_mut().find(|g| g.group_id == group_id) {
+            if let Some(g) = self.group_mut(group_id) {
                 g.queue.remove(0);
                 g.behind = 0;
             }
@@ -1413,11 +1413,7 @@ impl ClientMachine {
         welcome: Option<([u8; 32], Vec<u8>)>,
     ) -> Result<(), CommandError> {
         let message_id = self.send_group_message(record, recipients, commit)?;
-        if let Some(g) = self
-            .groups
-            .iter_mut()
-            .find(|g| g.group_id == record.group_id)
-        {
+        if let Some(g) = self.group_mut(&record.group_id) {
             g.commit = Some(CommitRecord {
                 message_id,
                 change,
@@ -1434,26 +1430,13 @@ impl ClientMachine {
     /// `message_id`) for the first time: it won its epoch. Merge it, send
     /// the Welcome if it added someone, and make what queued behind it.
     fn commit_accepted(&mut self, message_id: [u8; 16]) {
-        let Some(record) = self
-            .groups
-            .iter()
-            .find(|g| {
-                g.commit
-                    .as_ref()
-                    .is_some_and(|c| c.message_id == message_id)
-            })
-            .cloned()
-        else {
+        let Some(record) = self.group_committing(message_id) else {
             return;
         };
         let Some(commit) = record.commit.clone() else {
             return;
         };
-        if let Some(g) = self
-            .groups
-            .iter_mut()
-            .find(|g| g.group_id == record.group_id)
-        {
+        if let Some(g) = self.group_mut(&record.group_id) {
             g.commit = None;
         }
         self.accepted_commits.insert(message_id);
@@ -1515,20 +1498,9 @@ impl ClientMachine {
     /// outbox go too (they would be refused as well); copies in flight are
     /// refused on their own.
     fn commit_lost(&mut self, message_id: [u8; 16], behind: u64, refused: bool) {
-        let in_flight = self.outbox_in_flight();
-        self.outbox
-            .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
+        self.drop_copies(message_id);
         self.effects.push_back(Effect::Persist);
-        let Some(record) = self
-            .groups
-            .iter()
-            .find(|g| {
-                g.commit
-                    .as_ref()
-                    .is_some_and(|c| c.message_id == message_id)
-            })
-            .cloned()
-        else {
+        let Some(record) = self.group_committing(message_id) else {
             if refused && self.accepted_commits.contains(&message_id) {
                 // A Commit accepted earlier whose copy to a member came too
                 // late: the group had moved on by more epochs than the
@@ -1548,11 +1520,7 @@ impl ClientMachine {
         {
             self.warn(format!("group {}: {e:?}", record.name));
         }
-        if let Some(g) = self
-            .groups
-            .iter_mut()
-            .find(|g| g.group_id == record.group_id)
-        {
+        if let Some(g) = self.group_mut(&record.group_id) {
             g.commit = None;
             g.queue.insert(0, commit.change);
             g.behind = g.behind.max(behind);
@@ -1581,9 +1549,7 @@ impl ClientMachine {
             return;
         };
         if let Some(commit) = &record.commit {
-            let in_flight = self.outbox_in_flight();
-            self.outbox
-                .retain(|id, e| e.message_id != commit.message_id || in_flight.contains(id));
+            self.drop_copies(commit.message_id);
         }
         let unsent = record
             .queue
@@ -1597,6 +1563,31 @@ impl ClientMachine {
             ));
         }
         self.groups.retain(|g| g.group_id != group_id);
+    }
+
+    /// The group whose pending Commit went out under `message_id`.
+    fn group_committing(&self, message_id: [u8; 16]) -> Option<GroupRecord> {
+        self.groups
+            .iter()
+            .find(|g| {
+                g.commit
+                    .as_ref()
+                    .is_some_and(|c| c.message_id == message_id)
+            })
+            .cloned()
+    }
+
+    /// Drops the outbox entries of `message_id` that are not in flight
+    /// (those are answered on their own).
+    fn drop_copies(&mut self, message_id: [u8; 16]) {
+        let in_flight = self.outbox_in_flight();
+        self.outbox
+            .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
+    }
+
+    /// The group with this MLS group id, to change.
+    fn group_mut(&mut self, group_id: &[u8]) -> Option<&mut GroupRecord> {
+        self.groups.iter_mut().find(|g| g.group_id == group_id)
     }
 
     /// Outbox entries in an enqueue in flight.
@@ -1893,7 +1884,7 @@ impl ClientMachine {
             let Ok(channel) = ChannelId::try_from_slice(&record.channel_id) else {
                 return;
             };
-            let Some(g) = self.groups.iter_mut().find(|g| g.group_id == group_id) else {
+            let Some(g) = self.group_mut(group_id) else {
                 return;
             };
             let m = g.early.remove(i);
@@ -2096,10 +2087,7 @@ impl ClientMachine {
                         .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
                     if committer == Some(me)
                         && let Some(leaver) = leaver
-                        && let Some(g) = self
-                            .groups
-                            .iter_mut()
-                            .find(|g| g.group_id == record.group_id)
+                        && let Some(g) = self.group_mut(&record.group_id)
                     {
                         g.queue.push(Change::CommitLeave { leaver: leaver.0 });
                     }
