@@ -1280,7 +1280,12 @@ impl ClientMachine {
     /// changes would lose again.
     fn advance(&mut self, group_id: &[u8]) {
         loop {
-            let Some(record) = self.groups.iter().find(|g| g.group_id == group_id).cloned() else {
+            let Some(record) = self
+                .groups
+                .iter()
+                .find(|g| g.group_id == group_id)
+                .map(GroupRecord::head)
+            else {
                 return;
             };
             if record.commit.is_some() || record.queue.is_empty() {
@@ -1545,7 +1550,12 @@ impl ClientMachine {
 
     /// Forgets a group (left or removed), with what it still had to make.
     fn forget(&mut self, group_id: &[u8]) {
-        let Some(record) = self.groups.iter().find(|g| g.group_id == group_id).cloned() else {
+        let Some(record) = self
+            .groups
+            .iter()
+            .find(|g| g.group_id == group_id)
+            .map(GroupRecord::head)
+        else {
             return;
         };
         if let Some(commit) = &record.commit {
@@ -1574,7 +1584,7 @@ impl ClientMachine {
                     .as_ref()
                     .is_some_and(|c| c.message_id == message_id)
             })
-            .cloned()
+            .map(GroupRecord::head)
     }
 
     /// Drops the outbox entries of `message_id` that are not in flight
@@ -2007,7 +2017,7 @@ impl ClientMachine {
             .groups
             .iter()
             .find(|g| g.channel_id == channel.as_bytes())
-            .cloned()
+            .map(GroupRecord::head)
         else {
             return Err(CommandError::Mls(
                 "message on a channel of no known group".into(),
@@ -2382,14 +2392,7 @@ impl ClientMachine {
                 }
                 self.flush_outbox();
             }
-            Err(e)
-                if matches!(
-                    e.kind,
-                    ErrorKind::InvalidArgument
-                        | ErrorKind::PayloadTooLarge
-                        | ErrorKind::PermissionDenied
-                ) =>
-            {
+            Err(e) if refused_for_good(&e) => {
                 // Retrying cannot help: drop them and say so, once.
                 for id in &ids {
                     self.outbox.remove(id);
@@ -2435,14 +2438,7 @@ impl ClientMachine {
                 }
                 self.flush_outbox();
             }
-            Err(e)
-                if matches!(
-                    e.kind,
-                    ErrorKind::InvalidArgument
-                        | ErrorKind::PayloadTooLarge
-                        | ErrorKind::PermissionDenied
-                ) =>
-            {
+            Err(e) if refused_for_good(&e) => {
                 // Retrying cannot help: drop it and say so.
                 self.outbox.remove(&id);
                 self.effects.push_back(Effect::Persist);
@@ -2576,7 +2572,7 @@ impl ClientMachine {
         self.groups
             .iter()
             .find(|g| g.name == name)
-            .cloned()
+            .map(GroupRecord::head)
             .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
     }
 
@@ -2699,6 +2695,14 @@ fn open_name(
         .map_err(|_| CommandError::Mls("group name is not UTF-8".into()))?;
     check_name(&name)?;
     Ok(name)
+}
+
+/// An enqueue refusal that retrying cannot change.
+fn refused_for_good(e: &ServiceError) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge | ErrorKind::PermissionDenied
+    )
 }
 
 fn mls(e: impl std::fmt::Display) -> CommandError {
