@@ -1,0 +1,297 @@
+//! The client machine's public vocabulary: the commands a user gives, the
+//! effects the shell carries out, the events and outcomes it shows, and the
+//! errors a command ends with.
+
+use super::*;
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Make sure at least `count` KeyPackages (and a last-resort one) are on
+    /// the server.
+    Register {
+        /// Single-use KeyPackages to keep on the server.
+        count: u32,
+    },
+    /// Create a group named `name` with only this user in it.
+    CreateGroup {
+        /// Its name, unique among this user's groups.
+        name: String,
+        /// Post-quantum: every member needs a hybrid key, and everything the
+        /// group sends travels in hybrid envelopes.
+        pq: bool,
+    },
+    /// Add `member` to the group `group`.
+    AddMember {
+        /// The group's name.
+        group: String,
+        /// The new member's identity key.
+        member: IdentityKey,
+    },
+    /// Remove `member` from `group` (a Commit every member processes; the
+    /// removed member learns it and stops).
+    RemoveMember {
+        /// The group's name.
+        group: String,
+        /// The member to remove.
+        member: IdentityKey,
+    },
+    /// Leave `group`: propose removing oneself and forget the group. The
+    /// remaining member with the lowest leaf index commits the proposal.
+    Leave {
+        /// The group's name.
+        group: String,
+    },
+    /// Rotate this member's leaf keys (a self-update Commit) in `group`, or
+    /// in every group when `None`; the latter also rotates (or creates) the
+    /// hybrid key and uploads the new public key.
+    Update {
+        /// The group, or all.
+        group: Option<String>,
+    },
+    /// Send `text` to every other member of `group`.
+    Send {
+        /// The group's name.
+        group: String,
+        /// The message.
+        text: String,
+    },
+    /// Fetch and process everything pending; if nothing is, wait up to
+    /// `wait_ms` for something to arrive.
+    Receive {
+        /// How long to wait when nothing is pending (0: don't wait).
+        wait_ms: u64,
+    },
+    /// Wait up to `wait_ms` until a message is pending on any channel,
+    /// without processing or persisting anything (a later `Receive` does
+    /// that). Lets a long-running shell wait without holding the state.
+    Wait {
+        /// How long to wait.
+        wait_ms: u64,
+    },
+}
+
+/// What the machine asks the shell to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Write [`ClientMachine::snapshot`] to the state file now, before
+    /// carrying out any later effect.
+    Persist,
+    /// Send `request` and pass its result to
+    /// [`ClientMachine::handle_response`] with `token`.
+    Request {
+        /// Identifies the answer.
+        token: u64,
+        /// What to send.
+        request: RequestBody,
+    },
+    /// Show this to the user.
+    Event(Event),
+    /// The command is finished.
+    Done(Result<Outcome, CommandError>),
+}
+
+/// Something for the user to see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message from a group member.
+    Message {
+        /// The group's name.
+        group: String,
+        /// Who sent it.
+        sender: IdentityKey,
+        /// What it says.
+        text: String,
+    },
+    /// This user joined a group from a Welcome.
+    Joined {
+        /// The group's name.
+        group: String,
+        /// Members now in the group.
+        members: usize,
+    },
+    /// Another member removed this user from a group; it is forgotten.
+    Removed {
+        /// The group's name.
+        group: String,
+    },
+    /// A Commit changed a group.
+    GroupChanged {
+        /// The group's name.
+        group: String,
+        /// The new epoch.
+        epoch: u64,
+        /// Members now in the group.
+        members: usize,
+    },
+    /// The server returned a KeyPackage fingerprint that differs from ours.
+    Tampering {
+        /// What was tampered with.
+        what: String,
+    },
+    /// Something went wrong that did not stop the command.
+    Warning {
+        /// What.
+        message: String,
+    },
+}
+
+/// A finished command's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// KeyPackages uploaded.
+    Registered {
+        /// Uploaded and confirmed by fingerprint.
+        uploaded: u32,
+        /// Already on the server before this call.
+        already: u32,
+        /// Refused or tampered with.
+        failed: u32,
+    },
+    /// The group exists, with this user alone in it.
+    GroupCreated {
+        /// Its name.
+        group: String,
+    },
+    /// The member is in the group.
+    MemberAdded {
+        /// The group.
+        group: String,
+        /// The new member.
+        member: IdentityKey,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// The member is removed.
+    MemberRemoved {
+        /// The group.
+        group: String,
+        /// The removed member.
+        member: IdentityKey,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// This user left the group.
+    Left {
+        /// The group.
+        group: String,
+    },
+    /// Keys rotated.
+    Updated {
+        /// The groups whose epoch advanced.
+        groups: Vec<String>,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// The message is on its way.
+    Sent {
+        /// The group.
+        group: String,
+        /// Recipients it was stored for.
+        delivered: u32,
+        /// Deliveries still in the outbox (retried by the next command).
+        undelivered: u32,
+    },
+    /// Messages processed.
+    Received {
+        /// Application messages shown.
+        messages: u32,
+    },
+    /// The wait ended.
+    Waited {
+        /// True if a message is pending on some channel.
+        pending: bool,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// Another command is still running.
+    #[error("another command is still running")]
+    Busy,
+    /// No group has that name.
+    #[error("no group named `{0}`")]
+    UnknownGroup(String),
+    /// A group with that name exists already.
+    #[error("a group named `{0}` exists already")]
+    GroupExists(String),
+    /// The name is empty, too long or not printable.
+    #[error("invalid group name: {0}")]
+    InvalidName(String),
+    /// The text is too long.
+    #[error("message of {0} bytes is longer than {TEXT_BYTES_MAX}")]
+    TextTooLong(usize),
+    /// The identity is already in the group (or is this user).
+    #[error("{0} is already a member of the group")]
+    AlreadyMember(String),
+    /// The identity is not in the group.
+    #[error("{0} is not a member of the group")]
+    NotMember(String),
+    /// The server has no KeyPackage for that identity.
+    #[error("{0} has no KeyPackage on the server; they need to run `qpq register`")]
+    NoKeyPackage(String),
+    /// The fetched KeyPackage is invalid or not theirs.
+    #[error("the KeyPackage the server returned is not acceptable: {0}")]
+    BadKeyPackage(String),
+    /// The member has no hybrid key on the server, which a pq group needs.
+    #[error(
+        "{0} has no hybrid (post-quantum) key on the server, which a pq group needs; they need to run `qpq register` with a current qpq"
+    )]
+    NoHybridKey(String),
+    /// The hybrid key the server returned is not signed by its identity.
+    #[error("the hybrid key the server returned for {0} is not signed by them: {1}")]
+    BadHybridKey(String, HybridError),
+    /// A pq group needs this user's own hybrid key first.
+    #[error("a pq group needs your hybrid key on the server: run `qpq register` first")]
+    NoOwnHybridKey,
+    /// A hybrid envelope does not open, or a pq group's message came without
+    /// one.
+    #[error("hybrid envelope refused: {0}")]
+    HybridEnvelope(String),
+    /// An MLS operation failed.
+    #[error("MLS: {0}")]
+    Mls(String),
+    /// The server refused a request the command needs.
+    #[error("server: {0}")]
+    Server(ServiceError),
+    /// The persisted state does not decode.
+    #[error("state: {0}")]
+    State(String),
+}
+
+/// Where the user is in the life cycle (ARCHITECTURE.md, client life cycle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// An identity exists; nothing uploaded yet.
+    IdentityGenerated,
+    /// KeyPackages are on the server; no group yet.
+    Registered,
+    /// This user created a group (epoch 0 at creation).
+    GroupOwner,
+    /// This user joined a group from a Welcome.
+    GroupMember,
+    /// Messages have been exchanged.
+    Active,
+}
+
+/// A group as the user sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// Its name.
+    pub name: String,
+    /// The channel it talks on.
+    pub channel_id: ChannelId,
+    /// The current epoch.
+    pub epoch: u64,
+    /// Every member, this user included.
+    pub members: Vec<IdentityKey>,
+    /// Post-quantum: everything travels in hybrid envelopes.
+    pub pq: bool,
+    /// Changes and messages this user asked for that the server has not
+    /// taken yet: a Commit awaiting acceptance and what queues behind it.
+    pub waiting: usize,
+}

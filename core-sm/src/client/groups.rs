@@ -1,0 +1,670 @@
+//! Group changes: creating a group, adding, removing, leaving, updating and
+//! sending, all through each group's persisted queue of changes; and the
+//! Commit race — one pending Commit per group, merged once the server has
+//! stored it, made again on top of the winner when it loses its epoch.
+
+use super::*;
+
+impl ClientMachine {
+    // ----- groups -----------------------------------------------------------
+
+    pub(super) fn create_group(&mut self, name: String, pq: bool) -> Result<(), CommandError> {
+        check_name(&name)?;
+        if self.groups.iter().any(|g| g.name == name) {
+            return Err(CommandError::GroupExists(name));
+        }
+        // Members seal to each other's hybrid keys, this user's included.
+        if pq && self.hybrid_keys.is_empty() {
+            return Err(CommandError::NoOwnHybridKey);
+        }
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .capabilities(capabilities())
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let group =
+            MlsGroup::new(&self.provider, &self.signer, &config, self.credential()).map_err(mls)?;
+        let mut channel = [0u8; 16];
+        self.provider.fill(&mut channel);
+        self.groups.push(GroupRecord {
+            name: name.clone(),
+            group_id: group.group_id().as_slice().to_vec(),
+            channel_id: channel.to_vec(),
+            owner: true,
+            pq,
+            queue: Vec::new(),
+            commit: None,
+            behind: 0,
+            early: Vec::new(),
+        });
+        self.effects.push_back(Effect::Persist);
+        self.effects
+            .push_back(Effect::Done(Ok(Outcome::GroupCreated { group: name })));
+        Ok(())
+    }
+
+    pub(super) fn start_add(
+        &mut self,
+        group: String,
+        member: IdentityKey,
+    ) -> Result<(), CommandError> {
+        let record = self.record(&group)?;
+        let g = self.load_group(&record)?;
+        if members(&g).contains(&member) {
+            return Err(CommandError::AlreadyMember(member.short()));
+        }
+        // Asked before (an interrupted `group add`): that add is on its way
+        // already, with a KeyPackage fetched for it.
+        let adding = |c: &Change| matches!(c, Change::Add { member: m, .. } if *m == member.0);
+        if record.queue.iter().any(adding)
+            || record.commit.as_ref().is_some_and(|c| adding(&c.change))
+        {
+            self.op = Some(Op::AddMember {
+                group,
+                member,
+                added: true,
+            });
+            return Ok(());
+        }
+        self.op = Some(Op::AddMember {
+            group,
+            member,
+            added: false,
+        });
+        if record.pq {
+            // The hybrid key first: refusing a member without one must not
+            // use up one of their single-use KeyPackages. Always fetched
+            // anew (not from the cache), so the Welcome goes to their
+            // current key.
+            self.request(
+                Pending::HybridKeyForAdd,
+                RequestBody::FetchHybridKey {
+                    identity_key: member,
+                },
+            );
+        } else {
+            self.request_key_package(member);
+        }
+        Ok(())
+    }
+
+    pub(super) fn request_key_package(&mut self, member: IdentityKey) {
+        self.request(
+            Pending::FetchKeyPackage,
+            RequestBody::FetchKeyPackage {
+                identity_key: member,
+            },
+        );
+    }
+
+    pub(super) fn on_hybrid_key_for_add(&mut self, result: Result<Response, ServiceError>) {
+        let Some(Op::AddMember { member, .. }) = &self.op else {
+            return;
+        };
+        let member = *member;
+        match self.accept_hybrid_key(member, result) {
+            Ok(()) => self.request_key_package(member),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    pub(super) fn on_key_package(&mut self, result: Result<Response, ServiceError>) {
+        let Some(Op::AddMember { group, member, .. }) = &self.op else {
+            return;
+        };
+        let (group, member) = (group.clone(), *member);
+        let package = match result {
+            Ok(Response::KeyPackage { package, .. }) => package,
+            Ok(other) => return self.fail(unexpected(&other)),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return self.fail(CommandError::NoKeyPackage(member.short()));
+            }
+            Err(e) => return self.fail(CommandError::Server(e)),
+        };
+        match self.add_member(&group, member, &package) {
+            Ok(()) => {
+                if let Some(Op::AddMember { added, .. }) = &mut self.op {
+                    *added = true;
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Queues the add of `member` with their fetched KeyPackage (checked
+    /// now, so a bad one fails the command).
+    pub(super) fn add_member(
+        &mut self,
+        group_name: &str,
+        member: IdentityKey,
+        package: &[u8],
+    ) -> Result<(), CommandError> {
+        self.validate_key_package(member, package)?;
+        self.queue_change(
+            group_name,
+            Change::Add {
+                member: member.0,
+                key_package: package.to_vec(),
+            },
+        )
+    }
+
+    /// Parses and validates a fetched KeyPackage, and checks that it is
+    /// really `member`'s: its credential identity and its signature key must
+    /// both be the identity asked for, or the server substituted a key.
+    pub(super) fn validate_key_package(
+        &self,
+        member: IdentityKey,
+        package: &[u8],
+    ) -> Result<KeyPackage, CommandError> {
+        let bad = |m: String| CommandError::BadKeyPackage(m);
+        let key_package_in = match MlsMessageIn::tls_deserialize_exact(package) {
+            Ok(msg) => match msg.extract() {
+                MlsMessageBodyIn::KeyPackage(kp) => kp,
+                _ => return Err(bad("not a KeyPackage message".into())),
+            },
+            // A bare KeyPackage (no MLSMessage framing) is accepted too.
+            Err(_) => KeyPackageIn::tls_deserialize_exact(package)
+                .map_err(|e| bad(format!("does not decode: {e}")))?,
+        };
+        let kp = key_package_in
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(|e| bad(e.to_string()))?;
+        if kp.ciphersuite() != CIPHERSUITE {
+            return Err(bad("unsupported ciphersuite".into()));
+        }
+        let credential = BasicCredential::try_from(kp.leaf_node().credential().clone())
+            .map_err(|e| bad(e.to_string()))?;
+        if credential.identity() != member.as_bytes()
+            || kp.leaf_node().signature_key().as_slice() != member.as_bytes()
+        {
+            return Err(bad(
+                "its credential or signature key is not the identity asked for".into(),
+            ));
+        }
+        Ok(kp)
+    }
+
+    // ----- lifecycle --------------------------------------------------------
+
+    pub(super) fn remove_member(
+        &mut self,
+        name: String,
+        member: IdentityKey,
+    ) -> Result<(), CommandError> {
+        if member == self.identity {
+            return Err(CommandError::NotMember(
+                "you (use `group leave` to leave a group)".into(),
+            ));
+        }
+        let record = self.record(&name)?;
+        let group = self.load_group(&record)?;
+        if !members(&group).contains(&member) {
+            return Err(CommandError::NotMember(member.short()));
+        }
+        self.queue_change(&name, Change::Remove { member: member.0 })?;
+        self.op = Some(Op::Committed {
+            outcome: Outcome::MemberRemoved {
+                group: name,
+                member,
+                undelivered: 0,
+            },
+        });
+        Ok(())
+    }
+
+    pub(super) fn leave(&mut self, name: String) -> Result<(), CommandError> {
+        self.queue_change(&name, Change::Leave)?;
+        self.op = Some(Op::Committed {
+            outcome: Outcome::Left { group: name },
+        });
+        Ok(())
+    }
+
+    pub(super) fn update(&mut self, only: Option<String>) -> Result<(), CommandError> {
+        let all = only.is_none();
+        let names: Vec<String> = match only {
+            Some(name) => vec![self.record(&name)?.name],
+            None => self.groups.iter().map(|g| g.name.clone()).collect(),
+        };
+        for name in &names {
+            self.queue_change(name, Change::Update)?;
+        }
+        if all {
+            // Every group gets a Commit from this user, on which each peer
+            // drops its cached copy of this user's hybrid key.
+            self.publish_hybrid_key(true);
+        }
+        self.op = Some(Op::Committed {
+            outcome: Outcome::Updated {
+                groups: names,
+                undelivered: 0,
+            },
+        });
+        Ok(())
+    }
+
+    /// Every member of `group` but this user.
+    pub(super) fn others(&self, group: &MlsGroup) -> Vec<IdentityKey> {
+        members(group)
+            .into_iter()
+            .filter(|m| *m != self.identity)
+            .collect()
+    }
+
+    /// Puts one MLS message for the group's channel in the outbox for each
+    /// recipient, under one message id, which it returns.
+    pub(super) fn send_group_message(
+        &mut self,
+        record: &GroupRecord,
+        recipients: &[IdentityKey],
+        message: MlsMessageOut,
+    ) -> Result<[u8; 16], CommandError> {
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        let payload = Envelope::Group {
+            message: message.to_bytes().map_err(mls)?,
+        }
+        .encode();
+        Ok(self.add_group_to_outbox(recipients, channel, payload, record.pq))
+    }
+
+    // ----- send -------------------------------------------------------------
+
+    pub(super) fn start_send(
+        &mut self,
+        group_name: String,
+        text: String,
+    ) -> Result<(), CommandError> {
+        if text.len() > TEXT_BYTES_MAX {
+            return Err(CommandError::TextTooLong(text.len()));
+        }
+        self.active = true;
+        self.op = Some(Op::Send {
+            group: group_name.clone(),
+            delivered: 0,
+        });
+        self.queue_change(&group_name, Change::Text(text))
+    }
+
+    // ----- the queue of changes ---------------------------------------------
+
+    /// Queues `change` for the group, persisted, then makes what can be made
+    /// now and sends it. A change waits behind the group's Commit that the
+    /// server has not accepted yet (MLS allows one pending Commit, and a
+    /// message or change made on top of it would be made in an epoch the
+    /// group may never reach).
+    pub(super) fn queue_change(
+        &mut self,
+        group_name: &str,
+        change: Change,
+    ) -> Result<(), CommandError> {
+        let record = self.record(group_name)?;
+        if let Some(g) = self.groups.iter_mut().find(|g| g.name == group_name) {
+            g.queue.push(change);
+        }
+        self.effects.push_back(Effect::Persist);
+        self.advance(&record.group_id);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    /// What the start of a command picks up from an earlier run: queued
+    /// changes are made, and a group still behind the epoch its lost Commit
+    /// met is fetched first.
+    pub(super) fn resume(&mut self) {
+        let groups: Vec<(Vec<u8>, bool, Vec<u8>)> = self
+            .groups
+            .iter()
+            .filter(|g| g.commit.is_none() && !g.queue.is_empty())
+            .map(|g| (g.group_id.clone(), g.behind > 0, g.channel_id.clone()))
+            .collect();
+        for (group_id, behind, channel) in groups {
+            match ChannelId::try_from_slice(&channel) {
+                Ok(ch) if behind => self.fetch(ch),
+                _ => self.advance(&group_id),
+            }
+        }
+        self.flush_outbox();
+    }
+
+    /// Makes the group's queued changes in order, until one is a Commit (it
+    /// waits for the server's acceptance) or the queue is empty. Nothing is
+    /// made while the group is behind the epoch a lost Commit met: those
+    /// changes would lose again.
+    pub(super) fn advance(&mut self, group_id: &[u8]) {
+        loop {
+            let Some(record) = self
+                .groups
+                .iter()
+                .find(|g| g.group_id == group_id)
+                .map(GroupRecord::head)
+            else {
+                return;
+            };
+            if record.commit.is_some() || record.queue.is_empty() {
+                return;
+            }
+            let mut group = match self.load_group(&record) {
+                Ok(g) => g,
+                Err(e) => return self.warn(format!("group {}: {e}", record.name)),
+            };
+            if group.epoch().as_u64() < record.behind {
+                return;
+            }
+            if let Some(g) = self.group_mut(group_id) {
+                g.queue.remove(0);
+                g.behind = 0;
+            }
+            let change = record.queue[0].clone();
+            if let Err(e) = self.make(&record, &mut group, change) {
+                self.warn(format!(
+                    "a change to group {} could not be made and was dropped: {e}",
+                    record.name
+                ));
+            }
+            self.effects.push_back(Effect::Persist);
+        }
+    }
+
+    /// Makes one change: an application message goes to the outbox; a
+    /// Commit goes to the outbox and stays pending (openmls) until the
+    /// server accepts it; a leave sends its proposal and forgets the group.
+    pub(super) fn make(
+        &mut self,
+        record: &GroupRecord,
+        group: &mut MlsGroup,
+        change: Change,
+    ) -> Result<(), CommandError> {
+        let recipients = self.others(group);
+        let index_of = |group: &MlsGroup, who: &[u8; 32]| {
+            group
+                .members()
+                .find(|m| m.signature_key == who.as_slice())
+                .map(|m| m.index)
+        };
+        let (commit, welcome) = match &change {
+            Change::Text(text) => {
+                let message = group
+                    .create_message(&self.provider, &self.signer, text.as_bytes())
+                    .map_err(mls)?;
+                self.send_group_message(record, &recipients, message)?;
+                return Ok(());
+            }
+            Change::Leave => {
+                let proposal = group
+                    .leave_group(&self.provider, &self.signer)
+                    .map_err(mls)?;
+                self.send_group_message(record, &recipients, proposal)?;
+                self.forget(&record.group_id);
+                return Ok(());
+            }
+            Change::Add {
+                member,
+                key_package,
+            } => {
+                let member = IdentityKey(*member);
+                if recipients.contains(&member) {
+                    self.warn(format!(
+                        "{} was added to group {} by another member meanwhile",
+                        member.short(),
+                        record.name
+                    ));
+                    return Ok(());
+                }
+                let key_package = self.validate_key_package(member, key_package)?;
+                let (commit, welcome, _) = group
+                    .add_members(&self.provider, &self.signer, &[key_package])
+                    .map_err(mls)?;
+                (commit, Some((member.0, welcome.to_bytes().map_err(mls)?)))
+            }
+            Change::Remove { member } => {
+                // Removed by another member meanwhile: nothing to do. The
+                // removed member gets the Commit too, so they learn of it.
+                let Some(index) = index_of(group, member) else {
+                    return Ok(());
+                };
+                let (commit, _, _) = group
+                    .remove_members(&self.provider, &self.signer, &[index])
+                    .map_err(mls)?;
+                (commit, None)
+            }
+            Change::Update => {
+                let (commit, _, _) = group
+                    .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+                    .map_err(mls)?
+                    .into_contents();
+                (commit, None)
+            }
+            Change::CommitLeave { leaver } => {
+                let Some(index) = index_of(group, leaver) else {
+                    return Ok(());
+                };
+                let recipients: Vec<IdentityKey> =
+                    recipients.into_iter().filter(|m| m.0 != *leaver).collect();
+                // Their proposal, while it is in this epoch; once a Commit
+                // has moved the group on, a removal by value.
+                let (commit, _, _) = if group.pending_proposals().next().is_some() {
+                    group
+                        .commit_to_pending_proposals(&self.provider, &self.signer)
+                        .map_err(mls)?
+                } else {
+                    group
+                        .remove_members(&self.provider, &self.signer, &[index])
+                        .map_err(mls)?
+                };
+                self.commit(record, &recipients, commit, change, None)?;
+                return Ok(());
+            }
+        };
+        self.commit(record, &recipients, commit, change, welcome)
+    }
+
+    /// Sends a Commit just made and keeps it pending until the server
+    /// accepts it; with nobody to send it to, nobody can race it, and it is
+    /// merged at once.
+    pub(super) fn commit(
+        &mut self,
+        record: &GroupRecord,
+        recipients: &[IdentityKey],
+        commit: MlsMessageOut,
+        change: Change,
+        welcome: Option<([u8; 32], Vec<u8>)>,
+    ) -> Result<(), CommandError> {
+        let message_id = self.send_group_message(record, recipients, commit)?;
+        if let Some(g) = self.group_mut(&record.group_id) {
+            g.commit = Some(CommitRecord {
+                message_id,
+                change,
+                welcome,
+            });
+        }
+        if recipients.is_empty() {
+            self.commit_accepted(message_id);
+        }
+        Ok(())
+    }
+
+    /// The server stored a Commit of ours (the outbox entries with
+    /// `message_id`) for the first time: it won its epoch. Merge it, send
+    /// the Welcome if it added someone, and make what queued behind it.
+    pub(super) fn commit_accepted(&mut self, message_id: [u8; 16]) {
+        let Some(record) = self.group_committing(message_id) else {
+            return;
+        };
+        let Some(commit) = record.commit.clone() else {
+            return;
+        };
+        if let Some(g) = self.group_mut(&record.group_id) {
+            g.commit = None;
+        }
+        self.accepted_commits.insert(message_id);
+        self.effects.push_back(Effect::Persist);
+        if let Err(e) = self.merge_own_commit(&record, commit) {
+            self.warn(format!("group {}: {e}", record.name));
+        }
+        self.replay_early(&record.group_id);
+        self.unblock(&record.channel_id);
+        self.advance(&record.group_id);
+    }
+
+    pub(super) fn merge_own_commit(
+        &mut self,
+        record: &GroupRecord,
+        commit: CommitRecord,
+    ) -> Result<(), CommandError> {
+        let mut group = self.load_group(record)?;
+        group.merge_pending_commit(&self.provider).map_err(mls)?;
+        check_members(&group)?;
+        if matches!(commit.change, Change::CommitLeave { .. }) {
+            // Made for another member's leave, not asked for by this user:
+            // show it, as any change another member makes.
+            self.effects.push_back(Effect::Event(Event::GroupChanged {
+                group: record.name.clone(),
+                epoch: group.epoch().as_u64(),
+                members: group.members().count(),
+            }));
+        }
+        let Some((member, welcome)) = commit.welcome else {
+            return Ok(());
+        };
+        // The group's name is sealed under the new epoch's exporter secret,
+        // which the joiner derives from the Welcome.
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
+        self.provider.fill(&mut nonce);
+        let sealed_name = seal_name(&self.provider, &group, &channel, &nonce, &record.name)?;
+        let welcome = Envelope::Welcome {
+            channel_id: channel,
+            nonce,
+            sealed_name,
+            welcome,
+        }
+        .encode();
+        // The Welcome goes to the new member's default channel: they do not
+        // know the group's channel yet.
+        self.add_to_outbox(IdentityKey(member), ChannelId::DEFAULT, welcome, record.pq);
+        Ok(())
+    }
+
+    /// Our Commit with `message_id` lost its epoch to another member's:
+    /// forget it and queue its change again, first, to be made once this
+    /// member's copy of the group is at epoch `behind` (it has processed the
+    /// winning Commit). `refused`: the server refused it with `staleEpoch`
+    /// naming `behind`, so the channel is fetched to catch up; otherwise the
+    /// winning Commit is being processed right now. Its other copies in the
+    /// outbox go too (they would be refused as well); copies in flight are
+    /// refused on their own.
+    pub(super) fn commit_lost(&mut self, message_id: [u8; 16], behind: u64, refused: bool) {
+        self.drop_copies(message_id);
+        self.effects.push_back(Effect::Persist);
+        let Some(record) = self.group_committing(message_id) else {
+            if refused && self.accepted_commits.contains(&message_id) {
+                // A Commit accepted earlier whose copy to a member came too
+                // late: the group had moved on by more epochs than the
+                // server remembers. (A copy of a Commit already known to
+                // have lost is refused as expected.)
+                self.warn(
+                    "a change you made to a group reached some members too late and was refused for them; they cannot follow the group until they are removed and added again".into(),
+                );
+            }
+            return;
+        };
+        let Some(commit) = record.commit.clone() else {
+            return;
+        };
+        if let Ok(mut group) = self.load_group(&record)
+            && let Err(e) = group.clear_pending_commit(self.provider.storage())
+        {
+            self.warn(format!("group {}: {e:?}", record.name));
+        }
+        if let Some(g) = self.group_mut(&record.group_id) {
+            g.commit = None;
+            g.queue.insert(0, commit.change);
+            g.behind = g.behind.max(behind);
+        }
+        self.unblock(&record.channel_id);
+        // Catch up with the winning Commit, then make the change again.
+        if refused && let Ok(ch) = ChannelId::try_from_slice(&record.channel_id) {
+            self.fetch(ch);
+        }
+        self.advance(&record.group_id);
+    }
+
+    /// Resumes a channel whose processing waited for a Commit of ours to be
+    /// settled.
+    pub(super) fn unblock(&mut self, channel: &[u8]) {
+        if let Ok(ch) = ChannelId::try_from_slice(channel)
+            && self.blocked.remove(&ch)
+        {
+            self.fetch(ch);
+        }
+    }
+
+    /// Forgets a group (left or removed), with what it still had to make.
+    pub(super) fn forget(&mut self, group_id: &[u8]) {
+        let Some(record) = self
+            .groups
+            .iter()
+            .find(|g| g.group_id == group_id)
+            .map(GroupRecord::head)
+        else {
+            return;
+        };
+        if let Some(commit) = &record.commit {
+            self.drop_copies(commit.message_id);
+        }
+        let unsent = record
+            .queue
+            .iter()
+            .filter(|c| matches!(c, Change::Text(_)))
+            .count();
+        if unsent > 0 {
+            self.warn(format!(
+                "{unsent} message(s) to group {} were never sent: you are no longer in it",
+                record.name
+            ));
+        }
+        self.groups.retain(|g| g.group_id != group_id);
+    }
+
+    /// The group whose pending Commit went out under `message_id`.
+    pub(super) fn group_committing(&self, message_id: [u8; 16]) -> Option<GroupRecord> {
+        self.groups
+            .iter()
+            .find(|g| {
+                g.commit
+                    .as_ref()
+                    .is_some_and(|c| c.message_id == message_id)
+            })
+            .map(GroupRecord::head)
+    }
+
+    /// Drops the outbox entries of `message_id` that are not in flight
+    /// (those are answered on their own).
+    pub(super) fn drop_copies(&mut self, message_id: [u8; 16]) {
+        let in_flight = self.outbox_in_flight();
+        self.outbox
+            .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
+    }
+
+    /// The group with this MLS group id, to change.
+    pub(super) fn group_mut(&mut self, group_id: &[u8]) -> Option<&mut GroupRecord> {
+        self.groups.iter_mut().find(|g| g.group_id == group_id)
+    }
+
+    /// Outbox entries in an enqueue in flight.
+    pub(super) fn outbox_in_flight(&self) -> BTreeSet<u64> {
+        self.in_flight
+            .values()
+            .flat_map(|p| match p {
+                Pending::Outbox(id) => vec![*id],
+                Pending::OutboxBatch(ids) => ids.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+}

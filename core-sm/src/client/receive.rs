@@ -1,0 +1,565 @@
+//! Receiving: fetching and long-polling the channels from their cursors,
+//! processing Welcomes, Commits, proposals and application messages, the
+//! TTL gaps the server reports, and the early messages kept until the
+//! Commit of their epoch arrives.
+
+use super::*;
+
+impl ClientMachine {
+    // ----- receive ----------------------------------------------------------
+
+    pub(super) fn start_receive(&mut self, wait_ms: u64) -> Result<(), CommandError> {
+        self.op = Some(Op::Receive {
+            wait_ms,
+            waited: false,
+            shown: 0,
+        });
+        for ch in self.channels() {
+            self.fetch(ch);
+        }
+        Ok(())
+    }
+
+    pub(super) fn channels(&self) -> Vec<ChannelId> {
+        let mut out = vec![ChannelId::DEFAULT];
+        out.extend(
+            self.groups
+                .iter()
+                .filter_map(|g| ChannelId::try_from_slice(&g.channel_id).ok()),
+        );
+        out
+    }
+
+    pub(super) fn fetch(&mut self, channel: ChannelId) {
+        // One fetch per channel at a time: a second would only bring the
+        // same messages.
+        if self
+            .in_flight
+            .values()
+            .any(|p| matches!(p, Pending::Fetch(c) if *c == channel))
+        {
+            return;
+        }
+        let after_seq = self.cursors.get(&channel).copied().unwrap_or(0);
+        self.request(
+            Pending::Fetch(channel),
+            RequestBody::Fetch {
+                recipient_key: self.identity,
+                channel_id: channel,
+                after_seq,
+                limit: FETCH_BATCH,
+            },
+        );
+    }
+
+    /// A long-poll on `channel` from its cursor, answered as `pending`.
+    /// One long-poll over every channel from its cursor (one per
+    /// [`crate::limits::FETCH_WAIT_CHANNELS_MAX`] channels), answered as
+    /// `pending`.
+    pub(super) fn wait_all(&mut self, wait_ms: u64, pending: Pending, limit: u32) {
+        let cursors: Vec<(ChannelId, u64)> = self
+            .channels()
+            .into_iter()
+            .map(|ch| (ch, self.cursors.get(&ch).copied().unwrap_or(0)))
+            .collect();
+        for chunk in cursors.chunks(crate::limits::FETCH_WAIT_CHANNELS_MAX) {
+            self.request(
+                pending.clone(),
+                RequestBody::FetchWaitChannels {
+                    recipient_key: self.identity,
+                    cursors: chunk.to_vec(),
+                    limit,
+                    timeout_ms: wait_ms,
+                },
+            );
+        }
+    }
+
+    /// The answer to a [`Pending::Wait`]: each channel's messages, as a
+    /// fetch's.
+    pub(super) fn on_channels(&mut self, result: Result<Response, ServiceError>) {
+        match result {
+            Ok(Response::ChannelMessages { channels }) => {
+                for c in channels {
+                    self.on_batch(c.channel_id, c.messages, c.gap, true);
+                }
+            }
+            Ok(other) => self.warn(format!("unexpected answer to a wait: {other:?}")),
+            Err(e) => self.warn(format!("wait refused: {e}")),
+        }
+    }
+
+    pub(super) fn on_messages(
+        &mut self,
+        channel: ChannelId,
+        result: Result<Response, ServiceError>,
+        waited: bool,
+    ) {
+        let (messages, gap) = match result {
+            Ok(Response::Messages { messages, gap, .. }) => (messages, gap),
+            Ok(other) => {
+                self.warn(format!("unexpected answer to a fetch: {other:?}"));
+                return;
+            }
+            Err(e) => {
+                self.warn(format!("fetch refused: {e}"));
+                return;
+            }
+        };
+        self.on_batch(channel, messages, gap, waited);
+    }
+
+    /// Processes one channel's messages from a fetch or a wait, then fetches
+    /// the channel again with the new cursor (acknowledging them).
+    pub(super) fn on_batch(
+        &mut self,
+        channel: ChannelId,
+        messages: Vec<QueuedMessage>,
+        gap: Option<Gap>,
+        waited: bool,
+    ) {
+        if let Some(gap) = gap {
+            self.report_gap(channel, gap);
+        }
+        if messages.is_empty() {
+            // Drained: the channel's groups are as up to date as the server
+            // can make them; make what they queued.
+            let groups: Vec<Vec<u8>> = self
+                .groups
+                .iter()
+                .filter(|g| g.channel_id == channel.as_bytes() && !g.queue.is_empty())
+                .map(|g| g.group_id.clone())
+                .collect();
+            for group_id in groups {
+                self.advance(&group_id);
+            }
+            self.flush_outbox();
+            return;
+        }
+        let channels_before = self.channels();
+        let effects_before = self.effects.len();
+        for m in messages {
+            if self.blocked.contains(&channel) {
+                break;
+            }
+            self.process(channel, m);
+        }
+        // Persist what was processed before showing it (a crash in between
+        // would otherwise show it twice), then acknowledge it with the next
+        // fetch (its cursor), which also drains the rest.
+        let shown: Vec<Effect> = self.effects.drain(effects_before..).collect();
+        self.effects.push_back(Effect::Persist);
+        self.effects.extend(shown);
+        if waited {
+            // Something arrived: stop waiting on the other channels.
+            self.in_flight.retain(|_, p| !matches!(p, Pending::Wait));
+        }
+        if !self.blocked.contains(&channel) {
+            self.fetch(channel);
+        }
+        // Groups joined from Welcomes in this batch: drain their channels
+        // too. (Groups can also disappear, by removal, in the same batch.)
+        let joined: Vec<ChannelId> = self
+            .channels()
+            .into_iter()
+            .filter(|ch| !channels_before.contains(ch))
+            .collect();
+        for ch in joined {
+            self.fetch(ch);
+        }
+    }
+
+    /// The server dropped `gap` (its message TTL) before this client
+    /// fetched it: say so, once, and move the cursor past it (those seqs
+    /// are gone; the cursor is persisted with the next state write).
+    pub(super) fn report_gap(&mut self, channel: ChannelId, gap: Gap) {
+        let cursor = self.cursors.entry(channel).or_insert(0);
+        if gap.to <= *cursor {
+            return;
+        }
+        *cursor = gap.to;
+        let whose = self
+            .groups
+            .iter()
+            .find(|g| g.channel_id == channel.as_bytes())
+            .map_or_else(|| "invitations".to_owned(), |g| format!("group {}", g.name));
+        let n = gap.to - gap.from + 1;
+        self.effects.push_back(Effect::Persist);
+        self.warn(format!(
+            "{n} message(s) of {whose} (seq {}..={}) expired on the server before they were fetched; they are lost",
+            gap.from, gap.to
+        ));
+    }
+
+    pub(super) fn process(&mut self, channel: ChannelId, message: QueuedMessage) {
+        let cursor = self.cursors.entry(channel).or_insert(0);
+        if message.seq <= *cursor {
+            // Delivered again after a lost acknowledgement: already processed,
+            // and MLS cannot decrypt it twice.
+            return;
+        }
+        let before = *cursor;
+        *cursor = message.seq;
+        self.early_epoch = None;
+        let result = self.process_payload(channel, &message.payload);
+        if self.blocked.contains(&channel) {
+            // Not processed: read again once our pending Commit is settled.
+            self.cursors.insert(channel, before);
+            return;
+        }
+        if let Some(epoch) = self.early_epoch.take() {
+            return self.keep_early(channel, epoch, message);
+        }
+        if let Err(e) = result {
+            self.warn(format!(
+                "message {} on channel could not be processed: {e}",
+                message.seq
+            ));
+        }
+    }
+
+    /// Processes one queued payload. A payload that does not open is an
+    /// error (the caller warns and moves on, like an MLS message that does
+    /// not decrypt, so it does not block the queue behind it).
+    pub(super) fn process_payload(
+        &mut self,
+        channel: ChannelId,
+        payload: &[u8],
+    ) -> Result<(), CommandError> {
+        match Envelope::decode(payload) {
+            Ok(Envelope::Hybrid {
+                framing,
+                key_id,
+                sealed,
+            }) => self
+                .open_hybrid(&key_id, &sealed)
+                .and_then(|inner| {
+                    // A framing in the clear must be the one of the Commit
+                    // inside, or the server fenced something else.
+                    if framing.is_some() && framing != crate::node::commit::commit_framing(&inner) {
+                        return Err(CommandError::HybridEnvelope(
+                            "its commit framing is not the one of the Commit inside".into(),
+                        ));
+                    }
+                    Envelope::decode(&inner)
+                        .map_err(|e| CommandError::HybridEnvelope(format!("its content: {e}")))
+                })
+                .and_then(|inner| self.process_envelope(channel, inner, true)),
+            Ok(envelope) => self.process_envelope(channel, envelope, false),
+            Err(e) => Err(CommandError::Mls(e.to_string())),
+        }
+    }
+
+    /// Keeps a message of a later epoch than its group's until the Commit
+    /// that starts that epoch arrives ([`Self::replay_early`]); the cursor
+    /// moves past it (it is persisted in the group's record).
+    pub(super) fn keep_early(&mut self, channel: ChannelId, epoch: u64, message: QueuedMessage) {
+        let Some(g) = self
+            .groups
+            .iter_mut()
+            .find(|g| g.channel_id == channel.as_bytes())
+        else {
+            return;
+        };
+        let kept: usize = g.early.iter().map(|m| m.payload.len()).sum();
+        if g.early.len() >= EARLY_MESSAGES_MAX || kept + message.payload.len() > EARLY_BYTES_MAX {
+            let (name, waiting) = (g.name.clone(), g.early.len());
+            return self.warn(format!(
+                "message {} of group {name} is for epoch {epoch}, which this device has not reached, and {waiting} such messages ({kept} bytes) wait already: dropped",
+                message.seq
+            ));
+        }
+        g.early.push(EarlyMessage {
+            epoch,
+            seq: message.seq,
+            payload: message.payload,
+        });
+    }
+
+    /// Processes the kept messages of a group whose epoch it has reached,
+    /// oldest first (after a Commit moved it on).
+    pub(super) fn replay_early(&mut self, group_id: &[u8]) {
+        loop {
+            let Some(record) = self.groups.iter().find(|g| g.group_id == group_id) else {
+                return;
+            };
+            let Ok(epoch) = self.load_group(record).map(|g| g.epoch().as_u64()) else {
+                return;
+            };
+            let Some(i) = record.early.iter().position(|m| m.epoch <= epoch) else {
+                return;
+            };
+            let Ok(channel) = ChannelId::try_from_slice(&record.channel_id) else {
+                return;
+            };
+            let Some(g) = self.group_mut(group_id) else {
+                return;
+            };
+            let m = g.early.remove(i);
+            self.early_epoch = None;
+            let result = self.process_payload(channel, &m.payload);
+            if let Some(epoch) = self.early_epoch.take() {
+                self.keep_early(
+                    channel,
+                    epoch,
+                    QueuedMessage {
+                        seq: m.seq,
+                        payload: m.payload,
+                    },
+                );
+                return;
+            }
+            if let Err(e) = result {
+                self.warn(format!(
+                    "message {} on channel could not be processed: {e}",
+                    m.seq
+                ));
+            }
+        }
+    }
+
+    /// Processes a decoded payload; `wrapped` says it came in a hybrid
+    /// envelope.
+    pub(super) fn process_envelope(
+        &mut self,
+        channel: ChannelId,
+        envelope: Envelope,
+        wrapped: bool,
+    ) -> Result<(), CommandError> {
+        match envelope {
+            Envelope::Welcome {
+                channel_id,
+                nonce,
+                sealed_name,
+                welcome,
+            } => self.join(channel_id, &nonce, &sealed_name, &welcome, wrapped),
+            Envelope::Group { message } => self.process_group_message(channel, &message, wrapped),
+            Envelope::Hybrid { .. } => Err(CommandError::HybridEnvelope(
+                "a hybrid envelope inside another".into(),
+            )),
+        }
+    }
+
+    /// Opens a hybrid envelope sealed to one of the kept hybrid keys.
+    pub(super) fn open_hybrid(
+        &self,
+        key_id: &[u8; hybrid::KEY_ID_BYTES],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, CommandError> {
+        let key = self
+            .hybrid_keys
+            .iter()
+            .rev()
+            .find(|k| k.public().key_id() == *key_id)
+            .ok_or_else(|| {
+                CommandError::HybridEnvelope(format!(
+                    "sealed to hybrid key {}…, which this user does not hold (never had, or rotated out)",
+                    crate::types::hex(&key_id[..4])
+                ))
+            })?;
+        hybrid::open(key, key_id, sealed).map_err(|e| CommandError::HybridEnvelope(e.to_string()))
+    }
+
+    /// Joins from a Welcome; a Welcome that came in a hybrid envelope
+    /// (`pq`) makes a pq group, since only a pq group's member seals one.
+    pub(super) fn join(
+        &mut self,
+        channel: ChannelId,
+        nonce: &[u8; envelope::NAME_NONCE_BYTES],
+        sealed_name: &[u8],
+        welcome: &[u8],
+        pq: bool,
+    ) -> Result<(), CommandError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(mls)?;
+        let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+            return Err(CommandError::Mls("not a Welcome".into()));
+        };
+        let config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(mls)?
+            .into_group(&self.provider)
+            .map_err(mls)?;
+        check_members(&group)?;
+        let name = open_name(&self.provider, &group, &channel, nonce, sealed_name)?;
+        let name = self.unique_name(name);
+        let count = group.members().count();
+        self.groups.push(GroupRecord {
+            name: name.clone(),
+            group_id: group.group_id().as_slice().to_vec(),
+            channel_id: channel.as_bytes().to_vec(),
+            owner: false,
+            pq,
+            queue: Vec::new(),
+            commit: None,
+            behind: 0,
+            early: Vec::new(),
+        });
+        self.effects.push_back(Effect::Event(Event::Joined {
+            group: name,
+            members: count,
+        }));
+        Ok(())
+    }
+
+    pub(super) fn process_group_message(
+        &mut self,
+        channel: ChannelId,
+        bytes: &[u8],
+        wrapped: bool,
+    ) -> Result<(), CommandError> {
+        let Some(record) = self
+            .groups
+            .iter()
+            .find(|g| g.channel_id == channel.as_bytes())
+            .map(GroupRecord::head)
+        else {
+            return Err(CommandError::Mls(
+                "message on a channel of no known group".into(),
+            ));
+        };
+        if record.pq && !wrapped {
+            // No downgrade: every member of a pq group seals what it sends.
+            return Err(CommandError::HybridEnvelope(format!(
+                "a message in pq group `{}` came without a hybrid envelope",
+                record.name
+            )));
+        }
+        let mut group = self.load_group(&record)?;
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
+        let protocol = msg.try_into_protocol_message().map_err(mls)?;
+        if record.commit.is_some() && protocol.epoch() > group.epoch() {
+            // Others are past the epoch of our pending Commit: the server
+            // accepted it, and the answer is still to come (or was lost).
+            // This message needs that Commit merged first.
+            self.blocked.insert(channel);
+            return Ok(());
+        }
+        if protocol.epoch() > group.epoch() {
+            let epoch = protocol.epoch().as_u64();
+            if epoch - group.epoch().as_u64() > EARLY_EPOCHS_AHEAD_MAX {
+                return Err(CommandError::Mls(format!(
+                    "a message for epoch {epoch}, more than {EARLY_EPOCHS_AHEAD_MAX} ahead of this device's epoch {}",
+                    group.epoch().as_u64()
+                )));
+            }
+            // The Commit that starts that epoch is still to come (its copy
+            // to us is behind this message in our queue): keep it.
+            self.early_epoch = Some(epoch);
+            return Ok(());
+        }
+        let processed = group
+            .process_message(&self.provider, protocol)
+            .map_err(mls)?;
+        let sender = BasicCredential::try_from(processed.credential().clone())
+            .ok()
+            .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                let text = String::from_utf8_lossy(&app.into_bytes()).into_owned();
+                self.active = true;
+                if let Some(Op::Receive { shown, .. }) = &mut self.op {
+                    *shown += 1;
+                }
+                let sender =
+                    sender.ok_or_else(|| CommandError::Mls("sender has no identity".into()))?;
+                self.effects.push_back(Effect::Event(Event::Message {
+                    group: record.name,
+                    sender,
+                    text,
+                }));
+            }
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                let leaving = match (proposal.proposal(), proposal.sender()) {
+                    (Proposal::Remove(r), Sender::Member(from)) if r.removed() == *from => {
+                        Some(*from)
+                    }
+                    _ => None,
+                };
+                group
+                    .store_pending_proposal(self.provider.storage(), *proposal)
+                    .map_err(mls)?;
+                // A member leaving needs someone to commit its removal: the
+                // remaining member with the lowest leaf index does, so the
+                // others do not race it. It is queued (made once this
+                // channel is drained, behind this member's own changes).
+                if let Some(leaver) = leaving {
+                    let me = group.own_leaf_index();
+                    let committer = group.members().map(|m| m.index).find(|i| *i != leaver);
+                    let leaver = group
+                        .member(leaver)
+                        .and_then(|c| BasicCredential::try_from(c.clone()).ok())
+                        .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
+                    if committer == Some(me)
+                        && let Some(leaver) = leaver
+                        && let Some(g) = self.group_mut(&record.group_id)
+                    {
+                        g.queue.push(Change::CommitLeave { leaver: leaver.0 });
+                    }
+                }
+            }
+            ProcessedMessageContent::StagedCommitMessage(commit) => {
+                for add in commit.add_proposals() {
+                    let leaf = add.add_proposal().key_package().leaf_node();
+                    let identity =
+                        BasicCredential::try_from(leaf.credential().clone()).map_err(mls)?;
+                    if identity.identity() != leaf.signature_key().as_slice() {
+                        return Err(CommandError::Mls(
+                            "a Commit adds a member whose credential is not its signature key"
+                                .into(),
+                        ));
+                    }
+                }
+                // The committer may have rotated its hybrid key with this
+                // Commit (`update`): fetch it anew before sealing to it.
+                if let Some(committer) = sender {
+                    self.peer_hybrid_keys.remove(&committer);
+                }
+                let removed = commit.self_removed();
+                // Another member's Commit for this epoch came first: ours,
+                // if one is pending, lost; its change is made again on top.
+                if let Some(own) = &record.commit {
+                    group
+                        .clear_pending_commit(self.provider.storage())
+                        .map_err(mls)?;
+                    let next = group.epoch().as_u64().saturating_add(1);
+                    self.commit_lost(own.message_id, next, false);
+                }
+                group
+                    .merge_staged_commit(&self.provider, *commit)
+                    .map_err(mls)?;
+                if removed {
+                    // Removed by another member: nothing more can be read or
+                    // sent in this group.
+                    self.forget(&record.group_id);
+                    self.effects
+                        .push_back(Effect::Event(Event::Removed { group: record.name }));
+                    return Ok(());
+                }
+                check_members(&group)?;
+                self.effects.push_back(Effect::Event(Event::GroupChanged {
+                    group: record.name,
+                    epoch: group.epoch().as_u64(),
+                    members: group.members().count(),
+                }));
+                self.replay_early(&record.group_id);
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(super) fn unique_name(&self, name: String) -> String {
+        if !self.groups.iter().any(|g| g.name == name) {
+            return name;
+        }
+        (2..)
+            .map(|n| format!("{name} ({n})"))
+            .find(|candidate| !self.groups.iter().any(|g| g.name == *candidate))
+            .unwrap_or(name)
+    }
+}
