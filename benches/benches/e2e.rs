@@ -78,7 +78,7 @@ fn e2e(c: &mut Criterion) {
                             let payload = payload.clone();
                             async move {
                                 let seq = c
-                                    .enqueue_once(
+                                    .enqueue(
                                         me,
                                         channel(slot),
                                         payload.to_vec(),
@@ -110,7 +110,7 @@ fn e2e(c: &mut Criterion) {
                                 // A fresh queue per slot and round.
                                 let ch = channel(slot + 1_000 * round);
                                 let seq = c
-                                    .enqueue_once(me, ch, payload.to_vec(), message_id(slot, i))
+                                    .enqueue(me, ch, payload.to_vec(), message_id(slot, i))
                                     .await
                                     .expect("enqueue");
                                 let got = c.fetch(me, ch, seq - 1, 1).await.expect("fetch");

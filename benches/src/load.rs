@@ -378,7 +378,7 @@ async fn prefill(config: &LoadConfig, conns: &[Conn]) -> anyhow::Result<()> {
             tasks.push(tokio::spawn(async move {
                 for i in 0..n {
                     c.client
-                        .enqueue_once(
+                        .enqueue(
                             c.me,
                             channel(slot as u64, 0),
                             payload.clone(),
@@ -472,7 +472,7 @@ async fn enqueue_loop(
         let t = Instant::now();
         match c
             .client
-            .enqueue_once(c.me, ch, payload.clone(), c.message_id(slot, n))
+            .enqueue(c.me, ch, payload.clone(), c.message_id(slot, n))
             .await
         {
             Ok(_) => run.done(hist, t.elapsed(), 1),
@@ -490,7 +490,7 @@ async fn pair_loop(c: &Conn, slot: usize, run: &Run, hist: &mut Histogram<u64>, 
         let t = Instant::now();
         let result = async {
             c.client
-                .enqueue_once(c.me, ch, payload.clone(), c.message_id(slot, n))
+                .enqueue(c.me, ch, payload.clone(), c.message_id(slot, n))
                 .await?;
             c.client.fetch(c.me, ch, cursor, 1).await
         }
@@ -537,7 +537,7 @@ async fn send_loop(c: &Conn, slot: usize, to: IdentityKey, run: &Run, mut payloa
         payload[..16].copy_from_slice(&sent.to_le_bytes());
         if let Err(e) = c
             .client
-            .enqueue_once(
+            .enqueue(
                 to,
                 ChannelId::DEFAULT,
                 payload.clone(),

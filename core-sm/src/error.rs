@@ -39,6 +39,35 @@ pub enum ErrorKind {
     Internal,
 }
 
+impl ErrorKind {
+    /// True if the same request may succeed when tried again later:
+    /// `unavailable` (overload, shutdown, a failed fsync, or no connection),
+    /// `rateLimited` (after its hint), `queueFull` (the recipient may
+    /// drain it) and `internal` (a server fault that a restart may clear).
+    /// Everything else — a malformed or forbidden request, a missing
+    /// resource, a stale epoch — gets the same answer however often it is
+    /// sent. The one rule for the client machine and the shells alike.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Unavailable
+                | ErrorKind::RateLimited { .. }
+                | ErrorKind::QueueFull
+                | ErrorKind::Internal
+        )
+    }
+
+    /// The pause the server asked for before a retry (`rateLimited`).
+    pub fn retry_after(self) -> Option<std::time::Duration> {
+        match self {
+            ErrorKind::RateLimited { retry_after_ms } => {
+                Some(std::time::Duration::from_millis(retry_after_ms))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A typed error with a message for humans.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceError {

@@ -267,17 +267,18 @@ impl World {
     /// (messages only; warnings fail).
     fn run(&mut self, m: &mut ClientMachine, who: usize, command: Command) -> Vec<Event> {
         let conn = ConnectionId(who as u64);
-        m.start(command);
+        m.handle_command(Time::ZERO, command);
         let mut events = Vec::new();
         loop {
             match m.poll_effect().expect("the machine finishes") {
                 Effect::Persist => {}
+                Effect::Connect => m.handle_connected(Time::ZERO),
                 Effect::Request { token, request } => {
                     if let RequestBody::Enqueue { payload, .. } = &request {
                         self.sizes.push(payload.len());
                     }
                     let reply = self.call(conn, request);
-                    m.handle_response(token, reply);
+                    m.handle_response(Time::ZERO, token, reply);
                 }
                 Effect::Event(Event::Warning { message }) => panic!("warning: {message}"),
                 Effect::Event(e @ Event::Message { .. }) => events.push(e),

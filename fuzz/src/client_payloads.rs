@@ -62,7 +62,8 @@ pub fn run(data: &[u8]) -> Vec<Event> {
         0
     };
     let mut m = ClientMachine::restore(&f.snapshot, [0x77; 32]).expect("the fixture restores");
-    m.start(Command::Receive { wait_ms });
+    m.handle_command(Time::ZERO, Command::Receive { wait_ms });
+    let mut now = Time::ZERO;
     let mut requests = VecDeque::new();
     let mut events = Vec::new();
     let mut done = None;
@@ -70,6 +71,7 @@ pub fn run(data: &[u8]) -> Vec<Event> {
     for _ in 0..EFFECTS_MAX {
         match m.poll_effect() {
             Some(Effect::Persist) => {}
+            Some(Effect::Connect) => m.handle_connected(now),
             Some(Effect::Request { token, request }) => requests.push_back((token, request)),
             Some(Effect::Event(e)) => events.push(e),
             Some(Effect::Done(outcome)) => {
@@ -78,11 +80,17 @@ pub fn run(data: &[u8]) -> Vec<Event> {
             }
             None => {
                 let Some((token, request)) = requests.pop_front() else {
+                    // A retry of a delivery the input refused: its time.
+                    if let Some(at) = m.poll_timeout() {
+                        now = now.max(at);
+                        m.handle_timeout(now);
+                        continue;
+                    }
                     finished = true;
                     break;
                 };
                 let reply = respond(&mut input, &request, f);
-                m.handle_response(token, reply);
+                m.handle_response(now, token, reply);
             }
         }
     }
@@ -711,11 +719,12 @@ impl World {
     /// Runs `command` to completion; it must succeed.
     fn run_ok(&mut self, m: &mut ClientMachine, conn: u64, command: Command) -> Vec<Event> {
         let conn = ConnectionId(conn);
-        m.start(command.clone());
+        m.handle_command(Time::ZERO, command.clone());
         let mut events = Vec::new();
         loop {
             match m.poll_effect().expect("the machine finishes its command") {
                 Effect::Persist => {}
+                Effect::Connect => m.handle_connected(Time::ZERO),
                 Effect::Request { token, request } => {
                     let reply = match (&mut self.captured, &request) {
                         (
@@ -750,7 +759,7 @@ impl World {
                         }
                         _ => self.call(conn, request),
                     };
-                    m.handle_response(token, reply);
+                    m.handle_response(Time::ZERO, token, reply);
                 }
                 Effect::Event(e) => {
                     assert!(

@@ -308,7 +308,7 @@ pub async fn run_sender(ctx: Ctx, plan: Rc<SenderPlan>) -> turmoil::Result {
                     break;
                 }
                 Err(e) => {
-                    let transient = e.is_transient();
+                    let transient = e.kind().is_retryable();
                     ctx.rec.record(Event::EnqueueFailed {
                         sender: me,
                         message_id: m.message_id,
@@ -451,7 +451,7 @@ pub async fn run_poller(ctx: Ctx, plan: Rc<PollerPlan>) -> turmoil::Result {
                     None => {}
                 }
             }
-            Err(e) if e.is_transient() => back_off(&mut rng, &e).await,
+            Err(e) if e.kind().is_retryable() => back_off(&mut rng, &e).await,
             Err(e) => {
                 ctx.rec.record(Event::FetchRefused {
                     queue: plan.queue,
@@ -509,7 +509,7 @@ pub async fn run_snooper(ctx: Ctx, plan: Rc<SnooperPlan>) -> turmoil::Result {
             .await;
         let (answered, detail) = match r {
             Ok(f) => (Some(f.messages.len()), format!("next seq {}", f.next_seq)),
-            Err(e) if e.is_transient() => {
+            Err(e) if e.kind().is_retryable() => {
                 back_off(&mut rng, &e).await;
                 continue;
             }
@@ -583,7 +583,7 @@ pub async fn run_key_owner(ctx: Ctx, plan: Rc<KeyOwnerPlan>) -> turmoil::Result 
                     });
                     break;
                 }
-                Err(e) if e.is_transient() => back_off(&mut rng, &e).await,
+                Err(e) if e.kind().is_retryable() => back_off(&mut rng, &e).await,
                 Err(e) => return Err(format!("KeyPackage upload refused: {e}").into()),
             }
         }
@@ -672,7 +672,7 @@ async fn pop_once(
                 .record(Event::KeyPackageNotFound { pop: id, target });
             Ok(Some(Popped::NotFound))
         }
-        Err(e) if e.is_transient() => {
+        Err(e) if e.kind().is_retryable() => {
             back_off(rng, &e).await;
             Ok(None)
         }
@@ -708,7 +708,7 @@ pub async fn run_audit(ctx: Ctx, plan: Rc<AuditPlan>) -> turmoil::Result {
                 .await
             {
                 Ok(f) => break f,
-                Err(e) if e.is_transient() => back_off(&mut rng, &e).await,
+                Err(e) if e.kind().is_retryable() => back_off(&mut rng, &e).await,
                 Err(e) => {
                     ctx.rec.record(Event::FetchRefused {
                         queue: p.queue,
@@ -743,7 +743,7 @@ pub async fn run_audit(ctx: Ctx, plan: Rc<AuditPlan>) -> turmoil::Result {
                 .await
             {
                 Ok(r) => break r,
-                Err(e) if e.is_transient() => back_off(&mut rng, &e).await,
+                Err(e) if e.kind().is_retryable() => back_off(&mut rng, &e).await,
                 Err(e) => return Err(format!("KeyPackage count refused: {e}").into()),
             }
         };

@@ -31,7 +31,7 @@ use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::Duration;
 
-use quicproquo_client::drive;
+use quicproquo_client::{Clock, drive};
 use quicproquo_core::client::{ClientMachine, Command, CommandError, Event as Shown, Outcome};
 use quicproquo_core::error::ErrorKind;
 use quicproquo_core::types::IdentityKey;
@@ -300,6 +300,8 @@ struct Member {
     ctx: Ctx,
     plan: Rc<MemberPlan>,
     machine: ClientMachine,
+    /// The machine's clock (tokio's, which the simulation drives).
+    clock: Clock,
     session: Session,
     rng: Rng,
 }
@@ -317,6 +319,7 @@ impl Member {
             ctx: ctx.clone(),
             plan,
             machine,
+            clock: Clock::new(),
             session,
             rng,
         })
@@ -382,29 +385,25 @@ impl Member {
     ) -> Result<Attempt, String> {
         let what = brief(&command);
         let me = self.plan.identity;
-        let client = if matches!(command, Command::CreateGroup { .. }) {
-            None
-        } else {
-            match self.session.client().await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    self.failed(&what, e.to_string());
-                    self.session.reset();
-                    self.pause().await;
-                    return Ok(Attempt::Retry);
-                }
-            }
-        };
         let limit = match command {
             Command::Receive { wait_ms } => COMMAND_TIMEOUT + Duration::from_millis(wait_ms),
             _ => COMMAND_TIMEOUT,
         };
         let warnings = Cell::new(0u32);
         let (rec, state) = (&self.ctx.rec, &self.plan.state);
+        let session = &mut self.session;
+        let connect = async || {
+            let c = session.client().await;
+            if c.is_err() {
+                session.reset();
+            }
+            c
+        };
         starting();
         let running = drive(
             &mut self.machine,
-            client.as_ref(),
+            &self.clock,
+            connect,
             command,
             |snapshot| {
                 *state.borrow_mut() = Some(snapshot.to_vec());

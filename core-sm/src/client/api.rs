@@ -85,6 +85,11 @@ pub enum Effect {
         /// What to send.
         request: RequestBody,
     },
+    /// Connect to the server and authenticate this user's identity, then
+    /// report [`ClientMachine::handle_connected`] or
+    /// [`ClientMachine::handle_connect_failed`]. Requests made meanwhile
+    /// wait for it.
+    Connect,
     /// Show this to the user.
     Event(Event),
     /// The command is finished.
@@ -134,6 +139,33 @@ pub enum Event {
     Warning {
         /// What.
         message: String,
+    },
+    /// Every other member's queue holds this message: the server stored
+    /// it (durably) for all of them.
+    Delivered {
+        /// The group's name.
+        group: String,
+        /// The message id its copies carry.
+        message_id: [u8; 16],
+    },
+    /// A connection to the server is up and authenticated.
+    Connected,
+    /// The connection could not be made or broke; the machine tries again
+    /// in `retry_in_ms`.
+    Reconnecting {
+        /// What went wrong.
+        reason: String,
+        /// The pause before the next attempt.
+        retry_in_ms: u64,
+    },
+    /// The machine stopped trying to reach the server until the next
+    /// command: `permanent` when retrying cannot help (the certificate is
+    /// not the trusted one, the server refuses this identity).
+    Disconnected {
+        /// What went wrong.
+        reason: String,
+        /// Retrying cannot help.
+        permanent: bool,
     },
 }
 

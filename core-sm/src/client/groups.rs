@@ -39,6 +39,8 @@ impl ClientMachine {
             behind: 0,
             early: Vec::new(),
         });
+        // The long-poll must cover the new channel.
+        self.listen_stale = true;
         self.effects.push_back(Effect::Persist);
         self.effects
             .push_back(Effect::Done(Ok(Outcome::GroupCreated { group: name })));
@@ -390,7 +392,16 @@ impl ClientMachine {
                 let message = group
                     .create_message(&self.provider, &self.signer, text.as_bytes())
                     .map_err(mls)?;
-                self.send_group_message(record, &recipients, message)?;
+                let message_id = self.send_group_message(record, &recipients, message)?;
+                if recipients.is_empty() {
+                    // Nobody else to store it for.
+                    self.effects.push_back(Effect::Event(Event::Delivered {
+                        group: record.name.clone(),
+                        message_id,
+                    }));
+                } else {
+                    self.texts.insert(message_id, record.name.clone());
+                }
                 return Ok(());
             }
             Change::Leave => {
@@ -660,7 +671,7 @@ impl ClientMachine {
     pub(super) fn outbox_in_flight(&self) -> BTreeSet<u64> {
         self.in_flight
             .values()
-            .flat_map(|p| match p {
+            .flat_map(|r| match &r.pending {
                 Pending::Outbox(id) => vec![*id],
                 Pending::OutboxBatch(ids) => ids.clone(),
                 _ => Vec::new(),

@@ -47,6 +47,7 @@ pub mod provider;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -62,6 +63,7 @@ use tls_codec::Deserialize as _;
 
 use crate::error::{ErrorKind, ServiceError};
 use crate::node::{Gap, QueuedMessage, RequestBody, Response};
+use crate::time::Time;
 use crate::types::{ChannelId, IdentityKey, MessageId};
 
 pub use envelope::{Envelope, EnvelopeError};
@@ -122,15 +124,37 @@ pub const HYBRID_KEYS_KEPT: usize = 4;
 /// when full, the entry with the lowest identity is dropped and refetched
 /// when needed.
 pub const PEER_HYBRID_KEYS_MAX: usize = 1_000;
+/// First pause before reconnecting after a failed connection attempt
+/// ([`LinkPolicy::KeepTrying`]); it doubles with each failure.
+pub const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+/// Longest pause between connection attempts: a server back from a
+/// restart is found within this.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// First pause before a failed delivery (or long-poll) is tried again; it
+/// doubles with each failure.
+pub const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest pause between attempts of one delivery, whatever the server's
+/// retry hint: a delivery is never parked for longer than this.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Attempts of one delivery that a command waits for under
+/// [`LinkPolicy::OneShot`] (100 + 200 + 400 + 800 ms of pauses) before it
+/// ends with the delivery still in the outbox for the next command.
+pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
+/// How long one long-poll of a listening machine waits: the server's
+/// longest wait, so an idle session makes one request per this.
+pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 
 mod api;
 mod groups;
 mod keys;
+mod link;
 mod mls;
 mod outbox;
 mod receive;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
+pub use link::{ConnectFailure, LinkPolicy, backoff};
+use link::{Link, Retry};
 use mls::*;
 
 /// What an in-flight request was for.
@@ -155,6 +179,33 @@ enum Pending {
     Wait,
     /// A `fetchWaitChannels` of `Command::Wait`: only whether anything came.
     Peek,
+    /// The long-poll of a listening machine.
+    Listen,
+}
+
+impl Pending {
+    /// Whether the running command waits for this request's answer.
+    /// Deliveries hold it only under [`LinkPolicy::OneShot`]; the
+    /// long-poll never does.
+    fn holds_command(&self, policy: LinkPolicy) -> bool {
+        match self {
+            Pending::Listen => false,
+            Pending::Outbox(_) | Pending::OutboxBatch(_) | Pending::HybridKey(_) => {
+                policy == LinkPolicy::OneShot
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A request the machine made and awaits the answer to.
+#[derive(Debug)]
+struct InFlight {
+    pending: Pending,
+    body: RequestBody,
+    /// Handed to the shell on the current connection; `false` while it
+    /// waits for one.
+    sent: bool,
 }
 
 #[derive(Debug)]
@@ -206,7 +257,28 @@ pub struct ClientMachine {
     outbox: BTreeMap<u64, OutboxEntry>,
     next_outbox_id: u64,
     op: Option<Op>,
-    in_flight: BTreeMap<u64, Pending>,
+    in_flight: BTreeMap<u64, InFlight>,
+    /// The time of the input being handled.
+    now: Time,
+    link: Link,
+    /// Outbox entries whose last delivery failed with a retryable error.
+    /// Not persisted: a new run tries them at once.
+    retries: BTreeMap<u64, Retry>,
+    /// Requests to fail because the machine gave up connecting.
+    refusals: Vec<u64>,
+    refusal_reason: String,
+    /// Keeping a long-poll on every channel ([`Self::handle_listen`]).
+    listening: bool,
+    /// The long-poll must be made anew (its channels or cursors changed).
+    listen_stale: bool,
+    /// Failed long-polls in a row, and when to try again.
+    listen_attempts: u32,
+    listen_at: Option<Time>,
+    /// Application messages still in the outbox, by message id, with their
+    /// group's name: [`Event::Delivered`] is shown when the last copy is
+    /// stored. Not persisted: a message from an earlier run is delivered
+    /// without the event.
+    texts: BTreeMap<[u8; 16], String>,
     /// Outbox entries to send one by one, not in an `enqueueBatch` (a
     /// batch with them was refused for one member's full queue). Not
     /// persisted: a new process tries the batch again first.
@@ -285,6 +357,16 @@ impl ClientMachine {
             next_outbox_id: 0,
             op: None,
             in_flight: BTreeMap::new(),
+            now: Time::ZERO,
+            link: Link::new(),
+            retries: BTreeMap::new(),
+            refusals: Vec::new(),
+            refusal_reason: String::new(),
+            listening: false,
+            listen_stale: false,
+            listen_attempts: 0,
+            listen_at: None,
+            texts: BTreeMap::new(),
             solo: BTreeSet::new(),
             accepted_commits: BTreeSet::new(),
             blocked: BTreeSet::new(),
@@ -405,20 +487,28 @@ impl ClientMachine {
     }
 
     /// Starts a command. Its effects follow from [`Self::poll_effect`]; the
-    /// last one is [`Effect::Done`].
-    pub fn start(&mut self, command: Command) {
+    /// last one of the command is [`Effect::Done`]. One command runs at a
+    /// time (another gets [`CommandError::Busy`]); the long-poll of
+    /// [`Self::handle_listen`] and background deliveries go on beside it.
+    pub fn handle_command(&mut self, now: Time, command: Command) {
+        self.now = now;
         if self.op.is_some() {
             self.effects
                 .push_back(Effect::Done(Err(CommandError::Busy)));
             return;
         }
-        // Requests an earlier command left in flight (deliveries that kept
-        // going after it failed) are no longer awaited: a shell stops at
-        // `Done`. Forget them, or their outbox entries would never be sent
-        // again and this command would wait for them forever; a late answer
-        // is ignored, and a resent entry keeps its messageId (stored once).
-        self.in_flight.clear();
+        // Requests an earlier command left waiting for a connection (a
+        // one-shot shell stops carrying requests at `Done`) are made anew
+        // where still needed: outbox entries by the flush below (with the
+        // same messageId, so stored once), fetches by this command. The
+        // long-poll stays.
+        self.in_flight
+            .retain(|_, r| r.sent || matches!(r.pending, Pending::Listen));
         self.blocked.clear();
+        // A new command tries the server again, and every delivery at once.
+        self.link.given_up = false;
+        self.link.reconnect_at = None;
+        self.retries.clear();
         // Deliveries left over from an earlier run go first (a wait touches
         // no state, so it sends nothing).
         if !matches!(command, Command::Wait { .. }) {
@@ -441,21 +531,31 @@ impl ClientMachine {
             }
         };
         if let Err(e) = result {
-            self.op = None;
-            self.in_flight.clear();
-            self.effects.push_back(Effect::Done(Err(e)));
-            return;
+            self.fail(e);
         }
-        self.maybe_done();
+        self.settle();
     }
 
-    /// The answer to the request `token`. Transport failures come in as
-    /// `unavailable`. Answers to requests the machine no longer waits for
-    /// are ignored.
-    pub fn handle_response(&mut self, token: u64, result: Result<Response, ServiceError>) {
-        let Some(pending) = self.in_flight.remove(&token) else {
+    /// The answer to the request `token`. Transport failures that end the
+    /// connection come in through [`Self::handle_disconnected`] instead;
+    /// others (a timeout) as `unavailable`. Answers to requests the machine
+    /// no longer waits for are ignored.
+    pub fn handle_response(
+        &mut self,
+        now: Time,
+        token: u64,
+        result: Result<Response, ServiceError>,
+    ) {
+        self.now = now;
+        let Some(r) = self.in_flight.remove(&token) else {
             return;
         };
+        self.dispatch(r.pending, result);
+        self.settle();
+    }
+
+    /// Hands an answer to whatever the request was for.
+    fn dispatch(&mut self, pending: Pending, result: Result<Response, ServiceError>) {
         match pending {
             Pending::Outbox(id) => self.on_enqueued(id, result),
             Pending::OutboxBatch(ids) => self.on_enqueued_batch(ids, result),
@@ -465,17 +565,18 @@ impl ClientMachine {
             Pending::HybridKey(member) => self.on_hybrid_key(member, result),
             Pending::HybridKeyForAdd => self.on_hybrid_key_for_add(result),
             Pending::FetchKeyPackage => self.on_key_package(result),
-            Pending::Fetch(ch) => self.on_messages(ch, result, false),
+            Pending::Fetch(ch) => self.on_messages(ch, result),
             Pending::Wait => self.on_channels(result),
             Pending::Peek => {
                 if matches!(&result, Ok(Response::ChannelMessages { channels }) if !channels.is_empty())
                 {
                     self.op = Some(Op::Wait { pending: true });
-                    self.in_flight.retain(|_, p| !matches!(p, Pending::Peek));
+                    self.in_flight
+                        .retain(|_, r| !matches!(r.pending, Pending::Peek));
                 }
             }
+            Pending::Listen => self.on_listen(result),
         }
-        self.maybe_done();
     }
 
     /// The next effect, or `None`.
@@ -485,11 +586,18 @@ impl ClientMachine {
 
     // ----- plumbing ---------------------------------------------------------
 
-    fn request(&mut self, pending: Pending, request: RequestBody) {
+    fn request(&mut self, pending: Pending, body: RequestBody) {
         let token = self.next_token;
         self.next_token += 1;
-        self.in_flight.insert(token, pending);
-        self.effects.push_back(Effect::Request { token, request });
+        self.in_flight.insert(
+            token,
+            InFlight {
+                pending,
+                body,
+                sent: false,
+            },
+        );
+        self.send_or_hold(token);
     }
 
     /// A generator for one operation, seeded from the machine's.
@@ -505,20 +613,32 @@ impl ClientMachine {
     }
 
     fn fail(&mut self, e: CommandError) {
-        // Outbox deliveries already sent keep going; the command ends.
-        self.in_flight.retain(|_, p| {
+        // Outbox deliveries already sent keep going, and the long-poll;
+        // the command ends.
+        self.in_flight.retain(|_, r| {
             matches!(
-                p,
-                Pending::Outbox(_) | Pending::OutboxBatch(_) | Pending::HybridKey(_)
+                r.pending,
+                Pending::Outbox(_)
+                    | Pending::OutboxBatch(_)
+                    | Pending::HybridKey(_)
+                    | Pending::Listen
             )
         });
         self.op = None;
         self.effects.push_back(Effect::Done(Err(e)));
     }
 
-    /// Finishes the running command once nothing it waits for is in flight.
+    /// Finishes the running command once nothing it waits for is in flight
+    /// or due for a retry.
     fn maybe_done(&mut self) {
-        if !self.in_flight.is_empty() {
+        let policy = self.link.policy;
+        if self.op.is_none()
+            || self
+                .in_flight
+                .values()
+                .any(|r| r.pending.holds_command(policy))
+            || self.retries_hold_command()
+        {
             return;
         }
         // Nothing was pending: wait on every channel, once.

@@ -77,15 +77,25 @@ impl ClientMachine {
     /// the same bytes); otherwise the key is fetched, once per recipient,
     /// and the entry (with the rest of its queue) waits for it.
     pub(super) fn flush_outbox(&mut self) {
+        if self.link.given_up {
+            // Nothing can go out before the next command.
+            return;
+        }
         let in_flight = self.outbox_in_flight();
         let mut busy: BTreeSet<(&[u8; 32], &[u8])> = in_flight
             .iter()
             .filter_map(|id| self.outbox.get(id))
             .map(|e| (&e.recipient, e.channel_id.as_slice()))
             .collect();
+        // Retry clocks of entries no longer in the outbox go.
+        let outbox = &self.outbox;
+        self.retries.retain(|id, _| outbox.contains_key(id));
         let mut next = Vec::new();
         for (id, e) in &self.outbox {
-            if busy.insert((&e.recipient, e.channel_id.as_slice())) {
+            // An entry waiting for its retry keeps its queue busy too, so
+            // nothing behind it overtakes it.
+            let waiting = self.retries.get(id).is_some_and(|r| r.at.is_some());
+            if busy.insert((&e.recipient, e.channel_id.as_slice())) && !waiting {
                 next.push(*id);
             }
         }
@@ -181,7 +191,7 @@ impl ClientMachine {
             let asked = self
                 .in_flight
                 .values()
-                .any(|p| matches!(p, Pending::HybridKey(m) if *m == member));
+                .any(|r| matches!(r.pending, Pending::HybridKey(m) if m == member));
             if !asked {
                 self.request(
                     Pending::HybridKey(member),
@@ -210,10 +220,11 @@ impl ClientMachine {
                 for id in &ids {
                     self.outbox.remove(id);
                 }
+                self.effects.push_back(Effect::Persist);
                 if let Some(message_id) = message_id {
                     self.commit_accepted(message_id);
+                    self.maybe_delivered(message_id);
                 }
-                self.effects.push_back(Effect::Persist);
                 if let Some(Op::Send { delivered, .. }) = &mut self.op {
                     *delivered = delivered.saturating_add(ids.len() as u32);
                 }
@@ -236,10 +247,12 @@ impl ClientMachine {
                 }
                 self.flush_outbox();
             }
-            Err(e) if refused_for_good(&e) => {
+            Err(e) if !e.kind.is_retryable() => {
                 // Retrying cannot help: drop them and say so, once.
                 for id in &ids {
-                    self.outbox.remove(id);
+                    if let Some(e) = self.outbox.remove(id) {
+                        self.forget_text(e.message_id);
+                    }
                 }
                 self.effects.push_back(Effect::Persist);
                 self.warn(format!(
@@ -248,25 +261,28 @@ impl ClientMachine {
                 ));
                 self.flush_outbox();
             }
-            Err(e) if matches!(e.kind, ErrorKind::QueueFull) => {
-                // One member's full queue must not hold up the others: send
-                // these one by one from now on.
-                self.solo.extend(ids);
-                self.warn(format!("delivery to a member deferred, will retry: {e}"));
+            Err(e) => {
+                if matches!(e.kind, ErrorKind::QueueFull) {
+                    // One member's full queue must not hold up the others:
+                    // send these one by one from now on.
+                    self.solo.extend(ids.iter().copied());
+                }
+                // The entries behind them in their queues wait too.
+                self.deferred(&ids, &e);
                 self.flush_outbox();
             }
-            // The entries behind them in their queues wait too.
-            Err(e) => self.warn(format!("delivery deferred, will retry: {e}")),
         }
     }
 
     pub(super) fn on_enqueued(&mut self, id: u64, result: Result<Response, ServiceError>) {
         match result {
             Ok(Response::Enqueued { .. }) => {
-                if let Some(e) = self.outbox.remove(&id) {
-                    self.commit_accepted(e.message_id);
-                }
+                let removed = self.outbox.remove(&id);
                 self.effects.push_back(Effect::Persist);
+                if let Some(e) = removed {
+                    self.commit_accepted(e.message_id);
+                    self.maybe_delivered(e.message_id);
+                }
                 if let Some(Op::Send { delivered, .. }) = &mut self.op {
                     *delivered += 1;
                 }
@@ -282,9 +298,11 @@ impl ClientMachine {
                 }
                 self.flush_outbox();
             }
-            Err(e) if refused_for_good(&e) => {
+            Err(e) if !e.kind.is_retryable() => {
                 // Retrying cannot help: drop it and say so.
-                self.outbox.remove(&id);
+                if let Some(e) = self.outbox.remove(&id) {
+                    self.forget_text(e.message_id);
+                }
                 self.effects.push_back(Effect::Persist);
                 self.warn(format!(
                     "a message could not be delivered and was dropped: {e}"
@@ -293,16 +311,46 @@ impl ClientMachine {
             }
             // The entries behind it in its queue wait too, so they cannot
             // overtake it.
-            Err(e) => self.warn(format!("delivery deferred, will retry: {e}")),
+            Err(e) => {
+                self.deferred(&[id], &e);
+                self.flush_outbox();
+            }
             Ok(other) => self.warn(format!("unexpected answer to an enqueue: {other:?}")),
         }
     }
-}
 
-/// An enqueue refusal that retrying cannot change.
-pub(super) fn refused_for_good(e: &ServiceError) -> bool {
-    matches!(
-        e.kind,
-        ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge | ErrorKind::PermissionDenied
-    )
+    /// Deliveries that failed with a retryable error: tried again after a
+    /// pause; the user hears of it once the command stops waiting for them.
+    fn deferred(&mut self, ids: &[u64], e: &ServiceError) {
+        self.retry_later(ids, e);
+        let attempts = ids
+            .iter()
+            .filter_map(|id| self.retries.get(id))
+            .map(|r| r.attempts)
+            .max()
+            .unwrap_or(0);
+        if attempts == RETRY_ATTEMPTS_PER_COMMAND || self.link.given_up {
+            self.warn(format!(
+                "delivery deferred after {attempts} attempt(s), will retry: {e}"
+            ));
+        }
+    }
+
+    /// Shows [`Event::Delivered`] once the last copy of an application
+    /// message left the outbox stored.
+    fn maybe_delivered(&mut self, message_id: [u8; 16]) {
+        if self.outbox.values().any(|e| e.message_id == message_id) {
+            return;
+        }
+        if let Some(group) = self.texts.remove(&message_id) {
+            self.effects
+                .push_back(Effect::Event(Event::Delivered { group, message_id }));
+        }
+    }
+
+    /// A copy of a message was dropped for good: it will never be reported
+    /// delivered.
+    pub(super) fn forget_text(&mut self, message_id: [u8; 16]) {
+        self.texts.remove(&message_id);
+    }
 }

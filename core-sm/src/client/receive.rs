@@ -5,7 +5,109 @@
 
 use super::*;
 
+/// Which request brought a channel's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// A fetch of the channel: it is fetched again to acknowledge them.
+    Fetch,
+    /// The wait of a receive command: the other channels' waits end.
+    Wait,
+    /// The long-poll of a listening machine: the next long-poll
+    /// acknowledges them.
+    Listen,
+}
+
 impl ClientMachine {
+    /// Starts (`true`) or stops keeping a long-poll on every channel, so
+    /// messages are processed as they arrive, beside any command. Each
+    /// long-poll acknowledges what the previous one brought (after it was
+    /// persisted) and waits up to [`LISTEN_WAIT_MS`]; a failed one is tried
+    /// again after a pause (doubling from [`RETRY_BACKOFF_INITIAL`] up to
+    /// [`RETRY_BACKOFF_MAX`]).
+    pub fn handle_listen(&mut self, now: Time, on: bool) {
+        self.now = now;
+        self.listening = on;
+        if !on {
+            self.in_flight
+                .retain(|_, r| !matches!(r.pending, Pending::Listen));
+            self.listen_at = None;
+        }
+        self.settle();
+    }
+
+    /// Makes the long-poll if the machine listens and none is out. Only
+    /// called at the end of an input ([`Self::settle`]), after the effects
+    /// that persist what moved the cursors it acknowledges.
+    pub(super) fn poke_listen(&mut self) {
+        if !self.listening || self.link.given_up || self.listen_at.is_some() {
+            return;
+        }
+        if self.listen_stale {
+            self.listen_stale = false;
+            // Its answer is ignored (nothing in it is acknowledged before a
+            // later request says so); the server ends the wait itself.
+            self.in_flight
+                .retain(|_, r| !matches!(r.pending, Pending::Listen));
+        }
+        if self
+            .in_flight
+            .values()
+            .any(|r| matches!(r.pending, Pending::Listen))
+        {
+            return;
+        }
+        let cursors: Vec<(ChannelId, u64)> = self
+            .channels()
+            .into_iter()
+            .filter(|ch| !self.blocked.contains(ch))
+            .map(|ch| (ch, self.cursors.get(&ch).copied().unwrap_or(0)))
+            .collect();
+        for chunk in cursors.chunks(crate::limits::FETCH_WAIT_CHANNELS_MAX) {
+            self.request(
+                Pending::Listen,
+                RequestBody::FetchWaitChannels {
+                    recipient_key: self.identity,
+                    cursors: chunk.to_vec(),
+                    limit: FETCH_BATCH,
+                    timeout_ms: LISTEN_WAIT_MS,
+                },
+            );
+        }
+    }
+
+    /// The answer to the long-poll: each channel's messages are processed;
+    /// the next long-poll is made at the end of this input.
+    pub(super) fn on_listen(&mut self, result: Result<Response, ServiceError>) {
+        match result {
+            Ok(Response::ChannelMessages { channels }) => {
+                self.listen_attempts = 0;
+                if !channels.is_empty() {
+                    // The other chunks' cursors are behind now.
+                    self.listen_stale = true;
+                }
+                for c in channels {
+                    self.on_batch(c.channel_id, c.messages, c.gap, Source::Listen);
+                }
+            }
+            Ok(other) => self.warn(format!("unexpected answer to a wait: {other:?}")),
+            Err(e) => {
+                self.listen_attempts = self.listen_attempts.saturating_add(1);
+                let mut pause = backoff(
+                    self.listen_attempts,
+                    RETRY_BACKOFF_INITIAL,
+                    RETRY_BACKOFF_MAX,
+                );
+                if let Some(hint) = e.kind.retry_after() {
+                    pause = pause.max(hint.min(RETRY_BACKOFF_MAX));
+                }
+                self.listen_at = Some(self.now.saturating_add(pause));
+                if !e.kind.is_retryable() {
+                    self.warn(format!("waiting for messages refused: {e}"));
+                }
+            }
+        }
+    }
+
     // ----- receive ----------------------------------------------------------
 
     pub(super) fn start_receive(&mut self, wait_ms: u64) -> Result<(), CommandError> {
@@ -36,7 +138,7 @@ impl ClientMachine {
         if self
             .in_flight
             .values()
-            .any(|p| matches!(p, Pending::Fetch(c) if *c == channel))
+            .any(|r| matches!(r.pending, Pending::Fetch(c) if c == channel))
         {
             return;
         }
@@ -81,7 +183,7 @@ impl ClientMachine {
         match result {
             Ok(Response::ChannelMessages { channels }) => {
                 for c in channels {
-                    self.on_batch(c.channel_id, c.messages, c.gap, true);
+                    self.on_batch(c.channel_id, c.messages, c.gap, Source::Wait);
                 }
             }
             Ok(other) => self.warn(format!("unexpected answer to a wait: {other:?}")),
@@ -93,7 +195,6 @@ impl ClientMachine {
         &mut self,
         channel: ChannelId,
         result: Result<Response, ServiceError>,
-        waited: bool,
     ) {
         let (messages, gap) = match result {
             Ok(Response::Messages { messages, gap, .. }) => (messages, gap),
@@ -106,36 +207,26 @@ impl ClientMachine {
                 return;
             }
         };
-        self.on_batch(channel, messages, gap, waited);
+        self.on_batch(channel, messages, gap, Source::Fetch);
     }
 
     /// Processes one channel's messages from a fetch or a wait, then fetches
-    /// the channel again with the new cursor (acknowledging them).
+    /// the channel again with the new cursor (acknowledging them); messages
+    /// of the long-poll are acknowledged by the next long-poll instead.
     pub(super) fn on_batch(
         &mut self,
         channel: ChannelId,
         messages: Vec<QueuedMessage>,
         gap: Option<Gap>,
-        waited: bool,
+        source: Source,
     ) {
         if let Some(gap) = gap {
             self.report_gap(channel, gap);
         }
         if messages.is_empty() {
-            // Drained: the channel's groups are as up to date as the server
-            // can make them; make what they queued.
-            let groups: Vec<Vec<u8>> = self
-                .groups
-                .iter()
-                .filter(|g| g.channel_id == channel.as_bytes() && !g.queue.is_empty())
-                .map(|g| g.group_id.clone())
-                .collect();
-            for group_id in groups {
-                self.advance(&group_id);
-            }
-            self.flush_outbox();
-            return;
+            return self.drained(channel);
         }
+        let full = messages.len() >= FETCH_BATCH as usize;
         let channels_before = self.channels();
         let effects_before = self.effects.len();
         for m in messages {
@@ -150,9 +241,18 @@ impl ClientMachine {
         let shown: Vec<Effect> = self.effects.drain(effects_before..).collect();
         self.effects.push_back(Effect::Persist);
         self.effects.extend(shown);
-        if waited {
+        if source == Source::Listen {
+            // The next long-poll acknowledges these and brings the rest; a
+            // batch short of the limit was all there was.
+            if !full && !self.blocked.contains(&channel) {
+                self.drained(channel);
+            }
+            return;
+        }
+        if source == Source::Wait {
             // Something arrived: stop waiting on the other channels.
-            self.in_flight.retain(|_, p| !matches!(p, Pending::Wait));
+            self.in_flight
+                .retain(|_, r| !matches!(r.pending, Pending::Wait));
         }
         if !self.blocked.contains(&channel) {
             self.fetch(channel);
@@ -167,6 +267,21 @@ impl ClientMachine {
         for ch in joined {
             self.fetch(ch);
         }
+    }
+
+    /// A channel has nothing more for now: its groups are as up to date as
+    /// the server can make them; make what they queued.
+    fn drained(&mut self, channel: ChannelId) {
+        let groups: Vec<Vec<u8>> = self
+            .groups
+            .iter()
+            .filter(|g| g.channel_id == channel.as_bytes() && !g.queue.is_empty())
+            .map(|g| g.group_id.clone())
+            .collect();
+        for group_id in groups {
+            self.advance(&group_id);
+        }
+        self.flush_outbox();
     }
 
     /// The server dropped `gap` (its message TTL) before this client
@@ -398,6 +513,8 @@ impl ClientMachine {
             behind: 0,
             early: Vec::new(),
         });
+        // The long-poll must cover the new channel.
+        self.listen_stale = true;
         self.effects.push_back(Effect::Event(Event::Joined {
             group: name,
             members: count,

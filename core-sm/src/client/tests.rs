@@ -58,6 +58,15 @@ impl World {
     }
 
     fn machine(&mut self, who: usize) -> ClientMachine {
+        let mut m = self.offline_machine(who);
+        // Connected from the start, as a shell that connects up front.
+        m.handle_connected(Time::ZERO);
+        assert_eq!(m.poll_effect(), Some(Effect::Event(Event::Connected)));
+        m
+    }
+
+    /// A machine restored from `who`'s state with no connection yet.
+    fn offline_machine(&mut self, who: usize) -> ClientMachine {
         self.runs += 1;
         let mut seed = [0xa5; 32];
         seed[..8].copy_from_slice(&self.runs.to_le_bytes());
@@ -141,23 +150,29 @@ impl World {
     ) -> (Vec<Event>, Result<Outcome, CommandError>) {
         let mut m = self.machine(who);
         let conn = self.users[who].conn;
-        m.start(command);
+        m.handle_command(Time::ZERO, command);
         let mut events = Vec::new();
+        let mut now = Time::ZERO;
         loop {
             let Some(effect) = m.poll_effect() else {
-                panic!("machine stalled without finishing");
+                // Waiting for a retry: a fake clock jumps to it.
+                let at = m.poll_timeout().expect("machine stalled without finishing");
+                now = now.max(at);
+                m.handle_timeout(now);
+                continue;
             };
             match effect {
                 Effect::Persist => self.users[who].saved = m.snapshot(),
                 Effect::Request { token, request } => {
                     if let Some(reply) = intercept(&request) {
-                        m.handle_response(token, reply);
+                        m.handle_response(now, token, reply);
                         continue;
                     }
                     let mut reply = self.call(conn, request.clone());
                     tamper(&request, &mut reply);
-                    m.handle_response(token, reply);
+                    m.handle_response(now, token, reply);
                 }
+                Effect::Connect => m.handle_connected(now),
                 Effect::Event(e) => events.push(e),
                 Effect::Done(outcome) => return (events, outcome),
             }
@@ -380,12 +395,13 @@ fn crash_after_decrypting_before_acknowledging_loses_nothing() {
     // before the acknowledging fetch goes out.
     let mut m = w.machine(1);
     let conn = w.users[1].conn;
-    m.start(Command::Receive { wait_ms: 0 });
+    m.handle_command(Time::ZERO, Command::Receive { wait_ms: 0 });
     let mut fetched = Vec::new();
     let mut shown = Vec::new();
     while let Some(effect) = m.poll_effect() {
         match effect {
             Effect::Persist => {} // lost in the crash
+            Effect::Connect => m.handle_connected(Time::ZERO),
             Effect::Request { token, request } => {
                 if let RequestBody::Fetch { channel_id, .. } = &request {
                     if fetched.contains(channel_id) {
@@ -394,7 +410,7 @@ fn crash_after_decrypting_before_acknowledging_loses_nothing() {
                     fetched.push(*channel_id);
                 }
                 let reply = w.call(conn, request);
-                m.handle_response(token, reply);
+                m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(e) => shown.push(e),
             Effect::Done(_) => break,
@@ -654,18 +670,19 @@ fn undeliverable_sends_stay_in_the_outbox_and_go_out_later() {
 fn run_newest_first(w: &mut World, who: usize, command: Command) -> Result<Outcome, CommandError> {
     let mut m = w.machine(who);
     let conn = w.users[who].conn;
-    m.start(command);
+    m.handle_command(Time::ZERO, command);
     let mut held: Vec<(u64, RequestBody)> = Vec::new();
     loop {
         match m.poll_effect() {
             Some(Effect::Persist) => w.users[who].saved = m.snapshot(),
+            Some(Effect::Connect) => m.handle_connected(Time::ZERO),
             Some(Effect::Request { token, request }) => held.push((token, request)),
             Some(Effect::Event(_)) => {}
             Some(Effect::Done(outcome)) => return outcome,
             None => {
                 let (token, request) = held.pop().expect("machine stalled without finishing");
                 let reply = w.call(conn, request);
-                m.handle_response(token, reply);
+                m.handle_response(Time::ZERO, token, reply);
             }
         }
     }
@@ -795,18 +812,19 @@ fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
         matches!(outcome, Ok(Outcome::Sent { undelivered: 2, .. })),
         "{outcome:?}"
     );
-    // One machine for two commands, as a long-running shell keeps it. The
-    // first fails while the deferred deliveries are in flight; the shell
-    // stops at Done and never answers them.
+    // One machine for two commands, as a shell that stops carrying
+    // requests at Done keeps it. The first fails while the deferred
+    // deliveries are in flight; the shell stops at Done, never answers
+    // them, and says so.
     let mut m = w.machine(0);
-    m.start(Command::Register { count: 3 });
+    m.handle_command(Time::ZERO, Command::Register { count: 3 });
     let mut done = None;
     while let Some(effect) = m.poll_effect() {
         match effect {
             Effect::Request {
                 token,
                 request: RequestBody::KeyPackageCount { .. },
-            } => m.handle_response(token, Err(ServiceError::unavailable("down"))),
+            } => m.handle_response(Time::ZERO, token, Err(ServiceError::unavailable("down"))),
             Effect::Done(outcome) => done = Some(outcome),
             _ => {}
         }
@@ -815,15 +833,17 @@ fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
         matches!(done, Some(Err(CommandError::Server(_)))),
         "{done:?}"
     );
+    m.handle_disconnected(Time::ZERO);
     // The next command on the same machine sends them again and finishes.
     let conn = w.users[0].conn;
-    m.start(Command::Receive { wait_ms: 0 });
+    m.handle_command(Time::ZERO, Command::Receive { wait_ms: 0 });
     let outcome = loop {
         match m.poll_effect().expect("machine stalled without finishing") {
             Effect::Persist => w.users[0].saved = m.snapshot(),
+            Effect::Connect => m.handle_connected(Time::ZERO),
             Effect::Request { token, request } => {
                 let reply = w.call(conn, request);
-                m.handle_response(token, reply);
+                m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(_) => {}
             Effect::Done(outcome) => break outcome,
@@ -2424,4 +2444,547 @@ fn a_message_sent_while_a_change_is_pending_goes_out_after_it() {
         "{events:?}"
     );
     assert!(w.machine(0).groups().is_empty());
+}
+
+// ----- time, retries and the connection --------------------------------------
+
+const MS: u64 = 1_000;
+
+/// Drains `m`'s effects: requests go to `answer` (with the time), persists
+/// to `who`'s saved state, events are collected; returns at `Done` or when
+/// the machine waits. `Connect` is answered by `connect`.
+fn pump(
+    w: &mut World,
+    m: &mut ClientMachine,
+    who: usize,
+    now: Time,
+    answer: &mut dyn FnMut(&mut World, Time, &RequestBody) -> Option<Reply>,
+    connect: &mut dyn FnMut(Time) -> Result<(), ConnectFailure>,
+    events: &mut Vec<Event>,
+) -> Option<Result<Outcome, CommandError>> {
+    while let Some(effect) = m.poll_effect() {
+        match effect {
+            Effect::Persist => w.users[who].saved = m.snapshot(),
+            Effect::Connect => match connect(now) {
+                Ok(()) => m.handle_connected(now),
+                Err(f) => m.handle_connect_failed(now, f),
+            },
+            Effect::Request { token, request } => {
+                if let Some(reply) = answer(w, now, &request) {
+                    m.handle_response(now, token, reply);
+                }
+            }
+            Effect::Event(e) => events.push(e),
+            Effect::Done(outcome) => return Some(outcome),
+        }
+    }
+    None
+}
+
+/// Runs a command to its end on a fake clock that jumps to each deadline;
+/// every request goes to `answer`. Returns the events, the outcome and the
+/// end time.
+fn run_clocked(
+    w: &mut World,
+    m: &mut ClientMachine,
+    who: usize,
+    command: Command,
+    answer: &mut dyn FnMut(&mut World, Time, &RequestBody) -> Option<Reply>,
+) -> (Vec<Event>, Result<Outcome, CommandError>, Time) {
+    let mut now = Time::ZERO;
+    let mut events = Vec::new();
+    m.handle_command(now, command);
+    loop {
+        if let Some(outcome) = pump(w, m, who, now, answer, &mut |_| Ok(()), &mut events) {
+            return (events, outcome, now);
+        }
+        let at = m.poll_timeout().expect("machine stalled without finishing");
+        assert!(at > now, "a deadline in the past: {at:?} at {now:?}");
+        now = at;
+        m.handle_timeout(now);
+    }
+}
+
+fn is_enqueue(r: &RequestBody) -> bool {
+    matches!(
+        r,
+        RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+    )
+}
+
+#[test]
+fn retryable_error_kinds_are_the_transient_ones() {
+    for (kind, retry) in [
+        (ErrorKind::Unavailable, true),
+        (ErrorKind::RateLimited { retry_after_ms: 5 }, true),
+        (ErrorKind::QueueFull, true),
+        (ErrorKind::Internal, true),
+        (ErrorKind::InvalidArgument, false),
+        (ErrorKind::Unauthenticated, false),
+        (ErrorKind::PermissionDenied, false),
+        (ErrorKind::NotFound, false),
+        (ErrorKind::PayloadTooLarge, false),
+        (ErrorKind::StaleEpoch { current_epoch: 3 }, false),
+    ] {
+        assert_eq!(kind.is_retryable(), retry, "{kind:?}");
+    }
+}
+
+#[test]
+fn a_failed_delivery_is_retried_with_a_doubling_pause_then_left_for_the_next_command() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let mut m = w.machine(0);
+    let mut attempts = Vec::new();
+    let (events, outcome, _) = run_clocked(
+        &mut w,
+        &mut m,
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "patience".into(),
+        },
+        &mut |w, now, req| {
+            if is_enqueue(req) {
+                attempts.push(now.as_micros() / MS);
+                return Some(Err(ServiceError::unavailable("overloaded")));
+            }
+            Some(w.call(ConnectionId(0), req.clone()))
+        },
+    );
+    // One attempt, then pauses of 100, 200, 400 and 800 ms.
+    assert_eq!(attempts, vec![0, 100, 300, 700, 1500]);
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 2, .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(warnings(&events).len(), 1, "{events:?}");
+    // The next command delivers it at once.
+    assert_eq!(w.texts(1), Vec::<(String, String)>::new());
+    send(&mut w, 0, "team", "and now");
+    assert_eq!(
+        w.texts(1),
+        vec![pair("team", "patience"), pair("team", "and now")]
+    );
+}
+
+#[test]
+fn a_rate_limited_delivery_waits_for_the_servers_hint_within_the_cap() {
+    let mut w = team();
+    let mut m = w.machine(0);
+    let mut attempts = Vec::new();
+    let (_, outcome, _) = run_clocked(
+        &mut w,
+        &mut m,
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "slowly".into(),
+        },
+        &mut |w, now, req| {
+            if is_enqueue(req) {
+                attempts.push(now.as_micros() / MS);
+                // The hint: 2 s, then 60 s (more than the cap).
+                let hint = if attempts.len() == 1 { 2_000 } else { 60_000 };
+                if attempts.len() < 3 {
+                    return Some(Err(ServiceError::rate_limited(hint, "slow down")));
+                }
+            }
+            Some(w.call(ConnectionId(0), req.clone()))
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { undelivered: 0, .. })),
+        "{outcome:?}"
+    );
+    let cap = RETRY_BACKOFF_MAX.as_millis() as u64;
+    assert_eq!(attempts, vec![0, 2_000, 2_000 + cap]);
+}
+
+#[test]
+fn a_spurious_or_early_timeout_does_nothing() {
+    let mut w = team();
+    let mut m = w.machine(0);
+    m.handle_timeout(Time::ZERO);
+    assert_eq!(m.poll_effect(), None);
+    assert_eq!(m.poll_timeout(), None);
+    // A delivery waiting for its retry: an early timeout sends nothing.
+    let mut events = Vec::new();
+    m.handle_command(
+        Time::ZERO,
+        Command::Send {
+            group: "team".into(),
+            text: "x".into(),
+        },
+    );
+    let done = pump(
+        &mut w,
+        &mut m,
+        0,
+        Time::ZERO,
+        &mut |w, _, req| {
+            if is_enqueue(req) {
+                return Some(Err(ServiceError::unavailable("down")));
+            }
+            Some(w.call(ConnectionId(0), req.clone()))
+        },
+        &mut |_| Ok(()),
+        &mut events,
+    );
+    assert_eq!(done, None);
+    let at = m.poll_timeout().expect("a retry is due later");
+    assert_eq!(at, Time::from_millis(100));
+    m.handle_timeout(Time::from_millis(99));
+    assert_eq!(m.poll_effect(), None);
+    m.handle_timeout(Time::from_millis(100));
+    assert!(matches!(
+        m.poll_effect(),
+        Some(Effect::Request { request, .. }) if is_enqueue(&request)
+    ));
+}
+
+#[test]
+fn one_shot_unreachable_server_fails_fast_and_keeps_what_was_asked() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let unreachable = |_| {
+        Err(ConnectFailure {
+            reason: "no answer".into(),
+            permanent: false,
+        })
+    };
+    // A command that needs an answer fails at once.
+    let mut m = w.offline_machine(0);
+    let mut events = Vec::new();
+    m.handle_command(Time::ZERO, Command::Register { count: 3 });
+    let done = pump(
+        &mut w,
+        &mut m,
+        0,
+        Time::ZERO,
+        &mut |_, _, _| panic!("nothing is sent"),
+        &mut { unreachable },
+        &mut events,
+    );
+    assert!(
+        matches!(&done, Some(Err(CommandError::Server(e))) if e.kind == ErrorKind::Unavailable),
+        "{done:?}"
+    );
+    assert!(events.contains(&Event::Disconnected {
+        reason: "no answer".into(),
+        permanent: false
+    }));
+    // A message is kept for later: the command ends without waiting.
+    let mut m = w.offline_machine(0);
+    let mut events = Vec::new();
+    m.handle_command(
+        Time::ZERO,
+        Command::Send {
+            group: "team".into(),
+            text: "queued offline".into(),
+        },
+    );
+    let done = pump(
+        &mut w,
+        &mut m,
+        0,
+        Time::ZERO,
+        &mut |_, _, _| panic!("nothing is sent"),
+        &mut { unreachable },
+        &mut events,
+    );
+    assert!(
+        matches!(
+            done,
+            Some(Ok(Outcome::Sent {
+                delivered: 0,
+                undelivered: 2,
+                ..
+            }))
+        ),
+        "{done:?}"
+    );
+    assert_eq!(m.poll_timeout(), None, "nothing is retried after giving up");
+    // The next command, with the server back, sends it first.
+    send(&mut w, 0, "team", "back online");
+    assert_eq!(
+        w.texts(2),
+        vec![pair("team", "queued offline"), pair("team", "back online")]
+    );
+}
+
+#[test]
+fn keep_trying_reconnects_with_a_doubling_pause_and_then_sends_what_waited() {
+    let mut w = team();
+    w.texts(1);
+    let mut m = w.offline_machine(0);
+    m.set_link_policy(LinkPolicy::KeepTrying);
+    let mut events = Vec::new();
+    let mut connects = Vec::new();
+    m.handle_command(
+        Time::ZERO,
+        Command::Send {
+            group: "team".into(),
+            text: "eventually".into(),
+        },
+    );
+    let mut now = Time::ZERO;
+    let mut sent = 0;
+    let mut outcome = None;
+    // Three failed attempts, then the server is back.
+    while sent == 0 {
+        let done = pump(
+            &mut w,
+            &mut m,
+            0,
+            now,
+            &mut |w, _, req| {
+                sent += usize::from(is_enqueue(req));
+                Some(w.call(ConnectionId(0), req.clone()))
+            },
+            &mut |t| {
+                connects.push(t.as_micros() / MS);
+                if connects.len() <= 3 {
+                    Err(ConnectFailure {
+                        reason: "refused".into(),
+                        permanent: false,
+                    })
+                } else {
+                    Ok(())
+                }
+            },
+            &mut events,
+        );
+        outcome = outcome.or(done);
+        if sent > 0 {
+            break;
+        }
+        now = m.poll_timeout().expect("a reconnect is due");
+        m.handle_timeout(now);
+    }
+    // Attempts at 0, then after 250, 500 and 1000 ms.
+    assert_eq!(connects, vec![0, 250, 750, 1750]);
+    assert!(matches!(
+        events.first(),
+        Some(Event::Reconnecting {
+            retry_in_ms: 250,
+            ..
+        })
+    ));
+    // The send ended once its message was queued; the delivery followed.
+    assert!(
+        matches!(outcome, Some(Ok(Outcome::Sent { .. }))),
+        "{outcome:?}"
+    );
+    assert!(events.contains(&Event::Connected));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Delivered { group, .. } if group == "team")),
+        "{events:?}"
+    );
+    assert_eq!(w.texts(1), vec![pair("team", "eventually")]);
+}
+
+#[test]
+fn a_permanent_connect_failure_stops_retrying_until_the_next_command() {
+    let mut w = team();
+    let mut m = w.offline_machine(0);
+    m.set_link_policy(LinkPolicy::KeepTrying);
+    let mut events = Vec::new();
+    m.handle_command(Time::ZERO, Command::Register { count: 3 });
+    let done = pump(
+        &mut w,
+        &mut m,
+        0,
+        Time::ZERO,
+        &mut |_, _, _| panic!("nothing is sent"),
+        &mut |_| {
+            Err(ConnectFailure {
+                reason: "certificate mismatch".into(),
+                permanent: true,
+            })
+        },
+        &mut events,
+    );
+    assert!(
+        matches!(done, Some(Err(CommandError::Server(_)))),
+        "{done:?}"
+    );
+    assert!(events.contains(&Event::Disconnected {
+        reason: "certificate mismatch".into(),
+        permanent: true
+    }));
+    assert_eq!(m.poll_timeout(), None);
+}
+
+#[test]
+fn a_lost_connection_makes_its_requests_again_on_the_next() {
+    let mut w = team();
+    let mut m = w.machine(0);
+    m.handle_command(Time::ZERO, Command::Register { count: 3 });
+    let Some(Effect::Request { request: first, .. }) = m.poll_effect() else {
+        panic!("a request");
+    };
+    // The connection breaks before the answer: the machine asks for a new
+    // one and makes the same request on it.
+    m.handle_disconnected(Time::ZERO);
+    let mut rest = Vec::new();
+    while let Some(e) = m.poll_effect() {
+        rest.push(e);
+    }
+    assert!(rest.contains(&Effect::Connect), "{rest:?}");
+    m.handle_connected(Time::ZERO);
+    let mut again = Vec::new();
+    while let Some(e) = m.poll_effect() {
+        if let Effect::Request { request, .. } = e {
+            again.push(request);
+        }
+    }
+    assert!(again.contains(&first), "{again:?}");
+}
+
+#[test]
+fn a_listening_machine_shows_messages_as_they_arrive_and_acknowledges_after_persisting() {
+    let mut w = team();
+    w.texts(1);
+    send(&mut w, 0, "team", "pushed");
+    let mut m = w.machine(1);
+    m.set_link_policy(LinkPolicy::KeepTrying);
+    m.handle_listen(Time::ZERO, true);
+    let Some(Effect::Request { token, request }) = m.poll_effect() else {
+        panic!("the long-poll");
+    };
+    let RequestBody::FetchWaitChannels {
+        cursors,
+        timeout_ms,
+        ..
+    } = &request
+    else {
+        panic!("a fetchWaitChannels: {request:?}");
+    };
+    assert_eq!(*timeout_ms, LISTEN_WAIT_MS);
+    assert_eq!(cursors.len(), 2, "the invitations channel and the group's");
+    let reply = w.call(ConnectionId(1), request.clone());
+    m.handle_response(Time::ZERO, token, reply);
+    let effects: Vec<Effect> = std::iter::from_fn(|| m.poll_effect()).collect();
+    let persist = effects
+        .iter()
+        .position(|e| *e == Effect::Persist)
+        .expect("persisted");
+    let shown = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Event(Event::Message { text, .. }) if text == "pushed"))
+        .expect("shown");
+    let next = effects
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                Effect::Request {
+                    request: RequestBody::FetchWaitChannels { .. },
+                    ..
+                }
+            )
+        })
+        .expect("the next long-poll");
+    assert!(persist < shown && persist < next, "{effects:?}");
+    // The next long-poll acknowledges what was shown; no command ran, so
+    // nothing is Done.
+    let Effect::Request {
+        request: RequestBody::FetchWaitChannels { cursors: after, .. },
+        ..
+    } = &effects[next]
+    else {
+        unreachable!()
+    };
+    assert!(after.iter().any(|(_, seq)| *seq > 0), "{after:?}");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Done(_))));
+    // A failed long-poll is tried again after a pause.
+    let Effect::Request { token, .. } = &effects[next] else {
+        unreachable!()
+    };
+    m.handle_response(
+        Time::ZERO,
+        *token,
+        Err(ServiceError::unavailable("restarting")),
+    );
+    assert_eq!(m.poll_timeout(), Some(Time::from_millis(100)));
+    m.handle_timeout(Time::from_millis(100));
+    assert!(matches!(
+        m.poll_effect(),
+        Some(Effect::Request {
+            request: RequestBody::FetchWaitChannels { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn under_keep_trying_a_send_ends_when_queued_and_delivered_follows() {
+    let mut w = team();
+    let mut m = w.machine(0);
+    m.set_link_policy(LinkPolicy::KeepTrying);
+    m.handle_command(
+        Time::ZERO,
+        Command::Send {
+            group: "team".into(),
+            text: "async".into(),
+        },
+    );
+    let mut held = Vec::new();
+    let mut done = None;
+    while let Some(e) = m.poll_effect() {
+        match e {
+            Effect::Request { token, request } => held.push((token, request)),
+            Effect::Done(r) => done = Some(r),
+            _ => {}
+        }
+    }
+    assert!(
+        matches!(done, Some(Ok(Outcome::Sent { delivered: 0, .. }))),
+        "{done:?}"
+    );
+    let mut events = Vec::new();
+    for (token, request) in held {
+        let reply = w.call(ConnectionId(0), request);
+        m.handle_response(Time::ZERO, token, reply);
+        while let Some(e) = m.poll_effect() {
+            if let Effect::Event(e) = e {
+                events.push(e);
+            }
+        }
+    }
+    let delivered: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Delivered { .. }))
+        .collect();
+    assert_eq!(delivered.len(), 1, "{events:?}");
+}
+
+#[test]
+fn a_waiting_receive_ends_when_the_server_is_unreachable() {
+    let mut w = team();
+    let mut m = w.offline_machine(1);
+    let mut events = Vec::new();
+    m.handle_command(Time::ZERO, Command::Receive { wait_ms: 1_000 });
+    // The fetches fail, then the wait it makes once nothing was shown
+    // fails too, at once: the command ends instead of stalling.
+    let done = pump(
+        &mut w,
+        &mut m,
+        1,
+        Time::ZERO,
+        &mut |_, _, _| panic!("nothing is sent"),
+        &mut |_| {
+            Err(ConnectFailure {
+                reason: "down".into(),
+                permanent: false,
+            })
+        },
+        &mut events,
+    );
+    assert_eq!(done, Some(Ok(Outcome::Received { messages: 0 })));
 }

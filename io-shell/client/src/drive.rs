@@ -5,14 +5,22 @@
 //! The loop starts the command and drains the machine's effects. Persists
 //! are merged: the snapshot is handed to the caller's `persist` once, before
 //! the next effect that depends on it (a request, an event or the end), or
-//! before the loop waits for answers, so nothing leaves the machine — no
-//! request, no shown message, no outcome — before the state that produced it
-//! is written, and nothing it asked to persist is left unwritten while the
-//! loop waits. Requests run concurrently,
-//! each on its own task; their answers go back to the machine as they come.
-//! How the state is written and how events are shown is the caller's.
+//! before the loop waits, so nothing leaves the machine — no request, no
+//! shown message, no outcome — before the state that produced it is
+//! written, and nothing it asked to persist is left unwritten while the
+//! loop waits. The connection is made when the machine asks for one
+//! ([`Effect::Connect`]), through the caller's `connect`; requests run
+//! concurrently, each on its own task, and their answers go back to the
+//! machine as they come. The loop sleeps until the machine's
+//! [`ClientMachine::poll_timeout`] when a retry is due. How the state is
+//! written and how events are shown is the caller's.
 
-use quicproquo_core::client::{ClientMachine, Command, CommandError, Effect, Event, Outcome};
+use std::time::Duration;
+
+use quicproquo_core::Time;
+use quicproquo_core::client::{
+    ClientMachine, Command, CommandError, ConnectFailure, Effect, Event, Outcome,
+};
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::node::{RequestBody, Response};
 use tokio::task::JoinSet;
@@ -25,8 +33,6 @@ use crate::{Client, ClientError};
 pub enum DriveError<E> {
     /// The caller's `persist` failed; nothing after it was carried out.
     Persist(E),
-    /// The machine asked for the network, but no client was given.
-    NoClient,
     /// The machine waits for nothing and has not finished (a bug).
     Stalled,
     /// A request task panicked or was cancelled.
@@ -37,7 +43,6 @@ impl<E: std::fmt::Display> std::fmt::Display for DriveError<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DriveError::Persist(e) => write!(f, "{e}"),
-            DriveError::NoClient => f.write_str("internal: a local command asked for the network"),
             DriveError::Stalled => f.write_str("internal: the client machine stalled"),
             DriveError::Task(e) => write!(f, "a request task failed: {e}"),
         }
@@ -46,27 +51,62 @@ impl<E: std::fmt::Display> std::fmt::Display for DriveError<E> {
 
 impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for DriveError<E> {}
 
-/// Runs `command` on `machine` to its end: requests go to `client`
-/// concurrently, every snapshot the machine asks to persist goes to
-/// `persist` (merged, and always before the next non-persist effect and
-/// before waiting for an answer), every
-/// event to `on_event`. Returns the command's own result; the outer error
-/// means the loop itself could not go on. `client` may be `None` for a
-/// command that stays local (creating a group).
+/// The machine's clock: [`Time`] since the clock was made, read from
+/// tokio's clock (which a simulation drives). One clock per machine, kept
+/// as long as the machine, so its deadlines stay meaningful.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: tokio::time::Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn new() -> Clock {
+        Clock {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Time {
+        let micros = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Time::from_micros(micros)
+    }
+
+    /// The instant of `t`.
+    pub fn instant(&self, t: Time) -> tokio::time::Instant {
+        self.origin + Duration::from_micros(t.as_micros())
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Runs `command` on `machine` to its end: the connection comes from
+/// `connect` when the machine asks for one (connected and authenticated as
+/// the machine's identity), requests go to it concurrently, every snapshot
+/// the machine asks to persist goes to `persist` (merged, and always before
+/// the next non-persist effect and before waiting), every event to
+/// `on_event`. Returns the command's own result; the outer error means the
+/// loop itself could not go on. Requests still in flight at the end are
+/// dropped, and the machine is told ([`ClientMachine::handle_disconnected`]),
+/// so a later command on the same machine makes them again.
 pub async fn drive<E>(
     machine: &mut ClientMachine,
-    client: Option<&Client>,
+    clock: &Clock,
+    mut connect: impl AsyncFnMut() -> Result<Client, ClientError>,
     command: Command,
     mut persist: impl FnMut(&[u8]) -> Result<(), E>,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Result<Outcome, CommandError>, DriveError<E>> {
-    machine.start(command);
+    machine.handle_command(clock.now(), command);
+    let mut client: Option<Client> = None;
     let mut calls = JoinSet::new();
-    // Persists are merged: the state is written before the next effect that
-    // depends on it (a request, an event or the end), or before waiting,
-    // once.
     let mut dirty = false;
-    loop {
+    let result = 'run: loop {
         while let Some(effect) = machine.poll_effect() {
             if !matches!(effect, Effect::Persist) && dirty {
                 persist(&machine.snapshot()).map_err(DriveError::Persist)?;
@@ -74,85 +114,104 @@ pub async fn drive<E>(
             }
             match effect {
                 Effect::Persist => dirty = true,
-                Effect::Request { token, request } => {
-                    let Some(client) = client else {
-                        return Err(DriveError::NoClient);
-                    };
-                    let client = client.clone();
-                    calls.spawn(async move { (token, call(&client, request).await) });
-                }
+                Effect::Connect => match connect().await {
+                    Ok(c) => {
+                        client = Some(c);
+                        machine.handle_connected(clock.now());
+                    }
+                    Err(e) => machine.handle_connect_failed(clock.now(), connect_failure(&e)),
+                },
+                Effect::Request { token, request } => match &client {
+                    Some(c) => {
+                        let c = c.clone();
+                        calls.spawn(async move { (token, call(&c, request).await) });
+                    }
+                    // The machine sends only on a connection it was told
+                    // is up; answer as a lost one if that ever breaks.
+                    None => machine.handle_response(
+                        clock.now(),
+                        token,
+                        Err(ServiceError::unavailable("not connected")),
+                    ),
+                },
                 Effect::Event(e) => on_event(&e),
-                Effect::Done(result) => return Ok(result),
+                Effect::Done(result) => break 'run result,
             }
         }
-        // Nothing more to carry out until an answer comes: write a pending
-        // persist now, so a command interrupted while it waits keeps it (a
-        // message the machine queued behind an earlier delivery to the same
-        // queue asks for no request yet, only for the persist).
+        // Nothing more to carry out until an answer comes or a retry is
+        // due: write a pending persist now, so a command interrupted while
+        // it waits keeps it.
         if dirty {
             persist(&machine.snapshot()).map_err(DriveError::Persist)?;
             dirty = false;
         }
-        let Some(joined) = calls.join_next().await else {
-            return Err(DriveError::Stalled);
-        };
-        let (token, result) = joined.map_err(|e| DriveError::Task(e.to_string()))?;
-        machine.handle_response(token, result);
+        let deadline = machine.poll_timeout().map(|t| clock.instant(t));
+        tokio::select! {
+            joined = calls.join_next(), if !calls.is_empty() => {
+                let Some(joined) = joined else { continue };
+                let (token, result) = joined.map_err(|e| DriveError::Task(e.to_string()))?;
+                match result {
+                    Err(Lost) if client.is_some() => {
+                        // The connection is gone: every request on it goes
+                        // again on the next one.
+                        client = None;
+                        calls = JoinSet::new();
+                        machine.handle_disconnected(clock.now());
+                    }
+                    Err(Lost) => {}
+                    Ok(answer) => machine.handle_response(clock.now(), token, answer),
+                }
+            }
+            () = sleep_until(deadline), if deadline.is_some() => {
+                machine.handle_timeout(clock.now());
+            }
+            else => return Err(DriveError::Stalled),
+        }
+    };
+    calls.abort_all();
+    machine.handle_disconnected(clock.now());
+    Ok(result)
+}
+
+/// A request whose connection broke: it was not answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lost;
+
+/// Sends one request of the machine and returns its answer the way the
+/// machine takes it: a call that timed out is `unavailable`; a connection
+/// that closed is [`Lost`]. Long-polls (`fetchWait`, `fetchWaitChannels`)
+/// get their wait added to the call timeout.
+pub async fn call(
+    client: &Client,
+    request: RequestBody,
+) -> Result<Result<Response, ServiceError>, Lost> {
+    let wait_ms = match &request {
+        RequestBody::FetchWait { timeout_ms, .. }
+        | RequestBody::FetchWaitChannels { timeout_ms, .. } => *timeout_ms,
+        _ => 0,
+    };
+    let timeout = crate::CALL_TIMEOUT + Duration::from_millis(wait_ms);
+    match client.call_with_timeout(request, timeout).await {
+        Ok(r) => Ok(Ok(r)),
+        Err(ClientError::Service(e)) => Ok(Err(e)),
+        Err(_) if client.connection().close_reason().is_some() => Err(Lost),
+        Err(e) => Ok(Err(ServiceError::unavailable(e.to_string()))),
     }
 }
 
-/// Sends one request of the machine and returns its answer the way the
-/// machine takes it: transport failures become `unavailable`. Enqueues go
-/// through [`Client::enqueue`] / [`Client::enqueue_batch`] (their
-/// same-messageId retries), long-polls (`fetchWait`, `fetchWaitChannels`)
-/// get the wait added to their timeout.
-pub async fn call(client: &Client, request: RequestBody) -> Result<Response, ServiceError> {
-    let result = match request {
-        RequestBody::Enqueue {
-            recipient_key,
-            channel_id,
-            payload,
-            message_id,
-        } => client
-            .enqueue(recipient_key, channel_id, payload, message_id)
-            .await
-            .map(|seq| Response::Enqueued { seq }),
-        RequestBody::FetchWait {
-            recipient_key,
-            channel_id,
-            after_seq,
-            limit,
-            timeout_ms,
-        } => client
-            .fetch_wait(recipient_key, channel_id, after_seq, limit, timeout_ms)
-            .await
-            .map(|f| Response::Messages {
-                messages: f.messages,
-                next_seq: f.next_seq,
-                gap: f.gap,
-            }),
-        RequestBody::EnqueueBatch {
-            recipient_keys,
-            channel_id,
-            payload,
-            message_id,
-        } => client
-            .enqueue_batch(recipient_keys, channel_id, payload, message_id)
-            .await
-            .map(|seqs| Response::EnqueuedBatch { seqs }),
-        RequestBody::FetchWaitChannels {
-            recipient_key,
-            cursors,
-            limit,
-            timeout_ms,
-        } => client
-            .fetch_wait_channels(recipient_key, cursors, limit, timeout_ms)
-            .await
-            .map(|channels| Response::ChannelMessages { channels }),
-        other => client.call(other).await,
-    };
-    result.map_err(|e| match e {
-        ClientError::Service(e) => e,
-        other => ServiceError::unavailable(other.to_string()),
-    })
+/// How the machine should take a failed connection attempt: the server
+/// refusing this identity, or a certificate that is not the trusted one,
+/// will not change by trying again.
+pub fn connect_failure(e: &ClientError) -> ConnectFailure {
+    ConnectFailure {
+        reason: e.to_string(),
+        permanent: e.is_permanent(),
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }

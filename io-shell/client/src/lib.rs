@@ -6,8 +6,9 @@
 //! (the loop `qpq` and the simulations share).
 //!
 //! Each call opens one bidirectional stream, writes one request, finishes
-//! the stream and reads one reply. Enqueue retries reuse the same
-//! `messageId`, so a retry after a lost acknowledgement is stored once.
+//! the stream and reads one reply. Calls are made once: retrying (with the
+//! same `messageId` for an enqueue, so it is stored once) is the caller's
+//! decision — the client machine's, for everything it sends.
 
 mod drive;
 pub mod state_file;
@@ -29,15 +30,9 @@ use quicproquo_proto::{
 };
 use rand_core::{OsRng, RngCore};
 
-pub use drive::{DriveError, call, drive};
+pub use drive::{Clock, DriveError, Lost, call, connect_failure, drive};
 pub use trust::{ServerTrust, TrustError};
 
-/// How many times [`Client::enqueue`] tries before giving up.
-pub const ENQUEUE_ATTEMPTS_MAX: u32 = 5;
-/// First pause between enqueue attempts; doubles each time.
-pub const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest pause between attempts, whatever the server's retry hint.
-pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Time a call may take on top of any server-side wait (fetchWait).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -74,15 +69,27 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// True if trying again (same request, maybe on a new connection) may
-    /// succeed: transport failures, timeouts, `unavailable`, `rateLimited`.
-    pub fn is_transient(&self) -> bool {
+    /// The error kind this failure amounts to, in the terms the client
+    /// machine uses: the server's own kind, or `unavailable` for a
+    /// connection, transport or timeout failure (trying again may work).
+    /// [`quicproquo_core::ErrorKind::is_retryable`] tells whether to retry.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ClientError::Service(e) => matches!(
-                e.kind,
-                ErrorKind::Unavailable | ErrorKind::RateLimited { .. }
-            ),
-            ClientError::Transport(_) | ClientError::Timeout(_) | ClientError::Connect(_) => true,
+            ClientError::Service(e) => e.kind,
+            ClientError::Connect(_) | ClientError::Transport(_) | ClientError::Timeout(_) => {
+                ErrorKind::Unavailable
+            }
+            ClientError::Decode(_) | ClientError::UnexpectedReply { .. } => ErrorKind::Internal,
+            ClientError::Trust(_) => ErrorKind::InvalidArgument,
+        }
+    }
+
+    /// True if connecting again cannot help: the trust setting is unusable,
+    /// or the server refused to authenticate this identity.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::Trust(_) => true,
+            ClientError::Service(e) => !e.kind.is_retryable(),
             _ => false,
         }
     }
@@ -285,8 +292,10 @@ impl Client {
         }
     }
 
-    /// Enqueues once, without retrying; returns the seq.
-    pub async fn enqueue_once(
+    /// Enqueues `payload` once; returns the seq. A retry with the same
+    /// `message_id` is stored once; when to retry is the caller's (the
+    /// client machine decides it for its outbox).
+    pub async fn enqueue(
         &self,
         recipient_key: IdentityKey,
         channel_id: ChannelId,
@@ -307,25 +316,10 @@ impl Client {
         }
     }
 
-    /// Enqueues `payload`, retrying transient failures with the same
-    /// `message_id` (so the server stores it once) and a growing pause.
-    pub async fn enqueue(
-        &self,
-        recipient_key: IdentityKey,
-        channel_id: ChannelId,
-        payload: Vec<u8>,
-        message_id: MessageId,
-    ) -> Result<u64, ClientError> {
-        retrying("enqueue", || {
-            self.enqueue_once(recipient_key, channel_id, payload.clone(), message_id)
-        })
-        .await
-    }
-
     /// Enqueues one payload to every recipient's queue on `channel_id` at
-    /// once (stored once on the server), without retrying; returns each
-    /// recipient's seq in the order given.
-    pub async fn enqueue_batch_once(
+    /// once (stored once on the server); returns each recipient's seq in
+    /// the order given.
+    pub async fn enqueue_batch(
         &self,
         recipient_keys: Vec<IdentityKey>,
         channel_id: ChannelId,
@@ -345,26 +339,6 @@ impl Client {
             Response::EnqueuedBatch { seqs } if seqs.len() == n => Ok(seqs),
             other => Err(unexpected("enqueueBatch", &other)),
         }
-    }
-
-    /// As [`Self::enqueue_batch_once`], retrying transient failures with the
-    /// same `message_id`, as [`Self::enqueue`] does.
-    pub async fn enqueue_batch(
-        &self,
-        recipient_keys: Vec<IdentityKey>,
-        channel_id: ChannelId,
-        payload: Vec<u8>,
-        message_id: MessageId,
-    ) -> Result<Vec<u64>, ClientError> {
-        retrying("enqueueBatch", || {
-            self.enqueue_batch_once(
-                recipient_keys.clone(),
-                channel_id,
-                payload.clone(),
-                message_id,
-            )
-        })
-        .await
     }
 
     /// Acknowledges `seq <= after_seq` and returns up to `limit` messages
@@ -444,7 +418,8 @@ impl Client {
         self.call_with_timeout(body, CALL_TIMEOUT).await
     }
 
-    async fn call_with_timeout(
+    /// Sends any request, allowing `timeout` for the answer.
+    pub async fn call_with_timeout(
         &self,
         body: RequestBody,
         timeout: Duration,
@@ -473,37 +448,6 @@ impl Client {
             .await
             .map_err(|_| ClientError::Timeout(timeout))??;
         Ok(decode_reply(&reply_bytes)??)
-    }
-}
-
-/// Runs `attempt` until it succeeds, fails for good, or has failed
-/// transiently [`ENQUEUE_ATTEMPTS_MAX`] times, pausing between attempts
-/// (growing, and at least what a `rateLimited` answer asks). The attempts
-/// must reuse one message id, so the server stores the message once.
-async fn retrying<T, F, Fut>(method: &str, mut attempt: F) -> Result<T, ClientError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    let mut backoff = RETRY_BACKOFF_INITIAL;
-    let mut n = 1;
-    loop {
-        match attempt().await {
-            Err(e) if e.is_transient() && n < ENQUEUE_ATTEMPTS_MAX => {
-                let pause = match &e {
-                    ClientError::Service(ServiceError {
-                        kind: ErrorKind::RateLimited { retry_after_ms },
-                        ..
-                    }) => Duration::from_millis(*retry_after_ms).max(backoff),
-                    _ => backoff,
-                };
-                tracing::debug!(method, attempt = n, error = %e, "failed; retrying with the same messageId");
-                tokio::time::sleep(pause.min(RETRY_BACKOFF_MAX)).await;
-                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                n += 1;
-            }
-            other => return other,
-        }
     }
 }
 

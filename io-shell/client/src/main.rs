@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use quicproquo_client::state_file::{self, KdfParams, StateKey};
-use quicproquo_client::{Client, DriveError, ServerTrust};
+use quicproquo_client::{Client, ClientError, Clock, DriveError, ServerTrust};
 use quicproquo_core::client::{ClientMachine, Command, Event, Outcome};
 use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 use quicproquo_core::types::{IdentityKey, hex};
@@ -238,22 +238,31 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
             unreachable!("handled above")
         }
     };
-    // Group creation is local; everything else talks to the server.
-    let client = if matches!(command, Command::CreateGroup { .. }) {
-        None
-    } else {
-        Some(connect(&cli, &machine).await?)
+    // The connection is made when the command needs the server (group
+    // creation is local); if the server cannot be reached, what the
+    // command queued stays in the state for the next command.
+    let trust = match trust(&cli) {
+        // Creating a group needs no server (deliveries left over from an
+        // earlier command wait for one that does).
+        Err(_) if matches!(command, Command::CreateGroup { .. }) => None,
+        other => Some(other?),
     };
+    let mut refused = None;
     let outcome = drive(
         &mut machine,
-        client.as_ref(),
+        &cli,
+        trust.as_ref(),
         &mut state,
         &key,
         command,
         out,
+        &mut refused,
     )
     .await?;
     out.outcome(&outcome?);
+    if let Some(reason) = refused {
+        bail!("{reason}");
+    }
     Ok(())
 }
 
@@ -362,60 +371,98 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
 /// file (so `qpq send` works from another terminal meanwhile), and repeat.
 async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     let password = password(&cli.state, false)?;
-    let mut backoff = Duration::from_millis(500);
+    let trust = trust(cli)?;
     loop {
-        let (_, (_, machine)) = State::load_with(&cli.state, &password)?;
-        let client = match connect(cli, &machine).await {
-            Ok(c) => c,
-            Err(e) => {
-                out.warning(&format!("{e:#}; retrying in {} ms", backoff.as_millis()));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(500);
-        while client.connection().close_reason().is_none() {
-            {
-                // Reload under the lock: another command may have changed
-                // the state since the last round.
-                let _lock = lock(&cli.state)?;
-                let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
-                let command = Command::Receive { wait_ms: 0 };
-                if let Err(e) =
-                    drive(&mut machine, Some(&client), &mut state, &key, command, out).await?
-                {
-                    out.warning(&e.to_string());
-                }
-            }
+        let mut refused = None;
+        {
+            // Reload under the lock: another command may have changed the
+            // state since the last round.
+            let _lock = lock(&cli.state)?;
             let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
-            let wait = Command::Wait {
-                wait_ms: FETCH_WAIT_TIMEOUT_MS_MAX,
-            };
-            if let Err(e) = drive(&mut machine, Some(&client), &mut state, &key, wait, out).await? {
+            let command = Command::Receive { wait_ms: 0 };
+            let r = drive(
+                &mut machine,
+                cli,
+                Some(&trust),
+                &mut state,
+                &key,
+                command,
+                out,
+                &mut refused,
+            )
+            .await?;
+            if let Err(e) = r {
                 out.warning(&e.to_string());
-                break;
             }
+        }
+        if let Some(reason) = refused {
+            bail!("{reason}");
+        }
+        let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
+        let wait = Command::Wait {
+            wait_ms: FETCH_WAIT_TIMEOUT_MS_MAX,
+        };
+        let r = drive(
+            &mut machine,
+            cli,
+            Some(&trust),
+            &mut state,
+            &key,
+            wait,
+            out,
+            &mut refused,
+        )
+        .await?;
+        if let Err(e) = r {
+            out.warning(&e.to_string());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if let Some(reason) = refused {
+            bail!("{reason}");
         }
     }
 }
 
-/// Runs one command to its end with the client library's loop, writing
-/// the state file whenever the machine asks and printing its events.
+/// Runs one command to its end with the client library's loop, connecting
+/// when the machine asks, writing the state file whenever the machine asks
+/// and printing its events. A connection refused for good (a wrong
+/// certificate, an identity the server refuses) is left in `refused`.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     machine: &mut ClientMachine,
-    client: Option<&Client>,
+    cli: &Cli,
+    trust: Option<&ServerTrust>,
     state: &mut State,
     key: &StateKey,
     command: Command,
     out: &Output,
+    refused: &mut Option<String>,
 ) -> anyhow::Result<Result<Outcome, quicproquo_core::client::CommandError>> {
+    let signing_key = machine.signing_key().clone();
+    let connect = async || {
+        let Some(trust) = trust else {
+            return Err(ClientError::Connect("the server is not trusted yet".into()));
+        };
+        let mut client = Client::connect(&cli.server, trust).await?;
+        client.authenticate(&signing_key).await?;
+        Ok(client)
+    };
     quicproquo_client::drive(
         machine,
-        client,
+        &Clock::new(),
+        connect,
         command,
         |snapshot| state.save(key, snapshot),
-        |e| out.event(e),
+        |e| {
+            if let Event::Disconnected {
+                reason,
+                permanent: true,
+            } = e
+            {
+                *refused = Some(format!("connecting to {}: {reason}", cli.server));
+            }
+            out.event(e)
+        },
     )
     .await
     .map_err(|e| match e {
@@ -424,23 +471,16 @@ async fn drive(
     })
 }
 
-async fn connect(cli: &Cli, machine: &ClientMachine) -> anyhow::Result<Client> {
-    let trust = match (&cli.server_fingerprint, &cli.server_ca) {
+/// How the server is trusted: a pinned fingerprint or a CA file.
+fn trust(cli: &Cli) -> anyhow::Result<ServerTrust> {
+    Ok(match (&cli.server_fingerprint, &cli.server_ca) {
         (Some(fp), None) => ServerTrust::fingerprint_hex(fp)?,
         (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
         (Some(_), Some(_)) => bail!("give either --server-fingerprint or --server-ca, not both"),
         (None, None) => bail!(
             "the server is not trusted yet: pass --server-fingerprint HEX (qpq-server prints it at start) or --server-ca PATH (or set QPQ_SERVER_FINGERPRINT / QPQ_SERVER_CA)"
         ),
-    };
-    let mut client = Client::connect(&cli.server, &trust)
-        .await
-        .with_context(|| format!("connecting to {}", cli.server))?;
-    client
-        .authenticate(machine.signing_key())
-        .await
-        .context("authenticating to the server")?;
-    Ok(client)
+    })
 }
 
 /// The open state file: where it lives and its derived key.
@@ -544,6 +584,15 @@ struct Output {
 
 impl Output {
     fn event(&self, e: &Event) {
+        match e {
+            // One command: its outcome says what was delivered, and a
+            // connection that comes up is nothing to report.
+            Event::Connected | Event::Delivered { .. } => return,
+            Event::Reconnecting { reason, .. } | Event::Disconnected { reason, .. } => {
+                return self.warning(&format!("server unreachable: {reason}"));
+            }
+            _ => {}
+        }
         if self.json {
             let v = match e {
                 Event::Message {

@@ -37,6 +37,7 @@ use std::time::Duration;
 use common::{id, user};
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_client::{Client, ClientError, ServerTrust, random_message_id};
+use quicproquo_core::Time;
 use quicproquo_core::client::{ClientMachine, Command as ClientCommand, Effect, Event, Outcome};
 use quicproquo_core::error::{ErrorKind, ServiceError};
 use quicproquo_core::limits::AUTH_VERSION;
@@ -463,7 +464,7 @@ async fn a_client_that_never_reads_its_replies() {
     // is a 4 MiB reply.
     for i in 0..4u8 {
         filler
-            .enqueue_once(
+            .enqueue(
                 me,
                 ChannelId::DEFAULT,
                 vec![i; 1024 * 1024 - 1024],
@@ -727,7 +728,7 @@ async fn enqueue_spam_to_one_recipient_is_refused_without_loss() {
                 mid[1..5].copy_from_slice(&i.to_be_bytes());
                 let payload = [&[s][..], &i.to_be_bytes()[..]].concat();
                 match c
-                    .enqueue_once(victim, ChannelId::DEFAULT, payload.clone(), MessageId(mid))
+                    .enqueue(victim, ChannelId::DEFAULT, payload.clone(), MessageId(mid))
                     .await
                 {
                     Ok(seq) => {
@@ -780,7 +781,7 @@ async fn enqueue_spam_to_one_recipient_is_refused_without_loss() {
     // Drained, the victim's queue takes messages again.
     let friend = server.login(&user(120)).await;
     friend
-        .enqueue_once(
+        .enqueue(
             victim,
             ChannelId::DEFAULT,
             b"hi".to_vec(),
@@ -948,7 +949,7 @@ impl Honest {
             loop {
                 let payload = format!("honest message {rounds}").into_bytes();
                 let seq = sender
-                    .enqueue_once(to, ChannelId::DEFAULT, payload.clone(), random_message_id())
+                    .enqueue(to, ChannelId::DEFAULT, payload.clone(), random_message_id())
                     .await
                     .unwrap_or_else(|e| panic!("honest enqueue {rounds} failed: {e}"));
                 let f = recipient
@@ -990,18 +991,19 @@ async fn drive(
     Vec<Event>,
     Result<Outcome, quicproquo_core::client::CommandError>,
 ) {
-    m.start(command);
+    m.handle_command(Time::ZERO, command);
     let mut events = Vec::new();
     loop {
         match m.poll_effect().expect("the machine finishes its command") {
             Effect::Persist => {}
+            Effect::Connect => m.handle_connected(Time::ZERO),
             Effect::Request { token, request } => {
                 let reply = match client.call(request).await {
                     Ok(r) => Ok(r),
                     Err(ClientError::Service(e)) => Err(e),
                     Err(e) => Err(ServiceError::unavailable(e.to_string())),
                 };
-                m.handle_response(token, reply);
+                m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(e) => events.push(e),
             Effect::Done(outcome) => return (events, outcome),

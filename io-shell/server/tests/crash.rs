@@ -76,7 +76,7 @@ async fn acknowledged_enqueues_survive_sigkill() {
                 m[1..5].copy_from_slice(&i.to_be_bytes());
                 let payload = [&[s][..], &i.to_be_bytes()[..]].concat();
                 match c
-                    .enqueue_once(bob, ChannelId::DEFAULT, payload.clone(), MessageId(m))
+                    .enqueue(bob, ChannelId::DEFAULT, payload.clone(), MessageId(m))
                     .await
                 {
                     Ok(seq) => {

@@ -144,7 +144,7 @@ async fn typed_errors_come_back_over_quic() {
     let big = vec![0u8; PAYLOAD_BYTES_MAX + 1];
     assert_eq!(
         kind(
-            a.enqueue_once(bob, ChannelId::DEFAULT, big, random_message_id())
+            a.enqueue(bob, ChannelId::DEFAULT, big, random_message_id())
                 .await
         ),
         ErrorKind::PayloadTooLarge

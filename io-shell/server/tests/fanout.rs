@@ -205,7 +205,8 @@ async fn a_channel_wait_longer_than_the_call_timeout_is_not_cut_short() {
             timeout_ms: wait.as_millis() as u64,
         },
     )
-    .await;
+    .await
+    .expect("the connection stays up");
     assert_eq!(
         reply,
         Ok(Response::ChannelMessages {
