@@ -159,18 +159,25 @@ impl ClientMachine {
         self.settle();
     }
 
-    /// The connection broke, or the shell stopped carrying the requests
-    /// made on it (a one-shot shell after [`Effect::Done`]): every request
-    /// in flight waits for the next connection and goes again. A
-    /// connection is asked for at once if a command or the long-poll needs
-    /// one.
-    pub fn handle_disconnected(&mut self, now: Time) {
+    /// The connection broke (`reason`), or the shell stopped carrying the
+    /// requests made on it (a one-shot shell after [`Effect::Done`]): every
+    /// request in flight waits for the next connection and goes again. A
+    /// connection is asked for at once, and [`Event::Reconnecting`] shown,
+    /// if a command or the long-poll needs one.
+    pub fn handle_disconnected(&mut self, now: Time, reason: &str) {
         self.now = now;
+        let was_up = self.link.state == LinkState::Up;
         self.link.state = LinkState::Down;
         for r in self.in_flight.values_mut() {
             r.sent = false;
         }
         if self.op.is_some() || self.listening {
+            if was_up {
+                self.effects.push_back(Effect::Event(Event::Reconnecting {
+                    reason: reason.to_owned(),
+                    retry_in_ms: 0,
+                }));
+            }
             self.ensure_connecting();
         }
         self.settle();

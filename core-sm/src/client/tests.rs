@@ -833,7 +833,7 @@ fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
         matches!(done, Some(Err(CommandError::Server(_)))),
         "{done:?}"
     );
-    m.handle_disconnected(Time::ZERO);
+    m.handle_disconnected(Time::ZERO, "gone");
     // The next command on the same machine sends them again and finishes.
     let conn = w.users[0].conn;
     m.handle_command(Time::ZERO, Command::Receive { wait_ms: 0 });
@@ -2830,7 +2830,7 @@ fn a_lost_connection_makes_its_requests_again_on_the_next() {
     };
     // The connection breaks before the answer: the machine asks for a new
     // one and makes the same request on it.
-    m.handle_disconnected(Time::ZERO);
+    m.handle_disconnected(Time::ZERO, "gone");
     let mut rest = Vec::new();
     while let Some(e) = m.poll_effect() {
         rest.push(e);

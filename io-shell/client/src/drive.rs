@@ -154,9 +154,9 @@ pub async fn drive<E>(
                     Err(Lost) if client.is_some() => {
                         // The connection is gone: every request on it goes
                         // again on the next one.
-                        client = None;
+                        let reason = lost_reason(client.take());
                         calls = JoinSet::new();
-                        machine.handle_disconnected(clock.now());
+                        machine.handle_disconnected(clock.now(), &reason);
                     }
                     Err(Lost) => {}
                     Ok(answer) => machine.handle_response(clock.now(), token, answer),
@@ -169,7 +169,7 @@ pub async fn drive<E>(
         }
     };
     calls.abort_all();
-    machine.handle_disconnected(clock.now());
+    machine.handle_disconnected(clock.now(), "the command ended");
     Ok(result)
 }
 
@@ -207,6 +207,16 @@ pub fn connect_failure(e: &ClientError) -> ConnectFailure {
         reason: e.to_string(),
         permanent: e.is_permanent(),
     }
+}
+
+/// Why a connection that lost a request closed, for the user.
+pub fn lost_reason(client: Option<Client>) -> String {
+    client
+        .and_then(|c| c.connection().close_reason())
+        .map_or_else(
+            || "connection lost".to_owned(),
+            |r| format!("connection lost: {r}"),
+        )
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -11,6 +11,7 @@
 //! decision — the client machine's, for everything it sends.
 
 mod drive;
+mod session;
 pub mod state_file;
 mod trust;
 
@@ -31,6 +32,9 @@ use quicproquo_proto::{
 use rand_core::{OsRng, RngCore};
 
 pub use drive::{Clock, DriveError, Lost, call, connect_failure, drive};
+pub use session::{
+    CLOSE_GRACE, COMMANDS_QUEUED, EVENTS_BUFFERED, Session, SessionConfig, SessionError,
+};
 pub use trust::{ServerTrust, TrustError};
 
 /// Time a call may take on top of any server-side wait (fetchWait).

@@ -1,0 +1,520 @@
+//! A long-lived client: [`Session`] opens the state file once (one key
+//! derivation), keeps one connection, receives continuously and reports
+//! what happens as [`Event`]s; commands are async methods callable from
+//! several tasks at once.
+//!
+//! One task owns the [`ClientMachine`], its state file and its connection,
+//! and runs the loop: it feeds the machine commands (one at a time, in the
+//! order they were asked), answers, connection results and timeouts, and
+//! carries out its effects — persists (merged, always before the next
+//! effect that depends on them), requests (each on its own task),
+//! connecting, events. The machine listens ([`ClientMachine::handle_listen`])
+//! and reconnects on its own ([`LinkPolicy::KeepTrying`]), so messages
+//! arrive and deliveries go out as long as the session is open, whatever
+//! command runs. Persist-before-acknowledge and persist-before-show hold
+//! exactly as in a one-shot command: an event reaches subscribers only
+//! after the state that produced it is written.
+//!
+//! Subscribers get every event from the moment they subscribe, in order,
+//! through a bounded channel ([`EVENTS_BUFFERED`]); a subscriber that
+//! stops reading holds the session up (nothing is dropped), one that is
+//! dropped is forgotten.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quicproquo_core::client::{
+    ClientMachine, Command, CommandError, Effect, Event, GroupSummary, LinkPolicy, Outcome,
+};
+use quicproquo_core::types::IdentityKey;
+use rand_core::{OsRng, RngCore};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::drive::{Clock, Lost, call, connect_failure, lost_reason};
+use crate::state_file::{self, KdfParams, StateFileError, StateKey};
+use crate::{Client, ClientError, ServerTrust};
+
+/// Events a subscriber may have unread before the session waits for it.
+pub const EVENTS_BUFFERED: usize = 1_024;
+/// Commands that may wait for their turn before callers wait to queue
+/// more.
+pub const COMMANDS_QUEUED: usize = 256;
+/// How long [`Session::close`] lets a running command finish.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Where a session's state lives and which server it talks to.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The encrypted state file.
+    pub state: PathBuf,
+    /// The server, as `host:port`.
+    pub server: String,
+    /// How the server's certificate is trusted.
+    pub trust: ServerTrust,
+}
+
+/// Why a session could not open or a call on it failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The state file does not open (wrong password, damaged, missing).
+    #[error("{path}: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: StateFileError,
+    },
+    /// A state file exists already where a new identity was to be made.
+    #[error("{0} exists already; it holds an identity")]
+    Exists(PathBuf),
+    /// Another session or `qpq` command has the state file.
+    #[error("{0} is in use by another qpq")]
+    InUse(PathBuf),
+    /// The password is empty.
+    #[error("the password is empty")]
+    EmptyPassword,
+    /// The state does not restore.
+    #[error("{0}")]
+    Restore(CommandError),
+    /// The command failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// Writing the state file failed; the session stopped (nothing after
+    /// the failed write was carried out).
+    #[error("saving the state failed, the session stopped: {0}")]
+    Persist(String),
+    /// The session is closed.
+    #[error("the session is closed")]
+    Closed,
+    /// Local I/O failed (the lock file).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running client. Cheap to share by reference between tasks; every
+/// method may be called from several tasks at once.
+#[derive(Debug)]
+pub struct Session {
+    identity: IdentityKey,
+    tx: mpsc::Sender<Call>,
+    task: JoinHandle<Result<(), SessionError>>,
+}
+
+impl Session {
+    /// Makes a new identity in a new state file at `config.state` and opens
+    /// a session on it.
+    pub async fn create(config: SessionConfig, password: &str) -> Result<Session, SessionError> {
+        if password.is_empty() {
+            return Err(SessionError::EmptyPassword);
+        }
+        let lock = take_lock(&config.state)?;
+        if state_file::exists(&config.state) {
+            return Err(SessionError::Exists(config.state));
+        }
+        let path = config.state.clone();
+        let password = password.to_owned();
+        let (machine, key) = tokio::task::spawn_blocking(move || {
+            let machine = ClientMachine::generate(os_seed());
+            let key = StateKey::derive(password.as_bytes(), KdfParams::RECOMMENDED, &mut OsRng)?;
+            state_file::save_with_key(&path, &key, &machine.snapshot())?;
+            Ok::<_, StateFileError>((machine, key))
+        })
+        .await
+        .map_err(|e| SessionError::Persist(e.to_string()))?
+        .map_err(|source| SessionError::State {
+            path: config.state.clone(),
+            source,
+        })?;
+        Ok(Self::start(config, machine, key, lock))
+    }
+
+    /// Opens the state file at `config.state` with `password` (the key is
+    /// derived once, here) and starts the session: it connects, receives
+    /// and delivers in the background from now on.
+    pub async fn open(config: SessionConfig, password: &str) -> Result<Session, SessionError> {
+        if password.is_empty() {
+            return Err(SessionError::EmptyPassword);
+        }
+        let lock = take_lock(&config.state)?;
+        let path = config.state.clone();
+        let password = password.to_owned();
+        let (plain, key) = tokio::task::spawn_blocking(move || {
+            state_file::load_and_keep_key(&path, password.as_bytes())
+        })
+        .await
+        .map_err(|e| SessionError::Persist(e.to_string()))?
+        .map_err(|source| SessionError::State {
+            path: config.state.clone(),
+            source,
+        })?;
+        let machine = ClientMachine::restore(&plain, os_seed()).map_err(SessionError::Restore)?;
+        Ok(Self::start(config, machine, key, lock))
+    }
+
+    fn start(
+        config: SessionConfig,
+        mut machine: ClientMachine,
+        key: StateKey,
+        lock: File,
+    ) -> Session {
+        let identity = machine.identity_key();
+        machine.set_link_policy(LinkPolicy::KeepTrying);
+        let (tx, rx) = mpsc::channel(COMMANDS_QUEUED);
+        let runner = Runner {
+            signing_key: machine.signing_key().clone(),
+            machine,
+            key,
+            config,
+            clock: Clock::new(),
+            subscribers: Vec::new(),
+            _lock: lock,
+        };
+        let task = tokio::spawn(runner.run(rx));
+        Session { identity, tx, task }
+    }
+
+    /// This user's identity key.
+    pub fn identity_key(&self) -> IdentityKey {
+        self.identity
+    }
+
+    /// Every event from now on, in order.
+    pub async fn subscribe(&self) -> Result<mpsc::Receiver<Event>, SessionError> {
+        let (tx, rx) = mpsc::channel(EVENTS_BUFFERED);
+        self.ask(|reply| Call::Subscribe(tx, reply)).await?;
+        Ok(rx)
+    }
+
+    /// Runs a command of the client machine and returns its outcome. It
+    /// waits for the commands asked before it. A message or change is
+    /// done once it is queued and persisted; [`Event::Delivered`] says when
+    /// the server stored a message for everyone.
+    pub async fn command(&self, command: Command) -> Result<Outcome, SessionError> {
+        let r = self
+            .ask(|reply| Call::Command(Box::new(command), reply))
+            .await?;
+        Ok(r?)
+    }
+
+    /// Uploads KeyPackages (and the hybrid key) so others can add this user.
+    pub async fn register(&self, count: u32) -> Result<Outcome, SessionError> {
+        self.command(Command::Register { count }).await
+    }
+
+    /// Creates a group with this user alone in it.
+    pub async fn create_group(&self, name: &str, pq: bool) -> Result<Outcome, SessionError> {
+        self.command(Command::CreateGroup {
+            name: name.to_owned(),
+            pq,
+        })
+        .await
+    }
+
+    /// Adds `member` to `group`.
+    pub async fn add(&self, group: &str, member: IdentityKey) -> Result<Outcome, SessionError> {
+        self.command(Command::AddMember {
+            group: group.to_owned(),
+            member,
+        })
+        .await
+    }
+
+    /// Removes `member` from `group`.
+    pub async fn remove(&self, group: &str, member: IdentityKey) -> Result<Outcome, SessionError> {
+        self.command(Command::RemoveMember {
+            group: group.to_owned(),
+            member,
+        })
+        .await
+    }
+
+    /// Leaves `group`.
+    pub async fn leave(&self, group: &str) -> Result<Outcome, SessionError> {
+        self.command(Command::Leave {
+            group: group.to_owned(),
+        })
+        .await
+    }
+
+    /// Rotates this user's keys in `group`, or in every group (and the
+    /// hybrid key) when `None`.
+    pub async fn update(&self, group: Option<&str>) -> Result<Outcome, SessionError> {
+        self.command(Command::Update {
+            group: group.map(str::to_owned),
+        })
+        .await
+    }
+
+    /// Sends `text` to every other member of `group`.
+    pub async fn send(&self, group: &str, text: &str) -> Result<Outcome, SessionError> {
+        self.command(Command::Send {
+            group: group.to_owned(),
+            text: text.to_owned(),
+        })
+        .await
+    }
+
+    /// This user's groups.
+    pub async fn groups(&self) -> Result<Vec<GroupSummary>, SessionError> {
+        self.ask(Call::Groups).await
+    }
+
+    /// Closes the session: no new command is taken, a running one gets
+    /// [`CLOSE_GRACE`] to finish, the state is written and the connection
+    /// closed. Deliveries still in the outbox go out with the next session
+    /// or command.
+    pub async fn close(self) -> Result<(), SessionError> {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Call::Close(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+        drop(self.tx);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(SessionError::Persist(e.to_string())),
+        }
+    }
+
+    async fn ask<T>(
+        &self,
+        call: impl FnOnce(oneshot::Sender<T>) -> Call,
+    ) -> Result<T, SessionError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(call(reply))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        answer.await.map_err(|_| SessionError::Closed)
+    }
+}
+
+/// What a [`Session`] handle asks of its task.
+enum Call {
+    Command(Box<Command>, oneshot::Sender<Result<Outcome, CommandError>>),
+    Subscribe(mpsc::Sender<Event>, oneshot::Sender<()>),
+    Groups(oneshot::Sender<Vec<GroupSummary>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The session's task: the machine and everything it needs.
+struct Runner {
+    machine: ClientMachine,
+    signing_key: ed25519_dalek::SigningKey,
+    key: StateKey,
+    config: SessionConfig,
+    clock: Clock,
+    subscribers: Vec<mpsc::Sender<Event>>,
+    /// Held for the session's life: one writer per state file.
+    _lock: File,
+}
+
+type Connecting = JoinHandle<Result<Client, ClientError>>;
+
+impl Runner {
+    async fn run(mut self, mut rx: mpsc::Receiver<Call>) -> Result<(), SessionError> {
+        let now = self.clock.now();
+        self.machine.handle_listen(now, true);
+        let mut client: Option<Client> = None;
+        let mut calls: JoinSet<(u64, Result<_, Lost>)> = JoinSet::new();
+        let mut connecting: Option<Connecting> = None;
+        let mut running: Option<oneshot::Sender<Result<Outcome, CommandError>>> = None;
+        let mut waiting: std::collections::VecDeque<(
+            Command,
+            oneshot::Sender<Result<Outcome, CommandError>>,
+        )> = std::collections::VecDeque::new();
+        let mut closing: Option<(oneshot::Sender<()>, tokio::time::Instant)> = None;
+        let mut dirty = false;
+        loop {
+            // Start the next command once none runs.
+            if running.is_none()
+                && closing.is_none()
+                && let Some((command, reply)) = waiting.pop_front()
+            {
+                running = Some(reply);
+                self.machine.handle_command(self.clock.now(), command);
+            }
+            while let Some(effect) = self.machine.poll_effect() {
+                if !matches!(effect, Effect::Persist) && dirty {
+                    self.persist()?;
+                    dirty = false;
+                }
+                match effect {
+                    Effect::Persist => dirty = true,
+                    Effect::Connect => {
+                        let (server, trust, key) = (
+                            self.config.server.clone(),
+                            self.config.trust.clone(),
+                            self.signing_key.clone(),
+                        );
+                        connecting = Some(tokio::spawn(async move {
+                            let mut c = Client::connect(&server, &trust).await?;
+                            c.authenticate(&key).await?;
+                            Ok(c)
+                        }));
+                    }
+                    Effect::Request { token, request } => match &client {
+                        Some(c) => {
+                            let c = c.clone();
+                            calls.spawn(async move { (token, call(&c, request).await) });
+                        }
+                        None => self.machine.handle_response(
+                            self.clock.now(),
+                            token,
+                            Err(quicproquo_core::ServiceError::unavailable("not connected")),
+                        ),
+                    },
+                    Effect::Event(e) => self.publish(e).await,
+                    Effect::Done(result) => {
+                        if let Some(reply) = running.take() {
+                            let _ = reply.send(result);
+                        }
+                    }
+                }
+            }
+            if dirty {
+                self.persist()?;
+                dirty = false;
+            }
+            if let Some((_, by)) = &closing
+                && (running.is_none() || tokio::time::Instant::now() >= *by)
+            {
+                break;
+            }
+            if running.is_none() && !waiting.is_empty() && closing.is_none() {
+                continue;
+            }
+            let deadline = self.machine.poll_timeout().map(|t| self.clock.instant(t));
+            let close_by = closing.as_ref().map(|(_, by)| *by);
+            tokio::select! {
+                call = rx.recv(), if closing.is_none() => match call {
+                    Some(Call::Command(command, reply)) => waiting.push_back((*command, reply)),
+                    Some(Call::Subscribe(tx, reply)) => {
+                        self.subscribers.push(tx);
+                        let _ = reply.send(());
+                    }
+                    Some(Call::Groups(reply)) => {
+                        let _ = reply.send(self.machine.groups());
+                    }
+                    Some(Call::Close(reply)) => {
+                        closing = Some((reply, tokio::time::Instant::now() + CLOSE_GRACE));
+                    }
+                    None => closing = Some((oneshot::channel().0, tokio::time::Instant::now())),
+                },
+                joined = calls.join_next(), if !calls.is_empty() => {
+                    let Some(Ok((token, result))) = joined else { continue };
+                    match result {
+                        Ok(answer) => self.machine.handle_response(self.clock.now(), token, answer),
+                        Err(Lost) => {
+                            let reason = lost_reason(client.take());
+                            calls = JoinSet::new();
+                            self.machine.handle_disconnected(self.clock.now(), &reason);
+                        }
+                    }
+                }
+                result = wait_connect(&mut connecting), if connecting.is_some() => {
+                    connecting = None;
+                    let now = self.clock.now();
+                    match result {
+                        Ok(c) => {
+                            client = Some(c);
+                            self.machine.handle_connected(now);
+                        }
+                        Err(e) => self.machine.handle_connect_failed(now, connect_failure(&e)),
+                    }
+                }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    self.machine.handle_timeout(self.clock.now());
+                }
+                () = sleep_until(close_by), if close_by.is_some() => {}
+            }
+        }
+        // Closing: nothing more goes out; what is in flight goes again with
+        // the next session (enqueues carry their message id).
+        self.machine.handle_listen(self.clock.now(), false);
+        calls.abort_all();
+        if let Some(c) = connecting.take() {
+            c.abort();
+        }
+        self.machine
+            .handle_disconnected(self.clock.now(), "the session closed");
+        while self.machine.poll_effect().is_some() {}
+        self.persist()?;
+        if let Some(c) = client {
+            c.connection().close(0u32.into(), b"bye");
+        }
+        if let Some(reply) = running.take() {
+            let _ = reply.send(Err(CommandError::Busy));
+        }
+        for (_, reply) in waiting {
+            let _ = reply.send(Err(CommandError::Busy));
+        }
+        if let Some((reply, _)) = closing {
+            let _ = reply.send(());
+        }
+        Ok(())
+    }
+
+    /// Writes the machine's state; a failure stops the session.
+    fn persist(&mut self) -> Result<(), SessionError> {
+        state_file::save_with_key(&self.config.state, &self.key, &self.machine.snapshot())
+            .map_err(|e| SessionError::Persist(format!("{}: {e}", self.config.state.display())))
+    }
+
+    /// Hands `event` to every subscriber, waiting for room; subscribers
+    /// that went away are forgotten.
+    async fn publish(&mut self, event: Event) {
+        let mut gone = Vec::new();
+        for (i, s) in self.subscribers.iter().enumerate() {
+            if s.send(event.clone()).await.is_err() {
+                gone.push(i);
+            }
+        }
+        for i in gone.into_iter().rev() {
+            self.subscribers.remove(i);
+        }
+    }
+}
+
+async fn wait_connect(connecting: &mut Option<Connecting>) -> Result<Client, ClientError> {
+    match connecting {
+        Some(c) => match c.await {
+            Ok(r) => r,
+            Err(e) => Err(ClientError::Connect(e.to_string())),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes the state file's lock (`<state>.lock`) without waiting: a session
+/// keeps the machine in memory, so nobody else may write the file while it
+/// runs.
+fn take_lock(state: &Path) -> Result<File, SessionError> {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(name))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SessionError::InUse(state.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+fn os_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    seed
+}

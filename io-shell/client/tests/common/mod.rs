@@ -1,0 +1,95 @@
+//! A real `qpq-server` process for the client's end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A running `qpq-server`; killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    /// `127.0.0.1:port` it listens on.
+    pub addr: String,
+    /// Its certificate's SHA-256 fingerprint, 64 hex digits.
+    pub fingerprint: String,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `qpq-server` binary next to `qpq`, built if this test run has not
+/// built it yet.
+pub fn server_binary() -> PathBuf {
+    let qpq = PathBuf::from(env!("CARGO_BIN_EXE_qpq"));
+    let server = qpq.with_file_name(format!("qpq-server{}", std::env::consts::EXE_SUFFIX));
+    if !server.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile_release = qpq.parent().is_some_and(|p| p.ends_with("release"));
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bin", "qpq-server", "-p", "quicproquo-server"]);
+        if profile_release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo build runs");
+        assert!(status.success(), "building qpq-server failed");
+    }
+    server
+}
+
+impl Server {
+    /// Starts a server with its data in `dir`, on a free port.
+    pub fn start(dir: &Path) -> Server {
+        Self::start_on(dir, "127.0.0.1:0")
+    }
+
+    /// Starts a server with its data in `dir`, listening on `listen`.
+    pub fn start_on(dir: &Path, listen: &str) -> Server {
+        std::fs::write(dir.join("server.toml"), "").unwrap();
+        let mut child = Command::new(server_binary())
+            .env("QPQ_CONFIG", dir.join("server.toml"))
+            .env("QPQ_LISTEN", listen)
+            .env("QPQ_DATA_DIR", dir.join("server-data"))
+            .env("QPQ_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn qpq-server");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut addr, mut fingerprint) = (None, None);
+        while addr.is_none() || fingerprint.is_none() {
+            let line = lines.next().expect("server output").unwrap();
+            if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
+                addr = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
+                fingerprint = Some(rest.trim().to_owned());
+            }
+        }
+        Server {
+            child: Some(child),
+            addr: addr.unwrap(),
+            fingerprint: fingerprint.unwrap(),
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Kills the server (SIGKILL: what it acknowledged is on disk) and
+    /// starts it again on the same address and data.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut again = Server::start_on(&self.dir, &self.addr.clone());
+        assert_eq!(again.fingerprint, self.fingerprint);
+        self.child = again.child.take();
+    }
+}
