@@ -1,4 +1,5 @@
-//! The typed errors every NodeService response can carry (DESIGN.md §4).
+//! The typed errors every NodeService response can carry (ARCHITECTURE.md
+//! § Protocol).
 //! Each has a kind, which the wire encodes as a union member, and a
 //! human-readable message. Peer faults become one of these; nothing a peer
 //! sends turns into a panic.

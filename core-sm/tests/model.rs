@@ -1,4 +1,5 @@
-//! Model test of the NodeService machine (STYLE.md, "Tests, by layer").
+//! Model test of the NodeService machine: the real machine against a tiny
+//! reference model, compared after every generated step.
 //!
 //! proptest generates sequences of operations by four authenticated
 //! identities (plus one connection that never authenticates): KeyPackage
@@ -267,8 +268,9 @@ fn fetch_wait_is_woken_by_enqueue_or_expires_empty() {
 /// OS still holds its unsynced writes, which the reopened store reads back)
 /// the machine once treated those writes as durable and released a reply
 /// revealing them at once; an OS crash later could then reissue seq 1 for
-/// another payload (DESIGN.md §4, §5). The machine now writes on every open,
-/// so its replies wait for a sync that covers what the previous process left.
+/// another payload (ARCHITECTURE.md § Guarantees, § Storage). The machine
+/// now writes on every open, so its replies wait for a sync that covers what
+/// the previous process left.
 #[test]
 fn restart_without_crash_holds_replies_until_earlier_writes_are_durable() {
     let mut run = Run::new();

@@ -1,5 +1,5 @@
 //! The history checker: decides from a run's [`History`] alone whether the
-//! server kept the delivery guarantees of DESIGN.md §4 and §5.
+//! server kept the delivery guarantees of ARCHITECTURE.md (§ Guarantees).
 //!
 //! It checks, per run, once the network has healed and the queues are
 //! drained:

@@ -1,6 +1,7 @@
 //! The one place the server looks inside a payload: the cleartext framing
 //! header of an MLS handshake message (RFC 9420 §6), to accept only the
-//! first Commit per epoch of a group on a channel (DESIGN.md §4).
+//! first Commit per epoch of a group on a channel (ARCHITECTURE.md
+//! § Guarantees, "One Commit per epoch").
 //!
 //! A payload is recognised when it is the client's group envelope
 //! (`0x01 0x02`, see `crate::client::envelope`) around an `MLSMessage` of

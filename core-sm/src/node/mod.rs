@@ -963,13 +963,13 @@ impl<S: Store> NodeService<S> {
         Ok(seqs)
     }
 
-    /// The commit fence (DESIGN.md §4, [`commit`]): if `payload` is an MLS
-    /// Commit, it is accepted only for the group's current epoch on this
-    /// channel (or a later one), once; the same Commit bytes sent again (to
-    /// the next recipient, or as a retry) pass without moving it, also
-    /// after the group moved on (up to [`limits::COMMIT_FENCE_HISTORY`]
-    /// epochs). Returns
-    /// the fence record to write with the enqueue, if it moves.
+    /// The commit fence ([`commit`]; ARCHITECTURE.md § Guarantees): if
+    /// `payload` is an MLS Commit, it is accepted only for the group's
+    /// current epoch on this channel (or a later one), once; the same Commit
+    /// bytes sent again (to the next recipient, or as a retry) pass without
+    /// moving it, also after the group moved on (up to
+    /// [`limits::COMMIT_FENCE_HISTORY`] epochs). Returns the fence record to
+    /// write with the enqueue, if it moves.
     fn fence_check(
         &self,
         channel_id: &ChannelId,

@@ -16,7 +16,7 @@ pub struct Request {
     pub body: RequestBody,
 }
 
-/// The NodeService methods (DESIGN.md §4) with their arguments.
+/// The NodeService methods (ARCHITECTURE.md § Protocol) with their arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RequestBody {

@@ -704,9 +704,9 @@ const MAGIC: &[u8; 8] = b"QPQSTATE";
 const FORMAT_VERSION: u16 = 1;
 /// KDF id 1: Argon2id v1.3, then HKDF-SHA256, keying XChaCha20-Poly1305.
 const KDF_ID_ARGON2ID_HKDF_XCHACHA: u8 = 1;
-/// HKDF info label. It keeps the project's old name on purpose: DESIGN.md
-/// §1 fixes the `quicnprotochat/` HKDF labels so that keys derived by
-/// existing installs stay the same. Never rename it.
+/// HKDF info label. It keeps the project's old name on purpose
+/// (ARCHITECTURE.md § Legacy labels): keys derived by existing installs
+/// must stay the same. Never rename it.
 const HKDF_INFO: &[u8] = b"quicnprotochat/state/v1";
 /// Bytes of the derived Argon2id output and of the AEAD key.
 const KEY_BYTES: usize = 32;

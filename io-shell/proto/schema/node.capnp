@@ -1,4 +1,4 @@
-# The NodeService wire schema (DESIGN.md §4).
+# The NodeService wire schema (ARCHITECTURE.md § Protocol).
 #
 # One request per QUIC bidirectional stream: the client writes one `Request`
 # message (standard, unpacked Cap'n Proto serialization) and finishes the

@@ -1,6 +1,6 @@
 //! quicproquo's wire format: the Cap'n Proto schema of the NodeService
-//! (`schema/node.capnp`, DESIGN.md §4) and its conversion to and from the
-//! core's typed [`Request`] and [`Reply`] values.
+//! (`schema/node.capnp`, ARCHITECTURE.md § Protocol) and its conversion to
+//! and from the core's typed [`Request`] and [`Reply`] values.
 //!
 //! One request per QUIC bidirectional stream: the client sends
 //! [`encode_request`]'s bytes and finishes the stream, the server answers

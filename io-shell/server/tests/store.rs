@@ -4,7 +4,7 @@
 //!
 //! Also holds an ignored micro-measurement of durable batches per second,
 //! group commit against one fsync per batch:
-//! `CARGO_TARGET_DIR=/work/target-store cargo test --release -p quicproquo-server --test store -- --ignored --nocapture`
+//! `cargo test --release -p quicproquo-server --test store -- --ignored --nocapture`
 
 use std::collections::VecDeque;
 use std::path::Path;

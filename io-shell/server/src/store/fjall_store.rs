@@ -1,6 +1,6 @@
 //! [`FjallStore`]: the machine's storage port over an embedded fjall 3
-//! database (`<data_dir>/qpq.db`, DESIGN.md §5), and [`FjallSync`], the
-//! handle that fsyncs it for group commit.
+//! database (`<data_dir>/qpq.db`, ARCHITECTURE.md § Storage), and
+//! [`FjallSync`], the handle that fsyncs it for group commit.
 //!
 //! All of the machine's records live in one keyspace, [`KEYSPACE`]; the
 //! machine's own layout (`quicproquo_core::node`) gives every key a one-byte
