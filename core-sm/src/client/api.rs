@@ -295,7 +295,7 @@ pub enum CommandError {
     State(String),
 }
 
-/// Where the user is in the life cycle (ARCHITECTURE.md, client life cycle).
+/// Where the user is in the life cycle (ARCHITECTURE.md § Client life cycle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// An identity exists; nothing uploaded yet.

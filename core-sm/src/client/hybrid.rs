@@ -89,7 +89,7 @@
 //! once; the random nonce is belt and braces.
 //!
 //! Both HKDF labels keep the legacy `quicnprotochat` prefix on purpose
-//! ("Legacy labels" in ARCHITECTURE.md); the signature context
+//! (ARCHITECTURE.md § Legacy labels); the signature context
 //! is `quicproquo`'s own ([`crate::node::HYBRID_KEY_CONTEXT`]).
 //!
 //! The envelope gives confidentiality, not sender authentication: anyone can
@@ -147,10 +147,10 @@ pub const TAG_BYTES: usize = 16;
 /// and tag.
 pub const ENVELOPE_OVERHEAD_BYTES: usize = 1 + CIPHERTEXT_BYTES + NONCE_BYTES + TAG_BYTES;
 /// HKDF info of the KEM combiner. Legacy `quicnprotochat` prefix kept on
-/// purpose ("Legacy labels" in ARCHITECTURE.md).
+/// purpose (ARCHITECTURE.md § Legacy labels).
 pub const KEM_LABEL: &[u8] = b"quicnprotochat/hybrid-kem/v1";
 /// HKDF info of the envelope's AEAD key. Legacy `quicnprotochat` prefix kept
-/// on purpose ("Legacy labels" in ARCHITECTURE.md).
+/// on purpose (ARCHITECTURE.md § Legacy labels).
 pub const ENVELOPE_LABEL: &[u8] = b"quicnprotochat/hybrid-envelope/v1";
 
 /// Why hybrid key material or an envelope was refused.

@@ -39,7 +39,7 @@ pub(super) fn members(group: &MlsGroup) -> Vec<IdentityKey> {
 }
 
 /// After a join or Commit: every member's credential identity must equal
-/// its signature key (the MLS profile in ARCHITECTURE.md).
+/// its signature key (ARCHITECTURE.md § MLS profile).
 pub(super) fn check_members(group: &MlsGroup) -> Result<(), CommandError> {
     for m in group.members() {
         let credential = BasicCredential::try_from(m.credential.clone()).map_err(mls)?;

@@ -7,7 +7,7 @@
 //! [`ClientMachine::handle_response`]), state to persist, events to show,
 //! and finally the command's outcome. The machine never performs I/O.
 //!
-//! States (the client life cycle in ARCHITECTURE.md), derived from what the machine holds:
+//! States (ARCHITECTURE.md § Client life cycle), derived from what the machine holds:
 //! `NoState` (no state file) → `IdentityGenerated` → `Registered` →
 //! `GroupOwner` | `GroupMember` → `Active` (see [`Phase`]).
 //!
@@ -31,7 +31,7 @@
 //!   never reach, and no member forks off.
 //! - A fetched KeyPackage's credential identity and signature key both equal
 //!   the identity asked for, and after every join and Commit each member's
-//!   credential identity equals its signature key (the MLS profile in ARCHITECTURE.md).
+//!   credential identity equals its signature key (ARCHITECTURE.md § MLS profile).
 //! - Post-quantum groups (`pq`): every payload the group enqueues — Welcome,
 //!   Commit, proposal, application message — leaves only inside a hybrid
 //!   envelope sealed to the recipient's hybrid key, which was fetched and
@@ -72,9 +72,9 @@ pub use provider::QpqProvider;
 
 use state::{Change, CommitRecord, EarlyMessage, GroupRecord, OutboxEntry, Persisted};
 
-/// The MLS profile's ciphersuite (the MLS profile in ARCHITECTURE.md): 0x0001.
+/// The ciphersuite of the MLS profile (ARCHITECTURE.md § MLS profile): 0x0001.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
-/// KeyPackage lifetime: at most 84 days (the MLS profile in ARCHITECTURE.md).
+/// KeyPackage lifetime: at most 84 days (ARCHITECTURE.md § MLS profile).
 pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 60 * 60;
 /// MLS exporter label of the key that seals a group's name in a Welcome.
 pub const GROUP_NAME_EXPORTER_LABEL: &str = "quicproquo group name";
