@@ -3,12 +3,14 @@
 //! Ed25519 identity, and make typed calls for every method. Used by the
 //! tests and simulations and by the `qpq` command-line client. [`drive`]
 //! carries out one command of the sans-io client machine over a [`Client`]
-//! (the loop `qpq` and the simulations share).
+//! (the loop `qpq` and the simulations share). [`display`] makes
+//! peer-controlled text safe to show on a terminal.
 //!
 //! Each call opens one bidirectional stream, writes one request, finishes
 //! the stream and reads one reply. Enqueue retries reuse the same
 //! `messageId`, so a retry after a lost acknowledgement is stored once.
 
+pub mod display;
 mod drive;
 pub mod state_file;
 mod trust;

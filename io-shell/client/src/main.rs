@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
+use quicproquo_client::display::escape_control;
 use quicproquo_client::state_file::{self, KdfParams, StateKey};
 use quicproquo_client::{Client, DriveError, ServerTrust};
 use quicproquo_core::client::{ClientMachine, Command, Event, Outcome};
@@ -337,7 +338,7 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     for g in groups {
         println!(
             "{}{}  ({} members, epoch {}){}",
-            g.name,
+            escape_control(&g.name),
             if g.pq { "  [pq]" } else { "" },
             g.members.len(),
             g.epoch,
@@ -571,24 +572,36 @@ impl Output {
             println!("{v}");
             return;
         }
+        // Everything shown below may come from a peer: escaped, so it
+        // cannot print a fake line or drive the terminal.
         match e {
             Event::Message {
                 group,
                 sender,
                 text,
-            } => println!("[{group}] {}: {text}", short(sender)),
+            } => println!(
+                "[{}] {}: {}",
+                escape_control(group),
+                short(sender),
+                escape_control(text)
+            ),
             Event::Joined { group, members } => {
-                println!("* you joined {group} ({members} members)");
+                println!("* you joined {} ({members} members)", escape_control(group));
             }
             Event::GroupChanged {
                 group,
                 epoch,
                 members,
-            } => println!("* {group} changed: epoch {epoch}, {members} members"),
-            Event::Removed { group } => println!("* you were removed from {group}"),
-            Event::Tampering { what } => eprintln!("TAMPERING: {what}"),
-            Event::Warning { message } => eprintln!("warning: {message}"),
-            other => eprintln!("{other:?}"),
+            } => println!(
+                "* {} changed: epoch {epoch}, {members} members",
+                escape_control(group)
+            ),
+            Event::Removed { group } => {
+                println!("* you were removed from {}", escape_control(group));
+            }
+            Event::Tampering { what } => eprintln!("TAMPERING: {}", escape_control(what)),
+            Event::Warning { message } => eprintln!("warning: {}", escape_control(message)),
+            other => eprintln!("{}", escape_control(&format!("{other:?}"))),
         }
     }
 
@@ -646,13 +659,15 @@ impl Output {
                     eprintln!("{failed} uploads failed; run `qpq register` again.");
                 }
             }
-            Outcome::GroupCreated { group } => println!("Created group {group}."),
+            Outcome::GroupCreated { group } => {
+                println!("Created group {}.", escape_control(group));
+            }
             Outcome::MemberAdded {
                 group,
                 member,
                 undelivered,
             } => {
-                println!("Added {} to {group}.", short(member));
+                println!("Added {} to {}.", short(member), escape_control(group));
                 pending(*undelivered);
             }
             Outcome::Sent {
@@ -660,7 +675,7 @@ impl Output {
                 delivered,
                 undelivered,
             } => {
-                println!("Sent to {delivered} members of {group}.");
+                println!("Sent to {delivered} members of {}.", escape_control(group));
                 pending(*undelivered);
             }
             Outcome::MemberRemoved {
@@ -668,10 +683,10 @@ impl Output {
                 member,
                 undelivered,
             } => {
-                println!("Removed {} from {group}.", short(member));
+                println!("Removed {} from {}.", short(member), escape_control(group));
                 pending(*undelivered);
             }
-            Outcome::Left { group } => println!("Left {group}."),
+            Outcome::Left { group } => println!("Left {}.", escape_control(group)),
             Outcome::Updated {
                 groups,
                 undelivered,
@@ -684,7 +699,7 @@ impl Output {
                     eprintln!("No new messages.");
                 }
             }
-            other => println!("{other:?}"),
+            other => println!("{}", escape_control(&format!("{other:?}"))),
         }
     }
 
@@ -692,7 +707,7 @@ impl Output {
         if self.json {
             println!("{}", json!({"event": "warning", "message": message}));
         } else {
-            eprintln!("warning: {message}");
+            eprintln!("warning: {}", escape_control(message));
         }
     }
 
@@ -700,7 +715,8 @@ impl Output {
         if self.json {
             println!("{}", json!({"ok": false, "error": format!("{e:#}")}));
         } else {
-            eprintln!("error: {e:#}");
+            // Errors can quote the server or a peer.
+            eprintln!("error: {}", escape_control(&format!("{e:#}")));
         }
     }
 }

@@ -534,3 +534,55 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
         assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
     }
 }
+
+/// Users with these names, each with a fresh identity and KeyPackages on
+/// `server`, their state files in `dir`.
+fn registered<'a>(dir: &Path, server: &'a Server, names: &[&str]) -> Vec<User<'a>> {
+    names
+        .iter()
+        .map(|name| {
+            let u = User {
+                state: dir.join(format!("{name}.bin")),
+                server,
+            };
+            u.run(&["init"]);
+            u.run(&["register", "--count", "2"]);
+            u
+        })
+        .collect()
+}
+
+#[test]
+fn peer_control_characters_are_shown_escaped_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    // Alice names the group and writes the message; both reach Bob's
+    // terminal. (The core refuses control characters in group names, but
+    // not the bidi override, which would reverse the rest of the line.)
+    let group = "te\u{202e}am";
+    alice.run(&["group", "create", group]);
+    alice.run(&["group", "add", group, &bob.key()]);
+    alice.run(&["send", group, "hi\n[team] alice: fake \u{1b}[31mred\r"]);
+    let shown = bob.text(&["recv"]);
+    let a = alice.key();
+    assert_eq!(
+        shown.lines().collect::<Vec<_>>(),
+        vec![
+            r"* you joined te\u{202e}am (2 members)".to_owned(),
+            format!(
+                r"[te\u{{202e}}am] {}…: hi\n[team] alice: fake \x1b[31mred\r",
+                &a[..16]
+            ),
+        ],
+        "{shown:?}"
+    );
+    let listed = bob.text(&["group", "list"]);
+    assert!(
+        listed.starts_with(r"te\u{202e}am  (2 members"),
+        "{listed:?}"
+    );
+    assert!(!listed.contains('\u{1b}') && !listed.contains('\u{202e}'));
+}
