@@ -154,7 +154,7 @@ enum GroupCmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let filter = std::env::var("QPQ_LOG").unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -176,6 +176,35 @@ fn main() {
         out.error(&e);
         std::process::exit(1);
     }
+}
+
+/// Exits after a command line clap refused. Help and version are printed
+/// as clap prints them; a usage error with `--json` is one `error` object on
+/// stdout, like every other error in JSON mode.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    if !json
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit();
+    }
+    // The message is the paragraph before clap's usage lines.
+    let text = e.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    Output { json }.error(&anyhow!("{message}"));
+    std::process::exit(e.exit_code());
 }
 
 async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
@@ -277,7 +306,7 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     if out.json {
         println!(
             "{}",
-            json!({"ok": true, "identity_key": id, "state": cli.state})
+            json!({"type": "initialized", "identity_key": id, "state": cli.state})
         );
     } else {
         println!("Created a new identity in {}.", cli.state.display());
@@ -292,7 +321,7 @@ fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()>
     if out.json {
         println!(
             "{}",
-            json!({"identity_key": id, "phase": format!("{:?}", machine.phase())})
+            json!({"type": "identity", "identity_key": id, "phase": format!("{:?}", machine.phase())})
         );
         return Ok(());
     }
@@ -321,6 +350,7 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
             println!(
                 "{}",
                 json!({
+                    "type": "group",
                     "group": g.name,
                     "pq": g.pq,
                     "epoch": g.epoch,
@@ -552,22 +582,22 @@ impl Output {
                     sender,
                     text,
                 } => {
-                    json!({"event": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
+                    json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
                 }
                 Event::Joined { group, members } => {
-                    json!({"event": "joined", "group": group, "members": members})
+                    json!({"type": "joined", "group": group, "members": members})
                 }
                 Event::GroupChanged {
                     group,
                     epoch,
                     members,
                 } => {
-                    json!({"event": "group_changed", "group": group, "epoch": epoch, "members": members})
+                    json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
                 }
-                Event::Removed { group } => json!({"event": "removed", "group": group}),
-                Event::Tampering { what } => json!({"event": "tampering", "message": what}),
-                Event::Warning { message } => json!({"event": "warning", "message": message}),
-                other => json!({"event": "other", "detail": format!("{other:?}")}),
+                Event::Removed { group } => json!({"type": "removed", "group": group}),
+                Event::Tampering { what } => json!({"type": "tampering", "message": what}),
+                Event::Warning { message } => json!({"type": "warning", "message": message}),
+                other => json!({"type": "other_event", "detail": format!("{other:?}")}),
             };
             println!("{v}");
             return;
@@ -613,37 +643,37 @@ impl Output {
                     already,
                     failed,
                 } => {
-                    json!({"ok": true, "registered": {"uploaded": uploaded, "already": already, "failed": failed}})
+                    json!({"type": "registered", "uploaded": uploaded, "already": already, "failed": failed})
                 }
-                Outcome::GroupCreated { group } => json!({"ok": true, "group_created": group}),
+                Outcome::GroupCreated { group } => json!({"type": "group_created", "group": group}),
                 Outcome::MemberAdded {
                     group,
                     member,
                     undelivered,
                 } => {
-                    json!({"ok": true, "member_added": {"group": group, "member": hex(member.as_bytes()), "undelivered": undelivered}})
+                    json!({"type": "member_added", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
                 }
                 Outcome::Sent {
                     group,
                     delivered,
                     undelivered,
                 } => {
-                    json!({"ok": true, "sent": {"group": group, "delivered": delivered, "undelivered": undelivered}})
+                    json!({"type": "sent", "group": group, "delivered": delivered, "undelivered": undelivered})
                 }
-                Outcome::Received { messages } => json!({"ok": true, "received": messages}),
+                Outcome::Received { messages } => json!({"type": "received", "messages": messages}),
                 Outcome::MemberRemoved {
                     group,
                     member,
                     undelivered,
                 } => {
-                    json!({"ok": true, "member_removed": {"group": group, "member": hex(member.as_bytes()), "undelivered": undelivered}})
+                    json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
                 }
-                Outcome::Left { group } => json!({"ok": true, "left": group}),
+                Outcome::Left { group } => json!({"type": "left", "group": group}),
                 Outcome::Updated {
                     groups,
                     undelivered,
-                } => json!({"ok": true, "updated": {"groups": groups, "undelivered": undelivered}}),
-                other => json!({"ok": true, "detail": format!("{other:?}")}),
+                } => json!({"type": "updated", "groups": groups, "undelivered": undelivered}),
+                other => json!({"type": "other_outcome", "detail": format!("{other:?}")}),
             };
             println!("{v}");
             return;
@@ -705,7 +735,7 @@ impl Output {
 
     fn warning(&self, message: &str) {
         if self.json {
-            println!("{}", json!({"event": "warning", "message": message}));
+            println!("{}", json!({"type": "warning", "message": message}));
         } else {
             eprintln!("warning: {}", escape_control(message));
         }
@@ -713,7 +743,7 @@ impl Output {
 
     fn error(&self, e: &anyhow::Error) {
         if self.json {
-            println!("{}", json!({"ok": false, "error": format!("{e:#}")}));
+            println!("{}", json!({"type": "error", "message": format!("{e:#}")}));
         } else {
             // Errors can quote the server or a peer.
             eprintln!("error: {}", escape_control(&format!("{e:#}")));

@@ -75,6 +75,13 @@ fn start_server(dir: &Path) -> Server {
     }
 }
 
+/// One line of `--json` output: a JSON object with a string `type`.
+fn typed_object(line: &str) -> Value {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert!(v["type"].is_string(), "no \"type\": {line}");
+    v
+}
+
 struct User<'a> {
     state: PathBuf,
     server: &'a Server,
@@ -107,10 +114,23 @@ impl User<'_> {
             "qpq {args:?} failed:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
+        stdout.lines().map(typed_object).collect()
+    }
+
+    /// The message of the one `error` object a failing `qpq --json` prints.
+    fn fail(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self
+            .cmd()
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "qpq {args:?} succeeded:\n{stdout}");
+        let lines: Vec<Value> = stdout.lines().map(typed_object).collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        assert_eq!(lines[0]["type"], "error", "{stdout}");
+        lines[0]["message"].as_str().unwrap().to_owned()
     }
 
     fn key(&self) -> String {
@@ -142,7 +162,7 @@ impl User<'_> {
     fn recv_in(&self, group: &str) -> Vec<(String, String)> {
         self.run(&["recv"])
             .into_iter()
-            .filter(|v| v["event"] == "message")
+            .filter(|v| v["type"] == "message")
             .map(|v| {
                 assert_eq!(v["group"], group);
                 (
@@ -165,9 +185,10 @@ fn three_users_chat_through_the_cli() {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     for u in [&alice, &bob, &carol] {
         let init = u.run(&["init"]);
-        assert_eq!(init[0]["ok"], true);
+        assert_eq!(init[0]["type"], "initialized");
         let reg = u.run(&["register", "--count", "3"]);
-        assert_eq!(reg[0]["registered"]["uploaded"], 4);
+        assert_eq!(reg[0]["type"], "registered");
+        assert_eq!(reg[0]["uploaded"], 4);
     }
     let (a, b, c) = (alice.key(), bob.key(), carol.key());
     assert_eq!(a.len(), 64);
@@ -180,13 +201,13 @@ fn three_users_chat_through_the_cli() {
     assert!(
         joined
             .iter()
-            .any(|v| v["event"] == "joined" && v["group"] == "team")
+            .any(|v| v["type"] == "joined" && v["group"] == "team")
     );
     let joined = carol.run(&["recv"]);
     assert!(
         joined
             .iter()
-            .any(|v| v["event"] == "joined" && v["group"] == "team")
+            .any(|v| v["type"] == "joined" && v["group"] == "team")
     );
     assert!(bob.recv().is_empty());
 
@@ -239,7 +260,7 @@ fn three_users_chat_through_the_cli() {
             .recv_timeout(Duration::from_secs(20))
             .expect("recv --stream shows the messages");
         let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "message" {
+        if v["type"] == "message" {
             live.push(v["text"].as_str().unwrap().to_owned());
         }
     }
@@ -253,11 +274,11 @@ fn three_users_chat_through_the_cli() {
             .recv_timeout(Duration::from_secs(20))
             .expect("the stream carries on after a send from the same state");
         let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "message" {
+        if v["type"] == "message" {
             assert_eq!(v["text"], "live-3");
             break;
         }
-        assert_ne!(v["event"], "warning", "{v}");
+        assert_ne!(v["type"], "warning", "{v}");
     }
     let _ = streaming.kill();
     let _ = streaming.wait();
@@ -276,15 +297,8 @@ fn wrong_password_and_missing_trust_are_clear_errors() {
         server: &server,
     };
     alice.run(&["init"]);
-    let out = alice
-        .cmd()
-        .env("QPQ_PASSWORD", "wrong")
-        .args(["whoami"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("password"), "{text}");
+    let error = alice.fail(&["whoami"], &[("QPQ_PASSWORD", "wrong")]);
+    assert!(error.contains("password"), "{error}");
     // The state file is untouched by the failed attempt.
     assert_eq!(alice.key().len(), 64);
     let out = alice
@@ -296,8 +310,11 @@ fn wrong_password_and_missing_trust_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--server-fingerprint"));
     // A second init refuses to overwrite the identity.
-    let out = alice.cmd().args(["init"]).output().unwrap();
-    assert!(!out.status.success());
+    let error = alice.fail(&["init"], &[]);
+    assert!(error.contains("exists already"), "{error}");
+    // A command line clap refuses is an error object too.
+    let error = alice.fail(&["send", "team"], &[]);
+    assert!(error.contains("required"), "{error}");
 }
 
 #[test]
@@ -324,13 +341,10 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
         assert!(
             joined
                 .iter()
-                .any(|v| v["event"] == "joined" && v["group"] == "quantum"),
+                .any(|v| v["type"] == "joined" && v["group"] == "quantum"),
             "{joined:?}"
         );
-        assert!(
-            !joined.iter().any(|v| v["event"] == "warning"),
-            "{joined:?}"
-        );
+        assert!(!joined.iter().any(|v| v["type"] == "warning"), "{joined:?}");
     }
     let list = carol.run(&["group", "list"]);
     assert_eq!(list[0]["group"], "quantum");
@@ -415,7 +429,7 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     alice.run(&["send", "quantum", "after tampering"]);
     let events = bob.run(&["recv"]);
     assert!(
-        events.iter().any(|v| v["event"] == "warning"
+        events.iter().any(|v| v["type"] == "warning"
             && v["message"]
                 .as_str()
                 .is_some_and(|t| t.contains("hybrid envelope refused"))),
@@ -423,7 +437,7 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     );
     let texts: Vec<&str> = events
         .iter()
-        .filter(|v| v["event"] == "message")
+        .filter(|v| v["type"] == "message")
         .filter_map(|v| v["text"].as_str())
         .collect();
     assert_eq!(texts, vec!["after tampering"], "{events:?}");
@@ -481,7 +495,7 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
     }
     for u in [alice, bob, carol, erin] {
         let out = u.run(&["recv"]);
-        assert!(!out.iter().any(|v| v["event"] == "warning"), "{out:?}");
+        assert!(!out.iter().any(|v| v["type"] == "warning"), "{out:?}");
     }
     // Both changes are in, once each, and the four agree on the group.
     for u in [alice, bob, carol, erin] {
@@ -494,8 +508,8 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
     // Dave tries to read: he learns he was removed and gets nothing of the
     // new epochs, now or later.
     let out = dave.run(&["recv"]);
-    assert!(out.iter().any(|v| v["event"] == "removed"), "{out:?}");
-    assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
+    assert!(out.iter().any(|v| v["type"] == "removed"), "{out:?}");
+    assert!(!out.iter().any(|v| v["type"] == "message"), "{out:?}");
     assert!(
         dave.run(&["group", "list"])
             .iter()
@@ -504,18 +518,22 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
 
     // Erin leaves; Alice (the lowest leaf left) commits it when she sees
     // the proposal, and Bob and Carol follow.
-    assert_eq!(erin.run(&["group", "leave", "team"])[0]["left"], "team");
+    let left = erin.run(&["group", "leave", "team"]);
+    assert_eq!(
+        (&left[0]["type"], &left[0]["group"]),
+        (&"left".into(), &"team".into())
+    );
     let out = alice.run(&["recv"]);
     assert!(
         out.iter()
-            .any(|v| v["event"] == "group_changed" && v["members"] == 3),
+            .any(|v| v["type"] == "group_changed" && v["members"] == 3),
         "{out:?}"
     );
     for u in [bob, carol] {
         let out = u.run(&["recv"]);
         assert!(
             out.iter()
-                .any(|v| v["event"] == "group_changed" && v["members"] == 3),
+                .any(|v| v["type"] == "group_changed" && v["members"] == 3),
             "{out:?}"
         );
     }
@@ -531,7 +549,7 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
     assert_eq!(carol.recv(), vec![m(0, "still here"), m(1, "me too")]);
     for u in [dave, erin] {
         let out = u.run(&["recv"]);
-        assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
+        assert!(!out.iter().any(|v| v["type"] == "message"), "{out:?}");
     }
 }
 
