@@ -3,6 +3,8 @@
 //! server, persisting whenever the machine asks, and prints the result —
 //! human-readable by default, one JSON object per line with `--json`.
 
+use std::cell::Cell;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,6 +18,21 @@ use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
 use serde_json::json;
+use tokio::sync::Notify;
+
+/// `println!` through an [`Output`].
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(false, format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` through an [`Output`].
+macro_rules! note {
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(true, format_args!($($arg)*))
+    };
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -161,7 +178,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let out = Output { json: cli.json };
+    let out = Output::new(cli.json);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,7 +189,19 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli, &out)) {
+    // When nobody reads the output any more (`qpq recv | head -1`), the
+    // command stops at its next wait, as a crash there would (the state
+    // file is always whole), and the process exits quietly.
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run(cli, &out) => Some(result),
+            () = out.gone() => None,
+        }
+    });
+    if let Some(code) = out.report_failure() {
+        std::process::exit(code);
+    }
+    if let Some(Err(e)) = result {
         out.error(&e);
         std::process::exit(1);
     }
@@ -203,7 +232,7 @@ fn usage_error(e: clap::Error) -> ! {
         .collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    Output { json }.error(&anyhow!("{message}"));
+    Output::new(json).error(&anyhow!("{message}"));
     std::process::exit(e.exit_code());
 }
 
@@ -304,14 +333,18 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     state_file::save_with_key(&cli.state, &key, &machine.snapshot())?;
     let id = hex(machine.identity_key().as_bytes());
     if out.json {
-        println!(
+        say!(
+            out,
             "{}",
             json!({"type": "initialized", "identity_key": id, "state": cli.state})
         );
     } else {
-        println!("Created a new identity in {}.", cli.state.display());
-        println!("Your identity key (share it with people who will add you):\n{id}");
-        println!("Next: qpq register");
+        say!(out, "Created a new identity in {}.", cli.state.display());
+        say!(
+            out,
+            "Your identity key (share it with people who will add you):\n{id}"
+        );
+        say!(out, "Next: qpq register");
     }
     Ok(())
 }
@@ -319,20 +352,21 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
 fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()> {
     let id = hex(machine.identity_key().as_bytes());
     if out.json {
-        println!(
+        say!(
+            out,
             "{}",
             json!({"type": "identity", "identity_key": id, "phase": format!("{:?}", machine.phase())})
         );
         return Ok(());
     }
-    println!("{id}");
+    say!(out, "{id}");
     if qr {
         let code = qrcode::QrCode::new(id.as_bytes()).context("making the QR code")?;
         let text = code
             .render::<qrcode::render::unicode::Dense1x2>()
             .quiet_zone(true)
             .build();
-        println!("{text}");
+        say!(out, "{text}");
     }
     Ok(())
 }
@@ -347,7 +381,8 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     }
     if out.json {
         for g in &groups {
-            println!(
+            say!(
+                out,
                 "{}",
                 json!({
                     "type": "group",
@@ -363,10 +398,14 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
         return Ok(());
     }
     if groups.is_empty() {
-        println!("No groups yet. Create one with `qpq group create NAME`.");
+        say!(
+            out,
+            "No groups yet. Create one with `qpq group create NAME`."
+        );
     }
     for g in groups {
-        println!(
+        say!(
+            out,
             "{}{}  ({} members, epoch {}){}",
             escape_control(&g.name),
             if g.pq { "  [pq]" } else { "" },
@@ -383,7 +422,7 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
             } else {
                 ""
             };
-            println!("    {}{me}", hex(m.as_bytes()));
+            say!(out, "    {}{me}", hex(m.as_bytes()));
         }
     }
     Ok(())
@@ -568,12 +607,80 @@ fn os_seed() -> [u8; 32] {
     seed
 }
 
-/// Prints results in the chosen format.
+/// Prints results in the chosen format. Nothing is printed with
+/// `println!`, which panics when the reader of a pipe has gone away: a
+/// failed write is remembered instead, nothing more is written, and
+/// [`Output::gone`] wakes `main` to stop the command.
 struct Output {
     json: bool,
+    failed: Cell<Option<WriteFailure>>,
+    gone: Notify,
+}
+
+/// Why output stopped.
+#[derive(Debug, Clone, Copy)]
+enum WriteFailure {
+    /// The reader of stdout or stderr went away (EPIPE).
+    Closed,
+    /// Writing stdout failed otherwise (a full disk, an I/O error).
+    Stdout(std::io::ErrorKind),
 }
 
 impl Output {
+    fn new(json: bool) -> Output {
+        Output {
+            json,
+            failed: Cell::new(None),
+            gone: Notify::new(),
+        }
+    }
+
+    /// Writes `text` and a newline to stdout, or to stderr if `to_stderr`.
+    fn line(&self, to_stderr: bool, text: std::fmt::Arguments<'_>) {
+        if self.failed.get().is_some() {
+            return;
+        }
+        let written = if to_stderr {
+            let mut e = std::io::stderr().lock();
+            writeln!(e, "{text}").and_then(|()| e.flush())
+        } else {
+            let mut o = std::io::stdout().lock();
+            writeln!(o, "{text}").and_then(|()| o.flush())
+        };
+        let failure = match written {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => WriteFailure::Closed,
+            Err(e) if !to_stderr => WriteFailure::Stdout(e.kind()),
+            // Failing to write a note to stderr loses nothing of the
+            // command's results; carry on.
+            Err(_) => return,
+        };
+        self.failed.set(Some(failure));
+        self.gone.notify_one();
+    }
+
+    /// Completes once output has failed.
+    async fn gone(&self) {
+        self.gone.notified().await;
+    }
+
+    /// If output failed, the exit code: 141 (128 + SIGPIPE, what a shell
+    /// reports for a process a closed pipe stopped) when the reader went
+    /// away, or 1 after reporting any other failure on stderr.
+    fn report_failure(&self) -> Option<i32> {
+        match self.failed.get()? {
+            WriteFailure::Closed => Some(141),
+            WriteFailure::Stdout(kind) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: writing the output: {}",
+                    std::io::Error::from(kind)
+                );
+                Some(1)
+            }
+        }
+    }
+
     fn event(&self, e: &Event) {
         if self.json {
             let v = match e {
@@ -599,7 +706,7 @@ impl Output {
                 Event::Warning { message } => json!({"type": "warning", "message": message}),
                 other => json!({"type": "other_event", "detail": format!("{other:?}")}),
             };
-            println!("{v}");
+            say!(self, "{v}");
             return;
         }
         // Everything shown below may come from a peer: escaped, so it
@@ -609,29 +716,35 @@ impl Output {
                 group,
                 sender,
                 text,
-            } => println!(
+            } => say!(
+                self,
                 "[{}] {}: {}",
                 escape_control(group),
                 short(sender),
                 escape_control(text)
             ),
             Event::Joined { group, members } => {
-                println!("* you joined {} ({members} members)", escape_control(group));
+                say!(
+                    self,
+                    "* you joined {} ({members} members)",
+                    escape_control(group)
+                );
             }
             Event::GroupChanged {
                 group,
                 epoch,
                 members,
-            } => println!(
+            } => say!(
+                self,
                 "* {} changed: epoch {epoch}, {members} members",
                 escape_control(group)
             ),
             Event::Removed { group } => {
-                println!("* you were removed from {}", escape_control(group));
+                say!(self, "* you were removed from {}", escape_control(group));
             }
-            Event::Tampering { what } => eprintln!("TAMPERING: {}", escape_control(what)),
-            Event::Warning { message } => eprintln!("warning: {}", escape_control(message)),
-            other => eprintln!("{}", escape_control(&format!("{other:?}"))),
+            Event::Tampering { what } => note!(self, "TAMPERING: {}", escape_control(what)),
+            Event::Warning { message } => note!(self, "warning: {}", escape_control(message)),
+            other => note!(self, "{}", escape_control(&format!("{other:?}"))),
         }
     }
 
@@ -675,7 +788,7 @@ impl Output {
                 } => json!({"type": "updated", "groups": groups, "undelivered": undelivered}),
                 other => json!({"type": "other_outcome", "detail": format!("{other:?}")}),
             };
-            println!("{v}");
+            say!(self, "{v}");
             return;
         }
         match o {
@@ -684,76 +797,100 @@ impl Output {
                 already,
                 failed,
             } => {
-                println!("Uploaded {uploaded} KeyPackages ({already} were already on the server).");
+                say!(
+                    self,
+                    "Uploaded {uploaded} KeyPackages ({already} were already on the server)."
+                );
                 if *failed > 0 {
-                    eprintln!("{failed} uploads failed; run `qpq register` again.");
+                    note!(self, "{failed} uploads failed; run `qpq register` again.");
                 }
             }
             Outcome::GroupCreated { group } => {
-                println!("Created group {}.", escape_control(group));
+                say!(self, "Created group {}.", escape_control(group));
             }
             Outcome::MemberAdded {
                 group,
                 member,
                 undelivered,
             } => {
-                println!("Added {} to {}.", short(member), escape_control(group));
-                pending(*undelivered);
+                say!(
+                    self,
+                    "Added {} to {}.",
+                    short(member),
+                    escape_control(group)
+                );
+                self.pending(*undelivered);
             }
             Outcome::Sent {
                 group,
                 delivered,
                 undelivered,
             } => {
-                println!("Sent to {delivered} members of {}.", escape_control(group));
-                pending(*undelivered);
+                say!(
+                    self,
+                    "Sent to {delivered} members of {}.",
+                    escape_control(group)
+                );
+                self.pending(*undelivered);
             }
             Outcome::MemberRemoved {
                 group,
                 member,
                 undelivered,
             } => {
-                println!("Removed {} from {}.", short(member), escape_control(group));
-                pending(*undelivered);
+                say!(
+                    self,
+                    "Removed {} from {}.",
+                    short(member),
+                    escape_control(group)
+                );
+                self.pending(*undelivered);
             }
-            Outcome::Left { group } => println!("Left {}.", escape_control(group)),
+            Outcome::Left { group } => say!(self, "Left {}.", escape_control(group)),
             Outcome::Updated {
                 groups,
                 undelivered,
             } => {
-                println!("Rotated your keys in {} group(s).", groups.len());
-                pending(*undelivered);
+                say!(self, "Rotated your keys in {} group(s).", groups.len());
+                self.pending(*undelivered);
             }
             Outcome::Received { messages } => {
                 if *messages == 0 {
-                    eprintln!("No new messages.");
+                    note!(self, "No new messages.");
                 }
             }
-            other => println!("{}", escape_control(&format!("{other:?}"))),
+            other => say!(self, "{}", escape_control(&format!("{other:?}"))),
         }
     }
 
     fn warning(&self, message: &str) {
         if self.json {
-            println!("{}", json!({"type": "warning", "message": message}));
+            say!(self, "{}", json!({"type": "warning", "message": message}));
         } else {
-            eprintln!("warning: {}", escape_control(message));
+            note!(self, "warning: {}", escape_control(message));
         }
     }
 
     fn error(&self, e: &anyhow::Error) {
         if self.json {
-            println!("{}", json!({"type": "error", "message": format!("{e:#}")}));
+            say!(
+                self,
+                "{}",
+                json!({"type": "error", "message": format!("{e:#}")})
+            );
         } else {
             // Errors can quote the server or a peer.
-            eprintln!("error: {}", escape_control(&format!("{e:#}")));
+            note!(self, "error: {}", escape_control(&format!("{e:#}")));
         }
     }
-}
 
-fn pending(undelivered: u32) {
-    if undelivered > 0 {
-        eprintln!("{undelivered} deliveries are pending; the next qpq command retries them.");
+    fn pending(&self, undelivered: u32) {
+        if undelivered > 0 {
+            note!(
+                self,
+                "{undelivered} deliveries are pending; the next qpq command retries them."
+            );
+        }
     }
 }
 

@@ -604,3 +604,55 @@ fn peer_control_characters_are_shown_escaped_on_one_line() {
     );
     assert!(!listed.contains('\u{1b}') && !listed.contains('\u{202e}'));
 }
+
+/// Runs `cmd` with its stdout a pipe nobody reads; returns the exit code
+/// and stderr once it ends, killing it after `deadline`.
+fn into_closed_pipe(cmd: &mut Command, deadline: Duration) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = cmd.stdout(writer).stderr(Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("still running after {deadline:?} with its output closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    for text in ["one", "two", "three"] {
+        alice.run(&["send", "team", text]);
+    }
+    let quiet = |code: Option<i32>, stderr: &str| {
+        assert!(matches!(code, Some(0 | 141)), "exit {code:?}: {stderr}");
+        assert_eq!(stderr, "");
+    };
+    let limit = Duration::from_secs(60);
+    // A local command, a command talking to the server, in both formats.
+    let (code, stderr) = into_closed_pipe(bob.plain().args(["whoami", "--qr"]), limit);
+    quiet(code, &stderr);
+    let (code, stderr) = into_closed_pipe(bob.plain().arg("recv"), limit);
+    quiet(code, &stderr);
+    alice.run(&["send", "team", "four"]);
+    let (code, stderr) = into_closed_pipe(bob.cmd().arg("recv"), limit);
+    quiet(code, &stderr);
+    // A stream stops at the first message it cannot show.
+    alice.run(&["send", "team", "five"]);
+    let (code, stderr) = into_closed_pipe(bob.plain().args(["recv", "--stream"]), limit);
+    quiet(code, &stderr);
+}
