@@ -4,7 +4,7 @@
 //! human-readable by default, one JSON object per line with `--json`.
 
 use std::cell::Cell;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use quicproquo_client::display::escape_control;
 use quicproquo_client::state_file::{self, KdfParams, StateKey};
 use quicproquo_client::{Client, DriveError, ServerTrust};
-use quicproquo_core::client::{ClientMachine, Command, Event, Outcome};
+use quicproquo_core::client::{ClientMachine, Command, Event, Outcome, TEXT_BYTES_MAX};
 use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
@@ -113,7 +113,8 @@ enum Cmd {
     Send {
         /// The group's name.
         name: String,
-        /// The message.
+        /// The message, or `-` to read it from stdin (all of it, less one
+        /// final newline).
         text: String,
     },
     /// Receive and show pending messages.
@@ -256,6 +257,12 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     if let Cmd::Recv { stream: true, .. } = &cli.command {
         return stream(&cli, out).await;
     }
+    // Read before taking the lock, so a slow writer to stdin does not hold
+    // up other commands on this state file.
+    let stdin_text = match &cli.command {
+        Cmd::Send { text, .. } if text == "-" => Some(message_from_stdin()?),
+        _ => None,
+    };
     // One command at a time per state file: another `qpq` on the same file
     // waits here instead of overwriting this one's state.
     let _lock = lock(&cli.state)?;
@@ -282,7 +289,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         },
         Cmd::Send { name, text } => Command::Send {
             group: name.clone(),
-            text: text.clone(),
+            text: stdin_text.unwrap_or_else(|| text.clone()),
         },
         Cmd::Recv {
             stream: false,
@@ -586,6 +593,32 @@ fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
         bail!("the password is empty");
     }
     Ok(p)
+}
+
+/// The message of `send GROUP -`: all of stdin, less one final newline
+/// (`\n` or `\r\n`), as `echo hello | qpq send team -` means `hello`.
+fn message_from_stdin() -> anyhow::Result<String> {
+    // Room for the longest message and its newline, and one byte more to
+    // tell that it is too long without reading an unbounded stdin.
+    let limit = TEXT_BYTES_MAX + 3;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit as u64)
+        .read_to_end(&mut bytes)
+        .context("reading the message from stdin")?;
+    let mut text =
+        String::from_utf8(bytes).map_err(|_| anyhow!("the message on stdin is not UTF-8"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.len() > TEXT_BYTES_MAX {
+        bail!("the message on stdin is longer than {TEXT_BYTES_MAX} bytes");
+    }
+    Ok(text)
 }
 
 fn parse_key(s: &str) -> anyhow::Result<IdentityKey> {

@@ -1,7 +1,7 @@
 //! End to end through the `qpq` binary: a real `qpq-server` process and three
 //! users with separate state files, each command its own process.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -655,4 +655,38 @@ fn output_into_a_closed_pipe_ends_quietly() {
     alice.run(&["send", "team", "five"]);
     let (code, stderr) = into_closed_pipe(bob.plain().args(["recv", "--stream"]), limit);
     quiet(code, &stderr);
+}
+
+#[test]
+fn send_dash_reads_the_message_from_stdin_less_one_final_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    for input in ["two lines\nof text\n", "ends in a blank line\n\n", "-"] {
+        let mut child = alice
+            .cmd()
+            .args(["send", "team", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let a = alice.key();
+    let m = |t: &str| (a.clone(), t.to_owned());
+    assert_eq!(
+        bob.recv(),
+        vec![m("two lines\nof text"), m("ends in a blank line\n"), m("-")]
+    );
 }
