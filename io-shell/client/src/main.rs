@@ -578,8 +578,13 @@ fn lock(state: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
-    if let Ok(p) = std::env::var("QPQ_PASSWORD") {
-        return Ok(p);
+    match std::env::var("QPQ_PASSWORD") {
+        Ok(p) if p.is_empty() => {
+            bail!("QPQ_PASSWORD is set but empty; a state file needs a password")
+        }
+        Ok(p) => return Ok(p),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("QPQ_PASSWORD is not valid UTF-8"),
+        Err(std::env::VarError::NotPresent) => {}
     }
     let p = rpassword::prompt_password(format!("Password for {}: ", path.display()))
         .context("reading the password (set QPQ_PASSWORD when there is no terminal)")?;

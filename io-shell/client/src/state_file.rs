@@ -46,6 +46,9 @@
 //!   either the old file or the new one, never a mix.
 //! - The AEAD cannot tell a wrong password from a modified body; both are
 //!   reported as [`StateFileError::WrongPassword`].
+//! - An empty password is refused before anything is derived, for sealing
+//!   and opening alike ([`StateFileError::EmptyPassword`]): it would leave
+//!   the file protected by nothing but its salt.
 //!
 //! Deriving the key is deliberately slow (Argon2id, ~0.35 s with
 //! [`KdfParams::RECOMMENDED`]). A process that saves often derives a
@@ -69,6 +72,9 @@ use zeroize::Zeroizing;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StateFileError {
+    /// The password is empty: no state is sealed or opened with one.
+    #[error("the password is empty; a state file needs a password")]
+    EmptyPassword,
     /// The AEAD tag did not verify.
     #[error("cannot decrypt the state file: wrong password or the file was modified")]
     WrongPassword,
@@ -549,12 +555,17 @@ fn cipher(key: &[u8; KEY_BYTES]) -> XChaCha20Poly1305 {
     XChaCha20Poly1305::new(key.into())
 }
 
-/// Argon2id, then HKDF-SHA256 with the legacy label.
+/// Argon2id, then HKDF-SHA256 with the legacy label. Every key, for
+/// sealing or opening, comes from here, so this is where an empty password
+/// is refused.
 fn derive_key(
     password: &[u8],
     salt: &[u8],
     params: KdfParams,
 ) -> Result<Zeroizing<[u8; KEY_BYTES]>, StateFileError> {
+    if password.is_empty() {
+        return Err(StateFileError::EmptyPassword);
+    }
     #[cfg(test)]
     tests::DERIVATIONS.with(|n| n.set(n.get() + 1));
 
@@ -798,6 +809,17 @@ mod tests {
         let err = open(PASSWORD, file).expect_err("must be refused");
         assert_eq!(derivations(), before, "KDF ran before refusing: {err}");
         err
+    }
+
+    #[test]
+    fn an_empty_password_neither_seals_nor_opens() {
+        let file = &fixture().file;
+        let before = derivations();
+        let refused = seal(b"", PLAINTEXT, KdfParams::FLOOR, &mut OsRng);
+        assert!(matches!(refused, Err(StateFileError::EmptyPassword)));
+        let refused = open(b"", file);
+        assert!(matches!(refused, Err(StateFileError::EmptyPassword)));
+        assert_eq!(derivations(), before);
     }
 
     #[test]

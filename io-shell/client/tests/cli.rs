@@ -289,16 +289,23 @@ fn three_users_chat_through_the_cli() {
 }
 
 #[test]
-fn wrong_password_and_missing_trust_are_clear_errors() {
+fn wrong_or_empty_password_and_missing_trust_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
     let alice = User {
         state: dir.path().join("alice.bin"),
         server: &server,
     };
+    // An empty password creates nothing.
+    let error = alice.fail(&["init"], &[("QPQ_PASSWORD", "")]);
+    assert!(error.contains("QPQ_PASSWORD is set but empty"), "{error}");
+    assert!(!alice.state.exists());
     alice.run(&["init"]);
     let error = alice.fail(&["whoami"], &[("QPQ_PASSWORD", "wrong")]);
     assert!(error.contains("password"), "{error}");
+    // Nor does it open anything.
+    let error = alice.fail(&["send", "team", "hi"], &[("QPQ_PASSWORD", "")]);
+    assert!(error.contains("QPQ_PASSWORD is set but empty"), "{error}");
     // The state file is untouched by the failed attempt.
     assert_eq!(alice.key().len(), 64);
     let out = alice
