@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use quicproquo_client::display::escape_control;
-use quicproquo_client::state_file::{self, KdfParams, StateKey};
+use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
 use quicproquo_client::{Client, DriveError, ServerTrust};
 use quicproquo_core::client::{ClientMachine, Command, Event, Outcome, TEXT_BYTES_MAX};
 use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
@@ -560,21 +560,10 @@ impl State {
     }
 }
 
-/// Takes the state file's lock (`<state>.lock`), waiting for any other
-/// `qpq` using the same state file to finish.
-fn lock(state: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let mut name = state.as_os_str().to_owned();
-    name.push(".lock");
-    let path = PathBuf::from(name);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    file.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
-    Ok(file)
+/// Takes the state file's lock (`<state>.lock`, gone again once released),
+/// waiting for any other `qpq` using the same state file to finish.
+fn lock(state: &std::path::Path) -> anyhow::Result<StateLock> {
+    Ok(StateLock::acquire(state)?)
 }
 
 fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {

@@ -697,3 +697,29 @@ fn send_dash_reads_the_message_from_stdin_less_one_final_newline() {
         vec![m("two lines\nof text"), m("ends in a blank line\n"), m("-")]
     );
 }
+
+#[test]
+fn commands_leave_only_the_state_files_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let states = dir.path().join("states");
+    std::fs::create_dir(&states).unwrap();
+    let [alice, bob] = &registered(&states, &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    alice.run(&["send", "team", "hi"]);
+    bob.run(&["recv"]);
+    bob.run(&["group", "list"]);
+    // A command that fails, and one whose output nobody reads.
+    bob.fail(&["send", "nowhere", "hi"], &[]);
+    alice.run(&["send", "team", "again"]);
+    into_closed_pipe(bob.cmd().arg("recv"), Duration::from_secs(60));
+    let mut left: Vec<String> = std::fs::read_dir(&states)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["alice.bin", "bob.bin"]);
+}
