@@ -32,6 +32,7 @@ use quicproquo_proto::{
 use rand_core::{OsRng, RngCore};
 
 pub use drive::{DriveError, call, drive};
+use trust::RefusedCert;
 pub use trust::{ServerTrust, TrustError};
 
 /// How many times [`Client::enqueue`] tries before giving up.
@@ -137,13 +138,15 @@ impl Client {
         server_name: &str,
         trust: &ServerTrust,
     ) -> Result<Client, ClientError> {
-        let config = client_config(trust)?;
+        let refused = Arc::new(RefusedCert::default());
+        let config = client_config(trust, refused.clone())?;
         let connecting = endpoint
             .connect_with(config, addr, server_name)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let conn = connecting
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| match refused.take() {
+            Some(mismatch) => ClientError::Trust(mismatch),
+            None => ClientError::Connect(e.to_string()),
+        })?;
         Ok(Client {
             conn,
             identity: None,
@@ -547,8 +550,11 @@ async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| ClientError::Connect(format!("`{server}` resolves to no address")))
 }
 
-fn client_config(trust: &ServerTrust) -> Result<quinn::ClientConfig, ClientError> {
-    let mut crypto = trust.rustls_config()?;
+fn client_config(
+    trust: &ServerTrust,
+    refused: Arc<RefusedCert>,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let mut crypto = trust.rustls_config(refused)?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
         .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -572,7 +578,7 @@ pub mod testing {
         trust: &ServerTrust,
         alpn: &[u8],
     ) -> Result<quinn::Connection, ClientError> {
-        let mut crypto = trust.rustls_config()?;
+        let mut crypto = trust.rustls_config(Default::default())?;
         crypto.alpn_protocols = vec![alpn.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
             .map_err(|e| ClientError::Connect(e.to_string()))?;

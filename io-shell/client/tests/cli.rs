@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use quicproquo_client::state_file;
-use quicproquo_client::{Client, ServerTrust};
+use quicproquo_client::{Client, ClientError, ServerTrust, TrustError};
 use quicproquo_core::client::ClientMachine;
 use serde_json::Value;
 
@@ -722,4 +722,40 @@ fn commands_leave_only_the_state_files_behind() {
         .collect();
     left.sort();
     assert_eq!(left, ["alice.bin", "bob.bin"]);
+}
+
+#[test]
+fn a_wrong_server_certificate_is_named_with_both_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    let expected = "ab".repeat(32);
+    let got: String = server.fingerprint.to_lowercase().replace(':', "");
+    let error = alice.fail(&["register"], &[("QPQ_SERVER_FINGERPRINT", &expected)]);
+    assert!(
+        error.contains(&format!(
+            "server certificate fingerprint mismatch: expected {expected}, got {got}"
+        )),
+        "{error}"
+    );
+    // The library gives the same, typed, to any front end.
+    let trust = ServerTrust::fingerprint_hex(&expected).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = runtime.block_on(Client::connect(&server.addr, &trust));
+    match refused {
+        Err(ClientError::Trust(TrustError::FingerprintMismatch {
+            expected: e,
+            got: g,
+        })) => {
+            assert_eq!(e, [0xab; 32]);
+            let ServerTrust::Fingerprint(real) = ServerTrust::fingerprint_hex(&got).unwrap() else {
+                unreachable!()
+            };
+            assert_eq!(g, real);
+        }
+        other => panic!("{other:?}"),
+    }
 }
