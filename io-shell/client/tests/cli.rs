@@ -759,3 +759,76 @@ fn a_wrong_server_certificate_is_named_with_both_fingerprints() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A loopback UDP port nothing listens on (bound, then released).
+fn silent_port(ip: &str) -> u16 {
+    let socket = std::net::UdpSocket::bind((ip, 0)).unwrap();
+    socket.local_addr().unwrap().port()
+}
+
+#[test]
+fn a_server_that_is_down_fails_within_seconds_naming_the_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    let dead = format!("127.0.0.1:{}", silent_port("127.0.0.1"));
+    let start = std::time::Instant::now();
+    let error = alice.fail(&["register"], &[("QPQ_SERVER", &dead)]);
+    // CONNECT_TIMEOUT, not QUIC's 30 s idle timeout.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        error.contains(&format!("connecting to {dead}"))
+            && error.contains(&format!("no answer within 5 s from {dead}")),
+        "{error}"
+    );
+}
+
+#[test]
+fn every_address_of_the_server_is_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    // `localhost` may resolve to `::1` first (where nothing listens) as
+    // well as to 127.0.0.1 (where the server does).
+    let port = server.addr.rsplit_once(':').unwrap().1;
+    let local = format!("localhost:{port}");
+    let out = alice
+        .cmd()
+        .env("QPQ_SERVER", &local)
+        .arg("register")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Whatever this machine's resolver says: addresses that do not answer
+    // come first, and the one that does still connects.
+    let live: std::net::SocketAddr = server.addr.parse().unwrap();
+    let addrs = [
+        format!("127.0.0.1:{}", silent_port("127.0.0.1"))
+            .parse()
+            .unwrap(),
+        format!("[::1]:{}", live.port()).parse().unwrap(),
+        live,
+    ];
+    let trust = ServerTrust::fingerprint_hex(&server.fingerprint).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime
+        .block_on(Client::connect_any(&addrs, "localhost", &trust))
+        .unwrap();
+    assert_eq!(client.connection().remote_address(), live);
+    // With none that answers, every address is named.
+    let error = runtime
+        .block_on(Client::connect_any(&addrs[..2], "localhost", &trust))
+        .unwrap_err()
+        .to_string();
+    for addr in &addrs[..2] {
+        assert!(error.contains(&addr.to_string()), "{error}");
+    }
+}
