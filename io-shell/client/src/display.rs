@@ -6,8 +6,9 @@
 //! character into visible text, so one peer string is always shown as one
 //! run of characters on one line. Ordinary printable Unicode is kept as is.
 //!
-//! Only human-readable output needs this; JSON output escapes control
-//! characters by its own rules.
+//! `qpq` escapes its human-readable output. Its JSON output carries the
+//! text as it is (JSON escapes only the C0 controls); a program that shows
+//! that text on a terminal should pass it through [`escape_control`] too.
 
 use std::borrow::Cow;
 use std::fmt::Write;

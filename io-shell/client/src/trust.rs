@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use quicproquo_core::types::hex;
-
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
@@ -58,9 +57,9 @@ pub enum TrustError {
     },
 }
 
-/// Where a pinned-fingerprint check leaves the fingerprint it refused: the
-/// TLS stack passes on only a generic certificate error, so the connecting
-/// code reads the mismatch from here. One per connection attempt.
+/// Where a pinned-fingerprint check leaves the mismatch it refused: the TLS
+/// stack passes on only a generic certificate error, so the connecting code
+/// reads the mismatch from here. One per connection attempt.
 #[derive(Debug, Default)]
 pub(crate) struct RefusedCert(Mutex<Option<TrustError>>);
 
