@@ -259,7 +259,7 @@ fn three_users_chat_through_the_cli() {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("recv --stream shows the messages");
-        let v: Value = serde_json::from_str(&line).unwrap();
+        let v = typed_object(&line);
         if v["type"] == "message" {
             live.push(v["text"].as_str().unwrap().to_owned());
         }
@@ -273,7 +273,7 @@ fn three_users_chat_through_the_cli() {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("the stream carries on after a send from the same state");
-        let v: Value = serde_json::from_str(&line).unwrap();
+        let v = typed_object(&line);
         if v["type"] == "message" {
             assert_eq!(v["text"], "live-3");
             break;
