@@ -55,9 +55,7 @@ impl ClientMachine {
             Ok(other) => self.warn(format!(
                 "unexpected answer to a hybrid key upload: {other:?}"
             )),
-            Err(e) => self.warn(format!(
-                "hybrid key upload refused: {e}; run `qpq register` again"
-            )),
+            Err(e) => self.warn_refused("hybrid key upload (run `qpq register` again)", &e),
         }
     }
 

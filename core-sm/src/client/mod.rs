@@ -612,6 +612,16 @@ impl ClientMachine {
             .push_back(Effect::Event(Event::Warning { message }));
     }
 
+    /// Warns that a request for `what` was refused, unless it failed only
+    /// because the server could not be reached: that is shown once, as
+    /// [`Event::Disconnected`].
+    fn warn_refused(&mut self, what: &str, e: &ServiceError) {
+        if self.link.given_up && e.kind == ErrorKind::Unavailable {
+            return;
+        }
+        self.warn(format!("{what} refused: {e}"));
+    }
+
     fn fail(&mut self, e: CommandError) {
         // Outbox deliveries already sent keep going, and the long-poll;
         // the command ends.

@@ -187,7 +187,7 @@ impl ClientMachine {
                 }
             }
             Ok(other) => self.warn(format!("unexpected answer to a wait: {other:?}")),
-            Err(e) => self.warn(format!("wait refused: {e}")),
+            Err(e) => self.warn_refused("wait", &e),
         }
     }
 
@@ -203,7 +203,7 @@ impl ClientMachine {
                 return;
             }
             Err(e) => {
-                self.warn(format!("fetch refused: {e}"));
+                self.warn_refused("fetch", &e);
                 return;
             }
         };

@@ -3,13 +3,18 @@
 //! Ed25519 identity, and make typed calls for every method. Used by the
 //! tests and simulations and by the `qpq` command-line client. [`drive`]
 //! carries out one command of the sans-io client machine over a [`Client`]
-//! (the loop `qpq` and the simulations share).
+//! (the loop `qpq` and the simulations share). [`display`] makes
+//! peer-controlled text safe to show on a terminal.
+//!
+//! [`Client::connect`] tries every address the server's name resolves to
+//! and gives up after [`CONNECT_TIMEOUT`], naming the addresses it tried.
 //!
 //! Each call opens one bidirectional stream, writes one request, finishes
 //! the stream and reads one reply. Calls are made once: retrying (with the
 //! same `messageId` for an enqueue, so it is stored once) is the caller's
 //! decision — the client machine's, for everything it sends.
 
+pub mod display;
 mod drive;
 mod session;
 pub mod state_file;
@@ -35,10 +40,23 @@ pub use drive::{Clock, DriveError, Lost, call, connect_failure, drive};
 pub use session::{
     CLOSE_GRACE, COMMANDS_QUEUED, EVENTS_BUFFERED, Session, SessionConfig, SessionError,
 };
+use trust::RefusedCert;
 pub use trust::{ServerTrust, TrustError};
 
 /// Time a call may take on top of any server-side wait (fetchWait).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest [`Client::connect`] takes, over every address the server's name
+/// resolves to, before it gives up: a server that is down or unreachable
+/// fails in this time rather than after QUIC's idle timeout (30 s), and a
+/// handshake over loopback or a continent takes well under a second.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before [`Client::connect`] also tries the next address while the
+/// earlier ones are still pending (RFC 8305 §5, "Connection Attempt
+/// Delay"); a failed attempt starts the next one at once.
+pub const CONNECT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+/// Most addresses of one name [`Client::connect`] tries; with
+/// [`CONNECT_ATTEMPT_DELAY`] they all start within [`CONNECT_TIMEOUT`].
+pub const CONNECT_ADDRESSES_MAX: usize = 16;
 
 /// A failed call.
 #[derive(Debug, thiserror::Error)]
@@ -118,23 +136,72 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `addr` (e.g. `localhost:7443`) from a fresh UDP socket.
+    /// Connects to `server` (e.g. `localhost:7443`) at any of the addresses
+    /// its name resolves to (IPv4 and IPv6 alike), as
+    /// [`Client::connect_any`] does.
     pub async fn connect(server: &str, trust: &ServerTrust) -> Result<Client, ClientError> {
-        let addr = resolve(server).await?;
-        let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0"
-                .parse()
-                .map_err(|_| ClientError::Connect("bind address".into()))?
-        } else {
-            "0.0.0.0:0"
-                .parse()
-                .map_err(|_| ClientError::Connect("bind address".into()))?
-        };
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| ClientError::Connect(format!("binding a UDP socket: {e}")))?;
+        let addrs = resolve(server).await?;
         let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        Self::connect_with(&endpoint, addr, host, trust).await
+        Self::connect_any(&addrs, host, trust).await
+    }
+
+    /// Connects to whichever of `addrs` answers first, from fresh UDP
+    /// sockets (one per address family). Attempts start in order, each
+    /// [`CONNECT_ATTEMPT_DELAY`] after the one before or as soon as it
+    /// fails, and run side by side (RFC 8305's "Happy Eyeballs"), so an
+    /// address that never answers — `::1` when the server listens on IPv4
+    /// only — costs a moment, not the connection. After [`CONNECT_TIMEOUT`]
+    /// in all it gives up, naming every address tried. A server that
+    /// presents the wrong certificate is reported as such
+    /// ([`TrustError::FingerprintMismatch`]) unless another address
+    /// succeeds.
+    pub async fn connect_any(
+        addrs: &[SocketAddr],
+        server_name: &str,
+        trust: &ServerTrust,
+    ) -> Result<Client, ClientError> {
+        let addrs = &addrs[..addrs.len().min(CONNECT_ADDRESSES_MAX)];
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        // One endpoint per family, shared by the attempts of that family.
+        let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
+        let mut pending = Vec::new();
+        let mut failed: Vec<(SocketAddr, ClientError)> = Vec::new();
+        let mut next = addrs.iter();
+        loop {
+            // Start the next attempt (an address whose family has no
+            // socket fails at once, and the one after it starts instead).
+            for &addr in next.by_ref() {
+                match endpoint_for(&mut endpoints, addr) {
+                    Ok(endpoint) => {
+                        pending.push((
+                            addr,
+                            Box::pin(async move {
+                                Self::connect_with(&endpoint, addr, server_name, trust).await
+                            }),
+                        ));
+                        break;
+                    }
+                    Err(e) => failed.push((addr, e)),
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let more = !next.as_slice().is_empty();
+            // Then wait for an attempt to end, for the time to start the
+            // next one, or for the deadline.
+            tokio::select! {
+                (addr, result) = first_done(&mut pending) => match result {
+                    Ok(client) => return Ok(client),
+                    Err(e) => failed.push((addr, e)),
+                },
+                () = tokio::time::sleep(CONNECT_ATTEMPT_DELAY), if more => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let unanswered: Vec<SocketAddr> = pending.iter().map(|(addr, _)| *addr).collect();
+        Err(all_attempts_failed(failed, &unanswered))
     }
 
     /// Connects through an existing `endpoint` (a simulation supplies one
@@ -146,13 +213,15 @@ impl Client {
         server_name: &str,
         trust: &ServerTrust,
     ) -> Result<Client, ClientError> {
-        let config = client_config(trust)?;
+        let refused = Arc::new(RefusedCert::default());
+        let config = client_config(trust, refused.clone())?;
         let connecting = endpoint
             .connect_with(config, addr, server_name)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let conn = connecting
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| match refused.take() {
+            Some(mismatch) => ClientError::Trust(mismatch),
+            None => ClientError::Connect(e.to_string()),
+        })?;
         Ok(Client {
             conn,
             identity: None,
@@ -484,17 +553,101 @@ fn unexpected(method: &'static str, got: &Response) -> ClientError {
     }
 }
 
-async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
-    let mut addrs = tokio::net::lookup_host(server)
+/// Every address `server` resolves to, in the resolver's order of
+/// preference.
+async fn resolve(server: &str) -> Result<Vec<SocketAddr>, ClientError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(server)
         .await
-        .map_err(|e| ClientError::Connect(format!("resolving `{server}`: {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| ClientError::Connect(format!("`{server}` resolves to no address")))
+        .map_err(|e| ClientError::Connect(format!("resolving `{server}`: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ClientError::Connect(format!(
+            "`{server}` resolves to no address"
+        )));
+    }
+    Ok(addrs)
 }
 
-fn client_config(trust: &ServerTrust) -> Result<quinn::ClientConfig, ClientError> {
-    let mut crypto = trust.rustls_config()?;
+/// The client endpoint for `addr`'s family, bound on first use.
+fn endpoint_for(
+    endpoints: &mut [Option<quinn::Endpoint>; 2],
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, ClientError> {
+    let (slot, bind) = if addr.is_ipv6() {
+        (&mut endpoints[1], SocketAddr::from(([0u16; 8], 0)))
+    } else {
+        (&mut endpoints[0], SocketAddr::from(([0u8; 4], 0)))
+    };
+    if let Some(endpoint) = slot {
+        return Ok(endpoint.clone());
+    }
+    let endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| ClientError::Connect(format!("binding a UDP socket on {bind}: {e}")))?;
+    *slot = Some(endpoint.clone());
+    Ok(endpoint)
+}
+
+/// The first of the connection attempts in `pending` to finish, taken out
+/// of it, with its address. Never completes while `pending` is empty.
+async fn first_done<F>(
+    pending: &mut Vec<(SocketAddr, std::pin::Pin<Box<F>>)>,
+) -> (SocketAddr, Result<Client, ClientError>)
+where
+    F: std::future::Future<Output = Result<Client, ClientError>>,
+{
+    std::future::poll_fn(|cx| {
+        for i in 0..pending.len() {
+            if let std::task::Poll::Ready(result) = pending[i].1.as_mut().poll(cx) {
+                let (addr, _) = pending.swap_remove(i);
+                return std::task::Poll::Ready((addr, result));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// The error of a [`Client::connect_any`] where no address worked: a
+/// refused certificate if there was one (it is the server's own answer),
+/// else every address with what became of it.
+fn all_attempts_failed(
+    failed: Vec<(SocketAddr, ClientError)>,
+    unanswered: &[SocketAddr],
+) -> ClientError {
+    let mut reasons = Vec::new();
+    for (addr, e) in failed {
+        match e {
+            ClientError::Trust(e) => return ClientError::Trust(e),
+            ClientError::Connect(why) => reasons.push(format!("{addr}: {why}")),
+            other => reasons.push(format!("{addr}: {other}")),
+        }
+    }
+    let list = |addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !unanswered.is_empty() {
+        let silent = format!(
+            "no answer within {} s from {}",
+            CONNECT_TIMEOUT.as_secs(),
+            list(unanswered)
+        );
+        reasons.insert(0, silent);
+    }
+    if reasons.is_empty() {
+        return ClientError::Connect("no address to connect to".into());
+    }
+    ClientError::Connect(reasons.join("; "))
+}
+
+fn client_config(
+    trust: &ServerTrust,
+    refused: Arc<RefusedCert>,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let mut crypto = trust.rustls_config(refused)?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
         .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -518,7 +671,7 @@ pub mod testing {
         trust: &ServerTrust,
         alpn: &[u8],
     ) -> Result<quinn::Connection, ClientError> {
-        let mut crypto = trust.rustls_config()?;
+        let mut crypto = trust.rustls_config(Default::default())?;
         crypto.alpn_protocols = vec![alpn.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
             .map_err(|e| ClientError::Connect(e.to_string()))?;

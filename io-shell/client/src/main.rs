@@ -3,18 +3,38 @@
 //! server, persisting whenever the machine asks, and prints the result —
 //! human-readable by default, one JSON object per line with `--json`.
 
+use std::cell::Cell;
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use quicproquo_client::state_file::{self, KdfParams, StateKey};
+use quicproquo_client::display::escape_control;
+use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
 use quicproquo_client::{Client, ClientError, Clock, DriveError, ServerTrust};
-use quicproquo_core::client::{ClientMachine, Command, Event, Outcome};
+use quicproquo_core::ErrorKind;
+use quicproquo_core::client::{
+    ClientMachine, Command, CommandError, Event, LinkPolicy, Outcome, TEXT_BYTES_MAX,
+};
 use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
 use serde_json::json;
+use tokio::sync::Notify;
+
+/// `println!` through an [`Output`].
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(false, format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` through an [`Output`].
+macro_rules! note {
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(true, format_args!($($arg)*))
+    };
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -95,7 +115,8 @@ enum Cmd {
     Send {
         /// The group's name.
         name: String,
-        /// The message.
+        /// The message, or `-` to read it from stdin (all of it, less one
+        /// final newline).
         text: String,
     },
     /// Receive and show pending messages.
@@ -153,14 +174,14 @@ enum GroupCmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let filter = std::env::var("QPQ_LOG").unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let out = Output { json: cli.json };
+    let out = Output::new(cli.json);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -171,10 +192,51 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli, &out)) {
+    // When nobody reads the output any more (`qpq recv | head -1`), the
+    // command stops at its next wait, as a crash there would (the state
+    // file is always whole), and the process exits quietly.
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run(cli, &out) => Some(result),
+            () = out.gone() => None,
+        }
+    });
+    if let Some(code) = out.report_failure() {
+        std::process::exit(code);
+    }
+    if let Some(Err(e)) = result {
         out.error(&e);
         std::process::exit(1);
     }
+}
+
+/// Exits after a command line clap refused. Help and version are printed
+/// as clap prints them; a usage error with `--json` is one `error` object on
+/// stdout, like every other error in JSON mode.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    if !json
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit();
+    }
+    // The message is the paragraph before clap's usage lines.
+    let text = e.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    Output::new(json).error(&anyhow!("{message}"));
+    std::process::exit(e.exit_code());
 }
 
 async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
@@ -197,6 +259,12 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     if let Cmd::Recv { stream: true, .. } = &cli.command {
         return stream(&cli, out).await;
     }
+    // Read before taking the lock, so a slow writer to stdin does not hold
+    // up other commands on this state file.
+    let stdin_text = match &cli.command {
+        Cmd::Send { text, .. } if text == "-" => Some(message_from_stdin()?),
+        _ => None,
+    };
     // One command at a time per state file: another `qpq` on the same file
     // waits here instead of overwriting this one's state.
     let _lock = lock(&cli.state)?;
@@ -223,7 +291,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         },
         Cmd::Send { name, text } => Command::Send {
             group: name.clone(),
-            text: text.clone(),
+            text: stdin_text.unwrap_or_else(|| text.clone()),
         },
         Cmd::Recv {
             stream: false,
@@ -247,7 +315,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Err(_) if matches!(command, Command::CreateGroup { .. }) => None,
         other => Some(other?),
     };
-    let mut refused = None;
+    let mut down = None;
     let outcome = drive(
         &mut machine,
         &cli,
@@ -256,14 +324,47 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         &key,
         command,
         out,
-        &mut refused,
+        &mut down,
     )
     .await?;
-    out.outcome(&outcome?);
-    if let Some(reason) = refused {
-        bail!("{reason}");
+    finish(&cli, outcome, down, out)
+}
+
+/// Prints a command's outcome, or fails with why it failed. A server that
+/// could not be reached is named once: as the error when the command needed
+/// it, as a warning when what it asked for was kept for the next command.
+fn finish(
+    cli: &Cli,
+    outcome: Result<Outcome, CommandError>,
+    down: Option<Down>,
+    out: &Output,
+) -> anyhow::Result<()> {
+    match (outcome, down) {
+        (Err(CommandError::Server(e)), Some(d)) if e.kind == ErrorKind::Unavailable => {
+            bail!("connecting to {}: {}", cli.server, d.reason)
+        }
+        (Err(e), _) => Err(e.into()),
+        (Ok(o), down) => {
+            out.outcome(&o);
+            match down {
+                Some(d) if d.permanent => bail!("connecting to {}: {}", cli.server, d.reason),
+                Some(d) => {
+                    out.warning(&format!(
+                        "connecting to {}: {}; what could not be sent is kept for the next command",
+                        cli.server, d.reason
+                    ));
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
     }
-    Ok(())
+}
+
+/// The machine stopped trying to reach the server during a command.
+struct Down {
+    reason: String,
+    permanent: bool,
 }
 
 fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
@@ -283,14 +384,18 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     state_file::save_with_key(&cli.state, &key, &machine.snapshot())?;
     let id = hex(machine.identity_key().as_bytes());
     if out.json {
-        println!(
+        say!(
+            out,
             "{}",
-            json!({"ok": true, "identity_key": id, "state": cli.state})
+            json!({"type": "initialized", "identity_key": id, "state": cli.state})
         );
     } else {
-        println!("Created a new identity in {}.", cli.state.display());
-        println!("Your identity key (share it with people who will add you):\n{id}");
-        println!("Next: qpq register");
+        say!(out, "Created a new identity in {}.", cli.state.display());
+        say!(
+            out,
+            "Your identity key (share it with people who will add you):\n{id}"
+        );
+        say!(out, "Next: qpq register");
     }
     Ok(())
 }
@@ -298,20 +403,21 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
 fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()> {
     let id = hex(machine.identity_key().as_bytes());
     if out.json {
-        println!(
+        say!(
+            out,
             "{}",
-            json!({"identity_key": id, "phase": format!("{:?}", machine.phase())})
+            json!({"type": "identity", "identity_key": id, "phase": format!("{:?}", machine.phase())})
         );
         return Ok(());
     }
-    println!("{id}");
+    say!(out, "{id}");
     if qr {
         let code = qrcode::QrCode::new(id.as_bytes()).context("making the QR code")?;
         let text = code
             .render::<qrcode::render::unicode::Dense1x2>()
             .quiet_zone(true)
             .build();
-        println!("{text}");
+        say!(out, "{text}");
     }
     Ok(())
 }
@@ -326,9 +432,11 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     }
     if out.json {
         for g in &groups {
-            println!(
+            say!(
+                out,
                 "{}",
                 json!({
+                    "type": "group",
                     "group": g.name,
                     "pq": g.pq,
                     "epoch": g.epoch,
@@ -341,12 +449,16 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
         return Ok(());
     }
     if groups.is_empty() {
-        println!("No groups yet. Create one with `qpq group create NAME`.");
+        say!(
+            out,
+            "No groups yet. Create one with `qpq group create NAME`."
+        );
     }
     for g in groups {
-        println!(
+        say!(
+            out,
             "{}{}  ({} members, epoch {}){}",
-            g.name,
+            escape_control(&g.name),
             if g.pq { "  [pq]" } else { "" },
             g.members.len(),
             g.epoch,
@@ -361,7 +473,7 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
             } else {
                 ""
             };
-            println!("    {}{me}", hex(m.as_bytes()));
+            say!(out, "    {}{me}", hex(m.as_bytes()));
         }
     }
     Ok(())
@@ -373,7 +485,7 @@ async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     let password = password(&cli.state, false)?;
     let trust = trust(cli)?;
     loop {
-        let mut refused = None;
+        let mut down = None;
         {
             // Reload under the lock: another command may have changed the
             // state since the last round.
@@ -388,17 +500,21 @@ async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
                 &key,
                 command,
                 out,
-                &mut refused,
+                &mut down,
             )
             .await?;
             if let Err(e) = r {
                 out.warning(&e.to_string());
             }
         }
-        if let Some(reason) = refused {
-            bail!("{reason}");
+        if let Some(d) = down.take().filter(|d| d.permanent) {
+            bail!("connecting to {}: {}", cli.server, d.reason);
         }
+        // Wait without the lock, so other commands can use the state file
+        // meanwhile. The machine keeps reconnecting (with its own pauses)
+        // until the server answers or refuses for good.
         let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
+        machine.set_link_policy(LinkPolicy::KeepTrying);
         let wait = Command::Wait {
             wait_ms: FETCH_WAIT_TIMEOUT_MS_MAX,
         };
@@ -410,23 +526,23 @@ async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
             &key,
             wait,
             out,
-            &mut refused,
+            &mut down,
         )
         .await?;
+        if let Some(d) = down.take().filter(|d| d.permanent) {
+            bail!("connecting to {}: {}", cli.server, d.reason);
+        }
         if let Err(e) = r {
             out.warning(&e.to_string());
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        if let Some(reason) = refused {
-            bail!("{reason}");
         }
     }
 }
 
 /// Runs one command to its end with the client library's loop, connecting
 /// when the machine asks, writing the state file whenever the machine asks
-/// and printing its events. A connection refused for good (a wrong
-/// certificate, an identity the server refuses) is left in `refused`.
+/// and printing its events. A server the machine stopped trying to reach
+/// is left in `down` (for [`finish`]); one it keeps trying to reach is
+/// shown as a warning.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     machine: &mut ClientMachine,
@@ -436,8 +552,8 @@ async fn drive(
     key: &StateKey,
     command: Command,
     out: &Output,
-    refused: &mut Option<String>,
-) -> anyhow::Result<Result<Outcome, quicproquo_core::client::CommandError>> {
+    down: &mut Option<Down>,
+) -> anyhow::Result<Result<Outcome, CommandError>> {
     let signing_key = machine.signing_key().clone();
     let connect = async || {
         let Some(trust) = trust else {
@@ -453,15 +569,14 @@ async fn drive(
         connect,
         command,
         |snapshot| state.save(key, snapshot),
-        |e| {
-            if let Event::Disconnected {
-                reason,
-                permanent: true,
-            } = e
-            {
-                *refused = Some(format!("connecting to {}: {reason}", cli.server));
+        |e| match e {
+            Event::Disconnected { reason, permanent } => {
+                *down = Some(Down {
+                    reason: reason.clone(),
+                    permanent: *permanent,
+                });
             }
-            out.event(e)
+            e => out.event(e),
         },
     )
     .await
@@ -523,26 +638,20 @@ impl State {
     }
 }
 
-/// Takes the state file's lock (`<state>.lock`), waiting for any other
-/// `qpq` using the same state file to finish.
-fn lock(state: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let mut name = state.as_os_str().to_owned();
-    name.push(".lock");
-    let path = PathBuf::from(name);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    file.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
-    Ok(file)
+/// Takes the state file's lock (`<state>.lock`, gone again once released),
+/// waiting for any other `qpq` using the same state file to finish.
+fn lock(state: &std::path::Path) -> anyhow::Result<StateLock> {
+    Ok(StateLock::acquire(state)?)
 }
 
 fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
-    if let Ok(p) = std::env::var("QPQ_PASSWORD") {
-        return Ok(p);
+    match std::env::var("QPQ_PASSWORD") {
+        Ok(p) if p.is_empty() => {
+            bail!("QPQ_PASSWORD is set but empty; a state file needs a password")
+        }
+        Ok(p) => return Ok(p),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("QPQ_PASSWORD is not valid UTF-8"),
+        Err(std::env::VarError::NotPresent) => {}
     }
     let p = rpassword::prompt_password(format!("Password for {}: ", path.display()))
         .context("reading the password (set QPQ_PASSWORD when there is no terminal)")?;
@@ -556,6 +665,32 @@ fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
         bail!("the password is empty");
     }
     Ok(p)
+}
+
+/// The message of `send GROUP -`: all of stdin, less one final newline
+/// (`\n` or `\r\n`), as `echo hello | qpq send team -` means `hello`.
+fn message_from_stdin() -> anyhow::Result<String> {
+    // Room for the longest message and its newline, and one byte more to
+    // tell that it is too long without reading an unbounded stdin.
+    let limit = TEXT_BYTES_MAX + 3;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit as u64)
+        .read_to_end(&mut bytes)
+        .context("reading the message from stdin")?;
+    let mut text =
+        String::from_utf8(bytes).map_err(|_| anyhow!("the message on stdin is not UTF-8"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.len() > TEXT_BYTES_MAX {
+        bail!("the message on stdin is longer than {TEXT_BYTES_MAX} bytes");
+    }
+    Ok(text)
 }
 
 fn parse_key(s: &str) -> anyhow::Result<IdentityKey> {
@@ -577,18 +712,94 @@ fn os_seed() -> [u8; 32] {
     seed
 }
 
-/// Prints results in the chosen format.
+/// Prints results in the chosen format. Nothing is printed with
+/// `println!`, which panics when the reader of a pipe has gone away: a
+/// failed write is remembered instead, nothing more is written, and
+/// [`Output::gone`] wakes `main` to stop the command.
 struct Output {
     json: bool,
+    failed: Cell<Option<WriteFailure>>,
+    gone: Notify,
+}
+
+/// Why output stopped.
+#[derive(Debug, Clone, Copy)]
+enum WriteFailure {
+    /// The reader of stdout or stderr went away (EPIPE).
+    Closed,
+    /// Writing stdout failed otherwise (a full disk, an I/O error).
+    Stdout(std::io::ErrorKind),
 }
 
 impl Output {
+    fn new(json: bool) -> Output {
+        Output {
+            json,
+            failed: Cell::new(None),
+            gone: Notify::new(),
+        }
+    }
+
+    /// Writes `text` and a newline to stdout, or to stderr if `to_stderr`.
+    fn line(&self, to_stderr: bool, text: std::fmt::Arguments<'_>) {
+        if self.failed.get().is_some() {
+            return;
+        }
+        let written = if to_stderr {
+            let mut e = std::io::stderr().lock();
+            writeln!(e, "{text}").and_then(|()| e.flush())
+        } else {
+            let mut o = std::io::stdout().lock();
+            writeln!(o, "{text}").and_then(|()| o.flush())
+        };
+        let failure = match written {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => WriteFailure::Closed,
+            Err(e) if !to_stderr => WriteFailure::Stdout(e.kind()),
+            // Failing to write a note to stderr loses nothing of the
+            // command's results; carry on.
+            Err(_) => return,
+        };
+        self.failed.set(Some(failure));
+        self.gone.notify_one();
+    }
+
+    /// Completes once output has failed.
+    async fn gone(&self) {
+        self.gone.notified().await;
+    }
+
+    /// If output failed, the exit code: 141 (128 + SIGPIPE, what a shell
+    /// reports for a process a closed pipe stopped) when the reader went
+    /// away, or 1 after reporting any other failure on stderr.
+    fn report_failure(&self) -> Option<i32> {
+        match self.failed.get()? {
+            WriteFailure::Closed => Some(141),
+            WriteFailure::Stdout(kind) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: writing the output: {}",
+                    std::io::Error::from(kind)
+                );
+                Some(1)
+            }
+        }
+    }
+
     fn event(&self, e: &Event) {
         match e {
             // One command: its outcome says what was delivered, and a
             // connection that comes up is nothing to report.
             Event::Connected | Event::Delivered { .. } => return,
-            Event::Reconnecting { reason, .. } | Event::Disconnected { reason, .. } => {
+            Event::Reconnecting {
+                reason,
+                retry_in_ms,
+            } => {
+                return self.warning(&format!(
+                    "server unreachable: {reason}; trying again in {retry_in_ms} ms"
+                ));
+            }
+            Event::Disconnected { reason, .. } => {
                 return self.warning(&format!("server unreachable: {reason}"));
             }
             _ => {}
@@ -600,44 +811,62 @@ impl Output {
                     sender,
                     text,
                 } => {
-                    json!({"event": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
+                    json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
                 }
                 Event::Joined { group, members } => {
-                    json!({"event": "joined", "group": group, "members": members})
+                    json!({"type": "joined", "group": group, "members": members})
                 }
                 Event::GroupChanged {
                     group,
                     epoch,
                     members,
                 } => {
-                    json!({"event": "group_changed", "group": group, "epoch": epoch, "members": members})
+                    json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
                 }
-                Event::Removed { group } => json!({"event": "removed", "group": group}),
-                Event::Tampering { what } => json!({"event": "tampering", "message": what}),
-                Event::Warning { message } => json!({"event": "warning", "message": message}),
-                other => json!({"event": "other", "detail": format!("{other:?}")}),
+                Event::Removed { group } => json!({"type": "removed", "group": group}),
+                Event::Tampering { what } => json!({"type": "tampering", "message": what}),
+                Event::Warning { message } => json!({"type": "warning", "message": message}),
+                other => json!({"type": "other_event", "detail": format!("{other:?}")}),
             };
-            println!("{v}");
+            say!(self, "{v}");
             return;
         }
+        // Everything shown below may come from a peer: escaped, so it
+        // cannot print a fake line or drive the terminal.
         match e {
             Event::Message {
                 group,
                 sender,
                 text,
-            } => println!("[{group}] {}: {text}", short(sender)),
+            } => say!(
+                self,
+                "[{}] {}: {}",
+                escape_control(group),
+                short(sender),
+                escape_control(text)
+            ),
             Event::Joined { group, members } => {
-                println!("* you joined {group} ({members} members)");
+                say!(
+                    self,
+                    "* you joined {} ({members} members)",
+                    escape_control(group)
+                );
             }
             Event::GroupChanged {
                 group,
                 epoch,
                 members,
-            } => println!("* {group} changed: epoch {epoch}, {members} members"),
-            Event::Removed { group } => println!("* you were removed from {group}"),
-            Event::Tampering { what } => eprintln!("TAMPERING: {what}"),
-            Event::Warning { message } => eprintln!("warning: {message}"),
-            other => eprintln!("{other:?}"),
+            } => say!(
+                self,
+                "* {} changed: epoch {epoch}, {members} members",
+                escape_control(group)
+            ),
+            Event::Removed { group } => {
+                say!(self, "* you were removed from {}", escape_control(group));
+            }
+            Event::Tampering { what } => note!(self, "TAMPERING: {}", escape_control(what)),
+            Event::Warning { message } => note!(self, "warning: {}", escape_control(message)),
+            other => note!(self, "{}", escape_control(&format!("{other:?}"))),
         }
     }
 
@@ -649,39 +878,39 @@ impl Output {
                     already,
                     failed,
                 } => {
-                    json!({"ok": true, "registered": {"uploaded": uploaded, "already": already, "failed": failed}})
+                    json!({"type": "registered", "uploaded": uploaded, "already": already, "failed": failed})
                 }
-                Outcome::GroupCreated { group } => json!({"ok": true, "group_created": group}),
+                Outcome::GroupCreated { group } => json!({"type": "group_created", "group": group}),
                 Outcome::MemberAdded {
                     group,
                     member,
                     undelivered,
                 } => {
-                    json!({"ok": true, "member_added": {"group": group, "member": hex(member.as_bytes()), "undelivered": undelivered}})
+                    json!({"type": "member_added", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
                 }
                 Outcome::Sent {
                     group,
                     delivered,
                     undelivered,
                 } => {
-                    json!({"ok": true, "sent": {"group": group, "delivered": delivered, "undelivered": undelivered}})
+                    json!({"type": "sent", "group": group, "delivered": delivered, "undelivered": undelivered})
                 }
-                Outcome::Received { messages } => json!({"ok": true, "received": messages}),
+                Outcome::Received { messages } => json!({"type": "received", "messages": messages}),
                 Outcome::MemberRemoved {
                     group,
                     member,
                     undelivered,
                 } => {
-                    json!({"ok": true, "member_removed": {"group": group, "member": hex(member.as_bytes()), "undelivered": undelivered}})
+                    json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
                 }
-                Outcome::Left { group } => json!({"ok": true, "left": group}),
+                Outcome::Left { group } => json!({"type": "left", "group": group}),
                 Outcome::Updated {
                     groups,
                     undelivered,
-                } => json!({"ok": true, "updated": {"groups": groups, "undelivered": undelivered}}),
-                other => json!({"ok": true, "detail": format!("{other:?}")}),
+                } => json!({"type": "updated", "groups": groups, "undelivered": undelivered}),
+                other => json!({"type": "other_outcome", "detail": format!("{other:?}")}),
             };
-            println!("{v}");
+            say!(self, "{v}");
             return;
         }
         match o {
@@ -690,73 +919,100 @@ impl Output {
                 already,
                 failed,
             } => {
-                println!("Uploaded {uploaded} KeyPackages ({already} were already on the server).");
+                say!(
+                    self,
+                    "Uploaded {uploaded} KeyPackages ({already} were already on the server)."
+                );
                 if *failed > 0 {
-                    eprintln!("{failed} uploads failed; run `qpq register` again.");
+                    note!(self, "{failed} uploads failed; run `qpq register` again.");
                 }
             }
-            Outcome::GroupCreated { group } => println!("Created group {group}."),
+            Outcome::GroupCreated { group } => {
+                say!(self, "Created group {}.", escape_control(group));
+            }
             Outcome::MemberAdded {
                 group,
                 member,
                 undelivered,
             } => {
-                println!("Added {} to {group}.", short(member));
-                pending(*undelivered);
+                say!(
+                    self,
+                    "Added {} to {}.",
+                    short(member),
+                    escape_control(group)
+                );
+                self.pending(*undelivered);
             }
             Outcome::Sent {
                 group,
                 delivered,
                 undelivered,
             } => {
-                println!("Sent to {delivered} members of {group}.");
-                pending(*undelivered);
+                say!(
+                    self,
+                    "Sent to {delivered} members of {}.",
+                    escape_control(group)
+                );
+                self.pending(*undelivered);
             }
             Outcome::MemberRemoved {
                 group,
                 member,
                 undelivered,
             } => {
-                println!("Removed {} from {group}.", short(member));
-                pending(*undelivered);
+                say!(
+                    self,
+                    "Removed {} from {}.",
+                    short(member),
+                    escape_control(group)
+                );
+                self.pending(*undelivered);
             }
-            Outcome::Left { group } => println!("Left {group}."),
+            Outcome::Left { group } => say!(self, "Left {}.", escape_control(group)),
             Outcome::Updated {
                 groups,
                 undelivered,
             } => {
-                println!("Rotated your keys in {} group(s).", groups.len());
-                pending(*undelivered);
+                say!(self, "Rotated your keys in {} group(s).", groups.len());
+                self.pending(*undelivered);
             }
             Outcome::Received { messages } => {
                 if *messages == 0 {
-                    eprintln!("No new messages.");
+                    note!(self, "No new messages.");
                 }
             }
-            other => println!("{other:?}"),
+            other => say!(self, "{}", escape_control(&format!("{other:?}"))),
         }
     }
 
     fn warning(&self, message: &str) {
         if self.json {
-            println!("{}", json!({"event": "warning", "message": message}));
+            say!(self, "{}", json!({"type": "warning", "message": message}));
         } else {
-            eprintln!("warning: {message}");
+            note!(self, "warning: {}", escape_control(message));
         }
     }
 
     fn error(&self, e: &anyhow::Error) {
         if self.json {
-            println!("{}", json!({"ok": false, "error": format!("{e:#}")}));
+            say!(
+                self,
+                "{}",
+                json!({"type": "error", "message": format!("{e:#}")})
+            );
         } else {
-            eprintln!("error: {e:#}");
+            // Errors can quote the server or a peer.
+            note!(self, "error: {}", escape_control(&format!("{e:#}")));
         }
     }
-}
 
-fn pending(undelivered: u32) {
-    if undelivered > 0 {
-        eprintln!("{undelivered} deliveries are pending; the next qpq command retries them.");
+    fn pending(&self, undelivered: u32) {
+        if undelivered > 0 {
+            note!(
+                self,
+                "{undelivered} deliveries are pending; the next qpq command retries them."
+            );
+        }
     }
 }
 

@@ -46,6 +46,16 @@
 //!   either the old file or the new one, never a mix.
 //! - The AEAD cannot tell a wrong password from a modified body; both are
 //!   reported as [`StateFileError::WrongPassword`].
+//! - An empty password is refused before anything is derived, for sealing
+//!   and opening alike ([`StateFileError::EmptyPassword`]): it would leave
+//!   the file protected by nothing but its salt.
+//!
+//! # Locking
+//!
+//! [`StateLock`] keeps processes sharing a state file to one at a time:
+//! an exclusive lock on `<state>.lock`, which on Unix exists only while
+//! someone holds it or waits for it (after a crash, until the next holder
+//! is done). See [`StateLock::acquire`] for why removing it is race-free.
 //!
 //! Deriving the key is deliberately slow (Argon2id, ~0.35 s with
 //! [`KdfParams::RECOMMENDED`]). A process that saves often derives a
@@ -69,6 +79,9 @@ use zeroize::Zeroizing;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StateFileError {
+    /// The password is empty: no state is sealed or opened with one.
+    #[error("the password is empty; a state file needs a password")]
+    EmptyPassword,
     /// The AEAD tag did not verify.
     #[error("cannot decrypt the state file: wrong password or the file was modified")]
     WrongPassword,
@@ -422,6 +435,87 @@ pub fn exists(path: &Path) -> bool {
     path.is_file()
 }
 
+/// The exclusive right to read, change and write one state file, held
+/// until dropped. Other processes (and other holders in this one) wait in
+/// [`StateLock::acquire`] meanwhile.
+#[derive(Debug)]
+pub struct StateLock {
+    /// The open lock file, kept only for its lock, which goes when it is
+    /// closed.
+    _file: File,
+    /// `<state>.lock`, removed on drop.
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Waits until no one else holds the lock of the state file at `state`,
+    /// then takes it: an exclusive lock on the file `<state>.lock`, created
+    /// if missing.
+    ///
+    /// On Unix the lock file is removed when the lock is dropped, so none
+    /// is left behind. That is race-free because the holder removes the
+    /// name while it still holds the lock, and a waiter, once it has the
+    /// lock, checks that `<state>.lock` still names the file it locked (same
+    /// device and inode). If it does not, the waiter had opened a file the
+    /// previous holder has since removed — a lock nobody else will ever
+    /// contend for — so it starts over with whatever the name holds now.
+    /// Hence at most one process at a time holds the lock on the file the
+    /// name points to, and only that process removes the name. Elsewhere
+    /// the file is left in place (an open file cannot always be removed
+    /// there).
+    pub fn acquire(state: &Path) -> Result<StateLock, StateFileError> {
+        let mut name = state.as_os_str().to_owned();
+        name.push(LOCK_SUFFIX);
+        let path = PathBuf::from(name);
+        let io_err = |source| StateFileError::Io {
+            path: path.clone(),
+            source,
+        };
+        for _ in 0..LOCK_ATTEMPTS_MAX {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_err)?;
+            file.lock().map_err(io_err)?;
+            if still_named(&file, &path).map_err(io_err)? {
+                return Ok(StateLock { _file: file, path });
+            }
+        }
+        Err(io_err(io::Error::other(format!(
+            "the lock file was replaced {LOCK_ATTEMPTS_MAX} times while waiting for it"
+        ))))
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // Removed while still locked (`_file` closes after this), so no one
+        // else can be holding the lock on what the name points to.
+        #[cfg(unix)]
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// True if `path` still names `file` (which this process has locked).
+#[cfg(unix)]
+fn still_named(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let locked = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == locked.dev() && named.ino() == locked.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Without removal on drop the name always names the locked file.
+#[cfg(not(unix))]
+fn still_named(_file: &File, _path: &Path) -> io::Result<bool> {
+    Ok(true)
+}
+
 /// A parsed, validated header borrowing from the file.
 struct Header<'a> {
     params: KdfParams,
@@ -549,12 +643,17 @@ fn cipher(key: &[u8; KEY_BYTES]) -> XChaCha20Poly1305 {
     XChaCha20Poly1305::new(key.into())
 }
 
-/// Argon2id, then HKDF-SHA256 with the legacy label.
+/// Argon2id, then HKDF-SHA256 with the legacy label. Every key, for
+/// sealing or opening, comes from here, so this is where an empty password
+/// is refused.
 fn derive_key(
     password: &[u8],
     salt: &[u8],
     params: KdfParams,
 ) -> Result<Zeroizing<[u8; KEY_BYTES]>, StateFileError> {
+    if password.is_empty() {
+        return Err(StateFileError::EmptyPassword);
+    }
     #[cfg(test)]
     tests::DERIVATIONS.with(|n| n.set(n.get() + 1));
 
@@ -729,6 +828,12 @@ const HEADER_FIXED_BYTES: usize = 8 + 2 + 1 + 4 * 3 + 1 + NONCE_BYTES + 8;
 const BODY_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// Largest file [`load`] reads.
 const FILE_BYTES_MAX: u64 = BODY_BYTES_MAX + (HEADER_FIXED_BYTES + SALT_BYTES_MAX) as u64;
+/// The lock file is the state file's name with this appended.
+const LOCK_SUFFIX: &str = ".lock";
+/// Most times [`StateLock::acquire`] starts over. Each retry means another
+/// process took and released the lock while this one waited; a thousand in
+/// a row means something else keeps replacing the file.
+const LOCK_ATTEMPTS_MAX: u32 = 1_000;
 /// Temporary files are `.qpq-state.XXXXXX.tmp` next to the target; the
 /// name does not grow with the target's, so a long target name still fits.
 const TEMP_PREFIX: &str = ".qpq-state.";
@@ -798,6 +903,65 @@ mod tests {
         let err = open(PASSWORD, file).expect_err("must be refused");
         assert_eq!(derivations(), before, "KDF ran before refusing: {err}");
         err
+    }
+
+    #[test]
+    fn a_held_lock_keeps_others_out_and_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("qpq-state.bin");
+        let lock_file = dir.path().join("qpq-state.bin.lock");
+        let held = StateLock::acquire(&state).unwrap();
+        let other = File::open(&lock_file).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        drop(held);
+        #[cfg(unix)]
+        assert!(!lock_file.exists());
+        // The next holder locks a new file, not the one `other` still has
+        // open, which is no lock at all any more.
+        #[cfg(unix)]
+        {
+            let _again = StateLock::acquire(&state).unwrap();
+            assert!(other.try_lock().is_ok());
+        }
+    }
+
+    #[test]
+    fn lock_holders_never_overlap_while_the_file_comes_and_goes() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // Threads contend as processes would: each acquire opens the lock
+        // file anew, so a holder on a removed file and one on its
+        // successor could overlap if the name were not checked.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("qpq-state.bin");
+        let holders = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..200 {
+                        let _held = StateLock::acquire(&state).unwrap();
+                        assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        std::thread::yield_now();
+                        holders.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        #[cfg(unix)]
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_empty_password_neither_seals_nor_opens() {
+        let file = &fixture().file;
+        let before = derivations();
+        let refused = seal(b"", PLAINTEXT, KdfParams::FLOOR, &mut OsRng);
+        assert!(matches!(refused, Err(StateFileError::EmptyPassword)));
+        let refused = open(b"", file);
+        assert!(matches!(refused, Err(StateFileError::EmptyPassword)));
+        assert_eq!(derivations(), before);
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! How the client trusts the server: by pinning the SHA-256 fingerprint of
 //! its certificate (the value `qpq-server` prints at start), or through a CA
-//! certificate file. Verification is never turned off.
+//! certificate file. Verification is never turned off. A pinned
+//! fingerprint that does not match is reported as such
+//! ([`TrustError::FingerprintMismatch`]), with both values, rather than as
+//! the TLS stack's generic certificate error.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use quicproquo_core::types::hex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
@@ -39,6 +43,37 @@ pub enum TrustError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The server's certificate is not the pinned one.
+    #[error(
+        "server certificate fingerprint mismatch: expected {}, got {}",
+        hex(.expected),
+        hex(.got)
+    )]
+    FingerprintMismatch {
+        /// The pinned SHA-256.
+        expected: [u8; 32],
+        /// The SHA-256 of the certificate the server presented.
+        got: [u8; 32],
+    },
+}
+
+/// Where a pinned-fingerprint check leaves the mismatch it refused: the TLS
+/// stack passes on only a generic certificate error, so the connecting code
+/// reads the mismatch from here. One per connection attempt.
+#[derive(Debug, Default)]
+pub(crate) struct RefusedCert(Mutex<Option<TrustError>>);
+
+impl RefusedCert {
+    /// The mismatch the check found, if it refused a certificate.
+    pub(crate) fn take(&self) -> Option<TrustError> {
+        self.0.lock().ok()?.take()
+    }
+
+    fn record(&self, expected: [u8; 32], got: [u8; 32]) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(TrustError::FingerprintMismatch { expected, got });
+        }
+    }
 }
 
 impl ServerTrust {
@@ -56,7 +91,12 @@ impl ServerTrust {
         Ok(ServerTrust::Fingerprint(out))
     }
 
-    pub(crate) fn rustls_config(&self) -> Result<rustls::ClientConfig, TrustError> {
+    /// The TLS configuration for this trust; a refused pinned certificate
+    /// is recorded in `refused`.
+    pub(crate) fn rustls_config(
+        &self,
+        refused: Arc<RefusedCert>,
+    ) -> Result<rustls::ClientConfig, TrustError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -66,6 +106,7 @@ impl ServerTrust {
                 .with_custom_certificate_verifier(Arc::new(PinnedCert {
                     fingerprint: *fp,
                     provider,
+                    refused,
                 }))
                 .with_no_client_auth(),
             ServerTrust::CaFile(path) => builder
@@ -97,6 +138,7 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TrustError> {
 struct PinnedCert {
     fingerprint: [u8; 32],
     provider: Arc<CryptoProvider>,
+    refused: Arc<RefusedCert>,
 }
 
 impl ServerCertVerifier for PinnedCert {
@@ -112,6 +154,7 @@ impl ServerCertVerifier for PinnedCert {
         if got == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
+            self.refused.record(self.fingerprint, got);
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ))
@@ -165,5 +208,21 @@ mod tests {
         assert!(ServerTrust::fingerprint_hex("abc").is_err());
         assert!(ServerTrust::fingerprint_hex(&"zz".repeat(32)).is_err());
         assert!(ServerTrust::fingerprint_hex(&"é".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn a_mismatch_names_both_fingerprints() {
+        let e = TrustError::FingerprintMismatch {
+            expected: [0xab; 32],
+            got: [0x01; 32],
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "server certificate fingerprint mismatch: expected {}, got {}",
+                "ab".repeat(32),
+                "01".repeat(32)
+            )
+        );
     }
 }

@@ -1,78 +1,32 @@
 //! End to end through the `qpq` binary: a real `qpq-server` process and three
 //! users with separate state files, each command its own process.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use quicproquo_client::state_file;
-use quicproquo_client::{Client, ServerTrust};
+use quicproquo_client::{Client, ClientError, ServerTrust, TrustError};
 use quicproquo_core::client::ClientMachine;
 use serde_json::Value;
 
+mod common;
+
+use common::Server;
+
 const PASSWORD: &str = "correct horse battery staple";
 
-struct Server {
-    child: Child,
-    addr: String,
-    fingerprint: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `qpq-server` binary next to `qpq`, built if this test run has not
-/// built it yet.
-fn server_binary() -> PathBuf {
-    let qpq = PathBuf::from(env!("CARGO_BIN_EXE_qpq"));
-    let server = qpq.with_file_name(format!("qpq-server{}", std::env::consts::EXE_SUFFIX));
-    if !server.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let profile_release = qpq.parent().is_some_and(|p| p.ends_with("release"));
-        let mut build = Command::new(cargo);
-        build.args(["build", "--bin", "qpq-server", "-p", "quicproquo-server"]);
-        if profile_release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo build runs");
-        assert!(status.success(), "building qpq-server failed");
-    }
-    server
-}
-
 fn start_server(dir: &Path) -> Server {
-    std::fs::write(dir.join("server.toml"), "").unwrap();
-    let mut child = Command::new(server_binary())
-        .env("QPQ_CONFIG", dir.join("server.toml"))
-        .env("QPQ_LISTEN", "127.0.0.1:0")
-        .env("QPQ_DATA_DIR", dir.join("server-data"))
-        .env("QPQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn qpq-server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut addr, mut fingerprint) = (None, None);
-    while addr.is_none() || fingerprint.is_none() {
-        let line = lines.next().expect("server output").unwrap();
-        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
-            fingerprint = Some(rest.trim().to_owned());
-        }
-    }
-    Server {
-        child,
-        addr: addr.unwrap(),
-        fingerprint: fingerprint.unwrap(),
-    }
+    Server::start(dir)
+}
+
+/// One line of `--json` output: a JSON object with a string `type`.
+fn typed_object(line: &str) -> Value {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert!(v["type"].is_string(), "no \"type\": {line}");
+    v
 }
 
 struct User<'a> {
@@ -107,10 +61,23 @@ impl User<'_> {
             "qpq {args:?} failed:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
+        stdout.lines().map(typed_object).collect()
+    }
+
+    /// The message of the one `error` object a failing `qpq --json` prints.
+    fn fail(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self
+            .cmd()
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "qpq {args:?} succeeded:\n{stdout}");
+        let lines: Vec<Value> = stdout.lines().map(typed_object).collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        assert_eq!(lines[0]["type"], "error", "{stdout}");
+        lines[0]["message"].as_str().unwrap().to_owned()
     }
 
     fn key(&self) -> String {
@@ -142,7 +109,7 @@ impl User<'_> {
     fn recv_in(&self, group: &str) -> Vec<(String, String)> {
         self.run(&["recv"])
             .into_iter()
-            .filter(|v| v["event"] == "message")
+            .filter(|v| v["type"] == "message")
             .map(|v| {
                 assert_eq!(v["group"], group);
                 (
@@ -165,9 +132,10 @@ fn three_users_chat_through_the_cli() {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     for u in [&alice, &bob, &carol] {
         let init = u.run(&["init"]);
-        assert_eq!(init[0]["ok"], true);
+        assert_eq!(init[0]["type"], "initialized");
         let reg = u.run(&["register", "--count", "3"]);
-        assert_eq!(reg[0]["registered"]["uploaded"], 4);
+        assert_eq!(reg[0]["type"], "registered");
+        assert_eq!(reg[0]["uploaded"], 4);
     }
     let (a, b, c) = (alice.key(), bob.key(), carol.key());
     assert_eq!(a.len(), 64);
@@ -180,13 +148,13 @@ fn three_users_chat_through_the_cli() {
     assert!(
         joined
             .iter()
-            .any(|v| v["event"] == "joined" && v["group"] == "team")
+            .any(|v| v["type"] == "joined" && v["group"] == "team")
     );
     let joined = carol.run(&["recv"]);
     assert!(
         joined
             .iter()
-            .any(|v| v["event"] == "joined" && v["group"] == "team")
+            .any(|v| v["type"] == "joined" && v["group"] == "team")
     );
     assert!(bob.recv().is_empty());
 
@@ -238,8 +206,8 @@ fn three_users_chat_through_the_cli() {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("recv --stream shows the messages");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "message" {
+        let v = typed_object(&line);
+        if v["type"] == "message" {
             live.push(v["text"].as_str().unwrap().to_owned());
         }
     }
@@ -252,12 +220,12 @@ fn three_users_chat_through_the_cli() {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("the stream carries on after a send from the same state");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "message" {
+        let v = typed_object(&line);
+        if v["type"] == "message" {
             assert_eq!(v["text"], "live-3");
             break;
         }
-        assert_ne!(v["event"], "warning", "{v}");
+        assert_ne!(v["type"], "warning", "{v}");
     }
     let _ = streaming.kill();
     let _ = streaming.wait();
@@ -268,23 +236,23 @@ fn three_users_chat_through_the_cli() {
 }
 
 #[test]
-fn wrong_password_and_missing_trust_are_clear_errors() {
+fn wrong_or_empty_password_and_missing_trust_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
     let alice = User {
         state: dir.path().join("alice.bin"),
         server: &server,
     };
+    // An empty password creates nothing.
+    let error = alice.fail(&["init"], &[("QPQ_PASSWORD", "")]);
+    assert!(error.contains("QPQ_PASSWORD is set but empty"), "{error}");
+    assert!(!alice.state.exists());
     alice.run(&["init"]);
-    let out = alice
-        .cmd()
-        .env("QPQ_PASSWORD", "wrong")
-        .args(["whoami"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("password"), "{text}");
+    let error = alice.fail(&["whoami"], &[("QPQ_PASSWORD", "wrong")]);
+    assert!(error.contains("password"), "{error}");
+    // Nor does it open anything.
+    let error = alice.fail(&["send", "team", "hi"], &[("QPQ_PASSWORD", "")]);
+    assert!(error.contains("QPQ_PASSWORD is set but empty"), "{error}");
     // The state file is untouched by the failed attempt.
     assert_eq!(alice.key().len(), 64);
     let out = alice
@@ -296,8 +264,11 @@ fn wrong_password_and_missing_trust_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--server-fingerprint"));
     // A second init refuses to overwrite the identity.
-    let out = alice.cmd().args(["init"]).output().unwrap();
-    assert!(!out.status.success());
+    let error = alice.fail(&["init"], &[]);
+    assert!(error.contains("exists already"), "{error}");
+    // A command line clap refuses is an error object too.
+    let error = alice.fail(&["send", "team"], &[]);
+    assert!(error.contains("required"), "{error}");
 }
 
 #[test]
@@ -324,13 +295,10 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
         assert!(
             joined
                 .iter()
-                .any(|v| v["event"] == "joined" && v["group"] == "quantum"),
+                .any(|v| v["type"] == "joined" && v["group"] == "quantum"),
             "{joined:?}"
         );
-        assert!(
-            !joined.iter().any(|v| v["event"] == "warning"),
-            "{joined:?}"
-        );
+        assert!(!joined.iter().any(|v| v["type"] == "warning"), "{joined:?}");
     }
     let list = carol.run(&["group", "list"]);
     assert_eq!(list[0]["group"], "quantum");
@@ -415,7 +383,7 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     alice.run(&["send", "quantum", "after tampering"]);
     let events = bob.run(&["recv"]);
     assert!(
-        events.iter().any(|v| v["event"] == "warning"
+        events.iter().any(|v| v["type"] == "warning"
             && v["message"]
                 .as_str()
                 .is_some_and(|t| t.contains("hybrid envelope refused"))),
@@ -423,7 +391,7 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     );
     let texts: Vec<&str> = events
         .iter()
-        .filter(|v| v["event"] == "message")
+        .filter(|v| v["type"] == "message")
         .filter_map(|v| v["text"].as_str())
         .collect();
     assert_eq!(texts, vec!["after tampering"], "{events:?}");
@@ -481,7 +449,7 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
     }
     for u in [alice, bob, carol, erin] {
         let out = u.run(&["recv"]);
-        assert!(!out.iter().any(|v| v["event"] == "warning"), "{out:?}");
+        assert!(!out.iter().any(|v| v["type"] == "warning"), "{out:?}");
     }
     // Both changes are in, once each, and the four agree on the group.
     for u in [alice, bob, carol, erin] {
@@ -494,8 +462,8 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
     // Dave tries to read: he learns he was removed and gets nothing of the
     // new epochs, now or later.
     let out = dave.run(&["recv"]);
-    assert!(out.iter().any(|v| v["event"] == "removed"), "{out:?}");
-    assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
+    assert!(out.iter().any(|v| v["type"] == "removed"), "{out:?}");
+    assert!(!out.iter().any(|v| v["type"] == "message"), "{out:?}");
     assert!(
         dave.run(&["group", "list"])
             .iter()
@@ -504,18 +472,22 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
 
     // Erin leaves; Alice (the lowest leaf left) commits it when she sees
     // the proposal, and Bob and Carol follow.
-    assert_eq!(erin.run(&["group", "leave", "team"])[0]["left"], "team");
+    let left = erin.run(&["group", "leave", "team"]);
+    assert_eq!(
+        (&left[0]["type"], &left[0]["group"]),
+        (&"left".into(), &"team".into())
+    );
     let out = alice.run(&["recv"]);
     assert!(
         out.iter()
-            .any(|v| v["event"] == "group_changed" && v["members"] == 3),
+            .any(|v| v["type"] == "group_changed" && v["members"] == 3),
         "{out:?}"
     );
     for u in [bob, carol] {
         let out = u.run(&["recv"]);
         assert!(
             out.iter()
-                .any(|v| v["event"] == "group_changed" && v["members"] == 3),
+                .any(|v| v["type"] == "group_changed" && v["members"] == 3),
             "{out:?}"
         );
     }
@@ -531,6 +503,337 @@ fn five_users_race_commits_leave_and_remove_through_the_cli() {
     assert_eq!(carol.recv(), vec![m(0, "still here"), m(1, "me too")]);
     for u in [dave, erin] {
         let out = u.run(&["recv"]);
-        assert!(!out.iter().any(|v| v["event"] == "message"), "{out:?}");
+        assert!(!out.iter().any(|v| v["type"] == "message"), "{out:?}");
     }
+}
+
+/// Users with these names, each with a fresh identity and KeyPackages on
+/// `server`, their state files in `dir`.
+fn registered<'a>(dir: &Path, server: &'a Server, names: &[&str]) -> Vec<User<'a>> {
+    names
+        .iter()
+        .map(|name| {
+            let u = User {
+                state: dir.join(format!("{name}.bin")),
+                server,
+            };
+            u.run(&["init"]);
+            u.run(&["register", "--count", "2"]);
+            u
+        })
+        .collect()
+}
+
+#[test]
+fn peer_control_characters_are_shown_escaped_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    // Alice names the group and writes the message; both reach Bob's
+    // terminal. (The core refuses control characters in group names, but
+    // not the bidi override, which would reverse the rest of the line.)
+    let group = "te\u{202e}am";
+    alice.run(&["group", "create", group]);
+    alice.run(&["group", "add", group, &bob.key()]);
+    alice.run(&["send", group, "hi\n[team] alice: fake \u{1b}[31mred\r"]);
+    let shown = bob.text(&["recv"]);
+    let a = alice.key();
+    assert_eq!(
+        shown.lines().collect::<Vec<_>>(),
+        vec![
+            r"* you joined te\u{202e}am (2 members)".to_owned(),
+            format!(
+                r"[te\u{{202e}}am] {}…: hi\n[team] alice: fake \x1b[31mred\r",
+                &a[..16]
+            ),
+        ],
+        "{shown:?}"
+    );
+    let listed = bob.text(&["group", "list"]);
+    assert!(
+        listed.starts_with(r"te\u{202e}am  (2 members"),
+        "{listed:?}"
+    );
+    assert!(!listed.contains('\u{1b}') && !listed.contains('\u{202e}'));
+}
+
+/// Runs `cmd` with its stdout a pipe nobody reads; returns the exit code
+/// and stderr once it ends, killing it after `deadline`.
+fn into_closed_pipe(cmd: &mut Command, deadline: Duration) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = cmd.stdout(writer).stderr(Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("still running after {deadline:?} with its output closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    for text in ["one", "two", "three"] {
+        alice.run(&["send", "team", text]);
+    }
+    let quiet = |code: Option<i32>, stderr: &str| {
+        assert!(matches!(code, Some(0 | 141)), "exit {code:?}: {stderr}");
+        assert_eq!(stderr, "");
+    };
+    let limit = Duration::from_secs(60);
+    // A local command, a command talking to the server, in both formats.
+    let (code, stderr) = into_closed_pipe(bob.plain().args(["whoami", "--qr"]), limit);
+    quiet(code, &stderr);
+    let (code, stderr) = into_closed_pipe(bob.plain().arg("recv"), limit);
+    quiet(code, &stderr);
+    alice.run(&["send", "team", "four"]);
+    let (code, stderr) = into_closed_pipe(bob.cmd().arg("recv"), limit);
+    quiet(code, &stderr);
+    // A stream stops at the first message it cannot show.
+    alice.run(&["send", "team", "five"]);
+    let (code, stderr) = into_closed_pipe(bob.plain().args(["recv", "--stream"]), limit);
+    quiet(code, &stderr);
+}
+
+#[test]
+fn send_dash_reads_the_message_from_stdin_less_one_final_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    for input in ["two lines\nof text\n", "ends in a blank line\n\n", "-"] {
+        let mut child = alice
+            .cmd()
+            .args(["send", "team", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let a = alice.key();
+    let m = |t: &str| (a.clone(), t.to_owned());
+    assert_eq!(
+        bob.recv(),
+        vec![m("two lines\nof text"), m("ends in a blank line\n"), m("-")]
+    );
+}
+
+#[test]
+fn commands_leave_only_the_state_files_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let states = dir.path().join("states");
+    std::fs::create_dir(&states).unwrap();
+    let [alice, bob] = &registered(&states, &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    alice.run(&["send", "team", "hi"]);
+    bob.run(&["recv"]);
+    bob.run(&["group", "list"]);
+    // A command that fails, and one whose output nobody reads.
+    bob.fail(&["send", "nowhere", "hi"], &[]);
+    alice.run(&["send", "team", "again"]);
+    into_closed_pipe(bob.cmd().arg("recv"), Duration::from_secs(60));
+    let mut left: Vec<String> = std::fs::read_dir(&states)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["alice.bin", "bob.bin"]);
+}
+
+#[test]
+fn a_wrong_server_certificate_is_named_with_both_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    let expected = "ab".repeat(32);
+    let got: String = server.fingerprint.to_lowercase().replace(':', "");
+    let error = alice.fail(&["register"], &[("QPQ_SERVER_FINGERPRINT", &expected)]);
+    assert!(
+        error.contains(&format!(
+            "server certificate fingerprint mismatch: expected {expected}, got {got}"
+        )),
+        "{error}"
+    );
+    // The library gives the same, typed, to any front end.
+    let trust = ServerTrust::fingerprint_hex(&expected).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = runtime.block_on(Client::connect(&server.addr, &trust));
+    match refused {
+        Err(ClientError::Trust(TrustError::FingerprintMismatch {
+            expected: e,
+            got: g,
+        })) => {
+            assert_eq!(e, [0xab; 32]);
+            let ServerTrust::Fingerprint(real) = ServerTrust::fingerprint_hex(&got).unwrap() else {
+                unreachable!()
+            };
+            assert_eq!(g, real);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A loopback UDP port nothing listens on (bound, then released).
+fn silent_port(ip: &str) -> u16 {
+    let socket = std::net::UdpSocket::bind((ip, 0)).unwrap();
+    socket.local_addr().unwrap().port()
+}
+
+#[test]
+fn a_server_that_is_down_fails_within_seconds_naming_the_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    let dead = format!("127.0.0.1:{}", silent_port("127.0.0.1"));
+    let start = std::time::Instant::now();
+    let error = alice.fail(&["register"], &[("QPQ_SERVER", &dead)]);
+    // CONNECT_TIMEOUT, not QUIC's 30 s idle timeout.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        error.contains(&format!("connecting to {dead}"))
+            && error.contains(&format!("no answer within 5 s from {dead}")),
+        "{error}"
+    );
+}
+
+#[test]
+fn every_address_of_the_server_is_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    // `localhost` may resolve to `::1` first (where nothing listens) as
+    // well as to 127.0.0.1 (where the server does).
+    let port = server.addr.rsplit_once(':').unwrap().1;
+    let local = format!("localhost:{port}");
+    let out = alice
+        .cmd()
+        .env("QPQ_SERVER", &local)
+        .arg("register")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Whatever this machine's resolver says: addresses that do not answer
+    // come first, and the one that does still connects.
+    let live: std::net::SocketAddr = server.addr.parse().unwrap();
+    let addrs = [
+        format!("127.0.0.1:{}", silent_port("127.0.0.1"))
+            .parse()
+            .unwrap(),
+        format!("[::1]:{}", live.port()).parse().unwrap(),
+        live,
+    ];
+    let trust = ServerTrust::fingerprint_hex(&server.fingerprint).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime
+        .block_on(Client::connect_any(&addrs, "localhost", &trust))
+        .unwrap();
+    assert_eq!(client.connection().remote_address(), live);
+    // With none that answers, every address is named.
+    let error = runtime
+        .block_on(Client::connect_any(&addrs[..2], "localhost", &trust))
+        .unwrap_err()
+        .to_string();
+    for addr in &addrs[..2] {
+        assert!(error.contains(&addr.to_string()), "{error}");
+    }
+}
+
+#[test]
+fn a_message_sent_while_the_server_is_unreachable_goes_out_with_the_next_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    bob.run(&["recv"]);
+    // The server cannot be reached: the send succeeds, keeps the message
+    // and says why it is still waiting.
+    let dead = format!("127.0.0.1:{}", silent_port("127.0.0.1"));
+    let out = alice
+        .cmd()
+        .args(["send", "team", "written offline"])
+        .env("QPQ_SERVER", &dead)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(typed_object)
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["type"] == "sent" && v["delivered"] == 0 && v["undelivered"] == 1),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|v| v["type"] == "warning"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("connecting to {dead}")))),
+        "{lines:?}"
+    );
+    assert!(bob.recv().is_empty());
+    // The next command, with the server back, sends it first.
+    alice.run(&["send", "team", "back online"]);
+    let texts: Vec<String> = bob.recv().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["written offline", "back online"]);
+}
+
+#[test]
+fn recv_stream_stops_with_a_clear_error_on_a_wrong_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = &registered(dir.path(), &server, &["alice"])[0];
+    let wrong = "cd".repeat(32);
+    // Retrying cannot help, so it ends instead of retrying forever.
+    let error = alice.fail(&["recv", "--stream"], &[("QPQ_SERVER_FINGERPRINT", &wrong)]);
+    assert!(
+        error.contains("server certificate fingerprint mismatch"),
+        "{error}"
+    );
 }

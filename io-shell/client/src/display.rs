@@ -1,0 +1,102 @@
+//! Showing peer-controlled text (messages, group names, warnings that quote
+//! a peer or the server) on a terminal. Such text may hold control
+//! characters: a newline would let a peer print a line that looks like
+//! another message, and an escape sequence could recolour, move the cursor
+//! or rewrite what the terminal shows. [`escape_control`] turns every such
+//! character into visible text, so one peer string is always shown as one
+//! run of characters on one line. Ordinary printable Unicode is kept as is.
+//!
+//! `qpq` escapes its human-readable output. Its JSON output carries the
+//! text as it is (JSON escapes only the C0 controls); a program that shows
+//! that text on a terminal should pass it through [`escape_control`] too.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+
+/// `text` with every control character written out: `\n`, `\r` and `\t`
+/// by name, other C0 controls and DEL as `\xNN` (ESC is `\x1b`), and C1
+/// controls, bidirectional formatting characters and the Unicode line and
+/// paragraph separators as `\u{NNNN}`. Anything else, backslashes
+/// included, is returned unchanged, and without a copy when nothing
+/// needed escaping. The result is for display: a peer can type `\n` as
+/// two characters, so it cannot be unescaped.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // Writing to a String cannot fail.
+            c if c.is_ascii_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// True for characters a terminal acts on instead of showing: C0 and C1
+/// controls and DEL, the characters that reorder text (Unicode bidi
+/// formatting, UAX #9), and the line and paragraph separators.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, shown: &str) {
+        assert_eq!(escape_control(input), shown, "input {input:?}");
+    }
+
+    #[test]
+    fn printable_text_is_kept_without_a_copy() {
+        for text in ["hello", "", "naïve café 日本語 🙂", r"C:\path\n", "a  b"] {
+            check(text, text);
+            assert!(matches!(escape_control(text), Cow::Borrowed(_)));
+        }
+    }
+
+    #[test]
+    fn line_breaks_cannot_start_a_fake_line() {
+        check("hi\n[team] alice: fake", r"hi\n[team] alice: fake");
+        check("a\r\nb", r"a\r\nb");
+        check("a\tb", r"a\tb");
+        check("a\u{2028}b\u{2029}c", r"a\u{2028}b\u{2029}c");
+        check("a\u{85}b", r"a\u{85}b");
+    }
+
+    #[test]
+    fn escape_sequences_are_shown_not_run() {
+        check("\x1b[31mred", r"\x1b[31mred");
+        check("\x1b]0;title\x07", r"\x1b]0;title\x07");
+        check("\u{9b}2J", r"\u{9b}2J");
+        check("nul\0del\x7f", r"nul\x00del\x7f");
+    }
+
+    #[test]
+    fn bidi_overrides_cannot_reorder_what_follows() {
+        check("abc\u{202e}fed", r"abc\u{202e}fed");
+        check("\u{2066}x\u{2069}", r"\u{2066}x\u{2069}");
+        check("\u{200f}", r"\u{200f}");
+    }
+}
