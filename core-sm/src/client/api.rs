@@ -108,6 +108,11 @@ pub enum Event {
         sender: IdentityKey,
         /// What it says.
         text: String,
+        /// Its seq in this user's queue of the group's channel.
+        seq: u64,
+        /// The sender's clock when it was made (Unix milliseconds), as the
+        /// sender says; `None` from clients that do not send one.
+        sent_at_ms: Option<u64>,
     },
     /// This user joined a group from a Welcome.
     Joined {

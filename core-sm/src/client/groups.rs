@@ -389,8 +389,11 @@ impl ClientMachine {
         };
         let (commit, welcome) = match &change {
             Change::Text(text) => {
+                // The machine's clock is wall-clock time (see `ClientMachine`).
+                let sent_at_ms = self.now.as_micros() / 1_000;
+                let data = content::encode_text(text, sent_at_ms);
                 let message = group
-                    .create_message(&self.provider, &self.signer, text.as_bytes())
+                    .create_message(&self.provider, &self.signer, &data)
                     .map_err(mls)?;
                 let message_id = self.send_group_message(record, &recipients, message)?;
                 if recipients.is_empty() {

@@ -145,6 +145,7 @@ pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
 pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 
 mod api;
+pub mod content;
 mod groups;
 mod keys;
 mod link;
@@ -241,6 +242,13 @@ enum Op {
 }
 
 /// The client machine.
+///
+/// Its [`Time`] is wall-clock time: microseconds since the Unix epoch as
+/// the shell's clock reads it (the shell takes the wall clock once and
+/// moves it on with a monotonic clock). Deadlines are only compared with
+/// later readings, so a wall clock that jumps delays or hurries a retry
+/// at worst; the one place the value itself counts is the send time
+/// carried inside each application message ([`content`]).
 #[derive(Debug)]
 pub struct ClientMachine {
     signer: IdentitySigner,
@@ -293,9 +301,6 @@ pub struct ClientMachine {
     /// channel is fetched again once the Commit is settled. Not persisted:
     /// a new run finds the same message again.
     blocked: BTreeSet<ChannelId>,
-    /// Set by the message being processed when it is of a later epoch than
-    /// its group: it is kept (`GroupRecord::early`) instead.
-    early_epoch: Option<u64>,
     next_token: u64,
     effects: VecDeque<Effect>,
 }
@@ -370,7 +375,6 @@ impl ClientMachine {
             solo: BTreeSet::new(),
             accepted_commits: BTreeSet::new(),
             blocked: BTreeSet::new(),
-            early_epoch: None,
             next_token: 0,
             effects: VecDeque::new(),
         }

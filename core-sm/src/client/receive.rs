@@ -5,6 +5,20 @@
 
 use super::*;
 
+/// What became of a payload that opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Processed {
+    /// Processed (shown, merged, joined or stored as a proposal).
+    Done,
+    /// Of a later epoch than this member's copy of its group: kept until
+    /// the Commit of that epoch arrives.
+    Early(u64),
+    /// Of a later epoch than a group with a pending Commit of ours: that
+    /// Commit was accepted but its answer has not come back; the channel
+    /// waits for it.
+    Blocked,
+}
+
 /// Which request brought a channel's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Source {
@@ -315,21 +329,19 @@ impl ClientMachine {
         }
         let before = *cursor;
         *cursor = message.seq;
-        self.early_epoch = None;
-        let result = self.process_payload(channel, &message.payload);
-        if self.blocked.contains(&channel) {
-            // Not processed: read again once our pending Commit is settled.
-            self.cursors.insert(channel, before);
-            return;
-        }
-        if let Some(epoch) = self.early_epoch.take() {
-            return self.keep_early(channel, epoch, message);
-        }
-        if let Err(e) = result {
-            self.warn(format!(
+        match self.process_payload(channel, message.seq, &message.payload) {
+            Ok(Processed::Done) => {}
+            Ok(Processed::Blocked) => {
+                // Not processed: read again once our pending Commit is
+                // settled.
+                self.blocked.insert(channel);
+                self.cursors.insert(channel, before);
+            }
+            Ok(Processed::Early(epoch)) => self.keep_early(channel, epoch, message),
+            Err(e) => self.warn(format!(
                 "message {} on channel could not be processed: {e}",
                 message.seq
-            ));
+            )),
         }
     }
 
@@ -339,8 +351,9 @@ impl ClientMachine {
     pub(super) fn process_payload(
         &mut self,
         channel: ChannelId,
+        seq: u64,
         payload: &[u8],
-    ) -> Result<(), CommandError> {
+    ) -> Result<Processed, CommandError> {
         match Envelope::decode(payload) {
             Ok(Envelope::Hybrid {
                 framing,
@@ -359,8 +372,8 @@ impl ClientMachine {
                     Envelope::decode(&inner)
                         .map_err(|e| CommandError::HybridEnvelope(format!("its content: {e}")))
                 })
-                .and_then(|inner| self.process_envelope(channel, inner, true)),
-            Ok(envelope) => self.process_envelope(channel, envelope, false),
+                .and_then(|inner| self.process_envelope(channel, seq, inner, true)),
+            Ok(envelope) => self.process_envelope(channel, seq, envelope, false),
             Err(e) => Err(CommandError::Mls(e.to_string())),
         }
     }
@@ -411,24 +424,28 @@ impl ClientMachine {
                 return;
             };
             let m = g.early.remove(i);
-            self.early_epoch = None;
-            let result = self.process_payload(channel, &m.payload);
-            if let Some(epoch) = self.early_epoch.take() {
-                self.keep_early(
-                    channel,
-                    epoch,
-                    QueuedMessage {
-                        seq: m.seq,
-                        payload: m.payload,
-                    },
-                );
-                return;
-            }
-            if let Err(e) = result {
-                self.warn(format!(
+            match self.process_payload(channel, m.seq, &m.payload) {
+                Ok(Processed::Done) => {}
+                // Still ahead (or waiting for our own Commit): kept again.
+                Ok(outcome @ (Processed::Early(_) | Processed::Blocked)) => {
+                    let epoch = match outcome {
+                        Processed::Early(epoch) => epoch,
+                        _ => m.epoch,
+                    };
+                    self.keep_early(
+                        channel,
+                        epoch,
+                        QueuedMessage {
+                            seq: m.seq,
+                            payload: m.payload,
+                        },
+                    );
+                    return;
+                }
+                Err(e) => self.warn(format!(
                     "message {} on channel could not be processed: {e}",
                     m.seq
-                ));
+                )),
             }
         }
     }
@@ -438,17 +455,22 @@ impl ClientMachine {
     pub(super) fn process_envelope(
         &mut self,
         channel: ChannelId,
+        seq: u64,
         envelope: Envelope,
         wrapped: bool,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Processed, CommandError> {
         match envelope {
             Envelope::Welcome {
                 channel_id,
                 nonce,
                 sealed_name,
                 welcome,
-            } => self.join(channel_id, &nonce, &sealed_name, &welcome, wrapped),
-            Envelope::Group { message } => self.process_group_message(channel, &message, wrapped),
+            } => self
+                .join(channel_id, &nonce, &sealed_name, &welcome, wrapped)
+                .map(|()| Processed::Done),
+            Envelope::Group { message } => {
+                self.process_group_message(channel, seq, &message, wrapped)
+            }
             Envelope::Hybrid { .. } => Err(CommandError::HybridEnvelope(
                 "a hybrid envelope inside another".into(),
             )),
@@ -525,9 +547,10 @@ impl ClientMachine {
     pub(super) fn process_group_message(
         &mut self,
         channel: ChannelId,
+        seq: u64,
         bytes: &[u8],
         wrapped: bool,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Processed, CommandError> {
         let Some(record) = self
             .groups
             .iter()
@@ -552,8 +575,7 @@ impl ClientMachine {
             // Others are past the epoch of our pending Commit: the server
             // accepted it, and the answer is still to come (or was lost).
             // This message needs that Commit merged first.
-            self.blocked.insert(channel);
-            return Ok(());
+            return Ok(Processed::Blocked);
         }
         if protocol.epoch() > group.epoch() {
             let epoch = protocol.epoch().as_u64();
@@ -565,8 +587,7 @@ impl ClientMachine {
             }
             // The Commit that starts that epoch is still to come (its copy
             // to us is behind this message in our queue): keep it.
-            self.early_epoch = Some(epoch);
-            return Ok(());
+            return Ok(Processed::Early(epoch));
         }
         let processed = group
             .process_message(&self.provider, protocol)
@@ -576,7 +597,7 @@ impl ClientMachine {
             .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
-                let text = String::from_utf8_lossy(&app.into_bytes()).into_owned();
+                let (text, sent_at_ms) = content::decode_text(&app.into_bytes());
                 self.active = true;
                 if let Some(Op::Receive { shown, .. }) = &mut self.op {
                     *shown += 1;
@@ -587,6 +608,8 @@ impl ClientMachine {
                     group: record.name,
                     sender,
                     text,
+                    seq,
+                    sent_at_ms,
                 }));
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
@@ -654,7 +677,7 @@ impl ClientMachine {
                     self.forget(&record.group_id);
                     self.effects
                         .push_back(Effect::Event(Event::Removed { group: record.name }));
-                    return Ok(());
+                    return Ok(Processed::Done);
                 }
                 check_members(&group)?;
                 self.effects.push_back(Effect::Event(Event::GroupChanged {
@@ -667,7 +690,7 @@ impl ClientMachine {
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
             _ => {}
         }
-        Ok(())
+        Ok(Processed::Done)
     }
 
     pub(super) fn unique_name(&self, name: String) -> String {

@@ -2988,3 +2988,60 @@ fn a_waiting_receive_ends_when_the_server_is_unreachable() {
     );
     assert_eq!(done, Some(Ok(Outcome::Received { messages: 0 })));
 }
+
+#[test]
+fn a_message_carries_its_seq_and_the_senders_clock() {
+    let mut w = team();
+    w.texts(1);
+    // The machine's clock is wall-clock time.
+    let sent_at = Time::from_millis(1_765_000_000_000);
+    let mut m = w.machine(0);
+    let (_, outcome, _) = run_clocked_from(
+        &mut w,
+        &mut m,
+        0,
+        sent_at,
+        Command::Send {
+            group: "team".into(),
+            text: "stamped".into(),
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    let shown: Vec<(u64, Option<u64>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message {
+                seq, sent_at_ms, ..
+            } => Some((*seq, *sent_at_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shown.len(), 1, "{events:?}");
+    assert!(shown[0].0 > 0);
+    assert_eq!(shown[0].1, Some(1_765_000_000_000));
+}
+
+/// Runs a command to its end with the real server answering, starting at
+/// `start` on a fake clock.
+fn run_clocked_from(
+    w: &mut World,
+    m: &mut ClientMachine,
+    who: usize,
+    start: Time,
+    command: Command,
+) -> (Vec<Event>, Result<Outcome, CommandError>, Time) {
+    let conn = w.users[who].conn;
+    let mut now = start;
+    let mut events = Vec::new();
+    m.handle_command(now, command);
+    loop {
+        let answer =
+            &mut |w: &mut World, _: Time, req: &RequestBody| Some(w.call(conn, req.clone()));
+        if let Some(outcome) = pump(w, m, who, now, answer, &mut |_| Ok(()), &mut events) {
+            return (events, outcome, now);
+        }
+        now = m.poll_timeout().expect("machine stalled without finishing");
+        m.handle_timeout(now);
+    }
+}

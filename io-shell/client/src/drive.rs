@@ -51,31 +51,38 @@ impl<E: std::fmt::Display> std::fmt::Display for DriveError<E> {
 
 impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for DriveError<E> {}
 
-/// The machine's clock: [`Time`] since the clock was made, read from
-/// tokio's clock (which a simulation drives). One clock per machine, kept
-/// as long as the machine, so its deadlines stay meaningful.
+/// The machine's clock: wall-clock [`Time`] (microseconds since the Unix
+/// epoch), read once when the clock is made and moved on with tokio's
+/// monotonic clock (which a simulation drives). One clock per machine,
+/// kept as long as the machine, so its deadlines stay meaningful.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     origin: tokio::time::Instant,
+    /// Unix microseconds at `origin`.
+    base_micros: u64,
 }
 
 impl Clock {
     /// A clock starting now.
     pub fn new() -> Clock {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         Clock {
             origin: tokio::time::Instant::now(),
+            base_micros: u64::try_from(since_epoch.as_micros()).unwrap_or(0),
         }
     }
 
     /// The current time.
     pub fn now(&self) -> Time {
         let micros = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Time::from_micros(micros)
+        Time::from_micros(self.base_micros.saturating_add(micros))
     }
 
-    /// The instant of `t`.
+    /// The instant of `t` (the clock's start for a time before it).
     pub fn instant(&self, t: Time) -> tokio::time::Instant {
-        self.origin + Duration::from_micros(t.as_micros())
+        self.origin + Duration::from_micros(t.as_micros().saturating_sub(self.base_micros))
     }
 }
 

@@ -810,8 +810,10 @@ impl Output {
                     group,
                     sender,
                     text,
+                    seq,
+                    sent_at_ms,
                 } => {
-                    json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
+                    json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text, "seq": seq, "sent_at_ms": sent_at_ms})
                 }
                 Event::Joined { group, members } => {
                     json!({"type": "joined", "group": group, "members": members})
@@ -838,10 +840,13 @@ impl Output {
                 group,
                 sender,
                 text,
+                sent_at_ms,
+                ..
             } => say!(
                 self,
-                "[{}] {}: {}",
+                "[{}] {}{}: {}",
                 escape_control(group),
+                sent_at_ms.map(sent_time).unwrap_or_default(),
                 short(sender),
                 escape_control(text)
             ),
@@ -1018,4 +1023,23 @@ impl Output {
 
 fn short(key: &IdentityKey) -> String {
     format!("{}…", &hex(key.as_bytes())[..16])
+}
+
+/// When a message was sent, as its sender's clock says, in local time and
+/// followed by a space: `14:02 `, or with the date when it is not today.
+/// A time no calendar can show (a peer may send any number) is shown as
+/// `?`.
+fn sent_time(ms: u64) -> String {
+    let Some(utc) = i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+    else {
+        return "? ".into();
+    };
+    let local = utc.with_timezone(&chrono::Local);
+    if local.date_naive() == chrono::Local::now().date_naive() {
+        format!("{} ", local.format("%H:%M"))
+    } else {
+        format!("{} ", local.format("%Y-%m-%d %H:%M"))
+    }
 }

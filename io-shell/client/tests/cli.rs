@@ -837,3 +837,45 @@ fn recv_stream_stops_with_a_clear_error_on_a_wrong_certificate() {
         "{error}"
     );
 }
+
+#[test]
+fn messages_carry_and_show_their_send_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    alice.run(&["send", "team", "on time"]);
+    let out = bob.run(&["recv"]);
+    let message = out
+        .iter()
+        .find(|v| v["type"] == "message" && v["text"] == "on time")
+        .unwrap_or_else(|| panic!("{out:?}"));
+    let sent = message["sent_at_ms"].as_u64().unwrap();
+    // The sender's clock, read while it sent (both run on this machine).
+    assert!(
+        sent >= before && sent < before + 60_000,
+        "{sent} vs {before}"
+    );
+    assert!(message["seq"].as_u64().unwrap() > 0);
+    // Human output shows it as a time of day: `[team] HH:MM sender: text`.
+    alice.run(&["send", "team", "shown"]);
+    let line = bob
+        .text(&["recv"])
+        .lines()
+        .find(|l| l.ends_with(": shown"))
+        .map(str::to_owned);
+    let shown = line.unwrap_or_default();
+    let time = shown.strip_prefix("[team] ").unwrap_or_default();
+    let (hh, rest) = time.split_at(2.min(time.len()));
+    assert!(
+        hh.chars().all(|c| c.is_ascii_digit()) && rest.starts_with(':'),
+        "{shown:?}"
+    );
+}
