@@ -16,6 +16,7 @@
 
 pub mod display;
 mod drive;
+pub mod json;
 mod session;
 pub mod state_file;
 mod trust;

@@ -432,19 +432,7 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     }
     if out.json {
         for g in &groups {
-            say!(
-                out,
-                "{}",
-                json!({
-                    "type": "group",
-                    "group": g.name,
-                    "pq": g.pq,
-                    "epoch": g.epoch,
-                    "waiting": g.waiting,
-                    "channel_id": hex(g.channel_id.as_bytes()),
-                    "members": g.members.iter().map(|m| hex(m.as_bytes())).collect::<Vec<_>>(),
-                })
-            );
+            say!(out, "{}", quicproquo_client::json::group(g));
         }
         return Ok(());
     }
@@ -805,31 +793,7 @@ impl Output {
             _ => {}
         }
         if self.json {
-            let v = match e {
-                Event::Message {
-                    group,
-                    sender,
-                    text,
-                    seq,
-                    sent_at_ms,
-                } => {
-                    json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text, "seq": seq, "sent_at_ms": sent_at_ms})
-                }
-                Event::Joined { group, members } => {
-                    json!({"type": "joined", "group": group, "members": members})
-                }
-                Event::GroupChanged {
-                    group,
-                    epoch,
-                    members,
-                } => {
-                    json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
-                }
-                Event::Removed { group } => json!({"type": "removed", "group": group}),
-                Event::Tampering { what } => json!({"type": "tampering", "message": what}),
-                Event::Warning { message } => json!({"type": "warning", "message": message}),
-                other => json!({"type": "other_event", "detail": format!("{other:?}")}),
-            };
+            let v = quicproquo_client::json::event(e);
             say!(self, "{v}");
             return;
         }
@@ -877,44 +841,7 @@ impl Output {
 
     fn outcome(&self, o: &Outcome) {
         if self.json {
-            let v = match o {
-                Outcome::Registered {
-                    uploaded,
-                    already,
-                    failed,
-                } => {
-                    json!({"type": "registered", "uploaded": uploaded, "already": already, "failed": failed})
-                }
-                Outcome::GroupCreated { group } => json!({"type": "group_created", "group": group}),
-                Outcome::MemberAdded {
-                    group,
-                    member,
-                    undelivered,
-                } => {
-                    json!({"type": "member_added", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
-                }
-                Outcome::Sent {
-                    group,
-                    delivered,
-                    undelivered,
-                } => {
-                    json!({"type": "sent", "group": group, "delivered": delivered, "undelivered": undelivered})
-                }
-                Outcome::Received { messages } => json!({"type": "received", "messages": messages}),
-                Outcome::MemberRemoved {
-                    group,
-                    member,
-                    undelivered,
-                } => {
-                    json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
-                }
-                Outcome::Left { group } => json!({"type": "left", "group": group}),
-                Outcome::Updated {
-                    groups,
-                    undelivered,
-                } => json!({"type": "updated", "groups": groups, "undelivered": undelivered}),
-                other => json!({"type": "other_outcome", "detail": format!("{other:?}")}),
-            };
+            let v = quicproquo_client::json::outcome(o);
             say!(self, "{v}");
             return;
         }

@@ -1,0 +1,105 @@
+//! The JSON shape of everything the client reports: one object per event,
+//! outcome or group, each with a `"type"`. `qpq --json` prints these, one
+//! per line, and `qpq daemon` sends them, so scripts read one format.
+//! Keys are full hex; text is as sent (JSON escapes control characters).
+
+use quicproquo_core::client::{Event, GroupSummary, Outcome};
+use quicproquo_core::types::hex;
+use serde_json::{Value, json};
+
+/// An event: `message`, `joined`, `group_changed`, `removed`, `warning`,
+/// `tampering`, `delivered`, `connected`, `reconnecting`, `disconnected`.
+pub fn event(e: &Event) -> Value {
+    match e {
+        Event::Delivered { group, message_id } => {
+            json!({"type": "delivered", "group": group, "message_id": hex(message_id)})
+        }
+        Event::Connected => json!({"type": "connected"}),
+        Event::Reconnecting {
+            reason,
+            retry_in_ms,
+        } => json!({"type": "reconnecting", "reason": reason, "retry_in_ms": retry_in_ms}),
+        Event::Disconnected { reason, permanent } => {
+            json!({"type": "disconnected", "reason": reason, "permanent": permanent})
+        }
+        Event::Message {
+            group,
+            sender,
+            text,
+            seq,
+            sent_at_ms,
+        } => {
+            json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text, "seq": seq, "sent_at_ms": sent_at_ms})
+        }
+        Event::Joined { group, members } => {
+            json!({"type": "joined", "group": group, "members": members})
+        }
+        Event::GroupChanged {
+            group,
+            epoch,
+            members,
+        } => {
+            json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
+        }
+        Event::Removed { group } => json!({"type": "removed", "group": group}),
+        Event::Tampering { what } => json!({"type": "tampering", "message": what}),
+        Event::Warning { message } => json!({"type": "warning", "message": message}),
+        other => json!({"type": "other_event", "detail": format!("{other:?}")}),
+    }
+}
+
+/// A command's outcome: `registered`, `group_created`, `member_added`,
+/// `member_removed`, `left`, `updated`, `sent`, `received`.
+pub fn outcome(o: &Outcome) -> Value {
+    match o {
+        Outcome::Registered {
+            uploaded,
+            already,
+            failed,
+        } => {
+            json!({"type": "registered", "uploaded": uploaded, "already": already, "failed": failed})
+        }
+        Outcome::GroupCreated { group } => json!({"type": "group_created", "group": group}),
+        Outcome::MemberAdded {
+            group,
+            member,
+            undelivered,
+        } => {
+            json!({"type": "member_added", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
+        }
+        Outcome::Sent {
+            group,
+            delivered,
+            undelivered,
+        } => {
+            json!({"type": "sent", "group": group, "delivered": delivered, "undelivered": undelivered})
+        }
+        Outcome::Received { messages } => json!({"type": "received", "messages": messages}),
+        Outcome::MemberRemoved {
+            group,
+            member,
+            undelivered,
+        } => {
+            json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
+        }
+        Outcome::Left { group } => json!({"type": "left", "group": group}),
+        Outcome::Updated {
+            groups,
+            undelivered,
+        } => json!({"type": "updated", "groups": groups, "undelivered": undelivered}),
+        other => json!({"type": "other_outcome", "detail": format!("{other:?}")}),
+    }
+}
+
+/// One of this user's groups: `group`.
+pub fn group(g: &GroupSummary) -> Value {
+    json!({
+        "type": "group",
+        "group": g.name,
+        "pq": g.pq,
+        "epoch": g.epoch,
+        "waiting": g.waiting,
+        "channel_id": hex(g.channel_id.as_bytes()),
+        "members": g.members.iter().map(|m| hex(m.as_bytes())).collect::<Vec<_>>(),
+    })
+}
