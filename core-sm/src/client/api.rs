@@ -62,13 +62,6 @@ pub enum Command {
         /// How long to wait when nothing is pending (0: don't wait).
         wait_ms: u64,
     },
-    /// Wait up to `wait_ms` until a message is pending on any channel,
-    /// without processing or persisting anything (a later `Receive` does
-    /// that). Lets a long-running shell wait without holding the state.
-    Wait {
-        /// How long to wait.
-        wait_ms: u64,
-    },
 }
 
 /// What the machine asks the shell to do, in order.
@@ -235,11 +228,6 @@ pub enum Outcome {
     Received {
         /// Application messages shown.
         messages: u32,
-    },
-    /// The wait ended.
-    Waited {
-        /// True if a message is pending on some channel.
-        pending: bool,
     },
 }
 

@@ -178,8 +178,6 @@ enum Pending {
     Fetch(ChannelId),
     /// A `fetchWaitChannels` of a receive that found nothing pending.
     Wait,
-    /// A `fetchWaitChannels` of `Command::Wait`: only whether anything came.
-    Peek,
     /// The long-poll of a listening machine.
     Listen,
 }
@@ -235,9 +233,6 @@ enum Op {
         wait_ms: u64,
         waited: bool,
         shown: u32,
-    },
-    Wait {
-        pending: bool,
     },
 }
 
@@ -513,12 +508,9 @@ impl ClientMachine {
         self.link.given_up = false;
         self.link.reconnect_at = None;
         self.retries.clear();
-        // Deliveries left over from an earlier run go first (a wait touches
-        // no state, so it sends nothing).
-        if !matches!(command, Command::Wait { .. }) {
-            self.flush_outbox();
-            self.resume();
-        }
+        // Deliveries and changes left over from an earlier run go first.
+        self.flush_outbox();
+        self.resume();
         let result = match command {
             Command::Register { count } => self.start_register(count),
             Command::CreateGroup { name, pq } => self.create_group(name, pq),
@@ -528,11 +520,6 @@ impl ClientMachine {
             Command::Leave { group } => self.leave(group),
             Command::Update { group } => self.update(group),
             Command::Receive { wait_ms } => self.start_receive(wait_ms),
-            Command::Wait { wait_ms } => {
-                self.op = Some(Op::Wait { pending: false });
-                self.wait_all(wait_ms, Pending::Peek, 1);
-                Ok(())
-            }
         };
         if let Err(e) = result {
             self.fail(e);
@@ -571,14 +558,6 @@ impl ClientMachine {
             Pending::FetchKeyPackage => self.on_key_package(result),
             Pending::Fetch(ch) => self.on_messages(ch, result),
             Pending::Wait => self.on_channels(result),
-            Pending::Peek => {
-                if matches!(&result, Ok(Response::ChannelMessages { channels }) if !channels.is_empty())
-                {
-                    self.op = Some(Op::Wait { pending: true });
-                    self.in_flight
-                        .retain(|_, r| !matches!(r.pending, Pending::Peek));
-                }
-            }
             Pending::Listen => self.on_listen(result),
         }
     }
@@ -678,11 +657,8 @@ impl ClientMachine {
         if matches!(self.op, None | Some(Op::AddMember { added: false, .. })) {
             return;
         }
-        // Counters and flags changed by the answers are persisted too (a
-        // wait changes nothing).
-        if !matches!(self.op, Some(Op::Wait { .. })) {
-            self.effects.push_back(Effect::Persist);
-        }
+        // Counters and flags changed by the answers are persisted too.
+        self.effects.push_back(Effect::Persist);
         let outcome = match self.op.take() {
             None => return,
             Some(Op::Register {
@@ -707,7 +683,6 @@ impl ClientMachine {
                 undelivered,
             },
             Some(Op::Receive { shown, .. }) => Outcome::Received { messages: shown },
-            Some(Op::Wait { pending }) => Outcome::Waited { pending },
             Some(Op::Committed { outcome }) => match outcome {
                 Outcome::MemberRemoved { group, member, .. } => Outcome::MemberRemoved {
                     group,

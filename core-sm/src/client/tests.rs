@@ -894,23 +894,6 @@ fn garbage_payloads_are_warnings_not_crashes() {
     assert_eq!(w.texts(1), vec![pair("team", "fine")]);
 }
 
-#[test]
-fn wait_reports_pending_messages_without_processing_them() {
-    let mut w = team();
-    w.texts(1);
-    let before = w.users[1].saved.clone();
-    let (events, outcome) = w.run(1, Command::Wait { wait_ms: 0 });
-    assert!(events.is_empty());
-    assert_eq!(outcome, Ok(Outcome::Waited { pending: false }));
-    send(&mut w, 0, "team", "ping");
-    let (events, outcome) = w.run(1, Command::Wait { wait_ms: 0 });
-    assert!(events.is_empty());
-    assert_eq!(outcome, Ok(Outcome::Waited { pending: true }));
-    // Nothing was persisted or consumed: the message is still there.
-    assert_eq!(w.users[1].saved, before);
-    assert_eq!(w.texts(1), vec![pair("team", "ping")]);
-}
-
 fn same_epoch(w: &mut World, users: &[usize], group: &str) {
     let auth: Vec<_> = users
         .iter()

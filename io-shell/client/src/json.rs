@@ -91,6 +91,54 @@ pub fn outcome(o: &Outcome) -> Value {
     }
 }
 
+/// The outcome [`outcome`] made `v` from, as a daemon's answer carries it;
+/// `None` for anything else.
+pub fn outcome_from(v: &Value) -> Option<Outcome> {
+    let text = |k: &str| v[k].as_str().map(str::to_owned);
+    let count = |k: &str| v[k].as_u64().and_then(|n| u32::try_from(n).ok());
+    let key = |k: &str| crate::daemon::parse_key(v[k].as_str()?).ok();
+    Some(match v["type"].as_str()? {
+        "registered" => Outcome::Registered {
+            uploaded: count("uploaded")?,
+            already: count("already")?,
+            failed: count("failed")?,
+        },
+        "group_created" => Outcome::GroupCreated {
+            group: text("group")?,
+        },
+        "member_added" => Outcome::MemberAdded {
+            group: text("group")?,
+            member: key("member")?,
+            undelivered: count("undelivered")?,
+        },
+        "member_removed" => Outcome::MemberRemoved {
+            group: text("group")?,
+            member: key("member")?,
+            undelivered: count("undelivered")?,
+        },
+        "sent" => Outcome::Sent {
+            group: text("group")?,
+            delivered: count("delivered")?,
+            undelivered: count("undelivered")?,
+        },
+        "received" => Outcome::Received {
+            messages: count("messages")?,
+        },
+        "left" => Outcome::Left {
+            group: text("group")?,
+        },
+        "updated" => Outcome::Updated {
+            groups: v["groups"]
+                .as_array()?
+                .iter()
+                .map(|g| g.as_str().map(str::to_owned))
+                .collect::<Option<_>>()?,
+            undelivered: count("undelivered")?,
+        },
+        _ => return None,
+    })
+}
+
 /// One of this user's groups: `group`.
 pub fn group(g: &GroupSummary) -> Value {
     json!({

@@ -14,6 +14,7 @@
 //! same `messageId` for an enqueue, so it is stored once) is the caller's
 //! decision — the client machine's, for everything it sends.
 
+pub mod daemon;
 pub mod display;
 mod drive;
 pub mod json;

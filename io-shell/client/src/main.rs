@@ -6,17 +6,20 @@
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use quicproquo_client::display::escape_control;
 use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
-use quicproquo_client::{Client, ClientError, Clock, DriveError, ServerTrust};
+use quicproquo_client::{
+    Client, ClientError, Clock, DriveError, ServerTrust, Session, SessionConfig, SessionError,
+    daemon,
+};
 use quicproquo_core::ErrorKind;
 use quicproquo_core::client::{
-    ClientMachine, Command, CommandError, Event, LinkPolicy, Outcome, TEXT_BYTES_MAX,
+    ClientMachine, Command, CommandError, Event, Outcome, TEXT_BYTES_MAX,
 };
-use quicproquo_core::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
 use serde_json::json;
@@ -120,6 +123,11 @@ enum Cmd {
         text: String,
     },
     /// Receive and show pending messages.
+    ///
+    /// With --stream it keeps one session open (one connection, the state
+    /// file opened once) and shows messages as they arrive until
+    /// interrupted; meanwhile other qpq commands on the same state file are
+    /// carried out by it, through its socket (<state>.sock).
     Recv {
         /// Keep receiving until interrupted.
         #[arg(long)]
@@ -127,6 +135,26 @@ enum Cmd {
         /// If nothing is pending, wait this long for something (ms).
         #[arg(long, default_value_t = 0)]
         timeout_ms: u64,
+    },
+    /// Keep a session open and serve it as JSON lines, for scripts and bots.
+    ///
+    /// Requests come one per line on stdin and on a Unix socket
+    /// (<state>.sock by default, mode 0600), e.g.
+    /// {"id": 1, "method": "send", "params": {"group": "team", "text": "hi"}};
+    /// answers ({"type": "result", "id": 1, "result": {...}} or
+    /// {"type": "error", ...}) and events (the objects `qpq --json` prints)
+    /// come back as lines. Methods: whoami, register, group_create,
+    /// group_add, group_remove, group_leave, group_list, update, send,
+    /// shutdown. Other qpq commands on the same state file are carried out
+    /// by the daemon through its socket. Stops on `shutdown`, SIGINT or
+    /// SIGTERM (and at the end of stdin with --no-socket).
+    Daemon {
+        /// Serve on this socket instead of <state>.sock.
+        #[arg(long, env = "QPQ_SOCKET", value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Serve only stdin/stdout, no socket.
+        #[arg(long, conflicts_with = "socket")]
+        no_socket: bool,
     },
 }
 
@@ -256,8 +284,17 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    if let Cmd::Recv { stream: true, .. } = &cli.command {
-        return stream(&cli, out).await;
+    match &cli.command {
+        Cmd::Recv { stream: true, .. } => return stream(&cli, out).await,
+        Cmd::Daemon { socket, no_socket } => {
+            let socket = (!no_socket).then(|| {
+                socket
+                    .clone()
+                    .unwrap_or_else(|| daemon::socket_path(&cli.state))
+            });
+            return serve_daemon(&cli, socket).await;
+        }
+        _ => {}
     }
     // Read before taking the lock, so a slow writer to stdin does not hold
     // up other commands on this state file.
@@ -265,10 +302,6 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Cmd::Send { text, .. } if text == "-" => Some(message_from_stdin()?),
         _ => None,
     };
-    // One command at a time per state file: another `qpq` on the same file
-    // waits here instead of overwriting this one's state.
-    let _lock = lock(&cli.state)?;
-    let (mut state, (key, mut machine)) = State::load(&cli.state)?;
     let command = match &cli.command {
         Cmd::Register { count } => Command::Register { count: *count },
         Cmd::Group(GroupCmd::Create { name, pq }) => Command::CreateGroup {
@@ -302,10 +335,26 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Cmd::Init
         | Cmd::Whoami { .. }
         | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. })
-        | Cmd::Recv { stream: true, .. } => {
+        | Cmd::Recv { stream: true, .. }
+        | Cmd::Daemon { .. } => {
             unreachable!("handled above")
         }
     };
+    // One command at a time per state file: another `qpq` on the same file
+    // waits here instead of overwriting this one's state. A running
+    // session (`recv --stream`, `daemon`) holds the file for as long as it
+    // runs: the command goes to it instead.
+    let _lock = match StateLock::try_acquire(&cli.state)? {
+        Some(lock) => lock,
+        None => {
+            let socket = daemon::socket_path(&cli.state);
+            if socket.exists() {
+                return forward(&socket, &command, out).await;
+            }
+            lock(&cli.state)?
+        }
+    };
+    let (mut state, (key, mut machine)) = State::load(&cli.state)?;
     // The connection is made when the command needs the server (group
     // creation is local); if the server cannot be reached, what the
     // command queued stays in the state for the next command.
@@ -467,62 +516,133 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     Ok(())
 }
 
-/// `recv --stream`: receive, then wait for more without holding the state
-/// file (so `qpq send` works from another terminal meanwhile), and repeat.
+/// Hands `command` to the session running on this state file, through
+/// its socket, and prints its answer.
+async fn forward(socket: &std::path::Path, command: &Command, out: &Output) -> anyhow::Result<()> {
+    let Some((method, params)) = daemon::request_for(command) else {
+        bail!(
+            "a qpq session (`recv --stream` or `daemon`) has this state file open and receives for it"
+        );
+    };
+    let result = daemon::request(socket, method, params)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    match quicproquo_client::json::outcome_from(&result) {
+        Some(outcome) => out.outcome(&outcome),
+        None => say!(out, "{result}"),
+    }
+    Ok(())
+}
+
+/// `recv --stream`: one session, open until interrupted; messages are shown
+/// as they arrive and other `qpq` commands on the state file come in
+/// through its socket.
 async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
+    let session = Arc::new(open_session(cli).await?);
+    let mut events = session.subscribe().await?;
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let socket = daemon::socket_path(&cli.state);
+    let server = tokio::spawn(daemon::serve_socket(
+        session.clone(),
+        socket.clone(),
+        stop.clone(),
+    ));
+    let mut stopped = stop.subscribe();
+    let result = loop {
+        tokio::select! {
+            _ = stopped.changed() => break Ok(()),
+            event = events.recv() => match event {
+                Some(Event::Disconnected { reason, permanent: true }) => {
+                    break Err(anyhow!("connecting to {}: {reason}", cli.server));
+                }
+                Some(e) => out.event(&e),
+                None => break Ok(()),
+            },
+            () = interrupted() => break Ok(()),
+        }
+    };
+    let _ = stop.send(true);
+    let _ = server.await;
+    drop(events);
+    close(session).await?;
+    result
+}
+
+/// `qpq daemon`: one session served as JSON lines on stdin/stdout and, if
+/// `socket`, on that Unix socket, until `shutdown` or a signal.
+async fn serve_daemon(cli: &Cli, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    let session = Arc::new(open_session(cli).await?);
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let server =
+        socket.map(|path| tokio::spawn(daemon::serve_socket(session.clone(), path, stop.clone())));
+    let stdio = {
+        let (session, stop) = (session.clone(), stop.clone());
+        tokio::spawn(async move {
+            daemon::serve_stream(&session, tokio::io::stdin(), tokio::io::stdout(), &stop).await
+        })
+    };
+    let serve_only_stdio = server.is_none();
+    tokio::select! {
+        _ = stopped.changed() => {}
+        () = interrupted() => {}
+        _ = stdio, if serve_only_stdio => {}
+    }
+    let _ = stop.send(true);
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    close(session).await
+}
+
+/// Opens the session of `qpq recv --stream` and `qpq daemon`.
+async fn open_session(cli: &Cli) -> anyhow::Result<Session> {
     let password = password(&cli.state, false)?;
-    let trust = trust(cli)?;
+    let config = SessionConfig {
+        state: cli.state.clone(),
+        server: cli.server.clone(),
+        trust: trust(cli)?,
+    };
+    Session::open(config, &password)
+        .await
+        .map_err(|e| match e {
+            SessionError::InUse(path) => anyhow!(
+                "{} is open in another qpq session (`recv --stream` or `daemon`); send it commands with qpq as usual",
+                path.display()
+            ),
+            e => anyhow!(e),
+        })
+}
+
+/// Closes a session once every task sharing it has let go of it.
+async fn close(session: Arc<Session>) -> anyhow::Result<()> {
+    let mut session = session;
     loop {
-        let mut down = None;
-        {
-            // Reload under the lock: another command may have changed the
-            // state since the last round.
-            let _lock = lock(&cli.state)?;
-            let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
-            let command = Command::Receive { wait_ms: 0 };
-            let r = drive(
-                &mut machine,
-                cli,
-                Some(&trust),
-                &mut state,
-                &key,
-                command,
-                out,
-                &mut down,
-            )
-            .await?;
-            if let Err(e) = r {
-                out.warning(&e.to_string());
+        match Arc::try_unwrap(session) {
+            Ok(s) => return Ok(s.close().await?),
+            Err(shared) => {
+                session = shared;
+                tokio::task::yield_now().await;
             }
         }
-        if let Some(d) = down.take().filter(|d| d.permanent) {
-            bail!("connecting to {}: {}", cli.server, d.reason);
-        }
-        // Wait without the lock, so other commands can use the state file
-        // meanwhile. The machine keeps reconnecting (with its own pauses)
-        // until the server answers or refuses for good.
-        let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
-        machine.set_link_policy(LinkPolicy::KeepTrying);
-        let wait = Command::Wait {
-            wait_ms: FETCH_WAIT_TIMEOUT_MS_MAX,
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return std::future::pending().await;
         };
-        let r = drive(
-            &mut machine,
-            cli,
-            Some(&trust),
-            &mut state,
-            &key,
-            wait,
-            out,
-            &mut down,
-        )
-        .await?;
-        if let Some(d) = down.take().filter(|d| d.permanent) {
-            bail!("connecting to {}: {}", cli.server, d.reason);
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
-        if let Err(e) = r {
-            out.warning(&e.to_string());
-        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -682,16 +802,7 @@ fn message_from_stdin() -> anyhow::Result<String> {
 }
 
 fn parse_key(s: &str) -> anyhow::Result<IdentityKey> {
-    let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
-        bail!("an identity key is 64 hex digits (as `qpq whoami` prints it)");
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-            .map_err(|_| anyhow!("an identity key is 64 hex digits"))?;
-    }
-    Ok(IdentityKey(out))
+    daemon::parse_key(s).map_err(|e| anyhow!(e))
 }
 
 fn os_seed() -> [u8; 32] {

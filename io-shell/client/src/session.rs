@@ -20,7 +20,6 @@
 //! stops reading holds the session up (nothing is dropped), one that is
 //! dropped is forgotten.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -33,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::drive::{Clock, Lost, call, connect_failure, lost_reason};
-use crate::state_file::{self, KdfParams, StateFileError, StateKey};
+use crate::state_file::{self, KdfParams, StateFileError, StateKey, StateLock};
 use crate::{Client, ClientError, ServerTrust};
 
 /// Events a subscriber may have unread before the session waits for it.
@@ -89,9 +88,6 @@ pub enum SessionError {
     /// The session is closed.
     #[error("the session is closed")]
     Closed,
-    /// Local I/O failed (the lock file).
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// A running client. Cheap to share by reference between tasks; every
@@ -158,7 +154,7 @@ impl Session {
         config: SessionConfig,
         mut machine: ClientMachine,
         key: StateKey,
-        lock: File,
+        lock: StateLock,
     ) -> Session {
         let identity = machine.identity_key();
         machine.set_link_policy(LinkPolicy::KeepTrying);
@@ -308,7 +304,7 @@ struct Runner {
     clock: Clock,
     subscribers: Vec<mpsc::Sender<Event>>,
     /// Held for the session's life: one writer per state file.
-    _lock: File,
+    _lock: StateLock,
 }
 
 type Connecting = JoinHandle<Result<Client, ClientError>>;
@@ -495,21 +491,16 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Takes the state file's lock (`<state>.lock`) without waiting: a session
-/// keeps the machine in memory, so nobody else may write the file while it
-/// runs.
-fn take_lock(state: &Path) -> Result<File, SessionError> {
-    let mut name = state.as_os_str().to_owned();
-    name.push(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(PathBuf::from(name))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(SessionError::InUse(state.to_owned())),
-        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+/// Takes the state file's lock without waiting: a session keeps the
+/// machine in memory, so nobody else may write the file while it runs.
+fn take_lock(state: &Path) -> Result<StateLock, SessionError> {
+    match StateLock::try_acquire(state) {
+        Ok(Some(lock)) => Ok(lock),
+        Ok(None) => Err(SessionError::InUse(state.to_owned())),
+        Err(source) => Err(SessionError::State {
+            path: state.to_owned(),
+            source,
+        }),
     }
 }
 

@@ -464,6 +464,16 @@ impl StateLock {
     /// the file is left in place (an open file cannot always be removed
     /// there).
     pub fn acquire(state: &Path) -> Result<StateLock, StateFileError> {
+        Self::take(state, true).map(|l| l.expect("a waiting take returns a lock"))
+    }
+
+    /// As [`Self::acquire`], without waiting: `None` while someone else
+    /// holds the lock (a running session, say).
+    pub fn try_acquire(state: &Path) -> Result<Option<StateLock>, StateFileError> {
+        Self::take(state, false)
+    }
+
+    fn take(state: &Path, wait: bool) -> Result<Option<StateLock>, StateFileError> {
         let mut name = state.as_os_str().to_owned();
         name.push(LOCK_SUFFIX);
         let path = PathBuf::from(name);
@@ -478,9 +488,17 @@ impl StateLock {
                 .write(true)
                 .open(&path)
                 .map_err(io_err)?;
-            file.lock().map_err(io_err)?;
+            if wait {
+                file.lock().map_err(io_err)?;
+            } else {
+                match file.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                    Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
+                }
+            }
             if still_named(&file, &path).map_err(io_err)? {
-                return Ok(StateLock { _file: file, path });
+                return Ok(Some(StateLock { _file: file, path }));
             }
         }
         Err(io_err(io::Error::other(format!(

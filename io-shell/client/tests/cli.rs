@@ -879,3 +879,118 @@ fn messages_carry_and_show_their_send_time() {
         "{shown:?}"
     );
 }
+
+/// Lines a child process writes to stdout, as they come.
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line from `rx` that `want` accepts, within a minute.
+fn expect_line(rx: &mpsc::Receiver<String>, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line for {what}"));
+        let v = typed_object(&line);
+        if want(&v) {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn the_daemon_serves_json_lines_on_stdin_and_on_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    let mut daemon = bob
+        .plain()
+        .arg("daemon")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = daemon.stdin.take().unwrap();
+    let lines = lines_of(&mut daemon);
+    writeln!(stdin, r#"{{"id": 1, "method": "whoami"}}"#).unwrap();
+    let who = expect_line(&lines, "whoami", |v| v["id"] == 1);
+    assert_eq!(who["type"], "result");
+    assert_eq!(who["result"]["identity_key"], bob.key());
+    // The socket is private to this user.
+    let socket = PathBuf::from(format!("{}.sock", bob.state.display()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Alice adds Bob: the daemon joins and says so.
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    expect_line(&lines, "joined", |v| v["type"] == "joined");
+    // A qpq command on Bob's state goes through the daemon's socket (the
+    // daemon holds the state file).
+    let sent = bob.run(&["send", "team", "via the socket"]);
+    assert!(sent.iter().any(|v| v["type"] == "sent"), "{sent:?}");
+    assert_eq!(alice.recv(), vec![(bob.key(), "via the socket".into())]);
+    // A bad request is an error answer, not the end.
+    writeln!(stdin, r#"{{"id": 2, "method": "fly"}}"#).unwrap();
+    let e = expect_line(&lines, "an error", |v| v["id"] == 2);
+    assert_eq!(e["type"], "error");
+    // Alice writes; the daemon shows it as it arrives.
+    alice.run(&["send", "team", "to the daemon"]);
+    let m = expect_line(&lines, "a message", |v| v["type"] == "message");
+    assert_eq!(m["text"], "to the daemon");
+    writeln!(stdin, r#"{{"id": "bye", "method": "shutdown"}}"#).unwrap();
+    expect_line(&lines, "shutdown", |v| v["id"] == "bye");
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // Nothing left behind but the state file.
+    assert!(!socket.exists());
+    assert!(!PathBuf::from(format!("{}.lock", bob.state.display())).exists());
+}
+
+#[test]
+fn recv_stream_shows_messages_and_carries_out_other_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+        unreachable!()
+    };
+    alice.run(&["group", "create", "team"]);
+    alice.run(&["group", "add", "team", &bob.key()]);
+    let mut stream = bob
+        .cmd()
+        .args(["recv", "--stream"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut stream);
+    expect_line(&lines, "joined", |v| v["type"] == "joined");
+    alice.run(&["send", "team", "streamed"]);
+    let m = expect_line(&lines, "a message", |v| v["type"] == "message");
+    assert_eq!(m["text"], "streamed");
+    // Bob answers from another terminal while his stream runs.
+    bob.run(&["send", "team", "answered"]);
+    assert_eq!(alice.recv(), vec![(bob.key(), "answered".into())]);
+    let _ = stream.kill();
+    let _ = stream.wait();
+}

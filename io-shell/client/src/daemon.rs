@@ -1,0 +1,374 @@
+//! The daemon protocol: a running [`Session`] served as JSON lines, on
+//! stdin/stdout and on a Unix socket, so scripts and bots pay the state
+//! file's key derivation once and get events as they happen.
+//!
+//! Each line a client writes is one request:
+//! `{"id": 7, "method": "send", "params": {"group": "team", "text": "hi"}}`
+//! (`id` is optional and echoed; any JSON value). Each answer is one line:
+//! `{"type": "result", "id": 7, "result": {...}}` with the command's
+//! outcome as `qpq --json` prints it, or `{"type": "error", "id": 7,
+//! "message": "..."}`. Events ([`crate::json::event`]) arrive on every
+//! connection as they happen, interleaved with answers, from the moment it
+//! connects. Methods (params in brackets):
+//!
+//! | method | params | result type |
+//! |---|---|---|
+//! | `whoami` | | `identity` |
+//! | `register` | `count` (10) | `registered` |
+//! | `group_create` | `name`, `pq` (false) | `group_created` |
+//! | `group_add` | `group`, `member` (64 hex) | `member_added` |
+//! | `group_remove` | `group`, `member` | `member_removed` |
+//! | `group_leave` | `group` | `left` |
+//! | `group_list` | | `groups` (`groups`: a `group` object each) |
+//! | `update` | `group` (all) | `updated` |
+//! | `send` | `group`, `text` | `sent` |
+//! | `shutdown` | | `shutdown`, then the daemon closes the session |
+//!
+//! Limits: a request line is at most [`DAEMON_LINE_BYTES_MAX`] bytes (a
+//! longer one is answered with an error and the connection closed); at most
+//! [`DAEMON_CONNECTIONS_MAX`] socket connections at once; a connection
+//! that does not take its answers and events for [`DAEMON_WRITE_TIMEOUT`]
+//! is closed (so it cannot hold up the session).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicproquo_core::client::Command;
+use quicproquo_core::types::{IdentityKey, hex};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Semaphore, watch};
+
+use crate::session::{Session, SessionError};
+
+/// Longest request line: a message of `TEXT_BYTES_MAX` escaped as JSON
+/// (up to 6 bytes a byte) with room for the rest.
+pub const DAEMON_LINE_BYTES_MAX: usize = 512 * 1024;
+/// Socket connections served at once; one more waits for a free slot.
+pub const DAEMON_CONNECTIONS_MAX: usize = 64;
+/// How long a connection may leave its answers and events unread before
+/// it is closed.
+pub const DAEMON_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `session` on one stream of JSON lines until the reader ends, the
+/// connection fails, or a `shutdown` request (which sets `stop`).
+pub async fn serve_stream<R, W>(
+    session: &Session,
+    reader: R,
+    mut writer: W,
+    stop: &watch::Sender<bool>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut events = match session.subscribe().await {
+        Ok(rx) => rx,
+        Err(e) => return Err(std::io::Error::other(e.to_string())),
+    };
+    let mut reader = BufReader::new(reader);
+    let mut stopped = stop.subscribe();
+    let mut line = Vec::new();
+    loop {
+        tokio::select! {
+            read = read_line(&mut reader, &mut line) => {
+                match read? {
+                    Line::End => return Ok(()),
+                    Line::TooLong => {
+                        let e = json!({"type": "error", "id": null, "message": format!("request line longer than {DAEMON_LINE_BYTES_MAX} bytes")});
+                        write(&mut writer, &e).await?;
+                        return Ok(());
+                    }
+                    Line::Text => {
+                        let answer = answer(session, &line, stop).await;
+                        write(&mut writer, &answer).await?;
+                    }
+                }
+            }
+            event = events.recv() => match event {
+                Some(e) => write(&mut writer, &crate::json::event(&e)).await?,
+                None => return Ok(()),
+            },
+            _ = stopped.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Serves `session` on a Unix socket at `path` (mode 0600, replacing a
+/// stale one) until `stop` is set; the socket file is removed at the end.
+#[cfg(unix)]
+pub async fn serve_socket(
+    session: Arc<Session>,
+    path: PathBuf,
+    stop: watch::Sender<bool>,
+) -> std::io::Result<()> {
+    let listener = bind_private(&path)?;
+    let slots = Arc::new(Semaphore::new(DAEMON_CONNECTIONS_MAX));
+    let mut stopped = stop.subscribe();
+    let stop = Arc::new(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                let (session, stop) = (session.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (r, w) = stream.into_split();
+                    let _ = serve_stream(&session, r, w, &stop).await;
+                    drop(slot);
+                });
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// The socket path a session on `state` serves: `<state>.sock`.
+pub fn socket_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".sock");
+    PathBuf::from(name)
+}
+
+/// Sends one request to the daemon at `path` and returns its answer (the
+/// `result` object), skipping the events that arrive meanwhile.
+#[cfg(unix)]
+pub async fn request(path: &Path, method: &str, params: Value) -> Result<Value, String> {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (r, mut w) = stream.into_split();
+    let id = 1;
+    let req = json!({"id": id, "method": method, "params": params});
+    write(&mut w, &req).await.map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        match read_line(&mut reader, &mut line).await {
+            Ok(Line::Text) => {}
+            Ok(_) => return Err("the daemon closed the connection".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+            continue;
+        };
+        if v["id"] != id {
+            continue;
+        }
+        return match v["type"].as_str() {
+            Some("result") => Ok(v["result"].clone()),
+            _ => Err(v["message"]
+                .as_str()
+                .unwrap_or("the daemon refused")
+                .to_owned()),
+        };
+    }
+}
+
+/// Answers one request line.
+async fn answer(session: &Session, line: &[u8], stop: &watch::Sender<bool>) -> Value {
+    let request: Value = match serde_json::from_slice(line) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return error(&Value::Null, "a request is a JSON object"),
+        Err(e) => return error(&Value::Null, &format!("not JSON: {e}")),
+    };
+    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    let method = request["method"].as_str().unwrap_or_default();
+    let params = &request["params"];
+    match run(session, method, params, stop).await {
+        Ok(result) => json!({"type": "result", "id": id, "result": result}),
+        Err(message) => error(&id, &message),
+    }
+}
+
+async fn run(
+    session: &Session,
+    method: &str,
+    params: &Value,
+    stop: &watch::Sender<bool>,
+) -> Result<Value, String> {
+    let text = |key: &str| -> Result<String, String> {
+        params[key]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("`{key}` (a string) is missing"))
+    };
+    let member = || -> Result<IdentityKey, String> { parse_key(&text("member")?) };
+    let command = match method {
+        "whoami" => {
+            return Ok(
+                json!({"type": "identity", "identity_key": hex(session.identity_key().as_bytes())}),
+            );
+        }
+        "group_list" => {
+            let groups = session.groups().await.map_err(|e| e.to_string())?;
+            let groups: Vec<Value> = groups.iter().map(crate::json::group).collect();
+            return Ok(json!({"type": "groups", "groups": groups}));
+        }
+        "shutdown" => {
+            let _ = stop.send(true);
+            return Ok(json!({"type": "shutdown"}));
+        }
+        "register" => Command::Register {
+            count: params["count"]
+                .as_u64()
+                .map_or(10, |c| u32::try_from(c).unwrap_or(u32::MAX)),
+        },
+        "group_create" => Command::CreateGroup {
+            name: text("name")?,
+            pq: params["pq"].as_bool().unwrap_or(false),
+        },
+        "group_add" => Command::AddMember {
+            group: text("group")?,
+            member: member()?,
+        },
+        "group_remove" => Command::RemoveMember {
+            group: text("group")?,
+            member: member()?,
+        },
+        "group_leave" => Command::Leave {
+            group: text("group")?,
+        },
+        "update" => Command::Update {
+            group: params["group"].as_str().map(str::to_owned),
+        },
+        "send" => Command::Send {
+            group: text("group")?,
+            text: text("text")?,
+        },
+        other => return Err(format!("unknown method `{other}`")),
+    };
+    match session.command(command).await {
+        Ok(outcome) => Ok(crate::json::outcome(&outcome)),
+        Err(SessionError::Command(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The daemon request that runs `command`: its method and params (the
+/// inverse of what the daemon parses); `None` for a command the daemon
+/// does not take (receiving: a session receives by itself).
+pub fn request_for(command: &Command) -> Option<(&'static str, Value)> {
+    Some(match command {
+        Command::Register { count } => ("register", json!({"count": count})),
+        Command::CreateGroup { name, pq } => ("group_create", json!({"name": name, "pq": pq})),
+        Command::AddMember { group, member } => (
+            "group_add",
+            json!({"group": group, "member": hex(member.as_bytes())}),
+        ),
+        Command::RemoveMember { group, member } => (
+            "group_remove",
+            json!({"group": group, "member": hex(member.as_bytes())}),
+        ),
+        Command::Leave { group } => ("group_leave", json!({"group": group})),
+        Command::Update { group } => ("update", json!({"group": group})),
+        Command::Send { group, text } => ("send", json!({"group": group, "text": text})),
+        _ => return None,
+    })
+}
+
+fn error(id: &Value, message: &str) -> Value {
+    json!({"type": "error", "id": id, "message": message})
+}
+
+/// Parses an identity key given as 64 hex digits.
+pub fn parse_key(s: &str) -> Result<IdentityKey, String> {
+    let s = s.trim();
+    let bad = || "an identity key is 64 hex digits (as `qpq whoami` prints it)".to_owned();
+    if s.len() != 64 || !s.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(IdentityKey(out))
+}
+
+enum Line {
+    Text,
+    End,
+    TooLong,
+}
+
+/// Reads one line (without its newline) into `line`, at most
+/// [`DAEMON_LINE_BYTES_MAX`] bytes.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Line> {
+    line.clear();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() {
+                Line::End
+            } else {
+                Line::Text
+            });
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > DAEMON_LINE_BYTES_MAX + 1 {
+            return Ok(Line::TooLong);
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Line::Text);
+        }
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(w: &mut W, v: &Value) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    match tokio::time::timeout(DAEMON_WRITE_TIMEOUT, async {
+        w.write_all(&bytes).await?;
+        w.flush().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client does not read",
+        )),
+    }
+}
+
+/// Binds a Unix socket at `path` that only this user can use: made in a
+/// private directory (0700), set to 0600, then moved into place, so there
+/// is no moment another user could connect. A socket left at `path` by a
+/// session that ended without removing it is replaced (the caller holds
+/// the state file's lock, so no live session owns it).
+#[cfg(unix)]
+fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.with_extension(format!("sock-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let inner = dir.join("s");
+    let bound = (|| {
+        let listener = tokio::net::UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&dir);
+    bound
+}
