@@ -62,6 +62,20 @@ pub enum Command {
         /// How long to wait when nothing is pending (0: don't wait).
         wait_ms: u64,
     },
+    /// Name the identity `key` `name` in this user's contacts (a key
+    /// already named is renamed). Local: persisted, nothing sent.
+    AddContact {
+        /// 1 to [`CONTACT_NAME_BYTES_MAX`] bytes, no control characters,
+        /// not another key's name.
+        name: String,
+        /// Their identity key.
+        key: IdentityKey,
+    },
+    /// Forget the contact `name`. Local: persisted, nothing sent.
+    RemoveContact {
+        /// The contact's name.
+        name: String,
+    },
     /// Wait up to `wait_ms` until a message is pending on any channel,
     /// without processing or persisting anything (a later `Receive` does
     /// that). Lets a long-running shell wait without holding the state.
@@ -236,6 +250,22 @@ pub enum Outcome {
         /// True if a message is pending on some channel.
         pending: bool,
     },
+    /// The contact is in the book.
+    ContactAdded {
+        /// Its name.
+        name: String,
+        /// Its identity key.
+        key: IdentityKey,
+        /// The key's previous name, if it had another one.
+        renamed_from: Option<String>,
+    },
+    /// The contact is gone from the book.
+    ContactRemoved {
+        /// Its name.
+        name: String,
+        /// Its identity key.
+        key: IdentityKey,
+    },
 }
 
 /// Why a command failed.
@@ -254,6 +284,18 @@ pub enum CommandError {
     /// The name is empty, too long or not printable.
     #[error("invalid group name: {0}")]
     InvalidName(String),
+    /// The contact name is empty, too long or not printable.
+    #[error("invalid contact name: {0}")]
+    InvalidContactName(String),
+    /// Another key has that contact name.
+    #[error("a contact named `{0}` exists already (with another key)")]
+    ContactExists(String),
+    /// No contact has that name.
+    #[error("no contact named `{0}`")]
+    UnknownContact(String),
+    /// The contact book holds [`CONTACTS_MAX`] contacts.
+    #[error("the contact book is full ({CONTACTS_MAX} contacts); remove one first")]
+    ContactsFull,
     /// The text is too long.
     #[error("message of {0} bytes is longer than {TEXT_BYTES_MAX}")]
     TextTooLong(usize),

@@ -82,15 +82,20 @@ pub const GROUP_NAME_EXPORTER_LABEL: &str = "quicproquo group name";
 pub const FETCH_BATCH: u32 = 100;
 /// Longest group name, in bytes.
 pub const GROUP_NAME_BYTES_MAX: usize = 64;
+/// Longest contact name, in bytes (as long as a group name).
+pub const CONTACT_NAME_BYTES_MAX: usize = 64;
+/// Contacts kept at most: far more than anyone names by hand, and each
+/// one is loaded and persisted with the state on every command.
+pub const CONTACTS_MAX: usize = 10_000;
 /// Longest message text, in bytes; well inside the server's payload limit
 /// after MLS framing.
 pub const TEXT_BYTES_MAX: usize = 64 * 1024;
 /// KeyPackages one `register` may generate at once.
 pub const REGISTER_COUNT_MAX: u32 = 100;
 /// Version of the persisted state layout. Versions 1 (before hybrid keys
-/// and pq groups) and 2 (before the per-group queue of changes) still
-/// restore.
-pub const STATE_VERSION: u32 = 3;
+/// and pq groups), 2 (before the per-group queue of changes) and 3 (before
+/// contacts) still restore.
+pub const STATE_VERSION: u32 = 4;
 /// Messages of a later epoch than its copy of the group that a member keeps
 /// per group until the Commit that starts that epoch reaches it (a
 /// Commit's copy to this member can be queued behind a message another
@@ -145,6 +150,7 @@ pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
 pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 
 mod api;
+mod contacts;
 mod groups;
 mod keys;
 mod link;
@@ -153,6 +159,7 @@ mod outbox;
 mod receive;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
+use contacts::Contacts;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
 use mls::*;
@@ -252,6 +259,8 @@ pub struct ClientMachine {
     hybrid_keys: Vec<HybridSecretKey>,
     /// Verified hybrid public keys of peers, by identity.
     peer_hybrid_keys: BTreeMap<IdentityKey, HybridPublicKey>,
+    /// The names this user gave identity keys.
+    contacts: Contacts,
     groups: Vec<GroupRecord>,
     cursors: BTreeMap<ChannelId, u64>,
     outbox: BTreeMap<u64, OutboxEntry>,
@@ -330,6 +339,7 @@ impl ClientMachine {
                 m.peer_hybrid_keys.insert(IdentityKey(identity), key);
             }
         }
+        m.contacts = Contacts::restore(p.contacts)?;
         m.groups = p.groups;
         for (ch, seq) in p.cursors {
             let ch = ChannelId::try_from_slice(&ch)
@@ -351,6 +361,7 @@ impl ClientMachine {
             active: false,
             hybrid_keys: Vec::new(),
             peer_hybrid_keys: BTreeMap::new(),
+            contacts: Contacts::default(),
             groups: Vec::new(),
             cursors: BTreeMap::new(),
             outbox: BTreeMap::new(),
@@ -402,6 +413,7 @@ impl ClientMachine {
                 .iter()
                 .map(|(id, k)| (id.0, k.to_bytes()))
                 .collect(),
+            contacts: self.contacts.to_list(),
         };
         p.encode()
     }
@@ -497,6 +509,20 @@ impl ClientMachine {
                 .push_back(Effect::Done(Err(CommandError::Busy)));
             return;
         }
+        // Contacts are local: changed and persisted, with no request and no
+        // effect on the deliveries and retries under way.
+        let local = match command {
+            Command::AddContact { name, key } => self.add_contact(name, key),
+            Command::RemoveContact { name } => self.remove_contact(name),
+            command => return self.start_remote(command),
+        };
+        if let Err(e) = local {
+            self.effects.push_back(Effect::Done(Err(e)));
+        }
+    }
+
+    /// Starts a command that may need the server.
+    fn start_remote(&mut self, command: Command) {
         // Requests an earlier command left waiting for a connection (a
         // one-shot shell stops carrying requests at `Done`) are made anew
         // where still needed: outbox entries by the flush below (with the
@@ -524,6 +550,9 @@ impl ClientMachine {
             Command::Leave { group } => self.leave(group),
             Command::Update { group } => self.update(group),
             Command::Receive { wait_ms } => self.start_receive(wait_ms),
+            Command::AddContact { .. } | Command::RemoveContact { .. } => {
+                unreachable!("handled above")
+            }
             Command::Wait { wait_ms } => {
                 self.op = Some(Op::Wait { pending: false });
                 self.wait_all(wait_ms, Pending::Peek, 1);

@@ -1713,6 +1713,8 @@ fn snapshot_from_before_hybrid_keys_restores_and_register_adds_one() {
     ));
 }
 
+mod who;
+
 mod interleavings {
     use proptest::prelude::*;
 

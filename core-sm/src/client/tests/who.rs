@@ -1,0 +1,147 @@
+//! Who is who: contacts.
+
+use super::*;
+
+fn add_contact(w: &mut World, who: usize, name: &str, key: IdentityKey) -> Outcome {
+    let (events, outcome) = w.run(
+        who,
+        Command::AddContact {
+            name: name.into(),
+            key,
+        },
+    );
+    assert!(events.is_empty(), "{events:?}");
+    outcome.unwrap()
+}
+
+/// The membership events among `events`, in order.
+#[test]
+fn contacts_are_local_persisted_and_restored() {
+    let mut w = World::new(3);
+    let (bob, carol) = (w.key(1), w.key(2));
+    // Local: nothing goes to the server, not even without a connection.
+    let mut m = w.offline_machine(0);
+    m.handle_command(
+        Time::ZERO,
+        Command::AddContact {
+            name: "bob".into(),
+            key: bob,
+        },
+    );
+    let effects: Vec<Effect> = std::iter::from_fn(|| m.poll_effect()).collect();
+    let added = Outcome::ContactAdded {
+        name: "bob".into(),
+        key: bob,
+        renamed_from: None,
+    };
+    assert_eq!(effects, [Effect::Persist, Effect::Done(Ok(added))]);
+    assert_eq!(m.poll_timeout(), None);
+    w.users[0].saved = m.snapshot();
+    // Every later run (a new process) sees it.
+    add_contact(&mut w, 0, "carol", carol);
+    let m = w.machine(0);
+    assert_eq!(
+        m.contacts(),
+        [("bob".to_owned(), bob), ("carol".to_owned(), carol)]
+    );
+    assert_eq!(m.contact_name(&bob), Some("bob"));
+    // A new name for a key renames it.
+    assert_eq!(
+        add_contact(&mut w, 0, "robert", bob),
+        Outcome::ContactAdded {
+            name: "robert".into(),
+            key: bob,
+            renamed_from: Some("bob".into()),
+        }
+    );
+    assert_eq!(w.machine(0).contact_name(&bob), Some("robert"));
+    let (_, outcome) = w.run(
+        0,
+        Command::RemoveContact {
+            name: "carol".into(),
+        },
+    );
+    assert_eq!(
+        outcome,
+        Ok(Outcome::ContactRemoved {
+            name: "carol".into(),
+            key: carol,
+        })
+    );
+    let m = w.machine(0);
+    assert_eq!(m.contacts(), [("robert".to_owned(), bob)]);
+    assert_eq!(m.contact_name(&carol), None);
+}
+
+#[test]
+fn contact_commands_refuse_bad_names_clashes_and_unknown_names() {
+    let mut w = World::new(3);
+    let (bob, carol) = (w.key(1), w.key(2));
+    add_contact(&mut w, 0, "bob", bob);
+    let saved = w.users[0].saved.clone();
+    let mut check = |command: Command, error: CommandError| {
+        let (events, outcome) = w.run(0, command);
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(outcome, Err(error));
+        assert_eq!(
+            w.users[0].saved, saved,
+            "a refused command persists nothing"
+        );
+    };
+    let add = |name: &str, key| Command::AddContact {
+        name: name.into(),
+        key,
+    };
+    check(
+        add("", carol),
+        CommandError::InvalidContactName("must be 1 to 64 bytes".into()),
+    );
+    check(
+        add(&"c".repeat(CONTACT_NAME_BYTES_MAX + 1), carol),
+        CommandError::InvalidContactName("must be 1 to 64 bytes".into()),
+    );
+    check(
+        add("car\u{7}ol", carol),
+        CommandError::InvalidContactName("must not contain control characters".into()),
+    );
+    check(add("bob", carol), CommandError::ContactExists("bob".into()));
+    check(
+        Command::RemoveContact {
+            name: "carol".into(),
+        },
+        CommandError::UnknownContact("carol".into()),
+    );
+}
+
+#[test]
+fn a_snapshot_from_before_contacts_restores_with_none() {
+    let mut w = team();
+    w.texts(1);
+    // Bob's state as layout version 3 wrote it.
+    let p = state::Persisted::decode(&w.users[1].saved).unwrap();
+    let old = state::PersistedV3 {
+        version: 3,
+        identity_seed: p.identity_seed,
+        registered: p.registered,
+        active: p.active,
+        groups: p.groups,
+        cursors: p.cursors,
+        outbox: p.outbox,
+        next_outbox_id: p.next_outbox_id,
+        mls_storage: p.mls_storage,
+        hybrid_keys: p.hybrid_keys,
+        peer_hybrid_keys: p.peer_hybrid_keys,
+    };
+    w.users[1].saved = postcard::to_allocvec(&old).unwrap();
+    let m = w.machine(1);
+    assert!(m.contacts().is_empty());
+    assert_eq!(m.groups().len(), 1);
+    send(&mut w, 0, "team", "still here");
+    assert_eq!(w.texts(1), vec![pair("team", "still here")]);
+    let alice = w.key(0);
+    add_contact(&mut w, 1, "alice", alice);
+    assert_eq!(
+        state::Persisted::decode(&w.users[1].saved).unwrap().version,
+        STATE_VERSION
+    );
+}
