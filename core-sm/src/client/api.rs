@@ -120,6 +120,8 @@ pub enum Event {
         group: String,
         /// Who sent it.
         sender: IdentityKey,
+        /// The sender's contact name, if this user gave them one.
+        sender_name: Option<String>,
         /// What it says.
         text: String,
     },

@@ -586,6 +586,7 @@ impl ClientMachine {
                 self.effects.push_back(Effect::Event(Event::Message {
                     group: record.name,
                     sender,
+                    sender_name: self.contacts.name(&sender).map(str::to_owned),
                     text,
                 }));
             }

@@ -810,6 +810,7 @@ impl Output {
                     group,
                     sender,
                     text,
+                    ..
                 } => {
                     json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
                 }
@@ -838,6 +839,7 @@ impl Output {
                 group,
                 sender,
                 text,
+                ..
             } => say!(
                 self,
                 "[{}] {}: {}",

@@ -1,4 +1,4 @@
-//! Who is who: contacts.
+//! Who is who: contacts, and the sender's contact name on messages.
 
 use super::*;
 
@@ -144,4 +144,32 @@ fn a_snapshot_from_before_contacts_restores_with_none() {
         state::Persisted::decode(&w.users[1].saved).unwrap().version,
         STATE_VERSION
     );
+}
+
+#[test]
+fn a_message_carries_the_senders_contact_name() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let alice = w.key(0);
+    add_contact(&mut w, 1, "alice", alice);
+    send(&mut w, 0, "team", "hi");
+    let names = |events: &[Event]| -> Vec<(IdentityKey, Option<String>)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message {
+                    sender,
+                    sender_name,
+                    ..
+                } => Some((*sender, sender_name.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert_eq!(names(&events), [(alice, Some("alice".to_owned()))]);
+    // Carol has no contact for Alice.
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert_eq!(names(&events), [(alice, None)]);
 }
