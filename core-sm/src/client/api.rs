@@ -136,6 +136,36 @@ pub enum Event {
     Removed {
         /// The group's name.
         group: String,
+        /// The member who removed this user.
+        by: IdentityKey,
+    },
+    /// `by` added `member` to a group: another member's Commit, or this
+    /// user's once the server has taken it. Shown before the
+    /// [`Event::GroupChanged`] of the same Commit.
+    MemberAdded {
+        /// The group's name.
+        group: String,
+        /// The new member.
+        member: IdentityKey,
+        /// Who added them (this user for its own Commits).
+        by: IdentityKey,
+    },
+    /// `by` removed `member` from a group (as [`Event::MemberAdded`]).
+    MemberRemoved {
+        /// The group's name.
+        group: String,
+        /// The removed member.
+        member: IdentityKey,
+        /// Who removed them.
+        by: IdentityKey,
+    },
+    /// `member` left a group: a Commit made their own removal proposal
+    /// take effect (as [`Event::MemberAdded`]).
+    MemberLeft {
+        /// The group's name.
+        group: String,
+        /// The member who left.
+        member: IdentityKey,
     },
     /// A Commit changed a group.
     GroupChanged {

@@ -154,6 +154,7 @@ mod contacts;
 mod groups;
 mod keys;
 mod link;
+mod members;
 mod mls;
 mod outbox;
 mod receive;

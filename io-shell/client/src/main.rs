@@ -824,7 +824,7 @@ impl Output {
                 } => {
                     json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
                 }
-                Event::Removed { group } => json!({"type": "removed", "group": group}),
+                Event::Removed { group, .. } => json!({"type": "removed", "group": group}),
                 Event::Tampering { what } => json!({"type": "tampering", "message": what}),
                 Event::Warning { message } => json!({"type": "warning", "message": message}),
                 other => json!({"type": "other_event", "detail": format!("{other:?}")}),
@@ -863,7 +863,7 @@ impl Output {
                 "* {} changed: epoch {epoch}, {members} members",
                 escape_control(group)
             ),
-            Event::Removed { group } => {
+            Event::Removed { group, .. } => {
                 say!(self, "* you were removed from {}", escape_control(group));
             }
             Event::Tampering { what } => note!(self, "TAMPERING: {}", escape_control(what)),

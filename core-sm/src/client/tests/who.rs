@@ -1,4 +1,5 @@
-//! Who is who: contacts, and the sender's contact name on messages.
+//! Who is who and who did what: contacts, the sender's contact name on
+//! messages, and the membership events of Commits.
 
 use super::*;
 
@@ -15,6 +16,22 @@ fn add_contact(w: &mut World, who: usize, name: &str, key: IdentityKey) -> Outco
 }
 
 /// The membership events among `events`, in order.
+fn membership(events: &[Event]) -> Vec<Event> {
+    events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::MemberAdded { .. }
+                    | Event::MemberRemoved { .. }
+                    | Event::MemberLeft { .. }
+                    | Event::Removed { .. }
+            )
+        })
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn contacts_are_local_persisted_and_restored() {
     let mut w = World::new(3);
@@ -172,4 +189,92 @@ fn a_message_carries_the_senders_contact_name() {
     // Carol has no contact for Alice.
     let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
     assert_eq!(names(&events), [(alice, None)]);
+}
+
+#[test]
+fn members_see_who_added_whom() {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+    }
+    let (alice, carol) = (w.key(0), w.key(2));
+    create(&mut w, 0, "team", false);
+    // Alice's own add is shown once the server took her Commit (`add`
+    // checks it).
+    add(&mut w, 0, "team", 1);
+    w.texts(1);
+    add(&mut w, 0, "team", 2);
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert_eq!(
+        membership(&events),
+        [Event::MemberAdded {
+            group: "team".into(),
+            member: carol,
+            by: alice,
+        }]
+    );
+    // The who comes before the epoch, which is shown as before.
+    let at = |f: fn(&Event) -> bool| events.iter().position(f).unwrap();
+    assert!(
+        at(|e| matches!(e, Event::MemberAdded { .. }))
+            < at(|e| matches!(e, Event::GroupChanged { members: 3, .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn members_see_who_removed_whom_and_the_removed_member_by_whom() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let (alice, carol) = (w.key(0), w.key(2));
+    let (events, outcome) = w.run(
+        0,
+        Command::RemoveMember {
+            group: "team".into(),
+            member: carol,
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let removed = Event::MemberRemoved {
+        group: "team".into(),
+        member: carol,
+        by: alice,
+    };
+    assert_eq!(membership(&events), std::slice::from_ref(&removed));
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    assert_eq!(membership(&events), [removed]);
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert_eq!(
+        membership(&events),
+        [Event::Removed {
+            group: "team".into(),
+            by: alice,
+        }]
+    );
+}
+
+#[test]
+fn a_member_who_leaves_is_shown_as_leaving_by_everyone() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let bob = w.key(1);
+    let (_, outcome) = w.run(
+        1,
+        Command::Leave {
+            group: "team".into(),
+        },
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let left = Event::MemberLeft {
+        group: "team".into(),
+        member: bob,
+    };
+    // Alice (lowest leaf) commits Bob's proposal; Carol gets her Commit.
+    w.texts(2);
+    let (events, _) = w.run(0, Command::Receive { wait_ms: 0 });
+    assert_eq!(membership(&events), std::slice::from_ref(&left));
+    let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
+    assert_eq!(membership(&events), [left]);
 }
