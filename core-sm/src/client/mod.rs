@@ -158,12 +158,14 @@ mod members;
 mod mls;
 mod outbox;
 mod receive;
+mod safety;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
 use contacts::Contacts;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
 use mls::*;
+pub use safety::{SAFETY_NUMBER_LABEL, SafetyNumber};
 
 /// What an in-flight request was for.
 #[derive(Debug, Clone)]

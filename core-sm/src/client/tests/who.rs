@@ -1,5 +1,5 @@
 //! Who is who and who did what: contacts, the sender's contact name on
-//! messages, and the membership events of Commits.
+//! messages, the membership events of Commits, and safety numbers.
 
 use super::*;
 
@@ -277,4 +277,36 @@ fn a_member_who_leaves_is_shown_as_leaving_by_everyone() {
     assert_eq!(membership(&events), std::slice::from_ref(&left));
     let (events, _) = w.run(2, Command::Receive { wait_ms: 0 });
     assert_eq!(membership(&events), [left]);
+}
+
+#[test]
+fn safety_numbers_agree_within_an_epoch_and_change_with_it() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    assert_eq!(w.machine(0).safety_number("nope"), None);
+    let numbers = |w: &mut World| -> Vec<SafetyNumber> {
+        (0..3)
+            .map(|u| w.machine(u).safety_number("team").unwrap())
+            .collect()
+    };
+    let before = numbers(&mut w);
+    assert!(before.windows(2).all(|p| p[0] == p[1]), "{before:?}");
+    assert_eq!(before[0].digits.len(), 60);
+    let (_, outcome) = w.run(1, Command::Update { group: None });
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // Bob has moved on; Alice has not processed his Commit yet.
+    assert_ne!(
+        w.machine(1).safety_number("team"),
+        w.machine(0).safety_number("team")
+    );
+    w.texts(0);
+    w.texts(2);
+    let after = numbers(&mut w);
+    assert!(after.windows(2).all(|p| p[0] == p[1]), "{after:?}");
+    assert_eq!(after[0].epoch, before[0].epoch + 1);
+    assert_ne!(after[0].digits, before[0].digits);
+    // It is the epoch authenticator's, as the diagnostics show it.
+    let auth = w.machine(2).epoch_authenticator("team").unwrap();
+    assert_eq!(after[2], SafetyNumber::derive(after[2].epoch, &auth));
 }
