@@ -3,13 +3,13 @@
 //! server, persisting whenever the machine asks, and prints the result —
 //! human-readable by default, one JSON object per line with `--json`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use quicproquo_client::display::escape_control;
+use quicproquo_client::display::{Names, escape_control, short_key};
 use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
 use quicproquo_client::{Client, ClientError, Clock, DriveError, ServerTrust};
 use quicproquo_core::ErrorKind;
@@ -99,9 +99,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         count: u32,
     },
-    /// Create, extend and list groups.
+    /// Create, extend, list and verify groups.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Name people's identity keys, and list and forget the names.
+    ///
+    /// Messages, members and group changes are then shown by these names
+    /// instead of by the first 16 hex digits of a key, and `group add` and
+    /// `group remove` take a name. The names are yours alone: they are kept
+    /// in your state file and never sent.
+    #[command(subcommand)]
+    Contact(ContactCmd),
     /// Rotate your keys (a self-update Commit) in one group or all.
     ///
     /// Without a group name it also rotates your hybrid (post-quantum) key
@@ -145,18 +153,19 @@ enum GroupCmd {
         #[arg(long)]
         pq: bool,
     },
-    /// Add someone (by identity key) to a group.
+    /// Add someone (by identity key or contact name) to a group.
     Add {
         /// The group's name.
         name: String,
-        /// Their identity key, 64 hex digits (`qpq whoami`).
+        /// Their identity key, 64 hex digits (`qpq whoami`), or their
+        /// contact name.
         member_key: String,
     },
     /// Remove someone from a group.
     Remove {
         /// The group's name.
         name: String,
-        /// Their identity key, 64 hex digits.
+        /// Their identity key, 64 hex digits, or their contact name.
         member_key: String,
     },
     /// Leave a group (its other members commit your removal).
@@ -171,6 +180,36 @@ enum GroupCmd {
     },
     /// List your groups.
     List,
+    /// Show the group's safety number, to compare with other members.
+    ///
+    /// Sixty digits derived from the group's MLS state at its current
+    /// epoch. Members who see the same digits at the same epoch share the
+    /// same group state: the server has not forked the group or swapped
+    /// anyone's keys. Compare them in person or on a call. The number
+    /// changes with every change to the group (an add, a removal, a key
+    /// update), so compare at the same epoch.
+    Verify {
+        /// The group's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactCmd {
+    /// Name an identity key (a key already named gets the new name).
+    Add {
+        /// 1 to 64 bytes, no control characters; unique among your contacts.
+        name: String,
+        /// Their identity key, 64 hex digits (`qpq whoami`).
+        key: String,
+    },
+    /// List your contacts with their full keys.
+    List,
+    /// Forget a contact's name.
+    Remove {
+        /// The contact's name.
+        name: String,
+    },
 }
 
 fn main() {
@@ -254,6 +293,14 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
             let (_, (_, machine)) = State::load(&cli.state)?;
             return list(&machine, out, Some(name));
         }
+        Cmd::Group(GroupCmd::Verify { name }) => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return verify(&machine, name, out);
+        }
+        Cmd::Contact(ContactCmd::List) => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return contacts(&machine, out);
+        }
         _ => {}
     }
     if let Cmd::Recv { stream: true, .. } = &cli.command {
@@ -269,6 +316,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     // waits here instead of overwriting this one's state.
     let _lock = lock(&cli.state)?;
     let (mut state, (key, mut machine)) = State::load(&cli.state)?;
+    out.set_names(Names::of(&machine));
     let command = match &cli.command {
         Cmd::Register { count } => Command::Register { count: *count },
         Cmd::Group(GroupCmd::Create { name, pq }) => Command::CreateGroup {
@@ -277,12 +325,17 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         },
         Cmd::Group(GroupCmd::Add { name, member_key }) => Command::AddMember {
             group: name.clone(),
-            member: parse_key(member_key)?,
+            member: member(&machine, member_key)?,
         },
         Cmd::Group(GroupCmd::Remove { name, member_key }) => Command::RemoveMember {
             group: name.clone(),
-            member: parse_key(member_key)?,
+            member: member(&machine, member_key)?,
         },
+        Cmd::Contact(ContactCmd::Add { name, key }) => Command::AddContact {
+            name: name.clone(),
+            key: parse_key(key)?,
+        },
+        Cmd::Contact(ContactCmd::Remove { name }) => Command::RemoveContact { name: name.clone() },
         Cmd::Group(GroupCmd::Leave { name }) => Command::Leave {
             group: name.clone(),
         },
@@ -301,7 +354,8 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         },
         Cmd::Init
         | Cmd::Whoami { .. }
-        | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. })
+        | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. } | GroupCmd::Verify { .. })
+        | Cmd::Contact(ContactCmd::List)
         | Cmd::Recv { stream: true, .. } => {
             unreachable!("handled above")
         }
@@ -311,10 +365,22 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     // command queued stays in the state for the next command.
     let trust = match trust(&cli) {
         // Creating a group needs no server (deliveries left over from an
-        // earlier command wait for one that does).
-        Err(_) if matches!(command, Command::CreateGroup { .. }) => None,
+        // earlier command wait for one that does), and contacts never do.
+        Err(_)
+            if matches!(
+                command,
+                Command::CreateGroup { .. }
+                    | Command::AddContact { .. }
+                    | Command::RemoveContact { .. }
+            ) =>
+        {
+            None
+        }
         other => Some(other?),
     };
+    // This command's own change is shown by its outcome, not also as an
+    // event when the server takes it.
+    out.restated(restated(&command, machine.identity_key()));
     let mut down = None;
     let outcome = drive(
         &mut machine,
@@ -423,6 +489,7 @@ fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()>
 }
 
 fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow::Result<()> {
+    let names = Names::of(machine);
     let mut groups = machine.groups();
     if let Some(name) = only {
         groups.retain(|g| &g.name == name);
@@ -443,6 +510,12 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
                     "waiting": g.waiting,
                     "channel_id": hex(g.channel_id.as_bytes()),
                     "members": g.members.iter().map(|m| hex(m.as_bytes())).collect::<Vec<_>>(),
+                    // The contact name of each member that has one.
+                    "names": g
+                        .members
+                        .iter()
+                        .filter_map(|m| Some((hex(m.as_bytes()), json!(names.name(m)?))))
+                        .collect::<serde_json::Map<_, _>>(),
                 })
             );
         }
@@ -473,10 +546,98 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
             } else {
                 ""
             };
-            say!(out, "    {}{me}", hex(m.as_bytes()));
+            say!(out, "    {}{me}", names.show(&m));
         }
     }
     Ok(())
+}
+
+/// `group verify NAME`: the group's safety number at its current epoch.
+fn verify(machine: &ClientMachine, group: &str, out: &Output) -> anyhow::Result<()> {
+    let Some(number) = machine.safety_number(group) else {
+        bail!("no group named `{group}`");
+    };
+    if out.json {
+        say!(
+            out,
+            "{}",
+            json!({"type": "safety_number", "group": group, "epoch": number.epoch, "digits": number.digits})
+        );
+        return Ok(());
+    }
+    say!(
+        out,
+        "Safety number of {} at epoch {}:",
+        escape_control(group),
+        number.epoch
+    );
+    let grouped = number.grouped();
+    let groups: Vec<&str> = grouped.split(' ').collect();
+    for row in groups.chunks(4) {
+        say!(out, "    {}", row.join(" "));
+    }
+    say!(
+        out,
+        "Compare it with the other members in person or on a call, at the same epoch: equal numbers mean you share one group state."
+    );
+    Ok(())
+}
+
+/// `contact list`: every contact with its full key.
+fn contacts(machine: &ClientMachine, out: &Output) -> anyhow::Result<()> {
+    let contacts = machine.contacts();
+    if out.json {
+        for (name, key) in &contacts {
+            say!(
+                out,
+                "{}",
+                json!({"type": "contact", "name": name, "key": hex(key.as_bytes())})
+            );
+        }
+        return Ok(());
+    }
+    if contacts.is_empty() {
+        say!(
+            out,
+            "No contacts yet. Name a key with `qpq contact add NAME KEY`."
+        );
+    }
+    for (name, key) in contacts {
+        say!(out, "{}  {}", escape_control(&name), hex(key.as_bytes()));
+    }
+    Ok(())
+}
+
+/// A member given to `group add` or `group remove`: an identity key, or
+/// the name of a contact. A key is taken as the key it is, whatever the
+/// contacts are named.
+fn member(machine: &ClientMachine, given: &str) -> anyhow::Result<IdentityKey> {
+    if let Ok(key) = parse_key(given) {
+        return Ok(key);
+    }
+    let contacts = machine.contacts();
+    let (_, key) = contacts.iter().find(|(n, _)| n == given).ok_or_else(|| {
+        anyhow!("`{given}` is neither an identity key (64 hex digits, as `qpq whoami` prints it) nor a contact name")
+    })?;
+    Ok(*key)
+}
+
+/// The event of `command`'s own change once the server takes it, which
+/// the command's outcome reports too.
+fn restated(command: &Command, me: IdentityKey) -> Option<Event> {
+    match command {
+        Command::AddMember { group, member } => Some(Event::MemberAdded {
+            group: group.clone(),
+            member: *member,
+            by: me,
+        }),
+        Command::RemoveMember { group, member } => Some(Event::MemberRemoved {
+            group: group.clone(),
+            member: *member,
+            by: me,
+        }),
+        _ => None,
+    }
 }
 
 /// `recv --stream`: receive, then wait for more without holding the state
@@ -491,6 +652,7 @@ async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
             // state since the last round.
             let _lock = lock(&cli.state)?;
             let (mut state, (key, mut machine)) = State::load_with(&cli.state, &password)?;
+            out.set_names(Names::of(&machine));
             let command = Command::Receive { wait_ms: 0 };
             let r = drive(
                 &mut machine,
@@ -720,6 +882,11 @@ struct Output {
     json: bool,
     failed: Cell<Option<WriteFailure>>,
     gone: Notify,
+    /// Who is who, from the state file the command loaded.
+    names: RefCell<Names>,
+    /// The event of the running command's own change, which its outcome
+    /// reports instead.
+    restated: RefCell<Option<Event>>,
 }
 
 /// Why output stopped.
@@ -737,7 +904,19 @@ impl Output {
             json,
             failed: Cell::new(None),
             gone: Notify::new(),
+            names: RefCell::new(Names::default()),
+            restated: RefCell::new(None),
         }
+    }
+
+    /// Shows peers by these names from now on.
+    fn set_names(&self, names: Names) {
+        *self.names.borrow_mut() = names;
+    }
+
+    /// Leaves `event` out once: the command's outcome says it.
+    fn restated(&self, event: Option<Event>) {
+        *self.restated.borrow_mut() = event;
     }
 
     /// Writes `text` and a newline to stdout, or to stderr if `to_stderr`.
@@ -802,17 +981,33 @@ impl Output {
             Event::Disconnected { reason, .. } => {
                 return self.warning(&format!("server unreachable: {reason}"));
             }
+            e if self.restated.borrow().as_ref() == Some(e) => {
+                *self.restated.borrow_mut() = None;
+                return;
+            }
             _ => {}
         }
+        let names = self.names.borrow();
         if self.json {
+            // Keys in full, and the contact name beside each key that has one.
+            let named = |v: &mut serde_json::Value, field: &str, key: &IdentityKey| {
+                if let Some(name) = names.name(key) {
+                    v[field] = json!(name);
+                }
+            };
             let v = match e {
                 Event::Message {
                     group,
                     sender,
+                    sender_name,
                     text,
                     ..
                 } => {
-                    json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text})
+                    let mut v = json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text});
+                    if let Some(name) = sender_name {
+                        v["name"] = json!(name);
+                    }
+                    v
                 }
                 Event::Joined { group, members } => {
                     json!({"type": "joined", "group": group, "members": members})
@@ -824,7 +1019,29 @@ impl Output {
                 } => {
                     json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
                 }
-                Event::Removed { group, .. } => json!({"type": "removed", "group": group}),
+                Event::Removed { group, by } => {
+                    let mut v =
+                        json!({"type": "removed", "group": group, "by": hex(by.as_bytes())});
+                    named(&mut v, "by_name", by);
+                    v
+                }
+                Event::MemberAdded { group, member, by }
+                | Event::MemberRemoved { group, member, by } => {
+                    let kind = if matches!(e, Event::MemberAdded { .. }) {
+                        "member_added"
+                    } else {
+                        "member_removed"
+                    };
+                    let mut v = json!({"type": kind, "group": group, "member": hex(member.as_bytes()), "by": hex(by.as_bytes())});
+                    named(&mut v, "member_name", member);
+                    named(&mut v, "by_name", by);
+                    v
+                }
+                Event::MemberLeft { group, member } => {
+                    let mut v = json!({"type": "member_left", "group": group, "member": hex(member.as_bytes())});
+                    named(&mut v, "member_name", member);
+                    v
+                }
                 Event::Tampering { what } => json!({"type": "tampering", "message": what}),
                 Event::Warning { message } => json!({"type": "warning", "message": message}),
                 other => json!({"type": "other_event", "detail": format!("{other:?}")}),
@@ -838,13 +1055,16 @@ impl Output {
             Event::Message {
                 group,
                 sender,
+                sender_name,
                 text,
                 ..
             } => say!(
                 self,
                 "[{}] {}: {}",
                 escape_control(group),
-                short(sender),
+                sender_name
+                    .as_deref()
+                    .map_or_else(|| short_key(sender), |n| escape_control(n).into_owned()),
                 escape_control(text)
             ),
             Event::Joined { group, members } => {
@@ -863,9 +1083,34 @@ impl Output {
                 "* {} changed: epoch {epoch}, {members} members",
                 escape_control(group)
             ),
-            Event::Removed { group, .. } => {
-                say!(self, "* you were removed from {}", escape_control(group));
+            Event::Removed { group, by } => {
+                say!(
+                    self,
+                    "* {} removed you from {}",
+                    names.who(by),
+                    escape_control(group)
+                );
             }
+            Event::MemberAdded { group, member, by } => say!(
+                self,
+                "* {} added {} to {}",
+                names.who(by),
+                names.who(member),
+                escape_control(group)
+            ),
+            Event::MemberRemoved { group, member, by } => say!(
+                self,
+                "* {} removed {} from {}",
+                names.who(by),
+                names.who(member),
+                escape_control(group)
+            ),
+            Event::MemberLeft { group, member } => say!(
+                self,
+                "* {} left {}",
+                names.who(member),
+                escape_control(group)
+            ),
             Event::Tampering { what } => note!(self, "TAMPERING: {}", escape_control(what)),
             Event::Warning { message } => note!(self, "warning: {}", escape_control(message)),
             other => note!(self, "{}", escape_control(&format!("{other:?}"))),
@@ -873,8 +1118,9 @@ impl Output {
     }
 
     fn outcome(&self, o: &Outcome) {
+        let names = self.names.borrow();
         if self.json {
-            let v = match o {
+            let mut v = match o {
                 Outcome::Registered {
                     uploaded,
                     already,
@@ -906,12 +1152,32 @@ impl Output {
                     json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
                 }
                 Outcome::Left { group } => json!({"type": "left", "group": group}),
+                Outcome::ContactAdded {
+                    name,
+                    key,
+                    renamed_from,
+                } => {
+                    let mut v =
+                        json!({"type": "contact_added", "name": name, "key": hex(key.as_bytes())});
+                    if let Some(old) = renamed_from {
+                        v["renamed_from"] = json!(old);
+                    }
+                    v
+                }
+                Outcome::ContactRemoved { name, key } => {
+                    json!({"type": "contact_removed", "name": name, "key": hex(key.as_bytes())})
+                }
                 Outcome::Updated {
                     groups,
                     undelivered,
                 } => json!({"type": "updated", "groups": groups, "undelivered": undelivered}),
                 other => json!({"type": "other_outcome", "detail": format!("{other:?}")}),
             };
+            if let Outcome::MemberAdded { member, .. } | Outcome::MemberRemoved { member, .. } = o
+                && let Some(name) = names.name(member)
+            {
+                v["name"] = json!(name);
+            }
             say!(self, "{v}");
             return;
         }
@@ -940,7 +1206,7 @@ impl Output {
                 say!(
                     self,
                     "Added {} to {}.",
-                    short(member),
+                    names.show(member),
                     escape_control(group)
                 );
                 self.pending(*undelivered);
@@ -965,12 +1231,37 @@ impl Output {
                 say!(
                     self,
                     "Removed {} from {}.",
-                    short(member),
+                    names.show(member),
                     escape_control(group)
                 );
                 self.pending(*undelivered);
             }
             Outcome::Left { group } => say!(self, "Left {}.", escape_control(group)),
+            Outcome::ContactAdded {
+                name,
+                key,
+                renamed_from,
+            } => match renamed_from {
+                Some(old) => say!(
+                    self,
+                    "Renamed contact {} ({}) to {}.",
+                    escape_control(old),
+                    short_key(key),
+                    escape_control(name)
+                ),
+                None => say!(
+                    self,
+                    "Added contact {} ({}).",
+                    escape_control(name),
+                    short_key(key)
+                ),
+            },
+            Outcome::ContactRemoved { name, key } => say!(
+                self,
+                "Removed contact {} ({}).",
+                escape_control(name),
+                short_key(key)
+            ),
             Outcome::Updated {
                 groups,
                 undelivered,
@@ -1016,8 +1307,4 @@ impl Output {
             );
         }
     }
-}
-
-fn short(key: &IdentityKey) -> String {
-    format!("{}…", &hex(key.as_bytes())[..16])
 }
