@@ -62,6 +62,20 @@ pub enum Command {
         /// How long to wait when nothing is pending (0: don't wait).
         wait_ms: u64,
     },
+    /// Name the identity `key` `name` in this user's contacts (a key
+    /// already named is renamed). Local: persisted, nothing sent.
+    AddContact {
+        /// 1 to [`CONTACT_NAME_BYTES_MAX`] bytes, no control characters,
+        /// not another key's name.
+        name: String,
+        /// Their identity key.
+        key: IdentityKey,
+    },
+    /// Forget the contact `name`. Local: persisted, nothing sent.
+    RemoveContact {
+        /// The contact's name.
+        name: String,
+    },
 }
 
 /// What the machine asks the shell to do, in order.
@@ -99,6 +113,8 @@ pub enum Event {
         group: String,
         /// Who sent it.
         sender: IdentityKey,
+        /// The sender's contact name, if this user gave them one.
+        sender_name: Option<String>,
         /// What it says.
         text: String,
         /// Its seq in this user's queue of the group's channel.
@@ -118,6 +134,36 @@ pub enum Event {
     Removed {
         /// The group's name.
         group: String,
+        /// The member who removed this user.
+        by: IdentityKey,
+    },
+    /// `by` added `member` to a group: another member's Commit, or this
+    /// user's once the server has taken it. Shown before the
+    /// [`Event::GroupChanged`] of the same Commit.
+    MemberAdded {
+        /// The group's name.
+        group: String,
+        /// The new member.
+        member: IdentityKey,
+        /// Who added them (this user for its own Commits).
+        by: IdentityKey,
+    },
+    /// `by` removed `member` from a group (as [`Event::MemberAdded`]).
+    MemberRemoved {
+        /// The group's name.
+        group: String,
+        /// The removed member.
+        member: IdentityKey,
+        /// Who removed them.
+        by: IdentityKey,
+    },
+    /// `member` left a group: a Commit made their own removal proposal
+    /// take effect (as [`Event::MemberAdded`]).
+    MemberLeft {
+        /// The group's name.
+        group: String,
+        /// The member who left.
+        member: IdentityKey,
     },
     /// A Commit changed a group.
     GroupChanged {
@@ -229,6 +275,22 @@ pub enum Outcome {
         /// Application messages shown.
         messages: u32,
     },
+    /// The contact is in the book.
+    ContactAdded {
+        /// Its name.
+        name: String,
+        /// Its identity key.
+        key: IdentityKey,
+        /// The key's previous name, if it had another one.
+        renamed_from: Option<String>,
+    },
+    /// The contact is gone from the book.
+    ContactRemoved {
+        /// Its name.
+        name: String,
+        /// Its identity key.
+        key: IdentityKey,
+    },
 }
 
 /// Why a command failed.
@@ -247,6 +309,18 @@ pub enum CommandError {
     /// The name is empty, too long or not printable.
     #[error("invalid group name: {0}")]
     InvalidName(String),
+    /// The contact name is empty, too long or not printable.
+    #[error("invalid contact name: {0}")]
+    InvalidContactName(String),
+    /// Another key has that contact name.
+    #[error("a contact named `{0}` exists already (with another key)")]
+    ContactExists(String),
+    /// No contact has that name.
+    #[error("no contact named `{0}`")]
+    UnknownContact(String),
+    /// The contact book holds [`CONTACTS_MAX`] contacts.
+    #[error("the contact book is full ({CONTACTS_MAX} contacts); remove one first")]
+    ContactsFull,
     /// The text is too long.
     #[error("message of {0} bytes is longer than {TEXT_BYTES_MAX}")]
     TextTooLong(usize),

@@ -530,8 +530,10 @@ impl ClientMachine {
         commit: CommitRecord,
     ) -> Result<(), CommandError> {
         let mut group = self.load_group(record)?;
+        let shown = self.own_commit_events(record, &group, &commit.change);
         group.merge_pending_commit(&self.provider).map_err(mls)?;
         check_members(&group)?;
+        self.effects.extend(shown.into_iter().map(Effect::Event));
         if matches!(commit.change, Change::CommitLeave { .. }) {
             // Made for another member's leave, not asked for by this user:
             // show it, as any change another member makes.

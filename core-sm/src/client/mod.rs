@@ -1,13 +1,27 @@
 //! The client state machine: a user's identity, KeyPackages, MLS groups,
 //! queue cursors and outbox, sans-io.
 //!
-//! The shell starts one [`Command`] at a time with [`ClientMachine::start`]
-//! and drains [`Effect`]s with [`ClientMachine::poll_effect`]: requests to
-//! send to the NodeService (answered with
-//! [`ClientMachine::handle_response`]), state to persist, events to show,
-//! and finally the command's outcome. The machine never performs I/O.
+//! The shell feeds inputs — a [`Command`] at a time
+//! ([`ClientMachine::handle_command`]), answers
+//! ([`ClientMachine::handle_response`]), connection results
+//! ([`ClientMachine::handle_connected`] and its siblings), the long-poll
+//! switch ([`ClientMachine::handle_listen`]) and time
+//! ([`ClientMachine::handle_timeout`], when
+//! [`ClientMachine::poll_timeout`] says) — and drains [`Effect`]s with
+//! [`ClientMachine::poll_effect`]: state to persist, a connection to make,
+//! requests to send to the NodeService, events to show, and each command's
+//! outcome. The machine never performs I/O and never reads a clock.
 //!
-//! States (ARCHITECTURE.md § Client life cycle), derived from what the machine holds:
+//! The concerns live in their own files: `api` (the vocabulary), `link`
+//! (the connection and every retry clock), `groups` (changes and the
+//! commit race), `receive` (fetching, the long-poll, processing), `outbox`
+//! (deliveries), `keys` (KeyPackages, hybrid keys), `contacts`, `members`
+//! (who changed a group), `safety` (safety numbers), `content` (what an
+//! application message carries), `mls` (MLS helpers), `state` (the
+//! persisted layout).
+//!
+//! States (ARCHITECTURE.md § Client life cycle), derived from what the
+//! machine holds:
 //! `NoState` (no state file) → `IdentityGenerated` → `Registered` →
 //! `GroupOwner` | `GroupMember` → `Active` (see [`Phase`]).
 //!
@@ -82,15 +96,20 @@ pub const GROUP_NAME_EXPORTER_LABEL: &str = "quicproquo group name";
 pub const FETCH_BATCH: u32 = 100;
 /// Longest group name, in bytes.
 pub const GROUP_NAME_BYTES_MAX: usize = 64;
+/// Longest contact name, in bytes (as long as a group name).
+pub const CONTACT_NAME_BYTES_MAX: usize = 64;
+/// Contacts kept at most: far more than anyone names by hand, and each
+/// one is loaded and persisted with the state on every command.
+pub const CONTACTS_MAX: usize = 10_000;
 /// Longest message text, in bytes; well inside the server's payload limit
 /// after MLS framing.
 pub const TEXT_BYTES_MAX: usize = 64 * 1024;
 /// KeyPackages one `register` may generate at once.
 pub const REGISTER_COUNT_MAX: u32 = 100;
 /// Version of the persisted state layout. Versions 1 (before hybrid keys
-/// and pq groups) and 2 (before the per-group queue of changes) still
-/// restore.
-pub const STATE_VERSION: u32 = 3;
+/// and pq groups), 2 (before the per-group queue of changes) and 3 (before
+/// contacts) still restore.
+pub const STATE_VERSION: u32 = 4;
 /// Messages of a later epoch than its copy of the group that a member keeps
 /// per group until the Commit that starts that epoch reaches it (a
 /// Commit's copy to this member can be queued behind a message another
@@ -145,18 +164,23 @@ pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
 pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 
 mod api;
+mod contacts;
 pub mod content;
 mod groups;
 mod keys;
 mod link;
+mod members;
 mod mls;
 mod outbox;
 mod receive;
+mod safety;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
+use contacts::Contacts;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
 use mls::*;
+pub use safety::{SAFETY_NUMBER_LABEL, SafetyNumber};
 
 /// What an in-flight request was for.
 #[derive(Debug, Clone)]
@@ -255,6 +279,8 @@ pub struct ClientMachine {
     hybrid_keys: Vec<HybridSecretKey>,
     /// Verified hybrid public keys of peers, by identity.
     peer_hybrid_keys: BTreeMap<IdentityKey, HybridPublicKey>,
+    /// The names this user gave identity keys.
+    contacts: Contacts,
     groups: Vec<GroupRecord>,
     cursors: BTreeMap<ChannelId, u64>,
     outbox: BTreeMap<u64, OutboxEntry>,
@@ -330,6 +356,7 @@ impl ClientMachine {
                 m.peer_hybrid_keys.insert(IdentityKey(identity), key);
             }
         }
+        m.contacts = Contacts::restore(p.contacts)?;
         m.groups = p.groups;
         for (ch, seq) in p.cursors {
             let ch = ChannelId::try_from_slice(&ch)
@@ -351,6 +378,7 @@ impl ClientMachine {
             active: false,
             hybrid_keys: Vec::new(),
             peer_hybrid_keys: BTreeMap::new(),
+            contacts: Contacts::default(),
             groups: Vec::new(),
             cursors: BTreeMap::new(),
             outbox: BTreeMap::new(),
@@ -401,6 +429,7 @@ impl ClientMachine {
                 .iter()
                 .map(|(id, k)| (id.0, k.to_bytes()))
                 .collect(),
+            contacts: self.contacts.to_list(),
         };
         p.encode()
     }
@@ -496,6 +525,20 @@ impl ClientMachine {
                 .push_back(Effect::Done(Err(CommandError::Busy)));
             return;
         }
+        // Contacts are local: changed and persisted, with no request and no
+        // effect on the deliveries and retries under way.
+        let local = match command {
+            Command::AddContact { name, key } => self.add_contact(name, key),
+            Command::RemoveContact { name } => self.remove_contact(name),
+            command => return self.start_remote(command),
+        };
+        if let Err(e) = local {
+            self.effects.push_back(Effect::Done(Err(e)));
+        }
+    }
+
+    /// Starts a command that may need the server.
+    fn start_remote(&mut self, command: Command) {
         // Requests an earlier command left waiting for a connection (a
         // one-shot shell stops carrying requests at `Done`) are made anew
         // where still needed: outbox entries by the flush below (with the
@@ -520,6 +563,9 @@ impl ClientMachine {
             Command::Leave { group } => self.leave(group),
             Command::Update { group } => self.update(group),
             Command::Receive { wait_ms } => self.start_receive(wait_ms),
+            Command::AddContact { .. } | Command::RemoveContact { .. } => {
+                unreachable!("handled above")
+            }
         };
         if let Err(e) = result {
             self.fail(e);

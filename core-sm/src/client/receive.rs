@@ -607,6 +607,7 @@ impl ClientMachine {
                 self.effects.push_back(Effect::Event(Event::Message {
                     group: record.name,
                     sender,
+                    sender_name: self.contacts.name(&sender).map(str::to_owned),
                     text,
                     seq,
                     sent_at_ms,
@@ -653,12 +654,15 @@ impl ClientMachine {
                         ));
                     }
                 }
+                // Every member's credential is checked to be an identity
+                // (`check_members`), so a Commit always names its committer.
+                let committer =
+                    sender.ok_or_else(|| CommandError::Mls("a Commit from no identity".into()))?;
                 // The committer may have rotated its hybrid key with this
                 // Commit (`update`): fetch it anew before sealing to it.
-                if let Some(committer) = sender {
-                    self.peer_hybrid_keys.remove(&committer);
-                }
+                self.peer_hybrid_keys.remove(&committer);
                 let removed = commit.self_removed();
+                let shown = members::commit_events(&group, &record.name, &commit, committer);
                 // Another member's Commit for this epoch came first: ours,
                 // if one is pending, lost; its change is made again on top.
                 if let Some(own) = &record.commit {
@@ -675,11 +679,21 @@ impl ClientMachine {
                     // Removed by another member: nothing more can be read or
                     // sent in this group.
                     self.forget(&record.group_id);
-                    self.effects
-                        .push_back(Effect::Event(Event::Removed { group: record.name }));
+                    let by = shown
+                        .into_iter()
+                        .find_map(|e| match e {
+                            Event::Removed { by, .. } => Some(by),
+                            _ => None,
+                        })
+                        .unwrap_or(committer);
+                    self.effects.push_back(Effect::Event(Event::Removed {
+                        group: record.name,
+                        by,
+                    }));
                     return Ok(Processed::Done);
                 }
                 check_members(&group)?;
+                self.effects.extend(shown.into_iter().map(Effect::Event));
                 self.effects.push_back(Effect::Event(Event::GroupChanged {
                     group: record.name,
                     epoch: group.epoch().as_u64(),

@@ -9,6 +9,7 @@
 //! `register` or `update` makes one) and every group not pq. Version 2
 //! predates the per-group queue of changes and the Commit awaiting the
 //! server: it restores with both empty (its Commits were merged when made).
+//! Version 3 predates contacts: it restores with none.
 
 use serde::{Deserialize, Serialize};
 
@@ -114,7 +115,7 @@ pub(super) struct OutboxEntry {
     pub seal: bool,
 }
 
-/// Everything the machine persists (layout version 3).
+/// Everything the machine persists (layout version 4).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Persisted {
     pub version: u32,
@@ -130,6 +131,8 @@ pub(super) struct Persisted {
     pub hybrid_keys: Vec<Vec<u8>>,
     /// Verified peer hybrid public keys, by identity.
     pub peer_hybrid_keys: Vec<([u8; 32], Vec<u8>)>,
+    /// Contacts: identity key and name, ordered by key.
+    pub contacts: Vec<([u8; 32], String)>,
 }
 
 impl Persisted {
@@ -145,16 +148,58 @@ impl Persisted {
         let (version, _) = postcard::take_from_bytes::<u32>(snapshot).map_err(bad)?;
         match version {
             STATE_VERSION => postcard::from_bytes(snapshot).map_err(bad),
+            3 => Ok(postcard::from_bytes::<PersistedV3>(snapshot)
+                .map_err(bad)?
+                .upgrade()),
             2 => Ok(postcard::from_bytes::<PersistedV2>(snapshot)
                 .map_err(bad)?
+                .upgrade()
                 .upgrade()),
             1 => Ok(postcard::from_bytes::<PersistedV1>(snapshot)
                 .map_err(bad)?
                 .upgrade()
+                .upgrade()
                 .upgrade()),
             other => Err(CommandError::State(format!(
-                "state version {other} is not the supported {STATE_VERSION} (or 2 or 1)"
+                "state version {other} is not the supported {STATE_VERSION} (or 3, 2 or 1)"
             ))),
+        }
+    }
+}
+
+/// Layout version 3, frozen: do not change. Its groups and outbox
+/// entries are today's [`GroupRecord`] and [`OutboxEntry`]; a change to
+/// either freezes a copy of it here.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PersistedV3 {
+    pub version: u32,
+    pub identity_seed: [u8; 32],
+    pub registered: bool,
+    pub active: bool,
+    pub groups: Vec<GroupRecord>,
+    pub cursors: Vec<(Vec<u8>, u64)>,
+    pub outbox: Vec<(u64, OutboxEntry)>,
+    pub next_outbox_id: u64,
+    pub mls_storage: Vec<(Vec<u8>, Vec<u8>)>,
+    pub hybrid_keys: Vec<Vec<u8>>,
+    pub peer_hybrid_keys: Vec<([u8; 32], Vec<u8>)>,
+}
+
+impl PersistedV3 {
+    fn upgrade(self) -> Persisted {
+        Persisted {
+            version: STATE_VERSION,
+            identity_seed: self.identity_seed,
+            registered: self.registered,
+            active: self.active,
+            groups: self.groups,
+            cursors: self.cursors,
+            outbox: self.outbox,
+            next_outbox_id: self.next_outbox_id,
+            mls_storage: self.mls_storage,
+            hybrid_keys: self.hybrid_keys,
+            peer_hybrid_keys: self.peer_hybrid_keys,
+            contacts: Vec::new(),
         }
     }
 }
@@ -196,9 +241,9 @@ pub(super) struct OutboxEntryV2 {
 }
 
 impl PersistedV2 {
-    fn upgrade(self) -> Persisted {
-        Persisted {
-            version: STATE_VERSION,
+    fn upgrade(self) -> PersistedV3 {
+        PersistedV3 {
+            version: 3,
             identity_seed: self.identity_seed,
             registered: self.registered,
             active: self.active,

@@ -221,7 +221,7 @@ fn register(w: &mut World, who: usize) {
 }
 
 fn add(w: &mut World, who: usize, group: &str, member: usize) {
-    let member = w.key(member);
+    let (by, member) = (w.key(who), w.key(member));
     let (events, outcome) = w.run(
         who,
         Command::AddMember {
@@ -229,7 +229,13 @@ fn add(w: &mut World, who: usize, group: &str, member: usize) {
             member,
         },
     );
-    assert!(events.is_empty(), "{events:?}");
+    // The Commit was taken by the server and merged: shown as made by `who`.
+    let added = Event::MemberAdded {
+        group: group.into(),
+        member,
+        by,
+    };
+    assert_eq!(events, [added]);
     assert!(
         matches!(outcome, Ok(Outcome::MemberAdded { undelivered: 0, .. })),
         "{outcome:?}"
@@ -924,7 +930,7 @@ fn removed_member_learns_it_and_gets_nothing_more() {
     assert!(
         events
             .iter()
-            .any(|e| matches!(e, Event::Removed { group } if group == "team"))
+            .any(|e| matches!(e, Event::Removed { group, .. } if group == "team"))
     );
     assert!(w.machine(2).groups().is_empty());
     let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
@@ -1695,6 +1701,8 @@ fn snapshot_from_before_hybrid_keys_restores_and_register_adds_one() {
         Err(CommandError::State(_))
     ));
 }
+
+mod who;
 
 mod interleavings {
     use proptest::prelude::*;

@@ -22,6 +22,10 @@
 //! | `group_list` | | `groups` (`groups`: a `group` object each) |
 //! | `update` | `group` (all) | `updated` |
 //! | `send` | `group`, `text` | `sent` |
+//! | `contact_add` | `name`, `key` | `contact_added` |
+//! | `contact_remove` | `name` | `contact_removed` |
+//! | `contact_list` | | `contacts` (`contacts`: a `contact` object each) |
+//! | `group_verify` | `group` | `safety_number` (`epoch`, `digits`) |
 //! | `shutdown` | | `shutdown`, then the daemon closes the session |
 //!
 //! Limits: a request line is at most [`DAEMON_LINE_BYTES_MAX`] bytes (a
@@ -208,6 +212,25 @@ async fn run(
             let groups: Vec<Value> = groups.iter().map(crate::json::group).collect();
             return Ok(json!({"type": "groups", "groups": groups}));
         }
+        "contact_list" => {
+            let contacts = session.contacts().await.map_err(|e| e.to_string())?;
+            let contacts: Vec<Value> = contacts
+                .iter()
+                .map(|(name, key)| json!({"type": "contact", "name": name, "key": hex(key.as_bytes())}))
+                .collect();
+            return Ok(json!({"type": "contacts", "contacts": contacts}));
+        }
+        "group_verify" => {
+            let group = text("group")?;
+            let number = session
+                .safety_number(&group)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no group named `{group}`"))?;
+            return Ok(
+                json!({"type": "safety_number", "group": group, "epoch": number.epoch, "digits": number.digits}),
+            );
+        }
         "shutdown" => {
             let _ = stop.send(true);
             return Ok(json!({"type": "shutdown"}));
@@ -239,6 +262,13 @@ async fn run(
             group: text("group")?,
             text: text("text")?,
         },
+        "contact_add" => Command::AddContact {
+            name: text("name")?,
+            key: parse_key(&text("key")?)?,
+        },
+        "contact_remove" => Command::RemoveContact {
+            name: text("name")?,
+        },
         other => return Err(format!("unknown method `{other}`")),
     };
     match session.command(command).await {
@@ -266,6 +296,11 @@ pub fn request_for(command: &Command) -> Option<(&'static str, Value)> {
         Command::Leave { group } => ("group_leave", json!({"group": group})),
         Command::Update { group } => ("update", json!({"group": group})),
         Command::Send { group, text } => ("send", json!({"group": group, "text": text})),
+        Command::AddContact { name, key } => (
+            "contact_add",
+            json!({"name": name, "key": hex(key.as_bytes())}),
+        ),
+        Command::RemoveContact { name } => ("contact_remove", json!({"name": name})),
         _ => return None,
     })
 }

@@ -7,8 +7,10 @@ use quicproquo_core::client::{Event, GroupSummary, Outcome};
 use quicproquo_core::types::hex;
 use serde_json::{Value, json};
 
-/// An event: `message`, `joined`, `group_changed`, `removed`, `warning`,
-/// `tampering`, `delivered`, `connected`, `reconnecting`, `disconnected`.
+/// An event: `message` (with the sender's contact `name` if any),
+/// `joined`, `member_added`, `member_removed`, `member_left`,
+/// `group_changed`, `removed`, `warning`, `tampering`, `delivered`,
+/// `connected`, `reconnecting`, `disconnected`.
 pub fn event(e: &Event) -> Value {
     match e {
         Event::Delivered { group, message_id } => {
@@ -25,11 +27,25 @@ pub fn event(e: &Event) -> Value {
         Event::Message {
             group,
             sender,
+            sender_name,
             text,
             seq,
             sent_at_ms,
         } => {
-            json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text, "seq": seq, "sent_at_ms": sent_at_ms})
+            let mut v = json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text, "seq": seq, "sent_at_ms": sent_at_ms});
+            if let Some(name) = sender_name {
+                v["name"] = json!(name);
+            }
+            v
+        }
+        Event::MemberAdded { group, member, by } => {
+            json!({"type": "member_added", "group": group, "member": hex(member.as_bytes()), "by": hex(by.as_bytes())})
+        }
+        Event::MemberRemoved { group, member, by } => {
+            json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "by": hex(by.as_bytes())})
+        }
+        Event::MemberLeft { group, member } => {
+            json!({"type": "member_left", "group": group, "member": hex(member.as_bytes())})
         }
         Event::Joined { group, members } => {
             json!({"type": "joined", "group": group, "members": members})
@@ -41,7 +57,9 @@ pub fn event(e: &Event) -> Value {
         } => {
             json!({"type": "group_changed", "group": group, "epoch": epoch, "members": members})
         }
-        Event::Removed { group } => json!({"type": "removed", "group": group}),
+        Event::Removed { group, by } => {
+            json!({"type": "removed", "group": group, "by": hex(by.as_bytes())})
+        }
         Event::Tampering { what } => json!({"type": "tampering", "message": what}),
         Event::Warning { message } => json!({"type": "warning", "message": message}),
         other => json!({"type": "other_event", "detail": format!("{other:?}")}),
@@ -49,7 +67,8 @@ pub fn event(e: &Event) -> Value {
 }
 
 /// A command's outcome: `registered`, `group_created`, `member_added`,
-/// `member_removed`, `left`, `updated`, `sent`, `received`.
+/// `member_removed`, `left`, `updated`, `sent`, `received`,
+/// `contact_added`, `contact_removed`.
 pub fn outcome(o: &Outcome) -> Value {
     match o {
         Outcome::Registered {
@@ -83,6 +102,20 @@ pub fn outcome(o: &Outcome) -> Value {
             json!({"type": "member_removed", "group": group, "member": hex(member.as_bytes()), "undelivered": undelivered})
         }
         Outcome::Left { group } => json!({"type": "left", "group": group}),
+        Outcome::ContactAdded {
+            name,
+            key,
+            renamed_from,
+        } => {
+            let mut v = json!({"type": "contact_added", "name": name, "key": hex(key.as_bytes())});
+            if let Some(old) = renamed_from {
+                v["renamed_from"] = json!(old);
+            }
+            v
+        }
+        Outcome::ContactRemoved { name, key } => {
+            json!({"type": "contact_removed", "name": name, "key": hex(key.as_bytes())})
+        }
         Outcome::Updated {
             groups,
             undelivered,
@@ -126,6 +159,15 @@ pub fn outcome_from(v: &Value) -> Option<Outcome> {
         },
         "left" => Outcome::Left {
             group: text("group")?,
+        },
+        "contact_added" => Outcome::ContactAdded {
+            name: text("name")?,
+            key: key("key")?,
+            renamed_from: text("renamed_from"),
+        },
+        "contact_removed" => Outcome::ContactRemoved {
+            name: text("name")?,
+            key: key("key")?,
         },
         "updated" => Outcome::Updated {
             groups: v["groups"]

@@ -3,14 +3,14 @@
 //! server, persisting whenever the machine asks, and prints the result —
 //! human-readable by default, one JSON object per line with `--json`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use quicproquo_client::display::escape_control;
+use quicproquo_client::display::{Names, escape_control, short_key};
 use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
 use quicproquo_client::{
     Client, ClientError, Clock, DriveError, ServerTrust, Session, SessionConfig, SessionError,
@@ -102,9 +102,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         count: u32,
     },
-    /// Create, extend and list groups.
+    /// Create, extend, list and verify groups.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Name people's identity keys, and list and forget the names.
+    ///
+    /// Messages, members and group changes are then shown by these names
+    /// instead of by the first 16 hex digits of a key, and `group add` and
+    /// `group remove` take a name. The names are yours alone: they are kept
+    /// in your state file and never sent.
+    #[command(subcommand)]
+    Contact(ContactCmd),
     /// Rotate your keys (a self-update Commit) in one group or all.
     ///
     /// Without a group name it also rotates your hybrid (post-quantum) key
@@ -144,9 +152,10 @@ enum Cmd {
     /// answers ({"type": "result", "id": 1, "result": {...}} or
     /// {"type": "error", ...}) and events (the objects `qpq --json` prints)
     /// come back as lines. Methods: whoami, register, group_create,
-    /// group_add, group_remove, group_leave, group_list, update, send,
-    /// shutdown. Other qpq commands on the same state file are carried out
-    /// by the daemon through its socket. Stops on `shutdown`, SIGINT or
+    /// group_add, group_remove, group_leave, group_list, group_verify,
+    /// update, send, contact_add, contact_remove, contact_list, shutdown.
+    /// Other qpq commands on the same state file are carried out by the
+    /// daemon through its socket. Stops on `shutdown`, SIGINT or
     /// SIGTERM (and at the end of stdin with --no-socket).
     Daemon {
         /// Serve on this socket instead of <state>.sock.
@@ -173,18 +182,19 @@ enum GroupCmd {
         #[arg(long)]
         pq: bool,
     },
-    /// Add someone (by identity key) to a group.
+    /// Add someone (by identity key or contact name) to a group.
     Add {
         /// The group's name.
         name: String,
-        /// Their identity key, 64 hex digits (`qpq whoami`).
+        /// Their identity key, 64 hex digits (`qpq whoami`), or their
+        /// contact name.
         member_key: String,
     },
     /// Remove someone from a group.
     Remove {
         /// The group's name.
         name: String,
-        /// Their identity key, 64 hex digits.
+        /// Their identity key, 64 hex digits, or their contact name.
         member_key: String,
     },
     /// Leave a group (its other members commit your removal).
@@ -199,6 +209,36 @@ enum GroupCmd {
     },
     /// List your groups.
     List,
+    /// Show the group's safety number, to compare with other members.
+    ///
+    /// Sixty digits derived from the group's MLS state at its current
+    /// epoch. Members who see the same digits at the same epoch share the
+    /// same group state: the server has not forked the group or swapped
+    /// anyone's keys. Compare them in person or on a call. The number
+    /// changes with every change to the group (an add, a removal, a key
+    /// update), so compare at the same epoch.
+    Verify {
+        /// The group's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactCmd {
+    /// Name an identity key (a key already named gets the new name).
+    Add {
+        /// 1 to 64 bytes, no control characters; unique among your contacts.
+        name: String,
+        /// Their identity key, 64 hex digits (`qpq whoami`).
+        key: String,
+    },
+    /// List your contacts with their full keys.
+    List,
+    /// Forget a contact's name.
+    Remove {
+        /// The contact's name.
+        name: String,
+    },
 }
 
 fn main() {
@@ -229,6 +269,10 @@ fn main() {
             () = out.gone() => None,
         }
     });
+    // Everything the command did is written by now. A read of stdin may
+    // still be blocked on its thread (the daemon reads requests there), and
+    // an ordinary runtime shutdown would wait for it.
+    runtime.shutdown_background();
     if let Some(code) = out.report_failure() {
         std::process::exit(code);
     }
@@ -282,6 +326,14 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
             let (_, (_, machine)) = State::load(&cli.state)?;
             return list(&machine, out, Some(name));
         }
+        Cmd::Group(GroupCmd::Verify { name }) => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return verify(&machine, name, out);
+        }
+        Cmd::Contact(ContactCmd::List) => {
+            let (_, (_, machine)) = State::load(&cli.state)?;
+            return contacts(&machine, out);
+        }
         _ => {}
     }
     match &cli.command {
@@ -302,44 +354,6 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Cmd::Send { text, .. } if text == "-" => Some(message_from_stdin()?),
         _ => None,
     };
-    let command = match &cli.command {
-        Cmd::Register { count } => Command::Register { count: *count },
-        Cmd::Group(GroupCmd::Create { name, pq }) => Command::CreateGroup {
-            name: name.clone(),
-            pq: *pq,
-        },
-        Cmd::Group(GroupCmd::Add { name, member_key }) => Command::AddMember {
-            group: name.clone(),
-            member: parse_key(member_key)?,
-        },
-        Cmd::Group(GroupCmd::Remove { name, member_key }) => Command::RemoveMember {
-            group: name.clone(),
-            member: parse_key(member_key)?,
-        },
-        Cmd::Group(GroupCmd::Leave { name }) => Command::Leave {
-            group: name.clone(),
-        },
-        Cmd::Update { name } => Command::Update {
-            group: name.clone(),
-        },
-        Cmd::Send { name, text } => Command::Send {
-            group: name.clone(),
-            text: stdin_text.unwrap_or_else(|| text.clone()),
-        },
-        Cmd::Recv {
-            stream: false,
-            timeout_ms,
-        } => Command::Receive {
-            wait_ms: *timeout_ms,
-        },
-        Cmd::Init
-        | Cmd::Whoami { .. }
-        | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. })
-        | Cmd::Recv { stream: true, .. }
-        | Cmd::Daemon { .. } => {
-            unreachable!("handled above")
-        }
-    };
     // One command at a time per state file: another `qpq` on the same file
     // waits here instead of overwriting this one's state. A running
     // session (`recv --stream`, `daemon`) holds the file for as long as it
@@ -349,21 +363,36 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         None => {
             let socket = daemon::socket_path(&cli.state);
             if socket.exists() {
+                let command = command(&cli, None, stdin_text)?;
                 return forward(&socket, &command, out).await;
             }
             lock(&cli.state)?
         }
     };
     let (mut state, (key, mut machine)) = State::load(&cli.state)?;
+    out.set_names(Names::of(&machine));
+    let command = command(&cli, Some(&machine), stdin_text)?;
     // The connection is made when the command needs the server (group
     // creation is local); if the server cannot be reached, what the
     // command queued stays in the state for the next command.
     let trust = match trust(&cli) {
         // Creating a group needs no server (deliveries left over from an
-        // earlier command wait for one that does).
-        Err(_) if matches!(command, Command::CreateGroup { .. }) => None,
+        // earlier command wait for one that does), and contacts never do.
+        Err(_)
+            if matches!(
+                command,
+                Command::CreateGroup { .. }
+                    | Command::AddContact { .. }
+                    | Command::RemoveContact { .. }
+            ) =>
+        {
+            None
+        }
         other => Some(other?),
     };
+    // This command's own change is shown by its outcome, not also as an
+    // event when the server takes it.
+    out.restated(restated(&command, machine.identity_key()));
     let mut down = None;
     let outcome = drive(
         &mut machine,
@@ -414,6 +443,59 @@ fn finish(
 struct Down {
     reason: String,
     permanent: bool,
+}
+
+/// The machine command `cli` asks for. `machine` (the loaded state) names
+/// contacts; without it a contact name is looked up in the state file.
+fn command(
+    cli: &Cli,
+    machine: Option<&ClientMachine>,
+    stdin_text: Option<String>,
+) -> anyhow::Result<Command> {
+    Ok(match &cli.command {
+        Cmd::Register { count } => Command::Register { count: *count },
+        Cmd::Group(GroupCmd::Create { name, pq }) => Command::CreateGroup {
+            name: name.clone(),
+            pq: *pq,
+        },
+        Cmd::Group(GroupCmd::Add { name, member_key }) => Command::AddMember {
+            group: name.clone(),
+            member: member(cli, machine, member_key)?,
+        },
+        Cmd::Group(GroupCmd::Remove { name, member_key }) => Command::RemoveMember {
+            group: name.clone(),
+            member: member(cli, machine, member_key)?,
+        },
+        Cmd::Contact(ContactCmd::Add { name, key }) => Command::AddContact {
+            name: name.clone(),
+            key: parse_key(key)?,
+        },
+        Cmd::Contact(ContactCmd::Remove { name }) => Command::RemoveContact { name: name.clone() },
+        Cmd::Group(GroupCmd::Leave { name }) => Command::Leave {
+            group: name.clone(),
+        },
+        Cmd::Update { name } => Command::Update {
+            group: name.clone(),
+        },
+        Cmd::Send { name, text } => Command::Send {
+            group: name.clone(),
+            text: stdin_text.unwrap_or_else(|| text.clone()),
+        },
+        Cmd::Recv {
+            stream: false,
+            timeout_ms,
+        } => Command::Receive {
+            wait_ms: *timeout_ms,
+        },
+        Cmd::Init
+        | Cmd::Whoami { .. }
+        | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. } | GroupCmd::Verify { .. })
+        | Cmd::Contact(ContactCmd::List)
+        | Cmd::Recv { stream: true, .. }
+        | Cmd::Daemon { .. } => {
+            unreachable!("handled above")
+        }
+    })
 }
 
 fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
@@ -472,6 +554,7 @@ fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()>
 }
 
 fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow::Result<()> {
+    let names = Names::of(machine);
     let mut groups = machine.groups();
     if let Some(name) = only {
         groups.retain(|g| &g.name == name);
@@ -481,7 +564,15 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
     }
     if out.json {
         for g in &groups {
-            say!(out, "{}", quicproquo_client::json::group(g));
+            let mut v = quicproquo_client::json::group(g);
+            // The contact name of each member that has one.
+            v["names"] = g
+                .members
+                .iter()
+                .filter_map(|m| Some((hex(m.as_bytes()), json!(names.name(m)?))))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            say!(out, "{v}");
         }
         return Ok(());
     }
@@ -510,10 +601,107 @@ fn list(machine: &ClientMachine, out: &Output, only: Option<&String>) -> anyhow:
             } else {
                 ""
             };
-            say!(out, "    {}{me}", hex(m.as_bytes()));
+            say!(out, "    {}{me}", names.show(&m));
         }
     }
     Ok(())
+}
+
+/// `group verify NAME`: the group's safety number at its current epoch.
+fn verify(machine: &ClientMachine, group: &str, out: &Output) -> anyhow::Result<()> {
+    let Some(number) = machine.safety_number(group) else {
+        bail!("no group named `{group}`");
+    };
+    if out.json {
+        say!(
+            out,
+            "{}",
+            json!({"type": "safety_number", "group": group, "epoch": number.epoch, "digits": number.digits})
+        );
+        return Ok(());
+    }
+    say!(
+        out,
+        "Safety number of {} at epoch {}:",
+        escape_control(group),
+        number.epoch
+    );
+    let grouped = number.grouped();
+    let groups: Vec<&str> = grouped.split(' ').collect();
+    for row in groups.chunks(4) {
+        say!(out, "    {}", row.join(" "));
+    }
+    say!(
+        out,
+        "Compare it with the other members in person or on a call, at the same epoch: equal numbers mean you share one group state."
+    );
+    Ok(())
+}
+
+/// `contact list`: every contact with its full key.
+fn contacts(machine: &ClientMachine, out: &Output) -> anyhow::Result<()> {
+    let contacts = machine.contacts();
+    if out.json {
+        for (name, key) in &contacts {
+            say!(
+                out,
+                "{}",
+                json!({"type": "contact", "name": name, "key": hex(key.as_bytes())})
+            );
+        }
+        return Ok(());
+    }
+    if contacts.is_empty() {
+        say!(
+            out,
+            "No contacts yet. Name a key with `qpq contact add NAME KEY`."
+        );
+    }
+    for (name, key) in contacts {
+        say!(out, "{}  {}", escape_control(&name), hex(key.as_bytes()));
+    }
+    Ok(())
+}
+
+/// A member given to `group add` or `group remove`: an identity key, or
+/// the name of a contact (looked up in `machine`, or in the state file when
+/// a running session holds it). A key is taken as the key it is, whatever
+/// the contacts are named.
+fn member(cli: &Cli, machine: Option<&ClientMachine>, given: &str) -> anyhow::Result<IdentityKey> {
+    if let Ok(key) = parse_key(given) {
+        return Ok(key);
+    }
+    let loaded;
+    let machine = match machine {
+        Some(m) => m,
+        None => {
+            loaded = State::load(&cli.state)?.1.1;
+            &loaded
+        }
+    };
+    let contacts = machine.contacts();
+    let (_, key) = contacts.iter().find(|(n, _)| n == given).ok_or_else(|| {
+        anyhow!("`{given}` is neither an identity key (64 hex digits, as `qpq whoami` prints it) nor a contact name")
+    })?;
+    Ok(*key)
+}
+
+/// The event of `command`'s own change once the server takes it, which
+/// the command's outcome reports too.
+fn restated(command: &Command, me: IdentityKey) -> Option<Event> {
+    match command {
+        Command::AddMember { group, member } => Some(Event::MemberAdded {
+            group: group.clone(),
+            member: *member,
+            by: me,
+        }),
+        Command::RemoveMember { group, member } => Some(Event::MemberRemoved {
+            group: group.clone(),
+            member: *member,
+            by: me,
+        }),
+        _ => None,
+    }
 }
 
 /// Hands `command` to the session running on this state file, through
@@ -540,6 +728,10 @@ async fn forward(socket: &std::path::Path, command: &Command, out: &Output) -> a
 async fn stream(cli: &Cli, out: &Output) -> anyhow::Result<()> {
     let session = Arc::new(open_session(cli).await?);
     let mut events = session.subscribe().await?;
+    out.set_names(Names::new(
+        session.identity_key(),
+        session.contacts().await?,
+    ));
     let (stop, _) = tokio::sync::watch::channel(false);
     let socket = daemon::socket_path(&cli.state);
     let server = tokio::spawn(daemon::serve_socket(
@@ -819,6 +1011,11 @@ struct Output {
     json: bool,
     failed: Cell<Option<WriteFailure>>,
     gone: Notify,
+    /// Who is who, from the state file the command loaded.
+    names: RefCell<Names>,
+    /// The event of the running command's own change, which its outcome
+    /// reports instead.
+    restated: RefCell<Option<Event>>,
 }
 
 /// Why output stopped.
@@ -836,7 +1033,19 @@ impl Output {
             json,
             failed: Cell::new(None),
             gone: Notify::new(),
+            names: RefCell::new(Names::default()),
+            restated: RefCell::new(None),
         }
+    }
+
+    /// Shows peers by these names from now on.
+    fn set_names(&self, names: Names) {
+        *self.names.borrow_mut() = names;
+    }
+
+    /// Leaves `event` out once: the command's outcome says it.
+    fn restated(&self, event: Option<Event>) {
+        *self.restated.borrow_mut() = event;
     }
 
     /// Writes `text` and a newline to stdout, or to stderr if `to_stderr`.
@@ -901,10 +1110,22 @@ impl Output {
             Event::Disconnected { reason, .. } => {
                 return self.warning(&format!("server unreachable: {reason}"));
             }
+            e if self.restated.borrow().as_ref() == Some(e) => {
+                *self.restated.borrow_mut() = None;
+                return;
+            }
             _ => {}
         }
+        let names = self.names.borrow();
         if self.json {
-            let v = quicproquo_client::json::event(e);
+            let mut v = quicproquo_client::json::event(e);
+            // The contact name beside each key that has one.
+            for (field, named) in [("member", "member_name"), ("by", "by_name")] {
+                let key = v[field].as_str().and_then(|k| daemon::parse_key(k).ok());
+                if let Some(name) = key.as_ref().and_then(|k| names.name(k)) {
+                    v[named] = json!(name);
+                }
+            }
             say!(self, "{v}");
             return;
         }
@@ -914,6 +1135,7 @@ impl Output {
             Event::Message {
                 group,
                 sender,
+                sender_name,
                 text,
                 sent_at_ms,
                 ..
@@ -922,7 +1144,9 @@ impl Output {
                 "[{}] {}{}: {}",
                 escape_control(group),
                 sent_at_ms.map(sent_time).unwrap_or_default(),
-                short(sender),
+                sender_name
+                    .as_deref()
+                    .map_or_else(|| short_key(sender), |n| escape_control(n).into_owned()),
                 escape_control(text)
             ),
             Event::Joined { group, members } => {
@@ -941,9 +1165,34 @@ impl Output {
                 "* {} changed: epoch {epoch}, {members} members",
                 escape_control(group)
             ),
-            Event::Removed { group } => {
-                say!(self, "* you were removed from {}", escape_control(group));
+            Event::Removed { group, by } => {
+                say!(
+                    self,
+                    "* {} removed you from {}",
+                    names.who(by),
+                    escape_control(group)
+                );
             }
+            Event::MemberAdded { group, member, by } => say!(
+                self,
+                "* {} added {} to {}",
+                names.who(by),
+                names.who(member),
+                escape_control(group)
+            ),
+            Event::MemberRemoved { group, member, by } => say!(
+                self,
+                "* {} removed {} from {}",
+                names.who(by),
+                names.who(member),
+                escape_control(group)
+            ),
+            Event::MemberLeft { group, member } => say!(
+                self,
+                "* {} left {}",
+                names.who(member),
+                escape_control(group)
+            ),
             Event::Tampering { what } => note!(self, "TAMPERING: {}", escape_control(what)),
             Event::Warning { message } => note!(self, "warning: {}", escape_control(message)),
             other => note!(self, "{}", escape_control(&format!("{other:?}"))),
@@ -951,8 +1200,14 @@ impl Output {
     }
 
     fn outcome(&self, o: &Outcome) {
+        let names = self.names.borrow();
         if self.json {
-            let v = quicproquo_client::json::outcome(o);
+            let mut v = quicproquo_client::json::outcome(o);
+            if let Outcome::MemberAdded { member, .. } | Outcome::MemberRemoved { member, .. } = o
+                && let Some(name) = names.name(member)
+            {
+                v["name"] = json!(name);
+            }
             say!(self, "{v}");
             return;
         }
@@ -981,7 +1236,7 @@ impl Output {
                 say!(
                     self,
                     "Added {} to {}.",
-                    short(member),
+                    names.show(member),
                     escape_control(group)
                 );
                 self.pending(*undelivered);
@@ -1006,12 +1261,37 @@ impl Output {
                 say!(
                     self,
                     "Removed {} from {}.",
-                    short(member),
+                    names.show(member),
                     escape_control(group)
                 );
                 self.pending(*undelivered);
             }
             Outcome::Left { group } => say!(self, "Left {}.", escape_control(group)),
+            Outcome::ContactAdded {
+                name,
+                key,
+                renamed_from,
+            } => match renamed_from {
+                Some(old) => say!(
+                    self,
+                    "Renamed contact {} ({}) to {}.",
+                    escape_control(old),
+                    short_key(key),
+                    escape_control(name)
+                ),
+                None => say!(
+                    self,
+                    "Added contact {} ({}).",
+                    escape_control(name),
+                    short_key(key)
+                ),
+            },
+            Outcome::ContactRemoved { name, key } => say!(
+                self,
+                "Removed contact {} ({}).",
+                escape_control(name),
+                short_key(key)
+            ),
             Outcome::Updated {
                 groups,
                 undelivered,
@@ -1057,10 +1337,6 @@ impl Output {
             );
         }
     }
-}
-
-fn short(key: &IdentityKey) -> String {
-    format!("{}…", &hex(key.as_bytes())[..16])
 }
 
 /// When a message was sent, as its sender's clock says, in local time and

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use quicproquo_core::client::{
     ClientMachine, Command, CommandError, Effect, Event, GroupSummary, LinkPolicy, Outcome,
+    SafetyNumber,
 };
 use quicproquo_core::types::IdentityKey;
 use rand_core::{OsRng, RngCore};
@@ -255,7 +256,51 @@ impl Session {
 
     /// This user's groups.
     pub async fn groups(&self) -> Result<Vec<GroupSummary>, SessionError> {
-        self.ask(Call::Groups).await
+        self.ask(|reply| {
+            Call::Read(Box::new(move |m| {
+                let _ = reply.send(m.groups());
+            }))
+        })
+        .await
+    }
+
+    /// This user's contacts: (name, key), by name.
+    pub async fn contacts(&self) -> Result<Vec<(String, IdentityKey)>, SessionError> {
+        self.ask(|reply| {
+            Call::Read(Box::new(move |m| {
+                let _ = reply.send(m.contacts());
+            }))
+        })
+        .await
+    }
+
+    /// The safety number of `group` at its current epoch, to compare with
+    /// the other members; `None` if there is no such group.
+    pub async fn safety_number(&self, group: &str) -> Result<Option<SafetyNumber>, SessionError> {
+        let group = group.to_owned();
+        self.ask(|reply| {
+            Call::Read(Box::new(move |m| {
+                let _ = reply.send(m.safety_number(&group));
+            }))
+        })
+        .await
+    }
+
+    /// Names `key` `name` in this user's contacts.
+    pub async fn add_contact(&self, name: &str, key: IdentityKey) -> Result<Outcome, SessionError> {
+        self.command(Command::AddContact {
+            name: name.to_owned(),
+            key,
+        })
+        .await
+    }
+
+    /// Forgets the contact `name`.
+    pub async fn remove_contact(&self, name: &str) -> Result<Outcome, SessionError> {
+        self.command(Command::RemoveContact {
+            name: name.to_owned(),
+        })
+        .await
     }
 
     /// Closes the session: no new command is taken, a running one gets
@@ -291,7 +336,8 @@ impl Session {
 enum Call {
     Command(Box<Command>, oneshot::Sender<Result<Outcome, CommandError>>),
     Subscribe(mpsc::Sender<Event>, oneshot::Sender<()>),
-    Groups(oneshot::Sender<Vec<GroupSummary>>),
+    /// Reads the machine (and answers through the closure's own channel).
+    Read(Box<dyn FnOnce(&ClientMachine) + Send>),
     Close(oneshot::Sender<()>),
 }
 
@@ -391,9 +437,7 @@ impl Runner {
                         self.subscribers.push(tx);
                         let _ = reply.send(());
                     }
-                    Some(Call::Groups(reply)) => {
-                        let _ = reply.send(self.machine.groups());
-                    }
+                    Some(Call::Read(read)) => read(&self.machine),
                     Some(Call::Close(reply)) => {
                         closing = Some((reply, tokio::time::Instant::now() + CLOSE_GRACE));
                     }

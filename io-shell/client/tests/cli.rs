@@ -538,7 +538,7 @@ fn peer_control_characters_are_shown_escaped_on_one_line() {
     alice.run(&["group", "create", group]);
     alice.run(&["group", "add", group, &bob.key()]);
     alice.run(&["send", group, "hi\n[team] alice: fake \u{1b}[31mred\r"]);
-    let shown = bob.text(&["recv"]);
+    let shown = untimed(&bob.text(&["recv"]));
     let a = alice.key();
     assert_eq!(
         shown.lines().collect::<Vec<_>>(),
@@ -557,6 +557,29 @@ fn peer_control_characters_are_shown_escaped_on_one_line() {
         "{listed:?}"
     );
     assert!(!listed.contains('\u{1b}') && !listed.contains('\u{202e}'));
+}
+
+/// Human output without the send time of each message (`[group] HH:MM
+/// sender: text` becomes `[group] sender: text`).
+fn untimed(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let Some((group, rest)) = line.split_once("] ") else {
+                return format!("{line}\n");
+            };
+            let b = rest.as_bytes();
+            let timed = b.len() > 6
+                && b[..5].iter().enumerate().all(|(i, c)| match i {
+                    2 => *c == b':',
+                    _ => c.is_ascii_digit(),
+                })
+                && b[5] == b' ';
+            match timed {
+                true => format!("{group}] {}\n", &rest[6..]),
+                false => format!("{line}\n"),
+            }
+        })
+        .collect()
 }
 
 /// Runs `cmd` with its stdout a pipe nobody reads; returns the exit code
@@ -993,4 +1016,143 @@ fn recv_stream_shows_messages_and_carries_out_other_commands() {
     assert_eq!(alice.recv(), vec![(bob.key(), "answered".into())]);
     let _ = stream.kill();
     let _ = stream.wait();
+}
+
+#[test]
+fn contacts_name_peers_and_members_compare_safety_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob, carol] = &registered(dir.path(), &server, &["alice", "bob", "carol"])[..]
+    else {
+        unreachable!()
+    };
+    let (a, b, c) = (alice.key(), bob.key(), carol.key());
+
+    // Bob names Alice and Carol; a second name for a key renames it.
+    let added = bob.run(&["contact", "add", "alice", &a]);
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(added[0]["type"], "contact_added");
+    assert_eq!(added[0]["name"], "alice");
+    assert_eq!(added[0]["key"], a.as_str());
+    bob.run(&["contact", "add", "caz", &c]);
+    let renamed = bob.run(&["contact", "add", "carol", &c]);
+    assert_eq!(renamed[0]["renamed_from"], "caz");
+    let error = bob.fail(&["contact", "add", "car\nol", &c], &[]);
+    assert!(error.contains("invalid contact name"), "{error}");
+    let listed: Vec<(String, String)> = bob
+        .run(&["contact", "list"])
+        .into_iter()
+        .map(|v| {
+            assert_eq!(v["type"], "contact");
+            (
+                v["name"].as_str().unwrap().into(),
+                v["key"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [("alice".into(), a.clone()), ("carol".into(), c.clone())]
+    );
+    assert_eq!(
+        bob.text(&["contact", "list"]),
+        format!("alice  {a}\ncarol  {c}\n")
+    );
+
+    // Alice adds Bob and Carol: her outcome says so once, not also as an
+    // event when the server takes her Commit.
+    alice.run(&["group", "create", "team"]);
+    let out = alice.run(&["group", "add", "team", &b]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0]["type"], "member_added");
+    assert_eq!(out[0]["undelivered"], 0);
+    alice.run(&["group", "add", "team", &c]);
+    // Bob joins, then sees Alice add Carol, both named by his contacts.
+    let seen = bob.run(&["recv"]);
+    let added: Vec<&Value> = seen
+        .iter()
+        .filter(|v| v["type"] == "member_added")
+        .collect();
+    assert_eq!(added.len(), 1, "{seen:?}");
+    assert_eq!(added[0]["group"], "team");
+    assert_eq!(added[0]["member"], c.as_str());
+    assert_eq!(added[0]["member_name"], "carol");
+    assert_eq!(added[0]["by"], a.as_str());
+    assert_eq!(added[0]["by_name"], "alice");
+    carol.run(&["recv"]);
+
+    // Messages: by contact name for Bob, by short key for Carol.
+    alice.run(&["send", "team", "hi"]);
+    let message = bob
+        .run(&["recv"])
+        .into_iter()
+        .find(|v| v["type"] == "message")
+        .unwrap();
+    assert_eq!(message["sender"], a.as_str());
+    assert_eq!(message["name"], "alice");
+    alice.run(&["send", "team", "again"]);
+    assert_eq!(untimed(&bob.text(&["recv"])), "[team] alice: again\n");
+    let shown = untimed(&carol.text(&["recv"]));
+    assert_eq!(
+        shown,
+        format!("[team] {}…: hi\n[team] {}…: again\n", &a[..16], &a[..16])
+    );
+    let members = bob.text(&["group", "members", "team"]);
+    assert!(members.contains("\n    alice\n"), "{members}");
+    assert!(
+        members.contains(&format!("\n    {}…  (you)\n", &b[..16])),
+        "{members}"
+    );
+    assert!(members.contains("\n    carol\n"), "{members}");
+
+    // All three see the same safety number at the same epoch.
+    let verify = |u: &User| {
+        let v = u.run(&["group", "verify", "team"]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0]["type"], "safety_number");
+        assert_eq!(v[0]["group"], "team");
+        let digits = v[0]["digits"].as_str().unwrap().to_owned();
+        assert_eq!(digits.len(), 60);
+        (v[0]["epoch"].as_u64().unwrap(), digits)
+    };
+    let before = verify(alice);
+    assert_eq!(before.0, 2);
+    assert_eq!(verify(bob), before);
+    assert_eq!(verify(carol), before);
+    let human = bob.text(&["group", "verify", "team"]);
+    assert!(
+        human.starts_with("Safety number of team at epoch 2:\n"),
+        "{human}"
+    );
+    assert!(
+        human.contains(&format!("    {} ", &before.1[..5])),
+        "{human}"
+    );
+
+    // Carol leaves: Alice commits it, and everyone is told she left.
+    carol.run(&["group", "leave", "team"]);
+    let seen = alice.run(&["recv"]);
+    let left: Vec<&Value> = seen.iter().filter(|v| v["type"] == "member_left").collect();
+    assert_eq!(left.len(), 1, "{seen:?}");
+    assert_eq!(left[0]["member"], c.as_str());
+    assert!(left[0].get("member_name").is_none(), "{seen:?}");
+    let shown = bob.text(&["recv"]);
+    assert!(shown.contains("* carol left team\n"), "{shown}");
+    // A new epoch, a new number, equal again for those still in.
+    let after = verify(alice);
+    assert_eq!(after.0, 3);
+    assert_ne!(after.1, before.1);
+    assert_eq!(verify(bob), after);
+
+    // Forgotten contacts are shown by key again.
+    let removed = bob.run(&["contact", "remove", "alice"]);
+    assert_eq!(removed[0]["type"], "contact_removed");
+    assert_eq!(removed[0]["key"], a.as_str());
+    alice.run(&["send", "team", "bye"]);
+    assert_eq!(
+        untimed(&bob.text(&["recv"])),
+        format!("[team] {}…: bye\n", &a[..16])
+    );
+    let error = bob.fail(&["contact", "remove", "alice"], &[]);
+    assert!(error.contains("no contact named `alice`"), "{error}");
 }
