@@ -272,7 +272,15 @@ async fn wrong_fingerprint_is_refused() {
     let server = TestServer::start(dir.path()).await;
     let trust = quicproquo_client::ServerTrust::Fingerprint([0; 32]);
     let r = Client::connect(&server.addr.to_string(), &trust).await;
-    assert!(matches!(r, Err(ClientError::Connect(_))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Trust(
+                quicproquo_client::TrustError::FingerprintMismatch { .. }
+            ))
+        ),
+        "{r:?}"
+    );
     server.stop().await;
 }
 
