@@ -57,13 +57,12 @@ pub enum Workload {
     /// carrying the bytes of an enqueue request of P bytes, answered with
     /// the bytes of an enqueue reply.
     QuicEcho,
-    /// The long-lived client: one member's `Session` sends one message at
-    /// a time and waits until another member's `Session` shows it
-    /// (`crate::session`, not this engine).
+    // The two session workloads run in `crate::session`, not this engine.
+    /// The long-lived client: member 0's `Session` sends one message at a
+    /// time and waits until member 1's `Session` shows it.
     SessionLatency,
-    /// The long-lived client: one member's `Session` sends messages back
-    /// to back to the others; messages/s until the last is shown
-    /// (`crate::session`, not this engine).
+    /// The long-lived client: member 0's `Session` sends messages back to
+    /// back; messages/s until the receivers showed the last.
     SessionThroughput,
 }
 

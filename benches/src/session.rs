@@ -2,16 +2,19 @@
 //! own state file with its own connection, all in one group, against a
 //! qpq-server started in this process (its own runtime, `fsync` by
 //! default, rate limits lifted) or a running one. Member 0 sends; every
-//! other member receives, its subscriber read all the time; member 1 is
-//! the measured receiver.
+//! other member receives, its subscriber read all the time (or, beyond
+//! [`SessionLoad::receiving_sessions`], through a bare long-poll); member 1
+//! is the measured receiver.
 //!
 //! - [`Workload::SessionLatency`]: member 0 sends one message and waits
 //!   until member 1's subscriber shows it, then sends the next. Latency runs
 //!   from calling `send` to the `Event::Message` at member 1.
 //! - [`Workload::SessionThroughput`]: member 0 sends each message as soon
-//!   as the previous `send` returned (or keeps S sends queued at once);
-//!   messages/s run from the first `send` to member 1 showing the last
-//!   message, and to every receiving member showing it.
+//!   as the previous `send` returned, keeps S sends queued at once, or
+//!   sends whenever fewer than [`SessionLoad::undelivered_max`] of its
+//!   messages wait for `Delivered`; messages/s run from the first `send` to
+//!   member 1 showing the last message, and to every receiving session
+//!   showing it.
 //!
 //! A session writes its whole state file (encrypted, fsynced) before a
 //! `send` returns and before it shows a message, so every message counted
@@ -24,14 +27,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use quicproquo_client::state_file::{self, KdfParams, StateKey};
-use quicproquo_client::{ServerTrust, Session, SessionConfig};
-use quicproquo_core::client::Event;
+use quicproquo_client::{Client, ServerTrust, Session, SessionConfig};
+use quicproquo_core::client::{ClientMachine, Event};
 use quicproquo_core::node::Durability;
 use rand_core::OsRng;
 use serde::Serialize;
@@ -69,6 +73,13 @@ pub struct SessionLoad {
     pub target: Target,
     /// Members of the group, the sender included (at least 2).
     pub members: usize,
+    /// Members after the sender that keep their `Session` while measuring
+    /// (at least 1, at most `members - 1`; all when `None`). The others
+    /// close theirs after the warm-up and receive through a bare
+    /// long-poll that acknowledges what it gets without decrypting or
+    /// writing anything: the server does all it does for a real receiver,
+    /// this machine does not do the work of their devices.
+    pub receiving_sessions: Option<usize>,
     /// Messages measured (after the warm-up).
     pub messages: u64,
     /// Bytes of each message's text.
@@ -76,6 +87,11 @@ pub struct SessionLoad {
     /// Sends queued at once by the sender (throughput only; latency sends
     /// one at a time).
     pub in_flight: usize,
+    /// Throughput only: the sender waits before a send while this many of
+    /// its messages are not yet `Delivered` (stored for every recipient),
+    /// so its outbox, and its state file with it, stays small. `None`:
+    /// it sends as soon as `send` returns.
+    pub undelivered_max: Option<u64>,
     /// Where the run's directory (state files, in-process server data) is
     /// made; the system's temporary directory when `None`. Its file system
     /// decides what an fsync costs.
@@ -91,19 +107,24 @@ pub struct SessionReport {
     pub workload: Workload,
     /// Members of the group, the sender included.
     pub members: usize,
+    /// Members that received through their `Session` (the others through
+    /// a bare long-poll).
+    pub receiving_sessions: usize,
     /// Messages measured.
     pub messages: u64,
     /// Bytes of each message's text.
     pub text_bytes: usize,
     /// Sends queued at once.
     pub in_flight: usize,
+    /// Most messages the sender let wait for `Delivered`, if limited.
+    pub undelivered_max: Option<u64>,
     /// Untimed setup: sessions created, registered, added, warmed up.
     pub setup_s: f64,
     /// From the first measured `send` to member 1 showing the last message.
     pub elapsed_s: f64,
     /// `messages / elapsed_s`.
     pub messages_per_s: f64,
-    /// From the first measured `send` to every receiving member showing
+    /// From the first measured `send` to every receiving session showing
     /// the last message.
     pub all_elapsed_s: f64,
     /// `messages / all_elapsed_s`.
@@ -120,12 +141,19 @@ pub struct SessionReport {
     pub sender_state_bytes: u64,
     /// Largest size of member 1's state file seen during the run.
     pub receiver_state_bytes: u64,
+    /// Every member's state file size after the sessions closed, by
+    /// member (the sender first; a member added later has seen fewer
+    /// epochs).
+    pub final_state_bytes: Vec<u64>,
     /// One state file write at the sender's size, timed after the run.
     pub sender_persist: PersistProbe,
     /// One state file write at member 1's size, timed after the run.
     pub receiver_persist: PersistProbe,
     /// Times a session lost its connection and reconnected.
     pub reconnects: u64,
+    /// Messages the bare long-polls of the members without a session
+    /// took while measuring.
+    pub drained: u64,
     /// Server-side figures over the measured window.
     pub server: Option<SessionServerFigures>,
 }
@@ -167,6 +195,12 @@ pub struct SessionServerFigures {
 pub const WARMUP_MESSAGES: u64 = 20;
 /// Digits of the message number at the start of each text.
 pub const SEQ_DIGITS: usize = 12;
+/// Messages a bare receiver takes per long-poll (as a session does).
+const DRAIN_LIMIT: u32 = 100;
+/// How long a bare receiver's long-poll waits.
+const DRAIN_WAIT_MS: u64 = 5_000;
+/// Pause of a bare receiver after a failed long-poll.
+const DRAIN_WAIT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest wait for the next event before a run is declared stuck.
 const PATIENCE: Duration = Duration::from_secs(60);
 /// The members' state file password (each session derives its key once,
@@ -193,11 +227,22 @@ pub fn run(config: SessionLoad) -> anyhow::Result<SessionReport> {
     if config.members < 2 {
         bail!("--members must be at least 2 (a sender and a receiver)");
     }
+    if !(1..config.members).contains(&config.receiving_sessions.unwrap_or(1)) {
+        bail!("--receiving-sessions must be between 1 and --members - 1");
+    }
     if config.messages == 0 || config.in_flight == 0 {
         bail!("--count and --in-flight must be at least 1");
     }
-    if config.workload == Workload::SessionLatency && config.in_flight != 1 {
-        bail!("session-latency sends one message at a time (--in-flight 1)");
+    if config.workload == Workload::SessionLatency
+        && (config.in_flight != 1 || config.undelivered_max.is_some())
+    {
+        bail!("session-latency sends one message at a time (--in-flight 1, no --undelivered-max)");
+    }
+    if config.undelivered_max.is_some() && config.in_flight != 1 {
+        bail!("--undelivered-max paces one send at a time (--in-flight 1)");
+    }
+    if config.undelivered_max == Some(0) {
+        bail!("--undelivered-max must be at least 1");
     }
     if config.text_bytes < SEQ_DIGITS {
         bail!("the session workloads need a payload of at least {SEQ_DIGITS} bytes");
@@ -266,12 +311,15 @@ impl Metered<'_> {
     }
 }
 
-/// One member: its session, its state file and the task reading its
-/// events.
+/// One member: its session and its state file.
 struct Member {
     session: Arc<Session>,
     state: PathBuf,
 }
+
+/// Where the members' subscribers' events arrive: the member, what it
+/// saw, and when.
+type SeenRx = mpsc::UnboundedReceiver<(usize, Seen, Instant)>;
 
 /// What a member's subscriber saw.
 #[derive(Debug)]
@@ -294,43 +342,8 @@ async fn drive(
     metered: Metered<'_>,
 ) -> anyhow::Result<SessionReport> {
     let setup_start = Instant::now();
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let mut members = Vec::with_capacity(config.members);
-    // One at a time: each create derives a key with Argon2id (128 MiB).
-    for i in 0..config.members {
-        let state = dir.join(format!("member-{i}.qpq"));
-        let session_config = SessionConfig {
-            state: state.clone(),
-            server: server.to_owned(),
-            trust: trust.clone(),
-        };
-        let session = Session::create(session_config, PASSWORD)
-            .await
-            .with_context(|| format!("creating member {i}'s session"))?;
-        let events = session.subscribe().await?;
-        tokio::spawn(watch(i, events, seen_tx.clone()));
-        members.push(Member {
-            session: Arc::new(session),
-            state,
-        });
-    }
-    drop(seen_tx);
-    let mut registering = JoinSet::new();
-    for m in &members {
-        let s = m.session.clone();
-        registering.spawn(async move { s.register(1).await });
-    }
-    while let Some(r) = registering.join_next().await {
-        r.context("register task")?.context("register")?;
-    }
+    let (mut members, mut seen) = form_group(config.members, dir, server, trust).await?;
     let sender = members[0].session.clone();
-    sender.create_group(GROUP, false).await?;
-    for m in &members[1..] {
-        sender
-            .add(GROUP, m.session.identity_key())
-            .await
-            .context("adding a member")?;
-    }
 
     let total = WARMUP_MESSAGES + config.messages;
     let mut t = Tracker::new(config.members, total);
@@ -343,46 +356,72 @@ async fn drive(
         t.all_shown(WARMUP_MESSAGES) && t.delivered.len() as u64 >= WARMUP_MESSAGES
     })
     .await?;
+    let receivers = config.receiving_sessions.unwrap_or(config.members - 1);
+    let drained = Arc::new(AtomicU64::new(0));
+    let mut drains = Vec::new();
+    for m in members.drain(receivers + 1..) {
+        drains.push(hand_over(m, server, trust, drained.clone()).await?);
+    }
+    t.receivers = receivers;
     let setup_s = setup_start.elapsed().as_secs_f64();
 
     t.bar = progress_bar(config);
     t.states = Some((members[0].state.clone(), members[1].state.clone()));
     let before = metered.samples().await?;
+    drained.store(0, Ordering::Relaxed);
     let measured = WARMUP_MESSAGES..total;
     let window = measured.start as usize..measured.end as usize;
-    let (starts, send_hist) = match config.workload {
-        Workload::SessionLatency => {
+    let (starts, send_hist) =
+        if config.workload == Workload::SessionLatency || config.undelivered_max.is_some() {
+            // One send at a time, each after a wait: for the previous message
+            // to be shown (latency) or for room under --undelivered-max.
             let mut starts = Vec::new();
             let mut send_hist = new_histogram();
             for seq in measured.clone() {
+                if let Some(most) = config.undelivered_max {
+                    // Messages 0..seq were sent; `delivered` of them are stored.
+                    t.until(&mut seen, "room under --undelivered-max", |t| {
+                        seq - (t.delivered.len() as u64) < most
+                    })
+                    .await?;
+                }
                 let start = Instant::now();
                 sender.send(GROUP, &text(seq, config.text_bytes)).await?;
                 record(&mut send_hist, start.elapsed());
                 starts.push(start);
-                t.until(&mut seen, "a message", |t| t.shown_by(1, seq))
-                    .await?;
+                if config.workload == Workload::SessionLatency {
+                    t.until(&mut seen, "a message", |t| t.shown_by(1, seq))
+                        .await?;
+                }
             }
             (starts, send_hist)
-        }
-        _ => {
+        } else {
             let sending = tokio::spawn(send_all(
                 sender.clone(),
                 measured.clone(),
                 config.text_bytes,
                 config.in_flight,
             ));
+            // Taking events while the sender runs moves the progress bar.
             t.until(&mut seen, "the receivers to show every message", |t| {
                 t.all_shown(total)
             })
             .await?;
             sending.await.context("sender task")??
-        }
-    };
+        };
+    t.until(&mut seen, "the receivers to show every message", |t| {
+        t.all_shown(total)
+    })
+    .await?;
     t.until(&mut seen, "the sender's deliveries", |t| {
         t.delivered.len() as u64 >= total
     })
     .await?;
     let after = metered.samples().await?;
+    let drained = drained.load(Ordering::Relaxed);
+    for d in drains {
+        d.abort();
+    }
     t.bar.finish_and_clear();
     t.read_sizes();
 
@@ -397,7 +436,7 @@ async fn drive(
             .copied()
     };
     let elapsed_s = since(last_at(1));
-    let all_elapsed_s = since((1..config.members).filter_map(last_at).max());
+    let all_elapsed_s = since((1..=receivers).filter_map(last_at).max());
     let delivered_elapsed_s = since(t.delivered.last().copied());
     let mut hist = new_histogram();
     for (start, shown) in starts.iter().zip(&t.shown[1][window]) {
@@ -405,7 +444,7 @@ async fn drive(
             record(&mut hist, shown.duration_since(*start));
         }
     }
-    let shown_in_window = config.messages * (config.members as u64 - 1);
+    let shown_in_window = config.messages * receivers as u64;
     let server = match (before, after) {
         (Some(b), Some(a)) => Some(server_figures(&b, &a, config.messages, shown_in_window)),
         _ => None,
@@ -413,6 +452,9 @@ async fn drive(
 
     let mut closing = JoinSet::new();
     drop(sender);
+    let states: Vec<PathBuf> = (0..config.members)
+        .map(|i| dir.join(state_name(i)))
+        .collect();
     for m in members {
         let session = Arc::try_unwrap(m.session).map_err(|_| anyhow::anyhow!("session in use"))?;
         closing.spawn(session.close());
@@ -420,6 +462,7 @@ async fn drive(
     while let Some(r) = closing.join_next().await {
         r.context("close task")?.context("closing a session")?;
     }
+    let final_state_bytes = states.iter().map(|p| file_bytes(p)).collect();
     let (sender_state_bytes, receiver_state_bytes) = t.sizes;
     let probe_path = dir.join("probe.qpq");
     let (sender_persist, receiver_persist) = tokio::task::spawn_blocking(move || {
@@ -435,9 +478,11 @@ async fn drive(
     Ok(SessionReport {
         workload: config.workload,
         members: config.members,
+        receiving_sessions: receivers,
         messages: config.messages,
         text_bytes: config.text_bytes,
         in_flight: config.in_flight,
+        undelivered_max: config.undelivered_max,
         setup_s,
         elapsed_s,
         messages_per_s: m / elapsed_s,
@@ -448,11 +493,111 @@ async fn drive(
         send: latency(&send_hist),
         sender_state_bytes,
         receiver_state_bytes,
+        final_state_bytes,
         sender_persist,
         receiver_persist,
         reconnects: t.reconnects,
+        drained,
         server,
     })
+}
+
+/// Member `i`'s state file name.
+fn state_name(i: usize) -> String {
+    format!("member-{i}.qpq")
+}
+
+/// Creates `members` sessions (member 0 first), each registered and
+/// subscribed, and puts them in one group made by member 0; returns them
+/// with the channel where their subscribers' events arrive.
+async fn form_group(
+    members: usize,
+    dir: &Path,
+    server: &str,
+    trust: &ServerTrust,
+) -> anyhow::Result<(Vec<Member>, SeenRx)> {
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let mut all = Vec::with_capacity(members);
+    // One at a time: each create derives a key with Argon2id (128 MiB).
+    for i in 0..members {
+        let state = dir.join(state_name(i));
+        let session_config = SessionConfig {
+            state: state.clone(),
+            server: server.to_owned(),
+            trust: trust.clone(),
+        };
+        let session = Session::create(session_config, PASSWORD)
+            .await
+            .with_context(|| format!("creating member {i}'s session"))?;
+        let events = session.subscribe().await?;
+        tokio::spawn(watch(i, events, seen_tx.clone()));
+        all.push(Member {
+            session: Arc::new(session),
+            state,
+        });
+    }
+    let mut registering = JoinSet::new();
+    for m in &all {
+        let s = m.session.clone();
+        registering.spawn(async move { s.register(1).await });
+    }
+    while let Some(r) = registering.join_next().await {
+        r.context("register task")?.context("register")?;
+    }
+    let sender = &all[0].session;
+    sender.create_group(GROUP, false).await?;
+    for m in &all[1..] {
+        sender
+            .add(GROUP, m.session.identity_key())
+            .await
+            .context("adding a member")?;
+    }
+    Ok((all, seen))
+}
+
+/// Closes member `m`'s session and starts a bare receiver in its place: a
+/// connection authenticated as the member that long-polls the group's
+/// channel and acknowledges what it gets (counted in `drained`), without
+/// decrypting or persisting anything.
+async fn hand_over(
+    m: Member,
+    server: &str,
+    trust: &ServerTrust,
+    drained: Arc<AtomicU64>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let group = m.session.groups().await?;
+    let channel = group
+        .iter()
+        .find(|g| g.name == GROUP)
+        .context("a member without the group")?
+        .channel_id;
+    let me = m.session.identity_key();
+    let session = Arc::try_unwrap(m.session).map_err(|_| anyhow::anyhow!("session in use"))?;
+    session.close().await?;
+    let plain = state_file::load(&m.state, PASSWORD.as_bytes())?;
+    let machine = ClientMachine::restore(&plain, [0; 32])
+        .map_err(|e| anyhow::anyhow!("restoring a member's state: {e}"))?;
+    let mut client = Client::connect(server, trust).await?;
+    client.authenticate(machine.signing_key()).await?;
+    Ok(tokio::spawn(async move {
+        let mut cursor = 0;
+        loop {
+            match client
+                .fetch_wait(me, channel, cursor, DRAIN_LIMIT, DRAIN_WAIT_MS)
+                .await
+            {
+                Ok(f) => {
+                    if let Some(last) = f.messages.last() {
+                        cursor = last.seq;
+                    }
+                    drained.fetch_add(f.messages.len() as u64, Ordering::Relaxed);
+                }
+                // Nothing to report to: the run goes on without this
+                // member, and the figures say how much it drained.
+                Err(_) => tokio::time::sleep(DRAIN_WAIT_PAUSE).await,
+            }
+        }
+    }))
 }
 
 /// Sends messages `seqs` from `session`, keeping up to `in_flight` sends
@@ -542,6 +687,8 @@ struct Tracker {
     counts: Vec<u64>,
     /// When the sender saw each `Delivered`, in order.
     delivered: Vec<Instant>,
+    /// Members 1 to `receivers` receive through their sessions.
+    receivers: usize,
     reconnects: u64,
     bar: ProgressBar,
     /// The sender's and member 1's state files, once measuring.
@@ -556,6 +703,7 @@ impl Tracker {
             shown: vec![vec![None; total as usize]; members],
             counts: vec![0; members],
             delivered: Vec::new(),
+            receivers: members - 1,
             reconnects: 0,
             bar: ProgressBar::hidden(),
             states: None,
@@ -567,16 +715,16 @@ impl Tracker {
         self.shown[member][seq as usize].is_some()
     }
 
-    /// Every receiving member showed `n` messages.
+    /// Every receiving session showed `n` messages.
     fn all_shown(&self, n: u64) -> bool {
-        self.counts[1..].iter().all(|c| *c >= n)
+        self.counts[1..=self.receivers].iter().all(|c| *c >= n)
     }
 
     /// Takes events until `done` holds; fails after [`PATIENCE`] without
     /// one, or on anything a run must not see.
     async fn until(
         &mut self,
-        seen: &mut mpsc::UnboundedReceiver<(usize, Seen, Instant)>,
+        seen: &mut SeenRx,
         what: &str,
         done: impl Fn(&Tracker) -> bool,
     ) -> anyhow::Result<()> {
@@ -624,11 +772,15 @@ impl Tracker {
     /// write, so a failed read is a rename in progress, skipped).
     fn read_sizes(&mut self) {
         if let Some((sender, receiver)) = &self.states {
-            let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-            self.sizes.0 = self.sizes.0.max(size(sender));
-            self.sizes.1 = self.sizes.1.max(size(receiver));
+            self.sizes.0 = self.sizes.0.max(file_bytes(sender));
+            self.sizes.1 = self.sizes.1.max(file_bytes(receiver));
         }
     }
+}
+
+/// The size of the file at `path`, 0 if it cannot be read.
+fn file_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Times [`PROBE_SAVES`] seals and saves of a plaintext as large as a state
@@ -713,23 +865,28 @@ impl SessionReport {
         let l = &self.latency;
         let s = &self.send;
         let mut out = format!(
-            "workload {} | {} members (1 sender, {} receiving) | {} messages of {} B | {} send(s) queued at once\n\
-             setup (untimed) {:.2} s\n\
+            "workload {} | {} members (1 sender, {} receiving sessions, {} bare receivers) | {} messages of {} B | {} send(s) queued at once\n\
+             {}; setup (untimed) {:.2} s\n\
              member 1 showed the last message after {:.3} s: {:.0} messages/s\n\
-             every receiver showed it after {:.3} s: {:.0} messages/s; the sender's last Delivered after {:.3} s\n\
+             every receiving session showed it after {:.3} s: {:.0} messages/s; the sender's last Delivered after {:.3} s\n\
              send -> shown at member 1: p50 {:.3} ms | p99 {:.3} ms | p99.9 {:.3} ms | max {:.3} ms | mean {:.3} ms\n\
              send returned after: p50 {:.3} ms | p99 {:.3} ms | max {:.3} ms | mean {:.3} ms\n\
-             state files (largest seen): sender {} B, member 1 {} B\n\
+             state files (largest seen): sender {} B, member 1 {} B; receivers at the end: {} to {} B\n\
              one state write after the run (seal / save with fsyncs): sender {:.3} / {:.3} ms, member 1 {:.3} / {:.3} ms",
             serde_json::to_value(self.workload)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             self.members,
-            self.members - 1,
+            self.receiving_sessions,
+            self.members - 1 - self.receiving_sessions,
             self.messages,
             self.text_bytes,
             self.in_flight,
+            match self.undelivered_max {
+                Some(n) => format!("the sender kept at most {n} message(s) waiting for Delivered"),
+                None => "the sender sent as soon as send returned".to_owned(),
+            },
             self.setup_s,
             self.elapsed_s,
             self.messages_per_s,
@@ -747,6 +904,8 @@ impl SessionReport {
             s.mean_us / 1e3,
             self.sender_state_bytes,
             self.receiver_state_bytes,
+            self.final_state_bytes.iter().skip(1).min().unwrap_or(&0),
+            self.final_state_bytes.iter().skip(1).max().unwrap_or(&0),
             self.sender_persist.seal_us / 1e3,
             self.sender_persist.save_us / 1e3,
             self.receiver_persist.seal_us / 1e3,
@@ -764,6 +923,12 @@ impl SessionReport {
                 f.messages_per_wait
             );
         }
+        if self.receiving_sessions + 1 < self.members {
+            out += &format!(
+                "\nbare receivers took {} messages while measuring",
+                self.drained
+            );
+        }
         if self.reconnects > 0 {
             out += &format!("\nreconnects: {}", self.reconnects);
         }
@@ -777,14 +942,16 @@ mod tests {
 
     /// Runs `workload` with three members and a few messages: the run
     /// fails if a receiver misses a message, shows one twice or warns.
-    fn check(workload: Workload, in_flight: usize) {
+    fn check(workload: Workload, in_flight: usize, receiving_sessions: Option<usize>) {
         let report = run(SessionLoad {
             workload,
             target: Target::InProcess(Durability::Fsync),
             members: 3,
+            receiving_sessions,
             messages: 5,
             text_bytes: 64,
             in_flight,
+            undelivered_max: None,
             dir: None,
             progress: false,
         })
@@ -795,11 +962,11 @@ mod tests {
 
     #[test]
     fn latency_run_shows_every_message_to_every_member() {
-        check(Workload::SessionLatency, 1);
+        check(Workload::SessionLatency, 1, None);
     }
 
     #[test]
-    fn throughput_run_with_sends_queued_shows_every_message_to_every_member() {
-        check(Workload::SessionThroughput, 4);
+    fn throughput_run_with_sends_queued_and_a_bare_receiver_shows_every_message() {
+        check(Workload::SessionThroughput, 4, Some(1));
     }
 }

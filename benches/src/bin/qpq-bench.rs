@@ -47,9 +47,14 @@ Workloads (--workload); one operation is:
                  times (default 1,000). Latency is send -> shown.
   session-throughput
                  as session-latency, but member 0 sends -n messages back to
-                 back (S sends queued at once); messages/s from the first send
-                 until member 1, and every receiving member, showed the last.
-                 Every other member receives throughout.
+                 back (S sends queued at once, or each once fewer than
+                 --undelivered-max are waiting for Delivered); messages/s from
+                 the first send until member 1, and every receiving member,
+                 showed the last.
+                 Every other member receives throughout: through its own
+                 Session, or, beyond --receiving-sessions K, through a bare
+                 long-poll that acknowledges without decrypting or writing
+                 (the server's work for a receiver, not its device's).
   The session workloads start a qpq-server in this process (its own
   runtime, --durability fsync by default, rate limits lifted, metrics read
   directly) unless --server is given; they ignore --connections, --duration
@@ -119,6 +124,16 @@ struct LoadArgs {
     /// Members of the group, the sender included (session workloads).
     #[arg(long, default_value_t = 2)]
     members: usize,
+    /// Members after the sender that keep their Session while measuring
+    /// [default: all]; the others receive through a bare long-poll that
+    /// acknowledges without decrypting or writing (session workloads).
+    #[arg(long)]
+    receiving_sessions: Option<usize>,
+    /// session-throughput: wait before a send while this many messages
+    /// are not yet Delivered (keeps the sender's outbox and state file
+    /// small) [default: send as soon as send returns].
+    #[arg(long)]
+    undelivered_max: Option<u64>,
     /// Durability of the in-process server (session workloads without
     /// --server).
     #[arg(long, value_enum, default_value = "fsync")]
@@ -217,6 +232,8 @@ fn session_run(a: LoadArgs) -> anyhow::Result<()> {
         workload: a.workload,
         target,
         members: a.members,
+        receiving_sessions: a.receiving_sessions,
+        undelivered_max: a.undelivered_max,
         messages: a.count.unwrap_or(SESSION_MESSAGES),
         text_bytes: a.payload,
         in_flight: a.in_flight,
