@@ -10,6 +10,8 @@
 //! - [`echo`]: the bare-QUIC baseline, a trivial echo server and client with
 //!   the same request and response sizes.
 //! - [`scrape`]: reads the server's Prometheus metrics endpoint.
+//! - [`session`]: the long-lived client (`Session`s in one group) under
+//!   load, the `session-*` workloads of the load generator.
 //!
 //! Nothing here asserts a speed; measurements are printed, never tested.
 
@@ -18,6 +20,7 @@ pub mod echo;
 pub mod load;
 pub mod scrape;
 pub mod server;
+pub mod session;
 
 /// Payload sizes the benches use, in bytes: a small chat message and a
 /// typical MLS application message with padding.

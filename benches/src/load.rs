@@ -57,6 +57,21 @@ pub enum Workload {
     /// carrying the bytes of an enqueue request of P bytes, answered with
     /// the bytes of an enqueue reply.
     QuicEcho,
+    // The two session workloads run in `crate::session`, not this engine.
+    /// The long-lived client: member 0's `Session` sends one message at a
+    /// time and waits until member 1's `Session` shows it.
+    SessionLatency,
+    /// The long-lived client: member 0's `Session` sends messages back to
+    /// back; messages/s until the receivers showed the last.
+    SessionThroughput,
+}
+
+impl Workload {
+    /// True for the workloads of the long-lived client, which
+    /// [`crate::session::run`] runs instead of [`run`].
+    pub fn is_session(self) -> bool {
+        matches!(self, Workload::SessionLatency | Workload::SessionThroughput)
+    }
 }
 
 /// What to run.
@@ -229,6 +244,9 @@ struct Conn {
 
 /// Runs the load described by `config` and returns its report.
 pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
+    if config.workload.is_session() {
+        bail!("the session workloads run through session::run");
+    }
     if config.connections == 0 || config.in_flight == 0 {
         bail!("--connections and --in-flight must be at least 1");
     }
@@ -433,6 +451,8 @@ fn spawn_workers(
                     Workload::Fetchwait => send_loop(&c, slot, next, &run, payload).await,
                     Workload::Keypackages => kp_loop(&c, &run, &mut hist, payload).await,
                     Workload::QuicEcho => echo_loop(&c, &run, &mut hist, &request).await,
+                    // Refused by `run` before any worker starts.
+                    Workload::SessionLatency | Workload::SessionThroughput => {}
                 }
                 hist
             }));
@@ -653,16 +673,16 @@ impl From<anyhow::Error> for FailReason {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
 }
 
-fn record(hist: &mut Histogram<u64>, latency: Duration) {
+pub(crate) fn record(hist: &mut Histogram<u64>, latency: Duration) {
     let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
     hist.saturating_record(us.clamp(1, LATENCY_US_MAX));
 }
 
-fn latency(h: &Histogram<u64>) -> Latency {
+pub(crate) fn latency(h: &Histogram<u64>) -> Latency {
     if h.is_empty() {
         return Latency::default();
     }

@@ -16,11 +16,14 @@ use quicproquo_core::node::{
 };
 use quicproquo_core::types::{ConnectionId, IdentityKey, Signature};
 use quicproquo_server::config::TransportLimits;
-use quicproquo_server::service::{self, ServiceHandle, ServiceStats};
+use quicproquo_server::metrics::Metrics;
+use quicproquo_server::service::{self, ServiceGauges, ServiceHandle, ServiceStats};
 use quicproquo_server::store::fjall_store::FjallStore;
 use quicproquo_server::{endpoint, serve, tls};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::scrape::Samples;
 
 /// The machine configuration the benches run with: the defaults of
 /// `durability`, except that rate limits are lifted far above what one
@@ -47,6 +50,8 @@ pub struct InProcessServer {
     pub addr: SocketAddr,
     /// SHA-256 of its certificate, for pinning.
     pub fingerprint: [u8; 32],
+    /// Its metrics, when started with [`InProcessServer::start_metered`].
+    metrics: Option<Arc<Metrics>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<ServiceStats>>,
 }
@@ -56,6 +61,18 @@ impl InProcessServer {
     /// [`bench_node_config`] and default transport limits. Call from
     /// inside a tokio runtime.
     pub fn start(data_dir: &Path, durability: Durability) -> InProcessServer {
+        Self::start_with(data_dir, durability, false)
+    }
+
+    /// As [`InProcessServer::start`], also keeping the server's metrics
+    /// (what `metrics_listen` would serve), read with
+    /// [`InProcessServer::samples`]. Counting costs a few atomic updates
+    /// per request, as on a server with `metrics_listen` set.
+    pub fn start_metered(data_dir: &Path, durability: Durability) -> InProcessServer {
+        Self::start_with(data_dir, durability, true)
+    }
+
+    fn start_with(data_dir: &Path, durability: Durability, metered: bool) -> InProcessServer {
         let identity = tls::load_or_generate(data_dir).expect("certificate");
         let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
         let node =
@@ -66,15 +83,31 @@ impl InProcessServer {
         let endpoint = quinn::Endpoint::server(config, loopback).expect("bind loopback");
         let addr = endpoint.local_addr().expect("bound address");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve::serve(endpoint, node, limits, async move {
+        let shutdown = async move {
             let _ = rx.await;
-        }));
+        };
+        let gauges = ServiceGauges::default();
+        let metrics = metered.then(|| Arc::new(Metrics::new(durability, gauges.clone())));
+        let task = tokio::spawn(serve::serve_observed(
+            endpoint,
+            node,
+            limits,
+            shutdown,
+            gauges,
+            metrics.clone(),
+        ));
         InProcessServer {
             addr,
             fingerprint: identity.fingerprint(),
+            metrics,
             shutdown: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// The server's metrics now, if it keeps them.
+    pub fn samples(&self) -> Option<Samples> {
+        self.metrics.as_ref().map(|m| Samples::parse(&m.encode()))
     }
 
     /// The trust setting that pins this server's certificate.

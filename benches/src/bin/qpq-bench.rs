@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use quicproquo_benches::echo::EchoServer;
 use quicproquo_benches::load::{self, LoadConfig, Workload};
+use quicproquo_benches::session::{self, SessionLoad, Target};
 use quicproquo_client::ServerTrust;
+use quicproquo_core::node::Durability;
 
 const WORKLOADS: &str = "\
 Workloads (--workload); one operation is:
@@ -38,6 +40,28 @@ Workloads (--workload); one operation is:
                  one stream carrying the bytes of an enqueue request of P bytes,
                  answered with the bytes of an enqueue reply, over the same
                  QUIC/TLS configuration as qpq-server.
+  session-latency
+                 the long-lived client: --members sessions (default 2), each on
+                 its own state file, in one group; member 0 sends one message
+                 of P bytes and waits until member 1's subscriber shows it, -n
+                 times (default 1,000). Latency is send -> shown.
+  session-throughput
+                 as session-latency, but member 0 sends -n messages back to
+                 back (S sends queued at once, or each once fewer than
+                 --undelivered-max are waiting for Delivered); messages/s from
+                 the first send until member 1, and every receiving member,
+                 showed the last.
+                 Every other member receives throughout: through its own
+                 Session, or, beyond --receiving-sessions K, through a bare
+                 long-poll that acknowledges without decrypting or writing
+                 (the server's work for a receiver, not its device's).
+  The session workloads start a qpq-server in this process (its own
+  runtime, --durability fsync by default, rate limits lifted, metrics read
+  directly) unless --server is given; they ignore --connections, --duration
+  and --warmup (20 warm-up messages every member shows are sent first). A
+  session writes its whole encrypted state file, fsynced, before a send
+  returns and before it shows a message, so --state-dir's file system
+  decides much of the result (tmpfs makes fsync free).
 
 Every connection authenticates as its own fresh identity. The server limits
 enqueues per sender identity (default 10,000/s, burst 20,000): a run that
@@ -66,9 +90,10 @@ struct Args {
 
 #[derive(Debug, clap::Args)]
 struct LoadArgs {
-    /// Server address, host:port.
-    #[arg(long, env = "QPQ_SERVER", default_value = "localhost:7443")]
-    server: String,
+    /// Server address, host:port [default: localhost:7443; the session
+    /// workloads start a server in this process unless given].
+    #[arg(long, env = "QPQ_SERVER")]
+    server: Option<String>,
     /// SHA-256 fingerprint of the server's certificate (64 hex digits, as
     /// qpq-server or `qpq-bench baseline-server` prints it).
     #[arg(long, env = "QPQ_SERVER_FINGERPRINT", conflicts_with = "server_ca")]
@@ -92,9 +117,31 @@ struct LoadArgs {
     #[arg(long, short, default_value_t = 10.0)]
     duration: f64,
     /// Stop after this many operations instead of after --duration (no
-    /// warm-up).
-    #[arg(long, short = 'n')]
+    /// warm-up); messages measured for the session workloads [default
+    /// there: 1000].
+    #[arg(long, short = 'n', alias = "messages")]
     count: Option<u64>,
+    /// Members of the group, the sender included (session workloads).
+    #[arg(long, default_value_t = 2)]
+    members: usize,
+    /// Members after the sender that keep their Session while measuring
+    /// [default: all]; the others receive through a bare long-poll that
+    /// acknowledges without decrypting or writing (session workloads).
+    #[arg(long)]
+    receiving_sessions: Option<usize>,
+    /// session-throughput: wait before a send while this many messages
+    /// are not yet Delivered (keeps the sender's outbox and state file
+    /// small) [default: send as soon as send returns].
+    #[arg(long)]
+    undelivered_max: Option<u64>,
+    /// Durability of the in-process server (session workloads without
+    /// --server).
+    #[arg(long, value_enum, default_value = "fsync")]
+    durability: DurabilityArg,
+    /// Directory for the session workloads' state files and in-process
+    /// server data [default: the system's temporary directory].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Seconds to run before measuring.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -114,6 +161,18 @@ struct LoadArgs {
     json: bool,
 }
 
+/// The in-process server's durability mode.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    /// Replies wait for the fsync of their writes.
+    Fsync,
+    /// Replies go out at once; syncs run behind them.
+    Buffered,
+}
+
+/// Messages a session workload measures unless --count says.
+const SESSION_MESSAGES: u64 = 1_000;
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the bare-QUIC baseline server: qpq-server's QUIC and TLS
@@ -132,6 +191,9 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.command.is_none() && args.load.workload.is_session() {
+        return session_run(args.load);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -143,19 +205,56 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn load_run(a: LoadArgs) -> anyhow::Result<()> {
-    let trust = match (&a.server_fingerprint, &a.server_ca) {
+/// How the server's certificate is trusted, from the flags.
+fn trust(a: &LoadArgs) -> anyhow::Result<ServerTrust> {
+    Ok(match (&a.server_fingerprint, &a.server_ca) {
         (Some(fp), _) => ServerTrust::fingerprint_hex(fp)?,
         (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
         (None, None) => {
             bail!("give --server-fingerprint or --server-ca (or QPQ_SERVER_FINGERPRINT)")
         }
+    })
+}
+
+fn session_run(a: LoadArgs) -> anyhow::Result<()> {
+    let target = match &a.server {
+        None => Target::InProcess(match a.durability {
+            DurabilityArg::Fsync => Durability::Fsync,
+            DurabilityArg::Buffered => Durability::Buffered,
+        }),
+        Some(server) => Target::Running {
+            server: server.clone(),
+            trust: trust(&a)?,
+            metrics_url: a.metrics.clone(),
+        },
     };
+    let report = session::run(SessionLoad {
+        workload: a.workload,
+        target,
+        members: a.members,
+        receiving_sessions: a.receiving_sessions,
+        undelivered_max: a.undelivered_max,
+        messages: a.count.unwrap_or(SESSION_MESSAGES),
+        text_bytes: a.payload,
+        in_flight: a.in_flight,
+        dir: a.state_dir,
+        progress: !a.json,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(())
+}
+
+async fn load_run(a: LoadArgs) -> anyhow::Result<()> {
+    let trust = trust(&a)?;
     let seconds = |s: f64, what: &str| {
         Duration::try_from_secs_f64(s).with_context(|| format!("--{what} must be >= 0"))
     };
     let config = LoadConfig {
-        server: a.server,
+        server: a.server.unwrap_or_else(|| "localhost:7443".to_owned()),
         trust,
         workload: a.workload,
         connections: a.connections,
