@@ -41,6 +41,10 @@ pub const EVENTS_BUFFERED: usize = 1_024;
 /// Commands that may wait for their turn before callers wait to queue
 /// more.
 pub const COMMANDS_QUEUED: usize = 256;
+/// Inputs (answers, queued commands) one round of the session's loop takes
+/// before it writes the state and carries out what they caused: one state
+/// write serves them all, and the round still ends soon under a flood.
+pub const ROUND_INPUTS_MAX: usize = 64;
 /// How long [`Session::close`] lets a running command finish.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -354,6 +358,12 @@ struct Runner {
 }
 
 type Connecting = JoinHandle<Result<Client, ClientError>>;
+/// Where a command's outcome goes.
+type Reply = oneshot::Sender<Result<Outcome, CommandError>>;
+/// Commands waiting for their turn, in the order asked.
+type Waiting = std::collections::VecDeque<(Command, Reply)>;
+/// Set once the session is closing: whom to tell, and by when.
+type Closing = Option<(oneshot::Sender<()>, tokio::time::Instant)>;
 
 impl Runner {
     async fn run(mut self, mut rx: mpsc::Receiver<Call>) -> Result<(), SessionError> {
@@ -362,29 +372,76 @@ impl Runner {
         let mut client: Option<Client> = None;
         let mut calls: JoinSet<(u64, Result<_, Lost>)> = JoinSet::new();
         let mut connecting: Option<Connecting> = None;
-        let mut running: Option<oneshot::Sender<Result<Outcome, CommandError>>> = None;
-        let mut waiting: std::collections::VecDeque<(
-            Command,
-            oneshot::Sender<Result<Outcome, CommandError>>,
-        )> = std::collections::VecDeque::new();
-        let mut closing: Option<(oneshot::Sender<()>, tokio::time::Instant)> = None;
-        let mut dirty = false;
+        let mut running: Option<Reply> = None;
+        let mut waiting = Waiting::new();
+        let mut closing: Closing = None;
         loop {
-            // Start the next command once none runs.
-            if running.is_none()
-                && closing.is_none()
-                && let Some((command, reply)) = waiting.pop_front()
-            {
-                running = Some(reply);
-                self.machine.handle_command(self.clock.now(), command);
-            }
-            while let Some(effect) = self.machine.poll_effect() {
-                if !matches!(effect, Effect::Persist) && dirty {
-                    self.persist()?;
-                    dirty = false;
+            // One round: feed the machine everything that is ready without
+            // waiting (answers, queued commands, at most ROUND_INPUTS_MAX),
+            // collecting its effects; write the state once; then carry the
+            // effects out in order. Every effect still follows a write that
+            // covers the state it came from, as in `drive`, but one write
+            // serves the whole round (a group commit for the state file).
+            let mut held = Vec::new();
+            let mut replies = Vec::new();
+            let mut dirty = false;
+            for _ in 0..ROUND_INPUTS_MAX {
+                if running.is_none()
+                    && closing.is_none()
+                    && let Some((command, reply)) = waiting.pop_front()
+                {
+                    running = Some(reply);
+                    self.machine.handle_command(self.clock.now(), command);
                 }
+                while let Some(effect) = self.machine.poll_effect() {
+                    match effect {
+                        Effect::Persist => dirty = true,
+                        Effect::Done(result) => {
+                            if let Some(reply) = running.take() {
+                                replies.push((reply, result));
+                            }
+                        }
+                        other => held.push(other),
+                    }
+                }
+                if running.is_none() && closing.is_none() && !waiting.is_empty() {
+                    continue;
+                }
+                match calls.try_join_next() {
+                    Some(Ok((token, Ok(answer)))) => {
+                        self.machine
+                            .handle_response(self.clock.now(), token, answer);
+                        continue;
+                    }
+                    Some(Ok((_, Err(Lost)))) => {
+                        let reason = lost_reason(client.take());
+                        calls = JoinSet::new();
+                        // Requests not yet out wait for the next connection
+                        // in the machine, like those that were.
+                        held.retain(|e| !matches!(e, Effect::Request { .. }));
+                        self.machine.handle_disconnected(self.clock.now(), &reason);
+                        continue;
+                    }
+                    Some(Err(_)) => continue,
+                    None => {}
+                }
+                if closing.is_none()
+                    && let Ok(call) = rx.try_recv()
+                {
+                    self.take_call(call, &mut waiting, &mut closing);
+                    continue;
+                }
+                break;
+            }
+            if dirty {
+                self.persist()?;
+            }
+            for (reply, result) in replies {
+                let _ = reply.send(result);
+            }
+            let mut fed = false;
+            for effect in held {
                 match effect {
-                    Effect::Persist => dirty = true,
                     Effect::Connect => {
                         let (server, trust, key) = (
                             self.config.server.clone(),
@@ -402,45 +459,32 @@ impl Runner {
                             let c = c.clone();
                             calls.spawn(async move { (token, call(&c, request).await) });
                         }
-                        None => self.machine.handle_response(
-                            self.clock.now(),
-                            token,
-                            Err(quicproquo_core::ServiceError::unavailable("not connected")),
-                        ),
+                        None => {
+                            self.machine.handle_response(
+                                self.clock.now(),
+                                token,
+                                Err(quicproquo_core::ServiceError::unavailable("not connected")),
+                            );
+                            fed = true;
+                        }
                     },
                     Effect::Event(e) => self.publish(e).await,
-                    Effect::Done(result) => {
-                        if let Some(reply) = running.take() {
-                            let _ = reply.send(result);
-                        }
-                    }
+                    Effect::Persist | Effect::Done(_) => {}
                 }
-            }
-            if dirty {
-                self.persist()?;
-                dirty = false;
             }
             if let Some((_, by)) = &closing
                 && (running.is_none() || tokio::time::Instant::now() >= *by)
             {
                 break;
             }
-            if running.is_none() && !waiting.is_empty() && closing.is_none() {
+            if fed || (running.is_none() && !waiting.is_empty() && closing.is_none()) {
                 continue;
             }
             let deadline = self.machine.poll_timeout().map(|t| self.clock.instant(t));
             let close_by = closing.as_ref().map(|(_, by)| *by);
             tokio::select! {
                 call = rx.recv(), if closing.is_none() => match call {
-                    Some(Call::Command(command, reply)) => waiting.push_back((*command, reply)),
-                    Some(Call::Subscribe(tx, reply)) => {
-                        self.subscribers.push(tx);
-                        let _ = reply.send(());
-                    }
-                    Some(Call::Read(read)) => read(&self.machine),
-                    Some(Call::Close(reply)) => {
-                        closing = Some((reply, tokio::time::Instant::now() + CLOSE_GRACE));
-                    }
+                    Some(call) => self.take_call(call, &mut waiting, &mut closing),
                     None => closing = Some((oneshot::channel().0, tokio::time::Instant::now())),
                 },
                 joined = calls.join_next(), if !calls.is_empty() => {
@@ -495,6 +539,22 @@ impl Runner {
             let _ = reply.send(());
         }
         Ok(())
+    }
+
+    /// Takes a handle's call: a command joins the queue, the rest is
+    /// answered at once.
+    fn take_call(&mut self, call: Call, waiting: &mut Waiting, closing: &mut Closing) {
+        match call {
+            Call::Command(command, reply) => waiting.push_back((*command, reply)),
+            Call::Subscribe(tx, reply) => {
+                self.subscribers.push(tx);
+                let _ = reply.send(());
+            }
+            Call::Read(read) => read(&self.machine),
+            Call::Close(reply) => {
+                *closing = Some((reply, tokio::time::Instant::now() + CLOSE_GRACE));
+            }
+        }
     }
 
     /// Writes the machine's state; a failure stops the session.
