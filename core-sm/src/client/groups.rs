@@ -403,7 +403,7 @@ impl ClientMachine {
                         message_id,
                     }));
                 } else {
-                    self.texts.insert(message_id, record.name.clone());
+                    self.outbox.add_text(message_id, record.name.clone());
                 }
                 return Ok(());
             }
@@ -663,8 +663,7 @@ impl ClientMachine {
     /// (those are answered on their own).
     pub(super) fn drop_copies(&mut self, message_id: [u8; 16]) {
         let in_flight = self.outbox_in_flight();
-        self.outbox
-            .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
+        self.outbox.remove_copies(message_id, &in_flight);
     }
 
     /// The group with this MLS group id, to change.

@@ -15,7 +15,7 @@
 //! The concerns live in their own files: `api` (the vocabulary), `link`
 //! (the connection and every retry clock), `groups` (changes and the
 //! commit race), `receive` (fetching, the long-poll, processing), `outbox`
-//! (deliveries), `keys` (KeyPackages, hybrid keys), `contacts`, `members`
+//! (deliveries: the `Outbox` type and their sending), `keys` (KeyPackages, hybrid keys), `contacts`, `members`
 //! (who changed a group), `safety` (safety numbers), `content` (what an
 //! application message carries), `mls` (MLS helpers), `state` (the
 //! persisted layout).
@@ -180,6 +180,7 @@ use contacts::Contacts;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
 use mls::*;
+use outbox::Outbox;
 pub use safety::{SAFETY_NUMBER_LABEL, SafetyNumber};
 
 /// What an in-flight request was for.
@@ -283,16 +284,12 @@ pub struct ClientMachine {
     contacts: Contacts,
     groups: Vec<GroupRecord>,
     cursors: BTreeMap<ChannelId, u64>,
-    outbox: BTreeMap<u64, OutboxEntry>,
-    next_outbox_id: u64,
+    outbox: Outbox,
     op: Option<Op>,
     in_flight: BTreeMap<u64, InFlight>,
     /// The time of the input being handled.
     now: Time,
     link: Link,
-    /// Outbox entries whose last delivery failed with a retryable error.
-    /// Not persisted: a new run tries them at once.
-    retries: BTreeMap<u64, Retry>,
     /// Requests to fail because the machine gave up connecting.
     refusals: Vec<u64>,
     refusal_reason: String,
@@ -303,15 +300,6 @@ pub struct ClientMachine {
     /// Failed long-polls in a row, and when to try again.
     listen_attempts: u32,
     listen_at: Option<Time>,
-    /// Application messages still in the outbox, by message id, with their
-    /// group's name: [`Event::Delivered`] is shown when the last copy is
-    /// stored. Not persisted: a message from an earlier run is delivered
-    /// without the event.
-    texts: BTreeMap<[u8; 16], String>,
-    /// Outbox entries to send one by one, not in an `enqueueBatch` (a
-    /// batch with them was refused for one member's full queue). Not
-    /// persisted: a new process tries the batch again first.
-    solo: BTreeSet<u64>,
     /// Message ids of this run's Commits the server accepted, whose other
     /// copies may still be in the outbox. Not persisted: it only decides
     /// whether a late refusal of such a copy is worth a warning.
@@ -363,8 +351,7 @@ impl ClientMachine {
                 .map_err(|_| CommandError::State("bad channel id".into()))?;
             m.cursors.insert(ch, seq);
         }
-        m.outbox = p.outbox.into_iter().collect();
-        m.next_outbox_id = p.next_outbox_id;
+        m.outbox = Outbox::restore(p.outbox, p.next_outbox_id);
         Ok(m)
     }
 
@@ -381,21 +368,17 @@ impl ClientMachine {
             contacts: Contacts::default(),
             groups: Vec::new(),
             cursors: BTreeMap::new(),
-            outbox: BTreeMap::new(),
-            next_outbox_id: 0,
+            outbox: Outbox::default(),
             op: None,
             in_flight: BTreeMap::new(),
             now: Time::ZERO,
             link: Link::new(),
-            retries: BTreeMap::new(),
             refusals: Vec::new(),
             refusal_reason: String::new(),
             listening: false,
             listen_stale: false,
             listen_attempts: 0,
             listen_at: None,
-            texts: BTreeMap::new(),
-            solo: BTreeSet::new(),
             accepted_commits: BTreeSet::new(),
             blocked: BTreeSet::new(),
             next_token: 0,
@@ -405,6 +388,7 @@ impl ClientMachine {
 
     /// Everything to persist, as bytes for the encrypted state file.
     pub fn snapshot(&self) -> Vec<u8> {
+        let (outbox, next_outbox_id) = self.outbox.snapshot();
         let p = Persisted {
             version: STATE_VERSION,
             identity_seed: self.signer.0.to_bytes(),
@@ -416,8 +400,8 @@ impl ClientMachine {
                 .iter()
                 .map(|(c, s)| (c.as_bytes().to_vec(), *s))
                 .collect(),
-            outbox: self.outbox.iter().map(|(k, v)| (*k, v.clone())).collect(),
-            next_outbox_id: self.next_outbox_id,
+            outbox,
+            next_outbox_id,
             mls_storage: self.provider.storage_snapshot(),
             hybrid_keys: self
                 .hybrid_keys
@@ -550,7 +534,7 @@ impl ClientMachine {
         // A new command tries the server again, and every delivery at once.
         self.link.given_up = false;
         self.link.reconnect_at = None;
-        self.retries.clear();
+        self.outbox.clear_retries();
         // Deliveries and changes left over from an earlier run go first.
         self.flush_outbox();
         self.resume();
