@@ -15,7 +15,8 @@
 //! The concerns live in their own files: `api` (the vocabulary), `link`
 //! (the connection and every retry clock), `groups` (changes and the
 //! commit race), `receive` (fetching, the long-poll, processing), `outbox`
-//! (deliveries: the `Outbox` type and their sending), `keys` (KeyPackages, hybrid keys), `contacts`, `members`
+//! (deliveries: the `Outbox` type and their sending), `keys`
+//! (KeyPackages, hybrid keys, the `PeerKeys` cache), `contacts`, `members`
 //! (who changed a group), `safety` (safety numbers), `content` (what an
 //! application message carries), `mls` (MLS helpers), `state` (the
 //! persisted layout).
@@ -177,6 +178,7 @@ mod safety;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
 use contacts::Contacts;
+use keys::PeerKeys;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
 use mls::*;
@@ -279,7 +281,7 @@ pub struct ClientMachine {
     /// Own hybrid secret keys, oldest first; the last one is current.
     hybrid_keys: Vec<HybridSecretKey>,
     /// Verified hybrid public keys of peers, by identity.
-    peer_hybrid_keys: BTreeMap<IdentityKey, HybridPublicKey>,
+    peer_hybrid_keys: PeerKeys,
     /// The names this user gave identity keys.
     contacts: Contacts,
     groups: Vec<GroupRecord>,
@@ -338,12 +340,7 @@ impl ClientMachine {
                 .map_err(|e| CommandError::State(format!("hybrid secret key: {e}")))?;
             m.hybrid_keys.push(key);
         }
-        for (identity, public) in p.peer_hybrid_keys {
-            // A cached key that no longer parses is refetched when needed.
-            if let Ok(key) = HybridPublicKey::from_bytes(&public) {
-                m.peer_hybrid_keys.insert(IdentityKey(identity), key);
-            }
-        }
+        m.peer_hybrid_keys = PeerKeys::restore(p.peer_hybrid_keys);
         m.contacts = Contacts::restore(p.contacts)?;
         m.groups = p.groups;
         for (ch, seq) in p.cursors {
@@ -364,7 +361,7 @@ impl ClientMachine {
             registered: false,
             active: false,
             hybrid_keys: Vec::new(),
-            peer_hybrid_keys: BTreeMap::new(),
+            peer_hybrid_keys: PeerKeys::default(),
             contacts: Contacts::default(),
             groups: Vec::new(),
             cursors: BTreeMap::new(),
@@ -408,11 +405,7 @@ impl ClientMachine {
                 .iter()
                 .map(|k| k.to_bytes().to_vec())
                 .collect(),
-            peer_hybrid_keys: self
-                .peer_hybrid_keys
-                .iter()
-                .map(|(id, k)| (id.0, k.to_bytes()))
-                .collect(),
+            peer_hybrid_keys: self.peer_hybrid_keys.snapshot(),
             contacts: self.contacts.to_list(),
         };
         p.encode()
