@@ -13,13 +13,15 @@
 //! outcome. The machine never performs I/O and never reads a clock.
 //!
 //! The concerns live in their own files: `api` (the vocabulary), `link`
-//! (the connection and every retry clock), `groups` (changes and the
-//! commit race), `receive` (fetching, the long-poll, processing), `outbox`
-//! (deliveries: the `Outbox` type and their sending), `keys`
-//! (KeyPackages, hybrid keys, the `PeerKeys` cache), `contacts`, `members`
-//! (who changed a group), `safety` (safety numbers), `content` (what an
-//! application message carries), `mls` (MLS helpers), `state` (the
-//! persisted layout).
+//! (the connection and every retry clock), `group` (a group as held in
+//! memory: `Group`, `Groups`, its bounded `EarlyMessages`), `groups`
+//! (changes and the commit race), `receive` (fetching, the long-poll,
+//! processing), `outbox` (deliveries: the `Outbox` type and their
+//! sending), `keys` (KeyPackages, hybrid keys, the `PeerKeys` cache),
+//! `contacts`, `members` (who changed a group), `safety` (safety numbers),
+//! `content` (what an application message carries), `mls` (MLS helpers),
+//! `state` (the persisted layout, converted from and to these types at
+//! [`ClientMachine::restore`] and [`ClientMachine::snapshot`]).
 //!
 //! States (ARCHITECTURE.md § Client life cycle), derived from what the
 //! machine holds:
@@ -167,6 +169,7 @@ pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 mod api;
 mod contacts;
 pub mod content;
+mod group;
 mod groups;
 mod keys;
 mod link;
@@ -178,6 +181,7 @@ mod safety;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
 use contacts::Contacts;
+use group::{Group, Groups};
 use keys::PeerKeys;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
@@ -284,7 +288,7 @@ pub struct ClientMachine {
     peer_hybrid_keys: PeerKeys,
     /// The names this user gave identity keys.
     contacts: Contacts,
-    groups: Vec<GroupRecord>,
+    groups: Groups,
     cursors: BTreeMap<ChannelId, u64>,
     outbox: Outbox,
     op: Option<Op>,
@@ -342,7 +346,7 @@ impl ClientMachine {
         }
         m.peer_hybrid_keys = PeerKeys::restore(p.peer_hybrid_keys);
         m.contacts = Contacts::restore(p.contacts)?;
-        m.groups = p.groups;
+        m.groups = Groups::restore(p.groups)?;
         for (ch, seq) in p.cursors {
             let ch = ChannelId::try_from_slice(&ch)
                 .map_err(|_| CommandError::State("bad channel id".into()))?;
@@ -363,7 +367,7 @@ impl ClientMachine {
             hybrid_keys: Vec::new(),
             peer_hybrid_keys: PeerKeys::default(),
             contacts: Contacts::default(),
-            groups: Vec::new(),
+            groups: Groups::default(),
             cursors: BTreeMap::new(),
             outbox: Outbox::default(),
             op: None,
@@ -391,7 +395,7 @@ impl ClientMachine {
             identity_seed: self.signer.0.to_bytes(),
             registered: self.registered,
             active: self.active,
-            groups: self.groups.clone(),
+            groups: self.groups.snapshot(),
             cursors: self
                 .cursors
                 .iter()
@@ -473,7 +477,7 @@ impl ClientMachine {
                 let group = self.load_group(r).ok()?;
                 Some(GroupSummary {
                     name: r.name.clone(),
-                    channel_id: ChannelId::try_from_slice(&r.channel_id).ok()?,
+                    channel_id: r.channel,
                     epoch: group.epoch().as_u64(),
                     members: members(&group),
                     pq: r.pq,
@@ -486,7 +490,7 @@ impl ClientMachine {
     /// The MLS epoch authenticator of a group (equal for all members of the
     /// same epoch); for tests and diagnostics.
     pub fn epoch_authenticator(&self, group: &str) -> Option<Vec<u8>> {
-        let r = self.groups.iter().find(|g| g.name == group)?;
+        let r = self.groups.by_name(group)?;
         let g = self.load_group(r).ok()?;
         Some(g.epoch_authenticator().as_slice().to_vec())
     }
@@ -729,23 +733,19 @@ impl ClientMachine {
         }
     }
 
-    fn record(&self, name: &str) -> Result<GroupRecord, CommandError> {
+    fn record(&self, name: &str) -> Result<Group, CommandError> {
         self.groups
-            .iter()
-            .find(|g| g.name == name)
-            .map(GroupRecord::head)
+            .by_name(name)
+            .map(Group::head)
             .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
     }
 
-    fn load_group(&self, record: &GroupRecord) -> Result<MlsGroup, CommandError> {
-        MlsGroup::load(
-            self.provider.storage(),
-            &GroupId::from_slice(&record.group_id),
-        )
-        .map_err(mls)?
-        .ok_or_else(|| {
-            CommandError::State(format!("group `{}` missing from MLS storage", record.name))
-        })
+    fn load_group(&self, record: &Group) -> Result<MlsGroup, CommandError> {
+        MlsGroup::load(self.provider.storage(), &record.id)
+            .map_err(mls)?
+            .ok_or_else(|| {
+                CommandError::State(format!("group `{}` missing from MLS storage", record.name))
+            })
     }
 }
 
