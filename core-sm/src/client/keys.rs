@@ -256,3 +256,50 @@ impl ClientMachine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache filled with `count` identities (`[i; 32]` for `i` from 1,
+    /// as two bytes), all with one key.
+    fn filled(count: usize) -> (PeerKeys, HybridPublicKey) {
+        let secret = HybridSecretKey::generate(&mut ChaCha20Rng::from_seed([9; 32]));
+        let key = secret.public().clone();
+        let mut peers = PeerKeys::default();
+        for i in 1..=count {
+            peers.insert(identity(i), key.clone());
+        }
+        (peers, key)
+    }
+
+    fn identity(i: usize) -> IdentityKey {
+        let mut id = [0u8; 32];
+        id[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        IdentityKey(id)
+    }
+
+    #[test]
+    fn a_full_cache_drops_the_lowest_identity_for_a_new_one() {
+        let (mut peers, key) = filled(PEER_HYBRID_KEYS_MAX);
+        assert_eq!(peers.keys.len(), PEER_HYBRID_KEYS_MAX);
+        peers.insert(identity(PEER_HYBRID_KEYS_MAX + 1), key.clone());
+        assert_eq!(peers.keys.len(), PEER_HYBRID_KEYS_MAX);
+        assert!(peers.get(&identity(1)).is_none());
+        assert!(peers.get(&identity(PEER_HYBRID_KEYS_MAX + 1)).is_some());
+        // A key cached already is replaced, and nothing makes room.
+        peers.insert(identity(2), key);
+        assert_eq!(peers.keys.len(), PEER_HYBRID_KEYS_MAX);
+        assert!(peers.get(&identity(2)).is_some());
+    }
+
+    #[test]
+    fn the_cache_restores_from_its_snapshot() {
+        let (peers, _) = filled(3);
+        let mut list = peers.snapshot();
+        assert_eq!(PeerKeys::restore(list.clone()).snapshot(), list);
+        // A key that no longer parses is left out.
+        list[0].1.truncate(10);
+        assert_eq!(PeerKeys::restore(list.clone()).snapshot(), list[1..]);
+    }
+}
