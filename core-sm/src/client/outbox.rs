@@ -500,3 +500,63 @@ impl ClientMachine {
         self.outbox.take_text(message_id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outbox with one entry per `(recipient, channel)`, ids from 0.
+    fn outbox(queues: &[(u8, u8)]) -> Outbox {
+        let mut o = Outbox::default();
+        for (recipient, channel) in queues {
+            o.add(OutboxEntry {
+                recipient: [*recipient; 32],
+                channel_id: vec![*channel; 16],
+                payload: Vec::new(),
+                message_id: [0; 16],
+                seal: false,
+            });
+        }
+        o
+    }
+
+    /// The entries due with `in_flight` in flight.
+    fn check(o: &mut Outbox, in_flight: &[u64], due: &[u64]) {
+        assert_eq!(o.entries_due(&in_flight.iter().copied().collect()), due);
+    }
+
+    #[test]
+    fn only_the_oldest_entry_of_each_queue_is_due() {
+        let mut o = outbox(&[(1, 1), (1, 1), (1, 2), (2, 1), (1, 2)]);
+        check(&mut o, &[], &[0, 2, 3]);
+        check(&mut o, &[0], &[2, 3]);
+        o.remove(0);
+        check(&mut o, &[], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn an_entry_waiting_for_its_retry_holds_its_queue() {
+        let mut o = outbox(&[(1, 1), (1, 1), (2, 1)]);
+        o.retry(0).at = Some(Time::from_millis(5));
+        check(&mut o, &[], &[2]);
+        assert!(!o.retries_due(Time::from_millis(4)));
+        assert!(o.retries_due(Time::from_millis(5)));
+        check(&mut o, &[], &[0, 2]);
+        // The clock of an entry that left goes with it.
+        o.remove(0);
+        check(&mut o, &[], &[1, 2]);
+        assert_eq!(o.retries().count(), 0);
+    }
+
+    #[test]
+    fn the_outbox_restores_from_its_snapshot() {
+        let o = outbox(&[(1, 1), (2, 2)]);
+        let (entries, next_id) = o.snapshot();
+        let back = Outbox::restore(entries.clone(), next_id);
+        assert_eq!(back.snapshot().1, next_id);
+        assert_eq!(
+            postcard::to_allocvec(&back.snapshot().0).unwrap(),
+            postcard::to_allocvec(&entries).unwrap()
+        );
+    }
+}
