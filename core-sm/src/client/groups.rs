@@ -10,7 +10,7 @@ impl ClientMachine {
 
     pub(super) fn create_group(&mut self, name: String, pq: bool) -> Result<(), CommandError> {
         check_name(&name)?;
-        if self.groups.iter().any(|g| g.name == name) {
+        if self.groups.by_name(&name).is_some() {
             return Err(CommandError::GroupExists(name));
         }
         // Members seal to each other's hybrid keys, this user's included.
@@ -28,17 +28,15 @@ impl ClientMachine {
             MlsGroup::new(&self.provider, &self.signer, &config, self.credential()).map_err(mls)?;
         let mut channel = [0u8; 16];
         self.provider.fill(&mut channel);
-        self.groups.push(GroupRecord {
-            name: name.clone(),
-            group_id: group.group_id().as_slice().to_vec(),
-            channel_id: channel.to_vec(),
-            owner: true,
+        let channel = ChannelId::try_from_slice(&channel)
+            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        self.groups.push(Group::new(
+            name.clone(),
+            group.group_id().clone(),
+            channel,
+            true,
             pq,
-            queue: Vec::new(),
-            commit: None,
-            behind: 0,
-            early: Vec::new(),
-        });
+        ));
         // The long-poll must cover the new channel.
         self.listen_stale = true;
         self.effects.push_back(Effect::Persist);
@@ -260,17 +258,15 @@ impl ClientMachine {
     /// recipient, under one message id, which it returns.
     pub(super) fn send_group_message(
         &mut self,
-        record: &GroupRecord,
+        record: &Group,
         recipients: &[IdentityKey],
         message: MlsMessageOut,
     ) -> Result<[u8; 16], CommandError> {
-        let channel = ChannelId::try_from_slice(&record.channel_id)
-            .map_err(|_| CommandError::State("bad channel id".into()))?;
         let payload = Envelope::Group {
             message: message.to_bytes().map_err(mls)?,
         }
         .encode();
-        Ok(self.add_group_to_outbox(recipients, channel, payload, record.pq))
+        Ok(self.add_group_to_outbox(recipients, record.channel, payload, record.pq))
     }
 
     // ----- send -------------------------------------------------------------
@@ -304,11 +300,11 @@ impl ClientMachine {
         change: Change,
     ) -> Result<(), CommandError> {
         let record = self.record(group_name)?;
-        if let Some(g) = self.groups.iter_mut().find(|g| g.name == group_name) {
+        if let Some(g) = self.groups.by_name_mut(group_name) {
             g.queue.push(change);
         }
         self.effects.push_back(Effect::Persist);
-        self.advance(&record.group_id);
+        self.advance(&record.id);
         self.flush_outbox();
         Ok(())
     }
@@ -317,16 +313,17 @@ impl ClientMachine {
     /// changes are made, and a group still behind the epoch its lost Commit
     /// met is fetched first.
     pub(super) fn resume(&mut self) {
-        let groups: Vec<(Vec<u8>, bool, Vec<u8>)> = self
+        let groups: Vec<(GroupId, bool, ChannelId)> = self
             .groups
             .iter()
             .filter(|g| g.commit.is_none() && !g.queue.is_empty())
-            .map(|g| (g.group_id.clone(), g.behind > 0, g.channel_id.clone()))
+            .map(|g| (g.id.clone(), g.behind > 0, g.channel))
             .collect();
         for (group_id, behind, channel) in groups {
-            match ChannelId::try_from_slice(&channel) {
-                Ok(ch) if behind => self.fetch(ch),
-                _ => self.advance(&group_id),
+            if behind {
+                self.fetch(channel);
+            } else {
+                self.advance(&group_id);
             }
         }
         self.flush_outbox();
@@ -336,14 +333,9 @@ impl ClientMachine {
     /// waits for the server's acceptance) or the queue is empty. Nothing is
     /// made while the group is behind the epoch a lost Commit met: those
     /// changes would lose again.
-    pub(super) fn advance(&mut self, group_id: &[u8]) {
+    pub(super) fn advance(&mut self, group_id: &GroupId) {
         loop {
-            let Some(record) = self
-                .groups
-                .iter()
-                .find(|g| g.group_id == group_id)
-                .map(GroupRecord::head)
-            else {
+            let Some(record) = self.groups.by_id(group_id).map(Group::head) else {
                 return;
             };
             if record.commit.is_some() || record.queue.is_empty() {
@@ -356,7 +348,7 @@ impl ClientMachine {
             if group.epoch().as_u64() < record.behind {
                 return;
             }
-            if let Some(g) = self.group_mut(group_id) {
+            if let Some(g) = self.groups.by_id_mut(group_id) {
                 g.queue.remove(0);
                 g.behind = 0;
             }
@@ -376,7 +368,7 @@ impl ClientMachine {
     /// server accepts it; a leave sends its proposal and forgets the group.
     pub(super) fn make(
         &mut self,
-        record: &GroupRecord,
+        record: &Group,
         group: &mut MlsGroup,
         change: Change,
     ) -> Result<(), CommandError> {
@@ -403,7 +395,7 @@ impl ClientMachine {
                         message_id,
                     }));
                 } else {
-                    self.texts.insert(message_id, record.name.clone());
+                    self.outbox.add_text(message_id, record.name.clone());
                 }
                 return Ok(());
             }
@@ -412,7 +404,7 @@ impl ClientMachine {
                     .leave_group(&self.provider, &self.signer)
                     .map_err(mls)?;
                 self.send_group_message(record, &recipients, proposal)?;
-                self.forget(&record.group_id);
+                self.forget(&record.id);
                 return Ok(());
             }
             Change::Add {
@@ -481,14 +473,14 @@ impl ClientMachine {
     /// merged at once.
     pub(super) fn commit(
         &mut self,
-        record: &GroupRecord,
+        record: &Group,
         recipients: &[IdentityKey],
         commit: MlsMessageOut,
         change: Change,
         welcome: Option<([u8; 32], Vec<u8>)>,
     ) -> Result<(), CommandError> {
         let message_id = self.send_group_message(record, recipients, commit)?;
-        if let Some(g) = self.group_mut(&record.group_id) {
+        if let Some(g) = self.groups.by_id_mut(&record.id) {
             g.commit = Some(CommitRecord {
                 message_id,
                 change,
@@ -511,7 +503,7 @@ impl ClientMachine {
         let Some(commit) = record.commit.clone() else {
             return;
         };
-        if let Some(g) = self.group_mut(&record.group_id) {
+        if let Some(g) = self.groups.by_id_mut(&record.id) {
             g.commit = None;
         }
         self.accepted_commits.insert(message_id);
@@ -519,14 +511,14 @@ impl ClientMachine {
         if let Err(e) = self.merge_own_commit(&record, commit) {
             self.warn(format!("group {}: {e}", record.name));
         }
-        self.replay_early(&record.group_id);
-        self.unblock(&record.channel_id);
-        self.advance(&record.group_id);
+        self.replay_early(&record.id);
+        self.unblock(record.channel);
+        self.advance(&record.id);
     }
 
     pub(super) fn merge_own_commit(
         &mut self,
-        record: &GroupRecord,
+        record: &Group,
         commit: CommitRecord,
     ) -> Result<(), CommandError> {
         let mut group = self.load_group(record)?;
@@ -548,8 +540,7 @@ impl ClientMachine {
         };
         // The group's name is sealed under the new epoch's exporter secret,
         // which the joiner derives from the Welcome.
-        let channel = ChannelId::try_from_slice(&record.channel_id)
-            .map_err(|_| CommandError::State("bad channel id".into()))?;
+        let channel = record.channel;
         let mut nonce = [0u8; envelope::NAME_NONCE_BYTES];
         self.provider.fill(&mut nonce);
         let sealed_name = seal_name(&self.provider, &group, &channel, &nonce, &record.name)?;
@@ -597,37 +588,30 @@ impl ClientMachine {
         {
             self.warn(format!("group {}: {e:?}", record.name));
         }
-        if let Some(g) = self.group_mut(&record.group_id) {
+        if let Some(g) = self.groups.by_id_mut(&record.id) {
             g.commit = None;
             g.queue.insert(0, commit.change);
             g.behind = g.behind.max(behind);
         }
-        self.unblock(&record.channel_id);
+        self.unblock(record.channel);
         // Catch up with the winning Commit, then make the change again.
-        if refused && let Ok(ch) = ChannelId::try_from_slice(&record.channel_id) {
-            self.fetch(ch);
+        if refused {
+            self.fetch(record.channel);
         }
-        self.advance(&record.group_id);
+        self.advance(&record.id);
     }
 
     /// Resumes a channel whose processing waited for a Commit of ours to be
     /// settled.
-    pub(super) fn unblock(&mut self, channel: &[u8]) {
-        if let Ok(ch) = ChannelId::try_from_slice(channel)
-            && self.blocked.remove(&ch)
-        {
-            self.fetch(ch);
+    pub(super) fn unblock(&mut self, channel: ChannelId) {
+        if self.blocked.remove(&channel) {
+            self.fetch(channel);
         }
     }
 
     /// Forgets a group (left or removed), with what it still had to make.
-    pub(super) fn forget(&mut self, group_id: &[u8]) {
-        let Some(record) = self
-            .groups
-            .iter()
-            .find(|g| g.group_id == group_id)
-            .map(GroupRecord::head)
-        else {
+    pub(super) fn forget(&mut self, group_id: &GroupId) {
+        let Some(record) = self.groups.by_id(group_id).map(Group::head) else {
             return;
         };
         if let Some(commit) = &record.commit {
@@ -644,11 +628,11 @@ impl ClientMachine {
                 record.name
             ));
         }
-        self.groups.retain(|g| g.group_id != group_id);
+        self.groups.remove(group_id);
     }
 
     /// The group whose pending Commit went out under `message_id`.
-    pub(super) fn group_committing(&self, message_id: [u8; 16]) -> Option<GroupRecord> {
+    pub(super) fn group_committing(&self, message_id: [u8; 16]) -> Option<Group> {
         self.groups
             .iter()
             .find(|g| {
@@ -656,20 +640,14 @@ impl ClientMachine {
                     .as_ref()
                     .is_some_and(|c| c.message_id == message_id)
             })
-            .map(GroupRecord::head)
+            .map(Group::head)
     }
 
     /// Drops the outbox entries of `message_id` that are not in flight
     /// (those are answered on their own).
     pub(super) fn drop_copies(&mut self, message_id: [u8; 16]) {
         let in_flight = self.outbox_in_flight();
-        self.outbox
-            .retain(|id, e| e.message_id != message_id || in_flight.contains(id));
-    }
-
-    /// The group with this MLS group id, to change.
-    pub(super) fn group_mut(&mut self, group_id: &[u8]) -> Option<&mut GroupRecord> {
-        self.groups.iter_mut().find(|g| g.group_id == group_id)
+        self.outbox.remove_copies(message_id, &in_flight);
     }
 
     /// Outbox entries in an enqueue in flight.

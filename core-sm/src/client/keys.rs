@@ -1,8 +1,57 @@
 //! Registering (KeyPackages and this user's hybrid key on the server) and
 //! peers' hybrid keys: fetched, checked against their identity's
-//! signature, cached (at most [`PEER_HYBRID_KEYS_MAX`]).
+//! signature, cached in [`PeerKeys`] (at most [`PEER_HYBRID_KEYS_MAX`]).
 
 use super::*;
+
+/// Verified hybrid public keys of peers, by identity: at most
+/// [`PEER_HYBRID_KEYS_MAX`]; when full, the key of the lowest identity
+/// makes room and is refetched when needed.
+#[derive(Debug, Default)]
+pub(super) struct PeerKeys {
+    keys: BTreeMap<IdentityKey, HybridPublicKey>,
+}
+
+impl PeerKeys {
+    /// The keys as persisted; one that no longer parses is left out (it is
+    /// refetched when needed).
+    pub fn restore(keys: Vec<([u8; 32], Vec<u8>)>) -> PeerKeys {
+        let keys = keys
+            .into_iter()
+            .filter_map(|(identity, public)| {
+                let key = HybridPublicKey::from_bytes(&public).ok()?;
+                Some((IdentityKey(identity), key))
+            })
+            .collect();
+        PeerKeys { keys }
+    }
+
+    /// The keys, ordered by identity, to persist.
+    pub fn snapshot(&self) -> Vec<([u8; 32], Vec<u8>)> {
+        self.keys
+            .iter()
+            .map(|(id, k)| (id.0, k.to_bytes()))
+            .collect()
+    }
+
+    /// Caches a verified key, dropping the lowest identity's when full.
+    pub fn insert(&mut self, identity: IdentityKey, key: HybridPublicKey) {
+        if self.keys.len() >= PEER_HYBRID_KEYS_MAX && !self.keys.contains_key(&identity) {
+            self.keys.pop_first();
+        }
+        self.keys.insert(identity, key);
+        assert!(self.keys.len() <= PEER_HYBRID_KEYS_MAX);
+    }
+
+    pub fn get(&self, identity: &IdentityKey) -> Option<&HybridPublicKey> {
+        self.keys.get(identity)
+    }
+
+    /// Forgets a key (its owner may have rotated it).
+    pub fn remove(&mut self, identity: &IdentityKey) {
+        self.keys.remove(identity);
+    }
+}
 
 impl ClientMachine {
     // ----- register ---------------------------------------------------------
@@ -203,12 +252,54 @@ impl ClientMachine {
         };
         let key = hybrid::verify_public_key(&member, &blob, &signature)
             .map_err(|e| CommandError::BadHybridKey(member.short(), e))?;
-        if self.peer_hybrid_keys.len() >= PEER_HYBRID_KEYS_MAX
-            && !self.peer_hybrid_keys.contains_key(&member)
-        {
-            self.peer_hybrid_keys.pop_first();
-        }
         self.peer_hybrid_keys.insert(member, key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache filled with `count` identities (`[i; 32]` for `i` from 1,
+    /// as two bytes), all with one key.
+    fn filled(count: usize) -> (PeerKeys, HybridPublicKey) {
+        let secret = HybridSecretKey::generate(&mut ChaCha20Rng::from_seed([9; 32]));
+        let key = secret.public().clone();
+        let mut peers = PeerKeys::default();
+        for i in 1..=count {
+            peers.insert(identity(i), key.clone());
+        }
+        (peers, key)
+    }
+
+    fn identity(i: usize) -> IdentityKey {
+        let mut id = [0u8; 32];
+        id[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        IdentityKey(id)
+    }
+
+    #[test]
+    fn a_full_cache_drops_the_lowest_identity_for_a_new_one() {
+        let (mut peers, key) = filled(PEER_HYBRID_KEYS_MAX);
+        assert_eq!(peers.keys.len(), PEER_HYBRID_KEYS_MAX);
+        peers.insert(identity(PEER_HYBRID_KEYS_MAX + 1), key.clone());
+        assert_eq!(peers.keys.len(), PEER_HYBRID_KEYS_MAX);
+        assert!(peers.get(&identity(1)).is_none());
+        assert!(peers.get(&identity(PEER_HYBRID_KEYS_MAX + 1)).is_some());
+        // A key cached already is replaced, and nothing makes room.
+        peers.insert(identity(2), key);
+        assert_eq!(peers.keys.len(), PEER_HYBRID_KEYS_MAX);
+        assert!(peers.get(&identity(2)).is_some());
+    }
+
+    #[test]
+    fn the_cache_restores_from_its_snapshot() {
+        let (peers, _) = filled(3);
+        let mut list = peers.snapshot();
+        assert_eq!(PeerKeys::restore(list.clone()).snapshot(), list);
+        // A key that no longer parses is left out.
+        list[0].1.truncate(10);
+        assert_eq!(PeerKeys::restore(list.clone()).snapshot(), list[1..]);
     }
 }

@@ -186,7 +186,7 @@ impl ClientMachine {
     /// The earliest moment the machine wants [`Self::handle_timeout`]: a
     /// reconnect, a delivery's retry or the long-poll's retry.
     pub fn poll_timeout(&self) -> Option<Time> {
-        let retries = self.retries.values().filter_map(|r| r.at);
+        let retries = self.outbox.retries().filter_map(|r| r.at);
         [self.link.reconnect_at, self.listen_at]
             .into_iter()
             .flatten()
@@ -204,14 +204,7 @@ impl ClientMachine {
                 self.ensure_connecting();
             }
         }
-        let mut due = false;
-        for r in self.retries.values_mut() {
-            if r.at.is_some_and(|t| t <= now) {
-                r.at = None;
-                due = true;
-            }
-        }
-        if due {
+        if self.outbox.retries_due(now) {
             self.flush_outbox();
         }
         if self.listen_at.is_some_and(|t| t <= now) {
@@ -257,10 +250,9 @@ impl ClientMachine {
     /// `rateLimited` answer asked for.
     pub(super) fn retry_later(&mut self, ids: &[u64], error: &ServiceError) {
         for id in ids {
-            let r = self.retries.entry(*id).or_insert(Retry {
-                attempts: 0,
-                at: None,
-            });
+            let given_up = self.link.given_up;
+            let now = self.now;
+            let r = self.outbox.retry(*id);
             r.attempts = r.attempts.saturating_add(1);
             let mut pause = backoff(r.attempts, RETRY_BACKOFF_INITIAL, RETRY_BACKOFF_MAX);
             if let Some(hint) = error.kind.retry_after() {
@@ -268,7 +260,7 @@ impl ClientMachine {
             }
             // Once the machine gave up connecting, nothing is tried before
             // the next command (which tries every delivery at once).
-            r.at = (!self.link.given_up).then(|| self.now.saturating_add(pause));
+            r.at = (!given_up).then(|| now.saturating_add(pause));
         }
     }
 
@@ -279,8 +271,8 @@ impl ClientMachine {
         self.link.policy == LinkPolicy::OneShot
             && !self.link.given_up
             && self
-                .retries
-                .values()
+                .outbox
+                .retries()
                 .any(|r| r.at.is_some() && r.attempts < RETRY_ATTEMPTS_PER_COMMAND)
     }
 

@@ -7,8 +7,9 @@
 //! A Remove proposed by the removed member itself is a leave. Events come
 //! in the order RFC 9420 §12.3 applies proposals: removals, then adds.
 
+use super::group::Group;
 use super::*;
-use state::{Change, GroupRecord};
+use state::Change;
 
 /// The membership events of `commit`, a Commit of `committer` to `group`
 /// (this user's copy, named `name`, not yet merged). A removal of this
@@ -81,7 +82,7 @@ impl ClientMachine {
     /// with its epoch).
     pub(super) fn own_commit_events(
         &self,
-        record: &GroupRecord,
+        record: &Group,
         group: &MlsGroup,
         change: &Change,
     ) -> Vec<Event> {

@@ -13,12 +13,15 @@
 //! outcome. The machine never performs I/O and never reads a clock.
 //!
 //! The concerns live in their own files: `api` (the vocabulary), `link`
-//! (the connection and every retry clock), `groups` (changes and the
-//! commit race), `receive` (fetching, the long-poll, processing), `outbox`
-//! (deliveries), `keys` (KeyPackages, hybrid keys), `contacts`, `members`
-//! (who changed a group), `safety` (safety numbers), `content` (what an
-//! application message carries), `mls` (MLS helpers), `state` (the
-//! persisted layout).
+//! (the connection and every retry clock), `group` (a group as held in
+//! memory: `Group`, `Groups`, its bounded `EarlyMessages`), `groups`
+//! (changes and the commit race), `receive` (fetching, the long-poll,
+//! processing), `outbox` (deliveries: the `Outbox` type and their
+//! sending), `keys` (KeyPackages, hybrid keys, the `PeerKeys` cache),
+//! `contacts`, `members` (who changed a group), `safety` (safety numbers),
+//! `content` (what an application message carries), `mls` (MLS helpers),
+//! `state` (the persisted layout, converted from and to these types at
+//! [`ClientMachine::restore`] and [`ClientMachine::snapshot`]).
 //!
 //! States (ARCHITECTURE.md § Client life cycle), derived from what the
 //! machine holds:
@@ -166,6 +169,7 @@ pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
 mod api;
 mod contacts;
 pub mod content;
+mod group;
 mod groups;
 mod keys;
 mod link;
@@ -177,9 +181,12 @@ mod safety;
 
 pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
 use contacts::Contacts;
+use group::{Group, Groups};
+use keys::PeerKeys;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
 use link::{Link, Retry};
 use mls::*;
+use outbox::Outbox;
 pub use safety::{SAFETY_NUMBER_LABEL, SafetyNumber};
 
 /// What an in-flight request was for.
@@ -278,21 +285,17 @@ pub struct ClientMachine {
     /// Own hybrid secret keys, oldest first; the last one is current.
     hybrid_keys: Vec<HybridSecretKey>,
     /// Verified hybrid public keys of peers, by identity.
-    peer_hybrid_keys: BTreeMap<IdentityKey, HybridPublicKey>,
+    peer_hybrid_keys: PeerKeys,
     /// The names this user gave identity keys.
     contacts: Contacts,
-    groups: Vec<GroupRecord>,
+    groups: Groups,
     cursors: BTreeMap<ChannelId, u64>,
-    outbox: BTreeMap<u64, OutboxEntry>,
-    next_outbox_id: u64,
+    outbox: Outbox,
     op: Option<Op>,
     in_flight: BTreeMap<u64, InFlight>,
     /// The time of the input being handled.
     now: Time,
     link: Link,
-    /// Outbox entries whose last delivery failed with a retryable error.
-    /// Not persisted: a new run tries them at once.
-    retries: BTreeMap<u64, Retry>,
     /// Requests to fail because the machine gave up connecting.
     refusals: Vec<u64>,
     refusal_reason: String,
@@ -303,15 +306,6 @@ pub struct ClientMachine {
     /// Failed long-polls in a row, and when to try again.
     listen_attempts: u32,
     listen_at: Option<Time>,
-    /// Application messages still in the outbox, by message id, with their
-    /// group's name: [`Event::Delivered`] is shown when the last copy is
-    /// stored. Not persisted: a message from an earlier run is delivered
-    /// without the event.
-    texts: BTreeMap<[u8; 16], String>,
-    /// Outbox entries to send one by one, not in an `enqueueBatch` (a
-    /// batch with them was refused for one member's full queue). Not
-    /// persisted: a new process tries the batch again first.
-    solo: BTreeSet<u64>,
     /// Message ids of this run's Commits the server accepted, whose other
     /// copies may still be in the outbox. Not persisted: it only decides
     /// whether a late refusal of such a copy is worth a warning.
@@ -350,21 +344,15 @@ impl ClientMachine {
                 .map_err(|e| CommandError::State(format!("hybrid secret key: {e}")))?;
             m.hybrid_keys.push(key);
         }
-        for (identity, public) in p.peer_hybrid_keys {
-            // A cached key that no longer parses is refetched when needed.
-            if let Ok(key) = HybridPublicKey::from_bytes(&public) {
-                m.peer_hybrid_keys.insert(IdentityKey(identity), key);
-            }
-        }
+        m.peer_hybrid_keys = PeerKeys::restore(p.peer_hybrid_keys);
         m.contacts = Contacts::restore(p.contacts)?;
-        m.groups = p.groups;
+        m.groups = Groups::restore(p.groups)?;
         for (ch, seq) in p.cursors {
             let ch = ChannelId::try_from_slice(&ch)
                 .map_err(|_| CommandError::State("bad channel id".into()))?;
             m.cursors.insert(ch, seq);
         }
-        m.outbox = p.outbox.into_iter().collect();
-        m.next_outbox_id = p.next_outbox_id;
+        m.outbox = Outbox::restore(p.outbox, p.next_outbox_id);
         Ok(m)
     }
 
@@ -377,25 +365,21 @@ impl ClientMachine {
             registered: false,
             active: false,
             hybrid_keys: Vec::new(),
-            peer_hybrid_keys: BTreeMap::new(),
+            peer_hybrid_keys: PeerKeys::default(),
             contacts: Contacts::default(),
-            groups: Vec::new(),
+            groups: Groups::default(),
             cursors: BTreeMap::new(),
-            outbox: BTreeMap::new(),
-            next_outbox_id: 0,
+            outbox: Outbox::default(),
             op: None,
             in_flight: BTreeMap::new(),
             now: Time::ZERO,
             link: Link::new(),
-            retries: BTreeMap::new(),
             refusals: Vec::new(),
             refusal_reason: String::new(),
             listening: false,
             listen_stale: false,
             listen_attempts: 0,
             listen_at: None,
-            texts: BTreeMap::new(),
-            solo: BTreeSet::new(),
             accepted_commits: BTreeSet::new(),
             blocked: BTreeSet::new(),
             next_token: 0,
@@ -405,30 +389,27 @@ impl ClientMachine {
 
     /// Everything to persist, as bytes for the encrypted state file.
     pub fn snapshot(&self) -> Vec<u8> {
+        let (outbox, next_outbox_id) = self.outbox.snapshot();
         let p = Persisted {
             version: STATE_VERSION,
             identity_seed: self.signer.0.to_bytes(),
             registered: self.registered,
             active: self.active,
-            groups: self.groups.clone(),
+            groups: self.groups.snapshot(),
             cursors: self
                 .cursors
                 .iter()
                 .map(|(c, s)| (c.as_bytes().to_vec(), *s))
                 .collect(),
-            outbox: self.outbox.iter().map(|(k, v)| (*k, v.clone())).collect(),
-            next_outbox_id: self.next_outbox_id,
+            outbox,
+            next_outbox_id,
             mls_storage: self.provider.storage_snapshot(),
             hybrid_keys: self
                 .hybrid_keys
                 .iter()
                 .map(|k| k.to_bytes().to_vec())
                 .collect(),
-            peer_hybrid_keys: self
-                .peer_hybrid_keys
-                .iter()
-                .map(|(id, k)| (id.0, k.to_bytes()))
-                .collect(),
+            peer_hybrid_keys: self.peer_hybrid_keys.snapshot(),
             contacts: self.contacts.to_list(),
         };
         p.encode()
@@ -496,7 +477,7 @@ impl ClientMachine {
                 let group = self.load_group(r).ok()?;
                 Some(GroupSummary {
                     name: r.name.clone(),
-                    channel_id: ChannelId::try_from_slice(&r.channel_id).ok()?,
+                    channel_id: r.channel,
                     epoch: group.epoch().as_u64(),
                     members: members(&group),
                     pq: r.pq,
@@ -509,7 +490,7 @@ impl ClientMachine {
     /// The MLS epoch authenticator of a group (equal for all members of the
     /// same epoch); for tests and diagnostics.
     pub fn epoch_authenticator(&self, group: &str) -> Option<Vec<u8>> {
-        let r = self.groups.iter().find(|g| g.name == group)?;
+        let r = self.groups.by_name(group)?;
         let g = self.load_group(r).ok()?;
         Some(g.epoch_authenticator().as_slice().to_vec())
     }
@@ -550,7 +531,7 @@ impl ClientMachine {
         // A new command tries the server again, and every delivery at once.
         self.link.given_up = false;
         self.link.reconnect_at = None;
-        self.retries.clear();
+        self.outbox.clear_retries();
         // Deliveries and changes left over from an earlier run go first.
         self.flush_outbox();
         self.resume();
@@ -752,23 +733,19 @@ impl ClientMachine {
         }
     }
 
-    fn record(&self, name: &str) -> Result<GroupRecord, CommandError> {
+    fn record(&self, name: &str) -> Result<Group, CommandError> {
         self.groups
-            .iter()
-            .find(|g| g.name == name)
-            .map(GroupRecord::head)
+            .by_name(name)
+            .map(Group::head)
             .ok_or_else(|| CommandError::UnknownGroup(name.to_owned()))
     }
 
-    fn load_group(&self, record: &GroupRecord) -> Result<MlsGroup, CommandError> {
-        MlsGroup::load(
-            self.provider.storage(),
-            &GroupId::from_slice(&record.group_id),
-        )
-        .map_err(mls)?
-        .ok_or_else(|| {
-            CommandError::State(format!("group `{}` missing from MLS storage", record.name))
-        })
+    fn load_group(&self, record: &Group) -> Result<MlsGroup, CommandError> {
+        MlsGroup::load(self.provider.storage(), &record.id)
+            .map_err(mls)?
+            .ok_or_else(|| {
+                CommandError::State(format!("group `{}` missing from MLS storage", record.name))
+            })
     }
 }
 

@@ -138,11 +138,7 @@ impl ClientMachine {
 
     pub(super) fn channels(&self) -> Vec<ChannelId> {
         let mut out = vec![ChannelId::DEFAULT];
-        out.extend(
-            self.groups
-                .iter()
-                .filter_map(|g| ChannelId::try_from_slice(&g.channel_id).ok()),
-        );
+        out.extend(self.groups.iter().map(|g| g.channel));
         out
     }
 
@@ -286,11 +282,11 @@ impl ClientMachine {
     /// A channel has nothing more for now: its groups are as up to date as
     /// the server can make them; make what they queued.
     fn drained(&mut self, channel: ChannelId) {
-        let groups: Vec<Vec<u8>> = self
+        let groups: Vec<GroupId> = self
             .groups
             .iter()
-            .filter(|g| g.channel_id == channel.as_bytes() && !g.queue.is_empty())
-            .map(|g| g.group_id.clone())
+            .filter(|g| g.channel == channel && !g.queue.is_empty())
+            .map(|g| g.id.clone())
             .collect();
         for group_id in groups {
             self.advance(&group_id);
@@ -309,8 +305,7 @@ impl ClientMachine {
         *cursor = gap.to;
         let whose = self
             .groups
-            .iter()
-            .find(|g| g.channel_id == channel.as_bytes())
+            .by_channel(channel)
             .map_or_else(|| "invitations".to_owned(), |g| format!("group {}", g.name));
         let n = gap.to - gap.from + 1;
         self.effects.push_back(Effect::Persist);
@@ -382,48 +377,40 @@ impl ClientMachine {
     /// that starts that epoch arrives ([`Self::replay_early`]); the cursor
     /// moves past it (it is persisted in the group's record).
     pub(super) fn keep_early(&mut self, channel: ChannelId, epoch: u64, message: QueuedMessage) {
-        let Some(g) = self
-            .groups
-            .iter_mut()
-            .find(|g| g.channel_id == channel.as_bytes())
-        else {
+        let Some(g) = self.groups.by_channel_mut(channel) else {
             return;
         };
-        let kept: usize = g.early.iter().map(|m| m.payload.len()).sum();
-        if g.early.len() >= EARLY_MESSAGES_MAX || kept + message.payload.len() > EARLY_BYTES_MAX {
-            let (name, waiting) = (g.name.clone(), g.early.len());
-            return self.warn(format!(
-                "message {} of group {name} is for epoch {epoch}, which this device has not reached, and {waiting} such messages ({kept} bytes) wait already: dropped",
-                message.seq
-            ));
-        }
-        g.early.push(EarlyMessage {
+        let seq = message.seq;
+        let kept = g.early.push(EarlyMessage {
             epoch,
-            seq: message.seq,
+            seq,
             payload: message.payload,
         });
+        if let Err(group::EarlyFull { waiting, bytes }) = kept {
+            let name = g.name.clone();
+            self.warn(format!(
+                "message {seq} of group {name} is for epoch {epoch}, which this device has not reached, and {waiting} such messages ({bytes} bytes) wait already: dropped"
+            ));
+        }
     }
 
     /// Processes the kept messages of a group whose epoch it has reached,
     /// oldest first (after a Commit moved it on).
-    pub(super) fn replay_early(&mut self, group_id: &[u8]) {
+    pub(super) fn replay_early(&mut self, group_id: &GroupId) {
         loop {
-            let Some(record) = self.groups.iter().find(|g| g.group_id == group_id) else {
+            let Some(record) = self.groups.by_id(group_id) else {
                 return;
             };
             let Ok(epoch) = self.load_group(record).map(|g| g.epoch().as_u64()) else {
                 return;
             };
-            let Some(i) = record.early.iter().position(|m| m.epoch <= epoch) else {
+            let channel = record.channel;
+            let Some(g) = self.groups.by_id_mut(group_id) else {
                 return;
             };
-            let Ok(channel) = ChannelId::try_from_slice(&record.channel_id) else {
+            let Some(m) = g.early.take_reached(epoch) else {
                 return;
             };
-            let Some(g) = self.group_mut(group_id) else {
-                return;
-            };
-            let m = g.early.remove(i);
             match self.process_payload(channel, m.seq, &m.payload) {
                 Ok(Processed::Done) => {}
                 // Still ahead (or waiting for our own Commit): kept again.
@@ -524,17 +511,13 @@ impl ClientMachine {
         let name = open_name(&self.provider, &group, &channel, nonce, sealed_name)?;
         let name = self.unique_name(name);
         let count = group.members().count();
-        self.groups.push(GroupRecord {
-            name: name.clone(),
-            group_id: group.group_id().as_slice().to_vec(),
-            channel_id: channel.as_bytes().to_vec(),
-            owner: false,
+        self.groups.push(Group::new(
+            name.clone(),
+            group.group_id().clone(),
+            channel,
+            false,
             pq,
-            queue: Vec::new(),
-            commit: None,
-            behind: 0,
-            early: Vec::new(),
-        });
+        ));
         // The long-poll must cover the new channel.
         self.listen_stale = true;
         self.effects.push_back(Effect::Event(Event::Joined {
@@ -551,12 +534,7 @@ impl ClientMachine {
         bytes: &[u8],
         wrapped: bool,
     ) -> Result<Processed, CommandError> {
-        let Some(record) = self
-            .groups
-            .iter()
-            .find(|g| g.channel_id == channel.as_bytes())
-            .map(GroupRecord::head)
-        else {
+        let Some(record) = self.groups.by_channel(channel).map(Group::head) else {
             return Err(CommandError::Mls(
                 "message on a channel of no known group".into(),
             ));
@@ -636,7 +614,7 @@ impl ClientMachine {
                         .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
                     if committer == Some(me)
                         && let Some(leaver) = leaver
-                        && let Some(g) = self.group_mut(&record.group_id)
+                        && let Some(g) = self.groups.by_id_mut(&record.id)
                     {
                         g.queue.push(Change::CommitLeave { leaver: leaver.0 });
                     }
@@ -678,7 +656,7 @@ impl ClientMachine {
                 if removed {
                     // Removed by another member: nothing more can be read or
                     // sent in this group.
-                    self.forget(&record.group_id);
+                    self.forget(&record.id);
                     let by = shown
                         .into_iter()
                         .find_map(|e| match e {
@@ -699,7 +677,7 @@ impl ClientMachine {
                     epoch: group.epoch().as_u64(),
                     members: group.members().count(),
                 }));
-                self.replay_early(&record.group_id);
+                self.replay_early(&record.id);
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
             _ => {}
@@ -708,12 +686,12 @@ impl ClientMachine {
     }
 
     pub(super) fn unique_name(&self, name: String) -> String {
-        if !self.groups.iter().any(|g| g.name == name) {
+        if self.groups.by_name(&name).is_none() {
             return name;
         }
         (2..)
             .map(|n| format!("{name} ({n})"))
-            .find(|candidate| !self.groups.iter().any(|g| g.name == *candidate))
+            .find(|candidate| self.groups.by_name(candidate).is_none())
             .unwrap_or(name)
     }
 }

@@ -68,7 +68,7 @@ impl ClientMachine {
     /// The safety number of `group` at its current epoch, or `None` if
     /// there is no such group.
     pub fn safety_number(&self, group: &str) -> Option<SafetyNumber> {
-        let r = self.groups.iter().find(|g| g.name == group)?;
+        let r = self.groups.by_name(group)?;
         let g = self.load_group(r).ok()?;
         Some(SafetyNumber::derive(
             g.epoch().as_u64(),

@@ -40,24 +40,6 @@ pub(super) struct GroupRecord {
     pub early: Vec<EarlyMessage>,
 }
 
-impl GroupRecord {
-    /// A copy without the kept early messages (up to `EARLY_BYTES_MAX` of
-    /// payloads), for code that only reads the group's other fields.
-    pub fn head(&self) -> GroupRecord {
-        GroupRecord {
-            name: self.name.clone(),
-            group_id: self.group_id.clone(),
-            channel_id: self.channel_id.clone(),
-            owner: self.owner,
-            pq: self.pq,
-            queue: self.queue.clone(),
-            commit: self.commit.clone(),
-            behind: self.behind,
-            early: Vec::new(),
-        }
-    }
-}
-
 /// A message that arrived before the Commit that starts its epoch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct EarlyMessage {
