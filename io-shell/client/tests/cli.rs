@@ -524,6 +524,14 @@ fn registered<'a>(dir: &Path, server: &'a Server, names: &[&str]) -> Vec<User<'a
         .collect()
 }
 
+/// Alice and Bob, registered, in Alice's group `team`.
+fn in_team<'a>(dir: &Path, server: &'a Server) -> Vec<User<'a>> {
+    let users = registered(dir, server, &["alice", "bob"]);
+    users[0].run(&["group", "create", "team"]);
+    users[0].run(&["group", "add", "team", &users[1].key()]);
+    users
+}
+
 #[test]
 fn peer_control_characters_are_shown_escaped_on_one_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -607,11 +615,9 @@ fn into_closed_pipe(cmd: &mut Command, deadline: Duration) -> (Option<i32>, Stri
 fn output_into_a_closed_pipe_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
-    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+    let [alice, bob] = &in_team(dir.path(), &server)[..] else {
         unreachable!()
     };
-    alice.run(&["group", "create", "team"]);
-    alice.run(&["group", "add", "team", &bob.key()]);
     for text in ["one", "two", "three"] {
         alice.run(&["send", "team", text]);
     }
@@ -638,11 +644,9 @@ fn output_into_a_closed_pipe_ends_quietly() {
 fn send_dash_reads_the_message_from_stdin_less_one_final_newline() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
-    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+    let [alice, bob] = &in_team(dir.path(), &server)[..] else {
         unreachable!()
     };
-    alice.run(&["group", "create", "team"]);
-    alice.run(&["group", "add", "team", &bob.key()]);
     for input in ["two lines\nof text\n", "ends in a blank line\n\n", "-"] {
         let mut child = alice
             .cmd()
@@ -807,11 +811,9 @@ fn every_address_of_the_server_is_tried() {
 fn a_message_sent_while_the_server_is_unreachable_goes_out_with_the_next_command() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
-    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+    let [alice, bob] = &in_team(dir.path(), &server)[..] else {
         unreachable!()
     };
-    alice.run(&["group", "create", "team"]);
-    alice.run(&["group", "add", "team", &bob.key()]);
     bob.run(&["recv"]);
     // The server cannot be reached: the send succeeds, keeps the message
     // and says why it is still waiting.
@@ -865,11 +867,9 @@ fn recv_stream_stops_with_a_clear_error_on_a_wrong_certificate() {
 fn messages_carry_and_show_their_send_time() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
-    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+    let [alice, bob] = &in_team(dir.path(), &server)[..] else {
         unreachable!()
     };
-    alice.run(&["group", "create", "team"]);
-    alice.run(&["group", "add", "team", &bob.key()]);
     let before = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -995,11 +995,9 @@ fn the_daemon_serves_json_lines_on_stdin_and_on_its_socket() {
 fn recv_stream_shows_messages_and_carries_out_other_commands() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
-    let [alice, bob] = &registered(dir.path(), &server, &["alice", "bob"])[..] else {
+    let [alice, bob] = &in_team(dir.path(), &server)[..] else {
         unreachable!()
     };
-    alice.run(&["group", "create", "team"]);
-    alice.run(&["group", "add", "team", &bob.key()]);
     let mut stream = bob
         .cmd()
         .args(["recv", "--stream"])
