@@ -362,7 +362,10 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Some(lock) => lock,
         None => {
             let socket = daemon::socket_path(&cli.state);
-            if socket.exists() {
+            // A session answers on its socket. A socket nobody answers was
+            // left by a session that was killed, and the lock is another
+            // one-shot command's: wait for it.
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 let command = command(&cli, None, stdin_text)?;
                 return forward(&socket, &command, out).await;
             }
