@@ -364,13 +364,7 @@ impl ClientMachine {
     ) {
         match result {
             Ok(Response::EnqueuedBatch { seqs }) if seqs.len() == ids.len() => {
-                let message_id = ids
-                    .first()
-                    .and_then(|id| self.outbox.get(*id))
-                    .map(|e| e.message_id);
-                for id in &ids {
-                    self.outbox.remove(*id);
-                }
+                let message_id = self.take_batch(&ids);
                 self.effects.push_back(Effect::Persist);
                 if let Some(message_id) = message_id {
                     self.commit_accepted(message_id);
@@ -386,14 +380,7 @@ impl ClientMachine {
                 kind: ErrorKind::StaleEpoch { current_epoch },
                 ..
             }) => {
-                let message_id = ids
-                    .first()
-                    .and_then(|id| self.outbox.get(*id))
-                    .map(|e| e.message_id);
-                for id in &ids {
-                    self.outbox.remove(*id);
-                }
-                if let Some(message_id) = message_id {
+                if let Some(message_id) = self.take_batch(&ids) {
                     self.commit_lost(message_id, current_epoch, true);
                 }
                 self.flush_outbox();
@@ -468,6 +455,19 @@ impl ClientMachine {
             }
             Ok(other) => self.warn(format!("unexpected answer to an enqueue: {other:?}")),
         }
+    }
+
+    /// Takes a batch's entries (one message to several recipients) out of
+    /// the outbox; returns the message id they share.
+    fn take_batch(&mut self, ids: &[u64]) -> Option<[u8; 16]> {
+        let message_id = ids
+            .first()
+            .and_then(|id| self.outbox.get(*id))
+            .map(|e| e.message_id);
+        for id in ids {
+            self.outbox.remove(*id);
+        }
+        message_id
     }
 
     /// Deliveries that failed with a retryable error: tried again after a

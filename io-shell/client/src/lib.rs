@@ -138,6 +138,19 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to `server` as [`Client::connect`] does and proves `key`'s
+    /// identity on the connection ([`Client::authenticate`]): what the
+    /// client machine's `Effect::Connect` asks for.
+    pub async fn connect_as(
+        server: &str,
+        trust: &ServerTrust,
+        key: &SigningKey,
+    ) -> Result<Client, ClientError> {
+        let mut client = Client::connect(server, trust).await?;
+        client.authenticate(key).await?;
+        Ok(client)
+    }
+
     /// Connects to `server` (e.g. `localhost:7443`) at any of the addresses
     /// its name resolves to (IPv4 and IPv6 alike), as
     /// [`Client::connect_any`] does.

@@ -862,9 +862,7 @@ async fn drive(
         let Some(trust) = trust else {
             return Err(ClientError::Connect("the server is not trusted yet".into()));
         };
-        let mut client = Client::connect(&cli.server, trust).await?;
-        client.authenticate(&signing_key).await?;
-        Ok(client)
+        Client::connect_as(&cli.server, trust, &signing_key).await
     };
     quicproquo_client::drive(
         machine,

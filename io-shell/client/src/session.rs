@@ -449,9 +449,7 @@ impl Runner {
                             self.signing_key.clone(),
                         );
                         connecting = Some(tokio::spawn(async move {
-                            let mut c = Client::connect(&server, &trust).await?;
-                            c.authenticate(&key).await?;
-                            Ok(c)
+                            Client::connect_as(&server, &trust, &key).await
                         }));
                     }
                     Effect::Request { token, request } => match &client {
