@@ -181,7 +181,7 @@ pub struct SessionServerFigures {
     pub fsyncs: f64,
     /// `fsyncs / messages`.
     pub fsyncs_per_message: f64,
-    /// `enqueue` and `enqueueBatch` requests.
+    /// `enqueue`, `enqueueBatch` and `enqueueMany` requests.
     pub enqueues: f64,
     /// Their mean time in the server, fsync wait included, ms.
     pub enqueue_ms_mean: f64,
@@ -828,7 +828,10 @@ fn server_figures(
 ) -> SessionServerFigures {
     let delta = |name: &str, labels: &[&str]| after.sum(name, labels) - before.sum(name, labels);
     let both = |name: &str| {
-        delta(name, &["method=\"enqueue\""]) + delta(name, &["method=\"enqueueBatch\""])
+        ["enqueue", "enqueueBatch", "enqueueMany"]
+            .iter()
+            .map(|m| delta(name, &[&format!("method=\"{m}\"")]))
+            .sum::<f64>()
     };
     let fsyncs = delta("qpq_fsyncs_total", &[]);
     let enqueues = both("qpq_requests_total");

@@ -58,6 +58,17 @@ pub const FETCH_RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Recipients of one `enqueueBatch`: a large MLS group. 1,000 keys are
 /// 32 KB of request, well inside the request limit beside a full payload.
 pub const ENQUEUE_BATCH_RECIPIENTS_MAX: usize = 1_000;
+/// Messages in one `enqueueMany`: enough for a sender to move its backlog
+/// to a queue in a few round trips, few enough that the dedup window of
+/// each queue ([`DEDUP_WINDOW_PER_QUEUE`]) spans many requests.
+pub const ENQUEUE_MANY_MESSAGES_MAX: usize = 64;
+/// Recipients times messages in one `enqueueMany`: the queue entries one
+/// request writes.
+pub const ENQUEUE_MANY_ENTRIES_MAX: usize = 4_096;
+/// Payload bytes of one `enqueueMany`, all messages together: what one
+/// largest `enqueue` carries, so it fits the same request limit.
+pub const ENQUEUE_MANY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX;
+const _: () = assert!((ENQUEUE_MANY_MESSAGES_MAX as u64) < DEDUP_WINDOW_PER_QUEUE);
 /// Accepted Commits a commit fence remembers (digests of the last ones, one
 /// per epoch), so a copy of an accepted Commit that reaches its last
 /// recipients late — after the group moved on by up to this many epochs —

@@ -8,7 +8,7 @@
 
 use quicproquo_core::ErrorKind;
 use quicproquo_core::limits::AUTH_VERSION;
-use quicproquo_core::node::{Request, RequestBody};
+use quicproquo_core::node::{Outgoing, Request, RequestBody};
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId, Signature};
 use quicproquo_proto::{REQUEST_BYTES_MAX, decode_request, encode_request};
 
@@ -119,6 +119,23 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 channel_id: channel,
                 payload: b"a group message".to_vec(),
                 message_id: MessageId([4; 16]),
+            },
+        ),
+        (
+            "enqueue_many",
+            RequestBody::EnqueueMany {
+                recipient_keys: vec![key, IdentityKey([8; 32])],
+                channel_id: channel,
+                messages: vec![
+                    Outgoing {
+                        payload: b"the first message".to_vec(),
+                        message_id: MessageId([4; 16]),
+                    },
+                    Outgoing {
+                        payload: b"the second".to_vec(),
+                        message_id: MessageId([5; 16]),
+                    },
+                ],
             },
         ),
         (

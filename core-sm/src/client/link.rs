@@ -187,7 +187,7 @@ impl ClientMachine {
     /// reconnect, a delivery's retry or the long-poll's retry.
     pub fn poll_timeout(&self) -> Option<Time> {
         let retries = self.outbox.retries().filter_map(|r| r.at);
-        [self.link.reconnect_at, self.listen_at]
+        [self.link.reconnect_at, self.listen_at, self.persist_at]
             .into_iter()
             .flatten()
             .chain(retries)
@@ -210,7 +210,25 @@ impl ClientMachine {
         if self.listen_at.is_some_and(|t| t <= now) {
             self.listen_at = None;
         }
+        if self.persist_at.is_some_and(|t| t <= now) {
+            self.persist_at = None;
+            self.effects.push_back(Effect::Persist);
+        }
         self.settle();
+    }
+
+    /// Deliveries left the outbox, stored by the server: a one-shot
+    /// command writes that at once; a long-lived machine within
+    /// [`STORED_PERSIST_DELAY`], or with the next write.
+    pub(super) fn stored(&mut self) {
+        match self.link.policy {
+            LinkPolicy::OneShot => self.effects.push_back(Effect::Persist),
+            LinkPolicy::KeepTrying => {
+                if self.persist_at.is_none() {
+                    self.persist_at = Some(self.now.saturating_add(STORED_PERSIST_DELAY));
+                }
+            }
+        }
     }
 
     /// Sends the request `token` if the connection is up; otherwise holds

@@ -162,6 +162,14 @@ pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// [`LinkPolicy::OneShot`] (100 + 200 + 400 + 800 ms of pauses) before it
 /// ends with the delivery still in the outbox for the next command.
 pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
+/// How long a long-lived machine ([`LinkPolicy::KeepTrying`]) may hold a
+/// stored delivery's removal from the outbox before it asks for a write
+/// ([`Effect::Persist`]); any earlier write takes it along. A crash in
+/// between sends those copies again, and the server, which keeps each
+/// queue's last [`crate::limits::DEDUP_WINDOW_PER_QUEUE`] message ids,
+/// stores them once; so a sender's state file is written once per message
+/// it makes, not once more per delivery.
+pub const STORED_PERSIST_DELAY: Duration = Duration::from_millis(200);
 /// How long one long-poll of a listening machine waits: the server's
 /// longest wait, so an idle session makes one request per this.
 pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
@@ -306,6 +314,9 @@ pub struct ClientMachine {
     /// Failed long-polls in a row, and when to try again.
     listen_attempts: u32,
     listen_at: Option<Time>,
+    /// When the outbox's stored deliveries, removed but not yet written,
+    /// must be ([`STORED_PERSIST_DELAY`]).
+    persist_at: Option<Time>,
     /// Message ids of this run's Commits the server accepted, whose other
     /// copies may still be in the outbox. Not persisted: it only decides
     /// whether a late refusal of such a copy is worth a warning.
@@ -380,6 +391,7 @@ impl ClientMachine {
             listen_stale: false,
             listen_attempts: 0,
             listen_at: None,
+            persist_at: None,
             accepted_commits: BTreeSet::new(),
             blocked: BTreeSet::new(),
             next_token: 0,
@@ -591,7 +603,12 @@ impl ClientMachine {
 
     /// The next effect, or `None`.
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        let effect = self.effects.pop_front();
+        if matches!(effect, Some(Effect::Persist)) {
+            // This write takes along every stored delivery.
+            self.persist_at = None;
+        }
+        effect
     }
 
     // ----- plumbing ---------------------------------------------------------

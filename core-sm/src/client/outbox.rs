@@ -1,6 +1,7 @@
 //! The outbox: every enqueue this user makes, persisted with a fixed
-//! message id, sent one entry per queue at a time, oldest first, and
-//! grouped into `enqueueBatch`es where one payload goes to several members.
+//! message id, sent one request per queue at a time, oldest first: a run
+//! of a queue's oldest entries goes as one `enqueueMany`, and the same
+//! payloads to several members as one `enqueueBatch` or `enqueueMany`.
 //!
 //! [`Outbox`] owns the entries (persisted as `OutboxEntry`s with the next
 //! id), and what a run keeps beside them and never persists: the retry
@@ -9,6 +10,11 @@
 //! so the entries in id order are the entries in the order they were made.
 
 use super::*;
+use crate::limits::{
+    ENQUEUE_BATCH_RECIPIENTS_MAX, ENQUEUE_MANY_BYTES_MAX, ENQUEUE_MANY_ENTRIES_MAX,
+    ENQUEUE_MANY_MESSAGES_MAX,
+};
+use crate::node::{Outgoing, commit};
 
 /// The deliveries waiting to be stored by the server, with their retry
 /// clocks and what is shown when they are.
@@ -78,10 +84,6 @@ impl Outbox {
         self.entries.get_mut(&id)
     }
 
-    pub fn contains(&self, id: u64) -> bool {
-        self.entries.contains_key(&id)
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -91,27 +93,65 @@ impl Outbox {
         self.entries.values().any(|e| e.message_id == message_id)
     }
 
-    /// The oldest entry of each queue (recipient and channel) that has
-    /// none in `in_flight` and none waiting for its retry time, oldest
-    /// first. Retry clocks of entries no longer here go.
-    pub fn entries_due(&mut self, in_flight: &BTreeSet<u64>) -> Vec<u64> {
-        let mut busy: BTreeSet<(&[u8; 32], &[u8])> = in_flight
+    /// The entries due, as runs, oldest queue first: for each queue
+    /// (recipient and channel) with none of its entries in `in_flight` and
+    /// its oldest entry not waiting for its retry time, its oldest entries
+    /// in order — at most [`ENQUEUE_MANY_MESSAGES_MAX`], at most
+    /// [`ENQUEUE_MANY_BYTES_MAX`] on the wire (the first always goes), and
+    /// a Commit or an entry sent one by one only alone. Retry clocks of
+    /// entries no longer here go.
+    pub fn runs_due(&mut self, in_flight: &BTreeSet<u64>) -> Vec<Vec<u64>> {
+        let mut held: BTreeSet<(&[u8; 32], &[u8])> = in_flight
             .iter()
             .filter_map(|id| self.entries.get(id))
             .map(|e| (&e.recipient, e.channel_id.as_slice()))
             .collect();
         let entries = &self.entries;
         self.retries.retain(|id, _| entries.contains_key(id));
-        let mut due = Vec::new();
+        let mut runs: Vec<Vec<u64>> = Vec::new();
+        let mut open: BTreeMap<(&[u8; 32], &[u8]), Run> = BTreeMap::new();
         for (id, e) in &self.entries {
+            let queue = (&e.recipient, e.channel_id.as_slice());
+            if held.contains(&queue) {
+                continue;
+            }
             // An entry waiting for its retry keeps its queue busy too, so
             // nothing behind it overtakes it.
             let waiting = self.retries.get(id).is_some_and(|r| r.at.is_some());
-            if busy.insert((&e.recipient, e.channel_id.as_slice())) && !waiting {
-                due.push(*id);
+            let alone = self.solo.contains(id) || commit::commit_header(&e.payload).is_some();
+            let bytes = wire_bytes(e);
+            match open.get_mut(&queue) {
+                None if waiting => {
+                    held.insert(queue);
+                }
+                None => {
+                    open.insert(
+                        queue,
+                        Run {
+                            index: runs.len(),
+                            bytes,
+                            closed: alone,
+                        },
+                    );
+                    runs.push(vec![*id]);
+                }
+                Some(r) => {
+                    let run = &mut runs[r.index];
+                    if r.closed
+                        || waiting
+                        || alone
+                        || run.len() >= ENQUEUE_MANY_MESSAGES_MAX
+                        || r.bytes + bytes > ENQUEUE_MANY_BYTES_MAX
+                    {
+                        r.closed = true;
+                    } else {
+                        run.push(*id);
+                        r.bytes += bytes;
+                    }
+                }
             }
         }
-        due
+        runs
     }
 
     /// Sends these entries one by one from now on.
@@ -229,15 +269,21 @@ impl ClientMachine {
         });
     }
 
-    /// Sends the oldest outbox entry of each queue that has none in flight.
+    /// Sends the oldest outbox entries of each queue that has none in
+    /// flight.
     ///
-    /// Entries to one queue (recipient and channel) go one at a time, in the
-    /// order they were made, the next only once the previous one is stored:
-    /// the server numbers a queue in arrival order, and concurrent enqueues
-    /// may arrive in any order. A recipient must get a Commit before the
-    /// messages of the epoch it starts (it cannot decrypt them otherwise)
-    /// and one sender's messages in the order sent; an entry deferred by a
-    /// failure would otherwise be overtaken by a later one sent beside it.
+    /// A queue (recipient and channel) has one request in flight at a
+    /// time, with its oldest entries in the order they were made, the next
+    /// only once the previous one is stored: the server numbers a queue in
+    /// arrival order, and concurrent enqueues may arrive in any order. A
+    /// recipient must get a Commit before the messages of the epoch it
+    /// starts (it cannot decrypt them otherwise) and one sender's messages
+    /// in the order sent; an entry deferred by a failure would otherwise be
+    /// overtaken by a later one sent beside it. One request carries a run
+    /// of up to [`ENQUEUE_MANY_MESSAGES_MAX`] entries (`enqueueMany`), so
+    /// a sender faster than a round trip still moves everything it made.
+    /// Queues whose runs are the same messages (a group message to every
+    /// member) share one request.
     ///
     /// An entry still to be sealed is sealed first if the recipient's
     /// hybrid key is known (and keeps its sealed payload, so retries send
@@ -249,94 +295,24 @@ impl ClientMachine {
             return;
         }
         let in_flight = self.outbox_in_flight();
-        let next = self.outbox.entries_due(&in_flight);
         let mut missing: Vec<IdentityKey> = Vec::new();
-        let mut due = Vec::new();
-        for id in next {
-            let Some(e) = self.outbox.get(id) else {
-                continue;
-            };
-            let Ok(_) = ChannelId::try_from_slice(&e.channel_id) else {
-                self.outbox.remove(id);
-                continue;
-            };
-            let recipient = IdentityKey(e.recipient);
-            if e.seal {
-                let Some(key) = self.peer_hybrid_keys.get(&recipient) else {
-                    if !missing.contains(&recipient) {
-                        missing.push(recipient);
-                    }
-                    continue;
-                };
-                let key_id = key.key_id();
-                let sealed = hybrid::seal(key, &key_id, &e.payload, &mut self.rng());
-                // A Commit shows its framing, so the fence covers pq groups.
-                let payload = Envelope::Hybrid {
-                    framing: crate::node::commit::commit_framing(&e.payload),
-                    key_id,
-                    sealed,
-                }
-                .encode();
-                if let Some(e) = self.outbox.get_mut(id) {
-                    e.payload = payload;
-                    e.seal = false;
+        let mut runs = Vec::new();
+        for run in self.outbox.runs_due(&in_flight) {
+            let mut ready = Vec::with_capacity(run.len());
+            for id in run {
+                match self.ready_to_send(id, &mut missing) {
+                    Ready::Yes => ready.push(id),
+                    Ready::Gone => {}
+                    // The rest of the queue waits behind it.
+                    Ready::Waits => break,
                 }
             }
-            if self.outbox.contains(id) {
-                due.push(id);
+            if !ready.is_empty() {
+                runs.push(ready);
             }
         }
-        // Entries due at once with one channel, message id and payload (a
-        // group message to several members) go as one enqueueBatch.
-        let mut batches: Vec<Vec<u64>> = Vec::new();
-        for id in due {
-            let Some(e) = self.outbox.get(id) else {
-                continue;
-            };
-            let same = batches.iter_mut().find(|b| {
-                self.outbox.get(b[0]).is_some_and(|f| {
-                    f.message_id == e.message_id
-                        && f.channel_id == e.channel_id
-                        && f.payload == e.payload
-                        && b.len() < crate::limits::ENQUEUE_BATCH_RECIPIENTS_MAX
-                })
-            });
-            let same = same.filter(|_| !self.outbox.is_solo(id));
-            match same {
-                Some(b) => b.push(id),
-                None => batches.push(vec![id]),
-            }
-        }
-        for ids in batches {
-            let Some(e) = self.outbox.get(ids[0]) else {
-                continue;
-            };
-            let Ok(channel_id) = ChannelId::try_from_slice(&e.channel_id) else {
-                continue;
-            };
-            let (payload, message_id) = (e.payload.clone(), MessageId(e.message_id));
-            if let [id] = ids[..] {
-                let body = RequestBody::Enqueue {
-                    recipient_key: IdentityKey(e.recipient),
-                    channel_id,
-                    payload,
-                    message_id,
-                };
-                self.request(Pending::Outbox(id), body);
-                continue;
-            }
-            let recipient_keys = ids
-                .iter()
-                .filter_map(|id| self.outbox.get(*id))
-                .map(|e| IdentityKey(e.recipient))
-                .collect();
-            let body = RequestBody::EnqueueBatch {
-                recipient_keys,
-                channel_id,
-                payload,
-                message_id,
-            };
-            self.request(Pending::OutboxBatch(ids), body);
+        for (ids, width) in self.requests_for(runs) {
+            self.send_entries(ids, width);
         }
         for member in missing {
             let asked = self
@@ -354,19 +330,153 @@ impl ClientMachine {
         }
     }
 
-    /// The answer to an `enqueueBatch` of outbox entries: all stored, or
-    /// none, and then each entry is handled as a refused single enqueue
-    /// would be.
+    /// Whether entry `id` can go: sealed first if it must be and the
+    /// recipient's hybrid key is known (else the recipient joins
+    /// `missing`); an entry whose channel no longer parses is dropped.
+    fn ready_to_send(&mut self, id: u64, missing: &mut Vec<IdentityKey>) -> Ready {
+        let Some(e) = self.outbox.get(id) else {
+            return Ready::Gone;
+        };
+        if ChannelId::try_from_slice(&e.channel_id).is_err() {
+            self.outbox.remove(id);
+            return Ready::Gone;
+        }
+        if !e.seal {
+            return Ready::Yes;
+        }
+        let recipient = IdentityKey(e.recipient);
+        let Some(key) = self.peer_hybrid_keys.get(&recipient) else {
+            if !missing.contains(&recipient) {
+                missing.push(recipient);
+            }
+            return Ready::Waits;
+        };
+        let key_id = key.key_id();
+        let sealed = hybrid::seal(key, &key_id, &e.payload, &mut self.rng());
+        // A Commit shows its framing, so the fence covers pq groups.
+        let payload = Envelope::Hybrid {
+            framing: commit::commit_framing(&e.payload),
+            key_id,
+            sealed,
+        }
+        .encode();
+        if let Some(e) = self.outbox.get_mut(id) {
+            e.payload = payload;
+            e.seal = false;
+        }
+        Ready::Yes
+    }
+
+    /// Groups runs (each one queue's entries, in order) into requests:
+    /// runs of the same messages (ids and payloads, in the same order) on
+    /// one channel share one, within the request limits; an entry sent one
+    /// by one never shares. Each request is its entries message by message,
+    /// each message's in recipient order, with its number of recipients.
+    fn requests_for(&self, runs: Vec<Vec<u64>>) -> Vec<(Vec<u64>, usize)> {
+        let mut groups: Vec<Vec<Vec<u64>>> = Vec::new();
+        for run in runs {
+            let joins = groups.iter_mut().find(|g| {
+                g.len() < ENQUEUE_BATCH_RECIPIENTS_MAX
+                    && (g.len() + 1) * run.len() <= ENQUEUE_MANY_ENTRIES_MAX
+                    && !run.iter().any(|id| self.outbox.is_solo(*id))
+                    && self.same_messages(&g[0], &run)
+            });
+            match joins {
+                Some(g) => g.push(run),
+                None => groups.push(vec![run]),
+            }
+        }
+        groups
+            .into_iter()
+            .map(|g| {
+                let width = g.len();
+                let ids = (0..g[0].len())
+                    .flat_map(|m| g.iter().map(move |run| run[m]))
+                    .collect();
+                (ids, width)
+            })
+            .collect()
+    }
+
+    /// Whether two runs are the same messages on the same channel.
+    fn same_messages(&self, a: &[u64], b: &[u64]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| match (self.outbox.get(*x), self.outbox.get(*y)) {
+                    (Some(x), Some(y)) => {
+                        x.message_id == y.message_id
+                            && x.channel_id == y.channel_id
+                            && x.payload == y.payload
+                    }
+                    _ => false,
+                })
+    }
+
+    /// Sends `ids` (message by message, `width` recipients each) as an
+    /// `enqueue`, an `enqueueBatch` or an `enqueueMany`.
+    fn send_entries(&mut self, ids: Vec<u64>, width: usize) {
+        let Some(first) = ids.first().and_then(|id| self.outbox.get(*id)) else {
+            return;
+        };
+        let Ok(channel_id) = ChannelId::try_from_slice(&first.channel_id) else {
+            return;
+        };
+        if let [id] = ids[..] {
+            let body = RequestBody::Enqueue {
+                recipient_key: IdentityKey(first.recipient),
+                channel_id,
+                payload: first.payload.clone(),
+                message_id: MessageId(first.message_id),
+            };
+            self.request(Pending::Outbox(id), body);
+            return;
+        }
+        let recipient_keys = ids[..width]
+            .iter()
+            .filter_map(|id| self.outbox.get(*id))
+            .map(|e| IdentityKey(e.recipient))
+            .collect();
+        let messages: Vec<Outgoing> = ids
+            .chunks(width)
+            .filter_map(|row| self.outbox.get(row[0]))
+            .map(|e| Outgoing {
+                payload: e.payload.clone(),
+                message_id: MessageId(e.message_id),
+            })
+            .collect();
+        let body = match <[Outgoing; 1]>::try_from(messages) {
+            Ok([one]) => RequestBody::EnqueueBatch {
+                recipient_keys,
+                channel_id,
+                payload: one.payload,
+                message_id: one.message_id,
+            },
+            Err(messages) => RequestBody::EnqueueMany {
+                recipient_keys,
+                channel_id,
+                messages,
+            },
+        };
+        self.request(Pending::OutboxBatch(ids), body);
+    }
+
+    /// The answer to an `enqueueBatch` or `enqueueMany` of outbox entries:
+    /// all stored, or none, and then each entry is handled as a refused
+    /// single enqueue would be.
     pub(super) fn on_enqueued_batch(
         &mut self,
         ids: Vec<u64>,
         result: Result<Response, ServiceError>,
     ) {
+        let messages = self.messages_of(&ids);
         match result {
             Ok(Response::EnqueuedBatch { seqs }) if seqs.len() == ids.len() => {
-                let message_id = self.take_batch(&ids);
-                self.effects.push_back(Effect::Persist);
-                if let Some(message_id) = message_id {
+                for id in &ids {
+                    self.outbox.remove(*id);
+                }
+                self.stored();
+                for message_id in messages {
                     self.commit_accepted(message_id);
                     self.maybe_delivered(message_id);
                 }
@@ -379,10 +489,17 @@ impl ClientMachine {
             Err(ServiceError {
                 kind: ErrorKind::StaleEpoch { current_epoch },
                 ..
-            }) => {
-                if let Some(message_id) = self.take_batch(&ids) {
-                    self.commit_lost(message_id, current_epoch, true);
+            }) if messages.len() == 1 => {
+                for id in &ids {
+                    self.outbox.remove(*id);
                 }
+                self.commit_lost(messages[0], current_epoch, true);
+                self.flush_outbox();
+            }
+            Err(e) if messages.len() > 1 && !e.kind.is_retryable() => {
+                // One of the messages may be what the server refuses: send
+                // them one by one, so only that one is dropped.
+                self.outbox.send_solo(&ids);
                 self.flush_outbox();
             }
             Err(e) if !e.kind.is_retryable() => {
@@ -400,9 +517,10 @@ impl ClientMachine {
                 self.flush_outbox();
             }
             Err(e) => {
-                if matches!(e.kind, ErrorKind::QueueFull) {
-                    // One member's full queue must not hold up the others:
-                    // send these one by one from now on.
+                if matches!(e.kind, ErrorKind::QueueFull | ErrorKind::StaleEpoch { .. }) {
+                    // One member's full queue must not hold up the others,
+                    // nor one message the rest: send these one by one from
+                    // now on.
                     self.outbox.send_solo(&ids);
                 }
                 // The entries behind them in their queues wait too.
@@ -416,7 +534,7 @@ impl ClientMachine {
         match result {
             Ok(Response::Enqueued { .. }) => {
                 let removed = self.outbox.remove(id);
-                self.effects.push_back(Effect::Persist);
+                self.stored();
                 if let Some(e) = removed {
                     self.commit_accepted(e.message_id);
                     self.maybe_delivered(e.message_id);
@@ -457,17 +575,15 @@ impl ClientMachine {
         }
     }
 
-    /// Takes a batch's entries (one message to several recipients) out of
-    /// the outbox; returns the message id they share.
-    fn take_batch(&mut self, ids: &[u64]) -> Option<[u8; 16]> {
-        let message_id = ids
-            .first()
-            .and_then(|id| self.outbox.get(*id))
-            .map(|e| e.message_id);
-        for id in ids {
-            self.outbox.remove(*id);
+    /// The distinct message ids of these entries, in their order.
+    fn messages_of(&self, ids: &[u64]) -> Vec<[u8; 16]> {
+        let mut messages: Vec<[u8; 16]> = Vec::new();
+        for e in ids.iter().filter_map(|id| self.outbox.get(*id)) {
+            if !messages.contains(&e.message_id) {
+                messages.push(e.message_id);
+            }
         }
-        message_id
+        messages
     }
 
     /// Deliveries that failed with a retryable error: tried again after a
@@ -501,6 +617,40 @@ impl ClientMachine {
     }
 }
 
+/// A queue's run being gathered by [`Outbox::runs_due`].
+struct Run {
+    /// Its place among the runs.
+    index: usize,
+    /// Its entries' bytes on the wire.
+    bytes: usize,
+    /// Nothing more of the queue may join it.
+    closed: bool,
+}
+
+/// Whether an outbox entry can be sent now.
+enum Ready {
+    Yes,
+    /// It left the outbox.
+    Gone,
+    /// It waits for its recipient's hybrid key.
+    Waits,
+}
+
+/// What an entry's payload will take on the wire: a payload still to be
+/// sealed grows by the hybrid envelope.
+fn wire_bytes(e: &OutboxEntry) -> usize {
+    let seal = if e.seal {
+        envelope::HYBRID_OVERHEAD_BYTES + SEAL_FRAMING_SLACK_BYTES
+    } else {
+        0
+    };
+    e.payload.len() + seal
+}
+
+/// Room left for the framing a sealed payload shows (its length prefix; a
+/// Commit's framing is larger, but a Commit goes alone).
+const SEAL_FRAMING_SLACK_BYTES: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,43 +659,92 @@ mod tests {
     fn outbox(queues: &[(u8, u8)]) -> Outbox {
         let mut o = Outbox::default();
         for (recipient, channel) in queues {
-            o.add(OutboxEntry {
-                recipient: [*recipient; 32],
-                channel_id: vec![*channel; 16],
-                payload: Vec::new(),
-                message_id: [0; 16],
-                seal: false,
-            });
+            o.add(entry(*recipient, *channel, b"m".to_vec()));
         }
         o
     }
 
-    /// The entries due with `in_flight` in flight.
-    fn check(o: &mut Outbox, in_flight: &[u64], due: &[u64]) {
-        assert_eq!(o.entries_due(&in_flight.iter().copied().collect()), due);
+    fn entry(recipient: u8, channel: u8, payload: Vec<u8>) -> OutboxEntry {
+        OutboxEntry {
+            recipient: [recipient; 32],
+            channel_id: vec![channel; 16],
+            payload,
+            message_id: [0; 16],
+            seal: false,
+        }
+    }
+
+    /// The runs due with `in_flight` in flight.
+    fn check(o: &mut Outbox, in_flight: &[u64], due: &[&[u64]]) {
+        let due: Vec<Vec<u64>> = due.iter().map(|r| r.to_vec()).collect();
+        assert_eq!(o.runs_due(&in_flight.iter().copied().collect()), due);
     }
 
     #[test]
-    fn only_the_oldest_entry_of_each_queue_is_due() {
+    fn a_queue_s_oldest_entries_go_as_one_run_and_a_busy_queue_waits() {
         let mut o = outbox(&[(1, 1), (1, 1), (1, 2), (2, 1), (1, 2)]);
-        check(&mut o, &[], &[0, 2, 3]);
-        check(&mut o, &[0], &[2, 3]);
+        check(&mut o, &[], &[&[0, 1], &[2, 4], &[3]]);
+        check(&mut o, &[0], &[&[2, 4], &[3]]);
         o.remove(0);
-        check(&mut o, &[], &[1, 2, 3]);
+        check(&mut o, &[], &[&[1], &[2, 4], &[3]]);
     }
 
     #[test]
     fn an_entry_waiting_for_its_retry_holds_its_queue() {
         let mut o = outbox(&[(1, 1), (1, 1), (2, 1)]);
         o.retry(0).at = Some(Time::from_millis(5));
-        check(&mut o, &[], &[2]);
+        check(&mut o, &[], &[&[2]]);
         assert!(!o.retries_due(Time::from_millis(4)));
         assert!(o.retries_due(Time::from_millis(5)));
-        check(&mut o, &[], &[0, 2]);
+        check(&mut o, &[], &[&[0, 1], &[2]]);
+        // One behind the head waiting ends the run before it.
+        o.retry(1).at = Some(Time::from_millis(9));
+        check(&mut o, &[], &[&[0], &[2]]);
         // The clock of an entry that left goes with it.
         o.remove(0);
-        check(&mut o, &[], &[1, 2]);
+        o.remove(1);
+        check(&mut o, &[], &[&[2]]);
         assert_eq!(o.retries().count(), 0);
+    }
+
+    #[test]
+    fn a_commit_and_an_entry_sent_one_by_one_go_alone() {
+        // A group envelope around an MLS Commit's header.
+        let mut commit = vec![0x01, 0x02, 0, 1, 0, 2, 3, b'g', b'r', b'p'];
+        commit.extend_from_slice(&5u64.to_be_bytes());
+        commit.extend_from_slice(&[3, 0, 0]);
+        let mut o = Outbox::default();
+        for payload in [b"a".to_vec(), commit.clone(), b"b".to_vec(), b"c".to_vec()] {
+            o.add(entry(1, 1, payload));
+        }
+        check(&mut o, &[], &[&[0]]);
+        o.remove(0);
+        check(&mut o, &[], &[&[1]]);
+        o.remove(1);
+        check(&mut o, &[], &[&[2, 3]]);
+        o.send_solo(&[2]);
+        check(&mut o, &[], &[&[2]]);
+        o.remove(2);
+        check(&mut o, &[], &[&[3]]);
+    }
+
+    #[test]
+    fn a_run_is_bounded_in_messages_and_bytes() {
+        let mut o = outbox(&[(1, 1); ENQUEUE_MANY_MESSAGES_MAX + 1]);
+        let runs = o.runs_due(&BTreeSet::new());
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].len(), ENQUEUE_MANY_MESSAGES_MAX);
+        let mut o = Outbox::default();
+        let third = ENQUEUE_MANY_BYTES_MAX / 3;
+        for _ in 0..4 {
+            o.add(entry(1, 1, vec![0; third]));
+        }
+        check(&mut o, &[], &[&[0, 1, 2]]);
+        // The first goes whatever its size.
+        let mut o = Outbox::default();
+        o.add(entry(1, 1, vec![0; ENQUEUE_MANY_BYTES_MAX + 1]));
+        o.add(entry(1, 1, vec![0; 1]));
+        check(&mut o, &[], &[&[0]]);
     }
 
     #[test]

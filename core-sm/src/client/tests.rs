@@ -2499,8 +2499,107 @@ fn run_clocked(
 fn is_enqueue(r: &RequestBody) -> bool {
     matches!(
         r,
-        RequestBody::Enqueue { .. } | RequestBody::EnqueueBatch { .. }
+        RequestBody::Enqueue { .. }
+            | RequestBody::EnqueueBatch { .. }
+            | RequestBody::EnqueueMany { .. }
     )
+}
+
+/// What draining a long-lived machine's effects gave.
+#[derive(Default)]
+struct Drained {
+    requests: Vec<(u64, RequestBody)>,
+    persists: usize,
+    done: usize,
+}
+
+/// Drains `m`'s effects without answering anything; persists go to
+/// `who`'s saved state.
+fn drain(w: &mut World, m: &mut ClientMachine, who: usize) -> Drained {
+    let mut d = Drained::default();
+    while let Some(effect) = m.poll_effect() {
+        match effect {
+            Effect::Persist => {
+                w.users[who].saved = m.snapshot();
+                d.persists += 1;
+            }
+            Effect::Request { token, request } => d.requests.push((token, request)),
+            Effect::Done(_) => d.done += 1,
+            Effect::Connect | Effect::Event(_) => {}
+        }
+    }
+    d
+}
+
+#[test]
+fn messages_made_while_a_delivery_is_out_follow_it_in_one_enqueue_many() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let mut m = w.machine(0);
+    m.set_link_policy(LinkPolicy::KeepTrying);
+    let now = Time::ZERO;
+    let send = |m: &mut ClientMachine, text: &str| {
+        m.handle_command(
+            now,
+            Command::Send {
+                group: "team".into(),
+                text: text.into(),
+            },
+        );
+    };
+    send(&mut m, "m0");
+    let first = drain(&mut w, &mut m, 0);
+    // Written before anything goes out (the shells merge the writes asked
+    // for in a row).
+    assert!(first.done == 1 && first.persists > 0);
+    let [(token, batch)] = &first.requests[..] else {
+        panic!("one request: {:?}", first.requests);
+    };
+    assert!(
+        matches!(batch, RequestBody::EnqueueBatch { recipient_keys, .. } if recipient_keys.len() == 2)
+    );
+    // While it is out, three more messages are made (and written) but wait:
+    // each queue has one request in flight.
+    for text in ["m1", "m2", "m3"] {
+        send(&mut m, text);
+        let d = drain(&mut w, &mut m, 0);
+        assert!(d.done == 1 && d.persists > 0 && d.requests.is_empty());
+    }
+    // Its answer sends all three to both members as one request, and asks
+    // for no write of its own.
+    let reply = w.call(ConnectionId(0), batch.clone());
+    m.handle_response(now, *token, reply);
+    let second = drain(&mut w, &mut m, 0);
+    assert_eq!(second.persists, 0);
+    let [(token, many)] = &second.requests[..] else {
+        panic!("one request: {:?}", second.requests);
+    };
+    let RequestBody::EnqueueMany {
+        recipient_keys,
+        messages,
+        ..
+    } = many
+    else {
+        panic!("not an enqueueMany: {many:?}");
+    };
+    assert_eq!((recipient_keys.len(), messages.len()), (2, 3));
+    let reply = w.call(ConnectionId(0), many.clone());
+    m.handle_response(now, *token, reply);
+    let third = drain(&mut w, &mut m, 0);
+    assert_eq!((third.persists, third.requests.len()), (0, 0));
+    // The emptied outbox is written within the delay.
+    let at = m.poll_timeout().expect("a write is due");
+    assert_eq!(at, now.saturating_add(STORED_PERSIST_DELAY));
+    m.handle_timeout(at);
+    assert_eq!(drain(&mut w, &mut m, 0).persists, 1);
+    assert_eq!(m.poll_timeout(), None);
+    let pairs: Vec<_> = ["m0", "m1", "m2", "m3"]
+        .iter()
+        .map(|t| pair("team", t))
+        .collect();
+    assert_eq!(w.texts(1), pairs);
+    assert_eq!(w.texts(2), pairs);
 }
 
 #[test]

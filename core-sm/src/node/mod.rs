@@ -35,13 +35,13 @@ use crate::error::ServiceError;
 use crate::limits::{self, AUTH_NONCE_BYTES, AUTH_VERSION, TLS_EXPORTER_BYTES};
 use crate::store::{Batch, Lsn, Store, StoreError};
 use crate::time::Time;
-use crate::types::{
-    ChannelId, ConnectionId, IdentityKey, MessageId, QueueId, RequestId, Signature,
-};
+use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId, RequestId, Signature};
 
 pub use layout::FORMAT_VERSION;
 pub use ratelimit::{RateConfig, RateLimiter};
-pub use request::{ChannelMessages, Gap, QueuedMessage, Reply, Request, RequestBody, Response};
+pub use request::{
+    ChannelMessages, Gap, Outgoing, QueuedMessage, Reply, Request, RequestBody, Response,
+};
 
 use layout::{Corrupt, Entry, Fence, KpMeta, QueueMeta};
 
@@ -559,8 +559,10 @@ impl<S: Store> NodeService<S> {
                     conn,
                     vec![recipient_key],
                     channel_id,
-                    payload,
-                    message_id,
+                    vec![Outgoing {
+                        payload,
+                        message_id,
+                    }],
                 )
                 .map(|seqs| Response::Enqueued { seq: seqs[0] }),
             RequestBody::EnqueueBatch {
@@ -568,10 +570,22 @@ impl<S: Store> NodeService<S> {
                 channel_id,
                 payload,
                 message_id,
-            } => check_recipients(&recipient_keys)
+            } => check_recipients(&recipient_keys, "enqueueBatch")
                 .and_then(|()| {
-                    self.enqueue(now, conn, recipient_keys, channel_id, payload, message_id)
+                    let message = Outgoing {
+                        payload,
+                        message_id,
+                    };
+                    self.enqueue(now, conn, recipient_keys, channel_id, vec![message])
                 })
+                .map(|seqs| Response::EnqueuedBatch { seqs }),
+            RequestBody::EnqueueMany {
+                recipient_keys,
+                channel_id,
+                messages,
+            } => check_recipients(&recipient_keys, "enqueueMany")
+                .and_then(|()| check_many(&recipient_keys, &messages))
+                .and_then(|()| self.enqueue(now, conn, recipient_keys, channel_id, messages))
                 .map(|seqs| Response::EnqueuedBatch { seqs }),
             RequestBody::Fetch {
                 recipient_key,
@@ -829,136 +843,211 @@ impl<S: Store> NodeService<S> {
 
     // ----- Delivery Service -----------------------------------------------
 
-    /// `enqueue` (one recipient) and `enqueueBatch`: appends `payload` to
-    /// the queue `(channel_id, r)` of every recipient `r`, in one atomic
-    /// batch, and returns each recipient's seq. A recipient whose queue
-    /// already holds `message_id` (a retry) keeps its original seq and gets
-    /// nothing new. Several new entries share one stored payload.
+    /// `enqueue` (one recipient, one message), `enqueueBatch` (one message)
+    /// and `enqueueMany`: appends each message to the queue
+    /// `(channel_id, r)` of every recipient `r`, in the order given, in one
+    /// atomic batch, and returns the seqs message by message, each in
+    /// recipient order. A recipient whose queue already holds a message's
+    /// id (a retry) keeps its original seq for it and gets nothing new.
+    /// Several new entries of one message share one stored payload.
     fn enqueue(
         &mut self,
         now: Time,
         conn: ConnectionId,
         recipients: Vec<IdentityKey>,
         channel_id: ChannelId,
-        payload: Vec<u8>,
-        message_id: MessageId,
+        messages: Vec<Outgoing>,
     ) -> Result<Vec<u64>, ServiceError> {
         let sender = self.identity(conn)?;
-        if payload.is_empty() {
-            return Err(ServiceError::invalid_argument("payload is empty"));
-        }
-        if payload.len() > self.config.payload_bytes_max {
-            return Err(ServiceError::payload_too_large(format!(
-                "payload of {} bytes exceeds the limit of {}",
-                payload.len(),
-                self.config.payload_bytes_max
-            )));
-        }
-        // A retry of a stored message answers with the original seq, before
-        // any limit: it costs nothing and the sender must learn its seq.
-        let mut seqs = vec![0u64; recipients.len()];
-        let mut fresh = Vec::new();
-        for (i, recipient_key) in recipients.iter().enumerate() {
-            let queue = QueueId {
-                recipient_key: *recipient_key,
-                channel_id,
+        let several = messages.len() > 1;
+        for (m, message) in messages.iter().enumerate() {
+            let which = || {
+                if several {
+                    format!("message #{m}: ")
+                } else {
+                    String::new()
+                }
             };
-            match self.get(&layout::dedup_key(&queue, &message_id))? {
-                Some(seq) => seqs[i] = layout::decode_seq(&seq).map_err(corrupt)?,
-                None => fresh.push((i, queue)),
+            if message.payload.is_empty() {
+                return Err(ServiceError::invalid_argument(format!(
+                    "{}payload is empty",
+                    which()
+                )));
+            }
+            if message.payload.len() > self.config.payload_bytes_max {
+                return Err(ServiceError::payload_too_large(format!(
+                    "{}payload of {} bytes exceeds the limit of {}",
+                    which(),
+                    message.payload.len(),
+                    self.config.payload_bytes_max
+                )));
             }
         }
-        if fresh.is_empty() {
+        let queues: Vec<QueueId> = recipients
+            .iter()
+            .map(|recipient_key| QueueId {
+                recipient_key: *recipient_key,
+                channel_id,
+            })
+            .collect();
+        // A retry of a stored message answers with the original seq, before
+        // any limit: it costs nothing and the sender must learn its seq.
+        let width = queues.len();
+        let mut seqs = vec![0u64; width * messages.len()];
+        // Per message, the recipients (by index) it is new to.
+        let mut fresh: Vec<Vec<usize>> = Vec::with_capacity(messages.len());
+        for (m, message) in messages.iter().enumerate() {
+            let mut new = Vec::new();
+            for (i, queue) in queues.iter().enumerate() {
+                match self.get(&layout::dedup_key(queue, &message.message_id))? {
+                    Some(seq) => seqs[m * width + i] = layout::decode_seq(&seq).map_err(corrupt)?,
+                    None => new.push(i),
+                }
+            }
+            fresh.push(new);
+        }
+        let new_messages = fresh.iter().filter(|f| !f.is_empty()).count();
+        if new_messages == 0 {
             return Ok(seqs);
         }
-        let fence = self.fence_check(&channel_id, &payload)?;
+        // Commits pass the fence in order; one moved by an earlier message
+        // of this request is the one a later Commit meets.
+        let mut fences: Vec<(Vec<u8>, Fence)> = Vec::new();
+        for (message, new) in messages.iter().zip(&fresh) {
+            if new.is_empty() {
+                continue;
+            }
+            if let Some((key, fence)) = self.fence_check(&channel_id, &message.payload, &fences)? {
+                fences.retain(|(k, _)| *k != key);
+                fences.push((key, fence));
+            }
+        }
+        let tokens = u32::try_from(new_messages).unwrap_or(u32::MAX);
         self.enqueue_limiter
-            .acquire(now, sender)
+            .acquire_many(now, sender, tokens)
             .map_err(|ms| rate_limited(ms, "enqueues from this identity"))?;
-        let len = payload.len() as u64;
+        // What each queue takes: new entries and bytes.
+        let mut adds = vec![(0u64, 0u64); width];
+        for (message, new) in messages.iter().zip(&fresh) {
+            for i in new {
+                adds[*i].0 += 1;
+                adds[*i].1 = adds[*i].1.saturating_add(message.payload.len() as u64);
+            }
+        }
         let mut batch = Batch::new();
         let mut drops = BlobDrops::default();
-        let mut metas = Vec::with_capacity(fresh.len());
-        for (i, queue) in &fresh {
+        let mut metas: Vec<Option<QueueMeta>> = Vec::with_capacity(width);
+        for (i, queue) in queues.iter().enumerate() {
+            let (entries, bytes) = adds[i];
+            if entries == 0 {
+                metas.push(None);
+                continue;
+            }
             let mut meta = self.queue_meta(queue)?;
             // Expired messages make room before the limits are checked.
             self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
             // Named only when refused: this is the enqueue hot path.
             let whose = || {
-                if recipients.len() == 1 {
+                if width == 1 {
                     "the recipient's queue".to_owned()
                 } else {
                     format!("recipient #{i}'s queue")
                 }
             };
-            if meta.depth() >= self.config.queue_depth_max {
+            if meta.depth().saturating_add(entries) > self.config.queue_depth_max {
                 return Err(ServiceError::queue_full(format!(
-                    "{} holds {} messages, its limit",
+                    "{} holds {} messages, its limit is {}",
                     whose(),
-                    meta.depth()
+                    meta.depth(),
+                    self.config.queue_depth_max
                 )));
             }
-            if meta.bytes.saturating_add(len) > self.config.queue_bytes_max {
+            if meta.bytes.saturating_add(bytes) > self.config.queue_bytes_max {
                 return Err(ServiceError::queue_full(format!(
                     "{} would exceed its limit of {} bytes",
                     whose(),
                     self.config.queue_bytes_max
                 )));
             }
-            metas.push(meta);
+            metas.push(Some(meta));
         }
-        // One new entry holds the payload itself; several share one copy.
-        let mut inline = Some(payload);
-        if fresh.len() > 1 {
-            let blob = self.next_blob;
-            if let Some(payload) = inline.take() {
-                batch.put(layout::blob_key(blob), payload);
+        let mut next_blob = self.next_blob;
+        let stamp = stamp_ms(now);
+        for (m, (message, new)) in messages.into_iter().zip(&fresh).enumerate() {
+            if new.is_empty() {
+                continue;
             }
-            batch.put(
-                layout::blob_refs_key(blob),
-                layout::encode_seq(fresh.len() as u64),
-            );
-            batch.put(layout::blob_next_key(), layout::encode_seq(blob + 1));
-        }
-        for ((i, queue), mut meta) in fresh.iter().zip(metas) {
-            let seq = meta.next_seq;
-            let stamp = stamp_ms(now);
-            let entry = match inline.take() {
-                Some(payload) => layout::encode_inline(&message_id, stamp, &payload),
-                None => layout::encode_shared(&message_id, stamp, self.next_blob, len),
-            };
-            batch.put(layout::message_key(queue, &meta, seq), entry);
-            batch.put(
-                layout::dedup_key(queue, &message_id),
-                layout::encode_seq(seq),
-            );
-            batch.put(layout::dedup_ring_key(queue, seq), message_id.0.to_vec());
-            if let Some(old) = seq
-                .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
-                .filter(|s| *s > 0)
-            {
-                let ring = layout::dedup_ring_key(queue, old);
-                if let Some(old_id) = self.get(&ring)? {
-                    let old_id = layout::decode_message_id(&old_id).map_err(corrupt)?;
-                    batch.delete(layout::dedup_key(queue, &old_id));
+            let len = message.payload.len() as u64;
+            let message_id = message.message_id;
+            // One new entry holds the payload itself; several share one copy.
+            let mut inline = Some(message.payload);
+            let mut blob = None;
+            if new.len() > 1 {
+                if let Some(payload) = inline.take() {
+                    batch.put(layout::blob_key(next_blob), payload);
                 }
-                batch.delete(ring);
+                batch.put(
+                    layout::blob_refs_key(next_blob),
+                    layout::encode_seq(new.len() as u64),
+                );
+                blob = Some(next_blob);
+                next_blob += 1;
             }
-            meta.next_seq += 1;
-            meta.bytes = meta.bytes.saturating_add(len);
-            batch.put(layout::queue_meta_key(queue), meta.encode());
-            seqs[*i] = seq;
+            for i in new {
+                let queue = &queues[*i];
+                let Some(meta) = metas[*i].as_mut() else {
+                    continue;
+                };
+                let seq = meta.next_seq;
+                // A single new entry takes the payload; shared ones point to
+                // the blob (`new` is never empty here).
+                let entry = match (blob, inline.take()) {
+                    (Some(blob), _) => layout::encode_shared(&message_id, stamp, blob, len),
+                    (None, Some(payload)) => layout::encode_inline(&message_id, stamp, &payload),
+                    (None, None) => continue,
+                };
+                batch.put(layout::message_key(queue, meta, seq), entry);
+                batch.put(
+                    layout::dedup_key(queue, &message_id),
+                    layout::encode_seq(seq),
+                );
+                batch.put(layout::dedup_ring_key(queue, seq), message_id.0.to_vec());
+                // The id leaving the window was stored by an earlier request:
+                // one request holds fewer messages than the window.
+                if let Some(old) = seq
+                    .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
+                    .filter(|s| *s > 0)
+                {
+                    let ring = layout::dedup_ring_key(queue, old);
+                    if let Some(old_id) = self.get(&ring)? {
+                        let old_id = layout::decode_message_id(&old_id).map_err(corrupt)?;
+                        batch.delete(layout::dedup_key(queue, &old_id));
+                    }
+                    batch.delete(ring);
+                }
+                meta.next_seq += 1;
+                meta.bytes = meta.bytes.saturating_add(len);
+                seqs[m * width + *i] = seq;
+            }
         }
-        if let Some((key, fence)) = fence {
+        for (queue, meta) in queues.iter().zip(&metas) {
+            if let Some(meta) = meta {
+                batch.put(layout::queue_meta_key(queue), meta.encode());
+            }
+        }
+        if next_blob != self.next_blob {
+            batch.put(layout::blob_next_key(), layout::encode_seq(next_blob));
+        }
+        for (key, fence) in fences {
             batch.put(key, fence.encode());
         }
         self.finish_drops(drops, &mut batch)?;
         self.write(batch)?;
-        if fresh.len() > 1 {
-            self.next_blob += 1;
-        }
-        for (_, queue) in &fresh {
-            self.wake_waiters(queue);
+        self.next_blob = next_blob;
+        for (queue, meta) in queues.iter().zip(&metas) {
+            if meta.is_some() {
+                self.wake_waiters(queue);
+            }
         }
         Ok(seqs)
     }
@@ -974,6 +1063,7 @@ impl<S: Store> NodeService<S> {
         &self,
         channel_id: &ChannelId,
         payload: &[u8],
+        moved: &[(Vec<u8>, Fence)],
     ) -> Result<Option<(Vec<u8>, Fence)>, ServiceError> {
         let Some(header) = commit::commit_header(payload) else {
             return Ok(None);
@@ -982,9 +1072,12 @@ impl<S: Store> NodeService<S> {
         let digest: [u8; 32] = Sha256::digest(header.identity).into();
         let mut this = [0u8; layout::COMMIT_DIGEST_BYTES];
         this.copy_from_slice(&digest[..layout::COMMIT_DIGEST_BYTES]);
-        let current = match self.get(&key)? {
-            Some(v) => Some(Fence::decode(&v).map_err(corrupt)?),
-            None => None,
+        let current = match moved.iter().find(|(k, _)| *k == key) {
+            Some((_, f)) => Some(f.clone()),
+            None => match self.get(&key)? {
+                Some(v) => Some(Fence::decode(&v).map_err(corrupt)?),
+                None => None,
+            },
         };
         let too_far = || ServiceError::invalid_argument("a Commit for the last possible epoch");
         let Some(f) = current else {
@@ -1522,13 +1615,43 @@ fn rate_limited(retry_after_ms: u64, what: &str) -> ServiceError {
 }
 
 /// An `enqueueBatch` names each recipient once, and not too many.
-fn check_recipients(recipients: &[IdentityKey]) -> Result<(), ServiceError> {
+fn check_recipients(recipients: &[IdentityKey], method: &str) -> Result<(), ServiceError> {
     check_list(
         recipients.iter(),
         limits::ENQUEUE_BATCH_RECIPIENTS_MAX,
-        "enqueueBatch",
+        method,
         "recipient",
     )
+}
+
+/// An `enqueueMany` holds at least one message, at most
+/// [`limits::ENQUEUE_MANY_MESSAGES_MAX`], each id once, at most
+/// [`limits::ENQUEUE_MANY_BYTES_MAX`] payload bytes and at most
+/// [`limits::ENQUEUE_MANY_ENTRIES_MAX`] entries in all.
+fn check_many(recipients: &[IdentityKey], messages: &[Outgoing]) -> Result<(), ServiceError> {
+    check_list(
+        messages.iter().map(|m| &m.message_id),
+        limits::ENQUEUE_MANY_MESSAGES_MAX,
+        "enqueueMany",
+        "message id",
+    )?;
+    let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+    if bytes > limits::ENQUEUE_MANY_BYTES_MAX {
+        return Err(ServiceError::payload_too_large(format!(
+            "enqueueMany carries {bytes} payload bytes, more than the limit of {}",
+            limits::ENQUEUE_MANY_BYTES_MAX
+        )));
+    }
+    let entries = recipients.len().saturating_mul(messages.len());
+    if entries > limits::ENQUEUE_MANY_ENTRIES_MAX {
+        return Err(ServiceError::invalid_argument(format!(
+            "enqueueMany makes {entries} queue entries ({} recipients times {} messages), more than the limit of {}",
+            recipients.len(),
+            messages.len(),
+            limits::ENQUEUE_MANY_ENTRIES_MAX
+        )));
+    }
+    Ok(())
 }
 
 /// A `fetchWaitChannels` names each channel once, and not too many.

@@ -51,6 +51,13 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
     /// Checks whether `key` has a token at `now`, without taking it.
     /// `Err(retry_after_ms)` says when one will be available.
     pub fn check(&mut self, now: Time, key: K) -> Result<(), u64> {
+        self.check_many(now, key, 1)
+    }
+
+    /// Checks whether `key` has `n` tokens at `now` (`n` counts at most the
+    /// burst, so a large request can pass at all), without taking them.
+    fn check_many(&mut self, now: Time, key: K, n: u32) -> Result<(), u64> {
+        let need = self.units_for(n);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
             self.forget_full(now);
             if self.buckets.len() >= self.capacity {
@@ -59,15 +66,20 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
             }
         }
         let units = self.units_at(now, &key);
-        if units >= UNITS_PER_TOKEN {
+        if units >= need {
             return Ok(());
         }
-        Err(self.retry_after_ms(units))
+        Err(self.retry_after_ms(units, need))
     }
 
     /// Takes one token from `key`'s bucket. Call only after [`Self::check`]
     /// said yes at the same `now`.
     pub fn take(&mut self, now: Time, key: K) {
+        self.take_many(now, key, 1);
+    }
+
+    fn take_many(&mut self, now: Time, key: K, n: u32) {
+        let need = self.units_for(n);
         let units = self.units_at(now, &key);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
             self.forget_full(now);
@@ -78,7 +90,7 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
             self.buckets.insert(
                 key,
                 Bucket {
-                    units: units.saturating_sub(UNITS_PER_TOKEN),
+                    units: units.saturating_sub(need),
                     updated,
                 },
             );
@@ -87,9 +99,20 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
 
     /// Checks and takes in one step.
     pub fn acquire(&mut self, now: Time, key: K) -> Result<(), u64> {
-        self.check(now, key)?;
-        self.take(now, key);
+        self.acquire_many(now, key, 1)
+    }
+
+    /// Checks and takes `n` tokens in one step; `n` counts at most the
+    /// burst.
+    pub fn acquire_many(&mut self, now: Time, key: K, n: u32) -> Result<(), u64> {
+        self.check_many(now, key, n)?;
+        self.take_many(now, key, n);
         Ok(())
+    }
+
+    /// The units `n` tokens are, `n` at least 1 and at most the burst.
+    fn units_for(&self, n: u32) -> u64 {
+        u64::from(n.clamp(1, self.config.burst.max(1))) * UNITS_PER_TOKEN
     }
 
     /// Number of keys tracked.
@@ -118,8 +141,8 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
         }
     }
 
-    fn retry_after_ms(&self, units: u64) -> u64 {
-        let missing = UNITS_PER_TOKEN.saturating_sub(units);
+    fn retry_after_ms(&self, units: u64, need: u64) -> u64 {
+        let missing = need.saturating_sub(units);
         match u64::from(self.config.per_sec) {
             0 => u64::MAX,
             rate => (missing.div_ceil(rate)).div_ceil(1_000).max(1),

@@ -101,6 +101,19 @@ pub enum RequestBody {
         /// recipient.
         message_id: MessageId,
     },
+    /// Append several payloads, in order, to the queues `(channel_id, r)`
+    /// of every recipient `r`: each queue gets them one after another in
+    /// the order listed. All or nothing; answered with
+    /// [`Response::EnqueuedBatch`], message by message, each in recipient
+    /// order.
+    EnqueueMany {
+        /// The recipients, each at most once.
+        recipient_keys: Vec<IdentityKey>,
+        /// The recipients' channel.
+        channel_id: ChannelId,
+        /// The messages, oldest first, their ids distinct.
+        messages: Vec<Outgoing>,
+    },
     /// As `Fetch`, but wait up to `timeout_ms` for a message if none is
     /// pending.
     FetchWait {
@@ -146,9 +159,19 @@ impl RequestBody {
             RequestBody::Fetch { .. } => "fetch",
             RequestBody::FetchWait { .. } => "fetchWait",
             RequestBody::EnqueueBatch { .. } => "enqueueBatch",
+            RequestBody::EnqueueMany { .. } => "enqueueMany",
             RequestBody::FetchWaitChannels { .. } => "fetchWaitChannels",
         }
     }
+}
+
+/// One message of an [`RequestBody::EnqueueMany`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The opaque payload.
+    pub payload: Vec<u8>,
+    /// Sender-chosen id; a retry is stored once per recipient.
+    pub message_id: MessageId,
 }
 
 /// A queued message as fetch returns it.

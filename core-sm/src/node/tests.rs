@@ -7,6 +7,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use super::*;
 use crate::error::ErrorKind;
 use crate::store::MemStore;
+use crate::types::MessageId;
 
 const EXPORTER: [u8; 32] = [0xee; 32];
 
@@ -277,6 +278,20 @@ fn every_method_refuses_unauthenticated_connections() {
             after_seq: 0,
             limit: 1,
             timeout_ms: 100,
+        },
+        RequestBody::EnqueueBatch {
+            recipient_keys: vec![id(&alice)],
+            channel_id: ChannelId::DEFAULT,
+            payload: b"x".to_vec(),
+            message_id: mid(1),
+        },
+        RequestBody::EnqueueMany {
+            recipient_keys: vec![id(&alice)],
+            channel_id: ChannelId::DEFAULT,
+            messages: vec![Outgoing {
+                payload: b"x".to_vec(),
+                message_id: mid(1),
+            }],
         },
     ];
     for body in bodies {
@@ -1435,6 +1450,201 @@ fn enqueue_batch_wakes_every_recipients_waiter_and_survives_a_crash() {
         payloads(&h.fetch(3, &carol, b"", 0, 10)),
         vec![b"hello both".to_vec(), b"second".to_vec()]
     );
+}
+
+// ----- enqueueMany -------------------------------------------------------
+
+/// An `enqueueMany` of `(payload, message id)`s to `to`.
+fn many(
+    h: &mut Harness,
+    c: u64,
+    to: &[&SigningKey],
+    channel: &[u8],
+    messages: &[(&[u8], u8)],
+) -> Reply {
+    h.call(
+        c,
+        RequestBody::EnqueueMany {
+            recipient_keys: to.iter().map(|k| id(k)).collect(),
+            channel_id: ch(channel),
+            messages: messages
+                .iter()
+                .map(|(payload, m)| Outgoing {
+                    payload: payload.to_vec(),
+                    message_id: mid(*m),
+                })
+                .collect(),
+        },
+    )
+}
+
+#[test]
+fn enqueue_many_appends_in_order_and_answers_message_by_message() {
+    let mut h = Harness::new();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    h.enqueue(1, &bob, b"g", b"earlier", 1).unwrap();
+    let shared = b"shared by both".repeat(10);
+    let r = many(
+        &mut h,
+        1,
+        &[&bob, &carol],
+        b"g",
+        &[(b"one", 2), (&shared, 3), (b"three", 4)],
+    );
+    // Message by message, each in recipient order.
+    assert_eq!(batch_seqs(&r), vec![2, 1, 3, 2, 4, 3]);
+    // Several recipients share one copy of each payload.
+    assert_eq!(copies(&h, &shared), 1);
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"g", 0, 10)),
+        vec![
+            b"earlier".to_vec(),
+            b"one".to_vec(),
+            shared.clone(),
+            b"three".to_vec()
+        ]
+    );
+    assert_eq!(
+        payloads(&h.fetch(3, &carol, b"g", 0, 10)),
+        vec![b"one".to_vec(), shared.clone(), b"three".to_vec()]
+    );
+    // A retry, with one more message behind it: the stored ones keep their
+    // seqs, only the new one is appended.
+    let again = many(
+        &mut h,
+        1,
+        &[&bob, &carol],
+        b"g",
+        &[(b"one", 2), (&shared, 3), (b"three", 4), (b"four", 5)],
+    );
+    assert_eq!(batch_seqs(&again), vec![2, 1, 3, 2, 4, 3, 5, 4]);
+    assert_eq!(seqs(&h.fetch(3, &carol, b"g", 0, 10)), vec![1, 2, 3, 4]);
+    // Acknowledged by everyone, the shared payload goes.
+    h.fetch(2, &bob, b"g", 5, 0).unwrap();
+    h.fetch(3, &carol, b"g", 4, 0).unwrap();
+    assert_eq!(copies(&h, &shared), 0);
+    // What was stored survives a crash.
+    let (alice, bob) = (user(1), user(2));
+    many(&mut h, 1, &[&bob], b"g", &[(b"five", 6), (b"six", 7)]).unwrap();
+    let mut h = h.crash_and_reopen(NodeConfig::default(), Time::ZERO);
+    h.login(1, &alice);
+    h.login(2, &bob);
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"g", 5, 10)),
+        vec![b"five".to_vec(), b"six".to_vec()]
+    );
+}
+
+#[test]
+fn enqueue_many_is_all_or_nothing_and_checks_its_limits() {
+    let mut h = Harness::with_config(NodeConfig {
+        queue_depth_max: 3,
+        ..NodeConfig::default()
+    });
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    h.enqueue(1, &bob, b"g", b"x", 1).unwrap();
+    // Bob has room for two more, not three: nothing is stored for anyone.
+    let r = many(
+        &mut h,
+        1,
+        &[&carol, &bob],
+        b"g",
+        &[(b"a", 2), (b"b", 3), (b"c", 4)],
+    );
+    assert_eq!(kind(&r), ErrorKind::QueueFull);
+    assert!(r.unwrap_err().message.contains("recipient #1"));
+    assert_eq!(seqs(&h.fetch(3, &carol, b"g", 0, 10)), Vec::<u64>::new());
+    assert_eq!(seqs(&h.fetch(2, &bob, b"g", 0, 10)), vec![1]);
+    // An empty or oversized payload anywhere refuses the whole request.
+    let r = many(&mut h, 1, &[&carol], b"g", &[(b"a", 2), (b"", 3)]);
+    assert_eq!(kind(&r), ErrorKind::InvalidArgument);
+    assert!(r.unwrap_err().message.contains("message #1"));
+    let big = vec![7u8; limits::PAYLOAD_BYTES_MAX + 1];
+    let r = many(&mut h, 1, &[&carol], b"g", &[(b"a", 2), (&big, 3)]);
+    assert_eq!(kind(&r), ErrorKind::PayloadTooLarge);
+    // So are payloads that pass one by one but not together.
+    let half = vec![7u8; limits::ENQUEUE_MANY_BYTES_MAX / 2 + 1];
+    let r = many(&mut h, 1, &[&carol], b"g", &[(&half, 2), (&half, 3)]);
+    assert_eq!(kind(&r), ErrorKind::PayloadTooLarge);
+    // No messages, an id twice, too many messages, too many entries.
+    assert_eq!(
+        kind(&many(&mut h, 1, &[&carol], b"g", &[])),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        kind(&many(&mut h, 1, &[&carol], b"g", &[(b"a", 2), (b"b", 2)])),
+        ErrorKind::InvalidArgument
+    );
+    let ids: Vec<u8> = (0..=limits::ENQUEUE_MANY_MESSAGES_MAX as u8).collect();
+    let messages: Vec<(&[u8], u8)> = ids.iter().map(|m| (&b"m"[..], *m)).collect();
+    assert_eq!(
+        kind(&many(&mut h, 1, &[&carol], b"g", &messages)),
+        ErrorKind::InvalidArgument
+    );
+    let recipients: Vec<SigningKey> = (0..100u8).map(|i| user(100 + i)).collect();
+    let refs: Vec<&SigningKey> = recipients.iter().collect();
+    let r = many(
+        &mut h,
+        1,
+        &refs,
+        b"g",
+        &messages[..limits::ENQUEUE_MANY_MESSAGES_MAX],
+    );
+    assert_eq!(kind(&r), ErrorKind::InvalidArgument);
+    assert!(r.unwrap_err().message.contains("queue entries"));
+    // Nothing refused was stored.
+    assert_eq!(seqs(&h.fetch(3, &carol, b"g", 0, 10)), Vec::<u64>::new());
+}
+
+#[test]
+fn enqueue_many_takes_a_rate_token_per_new_message() {
+    let mut h = Harness::with_config(NodeConfig {
+        enqueue_rate: RateConfig {
+            burst: 3,
+            per_sec: 1,
+        },
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    many(&mut h, 1, &[&bob], b"g", &[(b"a", 1), (b"b", 2)]).unwrap();
+    // One token left: two new messages are refused, a retry costs nothing.
+    let r = many(&mut h, 1, &[&bob], b"g", &[(b"a", 1), (b"c", 3), (b"d", 4)]);
+    assert!(matches!(kind(&r), ErrorKind::RateLimited { .. }), "{r:?}");
+    many(&mut h, 1, &[&bob], b"g", &[(b"a", 1), (b"b", 2), (b"c", 3)]).unwrap();
+}
+
+#[test]
+fn enqueue_many_passes_commits_through_the_fence_in_order() {
+    let mut h = Harness::new();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let c5 = mls(b"grp", 5, 3, b"commit for 5");
+    let app6 = mls(b"grp", 6, 1, b"app in 6");
+    let c6 = mls(b"grp", 6, 3, b"commit for 6");
+    // Two Commits in a row in one request: the second meets the fence the
+    // first moved.
+    let r = many(&mut h, 1, &[&bob], b"g", &[(&c5, 1), (&app6, 2), (&c6, 3)]);
+    assert_eq!(batch_seqs(&r), vec![1, 2, 3]);
+    // A second Commit for an epoch already taken refuses the whole request.
+    let late = mls(b"grp", 7, 3, b"commit for 7");
+    let lost = mls(b"grp", 7, 3, b"another commit for 7");
+    let r = many(
+        &mut h,
+        1,
+        &[&bob],
+        b"g",
+        &[(b"app", 4), (&late, 5), (&lost, 6)],
+    );
+    assert_eq!(stale(&r), 8);
+    assert_eq!(seqs(&h.fetch(2, &bob, b"g", 0, 10)), vec![1, 2, 3]);
 }
 
 // ----- the commit fence ----------------------------------------------------

@@ -13,7 +13,12 @@
 //! arrive and deliveries go out as long as the session is open, whatever
 //! command runs. Persist-before-acknowledge and persist-before-show hold
 //! exactly as in a one-shot command: an event reaches subscribers only
-//! after the state that produced it is written.
+//! after the state that produced it is written. (One exception, by
+//! design: a delivery the server stored leaves the outbox at once, and
+//! its [`Event::Delivered`] may come before the write that records it;
+//! that write follows within
+//! [`quicproquo_core::client::STORED_PERSIST_DELAY`], and a crash before
+//! it only sends the copies again, which the server stores once.)
 //!
 //! Subscribers get every event from the moment they subscribe, in order,
 //! through a bounded channel ([`EVENTS_BUFFERED`]); a subscriber that

@@ -7,7 +7,7 @@
 # code in `../src/generated/` is generated from this file by `../regen.sh`.
 #
 # Evolution: Cap'n Proto forbids gaps in ordinals, so room for later methods
-# (enqueueBatch and fetchWaitChannels came this way) is made by appending: a new
+# (enqueueBatch, fetchWaitChannels and enqueueMany came this way) is made by appending: a new
 # method is a new member at the end of `Request.body` with the next free
 # ordinals, and its answer a new member at the end of `Response.ok`. Union
 # discriminants follow ordinal order, so existing members keep their values
@@ -145,7 +145,23 @@ struct Request {
       timeoutMs @33 :UInt64;
     }
 
-    # Later methods go here, at ordinal 34 and up.
+    # Several payloads, in order, to the same recipients' queues on one
+    # channel: all or nothing. Each recipient's queue gets the messages in the
+    # order listed, one after another; answered with enqueuedBatch, whose seqs
+    # go message by message, each message's seqs in the order of the
+    # recipients. Lets a sender keep one request per queue in flight (the only
+    # way to keep its order) and still move many messages per round trip.
+    enqueueMany :group {
+      # The recipients (32 bytes each), each at most once, at most 1,000;
+      # recipients times messages at most 4,096.
+      recipientKeys @34 :List(Data);
+      # Which channel: empty for the default queue, else at most 16 bytes.
+      channelId @35 :Data;
+      # The messages, oldest first, at most 64, their ids distinct.
+      messages @36 :List(OutgoingMessage);
+    }
+
+    # Later methods go here, at ordinal 37 and up.
   }
 }
 
@@ -215,9 +231,11 @@ struct Response {
         gapTo @17 :UInt64;
       }
 
-      # The payload is stored durably in every recipient's queue.
+      # The payload is stored durably in every recipient's queue (also the
+      # answer to enqueueMany: every payload in every recipient's queue).
       enqueuedBatch :group {
-        # Each recipient's seq, in the order of the request's recipients.
+        # Each recipient's seq, in the order of the request's recipients;
+        # for enqueueMany, message by message, each in recipient order.
         seqs @14 :List(UInt64);
       }
 
@@ -241,6 +259,14 @@ struct QueuedMessage {
   seq @0 :UInt64;
   # The opaque payload as it was enqueued.
   payload @1 :Data;
+}
+
+# One message of an `enqueueMany`.
+struct OutgoingMessage {
+  # The opaque payload, stored once for all recipients.
+  payload @0 :Data;
+  # 16 bytes chosen by the sender; a retry is stored once per recipient.
+  messageId @1 :Data;
 }
 
 # One channel's cursor in a `fetchWaitChannels`.

@@ -7,13 +7,22 @@
 use std::borrow::Cow;
 
 use quicproquo_core::limits::{
-    ENQUEUE_BATCH_RECIPIENTS_MAX, FETCH_LIMIT_MAX, FETCH_WAIT_CHANNELS_MAX,
+    ENQUEUE_BATCH_RECIPIENTS_MAX, ENQUEUE_MANY_ENTRIES_MAX, FETCH_LIMIT_MAX,
+    FETCH_WAIT_CHANNELS_MAX,
 };
 use quicproquo_core::node::{ChannelMessages, Gap, QueuedMessage, Reply, Response};
 use quicproquo_core::types::ChannelId;
 use quicproquo_core::{ErrorKind, ServiceError};
 
 use crate::error::DecodeError;
+
+/// Most seqs an `enqueuedBatch` answer holds: one per entry an
+/// `enqueueBatch` or `enqueueMany` makes.
+const SEQS_MAX: usize = if ENQUEUE_MANY_ENTRIES_MAX > ENQUEUE_BATCH_RECIPIENTS_MAX {
+    ENQUEUE_MANY_ENTRIES_MAX
+} else {
+    ENQUEUE_BATCH_RECIPIENTS_MAX
+};
 use crate::generated::node_capnp::{error, queued_message, response};
 use crate::request::signature;
 
@@ -229,10 +238,10 @@ fn ok_from_wire(r: response::ok::Reader<'_>) -> Result<Response, DecodeError> {
         },
         Ok(Which::EnqueuedBatch(g)) => {
             let list = g.get_seqs()?;
-            if list.len() as usize > ENQUEUE_BATCH_RECIPIENTS_MAX {
+            if list.len() as usize > SEQS_MAX {
                 return Err(DecodeError::Invalid(ServiceError::invalid_argument(
                     format!(
-                        "reply holds {} seqs, more than a batch may have recipients ({ENQUEUE_BATCH_RECIPIENTS_MAX})",
+                        "reply holds {} seqs, more than a batch or enqueueMany may make ({SEQS_MAX})",
                         list.len()
                     ),
                 )));

@@ -5,8 +5,10 @@
 //! the core's size checks, which operators can configure.
 
 use quicproquo_core::ServiceError;
-use quicproquo_core::limits::{ENQUEUE_BATCH_RECIPIENTS_MAX, FETCH_WAIT_CHANNELS_MAX};
-use quicproquo_core::node::{Request, RequestBody};
+use quicproquo_core::limits::{
+    ENQUEUE_BATCH_RECIPIENTS_MAX, ENQUEUE_MANY_MESSAGES_MAX, FETCH_WAIT_CHANNELS_MAX,
+};
+use quicproquo_core::node::{Outgoing, Request, RequestBody};
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId, Signature};
 
 use crate::error::DecodeError;
@@ -114,6 +116,28 @@ pub(crate) fn to_wire(req: &Request, mut w: request::Builder<'_>) {
             g.set_payload(payload);
             g.set_message_id(&message_id.0);
         }
+        RequestBody::EnqueueMany {
+            recipient_keys,
+            channel_id,
+            messages,
+        } => {
+            let mut g = body.init_enqueue_many();
+            let len = u32::try_from(recipient_keys.len())
+                .expect("far fewer than 2^32 recipients (ENQUEUE_BATCH_RECIPIENTS_MAX)");
+            let mut list = g.reborrow().init_recipient_keys(len);
+            for (i, key) in (0..len).zip(recipient_keys) {
+                list.set(i, key.as_bytes());
+            }
+            g.set_channel_id(channel_id.as_bytes());
+            let len = u32::try_from(messages.len())
+                .expect("far fewer than 2^32 messages (ENQUEUE_MANY_MESSAGES_MAX)");
+            let mut list = g.reborrow().init_messages(len);
+            for (i, m) in (0..len).zip(messages) {
+                let mut w = list.reborrow().get(i);
+                w.set_payload(&m.payload);
+                w.set_message_id(&m.message_id.0);
+            }
+        }
         RequestBody::FetchWaitChannels {
             recipient_key,
             cursors,
@@ -189,26 +213,35 @@ pub(crate) fn from_wire(r: request::Reader<'_>) -> Result<Request, DecodeError> 
             limit: g.get_limit(),
             timeout_ms: g.get_timeout_ms(),
         },
-        Ok(Which::EnqueueBatch(g)) => {
-            let list = g.get_recipient_keys()?;
+        Ok(Which::EnqueueBatch(g)) => RequestBody::EnqueueBatch {
+            recipient_keys: recipient_keys(g.get_recipient_keys()?, "enqueueBatch")?,
+            channel_id: channel_id(g.get_channel_id()?)?,
+            payload: g.get_payload()?.to_vec(),
+            message_id: message_id(g.get_message_id()?)?,
+        },
+        Ok(Which::EnqueueMany(g)) => {
+            let recipient_keys = recipient_keys(g.get_recipient_keys()?, "enqueueMany")?;
+            let list = g.get_messages()?;
             // Checked before anything is sized by the list's length.
-            if list.len() as usize > ENQUEUE_BATCH_RECIPIENTS_MAX {
+            if list.len() as usize > ENQUEUE_MANY_MESSAGES_MAX {
                 return Err(DecodeError::Invalid(ServiceError::invalid_argument(
                     format!(
-                        "enqueueBatch names {} recipients, more than the limit of {ENQUEUE_BATCH_RECIPIENTS_MAX}",
+                        "enqueueMany holds {} messages, more than the limit of {ENQUEUE_MANY_MESSAGES_MAX}",
                         list.len()
                     ),
                 )));
             }
-            let mut recipient_keys = Vec::with_capacity(list.len() as usize);
-            for key in list.iter() {
-                recipient_keys.push(identity_key(key?)?);
+            let mut messages = Vec::with_capacity(list.len() as usize);
+            for m in list.iter() {
+                messages.push(Outgoing {
+                    payload: m.get_payload()?.to_vec(),
+                    message_id: message_id(m.get_message_id()?)?,
+                });
             }
-            RequestBody::EnqueueBatch {
+            RequestBody::EnqueueMany {
                 recipient_keys,
                 channel_id: channel_id(g.get_channel_id()?)?,
-                payload: g.get_payload()?.to_vec(),
-                message_id: message_id(g.get_message_id()?)?,
+                messages,
             }
         }
         Ok(Which::FetchWaitChannels(g)) => {
@@ -261,6 +294,19 @@ pub(crate) fn size_in_words(req: &Request) -> usize {
             recipient_keys,
             ..
         } => payload.len() + recipient_keys.len() * 40,
+        // Each message a struct of 2 pointers, its id two words, its
+        // payload padded to a word; the list's tag one more word.
+        RequestBody::EnqueueMany {
+            messages,
+            recipient_keys,
+            ..
+        } => {
+            8 + messages
+                .iter()
+                .map(|m| m.payload.len().next_multiple_of(8) + 32)
+                .sum::<usize>()
+                + recipient_keys.len() * 40
+        }
         // Each cursor a struct of 1 data word and 1 pointer, its channel
         // two words.
         RequestBody::FetchWaitChannels { cursors, .. } => cursors.len() * 32,
@@ -274,6 +320,28 @@ pub(crate) fn size_in_words(req: &Request) -> usize {
 /// Parses an identity or recipient key (32 bytes).
 fn identity_key(bytes: &[u8]) -> Result<IdentityKey, DecodeError> {
     IdentityKey::try_from_slice(bytes).map_err(DecodeError::Invalid)
+}
+
+/// Parses the recipients of `method`, at most
+/// [`ENQUEUE_BATCH_RECIPIENTS_MAX`] (checked before anything is sized by
+/// the list's length).
+fn recipient_keys(
+    list: capnp::data_list::Reader<'_>,
+    method: &str,
+) -> Result<Vec<IdentityKey>, DecodeError> {
+    if list.len() as usize > ENQUEUE_BATCH_RECIPIENTS_MAX {
+        return Err(DecodeError::Invalid(ServiceError::invalid_argument(
+            format!(
+                "{method} names {} recipients, more than the limit of {ENQUEUE_BATCH_RECIPIENTS_MAX}",
+                list.len()
+            ),
+        )));
+    }
+    let mut keys = Vec::with_capacity(list.len() as usize);
+    for key in list.iter() {
+        keys.push(identity_key(key?)?);
+    }
+    Ok(keys)
 }
 
 /// Parses a channel id (empty or at most 16 bytes).

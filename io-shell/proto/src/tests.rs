@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use quicproquo_core::limits::{
     AUTH_NONCE_BYTES, AUTH_VERSION, FETCH_LIMIT_MAX, FETCH_RESPONSE_BYTES_MAX, PAYLOAD_BYTES_MAX,
 };
-use quicproquo_core::node::{QueuedMessage, Reply, Request, RequestBody, Response};
+use quicproquo_core::node::{Outgoing, QueuedMessage, Reply, Request, RequestBody, Response};
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId, Signature};
 use quicproquo_core::{ErrorKind, ServiceError};
 
@@ -78,6 +78,16 @@ fn every_request_method_round_trips() {
             payload: vec![22; 1025],
             message_id: mid(23),
         });
+        check_request(RequestBody::EnqueueMany {
+            recipient_keys: (0..n).map(key).collect(),
+            channel_id: chan(&[27; 3]),
+            messages: (0..n)
+                .map(|i| Outgoing {
+                    payload: vec![i; usize::from(i) * 30],
+                    message_id: mid(i),
+                })
+                .collect(),
+        });
         check_request(RequestBody::FetchWaitChannels {
             recipient_key: key(24),
             cursors: (0..n).map(|i| (chan(&[i; 7]), u64::from(i))).collect(),
@@ -118,6 +128,65 @@ fn largest_batch_and_channel_wait_fit_the_request_limit() {
     let bytes = encode_request(&req);
     assert!(bytes.len() <= REQUEST_BYTES_MAX, "{} bytes", bytes.len());
     assert_eq!(decode_request(&bytes), Ok(req));
+    // The largest enqueueMany: the most recipients, the most messages
+    // their entries allow, the most payload bytes.
+    use quicproquo_core::limits::{
+        ENQUEUE_MANY_BYTES_MAX, ENQUEUE_MANY_ENTRIES_MAX, ENQUEUE_MANY_MESSAGES_MAX,
+    };
+    let messages =
+        (ENQUEUE_MANY_ENTRIES_MAX / ENQUEUE_BATCH_RECIPIENTS_MAX).min(ENQUEUE_MANY_MESSAGES_MAX);
+    let req = Request {
+        auth_version: AUTH_VERSION,
+        body: RequestBody::EnqueueMany {
+            recipient_keys: (0..ENQUEUE_BATCH_RECIPIENTS_MAX)
+                .map(|i| IdentityKey([(i % 256) as u8; 32]))
+                .collect(),
+            channel_id: chan(&[2; 16]),
+            messages: (0..messages)
+                .map(|i| Outgoing {
+                    payload: vec![3; ENQUEUE_MANY_BYTES_MAX / messages],
+                    message_id: mid(i as u8),
+                })
+                .collect(),
+        },
+    };
+    let bytes = encode_request(&req);
+    assert!(bytes.len() <= REQUEST_BYTES_MAX, "{} bytes", bytes.len());
+    assert_eq!(decode_request(&bytes), Ok(req));
+    let req = Request {
+        auth_version: AUTH_VERSION,
+        body: RequestBody::EnqueueMany {
+            recipient_keys: vec![key(1)],
+            channel_id: chan(&[2; 16]),
+            messages: (0..ENQUEUE_MANY_MESSAGES_MAX)
+                .map(|i| Outgoing {
+                    payload: vec![3; ENQUEUE_MANY_BYTES_MAX / ENQUEUE_MANY_MESSAGES_MAX],
+                    message_id: mid(i as u8),
+                })
+                .collect(),
+        },
+    };
+    let bytes = encode_request(&req);
+    assert!(bytes.len() <= REQUEST_BYTES_MAX, "{} bytes", bytes.len());
+    assert_eq!(decode_request(&bytes), Ok(req));
+    // One message too many is refused by the decoder itself.
+    let bytes = encode_request(&Request {
+        auth_version: AUTH_VERSION,
+        body: RequestBody::EnqueueMany {
+            recipient_keys: vec![key(1)],
+            channel_id: ChannelId::DEFAULT,
+            messages: (0..=ENQUEUE_MANY_MESSAGES_MAX)
+                .map(|i| Outgoing {
+                    payload: vec![1],
+                    message_id: mid(i as u8),
+                })
+                .collect(),
+        },
+    });
+    assert!(matches!(
+        decode_request(&bytes),
+        Err(DecodeError::Invalid(e)) if e.kind == ErrorKind::InvalidArgument
+    ));
     // One recipient or channel too many is refused by the decoder itself.
     let mut too_many = RequestBody::EnqueueBatch {
         recipient_keys: vec![key(1); ENQUEUE_BATCH_RECIPIENTS_MAX + 1],
@@ -236,6 +305,20 @@ fn every_response_round_trips() {
     check_reply(Ok(Response::EnqueuedBatch {
         seqs: vec![1, u64::MAX, 7],
     }));
+    // The largest answer: an enqueueMany's every entry.
+    let most = quicproquo_core::limits::ENQUEUE_MANY_ENTRIES_MAX
+        .max(quicproquo_core::limits::ENQUEUE_BATCH_RECIPIENTS_MAX);
+    let seqs: Vec<u64> = (1..=most as u64).collect();
+    let reply = Ok(Response::EnqueuedBatch { seqs: seqs.clone() });
+    assert_eq!(decode_reply(&encode_reply(&reply)), Ok(reply));
+    let mut one_more = seqs;
+    one_more.push(0);
+    assert!(matches!(
+        decode_reply(&encode_reply(&Ok(Response::EnqueuedBatch {
+            seqs: one_more
+        }))),
+        Err(DecodeError::Invalid(_))
+    ));
     check_reply(Ok(Response::ChannelMessages {
         channels: Vec::new(),
     }));
@@ -495,7 +578,7 @@ fn error_message_must_be_utf8() {
 
 #[test]
 fn unknown_method_is_refused_as_unknown_method() {
-    for tag in [12, 13, u16::MAX] {
+    for tag in [13, 14, u16::MAX] {
         let mut bytes = encode_request(&Request {
             auth_version: AUTH_VERSION,
             body: RequestBody::AuthChallenge,
