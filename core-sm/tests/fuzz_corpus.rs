@@ -45,6 +45,7 @@ fn node_sequence_corpus_replays_and_covers_the_machine() {
         "fetchWait",
         "enqueueBatch",
         "fetchWaitChannels",
+        "enqueueMany",
     ] {
         assert!(
             total.ok.contains_key(method),

@@ -38,8 +38,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_core::limits::{AUTH_VERSION, FETCH_LIMIT_MAX};
 use quicproquo_core::node::{
-    Durability, NodeConfig, NodeService, Output, QueuedMessage, RateConfig, Reply, Request,
-    RequestBody, Response, auth_message, commit, hybrid_key_message,
+    Durability, NodeConfig, NodeService, Outgoing, Output, QueuedMessage, RateConfig, Reply,
+    Request, RequestBody, Response, auth_message, commit, hybrid_key_message,
 };
 use quicproquo_core::store::{Lsn, MemStore};
 use quicproquo_core::types::{
@@ -255,9 +255,18 @@ pub enum Body {
         /// Timeout.
         timeout_ms: u16,
     },
+    /// enqueueMany.
+    EnqueueMany {
+        /// Recipients (duplicates and empty lists are refusals to reach).
+        recipients: Vec<Who>,
+        /// Channel.
+        channel: Chan,
+        /// Payloads and their ids (duplicate ids are refusals to reach).
+        messages: Vec<(Payload, Mid)>,
+    },
 }
 
-/// An `enqueueBatch` payload: opaque bytes, or the MLS framing of a
+/// An `enqueueBatch` or `enqueueMany` payload: opaque bytes, or the MLS framing of a
 /// Commit the commit fence reads.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Payload {
@@ -450,6 +459,10 @@ enum Sent {
         queues: Vec<QueueId>,
         message_id: MessageId,
         payload: Vec<u8>,
+    },
+    Many {
+        queues: Vec<QueueId>,
+        messages: Vec<(MessageId, Vec<u8>)>,
     },
     FetchChannels {
         recipient: IdentityKey,
@@ -867,12 +880,7 @@ impl Harness {
                 message_id,
             } => {
                 let channel_id = chan(*channel);
-                let payload = match payload {
-                    Payload::Raw(bytes) => bytes.clone(),
-                    Payload::Commit { group, epoch, body } => {
-                        commit_payload(group % 2, u64::from(epoch % 4), *body)
-                    }
-                };
+                let payload = payload_bytes(payload);
                 let message_id = mid(*message_id);
                 let queues: Vec<QueueId> = recipients
                     .iter()
@@ -904,6 +912,52 @@ impl Harness {
                         message_id,
                         payload,
                     },
+                )
+            }
+            Body::EnqueueMany {
+                recipients,
+                channel,
+                messages,
+            } => {
+                let channel_id = chan(*channel);
+                let queues: Vec<QueueId> = recipients
+                    .iter()
+                    .take(6)
+                    .map(|r| QueueId {
+                        recipient_key: self.who(*r),
+                        channel_id,
+                    })
+                    .collect();
+                let messages: Vec<(MessageId, Vec<u8>)> = messages
+                    .iter()
+                    .take(8)
+                    .map(|(payload, m)| (mid(*m), payload_bytes(payload)))
+                    .collect();
+                for queue in &queues {
+                    for (message_id, payload) in &messages {
+                        let sent = self
+                            .checker
+                            .sent_payloads
+                            .entry((*queue, *message_id))
+                            .or_default();
+                        if !sent.contains(payload) {
+                            sent.push(payload.clone());
+                        }
+                    }
+                }
+                (
+                    RequestBody::EnqueueMany {
+                        recipient_keys: queues.iter().map(|q| q.recipient_key).collect(),
+                        channel_id,
+                        messages: messages
+                            .iter()
+                            .map(|(message_id, payload)| Outgoing {
+                                payload: payload.clone(),
+                                message_id: *message_id,
+                            })
+                            .collect(),
+                    },
+                    Sent::Many { queues, messages },
                 )
             }
             Body::FetchWaitChannels {
@@ -1085,15 +1139,20 @@ impl Harness {
                 *self.stats.errors.entry(p.method).or_default() += 1;
                 assert!(!e.message.is_empty(), "error without a message");
                 if let ErrorKind::StaleEpoch { current_epoch } = e.kind {
-                    let Sent::Batch { payload, .. } = &p.sent else {
-                        panic!("staleEpoch for {}", p.method);
+                    let payloads: Vec<&Vec<u8>> = match &p.sent {
+                        Sent::Batch { payload, .. } => vec![payload],
+                        Sent::Many { messages, .. } => messages.iter().map(|(_, p)| p).collect(),
+                        _ => panic!("staleEpoch for {}", p.method),
                     };
-                    let header =
-                        commit::commit_header(payload).expect("staleEpoch for a non-Commit");
+                    let epochs: Vec<u64> = payloads
+                        .iter()
+                        .filter_map(|p| commit::commit_header(p))
+                        .map(|h| h.epoch)
+                        .collect();
+                    assert!(!epochs.is_empty(), "staleEpoch for no Commit");
                     assert!(
-                        current_epoch > header.epoch,
-                        "staleEpoch names epoch {current_epoch} for a Commit in {}",
-                        header.epoch
+                        epochs.iter().any(|epoch| current_epoch > *epoch),
+                        "staleEpoch names epoch {current_epoch} for Commits in {epochs:?}"
                     );
                 }
                 // A refusal changes nothing; only `unavailable` after a
@@ -1207,6 +1266,23 @@ impl Harness {
                 assert_eq!(seqs.len(), queues.len(), "one seq per recipient");
                 for (queue, seq) in queues.iter().zip(seqs) {
                     self.check_enqueued(*queue, message_id, seq);
+                }
+            }
+            (Sent::Many { queues, messages }, Response::EnqueuedBatch { seqs }) => {
+                assert!(
+                    slot.is_none() || authed.is_some(),
+                    "unauthenticated enqueueMany"
+                );
+                assert_eq!(
+                    seqs.len(),
+                    queues.len() * messages.len(),
+                    "one seq per message and recipient"
+                );
+                let width = queues.len();
+                for (m, (message_id, _)) in messages.iter().enumerate() {
+                    for (i, queue) in queues.iter().enumerate() {
+                        self.check_enqueued(*queue, *message_id, seqs[m * width + i]);
+                    }
                 }
             }
             (
@@ -1449,6 +1525,16 @@ fn mid(m: Mid) -> MessageId {
     match m {
         Mid::Pool(n) => MessageId([n % 8; 16]),
         Mid::Raw(bytes) => MessageId(bytes),
+    }
+}
+
+/// The bytes of a drawn payload.
+fn payload_bytes(payload: &Payload) -> Vec<u8> {
+    match payload {
+        Payload::Raw(bytes) => bytes.clone(),
+        Payload::Commit { group, epoch, body } => {
+            commit_payload(group % 2, u64::from(epoch % 4), *body)
+        }
     }
 }
 
