@@ -15,6 +15,8 @@ pub mod error;
 pub mod limits;
 pub mod node;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 pub mod types;
 

@@ -11,18 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::Signer as _;
-use quicproquo_core::Time;
-use quicproquo_core::client::{ClientMachine, Command, Effect, Event};
-use quicproquo_core::limits::AUTH_VERSION;
-use quicproquo_core::node::{
-    NodeConfig, NodeService, Output, RateConfig, Reply, Request, RequestBody, Response,
-    auth_message,
-};
-use quicproquo_core::store::MemStore;
-use quicproquo_core::types::{ConnectionId, RequestId, Signature};
-
-const EXPORTER: [u8; 32] = [0x55; 32];
+use quicproquo_core::client::{ClientMachine, Command, Event};
+use quicproquo_core::node::{NodeConfig, RequestBody};
+use quicproquo_core::testing::{Hooks, NodeWorld, unlimited};
 const ROUNDS: u32 = 300;
 
 #[test]
@@ -182,8 +173,7 @@ fn micros(d: Duration) -> f64 {
 }
 
 struct World {
-    node: NodeService<MemStore>,
-    next_request: u64,
+    node: NodeWorld,
     /// Payload sizes of the enqueues since the last clear.
     sizes: Vec<usize>,
     /// Methods of the requests since the last clear.
@@ -192,102 +182,42 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let unlimited = RateConfig {
-            burst: 1_000_000,
-            per_sec: 1_000_000,
-        };
-        let config = NodeConfig {
-            enqueue_rate: unlimited,
-            key_fetch_pair_rate: unlimited,
-            key_package_fetch_target_rate: unlimited,
-            ..NodeConfig::default()
-        };
         World {
-            node: NodeService::new(config, [1; 32], MemStore::new()).unwrap(),
-            next_request: 0,
+            node: NodeWorld::new(unlimited(NodeConfig::default())),
             sizes: Vec::new(),
             requests: Vec::new(),
         }
     }
 
     fn login(&mut self, who: usize, m: &ClientMachine) {
-        let conn = ConnectionId(who as u64);
-        self.node
-            .handle_connection_opened(Time::ZERO, conn, EXPORTER)
-            .unwrap();
-        let Ok(Response::AuthChallenge { nonce }) = self.call(conn, RequestBody::AuthChallenge)
-        else {
-            panic!("no challenge");
-        };
-        let sig = m
-            .signing_key()
-            .sign(&auth_message(&m.identity_key(), &nonce, &EXPORTER));
-        let r = self.call(
-            conn,
-            RequestBody::Authenticate {
-                identity_key: m.identity_key(),
-                signature: Signature(sig.to_bytes()),
-            },
-        );
-        assert_eq!(r, Ok(Response::Authenticated));
-    }
-
-    fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
-        self.requests.push(body.method());
-        let rid = RequestId(self.next_request);
-        self.next_request += 1;
-        self.node.handle_request(
-            Time::ZERO,
-            conn,
-            rid,
-            Request {
-                auth_version: AUTH_VERSION,
-                body,
-            },
-        );
-        let mut reply = None;
-        while let Some(out) = self.node.poll_output() {
-            match out {
-                Output::Sync { lsn } => {
-                    let synced = self.node.store_mut().sync_up_to(lsn);
-                    self.node.handle_synced(Time::ZERO, synced);
-                }
-                Output::Reply {
-                    request_id,
-                    reply: r,
-                    ..
-                } if request_id == rid => reply = Some(r),
-                Output::Reply { .. } => {}
-            }
-        }
-        reply.expect("the in-memory server answers at once")
+        self.node.login(who as u64, m.signing_key());
     }
 
     /// Runs one command to its end; it must succeed. Returns its events
     /// (messages only; warnings fail).
     fn run(&mut self, m: &mut ClientMachine, who: usize, command: Command) -> Vec<Event> {
-        let conn = ConnectionId(who as u64);
-        m.handle_command(Time::ZERO, command);
-        let mut events = Vec::new();
-        loop {
-            match m.poll_effect().expect("the machine finishes") {
-                Effect::Persist => {}
-                Effect::Connect => m.handle_connected(Time::ZERO),
-                Effect::Request { token, request } => {
-                    if let RequestBody::Enqueue { payload, .. } = &request {
-                        self.sizes.push(payload.len());
-                    }
-                    let reply = self.call(conn, request);
-                    m.handle_response(Time::ZERO, token, reply);
-                }
-                Effect::Event(Event::Warning { message }) => panic!("warning: {message}"),
-                Effect::Event(e @ Event::Message { .. }) => events.push(e),
-                Effect::Event(_) => {}
-                Effect::Done(outcome) => {
-                    outcome.expect("the command succeeds");
-                    return events;
-                }
+        let (sizes, requests) = (&mut self.sizes, &mut self.requests);
+        let mut note = |request: &RequestBody| {
+            requests.push(request.method());
+            if let RequestBody::Enqueue { payload, .. } = request {
+                sizes.push(payload.len());
             }
-        }
+            None
+        };
+        let mut hooks = Hooks {
+            intercept: Some(&mut note),
+            tamper: None,
+        };
+        let ran = self.node.run_command(m, who as u64, command, &mut hooks);
+        ran.outcome.expect("the command succeeds");
+        ran.events
+            .into_iter()
+            .filter(|e| {
+                if let Event::Warning { message } = e {
+                    panic!("warning: {message}");
+                }
+                matches!(e, Event::Message { .. })
+            })
+            .collect()
     }
 }

@@ -20,15 +20,12 @@
 use std::collections::VecDeque;
 use std::sync::OnceLock;
 
-use ed25519_dalek::Signer as _;
 use quicproquo_core::client::{ClientMachine, Command, Effect, Event, Outcome};
-use quicproquo_core::limits::AUTH_VERSION;
 use quicproquo_core::node::{
-    ChannelMessages, NodeConfig, NodeService, Output, QueuedMessage, Reply, Request, RequestBody,
-    Response, auth_message,
+    ChannelMessages, NodeConfig, QueuedMessage, Reply, RequestBody, Response,
 };
-use quicproquo_core::store::MemStore;
-use quicproquo_core::types::{ConnectionId, IdentityKey, RequestId, Signature};
+use quicproquo_core::testing::{Hooks, NodeWorld};
+use quicproquo_core::types::IdentityKey;
 use quicproquo_core::{ErrorKind, ServiceError, Time};
 
 /// Effects one run may produce before it counts as not terminating.
@@ -554,28 +551,22 @@ pub fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(build_fixture)
 }
 
-const EXPORTER: [u8; 32] = [0x55; 32];
-
 struct World {
-    node: NodeService<MemStore>,
-    next_request: u64,
+    node: NodeWorld,
     /// Enqueues captured instead of delivered: (recipient, payload).
     captured: Option<Vec<(IdentityKey, Vec<u8>)>>,
 }
 
 fn build_fixture() -> Fixture {
-    let node = NodeService::new(NodeConfig::default(), [1; 32], MemStore::new())
-        .expect("open an empty store");
     let mut w = World {
-        node,
-        next_request: 0,
+        node: NodeWorld::new(NodeConfig::default()),
         captured: None,
     };
     let mut users: Vec<ClientMachine> = (0..3u8)
         .map(|i| ClientMachine::generate([i + 10; 32]))
         .collect();
     for (i, m) in users.iter().enumerate() {
-        w.login(ConnectionId(i as u64), m);
+        w.node.login(i as u64, m.signing_key());
     }
     let [a, b, c] = &mut users[..] else {
         unreachable!("three users")
@@ -665,114 +656,56 @@ fn build_fixture() -> Fixture {
 }
 
 impl World {
-    fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
-        let rid = RequestId(self.next_request);
-        self.next_request += 1;
-        self.node.handle_request(
-            Time::ZERO,
-            conn,
-            rid,
-            Request {
-                auth_version: AUTH_VERSION,
-                body,
-            },
-        );
-        let mut reply = None;
-        while let Some(out) = self.node.poll_output() {
-            match out {
-                Output::Sync { lsn } => {
-                    let synced = self.node.store_mut().sync_up_to(lsn);
-                    self.node.handle_synced(Time::ZERO, synced);
-                }
-                Output::Reply {
-                    request_id,
-                    reply: r,
-                    ..
-                } if request_id == rid => reply = Some(r),
-                Output::Reply { .. } => {}
-            }
-        }
-        reply.expect("the in-memory server answers at once")
-    }
-
-    fn login(&mut self, conn: ConnectionId, m: &ClientMachine) {
-        self.node
-            .handle_connection_opened(Time::ZERO, conn, EXPORTER)
-            .expect("room for three connections");
-        let Ok(Response::AuthChallenge { nonce }) = self.call(conn, RequestBody::AuthChallenge)
-        else {
-            panic!("no challenge");
-        };
-        let sig = m
-            .signing_key()
-            .sign(&auth_message(&m.identity_key(), &nonce, &EXPORTER));
-        let r = self.call(
-            conn,
-            RequestBody::Authenticate {
-                identity_key: m.identity_key(),
-                signature: Signature(sig.to_bytes()),
-            },
-        );
-        assert_eq!(r, Ok(Response::Authenticated));
-    }
-
-    /// Runs `command` to completion; it must succeed.
+    /// Runs `command` to completion; it must succeed without a warning.
+    /// While `captured` is set, enqueues are answered and kept there
+    /// instead of reaching the server.
     fn run_ok(&mut self, m: &mut ClientMachine, conn: u64, command: Command) -> Vec<Event> {
-        let conn = ConnectionId(conn);
-        m.handle_command(Time::ZERO, command.clone());
-        let mut events = Vec::new();
-        loop {
-            match m.poll_effect().expect("the machine finishes its command") {
-                Effect::Persist => {}
-                Effect::Connect => m.handle_connected(Time::ZERO),
-                Effect::Request { token, request } => {
-                    let reply = match (&mut self.captured, &request) {
-                        (
-                            Some(captured),
-                            RequestBody::Enqueue {
-                                recipient_key,
-                                payload,
-                                ..
-                            },
-                        ) => {
-                            captured.push((*recipient_key, payload.clone()));
-                            Ok(Response::Enqueued {
-                                seq: captured.len() as u64,
-                            })
-                        }
-                        (
-                            Some(captured),
-                            RequestBody::EnqueueBatch {
-                                recipient_keys,
-                                payload,
-                                ..
-                            },
-                        ) => {
-                            let seqs = recipient_keys
-                                .iter()
-                                .map(|r| {
-                                    captured.push((*r, payload.clone()));
-                                    captured.len() as u64
-                                })
-                                .collect();
-                            Ok(Response::EnqueuedBatch { seqs })
-                        }
-                        _ => self.call(conn, request),
-                    };
-                    m.handle_response(Time::ZERO, token, reply);
+        let what = format!("{command:?}");
+        let captured = &mut self.captured;
+        let mut capture = |request: &RequestBody| {
+            let captured = captured.as_mut()?;
+            match request {
+                RequestBody::Enqueue {
+                    recipient_key,
+                    payload,
+                    ..
+                } => {
+                    captured.push((*recipient_key, payload.clone()));
+                    Some(Ok(Response::Enqueued {
+                        seq: captured.len() as u64,
+                    }))
                 }
-                Effect::Event(e) => {
-                    assert!(
-                        !matches!(e, Event::Warning { .. } | Event::Tampering { .. }),
-                        "{command:?}: {e:?}"
-                    );
-                    events.push(e);
+                RequestBody::EnqueueBatch {
+                    recipient_keys,
+                    payload,
+                    ..
+                } => {
+                    let seqs = recipient_keys
+                        .iter()
+                        .map(|r| {
+                            captured.push((*r, payload.clone()));
+                            captured.len() as u64
+                        })
+                        .collect();
+                    Some(Ok(Response::EnqueuedBatch { seqs }))
                 }
-                Effect::Done(outcome) => {
-                    outcome.unwrap_or_else(|e| panic!("{command:?} failed: {e}"));
-                    return events;
-                }
+                _ => None,
             }
+        };
+        let mut hooks = Hooks {
+            intercept: Some(&mut capture),
+            tamper: None,
+        };
+        let ran = self.node.run_command(m, conn, command, &mut hooks);
+        if let Err(e) = ran.outcome {
+            panic!("{what} failed: {e}");
         }
+        for e in &ran.events {
+            assert!(
+                !matches!(e, Event::Warning { .. } | Event::Tampering { .. }),
+                "{what}: {e:?}"
+            );
+        }
+        ran.events
     }
 }

@@ -3,15 +3,11 @@
 //! last persisted snapshot, as the CLI does (one process per command), so
 //! persistence is exercised all the time.
 
-use ed25519_dalek::Signer as _;
-
 use super::*;
-use crate::node::{NodeConfig, NodeService, Output, Reply, Request, auth_message};
-use crate::store::MemStore;
+use crate::node::{NodeConfig, Reply};
+use crate::testing::{Hooks, Intercept, NodeWorld, Tamper};
 use crate::time::Time;
-use crate::types::{ConnectionId, RequestId, Signature};
-
-const EXPORTER: [u8; 32] = [0x55; 32];
+use crate::types::ConnectionId;
 
 struct User {
     saved: Vec<u8>,
@@ -19,40 +15,26 @@ struct User {
 }
 
 struct World {
-    node: NodeService<MemStore>,
+    node: NodeWorld,
     users: Vec<User>,
-    next_request: u64,
     /// Every run gets a distinct seed, as OS entropy would give.
     runs: u64,
 }
 
-/// Decides the server's answer to a request: `None` lets the real server
-/// answer; `Some` answers without the request ever reaching it.
-type Intercept<'a> = &'a mut dyn FnMut(&RequestBody) -> Option<Reply>;
-/// Changes the server's answer to a request before the client sees it.
-type Tamper<'a> = &'a mut dyn FnMut(&RequestBody, &mut Reply);
-
 impl World {
     fn new(n: usize) -> World {
-        let mut node = NodeService::new(NodeConfig::default(), [1; 32], MemStore::new()).unwrap();
-        let mut users = Vec::new();
-        for i in 0..n {
-            let machine = ClientMachine::generate([i as u8 + 10; 32]);
-            users.push(User {
-                saved: machine.snapshot(),
-                conn: ConnectionId(i as u64),
-            });
-            node.handle_connection_opened(Time::ZERO, ConnectionId(i as u64), EXPORTER)
-                .unwrap();
-        }
         let mut w = World {
-            node,
-            users,
-            next_request: 0,
+            node: NodeWorld::new(NodeConfig::default()),
+            users: Vec::new(),
             runs: 0,
         };
         for i in 0..n {
-            w.authenticate(i);
+            let machine = ClientMachine::generate([i as u8 + 10; 32]);
+            w.node.login(i as u64, machine.signing_key());
+            w.users.push(User {
+                saved: machine.snapshot(),
+                conn: ConnectionId(i as u64),
+            });
         }
         w
     }
@@ -77,54 +59,8 @@ impl World {
         self.machine(who).identity_key()
     }
 
-    fn authenticate(&mut self, who: usize) {
-        let m = self.machine(who);
-        let conn = self.users[who].conn;
-        let Ok(Response::AuthChallenge { nonce }) = self.call(conn, RequestBody::AuthChallenge)
-        else {
-            panic!("challenge");
-        };
-        let sig = m
-            .signing_key()
-            .sign(&auth_message(&m.identity_key(), &nonce, &EXPORTER));
-        let r = self.call(
-            conn,
-            RequestBody::Authenticate {
-                identity_key: m.identity_key(),
-                signature: Signature(sig.to_bytes()),
-            },
-        );
-        assert_eq!(r, Ok(Response::Authenticated));
-    }
-
     fn call(&mut self, conn: ConnectionId, body: RequestBody) -> Reply {
-        let rid = RequestId(self.next_request);
-        self.next_request += 1;
-        self.node.handle_request(
-            Time::ZERO,
-            conn,
-            rid,
-            Request {
-                auth_version: crate::limits::AUTH_VERSION,
-                body,
-            },
-        );
-        let mut reply = None;
-        while let Some(out) = self.node.poll_output() {
-            match out {
-                Output::Sync { lsn } => {
-                    let synced = self.node.store_mut().sync_up_to(lsn);
-                    self.node.handle_synced(Time::ZERO, synced);
-                }
-                Output::Reply {
-                    request_id,
-                    reply: r,
-                    ..
-                } if request_id == rid => reply = Some(r),
-                Output::Reply { .. } => {}
-            }
-        }
-        reply.expect("the in-memory server answers at once")
+        self.node.call(conn.0, body)
     }
 
     /// Runs one command to completion on a freshly restored machine.
@@ -149,34 +85,16 @@ impl World {
         tamper: Tamper<'_>,
     ) -> (Vec<Event>, Result<Outcome, CommandError>) {
         let mut m = self.machine(who);
-        let conn = self.users[who].conn;
-        m.handle_command(Time::ZERO, command);
-        let mut events = Vec::new();
-        let mut now = Time::ZERO;
-        loop {
-            let Some(effect) = m.poll_effect() else {
-                // Waiting for a retry: a fake clock jumps to it.
-                let at = m.poll_timeout().expect("machine stalled without finishing");
-                now = now.max(at);
-                m.handle_timeout(now);
-                continue;
-            };
-            match effect {
-                Effect::Persist => self.users[who].saved = m.snapshot(),
-                Effect::Request { token, request } => {
-                    if let Some(reply) = intercept(&request) {
-                        m.handle_response(now, token, reply);
-                        continue;
-                    }
-                    let mut reply = self.call(conn, request.clone());
-                    tamper(&request, &mut reply);
-                    m.handle_response(now, token, reply);
-                }
-                Effect::Connect => m.handle_connected(now),
-                Effect::Event(e) => events.push(e),
-                Effect::Done(outcome) => return (events, outcome),
-            }
+        let conn = self.users[who].conn.0;
+        let mut hooks = Hooks {
+            intercept: Some(intercept),
+            tamper: Some(tamper),
+        };
+        let ran = self.node.run_command(&mut m, conn, command, &mut hooks);
+        if let Some(saved) = ran.snapshot {
+            self.users[who].saved = saved;
         }
+        (ran.events, ran.outcome)
     }
 
     fn texts(&mut self, who: usize) -> Vec<(String, String)> {
@@ -1136,6 +1054,17 @@ impl World {
                     } => {
                         for r in recipient_keys {
                             sent.push((*r, *channel_id, payload.clone()));
+                        }
+                    }
+                    RequestBody::EnqueueMany {
+                        recipient_keys,
+                        channel_id,
+                        messages,
+                    } => {
+                        for m in messages {
+                            for r in recipient_keys {
+                                sent.push((*r, *channel_id, m.payload.clone()));
+                            }
                         }
                     }
                     _ => {}

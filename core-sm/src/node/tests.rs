@@ -6,24 +6,17 @@ use ed25519_dalek::{Signer, SigningKey};
 
 use super::*;
 use crate::error::ErrorKind;
-use crate::store::MemStore;
+use crate::testing::{EXPORTER, NodeWorld, identity};
 use crate::types::MessageId;
 
-const EXPORTER: [u8; 32] = [0xee; 32];
-
-struct Harness {
-    node: NodeService<MemStore>,
-    now: Time,
-    next_request: u64,
-    auto_sync: bool,
-}
+type Harness = NodeWorld;
 
 fn user(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
 }
 
 fn id(sk: &SigningKey) -> IdentityKey {
-    IdentityKey(sk.verifying_key().to_bytes())
+    identity(sk)
 }
 
 fn conn(n: u64) -> ConnectionId {
@@ -42,104 +35,10 @@ fn kind(r: &Reply) -> ErrorKind {
     r.as_ref().unwrap_err().kind
 }
 
-impl Harness {
-    fn new() -> Self {
-        Self::with_config(NodeConfig::default())
-    }
-
-    fn with_config(config: NodeConfig) -> Self {
-        let mut node = NodeService::new(config, [7; 32], MemStore::new()).unwrap();
-        // The version record written on first open must be synced too.
-        while node.poll_output().is_some() {}
-        let lsn = node.store_mut().sync();
-        node.handle_synced(Time::ZERO, lsn);
-        Harness {
-            node,
-            now: Time::from_millis(1_000),
-            next_request: 0,
-            auto_sync: true,
-        }
-    }
-
-    /// The process dies (its unsynced writes are lost) and a machine with
-    /// `config` opens the store, its clock at `now`.
-    fn crash_and_reopen(self, config: NodeConfig, now: Time) -> Harness {
-        let mut store = self.node.into_store();
-        store.crash();
-        Harness {
-            node: NodeService::new(config, [3; 32], store).unwrap(),
-            now,
-            next_request: 0,
-            auto_sync: true,
-        }
-    }
-
-    fn open(&mut self, c: u64) {
-        self.node
-            .handle_connection_opened(self.now, conn(c), EXPORTER)
-            .unwrap();
-    }
-
-    /// Opens connection `c` and authenticates it as `sk`.
-    fn login(&mut self, c: u64, sk: &SigningKey) {
-        self.open(c);
-        let Ok(Response::AuthChallenge { nonce }) = self.call(c, RequestBody::AuthChallenge) else {
-            panic!("no challenge");
-        };
-        let sig = sk.sign(&auth_message(&id(sk), &nonce, &EXPORTER));
-        let r = self.call(
-            c,
-            RequestBody::Authenticate {
-                identity_key: id(sk),
-                signature: Signature(sig.to_bytes()),
-            },
-        );
-        assert_eq!(r, Ok(Response::Authenticated));
-    }
-
-    fn send(&mut self, c: u64, body: RequestBody) -> RequestId {
-        let rid = RequestId(self.next_request);
-        self.next_request += 1;
-        self.node.handle_request(
-            self.now,
-            conn(c),
-            rid,
-            Request {
-                auth_version: AUTH_VERSION,
-                body,
-            },
-        );
-        rid
-    }
-
-    /// Sends a request and returns its reply, which must come out now.
-    fn call(&mut self, c: u64, body: RequestBody) -> Reply {
-        let rid = self.send(c, body);
-        let replies = self.drain();
-        let mut mine = replies.into_iter().filter(|(r, _)| *r == rid);
-        let (_, reply) = mine.next().expect("no reply");
-        assert!(mine.next().is_none(), "two replies to one request");
-        reply
-    }
-
-    /// Drains outputs, syncing when asked (if auto_sync), and returns the
-    /// replies in order.
-    fn drain(&mut self) -> Vec<(RequestId, Reply)> {
-        let mut replies = Vec::new();
-        while let Some(out) = self.node.poll_output() {
-            match out {
-                Output::Reply {
-                    request_id, reply, ..
-                } => replies.push((request_id, reply)),
-                Output::Sync { lsn } => {
-                    if self.auto_sync {
-                        let synced = self.node.store_mut().sync_up_to(lsn);
-                        self.node.handle_synced(self.now, synced);
-                    }
-                }
-            }
-        }
-        replies
+/// The requests these tests make, on top of the world's.
+impl NodeWorld {
+    fn fresh() -> Self {
+        Self::new(NodeConfig::default())
     }
 
     fn upload(&mut self, c: u64, owner: &SigningKey, pkg: &[u8], last_resort: bool) -> Reply {
@@ -234,7 +133,7 @@ fn enqueued(r: &Reply) -> u64 {
 
 #[test]
 fn authentication_binds_identity() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.login(1, &alice);
     assert_eq!(h.upload(1, &alice, b"kp", false).map(|_| ()), Ok(()));
@@ -242,7 +141,7 @@ fn authentication_binds_identity() {
 
 #[test]
 fn every_method_refuses_unauthenticated_connections() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.open(1);
     let bodies = [
@@ -312,7 +211,7 @@ fn every_method_refuses_unauthenticated_connections() {
 
 #[test]
 fn unknown_auth_version_is_refused() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     h.open(1);
     h.node.handle_request(
         h.now,
@@ -329,7 +228,7 @@ fn unknown_auth_version_is_refused() {
 
 #[test]
 fn authenticate_without_challenge_is_refused() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.open(1);
     let sig = alice.sign(&auth_message(&id(&alice), &[0; 32], &EXPORTER));
@@ -345,7 +244,7 @@ fn authenticate_without_challenge_is_refused() {
 
 #[test]
 fn wrong_signature_is_refused_and_burns_the_nonce() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     let mallory = user(2);
     h.open(1);
@@ -376,7 +275,7 @@ fn wrong_signature_is_refused_and_burns_the_nonce() {
 
 #[test]
 fn signature_does_not_work_on_another_connection() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.open(1);
     let Ok(Response::AuthChallenge { nonce }) = h.call(1, RequestBody::AuthChallenge) else {
@@ -400,7 +299,7 @@ fn signature_does_not_work_on_another_connection() {
 
 #[test]
 fn nonces_differ_between_challenges() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     h.open(1);
     let a = h.call(1, RequestBody::AuthChallenge);
     let b = h.call(1, RequestBody::AuthChallenge);
@@ -409,7 +308,7 @@ fn nonces_differ_between_challenges() {
 
 #[test]
 fn second_authentication_on_a_connection_is_refused() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.login(1, &alice);
     assert_eq!(
@@ -420,7 +319,7 @@ fn second_authentication_on_a_connection_is_refused() {
 
 #[test]
 fn connection_table_is_bounded() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         connections_max: 2,
         ..NodeConfig::default()
     });
@@ -439,7 +338,7 @@ fn connection_table_is_bounded() {
 
 #[test]
 fn upload_returns_sha256_fingerprint() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.login(1, &alice);
     let expected: [u8; 32] = Sha256::digest(b"package").into();
@@ -453,7 +352,7 @@ fn upload_returns_sha256_fingerprint() {
 
 #[test]
 fn pop_is_fifo_and_never_returns_same_package_twice() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -475,7 +374,7 @@ fn pop_is_fifo_and_never_returns_same_package_twice() {
 
 #[test]
 fn last_resort_is_served_and_kept_when_pool_is_empty() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -499,7 +398,7 @@ fn last_resort_is_served_and_kept_when_pool_is_empty() {
 
 #[test]
 fn key_package_count_reports_pool_and_last_resort() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let alice = user(1);
     h.login(1, &alice);
     let count = |h: &mut Harness| {
@@ -531,7 +430,7 @@ fn key_package_count_reports_pool_and_last_resort() {
 
 #[test]
 fn key_package_validation_errors() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         key_packages_per_identity_max: 2,
         ..NodeConfig::default()
     });
@@ -569,7 +468,7 @@ fn key_package_validation_errors() {
 
 #[test]
 fn key_package_fetch_is_rate_limited_per_pair_and_per_target() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         key_fetch_pair_rate: RateConfig {
             burst: 2,
             per_sec: 1,
@@ -605,12 +504,12 @@ fn key_package_fetch_is_rate_limited_per_pair_and_per_target() {
 
 #[test]
 fn popped_package_comes_back_only_if_the_pop_was_never_durable() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
     h.upload(1, &alice, b"kp1", false).unwrap();
-    h.auto_sync = false;
+    h.set_auto_sync(false);
     let rid = h.send(
         2,
         RequestBody::FetchKeyPackage {
@@ -619,18 +518,8 @@ fn popped_package_comes_back_only_if_the_pop_was_never_durable() {
     );
     // Not durable, so not answered.
     assert!(h.drain().iter().all(|(r, _)| *r != rid));
-    let mut store = std::mem::replace(
-        &mut h.node,
-        NodeService::new(NodeConfig::default(), [1; 32], MemStore::new()).unwrap(),
-    )
-    .into_store();
-    store.crash();
-    let mut h2 = Harness {
-        node: NodeService::new(NodeConfig::default(), [8; 32], store).unwrap(),
-        now: h.now,
-        next_request: 1_000,
-        auto_sync: true,
-    };
+    let now = h.now;
+    let mut h2 = h.crash_and_reopen(NodeConfig::default(), now);
     h2.login(1, &alice);
     h2.login(2, &bob);
     assert_eq!(
@@ -641,14 +530,7 @@ fn popped_package_comes_back_only_if_the_pop_was_never_durable() {
         })
     );
     // That pop was durable: after another crash it is gone for good.
-    let mut store = h2.node.into_store();
-    store.crash();
-    let mut h3 = Harness {
-        node: NodeService::new(NodeConfig::default(), [9; 32], store).unwrap(),
-        now: h.now,
-        next_request: 2_000,
-        auto_sync: true,
-    };
+    let mut h3 = h2.crash_and_reopen(NodeConfig::default(), now);
     h3.login(2, &bob);
     assert_eq!(kind(&h3.pop(2, &alice)), ErrorKind::NotFound);
 }
@@ -657,7 +539,7 @@ fn popped_package_comes_back_only_if_the_pop_was_never_durable() {
 
 #[test]
 fn hybrid_key_upload_verifies_signature_and_fetch_returns_it() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -723,7 +605,7 @@ fn hybrid_key_upload_verifies_signature_and_fetch_returns_it() {
 
 #[test]
 fn enqueue_assigns_consecutive_seqs_per_queue() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
@@ -734,7 +616,7 @@ fn enqueue_assigns_consecutive_seqs_per_queue() {
 
 #[test]
 fn enqueue_retry_with_same_message_id_is_stored_once() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -750,7 +632,7 @@ fn enqueue_retry_with_same_message_id_is_stored_once() {
 
 #[test]
 fn dedup_window_forgets_old_ids_and_stays_bounded() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         queue_depth_max: 100_000,
         ..NodeConfig::default()
     });
@@ -790,7 +672,7 @@ fn dedup_window_forgets_old_ids_and_stays_bounded() {
 
 #[test]
 fn fetch_acknowledges_up_to_cursor_and_keeps_the_rest() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -814,7 +696,7 @@ fn fetch_acknowledges_up_to_cursor_and_keeps_the_rest() {
 
 #[test]
 fn seq_is_never_reused_after_the_queue_empties() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -825,7 +707,7 @@ fn seq_is_never_reused_after_the_queue_empties() {
 
 #[test]
 fn fetch_of_someone_elses_queue_returns_and_deletes_nothing() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob, mallory) = (user(1), user(2), user(3));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -845,7 +727,7 @@ fn fetch_of_someone_elses_queue_returns_and_deletes_nothing() {
 
 #[test]
 fn fetch_with_cursor_beyond_last_seq_is_invalid_and_changes_nothing() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -859,7 +741,7 @@ fn fetch_with_cursor_beyond_last_seq_is_invalid_and_changes_nothing() {
 
 #[test]
 fn enqueue_validation_errors() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         queue_depth_max: 2,
         queue_bytes_max: 10,
         ..NodeConfig::default()
@@ -894,7 +776,7 @@ fn enqueue_validation_errors() {
 
 #[test]
 fn acknowledging_frees_queue_capacity() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         queue_depth_max: 1,
         queue_bytes_max: 4,
         ..NodeConfig::default()
@@ -913,7 +795,7 @@ fn acknowledging_frees_queue_capacity() {
 
 #[test]
 fn enqueue_is_rate_limited_per_sender() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         enqueue_rate: RateConfig {
             burst: 2,
             per_sec: 1,
@@ -937,7 +819,7 @@ fn enqueue_is_rate_limited_per_sender() {
 
 #[test]
 fn fetch_respects_the_reply_byte_budget_but_returns_at_least_one() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -956,7 +838,7 @@ fn fetch_respects_the_reply_byte_budget_but_returns_at_least_one() {
 
 #[test]
 fn fetch_wait_returns_at_once_when_messages_are_pending() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -970,7 +852,7 @@ fn fetch_wait_returns_at_once_when_messages_are_pending() {
 
 #[test]
 fn fetch_wait_is_woken_by_enqueue() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1003,7 +885,7 @@ fn fetch_wait_is_woken_by_enqueue() {
 
 #[test]
 fn fetch_wait_expires_at_its_deadline_with_an_empty_reply() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let bob = user(2);
     h.login(2, &bob);
     let rid = h.fetch_wait(2, &bob, 0, 1_000);
@@ -1021,7 +903,7 @@ fn fetch_wait_expires_at_its_deadline_with_an_empty_reply() {
 
 #[test]
 fn fetch_wait_timeout_is_clamped() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let bob = user(2);
     h.login(2, &bob);
     h.fetch_wait(2, &bob, 0, u64::MAX);
@@ -1031,7 +913,7 @@ fn fetch_wait_timeout_is_clamped() {
 
 #[test]
 fn fetch_wait_needs_a_limit() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let bob = user(2);
     h.login(2, &bob);
     let r = h.call(
@@ -1049,7 +931,7 @@ fn fetch_wait_needs_a_limit() {
 
 #[test]
 fn closing_a_connection_drops_its_waiters() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let bob = user(2);
     h.login(2, &bob);
     h.fetch_wait(2, &bob, 0, 1_000);
@@ -1060,7 +942,7 @@ fn closing_a_connection_drops_its_waiters() {
 
 #[test]
 fn waiters_are_bounded_per_connection_and_in_total() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         waiters_per_connection_max: 2,
         waiters_max: 3,
         ..NodeConfig::default()
@@ -1096,10 +978,10 @@ fn waiters_are_bounded_per_connection_and_in_total() {
 
 #[test]
 fn replies_wait_for_sync_in_fsync_mode() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
-    h.auto_sync = false;
+    h.set_auto_sync(false);
     let rid = h.send(
         1,
         RequestBody::Enqueue {
@@ -1139,13 +1021,13 @@ fn replies_wait_for_sync_in_fsync_mode() {
 
 #[test]
 fn buffered_mode_replies_before_the_sync() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         durability: Durability::Buffered,
         ..NodeConfig::default()
     });
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
-    h.auto_sync = false;
+    h.set_auto_sync(false);
     h.send(
         1,
         RequestBody::Enqueue {
@@ -1164,10 +1046,10 @@ fn buffered_mode_replies_before_the_sync() {
 
 #[test]
 fn sync_failure_turns_held_replies_into_unavailable_and_stops_writes() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
-    h.auto_sync = false;
+    h.set_auto_sync(false);
     h.send(
         1,
         RequestBody::Enqueue {
@@ -1192,7 +1074,7 @@ fn sync_failure_turns_held_replies_into_unavailable_and_stops_writes() {
 // of writes that never became durable.
 #[test]
 fn sync_failure_answers_parked_long_polls_unavailable() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1208,21 +1090,14 @@ fn sync_failure_answers_parked_long_polls_unavailable() {
 
 #[test]
 fn restart_keeps_seq_counters_and_refuses_newer_format() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.enqueue(1, &bob, b"", b"a", 1).unwrap();
-    let mut store = h.node.into_store();
-    store.crash();
-    let mut h = Harness {
-        node: NodeService::new(NodeConfig::default(), [3; 32], store).unwrap(),
-        now: Time::ZERO,
-        next_request: 0,
-        auto_sync: true,
-    };
+    let mut h = h.crash_and_reopen(NodeConfig::default(), Time::ZERO);
     h.login(1, &alice);
     assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"b", 2)), 2);
-    let mut store = h.node.into_store();
+    let mut store = h.into_node().into_store();
     let mut b = Batch::new();
     b.put(
         layout::version_key(),
@@ -1278,7 +1153,7 @@ fn copies(h: &Harness, needle: &[u8]) -> usize {
 
 #[test]
 fn enqueue_batch_stores_the_payload_once_and_gives_each_recipient_a_seq() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob, carol, dave) = (user(1), user(2), user(3), user(4));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1315,7 +1190,7 @@ fn enqueue_batch_stores_the_payload_once_and_gives_each_recipient_a_seq() {
 
 #[test]
 fn enqueue_batch_retries_are_stored_once_per_recipient() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob, carol) = (user(1), user(2), user(3));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1333,7 +1208,7 @@ fn enqueue_batch_retries_are_stored_once_per_recipient() {
 
 #[test]
 fn enqueue_batch_is_all_or_nothing_and_validates_recipients() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         queue_depth_max: 1,
         ..NodeConfig::default()
     });
@@ -1405,7 +1280,7 @@ fn enqueue_batch_is_all_or_nothing_and_validates_recipients() {
 
 #[test]
 fn enqueue_batch_wakes_every_recipients_waiter_and_survives_a_crash() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob, carol) = (user(1), user(2), user(3));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1480,7 +1355,7 @@ fn many(
 
 #[test]
 fn enqueue_many_appends_in_order_and_answers_message_by_message() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob, carol) = (user(1), user(2), user(3));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1540,7 +1415,7 @@ fn enqueue_many_appends_in_order_and_answers_message_by_message() {
 
 #[test]
 fn enqueue_many_is_all_or_nothing_and_checks_its_limits() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         queue_depth_max: 3,
         ..NodeConfig::default()
     });
@@ -1604,7 +1479,7 @@ fn enqueue_many_is_all_or_nothing_and_checks_its_limits() {
 
 #[test]
 fn enqueue_many_takes_a_rate_token_per_new_message() {
-    let mut h = Harness::with_config(NodeConfig {
+    let mut h = Harness::new(NodeConfig {
         enqueue_rate: RateConfig {
             burst: 3,
             per_sec: 1,
@@ -1622,7 +1497,7 @@ fn enqueue_many_takes_a_rate_token_per_new_message() {
 
 #[test]
 fn enqueue_many_passes_commits_through_the_fence_in_order() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1668,7 +1543,7 @@ fn stale(r: &Reply) -> u64 {
 
 #[test]
 fn the_first_commit_per_epoch_wins_and_later_ones_learn_the_epoch() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob, carol) = (user(1), user(2), user(3));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1723,7 +1598,7 @@ fn the_first_commit_per_epoch_wins_and_later_ones_learn_the_epoch() {
 
 #[test]
 fn fences_are_per_group_and_channel_and_survive_a_restart() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.enqueue(1, &bob, b"g", &mls(b"grp", 3, 3, b"c"), 1)
@@ -1786,7 +1661,7 @@ fn channel_seqs(r: &Reply) -> Vec<(Vec<u8>, Vec<u64>)> {
 
 #[test]
 fn fetch_wait_channels_answers_pending_channels_at_once_and_acknowledges() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1807,7 +1682,7 @@ fn fetch_wait_channels_answers_pending_channels_at_once_and_acknowledges() {
 
 #[test]
 fn fetch_wait_channels_is_woken_by_any_of_its_channels_and_expires_empty() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1838,7 +1713,7 @@ fn fetch_wait_channels_is_woken_by_any_of_its_channels_and_expires_empty() {
 
 #[test]
 fn fetch_wait_channels_refusals_change_nothing() {
-    let mut h = Harness::new();
+    let mut h = Harness::fresh();
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
     h.login(2, &bob);
@@ -1875,7 +1750,7 @@ fn gap_of(r: &Reply) -> Option<Gap> {
 }
 
 fn with_ttl() -> Harness {
-    Harness::with_config(NodeConfig {
+    Harness::new(NodeConfig {
         message_ttl: Some(Duration::from_secs(60)),
         ..NodeConfig::default()
     })
