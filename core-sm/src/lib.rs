@@ -14,6 +14,7 @@ pub mod client;
 pub mod error;
 pub mod limits;
 pub mod node;
+pub mod protocol;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

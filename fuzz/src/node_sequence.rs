@@ -1539,7 +1539,7 @@ fn payload_bytes(payload: &Payload) -> Vec<u8> {
 }
 
 /// A group envelope around the framing of an MLS PrivateMessage Commit
-/// (what `quicproquo_core::node::commit` reads), then `body`.
+/// (what `quicproquo_core::protocol::framing` reads), then `body`.
 /// A Commit of `group` for `epoch`, told apart from others by `body`; with
 /// `body`'s top bit set, as a pq group sends it: its framing in the clear,
 /// then bytes the server cannot read (a stand-in for the sealed envelope).

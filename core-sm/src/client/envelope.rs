@@ -24,7 +24,7 @@
 //! lets the recipient pick among its current and kept older keys.
 //!
 //! A framed hybrid payload is a hybrid payload wrapping a Commit, with the
-//! Commit's framing in the clear before it (`crate::node::commit`): the
+//! Commit's framing in the clear before it (`crate::protocol::framing`): the
 //! MLS header fields a delivery service may read anyway (group id, epoch,
 //! content type) and a digest naming the Commit, so the server's commit
 //! fence covers pq groups too. The recipient checks that the framing is
@@ -34,11 +34,9 @@ use super::hybrid::{ENVELOPE_OVERHEAD_BYTES, KEY_ID_BYTES};
 use crate::limits::CHANNEL_ID_BYTES_MAX;
 use crate::types::ChannelId;
 
-const VERSION: u8 = 1;
-const KIND_WELCOME: u8 = 1;
-const KIND_GROUP: u8 = 2;
-const KIND_HYBRID: u8 = 3;
-const KIND_FRAMED_HYBRID: u8 = 4;
+use crate::protocol::framing::{
+    ENVELOPE_VERSION as VERSION, KIND_FRAMED_HYBRID, KIND_GROUP, KIND_HYBRID, KIND_WELCOME,
+};
 /// Bytes a hybrid payload adds to the payload it wraps: version and kind,
 /// key id, and the hybrid envelope's own overhead.
 pub const HYBRID_OVERHEAD_BYTES: usize = 2 + KEY_ID_BYTES + ENVELOPE_OVERHEAD_BYTES;

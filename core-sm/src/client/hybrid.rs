@@ -90,7 +90,7 @@
 //!
 //! Both HKDF labels keep the legacy `quicnprotochat` prefix on purpose
 //! (ARCHITECTURE.md § Legacy labels); the signature context
-//! is `quicproquo`'s own ([`crate::node::HYBRID_KEY_CONTEXT`]).
+//! is `quicproquo`'s own ([`crate::protocol::HYBRID_KEY_CONTEXT`]).
 //!
 //! The envelope gives confidentiality, not sender authentication: anyone can
 //! seal to a public key. What travels inside (MLS messages) authenticates its
@@ -115,7 +115,7 @@ use x25519_dalek::{PublicKey as X25519PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use crate::limits::HYBRID_KEY_BYTES_MAX;
-use crate::node::hybrid_key_message;
+use crate::protocol::hybrid_key_message;
 use crate::types::{IdentityKey, Signature, hex};
 
 /// Version and suite byte of every format here: X25519 + ML-KEM-768,
@@ -522,7 +522,7 @@ pub fn open(
 }
 
 /// Signs `public` with the identity key, over
-/// [`crate::node::hybrid_key_message`] — the message the AS checks in
+/// [`crate::protocol::hybrid_key_message`] — the message the AS checks in
 /// `uploadHybridKey` and peers check with [`verify_public_key`].
 pub fn sign_public_key(signing_key: &SigningKey, public: &HybridPublicKey) -> Signature {
     let identity = IdentityKey(signing_key.verifying_key().to_bytes());

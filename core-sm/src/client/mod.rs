@@ -79,7 +79,7 @@ use sha2::{Digest, Sha256};
 use tls_codec::Deserialize as _;
 
 use crate::error::{ErrorKind, ServiceError};
-use crate::node::{Gap, QueuedMessage, RequestBody, Response};
+use crate::protocol::{Gap, QueuedMessage, RequestBody, Response};
 use crate::time::Time;
 use crate::types::{ChannelId, IdentityKey, MessageId};
 

@@ -14,7 +14,7 @@ use crate::limits::{
     ENQUEUE_BATCH_RECIPIENTS_MAX, ENQUEUE_MANY_BYTES_MAX, ENQUEUE_MANY_ENTRIES_MAX,
     ENQUEUE_MANY_MESSAGES_MAX,
 };
-use crate::node::{Outgoing, commit};
+use crate::protocol::{Outgoing, framing};
 
 /// The deliveries waiting to be stored by the server, with their retry
 /// clocks and what is shown when they are.
@@ -118,7 +118,7 @@ impl Outbox {
             // An entry waiting for its retry keeps its queue busy too, so
             // nothing behind it overtakes it.
             let waiting = self.retries.get(id).is_some_and(|r| r.at.is_some());
-            let alone = self.solo.contains(id) || commit::commit_header(&e.payload).is_some();
+            let alone = self.solo.contains(id) || framing::commit_header(&e.payload).is_some();
             let bytes = wire_bytes(e);
             match open.get_mut(&queue) {
                 None if waiting => {
@@ -355,7 +355,7 @@ impl ClientMachine {
         let sealed = hybrid::seal(key, &key_id, &e.payload, &mut self.rng());
         // A Commit shows its framing, so the fence covers pq groups.
         let payload = Envelope::Hybrid {
-            framing: commit::commit_framing(&e.payload),
+            framing: framing::commit_framing(&e.payload),
             key_id,
             sealed,
         }

@@ -359,7 +359,9 @@ impl ClientMachine {
                 .and_then(|inner| {
                     // A framing in the clear must be the one of the Commit
                     // inside, or the server fenced something else.
-                    if framing.is_some() && framing != crate::node::commit::commit_framing(&inner) {
+                    if framing.is_some()
+                        && framing != crate::protocol::framing::commit_framing(&inner)
+                    {
                         return Err(CommandError::HybridEnvelope(
                             "its commit framing is not the one of the Commit inside".into(),
                         ));

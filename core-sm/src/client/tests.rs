@@ -1130,7 +1130,7 @@ fn check_sealed(w: &mut World, payload: &[u8], opener: usize, others: &[usize]) 
         .open_hybrid_payload(payload)
         .expect("opens with the recipient's key");
     // A Commit, and nothing else, shows its framing in the clear.
-    assert_eq!(framing, crate::node::commit::commit_framing(&inner));
+    assert_eq!(framing, crate::protocol::framing::commit_framing(&inner));
     assert_eq!(
         payload.len(),
         inner.len() + envelope::HYBRID_OVERHEAD_BYTES + framing.map_or(0, |f| 2 + f.len()),
@@ -1965,7 +1965,7 @@ fn pq_groups_are_fenced_too_and_a_losing_commit_is_made_again() {
         .iter()
         .map(|(_, _, p)| {
             assert_eq!(&p[..2], &[0x01, 0x04]);
-            crate::node::commit::commit_header(p)
+            crate::protocol::framing::commit_header(p)
                 .expect("a fenced Commit")
                 .identity
                 .to_vec()

@@ -18,10 +18,8 @@
 //! - A request from the wrong identity changes nothing.
 //! - Every collection a peer can grow is bounded (see [`crate::limits`]).
 
-pub mod commit;
 mod layout;
 mod ratelimit;
-mod request;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -39,42 +37,15 @@ use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId, RequestId, Sig
 
 pub use layout::FORMAT_VERSION;
 pub use ratelimit::{RateConfig, RateLimiter};
-pub use request::{
-    ChannelMessages, Gap, Outgoing, QueuedMessage, Reply, Request, RequestBody, Response,
+// The vocabulary the machine speaks is defined in `crate::protocol`, which
+// the client machine shares; it is named here too, as the node's API.
+pub use crate::protocol::framing as commit;
+pub use crate::protocol::{
+    AUTH_CONTEXT, ChannelMessages, Gap, HYBRID_KEY_CONTEXT, Outgoing, QueuedMessage, Reply,
+    Request, RequestBody, Response, auth_message, hybrid_key_message,
 };
 
 use layout::{Corrupt, Entry, Fence, KpMeta, QueueMeta};
-
-/// Domain-separation prefix of the connection-authentication signature.
-pub const AUTH_CONTEXT: &[u8] = b"quicproquo/auth/v1\0";
-/// Domain-separation prefix of the hybrid-key signature.
-pub const HYBRID_KEY_CONTEXT: &[u8] = b"quicproquo/hybrid-key/v1\0";
-
-/// The bytes a client signs to authenticate a connection: a fixed context,
-/// the identity claimed, the server's nonce and the connection's TLS exporter
-/// value. The exporter ties the signature to one TLS session, so it is
-/// useless on any other connection; the nonce makes it single-use.
-pub fn auth_message(
-    identity_key: &IdentityKey,
-    nonce: &[u8; AUTH_NONCE_BYTES],
-    tls_exporter: &[u8; TLS_EXPORTER_BYTES],
-) -> Vec<u8> {
-    let mut m = Vec::with_capacity(AUTH_CONTEXT.len() + 32 + AUTH_NONCE_BYTES + TLS_EXPORTER_BYTES);
-    m.extend_from_slice(AUTH_CONTEXT);
-    m.extend_from_slice(identity_key.as_bytes());
-    m.extend_from_slice(nonce);
-    m.extend_from_slice(tls_exporter);
-    m
-}
-
-/// The bytes an identity signs to vouch for its hybrid public key.
-pub fn hybrid_key_message(identity_key: &IdentityKey, hybrid_key: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(HYBRID_KEY_CONTEXT.len() + 32 + hybrid_key.len());
-    m.extend_from_slice(HYBRID_KEY_CONTEXT);
-    m.extend_from_slice(identity_key.as_bytes());
-    m.extend_from_slice(hybrid_key);
-    m
-}
 
 /// When a reply may be sent relative to its writes reaching disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -15,7 +15,7 @@ use quicproquo_core::types::{ChannelId, IdentityKey};
 use quicproquo_server::store::fjall_store::FjallStore;
 
 /// A group envelope around an MLS PrivateMessage framing of a Commit made
-/// in `epoch` (see `quicproquo_core::node::commit`).
+/// in `epoch` (see `quicproquo_core::protocol::framing`).
 fn commit(group: &[u8], epoch: u64, body: &[u8]) -> Vec<u8> {
     let mut v = vec![0x01, 0x02, 0, 1, 0, 2, group.len() as u8];
     v.extend_from_slice(group);

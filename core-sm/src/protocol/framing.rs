@@ -4,7 +4,8 @@
 //! § Guarantees, "One Commit per epoch").
 //!
 //! A payload is recognised when it is the client's group envelope
-//! (`0x01 0x02`, see `crate::client::envelope`) around an `MLSMessage` of
+//! (`0x01 0x02`, see `crate::client::envelope`; its kinds are defined
+//! here, where both machines read them) around an `MLSMessage` of
 //! protocol version `mls10` whose wire format is `PublicMessage` or
 //! `PrivateMessage`. Of those it reads the group id, the epoch and the
 //! content type — fields MLS sends in the clear so that a delivery service
@@ -21,11 +22,21 @@
 //! while two Commits for one epoch never do. The fence identifies a Commit
 //! by its payload, or for a sealed one by this framing.
 
-/// The client's envelope prefix for a group message: version 1, kind 2.
-pub const GROUP_ENVELOPE_PREFIX: [u8; 2] = [0x01, 0x02];
+/// The version byte every client envelope starts with.
+pub const ENVELOPE_VERSION: u8 = 1;
+/// Envelope kind: an invitation (MLS Welcome) to a group.
+pub const KIND_WELCOME: u8 = 1;
+/// Envelope kind: an MLS message of a group.
+pub const KIND_GROUP: u8 = 2;
+/// Envelope kind: a payload sealed to the recipient's hybrid key.
+pub const KIND_HYBRID: u8 = 3;
+/// Envelope kind: a sealed Commit with its framing in the clear.
+pub const KIND_FRAMED_HYBRID: u8 = 4;
+/// The client's envelope prefix for a group message.
+pub const GROUP_ENVELOPE_PREFIX: [u8; 2] = [ENVELOPE_VERSION, KIND_GROUP];
 /// The client's envelope prefix for a sealed (hybrid) payload with its
-/// Commit framing in the clear: version 1, kind 4.
-pub const FRAMED_HYBRID_PREFIX: [u8; 2] = [0x01, 0x04];
+/// Commit framing in the clear.
+pub const FRAMED_HYBRID_PREFIX: [u8; 2] = [ENVELOPE_VERSION, KIND_FRAMED_HYBRID];
 /// Bytes of the Commit digest at the end of a sealed Commit's framing.
 pub const FRAMING_DIGEST_BYTES: usize = 32;
 
