@@ -4,7 +4,12 @@
 //! the file system or sockets.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::Command as Process;
+
+use quicproquo_core::client::{ClientMachine, Command, Event};
+use quicproquo_core::node::{ChannelMessages, NodeConfig, QueuedMessage, RequestBody, Response};
+use quicproquo_core::testing::{Hooks, NodeWorld};
+use quicproquo_core::types::ChannelId;
 
 /// Crates that do I/O or own threads; none may appear in the core's normal
 /// dependency tree.
@@ -44,7 +49,7 @@ const FORBIDDEN_SOURCE: &[&str] = &[
 fn core_has_no_io_dependencies() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    let out = Command::new(cargo)
+    let out = Process::new(cargo)
         .args(["tree", "--offline", "-e", "normal", "--prefix", "none"])
         .arg("--manifest-path")
         .arg(&manifest)
@@ -104,4 +109,170 @@ fn visit(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {
             f(&path, &text);
         }
     }
+}
+
+/// The client machine's randomness is its seed: from the same state, seed
+/// and inputs it makes the same bytes — KeyPackages when it registers, the
+/// payloads of its application messages, its persisted state when it sends
+/// and when it receives. A randomness source that is not the seeded one
+/// (an `OsRng`, a dependency seeding itself) on these paths makes two runs
+/// differ and fails here.
+///
+/// One exception is known and documented (ARCHITECTURE.md, "Randomness"):
+/// openmls' RustCrypto HPKE draws its ephemeral keys from the OS, so a
+/// Commit with an update path and a Welcome differ from run to run; this
+/// test's group is set up once, outside the runs it compares.
+#[test]
+fn client_machine_output_is_a_function_of_its_seed_and_inputs() {
+    // Registering: the KeyPackages uploaded and the state.
+    let register = || {
+        let mut w = NodeWorld::new(NodeConfig::default());
+        let mut m = ClientMachine::generate([9; 32]);
+        w.login(0, m.signing_key());
+        let mut uploads = Vec::new();
+        let mut note = |r: &RequestBody| {
+            if let RequestBody::UploadKeyPackage { package, .. } = r {
+                uploads.push(package.clone());
+            }
+            None
+        };
+        let mut hooks = Hooks {
+            intercept: Some(&mut note),
+            tamper: None,
+        };
+        let ran = w.run_command(&mut m, 0, Command::Register { count: 3 }, &mut hooks);
+        ran.outcome.expect("registered");
+        (uploads, m.snapshot())
+    };
+    let first = register();
+    assert_eq!(first.0.len(), 4, "three KeyPackages and a last-resort one");
+    assert!(first == register(), "registering from one seed differs");
+
+    // A two-member group, set up once.
+    let mut w = NodeWorld::new(NodeConfig::default());
+    let (mut alice, mut bob) = (
+        ClientMachine::generate([1; 32]),
+        ClientMachine::generate([2; 32]),
+    );
+    w.login(0, alice.signing_key());
+    w.login(1, bob.signing_key());
+    w.run_ok(&mut alice, 0, Command::Register { count: 2 });
+    w.run_ok(&mut bob, 1, Command::Register { count: 2 });
+    let group = Command::CreateGroup {
+        name: "g".into(),
+        pq: false,
+    };
+    w.run_ok(&mut alice, 0, group);
+    let add = Command::AddMember {
+        group: "g".into(),
+        member: bob.identity_key(),
+    };
+    w.run_ok(&mut alice, 0, add);
+    w.run_ok(&mut bob, 1, Command::Receive { wait_ms: 0 });
+    let (alice_state, bob_state) = (alice.snapshot(), bob.snapshot());
+
+    // Alice sends three messages, twice from the same state and seed; the
+    // server's answers are made up, so only her machine is compared.
+    let send = || {
+        let mut m = ClientMachine::restore(&alice_state, [5; 32]).expect("restore");
+        let mut sent: Vec<(ChannelId, Vec<u8>)> = Vec::new();
+        for text in ["one", "two", "three"] {
+            let mut capture = |r: &RequestBody| match r {
+                RequestBody::Enqueue {
+                    channel_id,
+                    payload,
+                    ..
+                } => {
+                    sent.push((*channel_id, payload.clone()));
+                    Some(Ok(Response::Enqueued {
+                        seq: sent.len() as u64,
+                    }))
+                }
+                _ => None,
+            };
+            let mut hooks = Hooks {
+                intercept: Some(&mut capture),
+                tamper: None,
+            };
+            let command = Command::Send {
+                group: "g".into(),
+                text: text.into(),
+            };
+            let ran = w_free().run_command(&mut m, 0, command, &mut hooks);
+            ran.outcome.expect("sent");
+        }
+        (sent, m.snapshot())
+    };
+    let (sent, alice_after) = send();
+    assert_eq!(sent.len(), 3, "one enqueue per message: {sent:?}");
+    assert!((sent.clone(), alice_after) == send(), "sending differs");
+
+    // Bob receives them, twice from the same state and seed.
+    let channel = sent[0].0;
+    let queued: Vec<QueuedMessage> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, (_, payload))| QueuedMessage {
+            seq: i as u64 + 1,
+            payload: payload.clone(),
+        })
+        .collect();
+    let receive = || {
+        let mut m = ClientMachine::restore(&bob_state, [6; 32]).expect("restore");
+        let after = |cursor: u64| -> Vec<QueuedMessage> {
+            queued.iter().filter(|q| q.seq > cursor).cloned().collect()
+        };
+        let next_seq = queued.len() as u64 + 1;
+        let mut serve = |r: &RequestBody| match r {
+            RequestBody::Fetch {
+                channel_id,
+                after_seq,
+                ..
+            } => Some(Ok(Response::Messages {
+                messages: if *channel_id == channel {
+                    after(*after_seq)
+                } else {
+                    Vec::new()
+                },
+                next_seq: if *channel_id == channel { next_seq } else { 1 },
+                gap: None,
+            })),
+            RequestBody::FetchWaitChannels { cursors, .. } => Some(Ok(Response::ChannelMessages {
+                channels: cursors
+                    .iter()
+                    .filter(|(c, after_seq)| *c == channel && !after(*after_seq).is_empty())
+                    .map(|(c, after_seq)| ChannelMessages {
+                        channel_id: *c,
+                        messages: after(*after_seq),
+                        next_seq,
+                        gap: None,
+                    })
+                    .collect(),
+            })),
+            _ => None,
+        };
+        let mut hooks = Hooks {
+            intercept: Some(&mut serve),
+            tamper: None,
+        };
+        let ran = w_free().run_command(&mut m, 1, Command::Receive { wait_ms: 0 }, &mut hooks);
+        ran.outcome.expect("received");
+        (ran.events, m.snapshot())
+    };
+    let (events, bob_after) = receive();
+    let texts: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+    assert!((events, bob_after) == receive(), "receiving differs");
+}
+
+/// A world no request of the runs above reaches (every one is answered by
+/// their hooks); it only satisfies `run_command`.
+fn w_free() -> NodeWorld {
+    NodeWorld::new(NodeConfig::default())
 }
