@@ -1,10 +1,17 @@
-//! Every limit of the NodeService in one place, each with the reason for its
-//! value. Operators can change the ones that [`crate::node::NodeConfig`]
-//! carries through `qpq-server.toml`; the rest are protocol constants.
+//! Every limit of the core in one place, each with the reason for its
+//! value, in sections: the wire, the Authentication Service, the Delivery
+//! Service, waiting, connections and rate limits (the NodeService), and
+//! the client machine. Operators can change the ones that
+//! [`crate::node::NodeConfig`] carries through `qpq-server.toml`; the rest
+//! are protocol constants.
 //!
 //! Invariant: anything a peer can grow (queues, maps, waiters, per-call work)
 //! is bounded by one of these, and hitting a bound is answered with an explicit
 //! error, never a silent drop.
+
+use std::time::Duration;
+
+// ----- the wire --------------------------------------------------------------
 
 /// Version of the connection-authentication scheme a request carries; any
 /// other value is refused so old clients fail loudly instead of subtly.
@@ -33,10 +40,14 @@ pub const KEY_PACKAGE_BYTES_MAX: usize = 64 * 1024;
 /// framing fits easily; the bound stops the AS being used as a file store.
 pub const HYBRID_KEY_BYTES_MAX: usize = 4 * 1024;
 
+// ----- the Authentication Service --------------------------------------------
+
 /// KeyPackages one identity may keep on the server: enough to be added to
 /// many groups while offline, small enough that one identity cannot fill the
 /// disk.
 pub const KEY_PACKAGES_PER_IDENTITY_MAX: u32 = 1_000;
+
+// ----- the Delivery Service --------------------------------------------------
 
 /// Messages one queue may hold before enqueue answers `queueFull`: a
 /// recipient offline for a long time in busy groups, not a dumping ground.
@@ -87,6 +98,8 @@ pub const WAIT_CURSORS_MAX: usize = 1_000_000;
 /// request does unbounded work.
 pub const TTL_EXPIRY_PER_REQUEST_MAX: u64 = 1_000;
 
+// ----- waiting ---------------------------------------------------------------
+
 /// Longest a fetchWait may block; longer requests are clamped to it. Shorter
 /// than the QUIC idle timeout so a waiting connection is never idle-closed.
 pub const FETCH_WAIT_TIMEOUT_MS_MAX: u64 = 25_000;
@@ -96,9 +109,13 @@ pub const WAITERS_PER_CONNECTION_MAX: usize = 64;
 /// Long-poll waiters the whole server holds before answering `unavailable`.
 pub const WAITERS_MAX: usize = 100_000;
 
+// ----- connections -----------------------------------------------------------
+
 /// Connections the machine tracks at once; the shell enforces the same bound
 /// earlier, this one keeps the core's map bounded on its own.
 pub const CONNECTIONS_MAX: usize = 100_000;
+
+// ----- rate limits -----------------------------------------------------------
 
 /// Distinct keys each rate limiter tracks. Keys whose bucket has refilled are
 /// forgotten first; when all are busy, new keys are refused with
@@ -119,3 +136,80 @@ pub const KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC: u32 = 5;
 pub const ENQUEUE_PER_SENDER_BURST: u32 = 20_000;
 /// Sustained enqueues per second for one sender identity.
 pub const ENQUEUE_PER_SENDER_PER_SEC: u32 = 10_000;
+
+// ----- the client machine ---------------------------------------------------
+
+/// Messages asked for per fetch.
+pub const FETCH_BATCH: u32 = 100;
+/// Longest group name, in bytes.
+pub const GROUP_NAME_BYTES_MAX: usize = 64;
+/// Longest contact name, in bytes (as long as a group name).
+pub const CONTACT_NAME_BYTES_MAX: usize = 64;
+/// Contacts kept at most: far more than anyone names by hand, and each
+/// one is loaded and persisted with the state on every command.
+pub const CONTACTS_MAX: usize = 10_000;
+/// Longest message text, in bytes; well inside the server's payload limit
+/// after MLS framing.
+pub const TEXT_BYTES_MAX: usize = 64 * 1024;
+/// KeyPackages one `register` may generate at once.
+pub const REGISTER_COUNT_MAX: u32 = 100;
+/// Messages of a later epoch than its copy of the group that a member keeps
+/// per group until the Commit that starts that epoch reaches it (a
+/// Commit's copy to this member can be queued behind a message another
+/// member made after processing its own copy); beyond it they are dropped
+/// with a warning.
+pub const EARLY_MESSAGES_MAX: usize = 256;
+/// Payload bytes of such early messages kept per group: they are kept
+/// before they can be authenticated, so whoever can put bytes in the queue
+/// (the server) must not be able to grow the state file without bound.
+pub const EARLY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// How many epochs ahead of the member's copy of the group an early
+/// message may be and still be kept; one further ahead is dropped with a
+/// warning (no real Commit backlog gets that deep before it is read).
+pub const EARLY_EPOCHS_AHEAD_MAX: u64 = 16;
+/// Past epochs whose message keys a member keeps, so an application
+/// message made before other members' Commits (sent concurrently with a
+/// change, or from a device that was offline while the group changed)
+/// still decrypts after them. RFC 9420 §14 leaves this to the application:
+/// it trades a little forward secrecy for not losing such messages; one
+/// that arrives more epochs late than this is reported as undecryptable.
+pub const MAX_PAST_EPOCHS: usize = 16;
+/// This user's hybrid secret keys kept: the current one and the three
+/// before it. A rotation (`update` of all groups) publishes a new key; peers
+/// refetch it after they process the rotating member's Commit, so only
+/// envelopes sealed before that — queued, or in a peer's outbox — still use
+/// an older key. Three rotations of slack covers a member who rotates again
+/// before everyone has caught up, without keeping keys forever.
+pub const HYBRID_KEYS_KEPT: usize = 4;
+/// Verified peer hybrid public keys cached (one per identity this user
+/// sends to in pq groups, 1,217 bytes each, so at most ~1.2 MB of state);
+/// when full, the entry with the lowest identity is dropped and refetched
+/// when needed.
+pub const PEER_HYBRID_KEYS_MAX: usize = 1_000;
+/// First pause before reconnecting after a failed connection attempt
+/// ([`crate::client::LinkPolicy::KeepTrying`]); it doubles with each failure.
+pub const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+/// Longest pause between connection attempts: a server back from a
+/// restart is found within this.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// First pause before a failed delivery (or long-poll) is tried again; it
+/// doubles with each failure.
+pub const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest pause between attempts of one delivery, whatever the server's
+/// retry hint: a delivery is never parked for longer than this.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Attempts of one delivery that a command waits for under
+/// [`crate::client::LinkPolicy::OneShot`] (100 + 200 + 400 + 800 ms of pauses) before it
+/// ends with the delivery still in the outbox for the next command.
+pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
+/// How long a long-lived machine ([`crate::client::LinkPolicy::KeepTrying`]) may hold a
+/// stored delivery's removal from the outbox before it asks for a write
+/// ([`crate::client::Effect::Persist`]); any earlier write takes it along. A crash in
+/// between sends those copies again, and the server, which keeps each
+/// queue's last [`DEDUP_WINDOW_PER_QUEUE`] message ids,
+/// stores them once; so a sender's state file is written once per message
+/// it makes, not once more per delivery.
+pub const STORED_PERSIST_DELAY: Duration = Duration::from_millis(200);
+/// How long one long-poll of a listening machine waits: the server's
+/// longest wait, so an idle session makes one request per this.
+pub const LISTEN_WAIT_MS: u64 = FETCH_WAIT_TIMEOUT_MS_MAX;

@@ -64,7 +64,6 @@ pub mod provider;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Duration;
 
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -95,84 +94,18 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 60 * 60;
 /// MLS exporter label of the key that seals a group's name in a Welcome.
 pub const GROUP_NAME_EXPORTER_LABEL: &str = "quicproquo group name";
-/// Messages asked for per fetch.
-pub const FETCH_BATCH: u32 = 100;
-/// Longest group name, in bytes.
-pub const GROUP_NAME_BYTES_MAX: usize = 64;
-/// Longest contact name, in bytes (as long as a group name).
-pub const CONTACT_NAME_BYTES_MAX: usize = 64;
-/// Contacts kept at most: far more than anyone names by hand, and each
-/// one is loaded and persisted with the state on every command.
-pub const CONTACTS_MAX: usize = 10_000;
-/// Longest message text, in bytes; well inside the server's payload limit
-/// after MLS framing.
-pub const TEXT_BYTES_MAX: usize = 64 * 1024;
-/// KeyPackages one `register` may generate at once.
-pub const REGISTER_COUNT_MAX: u32 = 100;
 /// Version of the persisted state layout. Versions 1 (before hybrid keys
 /// and pq groups), 2 (before the per-group queue of changes) and 3 (before
 /// contacts) still restore.
 pub const STATE_VERSION: u32 = 4;
-/// Messages of a later epoch than its copy of the group that a member keeps
-/// per group until the Commit that starts that epoch reaches it (a
-/// Commit's copy to this member can be queued behind a message another
-/// member made after processing its own copy); beyond it they are dropped
-/// with a warning.
-pub const EARLY_MESSAGES_MAX: usize = 256;
-/// Payload bytes of such early messages kept per group: they are kept
-/// before they can be authenticated, so whoever can put bytes in the queue
-/// (the server) must not be able to grow the state file without bound.
-pub const EARLY_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// How many epochs ahead of the member's copy of the group an early
-/// message may be and still be kept; one further ahead is dropped with a
-/// warning (no real Commit backlog gets that deep before it is read).
-pub const EARLY_EPOCHS_AHEAD_MAX: u64 = 16;
-/// Past epochs whose message keys a member keeps, so an application
-/// message made before other members' Commits (sent concurrently with a
-/// change, or from a device that was offline while the group changed)
-/// still decrypts after them. RFC 9420 §14 leaves this to the application:
-/// it trades a little forward secrecy for not losing such messages; one
-/// that arrives more epochs late than this is reported as undecryptable.
-pub const MAX_PAST_EPOCHS: usize = 16;
-/// This user's hybrid secret keys kept: the current one and the three
-/// before it. A rotation (`update` of all groups) publishes a new key; peers
-/// refetch it after they process the rotating member's Commit, so only
-/// envelopes sealed before that — queued, or in a peer's outbox — still use
-/// an older key. Three rotations of slack covers a member who rotates again
-/// before everyone has caught up, without keeping keys forever.
-pub const HYBRID_KEYS_KEPT: usize = 4;
-/// Verified peer hybrid public keys cached (one per identity this user
-/// sends to in pq groups, 1,217 bytes each, so at most ~1.2 MB of state);
-/// when full, the entry with the lowest identity is dropped and refetched
-/// when needed.
-pub const PEER_HYBRID_KEYS_MAX: usize = 1_000;
-/// First pause before reconnecting after a failed connection attempt
-/// ([`LinkPolicy::KeepTrying`]); it doubles with each failure.
-pub const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(250);
-/// Longest pause between connection attempts: a server back from a
-/// restart is found within this.
-pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// First pause before a failed delivery (or long-poll) is tried again; it
-/// doubles with each failure.
-pub const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest pause between attempts of one delivery, whatever the server's
-/// retry hint: a delivery is never parked for longer than this.
-pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Attempts of one delivery that a command waits for under
-/// [`LinkPolicy::OneShot`] (100 + 200 + 400 + 800 ms of pauses) before it
-/// ends with the delivery still in the outbox for the next command.
-pub const RETRY_ATTEMPTS_PER_COMMAND: u32 = 5;
-/// How long a long-lived machine ([`LinkPolicy::KeepTrying`]) may hold a
-/// stored delivery's removal from the outbox before it asks for a write
-/// ([`Effect::Persist`]); any earlier write takes it along. A crash in
-/// between sends those copies again, and the server, which keeps each
-/// queue's last [`crate::limits::DEDUP_WINDOW_PER_QUEUE`] message ids,
-/// stores them once; so a sender's state file is written once per message
-/// it makes, not once more per delivery.
-pub const STORED_PERSIST_DELAY: Duration = Duration::from_millis(200);
-/// How long one long-poll of a listening machine waits: the server's
-/// longest wait, so an idle session makes one request per this.
-pub const LISTEN_WAIT_MS: u64 = crate::limits::FETCH_WAIT_TIMEOUT_MS_MAX;
+// The client machine's limits live with every other limit.
+pub use crate::limits::{
+    CONTACT_NAME_BYTES_MAX, CONTACTS_MAX, EARLY_BYTES_MAX, EARLY_EPOCHS_AHEAD_MAX,
+    EARLY_MESSAGES_MAX, FETCH_BATCH, GROUP_NAME_BYTES_MAX, HYBRID_KEYS_KEPT, LISTEN_WAIT_MS,
+    MAX_PAST_EPOCHS, PEER_HYBRID_KEYS_MAX, RECONNECT_BACKOFF_INITIAL, RECONNECT_BACKOFF_MAX,
+    REGISTER_COUNT_MAX, RETRY_ATTEMPTS_PER_COMMAND, RETRY_BACKOFF_INITIAL, RETRY_BACKOFF_MAX,
+    STORED_PERSIST_DELAY, TEXT_BYTES_MAX,
+};
 
 mod api;
 mod contacts;
