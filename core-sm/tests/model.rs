@@ -2,13 +2,17 @@
 //! reference model, compared after every generated step.
 //!
 //! proptest generates sequences of operations by four authenticated
-//! identities (plus one connection that never authenticates): KeyPackage
-//! upload (single-use and last-resort), fetch and count; hybrid key upload
-//! (rightly and wrongly signed) and fetch; enqueue, including
-//! retries of message ids already used; fetch and fetchWait with the owner's
-//! last seen cursor, older ones, the tail, and bogus future ones, also from
-//! identities that do not own the queue; clock ticks; full and partial syncs;
-//! and crashes followed by a restart. Each runs against the real
+//! identities (plus one connection that never authenticates), every method
+//! the node has: KeyPackage upload (single-use and last-resort), fetch and
+//! count; hybrid key upload (rightly and wrongly signed) and fetch;
+//! enqueue, enqueueBatch and enqueueMany, including retries of message ids
+//! already used, repeated recipients or ids, empty payloads, and MLS
+//! Commits that meet the commit fence; fetch, fetchWait and
+//! fetchWaitChannels with the owner's last seen cursor, older ones, the
+//! tail, and bogus future ones, also from identities that do not own the
+//! queue; clock ticks long enough for the message TTL to drop messages
+//! (and fetches to report the gap); full and partial syncs; and crashes
+//! followed by a restart. Each runs against the real
 //! `NodeService<MemStore>` in `Durability::Fsync` mode and against a tiny
 //! reference model, and the two are compared after every step.
 //!
@@ -16,10 +20,11 @@
 //! - [`Durable`], what the store holds: per queue a `VecDeque` of
 //!   `(seq, payload)`, its `next_seq` and the message-id dedup map; per
 //!   identity a FIFO of KeyPackages, an optional last-resort one and an
-//!   optional signed hybrid key. Every
-//!   request writes at most one batch (asserted), so the model is snapshotted
-//!   under the `Lsn` of each batch, and a crash rolls it back to the newest
-//!   snapshot at or before the store's synced `Lsn`.
+//!   optional signed hybrid key; per channel and group the commit fence.
+//!   The model knows how many batches each request writes (an expiry, then
+//!   an acknowledgement per queue; asserted) and is snapshotted under the
+//!   `Lsn` of each, so a crash rolls it back to the newest snapshot at or
+//!   before the store's synced `Lsn`.
 //! - Long-poll waiters, in memory only: a crash forgets them.
 //! - Pending replies: each request's expected reply together with the `Lsn` of
 //!   the last write made before it. A reply must come out exactly when
@@ -50,11 +55,14 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use sha2::{Digest, Sha256};
 
-use quicproquo_core::limits::{AUTH_VERSION, FETCH_LIMIT_MAX, FETCH_WAIT_TIMEOUT_MS_MAX};
-use quicproquo_core::node::{
-    Durability, NodeConfig, NodeService, Output, QueuedMessage, RateConfig, Reply, Request,
-    RequestBody, Response, auth_message, hybrid_key_message,
+use quicproquo_core::limits::{
+    AUTH_VERSION, COMMIT_FENCE_HISTORY, FETCH_LIMIT_MAX, FETCH_WAIT_TIMEOUT_MS_MAX,
 };
+use quicproquo_core::node::{
+    ChannelMessages, Durability, Gap, NodeConfig, NodeService, Outgoing, Output, QueuedMessage,
+    RateConfig, Reply, Request, RequestBody, Response, auth_message, hybrid_key_message,
+};
+use quicproquo_core::protocol::framing;
 use quicproquo_core::store::{Lsn, MemStore};
 use quicproquo_core::types::{
     ChannelId, ConnectionId, IdentityKey, MessageId, RequestId, Signature,
@@ -79,6 +87,9 @@ const QUEUE_DEPTH_MAX: usize = 4;
 const QUEUE_BYTES_MAX: usize = 100;
 const WAITERS_PER_CONNECTION_MAX: usize = 2;
 const WAITERS_MAX: usize = 3;
+/// Messages older than this are dropped (the message TTL): a long tick
+/// expires what came before it.
+const MESSAGE_TTL_MS: u64 = 20_000;
 
 proptest! {
     #![proptest_config(proptest_config())]
@@ -324,6 +335,16 @@ enum MessageIdChoice {
     },
 }
 
+/// One message of an [`Op::EnqueueGroup`].
+#[derive(Debug, Clone)]
+struct MessageSpec {
+    payload_bytes: usize,
+    message_id: MessageIdChoice,
+    /// A Commit of group `.0 % 2` made in epoch `.1`, instead of opaque
+    /// bytes.
+    commit: Option<(u8, u8)>,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     UploadKeyPackage {
@@ -369,6 +390,24 @@ enum Op {
         target: Target,
         channel: usize,
         cursor: Cursor,
+        limit: u32,
+        timeout_ms: u64,
+    },
+    /// enqueueBatch (one message) or enqueueMany (`many`) to several
+    /// recipients on one channel: duplicate or no recipients, no messages
+    /// and repeated ids are refusals to reach; Commits meet the fence.
+    EnqueueGroup {
+        actor: usize,
+        recipients: Vec<usize>,
+        channel: usize,
+        messages: Vec<MessageSpec>,
+        many: bool,
+    },
+    /// fetchWaitChannels over the target's queues on several channels.
+    FetchWaitChannels {
+        actor: usize,
+        target: Target,
+        cursors: Vec<(usize, Cursor)>,
         limit: u32,
         timeout_ms: u64,
     },
@@ -490,6 +529,34 @@ fn op() -> impl Strategy<Value = Op> {
                 limit,
                 timeout_ms,
             }),
+        4 => (
+            actor(),
+            vec(recipient(), 0..=3),
+            channel_index(),
+            vec(message_spec(), 0..=3),
+            prop::bool::weighted(0.6),
+        )
+            .prop_map(|(actor, recipients, channel, messages, many)| Op::EnqueueGroup {
+                actor,
+                recipients,
+                channel,
+                messages,
+                many,
+            }),
+        3 => (
+            actor(),
+            target(),
+            vec((0..CHANNELS, cursor()), 0..=3),
+            prop_oneof![1 => Just(0u32), 12 => 1..4u32],
+            prop_oneof![Just(0u64), Just(100), Just(1_000), Just(60_000)],
+        )
+            .prop_map(|(actor, target, cursors, limit, timeout_ms)| Op::FetchWaitChannels {
+                actor,
+                target,
+                cursors,
+                limit,
+                timeout_ms,
+            }),
         2 => prop_oneof![Just(0u64), Just(100), Just(1_000), Just(25_000), Just(30_000)]
             .prop_map(|ms| Op::Tick { ms }),
         4 => (prop::option::weighted(0.3, any::<u16>()), prop::bool::weighted(0.9))
@@ -497,6 +564,19 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         1 => Just(Op::Restart),
     ]
+}
+
+fn message_spec() -> impl Strategy<Value = MessageSpec> {
+    (
+        prop_oneof![1 => Just(0usize), 16 => payload_bytes()],
+        message_id(),
+        prop::option::weighted(0.3, (0..2u8, 0..4u8)),
+    )
+        .prop_map(|(payload_bytes, message_id, commit)| MessageSpec {
+            payload_bytes,
+            message_id,
+            commit,
+        })
 }
 
 fn upload(actor: usize, last_resort: bool) -> Op {
@@ -557,12 +637,29 @@ struct Durable {
     pools: BTreeMap<usize, Pool>,
     /// Identity -> its hybrid key and the signature over it.
     hybrid_keys: BTreeMap<usize, (Vec<u8>, Signature)>,
+    /// The commit fence per (channel, MLS group id).
+    fences: BTreeMap<FenceKey, FenceModel>,
+}
+
+/// A commit fence's key: channel index and MLS group id.
+type FenceKey = (usize, Vec<u8>);
+
+/// A commit fence: the epoch whose Commit is accepted next, and the
+/// Commits accepted for the epochs before it, newest first.
+#[derive(Debug, Clone)]
+struct FenceModel {
+    epoch: u64,
+    accepted: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
 struct QueueModel {
     next_seq: u64,
     messages: VecDeque<(u64, Vec<u8>)>,
+    /// When each stored message was enqueued (ms), for the TTL.
+    stamps: BTreeMap<u64, u64>,
+    /// Seqs below this were dropped by the TTL (0: none ever).
+    expired_below: u64,
     /// Message id -> its seq and the payload stored under it.
     dedup: BTreeMap<[u8; 16], (u64, Vec<u8>)>,
 }
@@ -572,6 +669,8 @@ impl Default for QueueModel {
         QueueModel {
             next_seq: 1,
             messages: VecDeque::new(),
+            stamps: BTreeMap::new(),
+            expired_below: 0,
             dedup: BTreeMap::new(),
         }
     }
@@ -580,6 +679,24 @@ impl Default for QueueModel {
 impl QueueModel {
     fn bytes(&self) -> usize {
         self.messages.iter().map(|(_, p)| p.len()).sum()
+    }
+
+    /// Drops the messages older than the TTL from the front, as of
+    /// `now_ms`; whether any went.
+    fn expire(&mut self, now_ms: u64) -> bool {
+        let mut dropped = false;
+        while let Some((seq, _)) = self.messages.front() {
+            let stamp = self.stamps.get(seq).copied().unwrap_or(now_ms);
+            if now_ms.saturating_sub(stamp) <= MESSAGE_TTL_MS {
+                break;
+            }
+            let seq = *seq;
+            self.messages.pop_front();
+            self.stamps.remove(&seq);
+            self.expired_below = seq + 1;
+            dropped = true;
+        }
+        dropped
     }
 }
 
@@ -593,10 +710,18 @@ struct Pool {
 struct WaiterModel {
     request_id: RequestId,
     actor: usize,
-    queue: Q,
-    after_seq: u64,
+    /// Its queues and their cursors: one for a fetchWait, one per channel
+    /// for a fetchWaitChannels (`channels`).
+    cursors: Vec<(Q, u64)>,
+    channels: bool,
     limit: u32,
     deadline: Time,
+}
+
+impl WaiterModel {
+    fn waits_on(&self, q: Q) -> bool {
+        self.cursors.iter().any(|(wq, _)| *wq == q)
+    }
 }
 
 /// A reply the machine owes: what it must say, and the last write before it.
@@ -618,11 +743,15 @@ enum Meta {
     FetchHybridKey {
         target: usize,
     },
-    Enqueue {
-        queue: Q,
-        message_id: [u8; 16],
-        /// The payload stored at the seq the reply names.
-        payload: Vec<u8>,
+    /// An enqueue of any kind: per seq of the reply, in order, its queue,
+    /// message id and the payload stored under it.
+    Enqueued {
+        entries: Vec<(Q, [u8; 16], Vec<u8>)>,
+    },
+    /// A `fetchWaitChannels`: per channel queue, what a Messages reply of it
+    /// would carry as meta.
+    Channels {
+        channels: Vec<Meta>,
     },
     Messages {
         queue: Q,
@@ -645,7 +774,11 @@ struct Expected {
 
 #[derive(Default)]
 struct Outcome {
-    wrote: bool,
+    /// Batches the machine must write for this step.
+    writes: u64,
+    /// The model after each of them but the last (the last is the model
+    /// as the step leaves it).
+    mid: Vec<Durable>,
     replies: Vec<Expected>,
 }
 
@@ -851,7 +984,8 @@ impl Run {
                 let payload = payload_bytes_for(self.next_message, *payload_bytes);
                 self.next_message += 1;
                 let rid = self.alloc_request();
-                let outcome = self.model_enqueue(rid, *actor, queue, &payload, id);
+                let outcome =
+                    self.model_enqueue(rid, *actor, &[queue], &[(id, payload.clone())], false);
                 let body = RequestBody::Enqueue {
                     recipient_key: self.ids[queue.0],
                     channel_id: channel(queue.1),
@@ -896,6 +1030,102 @@ impl Run {
                     recipient_key: self.ids[queue.0],
                     channel_id: channel(queue.1),
                     after_seq,
+                    limit: *limit,
+                    timeout_ms: *timeout_ms,
+                };
+                self.submit(rid, *actor, body, outcome);
+            }
+            Op::EnqueueGroup {
+                actor,
+                recipients,
+                channel: ch,
+                messages,
+                many,
+            } => {
+                let queues: Vec<Q> = recipients.iter().map(|r| (*r, *ch)).collect();
+                let default = [MessageSpec {
+                    payload_bytes: 5,
+                    message_id: MessageIdChoice::Fresh,
+                    commit: None,
+                }];
+                let specs = if *many {
+                    &messages[..]
+                } else {
+                    messages
+                        .get(..1)
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or(&default)
+                };
+                let mut msgs = Vec::new();
+                for spec in specs {
+                    let id = self.message_id_for(&spec.message_id);
+                    let payload = match spec.commit {
+                        Some((group, epoch)) => {
+                            commit_payload(group % 2, u64::from(epoch), self.next_message)
+                        }
+                        None => payload_bytes_for(self.next_message, spec.payload_bytes),
+                    };
+                    self.next_message += 1;
+                    for q in &queues {
+                        if !self.sent_ids.contains(&(*q, id)) {
+                            self.sent_ids.push((*q, id));
+                        }
+                    }
+                    msgs.push((id, payload));
+                }
+                let rid = self.alloc_request();
+                let refused = dispatch_error(&queues, &msgs, *many);
+                let outcome = match refused {
+                    Some(kind) => answer(rid, *actor, error(kind), Meta::None, false),
+                    None => self.model_enqueue(rid, *actor, &queues, &msgs, true),
+                };
+                let recipient_keys = queues.iter().map(|q| self.ids[q.0]).collect();
+                let body = if *many {
+                    RequestBody::EnqueueMany {
+                        recipient_keys,
+                        channel_id: channel(*ch),
+                        messages: msgs
+                            .into_iter()
+                            .map(|(id, payload)| Outgoing {
+                                payload,
+                                message_id: MessageId(id),
+                            })
+                            .collect(),
+                    }
+                } else {
+                    let (id, payload) = msgs.into_iter().next().expect("one message");
+                    RequestBody::EnqueueBatch {
+                        recipient_keys,
+                        channel_id: channel(*ch),
+                        payload,
+                        message_id: MessageId(id),
+                    }
+                };
+                self.submit(rid, *actor, body, outcome);
+            }
+            Op::FetchWaitChannels {
+                actor,
+                target,
+                cursors,
+                limit,
+                timeout_ms,
+            } => {
+                let owner = target.resolve(*actor);
+                let mut model_cursors = Vec::new();
+                for (ch, c) in cursors {
+                    let queue = (owner, *ch);
+                    let after_seq = self.cursor(*actor, queue, *c);
+                    model_cursors.push((queue, after_seq));
+                }
+                let rid = self.alloc_request();
+                let outcome =
+                    self.model_fetch_channels(rid, *actor, &model_cursors, *limit, *timeout_ms);
+                let body = RequestBody::FetchWaitChannels {
+                    recipient_key: self.ids[owner],
+                    cursors: model_cursors
+                        .iter()
+                        .map(|((_, ch), after_seq)| (channel(*ch), *after_seq))
+                        .collect(),
                     limit: *limit,
                     timeout_ms: *timeout_ms,
                 };
@@ -978,6 +1208,20 @@ impl Run {
         self.check_invariants();
     }
 
+    /// A message id as `choice` says: a fresh one, or one sent before.
+    fn message_id_for(&self, choice: &MessageIdChoice) -> [u8; 16] {
+        match choice {
+            MessageIdChoice::Retry { pick, .. } if !self.sent_ids.is_empty() => {
+                self.sent_ids[*pick % self.sent_ids.len()].1
+            }
+            _ => {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&self.next_message.to_be_bytes());
+                id
+            }
+        }
+    }
+
     // ----- driving the machine --------------------------------------------
 
     fn alloc_request(&mut self) -> RequestId {
@@ -1011,12 +1255,16 @@ impl Run {
         let lsn = self.node.store().last_lsn();
         assert_eq!(
             lsn.0 - before.0,
-            u64::from(outcome.wrote),
+            outcome.writes,
             "the machine wrote {} batches where the model expected {}",
             lsn.0 - before.0,
-            u64::from(outcome.wrote)
+            outcome.writes
         );
-        if outcome.wrote {
+        if outcome.writes > 0 {
+            assert_eq!(outcome.mid.len() as u64, outcome.writes - 1);
+            for (i, m) in outcome.mid.into_iter().enumerate() {
+                self.snapshots.push((Lsn(before.0 + 1 + i as u64), m));
+            }
             self.snapshots.push((lsn, self.model.clone()));
         }
         for e in outcome.replies {
@@ -1123,20 +1371,21 @@ impl Run {
                     "a hybrid key of identity {target} came back without its owner's signature"
                 );
             }
-            (
-                Meta::Enqueue {
-                    queue,
-                    message_id,
-                    payload,
-                },
-                Ok(Response::Enqueued { seq }),
-            ) => {
-                let first = *self.seen.seq_of.entry((queue, message_id)).or_insert(*seq);
-                assert_eq!(
-                    first, *seq,
-                    "an acknowledged message id came back with another seq"
-                );
-                self.seen.record_payload(queue, *seq, &payload);
+            (Meta::Enqueued { entries }, Ok(Response::Enqueued { seq })) => {
+                self.observe_enqueued(entries, &[*seq]);
+            }
+            (Meta::Enqueued { entries }, Ok(Response::EnqueuedBatch { seqs })) => {
+                self.observe_enqueued(entries, seqs);
+            }
+            (Meta::Channels { channels }, Ok(Response::ChannelMessages { channels: got })) => {
+                for (meta, c) in channels.into_iter().zip(got) {
+                    let reply = Ok(Response::Messages {
+                        messages: c.messages.clone(),
+                        next_seq: c.next_seq,
+                        gap: c.gap,
+                    });
+                    self.observe(meta, &reply);
+                }
             }
             (
                 Meta::Messages {
@@ -1150,9 +1399,11 @@ impl Run {
                 Ok(Response::Messages {
                     messages,
                     next_seq,
-                    gap: None,
+                    gap,
                 }),
             ) => {
+                // Seqs the TTL dropped were never delivered, and may not be.
+                let deletable_upto = deletable_upto.max(gap.map_or(0, |g| g.to));
                 assert!(messages.len() <= limit as usize, "more messages than limit");
                 assert!(*next_seq >= next_seq_floor, "next_seq went backwards");
                 let mut expect = cursor.max(acked_floor) + 1;
@@ -1180,6 +1431,22 @@ impl Run {
                 *n = (*n).max(*next_seq);
             }
             _ => {}
+        }
+    }
+
+    fn observe_enqueued(&mut self, entries: Vec<(Q, [u8; 16], Vec<u8>)>, seqs: &[u64]) {
+        assert_eq!(
+            entries.len(),
+            seqs.len(),
+            "one seq per message and recipient"
+        );
+        for ((queue, message_id, payload), seq) in entries.into_iter().zip(seqs) {
+            let first = *self.seen.seq_of.entry((queue, message_id)).or_insert(*seq);
+            assert_eq!(
+                first, *seq,
+                "an acknowledged message id came back with another seq"
+            );
+            self.seen.record_payload(queue, *seq, &payload);
         }
     }
 
@@ -1474,68 +1741,295 @@ impl Run {
         answer(rid, actor, reply, meta, false)
     }
 
+    /// enqueue (`batch` false: one queue, one message), enqueueBatch and
+    /// enqueueMany, past the request's own checks: every message appended
+    /// to every queue in order, in one batch, all or nothing; a message id
+    /// a queue holds already keeps its seq there; Commits meet the fence.
     fn model_enqueue(
         &mut self,
         rid: RequestId,
         actor: usize,
-        q: Q,
-        payload: &[u8],
-        id: [u8; 16],
+        queues: &[Q],
+        messages: &[([u8; 16], Vec<u8>)],
+        batch: bool,
     ) -> Outcome {
-        let meta = |payload: &[u8]| Meta::Enqueue {
-            queue: q,
-            message_id: id,
-            payload: payload.to_vec(),
-        };
         if actor == ANON {
-            return answer(
-                rid,
-                actor,
-                error(ErrorKind::Unauthenticated),
-                meta(payload),
-                false,
-            );
+            let e = error(ErrorKind::Unauthenticated);
+            return answer(rid, actor, e, Meta::None, false);
         }
-        let queue = self.queue(q);
-        if let Some((seq, original)) = queue.dedup.get(&id) {
-            let reply = Ok(Response::Enqueued { seq: *seq });
-            let m = meta(original);
-            return answer(rid, actor, reply, m, false);
+        if messages.iter().any(|(_, p)| p.is_empty()) {
+            let e = error(ErrorKind::InvalidArgument);
+            return answer(rid, actor, e, Meta::None, false);
         }
-        if queue.messages.len() >= QUEUE_DEPTH_MAX
-            || queue.bytes() + payload.len() > QUEUE_BYTES_MAX
-        {
-            return answer(
-                rid,
-                actor,
-                error(ErrorKind::QueueFull),
-                meta(payload),
-                false,
-            );
+        // Per message, per queue: the seq it already has, or none.
+        let mut known: Vec<Vec<Option<(u64, Vec<u8>)>>> = Vec::new();
+        for (id, _) in messages {
+            let row = queues
+                .iter()
+                .map(|q| self.queue(*q).dedup.get(id).cloned())
+                .collect();
+            known.push(row);
         }
-        let seq = queue.next_seq;
-        queue.next_seq += 1;
-        queue.messages.push_back((seq, payload.to_vec()));
-        queue.dedup.insert(id, (seq, payload.to_vec()));
-        // The enqueue wakes every waiter of the queue, in arrival order.
+        let fresh = |m: usize| known[m].iter().any(Option::is_none);
+        let mut fences: Vec<(FenceKey, FenceModel)> = Vec::new();
+        for (m, (_, payload)) in messages.iter().enumerate() {
+            if !fresh(m) {
+                continue;
+            }
+            match self.fence_check(queues[0].1, payload, &fences) {
+                Ok(Some((key, fence))) => {
+                    fences.retain(|(k, _)| *k != key);
+                    fences.push((key, fence));
+                }
+                Ok(None) => {}
+                Err(current_epoch) => {
+                    let e = error(ErrorKind::StaleEpoch { current_epoch });
+                    return answer(rid, actor, e, Meta::None, false);
+                }
+            }
+        }
+        let any_fresh = (0..messages.len()).any(fresh);
+        let now_ms = self.now.as_micros() / 1_000;
+        // The queues that take something expire first, in the same batch;
+        // a refusal leaves them as they were.
+        let mut expired = Vec::new();
+        if any_fresh {
+            for (i, q) in queues.iter().enumerate() {
+                let new: Vec<usize> = (0..messages.len())
+                    .filter(|m| known[*m][i].is_none())
+                    .collect();
+                if new.is_empty() {
+                    continue;
+                }
+                let bytes: usize = new.iter().map(|m| messages[*m].1.len()).sum();
+                let mut queue = self.queue(*q).clone();
+                queue.expire(now_ms);
+                if queue.messages.len() + new.len() > QUEUE_DEPTH_MAX
+                    || queue.bytes() + bytes > QUEUE_BYTES_MAX
+                {
+                    let e = error(ErrorKind::QueueFull);
+                    return answer(rid, actor, e, Meta::None, false);
+                }
+                expired.push(*q);
+            }
+        }
+        for q in expired {
+            self.queue(q).expire(now_ms);
+        }
+        let mut seqs = Vec::new();
+        let mut entries = Vec::new();
+        for (m, (id, payload)) in messages.iter().enumerate() {
+            for (i, q) in queues.iter().enumerate() {
+                let (seq, stored) = match &known[m][i] {
+                    Some(k) => k.clone(),
+                    None => {
+                        let queue = self.queue(*q);
+                        let seq = queue.next_seq;
+                        queue.next_seq += 1;
+                        queue.messages.push_back((seq, payload.clone()));
+                        queue.stamps.insert(seq, now_ms);
+                        queue.dedup.insert(*id, (seq, payload.clone()));
+                        (seq, payload.clone())
+                    }
+                };
+                seqs.push(seq);
+                entries.push((*q, *id, stored));
+            }
+        }
+        for (key, fence) in fences {
+            self.model.fences.insert(key, fence);
+        }
+        // Each queue that got something wakes its waiters, in arrival order.
         let mut replies = Vec::new();
-        let (woken, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| w.queue == q);
-        self.waiters = rest;
-        for w in woken {
-            replies.push(self.waiter_reply(w));
+        if any_fresh {
+            for (i, q) in queues.iter().enumerate() {
+                if (0..messages.len()).all(|m| known[m][i].is_some()) {
+                    continue;
+                }
+                let (woken, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|w| w.waits_on(*q));
+                self.waiters = rest;
+                for w in woken {
+                    replies.push(self.waiter_reply(w));
+                }
+            }
         }
+        let reply = if batch {
+            Ok(Response::EnqueuedBatch { seqs })
+        } else {
+            Ok(Response::Enqueued { seq: seqs[0] })
+        };
         replies.push(Expected {
             request_id: rid,
             actor,
-            reply: Ok(Response::Enqueued { seq }),
-            meta: meta(payload),
+            reply,
+            meta: Meta::Enqueued { entries },
         });
         Outcome {
-            wrote: true,
+            writes: u64::from(any_fresh),
+            mid: Vec::new(),
             replies,
         }
+    }
+
+    /// The commit fence for `payload` on channel `ch`, as it stands after
+    /// the fences `moved` earlier in the same request: `Ok(Some)` moves it,
+    /// `Ok(None)` passes without moving it (not a Commit, or a Commit it
+    /// accepted already), `Err(epoch)` refuses a Commit for an epoch taken.
+    fn fence_check(
+        &self,
+        ch: usize,
+        payload: &[u8],
+        moved: &[(FenceKey, FenceModel)],
+    ) -> Result<Option<(FenceKey, FenceModel)>, u64> {
+        let Some(header) = framing::commit_header(payload) else {
+            return Ok(None);
+        };
+        let key = (ch, header.group_id.to_vec());
+        let epoch = header.epoch;
+        let current = moved
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, f)| f.clone())
+            .or_else(|| self.model.fences.get(&key).cloned());
+        let Some(f) = current else {
+            let fence = FenceModel {
+                epoch: epoch + 1,
+                accepted: vec![payload.to_vec()],
+            };
+            return Ok(Some((key, fence)));
+        };
+        if epoch < f.epoch {
+            let back = (f.epoch - epoch - 1) as usize;
+            if f.accepted.get(back).is_some_and(|p| p == payload) {
+                return Ok(None);
+            }
+            return Err(f.epoch);
+        }
+        let mut accepted = vec![payload.to_vec()];
+        if epoch == f.epoch {
+            accepted.extend(f.accepted.into_iter().take(COMMIT_FENCE_HISTORY - 1));
+        }
+        Ok(Some((
+            key,
+            FenceModel {
+                epoch: epoch + 1,
+                accepted,
+            },
+        )))
+    }
+
+    /// fetchWaitChannels over `cursors` (queue and cursor per channel).
+    fn model_fetch_channels(
+        &mut self,
+        rid: RequestId,
+        actor: usize,
+        cursors: &[(Q, u64)],
+        limit: u32,
+        timeout_ms: u64,
+    ) -> Outcome {
+        let mut channels: Vec<usize> = cursors.iter().map(|(q, _)| q.1).collect();
+        channels.sort_unstable();
+        channels.dedup();
+        if cursors.is_empty() || channels.len() != cursors.len() {
+            let e = error(ErrorKind::InvalidArgument);
+            return answer(rid, actor, e, Meta::None, false);
+        }
+        if let Some(e) = owner_error(actor, cursors[0].0.0) {
+            return answer(rid, actor, Err(e), Meta::None, false);
+        }
+        if limit == 0 {
+            let e = error(ErrorKind::InvalidArgument);
+            return answer(rid, actor, e, Meta::None, false);
+        }
+        for (q, after_seq) in cursors {
+            if *after_seq > self.queue(*q).next_seq - 1 {
+                let e = error(ErrorKind::InvalidArgument);
+                return answer(rid, actor, e, Meta::None, false);
+            }
+        }
+        let now_ms = self.now.as_micros() / 1_000;
+        let mut states = Vec::new();
+        for (q, _) in cursors {
+            if self.queue(*q).expire(now_ms) {
+                states.push(self.model.clone());
+            }
+        }
+        let (reply, meta) = self.read_channels(cursors, limit);
+        let pending =
+            matches!(&reply, Ok(Response::ChannelMessages { channels }) if !channels.is_empty());
+        if pending || timeout_ms == 0 {
+            self.acknowledge_all(cursors, &mut states);
+            return written(states, vec![expected(rid, actor, reply, meta)]);
+        }
+        let mine = self.waiters.iter().filter(|w| w.actor == actor).count();
+        if mine >= WAITERS_PER_CONNECTION_MAX {
+            let e = error(ErrorKind::RateLimited {
+                retry_after_ms: 1_000,
+            });
+            return written(states, vec![expected(rid, actor, e, Meta::None)]);
+        }
+        if self.waiters.len() >= WAITERS_MAX {
+            let e = error(ErrorKind::Unavailable);
+            return written(states, vec![expected(rid, actor, e, Meta::None)]);
+        }
+        self.acknowledge_all(cursors, &mut states);
+        let timeout = Duration::from_millis(timeout_ms.min(FETCH_WAIT_TIMEOUT_MS_MAX));
+        self.waiters.push(WaiterModel {
+            request_id: rid,
+            actor,
+            cursors: cursors.to_vec(),
+            channels: true,
+            limit,
+            deadline: self.now.saturating_add(timeout),
+        });
+        written(states, Vec::new())
+    }
+
+    /// Acknowledges every cursor, each queue its own batch; the model after
+    /// each batch joins `states`.
+    fn acknowledge_all(&mut self, cursors: &[(Q, u64)], states: &mut Vec<Durable>) {
+        for (q, after_seq) in cursors {
+            if self.acknowledge(*q, *after_seq) {
+                states.push(self.model.clone());
+            }
+        }
+    }
+
+    /// What a fetchWaitChannels answers now: the channels with messages
+    /// after their cursors, in the order asked, within one fetch's budget.
+    fn read_channels(&mut self, cursors: &[(Q, u64)], limit: u32) -> (Reply, Meta) {
+        let mut budget = FETCH_LIMIT_MAX;
+        let mut channels = Vec::new();
+        let mut metas = Vec::new();
+        for (q, after_seq) in cursors {
+            if budget == 0 {
+                break;
+            }
+            let Ok(Response::Messages {
+                messages,
+                next_seq,
+                gap,
+            }) = self.read(*q, *after_seq, limit.min(budget))
+            else {
+                unreachable!("read answers Messages");
+            };
+            budget -= messages.len() as u32;
+            if !messages.is_empty() || gap.is_some() {
+                metas.push(self.messages_meta(*q, *after_seq, limit));
+                channels.push(ChannelMessages {
+                    channel_id: channel(q.1),
+                    messages,
+                    next_seq,
+                    gap,
+                });
+            }
+        }
+        (
+            Ok(Response::ChannelMessages { channels }),
+            Meta::Channels { channels: metas },
+        )
     }
 
     /// fetch (`wait` is `None`) or fetchWait (`wait` is the timeout).
@@ -1552,36 +2046,39 @@ impl Run {
             return answer(rid, actor, Err(e), Meta::None, false);
         }
         if wait.is_some() && limit == 0 {
-            return answer(
-                rid,
-                actor,
-                error(ErrorKind::InvalidArgument),
-                Meta::None,
-                false,
-            );
+            let e = error(ErrorKind::InvalidArgument);
+            return answer(rid, actor, e, Meta::None, false);
         }
-        let queue = self.queue(q);
-        if after_seq > queue.next_seq - 1 {
-            return answer(
-                rid,
-                actor,
-                error(ErrorKind::InvalidArgument),
-                Meta::None,
-                false,
-            );
+        let valid = after_seq < self.queue(q).next_seq;
+        let now_ms = self.now.as_micros() / 1_000;
+        // The model after each batch the request writes: expired messages
+        // go first (their own batch), then the acknowledgement. A fetch
+        // expires before it checks the cursor, a fetchWait after.
+        let mut states = Vec::new();
+        if wait.is_none() && self.queue(q).expire(now_ms) {
+            states.push(self.model.clone());
+        }
+        if !valid {
+            let e = error(ErrorKind::InvalidArgument);
+            return written(states, vec![expected(rid, actor, e, Meta::None)]);
+        }
+        if wait.is_some() && self.queue(q).expire(now_ms) {
+            states.push(self.model.clone());
         }
         // Messages after the cursor do not depend on the acknowledgement, so
         // the reply is read first; the acknowledgement is applied only once
-        // the request is accepted (a refused wait changes nothing).
+        // the request is accepted (a refused wait changes nothing more).
         let reply = self.read(q, after_seq, limit);
-        let pending =
-            matches!(&reply, Ok(Response::Messages { messages, .. }) if !messages.is_empty());
+        let pending = matches!(&reply, Ok(Response::Messages { messages, gap, .. })
+            if !messages.is_empty() || gap.is_some());
         let meta = self.messages_meta(q, after_seq, limit);
         let timeout_ms = match wait {
             Some(t) if t > 0 && !pending => t,
             _ => {
-                let wrote = self.acknowledge(q, after_seq);
-                return answer(rid, actor, reply, meta, wrote);
+                if self.acknowledge(q, after_seq) {
+                    states.push(self.model.clone());
+                }
+                return written(states, vec![expected(rid, actor, reply, meta)]);
             }
         };
         let mine = self.waiters.iter().filter(|w| w.actor == actor).count();
@@ -1589,25 +2086,25 @@ impl Run {
             let e = error(ErrorKind::RateLimited {
                 retry_after_ms: 1_000,
             });
-            return answer(rid, actor, e, Meta::None, false);
+            return written(states, vec![expected(rid, actor, e, Meta::None)]);
         }
         if self.waiters.len() >= WAITERS_MAX {
-            return answer(rid, actor, error(ErrorKind::Unavailable), Meta::None, false);
+            let e = error(ErrorKind::Unavailable);
+            return written(states, vec![expected(rid, actor, e, Meta::None)]);
         }
-        let wrote = self.acknowledge(q, after_seq);
+        if self.acknowledge(q, after_seq) {
+            states.push(self.model.clone());
+        }
         let timeout = Duration::from_millis(timeout_ms.min(FETCH_WAIT_TIMEOUT_MS_MAX));
         self.waiters.push(WaiterModel {
             request_id: rid,
             actor,
-            queue: q,
-            after_seq,
+            cursors: vec![(q, after_seq)],
+            channels: false,
             limit,
             deadline: self.now.saturating_add(timeout),
         });
-        Outcome {
-            wrote,
-            replies: Vec::new(),
-        }
+        written(states, Vec::new())
     }
 
     /// Deletes the messages `seq <= after_seq` of `q`; true if any was
@@ -1616,7 +2113,9 @@ impl Run {
         let queue = self.queue(q);
         let mut wrote = false;
         while queue.messages.front().is_some_and(|(s, _)| *s <= after_seq) {
-            queue.messages.pop_front();
+            if let Some((seq, _)) = queue.messages.pop_front() {
+                queue.stamps.remove(&seq);
+            }
             wrote = true;
         }
         wrote
@@ -1634,17 +2133,28 @@ impl Run {
         due.sort_by_key(|w| w.deadline);
         let replies = due.into_iter().map(|w| self.waiter_reply(w)).collect();
         Outcome {
-            wrote: false,
+            writes: 0,
+            mid: Vec::new(),
             replies,
         }
     }
 
     fn waiter_reply(&mut self, w: WaiterModel) -> Expected {
+        if w.channels {
+            let (reply, meta) = self.read_channels(&w.cursors, w.limit);
+            return Expected {
+                request_id: w.request_id,
+                actor: w.actor,
+                reply,
+                meta,
+            };
+        }
+        let (q, after_seq) = w.cursors[0];
         Expected {
             request_id: w.request_id,
             actor: w.actor,
-            reply: self.read(w.queue, w.after_seq, w.limit),
-            meta: self.messages_meta(w.queue, w.after_seq, w.limit),
+            reply: self.read(q, after_seq, w.limit),
+            meta: self.messages_meta(q, after_seq, w.limit),
         }
     }
 
@@ -1660,10 +2170,14 @@ impl Run {
                 payload: payload.clone(),
             })
             .collect();
+        let gap = (after_seq + 1 < queue.expired_below).then(|| Gap {
+            from: after_seq + 1,
+            to: queue.expired_below - 1,
+        });
         Ok(Response::Messages {
             messages,
             next_seq: queue.next_seq,
-            gap: None,
+            gap,
         })
     }
 
@@ -1695,6 +2209,7 @@ fn config() -> NodeConfig {
         queue_bytes_max: QUEUE_BYTES_MAX as u64,
         waiters_per_connection_max: WAITERS_PER_CONNECTION_MAX,
         waiters_max: WAITERS_MAX,
+        message_ttl: Some(Duration::from_millis(MESSAGE_TTL_MS)),
         enqueue_rate: unlimited,
         key_fetch_pair_rate: unlimited,
         key_package_fetch_target_rate: unlimited,
@@ -1730,6 +2245,36 @@ fn payload_bytes_for(n: u64, len: usize) -> Vec<u8> {
     format!("{n}:").bytes().cycle().take(len).collect()
 }
 
+/// What the machine refuses before anything else in an enqueueBatch or
+/// enqueueMany: no recipients or one named twice; for enqueueMany also no
+/// messages or an id twice.
+fn dispatch_error(queues: &[Q], messages: &[([u8; 16], Vec<u8>)], many: bool) -> Option<ErrorKind> {
+    let distinct = |n: usize, keys: Vec<Vec<u8>>| {
+        let set: HashSet<Vec<u8>> = keys.into_iter().collect();
+        n > 0 && set.len() == n
+    };
+    let recipients = queues.iter().map(|q| vec![q.0 as u8]).collect();
+    if !distinct(queues.len(), recipients) {
+        return Some(ErrorKind::InvalidArgument);
+    }
+    let ids = messages.iter().map(|(id, _)| id.to_vec()).collect();
+    if many && !distinct(messages.len(), ids) {
+        return Some(ErrorKind::InvalidArgument);
+    }
+    None
+}
+
+/// A group envelope around an MLS PrivateMessage Commit of group `g{group}`
+/// made in `epoch`; `n` makes it unique.
+fn commit_payload(group: u8, epoch: u64, n: u64) -> Vec<u8> {
+    let mut v = framing::GROUP_ENVELOPE_PREFIX.to_vec();
+    v.extend_from_slice(&[0, 1, 0, 2, 2, b'g', b'0' + group]);
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v.push(3);
+    v.extend_from_slice(format!("commit {n}").as_bytes());
+    v
+}
+
 /// The error for `actor` acting on `owner`'s resource, if any.
 fn owner_error(actor: usize, owner: usize) -> Option<ServiceError> {
     if actor == ANON {
@@ -1747,13 +2292,34 @@ fn error(kind: ErrorKind) -> Reply {
 
 fn answer(rid: RequestId, actor: usize, reply: Reply, meta: Meta, wrote: bool) -> Outcome {
     Outcome {
-        wrote,
+        writes: u64::from(wrote),
+        mid: Vec::new(),
         replies: vec![Expected {
             request_id: rid,
             actor,
             reply,
             meta,
         }],
+    }
+}
+
+/// A step's outcome from the model after each batch it writes, in order.
+fn written(mut states: Vec<Durable>, replies: Vec<Expected>) -> Outcome {
+    let writes = states.len() as u64;
+    states.pop();
+    Outcome {
+        writes,
+        mid: states,
+        replies,
+    }
+}
+
+fn expected(request_id: RequestId, actor: usize, reply: Reply, meta: Meta) -> Expected {
+    Expected {
+        request_id,
+        actor,
+        reply,
+        meta,
     }
 }
 
