@@ -641,6 +641,9 @@ struct Durable {
     fences: BTreeMap<FenceKey, FenceModel>,
 }
 
+/// A message a queue holds already: its seq and payload.
+type Stored = (u64, Vec<u8>);
+
 /// A commit fence's key: channel index and MLS group id.
 type FenceKey = (usize, Vec<u8>);
 
@@ -1762,7 +1765,7 @@ impl Run {
             return answer(rid, actor, e, Meta::None, false);
         }
         // Per message, per queue: the seq it already has, or none.
-        let mut known: Vec<Vec<Option<(u64, Vec<u8>)>>> = Vec::new();
+        let mut known: Vec<Vec<Option<Stored>>> = Vec::new();
         for (id, _) in messages {
             let row = queues
                 .iter()
