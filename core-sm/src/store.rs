@@ -24,8 +24,42 @@ pub struct Lsn(pub u64);
 /// A storage failure. The machine answers `unavailable` and stops taking
 /// writes after one, rather than pretending.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("storage failure: {0}")]
-pub struct StoreError(pub String);
+#[error("storage {op} failed: {detail}")]
+pub struct StoreError {
+    /// What failed.
+    pub op: StoreOp,
+    /// The storage engine's own words.
+    pub detail: String,
+}
+
+impl StoreError {
+    /// A failed read.
+    pub fn read(detail: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            op: StoreOp::Read,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// A failed write.
+    pub fn write(detail: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            op: StoreOp::Write,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// The operation of a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StoreOp {
+    /// [`Store::get`].
+    #[error("read")]
+    Read,
+    /// [`Store::write`].
+    #[error("write")]
+    Write,
+}
 
 /// One atomic group of writes: either all of them survive a crash or none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

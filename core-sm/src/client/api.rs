@@ -350,16 +350,136 @@ pub enum CommandError {
     /// A hybrid envelope does not open, or a pq group's message came without
     /// one.
     #[error("hybrid envelope refused: {0}")]
-    HybridEnvelope(String),
+    HybridEnvelope(EnvelopeRefusal),
     /// An MLS operation failed.
     #[error("MLS: {0}")]
-    Mls(String),
+    Mls(MlsError),
     /// The server refused a request the command needs.
     #[error("server: {0}")]
     Server(ServiceError),
     /// The persisted state does not decode.
     #[error("state: {0}")]
-    State(String),
+    State(StateError),
+}
+
+/// An MLS operation that failed: which step, and openmls' own words (its
+/// error types differ from call to call, so they travel as text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{step}: {detail}")]
+pub struct MlsError {
+    /// What was being done.
+    pub step: MlsStep,
+    /// What went wrong.
+    pub detail: String,
+}
+
+impl MlsError {
+    /// A failure of `step`.
+    pub fn new(step: MlsStep, detail: impl std::fmt::Display) -> MlsError {
+        MlsError {
+            step,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// The step of an [`MlsError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsStep {
+    /// Reading a payload's envelope.
+    #[error("the envelope")]
+    Envelope,
+    /// Decoding an MLS message.
+    #[error("decoding")]
+    Decode,
+    /// Encoding an MLS message.
+    #[error("encoding")]
+    Encode,
+    /// Creating a group or loading it from storage.
+    #[error("the group")]
+    Group,
+    /// Making a Commit, a Welcome or a proposal.
+    #[error("making a Commit")]
+    Commit,
+    /// Merging a Commit.
+    #[error("merging a Commit")]
+    Merge,
+    /// Processing a received message.
+    #[error("processing a message")]
+    Process,
+    /// Joining from a Welcome.
+    #[error("joining")]
+    Join,
+    /// A member's credential.
+    #[error("a credential")]
+    Credential,
+    /// A message for an epoch this member cannot reach.
+    #[error("the epoch")]
+    Epoch,
+    /// The exporter key, and the group name it seals.
+    #[error("the group name")]
+    Exporter,
+    /// Making a KeyPackage.
+    #[error("making a KeyPackage")]
+    KeyPackage,
+    /// Encrypting an application message.
+    #[error("encrypting")]
+    Encrypt,
+}
+
+/// Why a hybrid envelope was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeRefusal {
+    /// A message of a pq group (named) came without one.
+    #[error("a message in pq group `{0}` came without a hybrid envelope")]
+    Missing(String),
+    /// One hybrid envelope inside another.
+    #[error("a hybrid envelope inside another")]
+    Nested,
+    /// The payload is not a hybrid envelope.
+    #[error("not a hybrid payload")]
+    NotHybrid,
+    /// The payload does not decode.
+    #[error("{0}")]
+    Undecodable(EnvelopeError),
+    /// Sealed to a key this user does not hold (its id's first bytes).
+    #[error("sealed to hybrid key {0}…, which this user does not hold (never had, or rotated out)")]
+    UnknownKey(String),
+    /// It does not open.
+    #[error("{0}")]
+    DoesNotOpen(HybridError),
+    /// Its Commit framing in the clear is not the Commit's inside.
+    #[error("its commit framing is not the one of the Commit inside")]
+    FramingMismatch,
+    /// What it wraps does not decode.
+    #[error("its content: {0}")]
+    Content(EnvelopeError),
+}
+
+/// What is wrong with a persisted state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The bytes do not decode (the decoder's words).
+    #[error("state does not decode: {0}")]
+    Undecodable(String),
+    /// A layout version this build does not read.
+    #[error("state version {0} is not the supported {STATE_VERSION} (or 3, 2 or 1)")]
+    Version(u32),
+    /// A channel id that does not parse (of the named group, if any).
+    #[error("a bad channel id{}", .0.as_ref().map(|g| format!(" in group `{g}`")).unwrap_or_default())]
+    BadChannel(Option<String>),
+    /// A group whose MLS state is missing.
+    #[error("group `{0}` missing from MLS storage")]
+    MissingGroup(String),
+    /// The contact book breaks its own rules.
+    #[error("contact: {0}")]
+    Contact(String),
+    /// A kept hybrid secret key does not decode.
+    #[error("hybrid secret key: {0}")]
+    HybridKey(HybridError),
 }
 
 /// Where the user is in the life cycle (ARCHITECTURE.md § Client life cycle).

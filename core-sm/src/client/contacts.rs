@@ -25,14 +25,14 @@ impl Contacts {
         for (key, name) in list {
             let key = IdentityKey(key);
             if contacts.by_key.contains_key(&key) {
-                return Err(CommandError::State(format!(
-                    "contact {} is listed twice",
+                return Err(CommandError::State(StateError::Contact(format!(
+                    "{} is listed twice",
                     key.short()
-                )));
+                ))));
             }
             contacts
                 .add(name, key)
-                .map_err(|e| CommandError::State(format!("contact: {e}")))?;
+                .map_err(|e| CommandError::State(StateError::Contact(e.to_string())))?;
         }
         Ok(contacts)
     }

@@ -56,9 +56,8 @@ impl Group {
     /// A group as persisted; one whose channel id does not parse is
     /// refused.
     pub fn restore(record: GroupRecord) -> Result<Group, CommandError> {
-        let channel = ChannelId::try_from_slice(&record.channel_id).map_err(|_| {
-            CommandError::State(format!("group `{}` has a bad channel id", record.name))
-        })?;
+        let channel = ChannelId::try_from_slice(&record.channel_id)
+            .map_err(|_| CommandError::State(StateError::BadChannel(Some(record.name.clone()))))?;
         Ok(Group {
             name: record.name,
             id: GroupId::from_slice(&record.group_id),

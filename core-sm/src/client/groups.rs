@@ -24,12 +24,12 @@ impl ClientMachine {
             .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let group =
-            MlsGroup::new(&self.provider, &self.signer, &config, self.credential()).map_err(mls)?;
+        let group = MlsGroup::new(&self.provider, &self.signer, &config, self.credential())
+            .map_err(mls(MlsStep::Group))?;
         let mut channel = [0u8; 16];
         self.provider.fill(&mut channel);
         let channel = ChannelId::try_from_slice(&channel)
-            .map_err(|_| CommandError::State("bad channel id".into()))?;
+            .map_err(|_| CommandError::State(StateError::BadChannel(None)))?;
         self.groups.push(Group::new(
             name.clone(),
             group.group_id().clone(),
@@ -263,7 +263,7 @@ impl ClientMachine {
         message: MlsMessageOut,
     ) -> Result<[u8; 16], CommandError> {
         let payload = Envelope::Group {
-            message: message.to_bytes().map_err(mls)?,
+            message: message.to_bytes().map_err(mls(MlsStep::Encode))?,
         }
         .encode();
         Ok(self.add_group_to_outbox(recipients, record.channel, payload, record.pq))
@@ -386,7 +386,7 @@ impl ClientMachine {
                 let data = content::encode_text(text, sent_at_ms);
                 let message = group
                     .create_message(&self.provider, &self.signer, &data)
-                    .map_err(mls)?;
+                    .map_err(mls(MlsStep::Encrypt))?;
                 let message_id = self.send_group_message(record, &recipients, message)?;
                 if recipients.is_empty() {
                     // Nobody else to store it for.
@@ -402,7 +402,7 @@ impl ClientMachine {
             Change::Leave => {
                 let proposal = group
                     .leave_group(&self.provider, &self.signer)
-                    .map_err(mls)?;
+                    .map_err(mls(MlsStep::Commit))?;
                 self.send_group_message(record, &recipients, proposal)?;
                 self.forget(&record.id);
                 return Ok(());
@@ -423,8 +423,11 @@ impl ClientMachine {
                 let key_package = self.validate_key_package(member, key_package)?;
                 let (commit, welcome, _) = group
                     .add_members(&self.provider, &self.signer, &[key_package])
-                    .map_err(mls)?;
-                (commit, Some((member.0, welcome.to_bytes().map_err(mls)?)))
+                    .map_err(mls(MlsStep::Commit))?;
+                (
+                    commit,
+                    Some((member.0, welcome.to_bytes().map_err(mls(MlsStep::Encode))?)),
+                )
             }
             Change::Remove { member } => {
                 // Removed by another member meanwhile: nothing to do. The
@@ -434,13 +437,13 @@ impl ClientMachine {
                 };
                 let (commit, _, _) = group
                     .remove_members(&self.provider, &self.signer, &[index])
-                    .map_err(mls)?;
+                    .map_err(mls(MlsStep::Commit))?;
                 (commit, None)
             }
             Change::Update => {
                 let (commit, _, _) = group
                     .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
-                    .map_err(mls)?
+                    .map_err(mls(MlsStep::Commit))?
                     .into_contents();
                 (commit, None)
             }
@@ -455,11 +458,11 @@ impl ClientMachine {
                 let (commit, _, _) = if group.pending_proposals().next().is_some() {
                     group
                         .commit_to_pending_proposals(&self.provider, &self.signer)
-                        .map_err(mls)?
+                        .map_err(mls(MlsStep::Commit))?
                 } else {
                     group
                         .remove_members(&self.provider, &self.signer, &[index])
-                        .map_err(mls)?
+                        .map_err(mls(MlsStep::Commit))?
                 };
                 self.commit(record, &recipients, commit, change, None)?;
                 return Ok(());
@@ -523,7 +526,9 @@ impl ClientMachine {
     ) -> Result<(), CommandError> {
         let mut group = self.load_group(record)?;
         let shown = self.own_commit_events(record, &group, &commit.change);
-        group.merge_pending_commit(&self.provider).map_err(mls)?;
+        group
+            .merge_pending_commit(&self.provider)
+            .map_err(mls(MlsStep::Merge))?;
         check_members(&group)?;
         self.effects.extend(shown.into_iter().map(Effect::Event));
         if matches!(commit.change, Change::CommitLeave { .. }) {

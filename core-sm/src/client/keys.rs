@@ -195,10 +195,10 @@ impl ClientMachine {
         }
         let bundle = builder
             .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
-            .map_err(mls)?;
+            .map_err(mls(MlsStep::KeyPackage))?;
         MlsMessageOut::from(bundle.key_package().clone())
             .to_bytes()
-            .map_err(mls)
+            .map_err(mls(MlsStep::Encode))
     }
 
     /// A fetched hybrid key for outbox entries waiting to be sealed to it.

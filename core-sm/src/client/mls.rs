@@ -42,11 +42,13 @@ pub(super) fn members(group: &MlsGroup) -> Vec<IdentityKey> {
 /// its signature key (ARCHITECTURE.md § MLS profile).
 pub(super) fn check_members(group: &MlsGroup) -> Result<(), CommandError> {
     for m in group.members() {
-        let credential = BasicCredential::try_from(m.credential.clone()).map_err(mls)?;
+        let credential =
+            BasicCredential::try_from(m.credential.clone()).map_err(mls(MlsStep::Credential))?;
         if credential.identity() != m.signature_key.as_slice() {
-            return Err(CommandError::Mls(
-                "a member's credential identity differs from its signature key".into(),
-            ));
+            return Err(CommandError::Mls(MlsError::new(
+                MlsStep::Credential,
+                "a member's credential identity differs from its signature key",
+            )));
         }
     }
     Ok(())
@@ -72,8 +74,9 @@ pub(super) fn name_cipher(
 ) -> Result<ChaCha20Poly1305, CommandError> {
     let key = group
         .export_secret(provider.crypto(), GROUP_NAME_EXPORTER_LABEL, b"", 32)
-        .map_err(mls)?;
-    ChaCha20Poly1305::new_from_slice(&key).map_err(|_| CommandError::Mls("exporter length".into()))
+        .map_err(mls(MlsStep::Exporter))?;
+    ChaCha20Poly1305::new_from_slice(&key)
+        .map_err(|_| CommandError::Mls(MlsError::new(MlsStep::Exporter, "exporter length")))
 }
 
 pub(super) fn seal_name(
@@ -91,7 +94,12 @@ pub(super) fn seal_name(
                 aad: channel.as_bytes(),
             },
         )
-        .map_err(|_| CommandError::Mls("sealing the group name failed".into()))
+        .map_err(|_| {
+            CommandError::Mls(MlsError::new(
+                MlsStep::Exporter,
+                "sealing the group name failed",
+            ))
+        })
 }
 
 pub(super) fn open_name(
@@ -109,9 +117,15 @@ pub(super) fn open_name(
                 aad: channel.as_bytes(),
             },
         )
-        .map_err(|_| CommandError::Mls("the group name in the Welcome does not open".into()))?;
-    let name = String::from_utf8(plain)
-        .map_err(|_| CommandError::Mls("group name is not UTF-8".into()))?;
+        .map_err(|_| {
+            CommandError::Mls(MlsError::new(
+                MlsStep::Exporter,
+                "the group name in the Welcome does not open",
+            ))
+        })?;
+    let name = String::from_utf8(plain).map_err(|_| {
+        CommandError::Mls(MlsError::new(MlsStep::Exporter, "group name is not UTF-8"))
+    })?;
     check_name(&name)?;
     Ok(name)
 }

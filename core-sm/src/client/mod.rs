@@ -120,7 +120,10 @@ mod outbox;
 mod receive;
 mod safety;
 
-pub use api::{Command, CommandError, Effect, Event, GroupSummary, Outcome, Phase};
+pub use api::{
+    Command, CommandError, Effect, EnvelopeRefusal, Event, GroupSummary, MlsError, MlsStep,
+    Outcome, Phase, StateError,
+};
 use contacts::Contacts;
 use group::{Group, Groups};
 use keys::PeerKeys;
@@ -285,7 +288,7 @@ impl ClientMachine {
         m.active = p.active;
         for secret in p.hybrid_keys {
             let key = HybridSecretKey::from_bytes(&secret)
-                .map_err(|e| CommandError::State(format!("hybrid secret key: {e}")))?;
+                .map_err(|e| CommandError::State(StateError::HybridKey(e)))?;
             m.hybrid_keys.push(key);
         }
         m.peer_hybrid_keys = PeerKeys::restore(p.peer_hybrid_keys);
@@ -293,7 +296,7 @@ impl ClientMachine {
         m.groups = Groups::restore(p.groups)?;
         for (ch, seq) in p.cursors {
             let ch = ChannelId::try_from_slice(&ch)
-                .map_err(|_| CommandError::State("bad channel id".into()))?;
+                .map_err(|_| CommandError::State(StateError::BadChannel(None)))?;
             m.cursors.insert(ch, seq);
         }
         m.outbox = Outbox::restore(p.outbox, p.next_outbox_id);
@@ -379,8 +382,10 @@ impl ClientMachine {
     pub fn open_hybrid_payload(&self, payload: &[u8]) -> Result<Vec<u8>, CommandError> {
         match Envelope::decode(payload) {
             Ok(Envelope::Hybrid { key_id, sealed, .. }) => self.open_hybrid(&key_id, &sealed),
-            Ok(_) => Err(CommandError::HybridEnvelope("not a hybrid payload".into())),
-            Err(e) => Err(CommandError::HybridEnvelope(e.to_string())),
+            Ok(_) => Err(CommandError::HybridEnvelope(EnvelopeRefusal::NotHybrid)),
+            Err(e) => Err(CommandError::HybridEnvelope(EnvelopeRefusal::Undecodable(
+                e,
+            ))),
         }
     }
 
@@ -692,15 +697,14 @@ impl ClientMachine {
 
     fn load_group(&self, record: &Group) -> Result<MlsGroup, CommandError> {
         MlsGroup::load(self.provider.storage(), &record.id)
-            .map_err(mls)?
-            .ok_or_else(|| {
-                CommandError::State(format!("group `{}` missing from MLS storage", record.name))
-            })
+            .map_err(mls(MlsStep::Group))?
+            .ok_or_else(|| CommandError::State(StateError::MissingGroup(record.name.clone())))
     }
 }
 
-fn mls(e: impl std::fmt::Display) -> CommandError {
-    CommandError::Mls(e.to_string())
+/// Maps an openmls failure of `step` to the command's error.
+fn mls<E: std::fmt::Display>(step: MlsStep) -> impl Fn(E) -> CommandError {
+    move |e| CommandError::Mls(MlsError::new(step, e))
 }
 
 fn unexpected(r: &Response) -> CommandError {

@@ -363,15 +363,15 @@ impl ClientMachine {
                         && framing != crate::protocol::framing::commit_framing(&inner)
                     {
                         return Err(CommandError::HybridEnvelope(
-                            "its commit framing is not the one of the Commit inside".into(),
+                            EnvelopeRefusal::FramingMismatch,
                         ));
                     }
                     Envelope::decode(&inner)
-                        .map_err(|e| CommandError::HybridEnvelope(format!("its content: {e}")))
+                        .map_err(|e| CommandError::HybridEnvelope(EnvelopeRefusal::Content(e)))
                 })
                 .and_then(|inner| self.process_envelope(channel, seq, inner, true)),
             Ok(envelope) => self.process_envelope(channel, seq, envelope, false),
-            Err(e) => Err(CommandError::Mls(e.to_string())),
+            Err(e) => Err(CommandError::Mls(MlsError::new(MlsStep::Envelope, e))),
         }
     }
 
@@ -460,9 +460,7 @@ impl ClientMachine {
             Envelope::Group { message } => {
                 self.process_group_message(channel, seq, &message, wrapped)
             }
-            Envelope::Hybrid { .. } => Err(CommandError::HybridEnvelope(
-                "a hybrid envelope inside another".into(),
-            )),
+            Envelope::Hybrid { .. } => Err(CommandError::HybridEnvelope(EnvelopeRefusal::Nested)),
         }
     }
 
@@ -478,12 +476,12 @@ impl ClientMachine {
             .rev()
             .find(|k| k.public().key_id() == *key_id)
             .ok_or_else(|| {
-                CommandError::HybridEnvelope(format!(
-                    "sealed to hybrid key {}…, which this user does not hold (never had, or rotated out)",
-                    crate::types::hex(&key_id[..4])
-                ))
+                CommandError::HybridEnvelope(EnvelopeRefusal::UnknownKey(crate::types::hex(
+                    &key_id[..4],
+                )))
             })?;
-        hybrid::open(key, key_id, sealed).map_err(|e| CommandError::HybridEnvelope(e.to_string()))
+        hybrid::open(key, key_id, sealed)
+            .map_err(|e| CommandError::HybridEnvelope(EnvelopeRefusal::DoesNotOpen(e)))
     }
 
     /// Joins from a Welcome; a Welcome that came in a hybrid envelope
@@ -496,9 +494,12 @@ impl ClientMachine {
         welcome: &[u8],
         pq: bool,
     ) -> Result<(), CommandError> {
-        let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(mls)?;
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(mls(MlsStep::Decode))?;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
-            return Err(CommandError::Mls("not a Welcome".into()));
+            return Err(CommandError::Mls(MlsError::new(
+                MlsStep::Join,
+                "not a Welcome",
+            )));
         };
         let config = MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
@@ -506,9 +507,9 @@ impl ClientMachine {
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
         let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
-            .map_err(mls)?
+            .map_err(mls(MlsStep::Join))?
             .into_group(&self.provider)
-            .map_err(mls)?;
+            .map_err(mls(MlsStep::Join))?;
         check_members(&group)?;
         let name = open_name(&self.provider, &group, &channel, nonce, sealed_name)?;
         let name = self.unique_name(name);
@@ -537,20 +538,22 @@ impl ClientMachine {
         wrapped: bool,
     ) -> Result<Processed, CommandError> {
         let Some(record) = self.groups.by_channel(channel).map(Group::head) else {
-            return Err(CommandError::Mls(
-                "message on a channel of no known group".into(),
-            ));
+            return Err(CommandError::Mls(MlsError::new(
+                MlsStep::Process,
+                "message on a channel of no known group",
+            )));
         };
         if record.pq && !wrapped {
             // No downgrade: every member of a pq group seals what it sends.
-            return Err(CommandError::HybridEnvelope(format!(
-                "a message in pq group `{}` came without a hybrid envelope",
-                record.name
+            return Err(CommandError::HybridEnvelope(EnvelopeRefusal::Missing(
+                record.name.clone(),
             )));
         }
         let mut group = self.load_group(&record)?;
-        let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
-        let protocol = msg.try_into_protocol_message().map_err(mls)?;
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls(MlsStep::Decode))?;
+        let protocol = msg
+            .try_into_protocol_message()
+            .map_err(mls(MlsStep::Decode))?;
         if record.commit.is_some() && protocol.epoch() > group.epoch() {
             // Others are past the epoch of our pending Commit: the server
             // accepted it, and the answer is still to come (or was lost).
@@ -560,9 +563,12 @@ impl ClientMachine {
         if protocol.epoch() > group.epoch() {
             let epoch = protocol.epoch().as_u64();
             if epoch - group.epoch().as_u64() > EARLY_EPOCHS_AHEAD_MAX {
-                return Err(CommandError::Mls(format!(
-                    "a message for epoch {epoch}, more than {EARLY_EPOCHS_AHEAD_MAX} ahead of this device's epoch {}",
-                    group.epoch().as_u64()
+                return Err(CommandError::Mls(MlsError::new(
+                    MlsStep::Epoch,
+                    format!(
+                        "a message for epoch {epoch}, more than {EARLY_EPOCHS_AHEAD_MAX} ahead of this device's epoch {}",
+                        group.epoch().as_u64()
+                    ),
                 )));
             }
             // The Commit that starts that epoch is still to come (its copy
@@ -571,7 +577,7 @@ impl ClientMachine {
         }
         let processed = group
             .process_message(&self.provider, protocol)
-            .map_err(mls)?;
+            .map_err(mls(MlsStep::Process))?;
         let sender = BasicCredential::try_from(processed.credential().clone())
             .ok()
             .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
@@ -582,8 +588,9 @@ impl ClientMachine {
                 if let Some(Op::Receive { shown, .. }) = &mut self.op {
                     *shown += 1;
                 }
-                let sender =
-                    sender.ok_or_else(|| CommandError::Mls("sender has no identity".into()))?;
+                let sender = sender.ok_or_else(|| {
+                    CommandError::Mls(MlsError::new(MlsStep::Process, "sender has no identity"))
+                })?;
                 self.effects.push_back(Effect::Event(Event::Message {
                     group: record.name,
                     sender,
@@ -602,7 +609,7 @@ impl ClientMachine {
                 };
                 group
                     .store_pending_proposal(self.provider.storage(), *proposal)
-                    .map_err(mls)?;
+                    .map_err(mls(MlsStep::Process))?;
                 // A member leaving needs someone to commit its removal: the
                 // remaining member with the lowest leaf index does, so the
                 // others do not race it. It is queued (made once this
@@ -625,19 +632,20 @@ impl ClientMachine {
             ProcessedMessageContent::StagedCommitMessage(commit) => {
                 for add in commit.add_proposals() {
                     let leaf = add.add_proposal().key_package().leaf_node();
-                    let identity =
-                        BasicCredential::try_from(leaf.credential().clone()).map_err(mls)?;
+                    let identity = BasicCredential::try_from(leaf.credential().clone())
+                        .map_err(mls(MlsStep::Credential))?;
                     if identity.identity() != leaf.signature_key().as_slice() {
-                        return Err(CommandError::Mls(
-                            "a Commit adds a member whose credential is not its signature key"
-                                .into(),
-                        ));
+                        return Err(CommandError::Mls(MlsError::new(
+                            MlsStep::Credential,
+                            "a Commit adds a member whose credential is not its signature key",
+                        )));
                     }
                 }
                 // Every member's credential is checked to be an identity
                 // (`check_members`), so a Commit always names its committer.
-                let committer =
-                    sender.ok_or_else(|| CommandError::Mls("a Commit from no identity".into()))?;
+                let committer = sender.ok_or_else(|| {
+                    CommandError::Mls(MlsError::new(MlsStep::Process, "a Commit from no identity"))
+                })?;
                 // The committer may have rotated its hybrid key with this
                 // Commit (`update`): fetch it anew before sealing to it.
                 self.peer_hybrid_keys.remove(&committer);
@@ -648,13 +656,13 @@ impl ClientMachine {
                 if let Some(own) = &record.commit {
                     group
                         .clear_pending_commit(self.provider.storage())
-                        .map_err(mls)?;
+                        .map_err(mls(MlsStep::Process))?;
                     let next = group.epoch().as_u64().saturating_add(1);
                     self.commit_lost(own.message_id, next, false);
                 }
                 group
                     .merge_staged_commit(&self.provider, *commit)
-                    .map_err(mls)?;
+                    .map_err(mls(MlsStep::Merge))?;
                 if removed {
                     // Removed by another member: nothing more can be read or
                     // sent in this group.

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{CommandError, STATE_VERSION};
+use super::{CommandError, STATE_VERSION, StateError};
 
 /// One group as persisted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,7 +126,7 @@ impl Persisted {
 
     /// Decodes the current layout or an older one.
     pub fn decode(snapshot: &[u8]) -> Result<Persisted, CommandError> {
-        let bad = |e: postcard::Error| CommandError::State(format!("state does not decode: {e}"));
+        let bad = |e: postcard::Error| CommandError::State(StateError::Undecodable(e.to_string()));
         let (version, _) = postcard::take_from_bytes::<u32>(snapshot).map_err(bad)?;
         match version {
             STATE_VERSION => postcard::from_bytes(snapshot).map_err(bad),
@@ -142,9 +142,7 @@ impl Persisted {
                 .upgrade()
                 .upgrade()
                 .upgrade()),
-            other => Err(CommandError::State(format!(
-                "state version {other} is not the supported {STATE_VERSION} (or 3, 2 or 1)"
-            ))),
+            other => Err(CommandError::State(StateError::Version(other))),
         }
     }
 }

@@ -1481,7 +1481,7 @@ impl<S: Store> NodeService<S> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ServiceError> {
         self.store
             .get(key)
-            .map_err(|e| ServiceError::unavailable(format!("storage read failed: {}", e.0)))
+            .map_err(|e| ServiceError::unavailable(e.to_string()))
     }
 
     fn write(&mut self, batch: Batch) -> Result<(), ServiceError> {
@@ -1492,11 +1492,8 @@ impl<S: Store> NodeService<S> {
                 Ok(())
             }
             Err(e) => {
-                self.fail(&e.0);
-                Err(ServiceError::unavailable(format!(
-                    "storage write failed: {}",
-                    e.0
-                )))
+                self.fail(&e.detail);
+                Err(ServiceError::unavailable(e.to_string()))
             }
         }
     }

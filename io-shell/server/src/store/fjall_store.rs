@@ -97,11 +97,20 @@ impl Store for FjallStore {
             // fjall cannot hold such a key, so it is not stored.
             return Ok(None);
         }
-        let value = self.keyspace.get(key).map_err(StorageError::from)?;
+        let value = self
+            .keyspace
+            .get(key)
+            .map_err(|e| StoreError::read(StorageError::from(e)))?;
         Ok(value.map(|v| v.to_vec()))
     }
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
+        self.write_batch(batch).map_err(StoreError::write)
+    }
+}
+
+impl FjallStore {
+    fn write_batch(&mut self, batch: Batch) -> Result<Lsn, StorageError> {
         let ops = batch.into_ops();
         // fjall writes the journal before it checks key sizes (and
         // truncates a key length to 16 bits there), so an unstorable key
@@ -114,8 +123,7 @@ impl Store for FjallStore {
                 return Err(StorageError::Unstorable {
                     what: "value",
                     bytes: v.len(),
-                }
-                .into());
+                });
             }
         }
         let mut wb = OwnedWriteBatch::with_capacity(self.db.clone(), ops.len())

@@ -52,11 +52,11 @@ impl From<MemStore> for SharedMemStore {
 
 impl Store for SharedMemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.lock()?.get(key)
+        self.lock().map_err(StoreError::read)?.get(key)
     }
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
-        self.lock()?.write(batch)
+        self.lock().map_err(StoreError::write)?.write(batch)
     }
 }
 

@@ -24,7 +24,7 @@
 
 use std::path::PathBuf;
 
-use quicproquo_core::store::{Lsn, Store, StoreError};
+use quicproquo_core::store::{Lsn, Store};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 pub mod fjall_store;
@@ -95,12 +95,6 @@ pub enum StorageError {
     /// The in-memory store's lock is poisoned: a thread panicked inside it.
     #[error("the in-memory store's lock is poisoned")]
     MemPoisoned,
-}
-
-impl From<StorageError> for StoreError {
-    fn from(e: StorageError) -> Self {
-        StoreError(e.to_string())
-    }
 }
 
 /// Makes written batches durable. Cheap to clone; one clone lives in the
