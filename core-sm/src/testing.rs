@@ -294,17 +294,8 @@ impl NodeWorld {
     /// without a warning. Returns its events.
     pub fn run_ok(&mut self, m: &mut ClientMachine, conn: u64, command: Command) -> Vec<Event> {
         let what = format!("{command:?}");
-        let ran = self.run_command(m, conn, command, &mut Hooks::default());
-        if let Err(e) = &ran.outcome {
-            panic!("{what} failed: {e}");
-        }
-        for e in &ran.events {
-            assert!(
-                !matches!(e, Event::Warning { .. } | Event::Tampering { .. }),
-                "{what}: {e:?}"
-            );
-        }
-        ran.events
+        self.run_command(m, conn, command, &mut Hooks::default())
+            .ok(&what)
     }
 }
 
@@ -331,4 +322,21 @@ pub struct Ran {
     pub outcome: Result<Outcome, CommandError>,
     /// The machine's state at its last persist, if it persisted.
     pub snapshot: Option<Vec<u8>>,
+}
+
+impl Ran {
+    /// The events of a command (`what`) that had to succeed without a
+    /// warning or a tampering report; panics otherwise.
+    pub fn ok(self, what: &str) -> Vec<Event> {
+        if let Err(e) = &self.outcome {
+            panic!("{what} failed: {e}");
+        }
+        for e in &self.events {
+            assert!(
+                !matches!(e, Event::Warning { .. } | Event::Tampering { .. }),
+                "{what}: {e:?}"
+            );
+        }
+        self.events
+    }
 }

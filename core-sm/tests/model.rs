@@ -1966,15 +1966,7 @@ impl Run {
             self.acknowledge_all(cursors, &mut states);
             return written(states, vec![expected(rid, actor, reply, meta)]);
         }
-        let mine = self.waiters.iter().filter(|w| w.actor == actor).count();
-        if mine >= WAITERS_PER_CONNECTION_MAX {
-            let e = error(ErrorKind::RateLimited {
-                retry_after_ms: 1_000,
-            });
-            return written(states, vec![expected(rid, actor, e, Meta::None)]);
-        }
-        if self.waiters.len() >= WAITERS_MAX {
-            let e = error(ErrorKind::Unavailable);
+        if let Some(e) = self.waiter_refusal(actor) {
             return written(states, vec![expected(rid, actor, e, Meta::None)]);
         }
         self.acknowledge_all(cursors, &mut states);
@@ -1988,6 +1980,18 @@ impl Run {
             deadline: self.now.saturating_add(timeout),
         });
         written(states, Vec::new())
+    }
+
+    /// Why a long-poll of `actor` may not wait: its connection holds its
+    /// most waiters, or the server does.
+    fn waiter_refusal(&self, actor: usize) -> Option<Reply> {
+        let mine = self.waiters.iter().filter(|w| w.actor == actor).count();
+        if mine >= WAITERS_PER_CONNECTION_MAX {
+            return Some(error(ErrorKind::RateLimited {
+                retry_after_ms: 1_000,
+            }));
+        }
+        (self.waiters.len() >= WAITERS_MAX).then(|| error(ErrorKind::Unavailable))
     }
 
     /// Acknowledges every cursor, each queue its own batch; the model after
@@ -2084,15 +2088,7 @@ impl Run {
                 return written(states, vec![expected(rid, actor, reply, meta)]);
             }
         };
-        let mine = self.waiters.iter().filter(|w| w.actor == actor).count();
-        if mine >= WAITERS_PER_CONNECTION_MAX {
-            let e = error(ErrorKind::RateLimited {
-                retry_after_ms: 1_000,
-            });
-            return written(states, vec![expected(rid, actor, e, Meta::None)]);
-        }
-        if self.waiters.len() >= WAITERS_MAX {
-            let e = error(ErrorKind::Unavailable);
+        if let Some(e) = self.waiter_refusal(actor) {
             return written(states, vec![expected(rid, actor, e, Meta::None)]);
         }
         if self.acknowledge(q, after_seq) {

@@ -801,14 +801,7 @@ impl Harness {
                     channel_id: chan(*channel),
                 };
                 let message_id = mid(*message_id);
-                let sent = self
-                    .checker
-                    .sent_payloads
-                    .entry((queue, message_id))
-                    .or_default();
-                if !sent.contains(payload) {
-                    sent.push(payload.clone());
-                }
+                self.note_sent(queue, message_id, payload);
                 (
                     RequestBody::Enqueue {
                         recipient_key: queue.recipient_key,
@@ -891,14 +884,7 @@ impl Harness {
                     })
                     .collect();
                 for queue in &queues {
-                    let sent = self
-                        .checker
-                        .sent_payloads
-                        .entry((*queue, message_id))
-                        .or_default();
-                    if !sent.contains(&payload) {
-                        sent.push(payload.clone());
-                    }
+                    self.note_sent(*queue, message_id, &payload);
                 }
                 (
                     RequestBody::EnqueueBatch {
@@ -935,14 +921,7 @@ impl Harness {
                     .collect();
                 for queue in &queues {
                     for (message_id, payload) in &messages {
-                        let sent = self
-                            .checker
-                            .sent_payloads
-                            .entry((*queue, *message_id))
-                            .or_default();
-                        if !sent.contains(payload) {
-                            sent.push(payload.clone());
-                        }
+                        self.note_sent(*queue, *message_id, payload);
                     }
                 }
                 (
@@ -1126,6 +1105,18 @@ impl Harness {
     }
 
     // ----- the checker -----------------------------------------------------
+
+    /// A payload sent to `queue` under `message_id`.
+    fn note_sent(&mut self, queue: QueueId, message_id: MessageId, payload: &[u8]) {
+        let sent = self
+            .checker
+            .sent_payloads
+            .entry((queue, message_id))
+            .or_default();
+        if !sent.iter().any(|p| p == payload) {
+            sent.push(payload.to_vec());
+        }
+    }
 
     fn on_reply(&mut self, conn: ConnectionId, rid: RequestId, reply: Reply) {
         let p = self

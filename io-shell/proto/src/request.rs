@@ -106,12 +106,10 @@ pub(crate) fn to_wire(req: &Request, mut w: request::Builder<'_>) {
             message_id,
         } => {
             let mut g = body.init_enqueue_batch();
-            let len = u32::try_from(recipient_keys.len())
-                .expect("far fewer than 2^32 recipients (ENQUEUE_BATCH_RECIPIENTS_MAX)");
-            let mut list = g.reborrow().init_recipient_keys(len);
-            for (i, key) in (0..len).zip(recipient_keys) {
-                list.set(i, key.as_bytes());
-            }
+            set_keys(
+                g.reborrow().init_recipient_keys(count(recipient_keys)),
+                recipient_keys,
+            );
             g.set_channel_id(channel_id.as_bytes());
             g.set_payload(payload);
             g.set_message_id(&message_id.0);
@@ -122,12 +120,10 @@ pub(crate) fn to_wire(req: &Request, mut w: request::Builder<'_>) {
             messages,
         } => {
             let mut g = body.init_enqueue_many();
-            let len = u32::try_from(recipient_keys.len())
-                .expect("far fewer than 2^32 recipients (ENQUEUE_BATCH_RECIPIENTS_MAX)");
-            let mut list = g.reborrow().init_recipient_keys(len);
-            for (i, key) in (0..len).zip(recipient_keys) {
-                list.set(i, key.as_bytes());
-            }
+            set_keys(
+                g.reborrow().init_recipient_keys(count(recipient_keys)),
+                recipient_keys,
+            );
             g.set_channel_id(channel_id.as_bytes());
             let len = u32::try_from(messages.len())
                 .expect("far fewer than 2^32 messages (ENQUEUE_MANY_MESSAGES_MAX)");
@@ -320,6 +316,19 @@ pub(crate) fn size_in_words(req: &Request) -> usize {
 /// Parses an identity or recipient key (32 bytes).
 fn identity_key(bytes: &[u8]) -> Result<IdentityKey, DecodeError> {
     IdentityKey::try_from_slice(bytes).map_err(DecodeError::Invalid)
+}
+
+/// A list's length on the wire: the core's limits keep every list far
+/// below 2^32 entries.
+fn count<T>(items: &[T]) -> u32 {
+    u32::try_from(items.len()).expect("lists are bounded far below 2^32 by the core's limits")
+}
+
+/// Writes recipient keys into an initialised list.
+fn set_keys(mut list: capnp::data_list::Builder<'_>, keys: &[IdentityKey]) {
+    for (i, key) in (0..).zip(keys) {
+        list.set(i, key.as_bytes());
+    }
 }
 
 /// Parses the recipients of `method`, at most
