@@ -16,8 +16,8 @@ use quicproquo_core::node::{
 };
 use quicproquo_core::types::{ConnectionId, IdentityKey, Signature};
 use quicproquo_server::config::TransportLimits;
-use quicproquo_server::metrics::Metrics;
-use quicproquo_server::service::{self, ServiceGauges, ServiceHandle, ServiceStats};
+use quicproquo_server::observe::{Metrics, Observer};
+use quicproquo_server::service::{self, ServiceHandle, ServiceStats};
 use quicproquo_server::store::fjall_store::FjallStore;
 use quicproquo_server::{endpoint, serve, tls};
 use tokio::sync::oneshot;
@@ -86,16 +86,10 @@ impl InProcessServer {
         let shutdown = async move {
             let _ = rx.await;
         };
-        let gauges = ServiceGauges::default();
-        let metrics = metered.then(|| Arc::new(Metrics::new(durability, gauges.clone())));
-        let task = tokio::spawn(serve::serve_observed(
-            endpoint,
-            node,
-            limits,
-            shutdown,
-            gauges,
-            metrics.clone(),
-        ));
+        let mut observer = Observer::default();
+        let metrics = metered.then(|| Arc::new(Metrics::new(durability, observer.gauges.clone())));
+        observer.metrics = metrics.clone();
+        let task = tokio::spawn(serve::serve(endpoint, node, limits, shutdown, observer));
         InProcessServer {
             addr,
             fingerprint: identity.fingerprint(),
@@ -159,7 +153,7 @@ impl ServiceRig {
         let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
         let node =
             NodeService::new(bench_node_config(durability), [42; 32], store).expect("open node");
-        let (handle, task) = service::spawn(node);
+        let (handle, task) = service::spawn(node, Observer::default());
         ServiceRig { handle, task }
     }
 

@@ -12,6 +12,7 @@ use quicproquo_client::{Client, ServerTrust};
 use quicproquo_core::node::{NodeConfig, NodeService};
 use quicproquo_core::types::IdentityKey;
 use quicproquo_server::config::TransportLimits;
+use quicproquo_server::observe::Observer;
 use quicproquo_server::service::ServiceStats;
 use quicproquo_server::store::fjall_store::FjallStore;
 use quicproquo_server::{endpoint, serve, tls};
@@ -46,9 +47,16 @@ impl TestServer {
             quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).expect("bind");
         let addr = endpoint.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve::serve(endpoint, node, limits, async move {
+        let shutdown = async move {
             let _ = rx.await;
-        }));
+        };
+        let task = tokio::spawn(serve::serve(
+            endpoint,
+            node,
+            limits,
+            shutdown,
+            Observer::default(),
+        ));
         TestServer {
             addr,
             fingerprint: identity.fingerprint(),
