@@ -7,7 +7,9 @@
 //! with group commit. [`config`] resolves file, environment and flags;
 //! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC; [`observe`] holds what
 //! the server counts (live gauges, Prometheus counters) and [`metrics`]
-//! serves it as Prometheus text.
+//! serves it as Prometheus text. The module `testing` (cargo feature
+//! `testing`) runs the whole shell in the calling process for tests and
+//! benches.
 
 pub mod config;
 pub mod endpoint;
@@ -16,4 +18,6 @@ pub mod observe;
 pub mod serve;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
