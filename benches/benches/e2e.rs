@@ -7,10 +7,11 @@
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use quicproquo_benches::server::{InProcessServer, user};
+use quicproquo_benches::server::{bench_setup, user};
 use quicproquo_client::Client;
 use quicproquo_core::node::Durability;
 use quicproquo_core::types::{ChannelId, MessageId};
+use quicproquo_server::testing::InProcessServer;
 
 const IN_FLIGHT: [u64; 3] = [1, 16, 64];
 const PAYLOAD_BYTES: usize = 1024;
@@ -55,7 +56,9 @@ fn e2e(c: &mut Criterion) {
         .build()
         .expect("tokio runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = rt.block_on(async { InProcessServer::start(dir.path(), Durability::Fsync) });
+    let server = rt.block_on(async {
+        InProcessServer::start_with(dir.path(), bench_setup(Durability::Fsync, false))
+    });
     let client = rt.block_on(server.login(&user(1)));
     let me = client.identity().expect("authenticated");
     let payload: std::sync::Arc<[u8]> = vec![0x42; PAYLOAD_BYTES].into();

@@ -4,8 +4,9 @@
 //! - [`core_rig`]: the NodeService machine over the core's `MemStore`, driven
 //!   the way the server shell drives it (feed a request, drain outputs, sync
 //!   when asked), with no I/O at all.
-//! - [`server`]: a real qpq-server in this process on loopback, for the end
-//!   to end benches.
+//! - [`server`]: how the benches run a server in this process: the
+//!   end to end benches' setup for `quicproquo_server::testing`, and the
+//!   service task over fjall without QUIC for the store benches.
 //! - [`load`]: the load generator's workloads against a running server.
 //! - [`echo`]: the bare-QUIC baseline, a trivial echo server and client with
 //!   the same request and response sizes.

@@ -1,29 +1,23 @@
-//! A real qpq-server in this process: the production shell (`serve`,
-//! service task, group commit, fjall) on a loopback port over a temporary
-//! data directory, for the end to end benches. Also [`ServiceRig`], the
-//! service task and fjall store without QUIC, for the store benches.
+//! The servers the benches run in this process: the end to end benches
+//! start [`InProcessServer`](quicproquo_server::testing::InProcessServer)
+//! (the production shell on a loopback port) with [`bench_setup`]; the
+//! store benches use [`ServiceRig`], the service task and fjall store
+//! without QUIC.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};
-use quicproquo_client::{Client, ServerTrust};
 use quicproquo_core::limits::AUTH_VERSION;
 use quicproquo_core::node::{
     Durability, NodeConfig, NodeService, RateConfig, Reply, Request, RequestBody, Response,
     auth_message,
 };
 use quicproquo_core::types::{ConnectionId, IdentityKey, Signature};
-use quicproquo_server::config::TransportLimits;
-use quicproquo_server::metrics::Metrics;
-use quicproquo_server::service::{self, ServiceGauges, ServiceHandle, ServiceStats};
+use quicproquo_server::observe::Observer;
+use quicproquo_server::service::{self, ServiceHandle, ServiceStats};
 use quicproquo_server::store::fjall_store::FjallStore;
-use quicproquo_server::{endpoint, serve, tls};
-use tokio::sync::oneshot;
+use quicproquo_server::testing::Setup;
 use tokio::task::JoinHandle;
-
-use crate::scrape::Samples;
 
 /// The machine configuration the benches run with: the defaults of
 /// `durability`, except that rate limits are lifted far above what one
@@ -44,95 +38,16 @@ pub fn bench_node_config(durability: Durability) -> NodeConfig {
     }
 }
 
-/// A qpq-server running in this process.
-pub struct InProcessServer {
-    /// Its UDP address.
-    pub addr: SocketAddr,
-    /// SHA-256 of its certificate, for pinning.
-    pub fingerprint: [u8; 32],
-    /// Its metrics, when started with [`InProcessServer::start_metered`].
-    metrics: Option<Arc<Metrics>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<ServiceStats>>,
-}
-
-impl InProcessServer {
-    /// Starts a server over `data_dir` (which must outlive it) with
-    /// [`bench_node_config`] and default transport limits. Call from
-    /// inside a tokio runtime.
-    pub fn start(data_dir: &Path, durability: Durability) -> InProcessServer {
-        Self::start_with(data_dir, durability, false)
-    }
-
-    /// As [`InProcessServer::start`], also keeping the server's metrics
-    /// (what `metrics_listen` would serve), read with
-    /// [`InProcessServer::samples`]. Counting costs a few atomic updates
-    /// per request, as on a server with `metrics_listen` set.
-    pub fn start_metered(data_dir: &Path, durability: Durability) -> InProcessServer {
-        Self::start_with(data_dir, durability, true)
-    }
-
-    fn start_with(data_dir: &Path, durability: Durability, metered: bool) -> InProcessServer {
-        let identity = tls::load_or_generate(data_dir).expect("certificate");
-        let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
-        let node =
-            NodeService::new(bench_node_config(durability), [42; 32], store).expect("open node");
-        let limits = TransportLimits::default();
-        let config = endpoint::server_config(&identity, &limits).expect("server config");
-        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-        let endpoint = quinn::Endpoint::server(config, loopback).expect("bind loopback");
-        let addr = endpoint.local_addr().expect("bound address");
-        let (tx, rx) = oneshot::channel::<()>();
-        let shutdown = async move {
-            let _ = rx.await;
-        };
-        let gauges = ServiceGauges::default();
-        let metrics = metered.then(|| Arc::new(Metrics::new(durability, gauges.clone())));
-        let task = tokio::spawn(serve::serve_observed(
-            endpoint,
-            node,
-            limits,
-            shutdown,
-            gauges,
-            metrics.clone(),
-        ));
-        InProcessServer {
-            addr,
-            fingerprint: identity.fingerprint(),
-            metrics,
-            shutdown: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// The server's metrics now, if it keeps them.
-    pub fn samples(&self) -> Option<Samples> {
-        self.metrics.as_ref().map(|m| Samples::parse(&m.encode()))
-    }
-
-    /// The trust setting that pins this server's certificate.
-    pub fn trust(&self) -> ServerTrust {
-        ServerTrust::Fingerprint(self.fingerprint)
-    }
-
-    /// A client authenticated as `key`.
-    pub async fn login(&self, key: &SigningKey) -> Client {
-        let mut c = Client::connect(&self.addr.to_string(), &self.trust())
-            .await
-            .expect("connect");
-        c.authenticate(key).await.expect("authenticate");
-        c
-    }
-
-    /// Stops the server and waits until its last writes are synced.
-    pub async fn stop(mut self) -> ServiceStats {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.task.take() {
-            Some(t) => t.await.unwrap_or_default(),
-            None => ServiceStats::default(),
-        }
+/// How the end to end benches start their
+/// [`InProcessServer`](quicproquo_server::testing::InProcessServer):
+/// [`bench_node_config`] for `durability`, the default transport limits,
+/// and the server's metrics kept when `metrics` (read them with
+/// [`crate::scrape::Samples::parse`] of `Metrics::encode`).
+pub fn bench_setup(durability: Durability, metrics: bool) -> Setup {
+    Setup {
+        node: bench_node_config(durability),
+        metrics,
+        ..Setup::default()
     }
 }
 
@@ -159,7 +74,7 @@ impl ServiceRig {
         let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
         let node =
             NodeService::new(bench_node_config(durability), [42; 32], store).expect("open node");
-        let (handle, task) = service::spawn(node);
+        let (handle, task) = service::spawn(node, Observer::default());
         ServiceRig { handle, task }
     }
 
@@ -215,7 +130,3 @@ pub fn user(n: u64) -> SigningKey {
     seed[..8].copy_from_slice(&n.to_le_bytes());
     SigningKey::from_bytes(&seed)
 }
-
-/// Shared handle to an in-process server, for benches that run several
-/// closures against one server.
-pub type SharedServer = Arc<InProcessServer>;

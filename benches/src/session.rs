@@ -37,6 +37,7 @@ use quicproquo_client::state_file::{self, KdfParams, StateKey};
 use quicproquo_client::{Client, ServerTrust, Session, SessionConfig};
 use quicproquo_core::client::{ClientMachine, Event};
 use quicproquo_core::node::Durability;
+use quicproquo_server::testing::InProcessServer;
 use rand_core::OsRng;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -44,7 +45,7 @@ use tokio::task::JoinSet;
 
 use crate::load::{Latency, Workload, latency, new_histogram, record};
 use crate::scrape::{Samples, scrape};
-use crate::server::InProcessServer;
+use crate::server::bench_setup;
 
 /// Which server the sessions talk to.
 #[derive(Debug, Clone)]
@@ -264,8 +265,9 @@ pub fn run(config: SessionLoad) -> anyhow::Result<SessionReport> {
                 .build()?;
             let data = dir.path().join("server");
             std::fs::create_dir(&data)?;
-            let server =
-                servers.block_on(async { InProcessServer::start_metered(&data, *durability) });
+            let server = servers.block_on(async {
+                InProcessServer::start_with(&data, bench_setup(*durability, true))
+            });
             let report = clients.block_on(drive(
                 &config,
                 dir.path(),
@@ -304,7 +306,7 @@ enum Metered<'a> {
 impl Metered<'_> {
     async fn samples(self) -> anyhow::Result<Option<Samples>> {
         match self {
-            Metered::InProcess(s) => Ok(s.samples()),
+            Metered::InProcess(s) => Ok(s.metrics().map(|m| Samples::parse(&m.encode()))),
             Metered::Url(url) => Ok(Some(scrape(url).await?)),
             Metered::No => Ok(None),
         }

@@ -911,7 +911,7 @@ mod tests {
     use std::time::Duration;
 
     use quicproquo_core::types::ChannelId;
-    use quicproquo_server::service::GaugeSnapshot;
+    use quicproquo_server::observe::GaugeSnapshot;
 
     use super::*;
 

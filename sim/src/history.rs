@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use quicproquo_core::types::{IdentityKey, MessageId, QueueId};
-use quicproquo_server::service::GaugeSnapshot;
+use quicproquo_server::observe::GaugeSnapshot;
 
 /// One thing a simulated client (or the driver) observed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,11 +3,12 @@
 //!
 //! Nothing of the server is copied here. The host builds the endpoint the
 //! way `qpq-server` does (`endpoint::server_config` with the default
-//! transport limits), opens a `NodeService` over the store and runs
-//! `serve_with_gauges` until turmoil crashes the host. A crash drops every
-//! task of the host (the service task, the group-commit task, every
-//! connection), then [`SimServer::crash`] discards every write not yet
-//! synced; a restart opens a fresh machine over what survived.
+//! transport limits), opens a `NodeService` over the store and runs `serve`
+//! (keeping its observer's gauges for the driver) until turmoil crashes the
+//! host. A crash drops every task of the host (the service task, the
+//! group-commit task, every connection), then [`SimServer::crash`] discards
+//! every write not yet synced; a restart opens a fresh machine over what
+//! survived.
 //!
 //! [`SimStore`] is the shell's [`SharedMemStore`] with a sync that takes
 //! simulated time: it records the last written batch, waits, then makes
@@ -28,8 +29,8 @@ use quicproquo_core::node::{NodeConfig, NodeService};
 use quicproquo_core::store::{Batch, Lsn, Store, StoreError};
 use quicproquo_server::config::TransportLimits;
 use quicproquo_server::endpoint::server_config;
-use quicproquo_server::serve::serve_with_gauges;
-use quicproquo_server::service::{GaugeSnapshot, ServiceGauges};
+use quicproquo_server::observe::{GaugeSnapshot, Observer, ServiceGauges};
+use quicproquo_server::serve::serve;
 use quicproquo_server::store::{SharedMemStore, ShellStore, StorageError, SyncHandle};
 use quicproquo_server::tls::TlsIdentity;
 use rand_chacha::ChaCha8Rng;
@@ -230,8 +231,8 @@ impl SimServer {
         let mut node_seed = [0u8; 32];
         ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut node_seed);
         let node = NodeService::new(NodeConfig::default(), node_seed, self.store.clone())?;
-        let gauges = ServiceGauges::default();
-        *self.gauges.borrow_mut() = Some(gauges.clone());
+        let observer = Observer::default();
+        *self.gauges.borrow_mut() = Some(observer.gauges.clone());
         // The endpoint's connection count, published for the driver: a
         // clone of the endpoint kept outside the host would keep its socket
         // bound after a crash.
@@ -244,12 +245,12 @@ impl SimServer {
             }
         });
         let stop = self.shutdown.clone();
-        serve_with_gauges(
+        serve(
             endpoint,
             node,
             limits,
             async move { stop.notified().await },
-            gauges,
+            observer,
         )
         .await;
         self.gauges.borrow_mut().take();

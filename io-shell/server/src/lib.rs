@@ -5,13 +5,19 @@
 //! with `quicproquo-proto`, and passes them to the [`service`] task that owns
 //! the machine; [`store`] implements the machine's storage port over fjall
 //! with group commit. [`config`] resolves file, environment and flags;
-//! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC; [`metrics`] counts
-//! requests and fsyncs and serves them as Prometheus text.
+//! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC; [`observe`] holds what
+//! the server counts (live gauges, Prometheus counters) and [`metrics`]
+//! serves it as Prometheus text. The module `testing` (cargo feature
+//! `testing`) runs the whole shell in the calling process for tests and
+//! benches.
 
 pub mod config;
 pub mod endpoint;
 pub mod metrics;
+pub mod observe;
 pub mod serve;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use quicproquo_core::node::NodeService;
 use quicproquo_server::config::{Args, ServerConfig};
-use quicproquo_server::metrics::{self, Metrics};
-use quicproquo_server::service::ServiceGauges;
+use quicproquo_server::metrics;
+use quicproquo_server::observe::{Metrics, Observer};
 use quicproquo_server::store::fjall_store::FjallStore;
 use quicproquo_server::{endpoint, serve, tls};
 use rand_core::{OsRng, RngCore};
@@ -69,26 +69,25 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         durability = ?config.node.durability,
         "qpq-server started"
     );
-    let gauges = ServiceGauges::default();
-    let metrics = match config.metrics_listen {
-        None => None,
-        Some(addr) => {
-            let listener = metrics::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint on TCP {addr}"))?;
-            let metrics = Arc::new(Metrics::new(config.node.durability, gauges.clone()));
-            tokio::spawn(metrics::serve_metrics(listener, metrics.clone()));
-            println!("metrics on http://{addr}/metrics");
-            Some(metrics)
-        }
-    };
-    let stats = serve::serve_observed(
+    let mut observer = Observer::default();
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint on TCP {addr}"))?;
+        let metrics = Arc::new(Metrics::new(
+            config.node.durability,
+            observer.gauges.clone(),
+        ));
+        tokio::spawn(metrics::serve_metrics(listener, metrics.clone()));
+        println!("metrics on http://{addr}/metrics");
+        observer.metrics = Some(metrics);
+    }
+    let stats = serve::serve(
         endpoint,
         node,
         config.transport.clone(),
         shutdown_signal(),
-        gauges,
-        metrics,
+        observer,
     )
     .await;
     tracing::info!(

@@ -20,8 +20,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tokio::task::JoinSet;
 
 use crate::config::TransportLimits;
-use crate::metrics::Metrics;
-use crate::service::{self, ReplyReservation, ServiceGauges, ServiceHandle, ServiceStats};
+use crate::observe::{Metrics, Observer};
+use crate::service::{self, ReplyReservation, ServiceHandle, ServiceStats};
 use crate::store::ShellStore;
 
 /// QUIC application error codes the server closes or resets with.
@@ -40,40 +40,20 @@ pub mod codes {
 
 /// Serves `endpoint` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish within the grace period, closes the
-/// connections and waits for the last writes to be synced.
+/// connections and waits for the last writes to be synced. The service
+/// publishes its live counts (connections, waiters, replies in flight) to
+/// `observer.gauges`, so a simulation can check that nothing is left behind
+/// after its clients are gone; requests, errors, latencies and fsyncs are
+/// counted in `observer.metrics` when given (see [`crate::observe`]).
 pub async fn serve<S: ShellStore>(
     endpoint: quinn::Endpoint,
     node: NodeService<S>,
     limits: TransportLimits,
     shutdown: impl Future<Output = ()>,
+    observer: Observer,
 ) -> ServiceStats {
-    serve_with_gauges(endpoint, node, limits, shutdown, ServiceGauges::default()).await
-}
-
-/// As [`serve`], publishing the service's live counts (connections,
-/// waiters, replies in flight) to `gauges`, so a simulation can check that
-/// nothing is left behind after its clients are gone.
-pub async fn serve_with_gauges<S: ShellStore>(
-    endpoint: quinn::Endpoint,
-    node: NodeService<S>,
-    limits: TransportLimits,
-    shutdown: impl Future<Output = ()>,
-    gauges: ServiceGauges,
-) -> ServiceStats {
-    serve_observed(endpoint, node, limits, shutdown, gauges, None).await
-}
-
-/// As [`serve_with_gauges`], also counting requests, errors, latencies
-/// and fsyncs in `metrics` when given (see [`crate::metrics`]).
-pub async fn serve_observed<S: ShellStore>(
-    endpoint: quinn::Endpoint,
-    node: NodeService<S>,
-    limits: TransportLimits,
-    shutdown: impl Future<Output = ()>,
-    gauges: ServiceGauges,
-    metrics: Option<Arc<Metrics>>,
-) -> ServiceStats {
-    let (svc, service_task) = service::spawn_observed(node, gauges, metrics.clone());
+    let metrics = observer.metrics.clone();
+    let (svc, service_task) = service::spawn(node, observer);
     let limits = Arc::new(limits);
     let (stop_tx, stop_rx) = watch::channel(false);
     let per_ip: Arc<Mutex<HashMap<IpAddr, u32>>> = Arc::default();

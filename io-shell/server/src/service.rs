@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::limits::TLS_EXPORTER_BYTES;
@@ -19,7 +19,7 @@ use quicproquo_core::types::{ConnectionId, RequestId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::observe::{GaugeSnapshot, Metrics, Observer, ServiceGauges};
 use crate::store::{ShellStore, StorageError, SyncHandle, run_group_commit};
 
 /// Commands queued for the service task before senders wait: deep enough to
@@ -201,84 +201,17 @@ pub struct ServiceStats {
     pub requests: u64,
 }
 
-/// What the service holds right now, published after every turn of its
-/// loop. Simulations and tests read it to check that nothing is left behind
-/// once every client has gone; production does not look at it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct GaugeSnapshot {
-    /// Connections the machine tracks.
-    pub connections: usize,
-    /// Long-poll waiters the machine holds.
-    pub waiters: usize,
-    /// Replies the machine holds until their writes are durable.
-    pub held_replies: usize,
-    /// Requests handed to the machine whose reply has not gone out yet.
-    pub pending_requests: usize,
-}
-
-/// A read-only view of the service's live counts: cheap to clone, written
-/// only by the service task (relaxed atomics; a reader sees each count as
-/// of some recent turn).
-#[derive(Debug, Default, Clone)]
-pub struct ServiceGauges(Arc<GaugeCells>);
-
-#[derive(Debug, Default)]
-struct GaugeCells {
-    connections: AtomicUsize,
-    waiters: AtomicUsize,
-    held_replies: AtomicUsize,
-    pending_requests: AtomicUsize,
-}
-
-impl ServiceGauges {
-    /// The counts as last published.
-    pub fn snapshot(&self) -> GaugeSnapshot {
-        let c = &self.0;
-        GaugeSnapshot {
-            connections: c.connections.load(Ordering::Relaxed),
-            waiters: c.waiters.load(Ordering::Relaxed),
-            held_replies: c.held_replies.load(Ordering::Relaxed),
-            pending_requests: c.pending_requests.load(Ordering::Relaxed),
-        }
-    }
-
-    fn publish<S: ShellStore>(&self, node: &NodeService<S>, pending_requests: usize) {
-        let c = &self.0;
-        c.connections
-            .store(node.connection_count(), Ordering::Relaxed);
-        c.waiters.store(node.waiter_count(), Ordering::Relaxed);
-        c.held_replies
-            .store(node.held_reply_count(), Ordering::Relaxed);
-        c.pending_requests
-            .store(pending_requests, Ordering::Relaxed);
-    }
-}
-
-/// Starts the service task and its group-commit task over `node`. Returns
-/// the handle connection tasks use and a join handle that resolves, with
-/// the final counters, once every handle is dropped and the last writes are
-/// synced.
+/// Starts the service task and its group-commit task over `node`,
+/// publishing the service's live counts to `observer.gauges` and counting
+/// fsyncs, the batches each one covered and the command queue's depth in
+/// `observer.metrics` when given. Returns the handle connection tasks use
+/// and a join handle that resolves, with the final counters, once every
+/// handle is dropped and the last writes are synced.
 pub fn spawn<S: ShellStore>(
     node: NodeService<S>,
+    observer: Observer,
 ) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
-    spawn_with_gauges(node, ServiceGauges::default())
-}
-
-/// As [`spawn`], publishing the service's live counts to `gauges`.
-pub fn spawn_with_gauges<S: ShellStore>(
-    node: NodeService<S>,
-    gauges: ServiceGauges,
-) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
-    spawn_observed(node, gauges, None)
-}
-
-/// As [`spawn_with_gauges`], also counting fsyncs, the batches each one
-/// covered and the command queue's depth in `metrics` when given.
-pub fn spawn_observed<S: ShellStore>(
-    node: NodeService<S>,
-    gauges: ServiceGauges,
-    metrics: Option<Arc<Metrics>>,
-) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
+    let Observer { gauges, metrics } = observer;
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
     let sync = node.store().sync_handle();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
@@ -466,7 +399,12 @@ impl<S: ShellStore> Service<S> {
                 }
             }
         }
-        self.gauges.publish(&self.node, self.pending.len());
+        self.gauges.publish(GaugeSnapshot {
+            connections: self.node.connection_count(),
+            waiters: self.node.waiter_count(),
+            held_replies: self.node.held_reply_count(),
+            pending_requests: self.pending.len(),
+        });
         if let Some(m) = &self.metrics {
             m.service_queue_depth(self.rx.len());
         }

@@ -27,14 +27,13 @@ mod common;
 mod hostile;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{id, user};
+use common::{id, read_start_lines, user};
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_client::{Client, ClientError, ServerTrust, random_message_id};
 use quicproquo_core::Time;
@@ -825,18 +824,7 @@ impl Server {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("spawn qpq-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut addr, mut fingerprint) = (None, None);
-        while addr.is_none() || fingerprint.is_none() {
-            let line = lines.next().expect("server exited early").expect("read");
-            if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
-                addr = rest.split_whitespace().next().map(str::to_owned);
-            }
-            if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
-                fingerprint = Some(rest.trim().to_owned());
-            }
-        }
+        let (addr, fingerprint) = read_start_lines(&mut child);
         let peak_rss_kib = Arc::new(AtomicU64::new(0));
         let sampling = Arc::new(AtomicBool::new(true));
         let pid = child.id();
@@ -853,8 +841,8 @@ impl Server {
         }
         Server {
             child,
-            addr: addr.unwrap().parse().expect("address"),
-            trust: ServerTrust::fingerprint_hex(&fingerprint.unwrap()).expect("fingerprint"),
+            addr: addr.parse().expect("address"),
+            trust: ServerTrust::fingerprint_hex(&fingerprint).expect("fingerprint"),
             peak_rss_kib,
             sampling,
             _dir: dir,

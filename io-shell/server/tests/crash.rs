@@ -6,13 +6,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{id, user};
+use common::{id, read_start_lines, user};
 use quicproquo_client::{Client, ServerTrust};
 use quicproquo_core::types::{ChannelId, MessageId};
 
@@ -33,23 +32,11 @@ fn start_child(data_dir: &Path) -> ChildServer {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn qpq-server");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut addr = None;
-    let mut fp = None;
-    while addr.is_none() || fp.is_none() {
-        let line = lines.next().expect("server exited early").expect("read");
-        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
-            fp = Some(rest.trim().to_owned());
-        }
-    }
+    let (addr, fingerprint) = read_start_lines(&mut child);
     ChildServer {
         child,
-        addr: addr.unwrap(),
-        trust: ServerTrust::fingerprint_hex(&fp.unwrap()).unwrap(),
+        addr,
+        trust: ServerTrust::fingerprint_hex(&fingerprint).unwrap(),
     }
 }
 
@@ -214,18 +201,7 @@ async fn configured_certificate_is_served_instead_of_a_generated_one() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut addr, mut fp) = (None, None);
-    while addr.is_none() || fp.is_none() {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
-            fp = Some(rest.trim().to_owned());
-        }
-    }
-    let fp = fp.unwrap();
+    let (addr, fp) = read_start_lines(&mut child);
     assert_eq!(fp, quicproquo_core::types::hex(&made.fingerprint()));
     // No certificate was generated in the data directory.
     assert!(
@@ -235,7 +211,7 @@ async fn configured_certificate_is_served_instead_of_a_generated_one() {
             .exists()
     );
     let trust = ServerTrust::fingerprint_hex(&fp).unwrap();
-    let mut c = Client::connect(&addr.unwrap(), &trust).await.unwrap();
+    let mut c = Client::connect(&addr, &trust).await.unwrap();
     c.authenticate(&user(1)).await.unwrap();
     child.kill().ok();
     child.wait().ok();

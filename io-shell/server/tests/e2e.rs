@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, id, user};
+use common::{id, user};
 use ed25519_dalek::Signer;
 use quicproquo_client::{Client, ClientError, random_message_id};
 use quicproquo_core::error::ErrorKind;
@@ -18,6 +18,7 @@ use quicproquo_core::node::{
 use quicproquo_core::types::{ChannelId, MessageId, Signature};
 use quicproquo_proto::{decode_reply, encode_request};
 use quicproquo_server::config::TransportLimits;
+use quicproquo_server::testing::{InProcessServer, Setup};
 use sha2::{Digest, Sha256};
 
 fn kind(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorKind {
@@ -39,7 +40,7 @@ async fn raw(client: &Client, bytes: &[u8]) -> quicproquo_core::node::Reply {
 #[tokio::test]
 async fn every_method_works_over_quic() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let (alice_sk, bob_sk) = (user(1), user(2));
     let (alice, bob) = (id(&alice_sk), id(&bob_sk));
     let a = server.login(&alice_sk).await;
@@ -125,7 +126,7 @@ async fn every_method_works_over_quic() {
 #[tokio::test]
 async fn typed_errors_come_back_over_quic() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let (alice_sk, bob_sk) = (user(1), user(2));
     let (alice, bob) = (id(&alice_sk), id(&bob_sk));
     let anon = server.client().await;
@@ -173,7 +174,7 @@ async fn typed_errors_come_back_over_quic() {
 #[tokio::test]
 async fn wrong_length_identity_key_is_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let a = server.login(&user(1)).await;
     let bytes = quicproquo_proto::testing::fetch_key_package_with_raw_key(&[7u8; 31]);
     let r = raw(&a, &bytes).await;
@@ -186,7 +187,7 @@ async fn wrong_length_identity_key_is_invalid_argument() {
 #[tokio::test]
 async fn replayed_auth_signature_fails_on_a_new_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let alice_sk = user(1);
     let alice = id(&alice_sk);
     // Authenticate by hand on connection 1, keeping the signature.
@@ -227,7 +228,13 @@ async fn unfinished_stream_times_out_and_server_is_unaffected() {
         request_timeout: Duration::from_millis(300),
         ..TransportLimits::default()
     };
-    let server = TestServer::start_with(dir.path(), limits, NodeConfig::default()).await;
+    let server = InProcessServer::start_with(
+        dir.path(),
+        Setup {
+            limits,
+            ..Setup::default()
+        },
+    );
     let (alice_sk, bob_sk) = (user(1), user(2));
     let a = server.login(&alice_sk).await;
     let (mut send, mut recv) = a.connection().open_bi().await.unwrap();
@@ -256,7 +263,7 @@ async fn unfinished_stream_times_out_and_server_is_unaffected() {
 #[tokio::test]
 async fn wrong_alpn_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let ok =
         quicproquo_client::testing::connect_with_alpn(server.addr, &server.trust(), b"qpq/1").await;
     assert!(ok.is_ok());
@@ -269,7 +276,7 @@ async fn wrong_alpn_is_refused() {
 #[tokio::test]
 async fn wrong_fingerprint_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let trust = quicproquo_client::ServerTrust::Fingerprint([0; 32]);
     let r = Client::connect(&server.addr.to_string(), &trust).await;
     assert!(
@@ -292,7 +299,7 @@ async fn restart_keeps_key_packages_hybrid_keys_queues_and_seq_counters() {
     let hk = vec![3u8; 64];
     let sig = Signature(alice_sk.sign(&hybrid_key_message(&alice, &hk)).to_bytes());
     {
-        let server = TestServer::start(dir.path()).await;
+        let server = InProcessServer::start(dir.path());
         let a = server.login(&alice_sk).await;
         let b = server.login(&bob_sk).await;
         a.upload_key_package(alice, b"kp".to_vec(), false)
@@ -308,7 +315,7 @@ async fn restart_keeps_key_packages_hybrid_keys_queues_and_seq_counters() {
         drop((a, b));
         server.stop().await;
     }
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let a = server.login(&alice_sk).await;
     let b = server.login(&bob_sk).await;
     assert_eq!(a.key_package_count(alice).await.unwrap(), (1, false));
@@ -339,7 +346,13 @@ async fn concurrent_pops_never_return_the_same_package() {
         },
         ..NodeConfig::default()
     };
-    let server = TestServer::start_with(dir.path(), TransportLimits::default(), node).await;
+    let server = InProcessServer::start_with(
+        dir.path(),
+        Setup {
+            node,
+            ..Setup::default()
+        },
+    );
     let owner_sk = user(1);
     let owner = id(&owner_sk);
     let o = server.login(&owner_sk).await;
@@ -375,7 +388,7 @@ async fn concurrent_pops_never_return_the_same_package() {
 #[tokio::test]
 async fn messages_from_many_senders_keep_per_sender_order() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let bob_sk = user(2);
     let bob = id(&bob_sk);
     let mut tasks = Vec::new();

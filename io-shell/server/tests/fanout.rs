@@ -8,11 +8,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestServer, id, user};
+use common::{id, user};
 use quicproquo_client::{ClientError, random_message_id};
 use quicproquo_core::error::ErrorKind;
 use quicproquo_core::types::{ChannelId, IdentityKey};
 use quicproquo_server::store::fjall_store::FjallStore;
+use quicproquo_server::testing::InProcessServer;
 
 /// A group envelope around an MLS PrivateMessage framing of a Commit made
 /// in `epoch` (see `quicproquo_core::protocol::framing`).
@@ -28,7 +29,7 @@ fn commit(group: &[u8], epoch: u64, body: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn enqueue_batch_fence_and_channel_wait_over_quic() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let keys: Vec<_> = (1..=4).map(user).collect();
     let ids: Vec<IdentityKey> = keys.iter().map(id).collect();
     let alice = server.login(&keys[0]).await;
@@ -140,7 +141,7 @@ const PAYLOAD_BYTES: usize = 1024;
 /// group take, sent as one enqueue per recipient or as one enqueueBatch.
 async fn stored_bytes(batched: bool) -> u64 {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let sender = server.login(&user(200)).await;
     let recipients: Vec<IdentityKey> = (1..GROUP_MEMBERS).map(|n| id(&user(n))).collect();
     let g = ChannelId::try_from_slice(b"the-group").unwrap();
@@ -192,7 +193,7 @@ async fn a_channel_wait_longer_than_the_call_timeout_is_not_cut_short() {
     use quicproquo_core::node::{RequestBody, Response};
 
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = InProcessServer::start(dir.path());
     let key = user(9);
     let client = server.login(&key).await;
     let wait = CALL_TIMEOUT + Duration::from_secs(1);

@@ -1,89 +1,14 @@
-//! Shared harness for the server's integration tests: a real server on
-//! loopback (ephemeral port, temporary data directory) and authenticated
-//! clients.
+//! Shared by the server's integration tests: identities, and reading a
+//! child `qpq-server`'s start lines (the attack and crash tests run the
+//! binary; the others start `quicproquo_server::testing::InProcessServer`).
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::io::{BufRead, BufReader};
+use std::process::Child;
 
 use ed25519_dalek::SigningKey;
-use quicproquo_client::{Client, ServerTrust};
-use quicproquo_core::node::{NodeConfig, NodeService};
 use quicproquo_core::types::IdentityKey;
-use quicproquo_server::config::TransportLimits;
-use quicproquo_server::service::ServiceStats;
-use quicproquo_server::store::fjall_store::FjallStore;
-use quicproquo_server::{endpoint, serve, tls};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// A server running in this process.
-pub struct TestServer {
-    pub addr: SocketAddr,
-    pub fingerprint: [u8; 32],
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<ServiceStats>>,
-}
-
-impl TestServer {
-    /// Starts a server over `data_dir` with default limits.
-    pub async fn start(data_dir: &Path) -> TestServer {
-        Self::start_with(data_dir, TransportLimits::default(), NodeConfig::default()).await
-    }
-
-    /// Starts a server over `data_dir` with the given limits.
-    pub async fn start_with(
-        data_dir: &Path,
-        limits: TransportLimits,
-        node: NodeConfig,
-    ) -> TestServer {
-        let identity = tls::load_or_generate(data_dir).expect("certificate");
-        let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
-        let node = NodeService::new(node, [42; 32], store).expect("open node");
-        let config = endpoint::server_config(&identity, &limits).expect("server config");
-        let endpoint =
-            quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).expect("bind");
-        let addr = endpoint.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve::serve(endpoint, node, limits, async move {
-            let _ = rx.await;
-        }));
-        TestServer {
-            addr,
-            fingerprint: identity.fingerprint(),
-            shutdown: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// The trust setting that pins this server's certificate.
-    pub fn trust(&self) -> ServerTrust {
-        ServerTrust::Fingerprint(self.fingerprint)
-    }
-
-    /// An unauthenticated client.
-    pub async fn client(&self) -> Client {
-        Client::connect(&self.addr.to_string(), &self.trust())
-            .await
-            .expect("connect")
-    }
-
-    /// A client authenticated as `key`.
-    pub async fn login(&self, key: &SigningKey) -> Client {
-        let mut c = self.client().await;
-        c.authenticate(key).await.expect("authenticate");
-        c
-    }
-
-    /// Stops the server cleanly and returns its counters.
-    pub async fn stop(mut self) -> ServiceStats {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.task.take().unwrap().await.expect("server task")
-    }
-}
 
 /// A deterministic identity.
 pub fn user(n: u8) -> SigningKey {
@@ -93,4 +18,25 @@ pub fn user(n: u8) -> SigningKey {
 /// Its public identity key.
 pub fn id(sk: &SigningKey) -> IdentityKey {
     IdentityKey(sk.verifying_key().to_bytes())
+}
+
+/// Reads what a child `qpq-server`, started with its stdout piped, prints
+/// at start: the address it listens on and its certificate's SHA-256
+/// fingerprint in hex. Panics if the server exits first.
+pub fn read_start_lines(child: &mut Child) -> (String, String) {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut addr, mut fingerprint) = (None, None);
+    loop {
+        let line = lines.next().expect("server exited early").expect("read");
+        if let Some(rest) = line.strip_prefix("qpq-server listening on ") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.strip_prefix("certificate SHA-256 fingerprint: ") {
+            fingerprint = Some(rest.trim().to_owned());
+        }
+        if let (Some(addr), Some(fingerprint)) = (&addr, &fingerprint) {
+            return (addr.clone(), fingerprint.clone());
+        }
+    }
 }
