@@ -32,7 +32,8 @@
 //!   equal the model's answer. A crash loses the replies not yet released.
 //!
 //! On top of the model, [`Seen`] records what clients were told in released
-//! replies. It survives crashes and backs checks that do not trust the model:
+//! replies (its queue part is the shared `testing::ledger::Ledger`, the
+//! checker the fuzz target and the simulations use too). It survives crashes and backs checks that do not trust the model:
 //! no single-use KeyPackage is handed out twice, and none its target never
 //! uploaded; a hybrid key always carries its owner's signature; a
 //! `(queue, seq)` pair always names the same payload; an
@@ -64,8 +65,9 @@ use quicproquo_core::node::{
 };
 use quicproquo_core::protocol::framing;
 use quicproquo_core::store::{Lsn, MemStore};
+use quicproquo_core::testing::ledger::{FetchView, Ledger};
 use quicproquo_core::types::{
-    ChannelId, ConnectionId, IdentityKey, MessageId, RequestId, Signature,
+    ChannelId, ConnectionId, IdentityKey, MessageId, QueueId, RequestId, Signature,
 };
 use quicproquo_core::{ErrorKind, ServiceError, Time};
 
@@ -786,7 +788,8 @@ struct Outcome {
 }
 
 /// What clients sent, and what they learned from released replies;
-/// survives crashes.
+/// survives crashes. The queues' part is the shared [`Ledger`]; the
+/// KeyPackages' part is the model's own.
 #[derive(Debug, Default)]
 struct Seen {
     /// Every package sent in an upload by its owner -> that owner. (Its
@@ -794,32 +797,8 @@ struct Seen {
     uploaded: HashMap<Vec<u8>, usize>,
     /// Single-use packages handed out.
     handed_out: HashSet<Vec<u8>>,
-    /// The payload each released `(queue, seq)` names.
-    payload_at: HashMap<(Q, u64), Vec<u8>>,
-    /// Acknowledged enqueues: `(queue, message id)` -> seq.
-    seq_of: HashMap<(Q, [u8; 16]), u64>,
-    /// The owner's cursor: highest seq shown to it per queue.
-    last_seen: HashMap<Q, u64>,
-    /// Highest cursor of a released fetch: everything up to it is deleted.
-    acked: HashMap<Q, u64>,
-    /// Highest cursor the owner ever sent: nothing above it may be deleted.
-    cursor_sent: HashMap<Q, u64>,
-    /// Highest `next_seq` released per queue.
-    next_seq: HashMap<Q, u64>,
-}
-
-impl Seen {
-    fn record_payload(&mut self, queue: Q, seq: u64, payload: &[u8]) {
-        let known = self
-            .payload_at
-            .entry((queue, seq))
-            .or_insert_with(|| payload.to_vec());
-        assert_eq!(
-            known.as_slice(),
-            payload,
-            "seq {seq} of queue {queue:?} was released with two different payloads"
-        );
-    }
+    /// The queues: what was sent, acknowledged, fetched and shown.
+    ledger: Ledger,
 }
 
 // ----- the run: machine, model and checks --------------------------------
@@ -986,6 +965,8 @@ impl Run {
                 }
                 let payload = payload_bytes_for(self.next_message, *payload_bytes);
                 self.next_message += 1;
+                let q = self.qid(queue);
+                self.seen.ledger.sent(q, MessageId(id), &payload);
                 let rid = self.alloc_request();
                 let outcome =
                     self.model_enqueue(rid, *actor, &[queue], &[(id, payload.clone())], false);
@@ -1073,6 +1054,8 @@ impl Run {
                         if !self.sent_ids.contains(&(*q, id)) {
                             self.sent_ids.push((*q, id));
                         }
+                        let qid = self.qid(*q);
+                        self.seen.ledger.sent(qid, MessageId(id), &payload);
                     }
                     msgs.push((id, payload));
                 }
@@ -1405,33 +1388,19 @@ impl Run {
                     gap,
                 }),
             ) => {
-                // Seqs the TTL dropped were never delivered, and may not be.
-                let deletable_upto = deletable_upto.max(gap.map_or(0, |g| g.to));
-                assert!(messages.len() <= limit as usize, "more messages than limit");
-                assert!(*next_seq >= next_seq_floor, "next_seq went backwards");
-                let mut expect = cursor.max(acked_floor) + 1;
-                for m in messages {
-                    assert!(
-                        m.seq >= expect && m.seq < *next_seq,
-                        "seq {} out of place (cursor {cursor}, acknowledged up to \
-                         {acked_floor}, next_seq {next_seq})",
-                        m.seq
-                    );
-                    if m.seq != messages[0].seq {
-                        assert_eq!(m.seq, expect, "seqs in a reply are consecutive");
-                    }
-                    expect = m.seq + 1;
-                    self.seen.record_payload(queue, m.seq, &m.payload);
-                }
-                self.check_delivery(queue, messages, *next_seq, limit, deletable_upto);
-                if let Some(last) = messages.last() {
-                    let seen = self.seen.last_seen.entry(queue).or_default();
-                    *seen = (*seen).max(last.seq);
-                }
-                let acked = self.seen.acked.entry(queue).or_default();
-                *acked = (*acked).max(cursor);
-                let n = self.seen.next_seq.entry(queue).or_default();
-                *n = (*n).max(*next_seq);
+                let view = FetchView {
+                    limit: Some(limit),
+                    next_seq_floor: Some(next_seq_floor),
+                    deleted_upto: Some(acked_floor),
+                    deletable_upto: Some(deletable_upto),
+                    from_cursor: false,
+                };
+                let queue = self.qid(queue);
+                let broken = self
+                    .seen
+                    .ledger
+                    .fetched(queue, cursor, messages, *next_seq, *gap, view);
+                assert!(broken.is_empty(), "fetch of {queue:?}: {broken:?}");
             }
             _ => {}
         }
@@ -1444,43 +1413,12 @@ impl Run {
             "one seq per message and recipient"
         );
         for ((queue, message_id, payload), seq) in entries.into_iter().zip(seqs) {
-            let first = *self.seen.seq_of.entry((queue, message_id)).or_insert(*seq);
-            assert_eq!(
-                first, *seq,
-                "an acknowledged message id came back with another seq"
-            );
-            self.seen.record_payload(queue, *seq, &payload);
-        }
-    }
-
-    /// Every acknowledged enqueue to `queue` below `next_seq` that no owner
-    /// cursor could have deleted must be in the reply, unless the reply was
-    /// cut short by its limit.
-    fn check_delivery(
-        &self,
-        queue: Q,
-        messages: &[QueuedMessage],
-        next_seq: u64,
-        limit: u32,
-        deletable_upto: u64,
-    ) {
-        if limit == 0 {
-            return;
-        }
-        let full = messages.len() == limit as usize;
-        for (&(q, _), &seq) in &self.seen.seq_of {
-            if q != queue || seq <= deletable_upto || seq >= next_seq {
-                continue;
-            }
-            let shown = match (messages.first(), messages.last()) {
-                (Some(first), Some(last)) => first.seq <= seq && (seq <= last.seq || full),
-                _ => false,
-            };
-            assert!(
-                shown,
-                "acknowledged message {seq} of queue {queue:?} is missing from a fetch \
-                 (owner cursors never went past {deletable_upto})"
-            );
+            let queue = self.qid(queue);
+            let id = MessageId(message_id);
+            let mut broken = self.seen.ledger.acknowledged(queue, id, *seq);
+            // The model knows the payload stored at that seq.
+            broken.extend(self.seen.ledger.shown(queue, *seq, &payload));
+            assert!(broken.is_empty(), "enqueue to {queue:?}: {broken:?}");
         }
     }
 
@@ -1599,7 +1537,7 @@ impl Run {
 
     fn cursor(&mut self, actor: usize, queue: Q, c: Cursor) -> u64 {
         let last = self.queue(queue).next_seq - 1;
-        let seen = self.seen.last_seen.get(&queue).copied().unwrap_or(0);
+        let seen = self.seen.ledger.last_seen(self.qid(queue));
         let after_seq = match c {
             Cursor::LastSeen => seen,
             Cursor::Behind(k) => seen.saturating_sub(k),
@@ -1608,10 +1546,18 @@ impl Run {
             Cursor::Future(k) => last + k,
         };
         if actor == queue.0 && !matches!(c, Cursor::Future(_)) {
-            let sent = self.seen.cursor_sent.entry(queue).or_default();
-            *sent = (*sent).max(after_seq);
+            let q = self.qid(queue);
+            self.seen.ledger.cursor_sent(q, after_seq);
         }
         after_seq
+    }
+
+    /// The queue `q` names.
+    fn qid(&self, q: Q) -> QueueId {
+        QueueId {
+            recipient_key: self.ids[q.0],
+            channel_id: channel(q.1),
+        }
     }
 
     fn queue(&mut self, q: Q) -> &mut QueueModel {
@@ -2181,14 +2127,15 @@ impl Run {
     }
 
     fn messages_meta(&self, queue: Q, cursor: u64, limit: u32) -> Meta {
-        let get = |m: &HashMap<Q, u64>| m.get(&queue).copied().unwrap_or(0);
+        let q = self.qid(queue);
+        let ledger = &self.seen.ledger;
         Meta::Messages {
             queue,
             cursor,
             limit,
-            next_seq_floor: get(&self.seen.next_seq),
-            acked_floor: get(&self.seen.acked),
-            deletable_upto: get(&self.seen.cursor_sent),
+            next_seq_floor: ledger.next_seq_floor(q),
+            acked_floor: ledger.deleted_upto(q),
+            deletable_upto: ledger.deletable_upto(q),
         }
     }
 }

@@ -42,6 +42,7 @@ use quicproquo_core::node::{
     Request, RequestBody, Response, auth_message, commit, hybrid_key_message,
 };
 use quicproquo_core::store::{Lsn, MemStore};
+use quicproquo_core::testing::ledger::{FetchView, Ledger};
 use quicproquo_core::types::{
     ChannelId, ConnectionId, IdentityKey, MessageId, QueueId, RequestId, Signature,
 };
@@ -500,16 +501,9 @@ struct Checker {
     last_resort_uploads: HashSet<(IdentityKey, Vec<u8>)>,
     /// Single-use packages handed out, per (owner, package).
     handed_out: HashMap<(IdentityKey, Vec<u8>), u32>,
-    /// Payloads sent under each message id of each queue.
-    sent_payloads: HashMap<(QueueId, MessageId), Vec<Vec<u8>>>,
-    /// The message id an `Enqueued` reply gave each seq.
-    seq_ids: HashMap<QueueId, BTreeMap<u64, MessageId>>,
-    /// The payload a `Messages` reply showed for each seq.
-    shown: HashMap<(QueueId, u64), Vec<u8>>,
-    /// No reply may show a `next_seq` below this.
-    next_seq_floor: HashMap<QueueId, u64>,
-    /// Highest seq shown per queue.
-    last_seen: HashMap<QueueId, u64>,
+    /// The queues: what was sent, acknowledged and shown (the checker the
+    /// model test and the simulations share).
+    ledger: Ledger,
     /// The cursors of every fetch not known to have been refused: anything
     /// at or below one may have been acknowledged away.
     cursors: HashMap<RequestId, Vec<(QueueId, u64)>>,
@@ -993,12 +987,9 @@ impl Harness {
     fn cursor(&self, queue: QueueId, cursor: Cursor) -> u64 {
         let c = &self.checker;
         match cursor {
-            Cursor::LastSeen => c.last_seen.get(&queue).copied().unwrap_or(0),
+            Cursor::LastSeen => c.ledger.last_seen(queue),
             Cursor::Zero => 0,
-            Cursor::Tail => c
-                .next_seq_floor
-                .get(&queue)
-                .map_or(0, |n| n.saturating_sub(1)),
+            Cursor::Tail => c.ledger.next_seq_floor(queue).saturating_sub(1),
             Cursor::Raw(v) => v,
         }
     }
@@ -1108,14 +1099,7 @@ impl Harness {
 
     /// A payload sent to `queue` under `message_id`.
     fn note_sent(&mut self, queue: QueueId, message_id: MessageId, payload: &[u8]) {
-        let sent = self
-            .checker
-            .sent_payloads
-            .entry((queue, message_id))
-            .or_default();
-        if !sent.iter().any(|p| p == payload) {
-            sent.push(payload.to_vec());
-        }
+        self.checker.ledger.sent(queue, message_id, payload);
     }
 
     fn on_reply(&mut self, conn: ConnectionId, rid: RequestId, reply: Reply) {
@@ -1322,23 +1306,21 @@ impl Harness {
         messages: Vec<QueuedMessage>,
         next_seq: u64,
     ) {
-        let limit = limit.min(FETCH_LIMIT_MAX) as usize;
-        assert!(messages.len() <= limit, "more messages than the limit");
-        let floor = self.checker.next_seq_floor.entry(queue).or_insert(1);
-        assert!(
-            next_seq >= *floor,
-            "next_seq went back from {floor} to {next_seq}"
-        );
-        *floor = next_seq;
-        let mut expect = None;
+        let view = FetchView {
+            limit: Some(limit),
+            // Cursors here are arbitrary, so only the cursor itself bounds
+            // where an answer may start, and nothing is checked for
+            // completeness until the audit.
+            deleted_upto: Some(0),
+            ..FetchView::default()
+        };
+        let broken = self
+            .checker
+            .ledger
+            .fetched(queue, after_seq, &messages, next_seq, None, view);
+        assert!(broken.is_empty(), "fetch: {broken:?}");
         for m in messages {
-            assert!(m.seq > after_seq, "message at or before the cursor");
-            assert!(m.seq < next_seq, "message at or after next_seq");
-            if let Some(e) = expect {
-                assert_eq!(m.seq, e, "fetched seqs not consecutive");
-            }
-            expect = Some(m.seq + 1);
-            self.check_shown(queue, m.seq, m.payload);
+            self.check_fence(queue, &m.payload);
         }
     }
 
@@ -1361,29 +1343,14 @@ impl Harness {
     }
 
     fn check_enqueued(&mut self, queue: QueueId, message_id: MessageId, seq: u64) {
-        assert!(seq >= 1, "seq 0 issued");
-        let ids = self.checker.seq_ids.entry(queue).or_default();
-        match ids.get(&seq) {
-            Some(prev) => assert_eq!(*prev, message_id, "seq {seq} reused for another message"),
-            None => {
-                ids.insert(seq, message_id);
-            }
-        }
-        let floor = self.checker.next_seq_floor.entry(queue).or_insert(1);
-        *floor = (*floor).max(seq + 1);
-        if let Some(payload) = self.checker.shown.get(&(queue, seq)) {
-            let sent = &self.checker.sent_payloads[&(queue, message_id)];
-            assert!(
-                sent.contains(payload),
-                "seq {seq} shows a payload never sent under its id"
-            );
-        }
+        let broken = self.checker.ledger.acknowledged(queue, message_id, seq);
+        assert!(broken.is_empty(), "enqueue: {broken:?}");
     }
 
-    fn check_shown(&mut self, queue: QueueId, seq: u64, payload: Vec<u8>) {
-        // The commit fence: whatever reached which queue, one Commit per
-        // (channel, group, epoch) was ever stored.
-        if let Some(header) = commit::commit_header(&payload) {
+    /// The commit fence: whatever reached which queue, one Commit per
+    /// (channel, group, epoch) was ever stored.
+    fn check_fence(&mut self, queue: QueueId, payload: &[u8]) {
+        if let Some(header) = commit::commit_header(payload) {
             // A Commit is named by its payload, or a sealed one by its
             // framing (its copies differ per recipient).
             let key = (queue.channel_id, header.group_id.to_vec(), header.epoch);
@@ -1395,26 +1362,6 @@ impl Harness {
                 header.epoch
             );
         }
-        if let Some(id) = self
-            .checker
-            .seq_ids
-            .get(&queue)
-            .and_then(|ids| ids.get(&seq))
-        {
-            let sent = &self.checker.sent_payloads[&(queue, *id)];
-            assert!(
-                sent.contains(&payload),
-                "seq {seq} shows a payload never sent under its id"
-            );
-        }
-        match self.checker.shown.get(&(queue, seq)) {
-            Some(prev) => assert_eq!(*prev, payload, "seq {seq} changed its payload"),
-            None => {
-                self.checker.shown.insert((queue, seq), payload);
-            }
-        }
-        let last = self.checker.last_seen.entry(queue).or_default();
-        *last = (*last).max(seq);
     }
 
     // ----- the end of a run ----------------------------------------------
@@ -1445,9 +1392,11 @@ impl Harness {
 
     fn audit(&mut self) {
         self.reopen(true);
-        let queues: Vec<(QueueId, Vec<(u64, MessageId)>)> = self
-            .checker
-            .seq_ids
+        let mut acked: BTreeMap<QueueId, BTreeMap<u64, MessageId>> = BTreeMap::new();
+        for (queue, id, seq) in self.checker.ledger.acknowledged_all() {
+            acked.entry(queue).or_default().insert(seq, id);
+        }
+        let queues: Vec<(QueueId, Vec<(u64, MessageId)>)> = acked
             .iter()
             .map(|(q, ids)| {
                 let covered = self
@@ -1497,14 +1446,13 @@ impl Harness {
                 .last_fetched
                 .take()
                 .expect("the audit fetch is answered with messages");
-            for (seq, id) in must {
+            // The fetch's answer went through the ledger: each seq shows a
+            // payload sent under the id acknowledged there.
+            for (seq, _) in must {
                 assert!(
                     fetched.contains(&seq),
                     "acknowledged seq {seq} lost in a crash"
                 );
-                let payload = &self.checker.shown[&(queue, seq)];
-                let sent = &self.checker.sent_payloads[&(queue, id)];
-                assert!(sent.contains(payload), "acknowledged seq {seq} changed");
                 self.stats.audited += 1;
             }
             self.close(0);

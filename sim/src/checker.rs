@@ -25,12 +25,19 @@
 //!   the network healed, every member ends with an empty outbox in the
 //!   full group.
 //!
+//! The per-event queue checks (seqs, payloads, message ids) are the shared
+//! `quicproquo_core::testing::ledger::Ledger`, which the model test and the
+//! `node_sequence` fuzz target use too; this checker adds what only a
+//! whole history shows.
+//!
 //! Every violation names its invariant and the event where it was seen, so
 //! a failing seed's report points at the moment things went wrong.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+use quicproquo_core::node::QueuedMessage;
+use quicproquo_core::testing::ledger::{Broken, FetchView, Ledger};
 use quicproquo_core::types::{IdentityKey, MessageId, QueueId};
 
 use crate::history::{Event, History, brief};
@@ -148,14 +155,6 @@ struct Sent {
     first_sent: usize,
 }
 
-#[derive(Debug, Default)]
-struct QueueView {
-    /// Payload of each delivered seq (first delivery).
-    by_seq: BTreeMap<u64, Vec<u8>>,
-    /// Seq each delivered message id was delivered at.
-    seq_of: HashMap<MessageId, u64>,
-}
-
 #[derive(Debug)]
 struct Pop {
     target: IdentityKey,
@@ -166,9 +165,11 @@ struct Pop {
 struct Checker {
     v: Vec<Violation>,
     sent: HashMap<(QueueId, MessageId), Sent>,
-    by_payload: HashMap<(QueueId, Vec<u8>), MessageId>,
+    /// First acknowledgement of each message: its seq and event.
     acked: BTreeMap<(QueueId, MessageId), (u64, usize)>,
-    queues: BTreeMap<QueueId, QueueView>,
+    /// The queue guarantees event by event (the checker the model test
+    /// and the fuzz target share).
+    ledger: Ledger,
     audited: Vec<(usize, QueueId, u64, usize, u64)>,
     /// `(target, package, last_resort)` -> index of the first upload sent.
     kp_sent: HashMap<(IdentityKey, Vec<u8>, bool), usize>,
@@ -230,29 +231,18 @@ impl Checker {
                     sender: *sender,
                     first_sent: i,
                 });
-                self.by_payload
-                    .entry((*queue, payload.clone()))
-                    .or_insert(*message_id);
+                self.ledger.sent(*queue, *message_id, payload);
             }
             Event::EnqueueAcked {
                 queue,
                 message_id,
                 seq,
                 ..
-            } => match self.acked.get(&(*queue, *message_id)) {
-                Some((first, _)) if first != seq => {
-                    let first = *first;
-                    self.flag(
-                        Invariant::StoredTwice,
-                        Some(i),
-                        format!("message acknowledged with seq {first} and again with seq {seq}"),
-                    );
-                }
-                Some(_) => {}
-                None => {
-                    self.acked.insert((*queue, *message_id), (*seq, i));
-                }
-            },
+            } => {
+                let broken = self.ledger.acknowledged(*queue, *message_id, *seq);
+                self.flag_broken(i, broken);
+                self.acked.entry((*queue, *message_id)).or_insert((*seq, i));
+            }
             Event::EnqueueFailed {
                 error, transient, ..
             } => {
@@ -462,75 +452,42 @@ impl Checker {
         messages: &[(u64, Vec<u8>)],
         next_seq: u64,
     ) {
-        let mut expected = after_seq + 1;
-        for (seq, payload) in messages {
-            if *seq < expected && *seq <= after_seq {
-                self.flag(
-                    Invariant::SeqOrder,
-                    Some(i),
-                    format!("fetch after {after_seq} returned seq {seq}"),
-                );
-            } else if *seq < expected {
-                self.flag(
-                    Invariant::SeqOrder,
-                    Some(i),
-                    format!(
-                        "fetch after {after_seq} returned seq {seq} after seq {}",
-                        expected - 1
-                    ),
-                );
-            } else if *seq > expected {
-                self.flag(
-                    Invariant::SeqGap,
-                    Some(i),
-                    format!("fetch after {after_seq} skipped from seq {expected} to {seq}"),
-                );
-            }
-            expected = expected.max(seq + 1);
-            if *seq >= next_seq {
-                self.flag(
-                    Invariant::SeqOrder,
-                    Some(i),
-                    format!("fetch returned seq {seq} but reported next seq {next_seq}"),
-                );
-            }
-            self.delivered(i, queue, *seq, payload);
-        }
+        let messages: Vec<QueuedMessage> = messages
+            .iter()
+            .map(|(seq, payload)| QueuedMessage {
+                seq: *seq,
+                payload: payload.clone(),
+            })
+            .collect();
+        // Owners here move their cursor only over what they were shown and
+        // the server has no TTL: an answer starts right after its cursor.
+        let view = FetchView {
+            next_seq_floor: Some(0),
+            deleted_upto: Some(0),
+            from_cursor: true,
+            ..FetchView::default()
+        };
+        let broken = self
+            .ledger
+            .fetched(queue, after_seq, &messages, next_seq, None, view);
+        self.flag_broken(i, broken);
     }
 
-    fn delivered(&mut self, i: usize, queue: QueueId, seq: u64, payload: &[u8]) {
-        let Some(mid) = self.by_payload.get(&(queue, payload.to_vec())).copied() else {
-            self.flag(
-                Invariant::Phantom,
-                Some(i),
-                format!("seq {seq} carries a payload never sent to this queue"),
-            );
-            return;
-        };
-        let view = self.queues.entry(queue).or_default();
-        let mut found = Vec::new();
-        match view.by_seq.get(&seq) {
-            Some(p) if p != payload => found.push((
-                Invariant::SeqReused,
-                format!("seq {seq} delivered with two different payloads"),
-            )),
-            Some(_) => {}
-            None => {
-                view.by_seq.insert(seq, payload.to_vec());
-            }
-        }
-        match view.seq_of.get(&mid) {
-            Some(s) if *s != seq => found.push((
-                Invariant::StoredTwice,
-                format!("one message id delivered at seq {s} and at seq {seq}"),
-            )),
-            Some(_) => {}
-            None => {
-                view.seq_of.insert(mid, seq);
-            }
-        }
-        for (inv, d) in found {
-            self.flag(inv, Some(i), d);
+    /// Flags what the ledger found broken at event `i`.
+    fn flag_broken(&mut self, i: usize, broken: Vec<Broken>) {
+        for b in broken {
+            let invariant = match b {
+                Broken::StoredTwice { .. } => Invariant::StoredTwice,
+                Broken::SeqReused { .. } => Invariant::SeqReused,
+                Broken::Phantom { .. } => Invariant::Phantom,
+                Broken::SeqGap { .. } => Invariant::SeqGap,
+                Broken::Missing { .. } => Invariant::AckedLost,
+                Broken::SeqZero
+                | Broken::SeqOrder { .. }
+                | Broken::NextSeqBack { .. }
+                | Broken::OverLimit { .. } => Invariant::SeqOrder,
+            };
+            self.flag(invariant, Some(i), b.to_string());
         }
     }
 
@@ -761,7 +718,7 @@ impl Checker {
     fn check_acked(&mut self) {
         let mut found = Vec::new();
         for ((queue, mid), (seq, i)) in &self.acked {
-            match self.queues.get(queue).and_then(|q| q.seq_of.get(mid)) {
+            match self.ledger.shown_seq(*queue, *mid).as_ref() {
                 None => found.push((
                     Invariant::AckedLost,
                     *i,
@@ -782,9 +739,10 @@ impl Checker {
 
     fn check_gap_free_and_audits(&mut self) {
         let mut found = Vec::new();
-        for (queue, view) in &self.queues {
-            let max = view.by_seq.keys().next_back().copied().unwrap_or(0);
-            let missing: Vec<u64> = (1..=max).filter(|s| !view.by_seq.contains_key(s)).collect();
+        for queue in self.ledger.queues() {
+            let shown = self.ledger.shown_seqs(queue);
+            let max = shown.last().copied().unwrap_or(0);
+            let missing: Vec<u64> = (1..=max).filter(|s| !shown.contains(s)).collect();
             if !missing.is_empty() {
                 found.push((
                     Invariant::SeqGap,
@@ -797,11 +755,7 @@ impl Checker {
             }
         }
         for (i, queue, cursor, pending, next_seq) in &self.audited {
-            let max = self
-                .queues
-                .get(queue)
-                .and_then(|v| v.by_seq.keys().next_back().copied())
-                .unwrap_or(0);
+            let max = self.ledger.shown_seqs(*queue).last().copied().unwrap_or(0);
             if *pending > 0 {
                 found.push((
                     Invariant::Audit,

@@ -4,8 +4,12 @@
 //! sync the store when the machine asks and say so — and client machines
 //! run against it ([`NodeWorld::run_command`]).
 //!
+//! [`ledger`] is the one checker of the queues' delivery guarantees.
+//!
 //! Compiled for this crate's own tests and, for everyone else, behind the
 //! `testing` feature; never part of a production build.
+
+pub mod ledger;
 
 use std::time::Duration;
 
