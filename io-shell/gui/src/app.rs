@@ -1,0 +1,390 @@
+//! The window: draws the [`Model`] every frame and turns clicks and typing
+//! into [`Request`]s for the [`Bridge`]. Drawing never waits: what the
+//! session answers arrives as updates, taken at the start of each frame.
+
+use eframe::egui;
+
+use crate::bridge::{Bridge, Request, parse_key};
+use crate::model::{Delivery, Line, Model, Screen, Update};
+
+/// Room kept beside the message field for the Send button.
+const SEND_BUTTON_WIDTH: f32 = 80.0;
+
+/// The app: the view model, the bridge, and what is being typed.
+pub struct QpqApp {
+    /// What the window shows.
+    pub model: Model,
+    bridge: Bridge,
+    form: Form,
+}
+
+/// The text fields and switches of every screen.
+#[derive(Debug, Default)]
+struct Form {
+    password: String,
+    repeat: String,
+    server: String,
+    fingerprint: String,
+    compose: String,
+    new_group: String,
+    new_group_pq: bool,
+    member_key: String,
+}
+
+impl QpqApp {
+    /// An app showing `screen`, talking to the session through `bridge`.
+    pub fn new(screen: Screen, bridge: Bridge) -> QpqApp {
+        QpqApp {
+            model: Model::new(screen),
+            bridge,
+            form: Form::default(),
+        }
+    }
+
+    /// Takes what the session sent since the last frame.
+    pub fn take_updates(&mut self) {
+        for u in self.bridge.updates() {
+            self.model.apply(u);
+        }
+    }
+
+    /// Draws one frame into `ui`.
+    pub fn draw(&mut self, ui: &mut egui::Ui) {
+        self.take_updates();
+        match self.model.screen {
+            Screen::FirstRun => self.first_run(ui),
+            Screen::Unlock => self.unlock(ui),
+            Screen::Main => self.main(ui),
+        }
+    }
+
+    fn request(&mut self, request: Request) {
+        self.bridge.request(request);
+    }
+
+    fn unlock(&mut self, ui: &mut egui::Ui) {
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.heading("Unlock qpq");
+            let label = ui.label("Password");
+            let field = ui
+                .add(egui::TextEdit::singleline(&mut self.form.password).password(true))
+                .labelled_by(label.id);
+            let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            let button = ui.add_enabled(!self.model.busy, egui::Button::new("Unlock"));
+            if (button.clicked() || enter) && !self.model.busy {
+                if self.form.password.is_empty() {
+                    self.model.notice("the password is empty");
+                } else {
+                    self.model.busy = true;
+                    let password = std::mem::take(&mut self.form.password);
+                    self.request(Request::Open { password });
+                }
+            }
+            if self.model.busy {
+                ui.label("Opening…");
+            }
+            notices(ui, &self.model);
+        });
+    }
+
+    fn first_run(&mut self, ui: &mut egui::Ui) {
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.heading("Welcome to qpq");
+            ui.label(
+                "Make your identity. Its keys stay on this computer, encrypted under a password.",
+            );
+            let f = &mut self.form;
+            let label = ui.label("Password");
+            ui.add(egui::TextEdit::singleline(&mut f.password).password(true))
+                .labelled_by(label.id);
+            ui.label(format!("Strength: {}", strength(&f.password)));
+            let label = ui.label("Repeat password");
+            ui.add(egui::TextEdit::singleline(&mut f.repeat).password(true))
+                .labelled_by(label.id);
+            let label = ui.label("Server address");
+            ui.add(egui::TextEdit::singleline(&mut f.server).hint_text("host:7443"))
+                .labelled_by(label.id);
+            let label = ui.label("Server fingerprint");
+            ui.add(
+                egui::TextEdit::singleline(&mut f.fingerprint)
+                    .hint_text("64 hex digits, as qpq-server prints it"),
+            )
+            .labelled_by(label.id);
+            let button = ui.add_enabled(!self.model.busy, egui::Button::new("Create identity"));
+            if button.clicked() && !self.model.busy {
+                match first_run_request(&self.form) {
+                    Ok(request) => {
+                        self.model.busy = true;
+                        self.request(request);
+                    }
+                    Err(why) => self.model.notice(why),
+                }
+            }
+            if self.model.busy {
+                ui.label("Creating your identity and registering…");
+            }
+            notices(ui, &self.model);
+        });
+    }
+
+    fn main(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::top("status").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                if let Some(short) = self.model.identity_short() {
+                    ui.label(format!("You: {short}"));
+                }
+                if ui.button("Copy my key").clicked()
+                    && let Some(hex) = self.model.identity_hex()
+                {
+                    ui.ctx().copy_text(hex);
+                }
+                ui.separator();
+                ui.label(self.model.connection.label());
+            });
+            notices(ui, &self.model);
+        });
+        egui::Panel::left("groups").show(ui, |ui| self.group_list(ui));
+        if self.model.selected.is_some() {
+            egui::Panel::bottom("compose").show(ui, |ui| self.compose(ui));
+        }
+        egui::CentralPanel::default().show(ui, |ui| self.conversation(ui));
+    }
+
+    fn group_list(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Groups");
+        let mut open = None;
+        for (name, g) in &self.model.groups {
+            let mut text = name.clone();
+            if g.pq {
+                text.push_str(" [pq]");
+            }
+            if g.unread > 0 {
+                text.push_str(&format!(" ({} new)", g.unread));
+            }
+            if g.waiting > 0 {
+                text.push_str(" · waiting for server");
+            }
+            let selected = self.model.selected.as_deref() == Some(name.as_str());
+            if ui.selectable_label(selected, text).clicked() {
+                open = Some(name.clone());
+            }
+            if let Some(p) = g.preview() {
+                ui.small(preview(p));
+            }
+        }
+        if let Some(name) = open {
+            self.model.select(&name);
+        }
+        ui.separator();
+        let label = ui.label("New group");
+        ui.add(egui::TextEdit::singleline(&mut self.form.new_group))
+            .labelled_by(label.id);
+        ui.checkbox(&mut self.form.new_group_pq, "Post-quantum");
+        if ui.button("Create group").clicked() {
+            let name = self.form.new_group.trim().to_owned();
+            if name.is_empty() {
+                self.model.notice("a group needs a name");
+            } else {
+                self.form.new_group.clear();
+                let pq = self.form.new_group_pq;
+                self.request(Request::CreateGroup { name, pq });
+            }
+        }
+        ui.separator();
+        if ui.button("Update my keys").clicked() {
+            self.request(Request::UpdateKeys);
+        }
+    }
+
+    fn conversation(&mut self, ui: &mut egui::Ui) {
+        let Some(name) = self.model.selected.clone() else {
+            ui.label("No group yet: create one, or ask someone to add you.");
+            return;
+        };
+        let Some(g) = self.model.groups.get(&name) else {
+            return;
+        };
+        ui.horizontal(|ui| {
+            ui.heading(&name);
+            ui.label(format!("{} members", g.members));
+        });
+        let mut leave = false;
+        let mut add = None;
+        ui.horizontal(|ui| {
+            let label = ui.label("Member key");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.form.member_key)
+                    .hint_text("paste their identity key"),
+            )
+            .labelled_by(label.id);
+            if ui.button("Add member").clicked() {
+                add = Some(std::mem::take(&mut self.form.member_key));
+            }
+            if ui.button("Leave group").clicked() {
+                leave = true;
+            }
+        });
+        ui.separator();
+        egui::ScrollArea::vertical()
+            .stick_to_bottom(true)
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                for line in &g.lines {
+                    draw_line(ui, line);
+                }
+            });
+        if let Some(key) = add {
+            match parse_key(&key) {
+                Ok(_) => self.request(Request::AddMember {
+                    group: name.clone(),
+                    key,
+                }),
+                Err(why) => {
+                    self.form.member_key = key;
+                    self.model.notice(why);
+                }
+            }
+        }
+        if leave {
+            self.request(Request::Leave { group: name });
+        }
+    }
+
+    fn compose(&mut self, ui: &mut egui::Ui) {
+        let Some(group) = self.model.selected.clone() else {
+            return;
+        };
+        ui.horizontal(|ui| {
+            let label = ui.label("Message");
+            let field = ui
+                .add(
+                    egui::TextEdit::multiline(&mut self.form.compose)
+                        .desired_rows(2)
+                        .desired_width((ui.available_width() - SEND_BUTTON_WIDTH).max(120.0)),
+                )
+                .labelled_by(label.id);
+            // Enter sends, Shift+Enter is a new line.
+            let enter = field.has_focus()
+                && ui.input(|i| i.key_pressed(egui::Key::Enter) && !i.modifiers.shift);
+            if enter {
+                // The Enter typed a line break into the field: not part of
+                // the message.
+                if self.form.compose.ends_with('\n') {
+                    self.form.compose.pop();
+                }
+            }
+            if ui.button("Send").clicked() || enter {
+                let text = std::mem::take(&mut self.form.compose);
+                if !text.trim().is_empty() {
+                    self.request(Request::Send { group, text });
+                }
+            }
+        });
+    }
+}
+
+impl eframe::App for QpqApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.draw(ui);
+    }
+}
+
+/// The request the first-run form makes, or why it cannot yet.
+fn first_run_request(f: &Form) -> Result<Request, String> {
+    if f.password.is_empty() {
+        return Err("choose a password".into());
+    }
+    if f.password != f.repeat {
+        return Err("the two passwords differ".into());
+    }
+    let server = f.server.trim();
+    if server.is_empty() {
+        return Err("enter the server's address (host:port)".into());
+    }
+    let fingerprint: String = f
+        .fingerprint
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if fingerprint.len() != 64 || !fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err("the server fingerprint is 64 hex digits".into());
+    }
+    Ok(Request::Create {
+        password: f.password.clone(),
+        server: server.to_owned(),
+        fingerprint,
+    })
+}
+
+/// A rough hint of a password's strength: length and kinds of characters.
+pub fn strength(password: &str) -> &'static str {
+    let kinds = [
+        password.chars().any(|c| c.is_ascii_lowercase()),
+        password.chars().any(|c| c.is_ascii_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_ascii_alphanumeric()),
+    ]
+    .iter()
+    .filter(|k| **k)
+    .count();
+    match (password.chars().count(), kinds) {
+        (0, _) => "none",
+        (n, _) if n < 8 => "weak",
+        (n, k) if n >= 16 || (n >= 12 && k >= 3) => "strong",
+        _ => "fair",
+    }
+}
+
+fn draw_line(ui: &mut egui::Ui, line: &Line) {
+    match line {
+        Line::Message {
+            sender,
+            text,
+            sent_at_ms,
+            delivery,
+        } => {
+            let time = sent_at_ms.map(clock).unwrap_or_default();
+            let state = match delivery {
+                Some(Delivery::Sending) => " · sending",
+                Some(Delivery::Stored) => " · stored on server",
+                None => "",
+            };
+            ui.label(egui::RichText::new(format!("{sender} {time}{state}")).small());
+            ui.add(egui::Label::new(text.as_str()).wrap());
+        }
+        Line::System(text) => {
+            ui.label(egui::RichText::new(text.as_str()).italics().weak());
+        }
+    }
+}
+
+fn notices(ui: &mut egui::Ui, model: &Model) {
+    for n in &model.notices {
+        ui.colored_label(ui.visuals().warn_fg_color, n.as_str());
+    }
+}
+
+/// The first line of a message, shortened for the group list.
+fn preview(text: &str) -> String {
+    let first = text.lines().next().unwrap_or_default();
+    let mut short: String = first.chars().take(40).collect();
+    if short.len() < first.len() {
+        short.push('…');
+    }
+    short
+}
+
+/// `ms` since the Unix epoch as `HH:MM` (UTC).
+fn clock(ms: u64) -> String {
+    let minutes = ms / 60_000;
+    format!("{:02}:{:02}", (minutes / 60) % 24, minutes % 60)
+}
+
+/// Sends the update to the model directly (for the first frame of tests
+/// and for states the session does not report).
+impl QpqApp {
+    /// Applies `update` as if the session had sent it.
+    pub fn apply(&mut self, update: Update) {
+        self.model.apply(update);
+    }
+}
