@@ -100,6 +100,12 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 }
 
 impl ClientMachine {
+    /// Whether the connection is up (a shell reporting state to a user
+    /// who subscribed after the [`Event::Connected`]).
+    pub fn is_connected(&self) -> bool {
+        self.link.state == LinkState::Up
+    }
+
     /// Sets how the machine treats a server it cannot reach (default
     /// [`LinkPolicy::OneShot`]).
     pub fn set_link_policy(&mut self, policy: LinkPolicy) {

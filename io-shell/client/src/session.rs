@@ -295,6 +295,17 @@ impl Session {
         .await
     }
 
+    /// Whether the connection to the server is up now (later changes come
+    /// as events to subscribers).
+    pub async fn is_connected(&self) -> Result<bool, SessionError> {
+        self.ask(|reply| {
+            Call::Read(Box::new(move |m| {
+                let _ = reply.send(m.is_connected());
+            }))
+        })
+        .await
+    }
+
     /// Names `key` `name` in this user's contacts.
     pub async fn add_contact(&self, name: &str, key: IdentityKey) -> Result<Outcome, SessionError> {
         self.command(Command::AddContact {

@@ -4,9 +4,14 @@
 
 use eframe::egui;
 
-use crate::bridge::{Bridge, Request, parse_key};
-use crate::model::{Delivery, Line, Model, Screen, Update};
+use quicproquo_core::types::IdentityKey;
 
+use crate::bridge::{Bridge, Request, parse_key};
+use crate::model::{Delivery, Line, Model, Screen, Update, day};
+
+/// Width of the members panel: long keys and names are cut, not let
+/// push the conversation aside.
+const MEMBERS_PANEL_WIDTH: f32 = 240.0;
 /// Room kept beside the message field for the Send button.
 const SEND_BUTTON_WIDTH: f32 = 80.0;
 
@@ -29,6 +34,8 @@ struct Form {
     new_group: String,
     new_group_pq: bool,
     member_key: String,
+    contact_name: String,
+    show_qr: bool,
 }
 
 impl QpqApp {
@@ -138,12 +145,23 @@ impl QpqApp {
                 {
                     ui.ctx().copy_text(hex);
                 }
+                ui.toggle_value(&mut self.form.show_qr, "My key as QR code");
                 ui.separator();
                 ui.label(self.model.connection.label());
             });
+            if self.form.show_qr
+                && let Some(hex) = self.model.identity_hex()
+            {
+                qr(ui, &hex);
+            }
             notices(ui, &self.model);
         });
         egui::Panel::left("groups").show(ui, |ui| self.group_list(ui));
+        if self.model.selected.is_some() {
+            egui::Panel::right("members")
+                .exact_size(MEMBERS_PANEL_WIDTH)
+                .show(ui, |ui| self.members(ui));
+        }
         if self.model.selected.is_some() {
             egui::Panel::bottom("compose").show(ui, |ui| self.compose(ui));
         }
@@ -208,32 +226,98 @@ impl QpqApp {
             ui.heading(&name);
             ui.label(format!("{} members", g.members));
         });
-        let mut leave = false;
-        let mut add = None;
-        ui.horizontal(|ui| {
-            let label = ui.label("Member key");
-            ui.add(
-                egui::TextEdit::singleline(&mut self.form.member_key)
-                    .hint_text("paste their identity key"),
-            )
-            .labelled_by(label.id);
-            if ui.button("Add member").clicked() {
-                add = Some(std::mem::take(&mut self.form.member_key));
-            }
-            if ui.button("Leave group").clicked() {
-                leave = true;
-            }
-        });
         ui.separator();
         egui::ScrollArea::vertical()
             .stick_to_bottom(true)
             .auto_shrink([false, false])
             .show(ui, |ui| {
+                let mut last_day = None;
                 for line in &g.lines {
+                    if let Line::Message {
+                        sent_at_ms: Some(ms),
+                        ..
+                    } = line
+                    {
+                        let today = day(*ms);
+                        if last_day.as_ref() != Some(&today) {
+                            ui.separator();
+                            ui.label(egui::RichText::new(&today).small().weak());
+                            last_day = Some(today);
+                        }
+                    }
                     draw_line(ui, line);
                 }
             });
-        if let Some(key) = add {
+    }
+
+    fn members(&mut self, ui: &mut egui::Ui) {
+        let Some(name) = self.model.selected.clone() else {
+            return;
+        };
+        let Some(g) = self.model.groups.get(&name) else {
+            return;
+        };
+        ui.heading("Members");
+        let me = self.model.identity;
+        let keys = g.member_keys.clone();
+        let safety = g.safety_number.clone();
+        let mut remove = None;
+        let mut naming = None;
+        for key in &keys {
+            let who = self.model.who(key);
+            ui.push_id(key.as_bytes(), |ui| {
+                ui.add(egui::Label::new(&who).truncate());
+                if Some(*key) != me {
+                    ui.horizontal(|ui| {
+                        // Short on screen, whole for screen readers.
+                        let button = ui.small_button("Remove");
+                        if labelled(button, format!("Remove {who}")).clicked() {
+                            remove = Some(*key);
+                        }
+                        let button = ui.small_button("Name");
+                        if labelled(button, format!("Name {who}")).clicked() {
+                            naming = Some(*key);
+                        }
+                    });
+                }
+            });
+        }
+        let label = ui.label("Contact name");
+        ui.add(egui::TextEdit::singleline(&mut self.form.contact_name))
+            .labelled_by(label.id);
+        ui.separator();
+        let label = ui.label("Member key");
+        ui.add(
+            egui::TextEdit::singleline(&mut self.form.member_key)
+                .hint_text("paste their identity key"),
+        )
+        .labelled_by(label.id);
+        let add = ui.button("Add member").clicked();
+        ui.separator();
+        match safety {
+            Some(digits) => {
+                ui.label("Safety number (compare it with the others):");
+                ui.monospace(digits);
+            }
+            None => {
+                if ui.button("Show safety number").clicked() {
+                    self.request(Request::SafetyNumber {
+                        group: name.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(member) = remove {
+            self.request(Request::RemoveMember {
+                group: name.clone(),
+                member,
+            });
+        }
+        if let Some(key) = naming {
+            self.name_contact(key);
+        }
+        if add {
+            let key = std::mem::take(&mut self.form.member_key);
             match parse_key(&key) {
                 Ok(_) => self.request(Request::AddMember {
                     group: name.clone(),
@@ -245,9 +329,20 @@ impl QpqApp {
                 }
             }
         }
-        if leave {
+        ui.separator();
+        if ui.button("Leave group").clicked() {
             self.request(Request::Leave { group: name });
         }
+    }
+
+    fn name_contact(&mut self, key: IdentityKey) {
+        let name = self.form.contact_name.trim().to_owned();
+        if name.is_empty() {
+            self.model.notice("type a contact name first");
+            return;
+        }
+        self.form.contact_name.clear();
+        self.request(Request::NameContact { name, key });
     }
 
     fn compose(&mut self, ui: &mut egui::Ui) {
@@ -361,6 +456,39 @@ fn draw_line(ui: &mut egui::Ui, line: &Line) {
 fn notices(ui: &mut egui::Ui, model: &Model) {
     for n in &model.notices {
         ui.colored_label(ui.visuals().warn_fg_color, n.as_str());
+    }
+}
+
+/// `response` with `label` as its name for assistive technology (and
+/// tests), whatever it shows.
+fn labelled(response: egui::Response, label: String) -> egui::Response {
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, true, &label));
+    response
+}
+
+/// `text` as a QR code, one painted square per module.
+fn qr(ui: &mut egui::Ui, text: &str) {
+    let Ok(code) = qrcode::QrCode::new(text.as_bytes()) else {
+        return;
+    };
+    let width = code.width();
+    let colors = code.to_colors();
+    let module = 4.0;
+    // A quiet zone of four modules around the code.
+    let side = (width as f32 + 8.0) * module;
+    let (response, painter) = ui.allocate_painter(egui::vec2(side, side), egui::Sense::hover());
+    let origin = response.rect.min;
+    painter.rect_filled(response.rect, 0.0, egui::Color32::WHITE);
+    for (i, c) in colors.iter().enumerate() {
+        if *c == qrcode::Color::Dark {
+            let (x, y) = ((i % width) as f32 + 4.0, (i / width) as f32 + 4.0);
+            let min = origin + egui::vec2(x * module, y * module);
+            painter.rect_filled(
+                egui::Rect::from_min_size(min, egui::vec2(module, module)),
+                0.0,
+                egui::Color32::BLACK,
+            );
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
 use quicproquo_client::{ServerTrust, Session, SessionConfig};
+use quicproquo_core::client::Event;
 use quicproquo_core::types::IdentityKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -59,6 +60,25 @@ pub enum Request {
     /// Leaves a group.
     Leave {
         /// Which.
+        group: String,
+    },
+    /// Removes a member.
+    RemoveMember {
+        /// From which group.
+        group: String,
+        /// Whom.
+        member: IdentityKey,
+    },
+    /// Names a key in the contact book.
+    NameContact {
+        /// The name.
+        name: String,
+        /// Whose key.
+        key: IdentityKey,
+    },
+    /// Asks for a group's safety number.
+    SafetyNumber {
+        /// Which group.
         group: String,
     },
     /// Updates this user's keys in every group.
@@ -243,6 +263,11 @@ async fn opened(session: Session, out: &Out) -> Arc<Session> {
         }
         Err(e) => out.send(Update::Failed(e.to_string())),
     }
+    // Subscribed first, then asked: a connection that came up before is
+    // reported here, a later change as an event.
+    if session.is_connected().await.unwrap_or(false) {
+        out.send(Update::Event(Event::Connected));
+    }
     let groups = session.groups().await.unwrap_or_default();
     let contacts = session.contacts().await.unwrap_or_default();
     out.send(Update::Opened {
@@ -268,6 +293,19 @@ async fn command(session: Arc<Session>, request: Request, out: Out) {
             }
         },
         Request::Leave { group } => session.leave(&group).await.map(|_| None),
+        Request::RemoveMember { group, member } => {
+            session.remove(&group, member).await.map(|_| None)
+        }
+        Request::NameContact { name, key } => match session.add_contact(&name, key).await {
+            Ok(_) => session.contacts().await.map(|c| Some(Update::Contacts(c))),
+            Err(e) => Err(e),
+        },
+        Request::SafetyNumber { group } => session.safety_number(&group).await.map(|n| {
+            n.map(|n| Update::SafetyNumber {
+                group,
+                digits: n.grouped(),
+            })
+        }),
         Request::UpdateKeys => session.update(None).await.map(|_| None),
         Request::Create { .. } | Request::Open { .. } => return,
     };

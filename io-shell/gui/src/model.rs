@@ -91,6 +91,13 @@ pub struct GroupView {
     pub pq: bool,
     /// Members, this user included.
     pub members: usize,
+    /// Their keys, this user included, once known.
+    pub member_keys: Vec<IdentityKey>,
+    /// The MLS epoch the group is at.
+    pub epoch: u64,
+    /// The group's safety number at `epoch`, when asked for (grouped
+    /// digits).
+    pub safety_number: Option<String>,
     /// Changes and messages the server has not taken yet.
     pub waiting: usize,
     /// Messages arrived while another group was open.
@@ -145,6 +152,15 @@ pub enum Update {
     },
     /// A command failed; shown as a notice.
     Failed(String),
+    /// The contact book as it is now.
+    Contacts(Vec<(String, IdentityKey)>),
+    /// A group's safety number (grouped digits).
+    SafetyNumber {
+        /// Which group.
+        group: String,
+        /// Its digits, in groups of five.
+        digits: String,
+    },
 }
 
 /// Everything the window shows.
@@ -230,6 +246,16 @@ impl Model {
                 self.busy = false;
                 self.notice(why);
             }
+            Update::Contacts(contacts) => {
+                if let Some(me) = self.identity {
+                    self.names = Names::new(me, contacts);
+                }
+            }
+            Update::SafetyNumber { group, digits } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.safety_number = Some(digits);
+                }
+            }
             Update::Event(e) => self.event(e),
         }
     }
@@ -240,7 +266,13 @@ impl Model {
             let g = self.groups.entry(s.name.clone()).or_default();
             g.pq = s.pq;
             g.members = s.members.len();
+            g.member_keys = s.members;
             g.waiting = s.waiting;
+            if g.epoch != s.epoch {
+                // A new epoch has a new safety number: ask again to see it.
+                g.epoch = s.epoch;
+                g.safety_number = None;
+            }
         }
         // A group left or removed from goes from the list.
         self.groups.retain(|name, _| names.contains(name));
@@ -363,6 +395,11 @@ impl Model {
             .map(|k| quicproquo_core::types::hex(k.as_bytes()))
     }
 
+    /// How `key` is shown: a contact name, `you`, or its short key.
+    pub fn who(&self, key: &IdentityKey) -> String {
+        clean_text(&self.names.who(key))
+    }
+
     /// This user's short key, once open.
     pub fn identity_short(&self) -> Option<String> {
         self.identity.map(|k| short_key(&k))
@@ -384,6 +421,21 @@ pub fn clean_text(text: &str) -> String {
             c => c,
         })
         .collect()
+}
+
+/// The UTC calendar day of `ms` since the Unix epoch, as `YYYY-MM-DD`.
+pub fn day(ms: u64) -> String {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = i64::try_from(ms / 86_400_000).unwrap_or(i64::MAX / 2) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn now_ms() -> u64 {
@@ -512,6 +564,38 @@ mod tests {
         assert_eq!(m.connection.label(), "retrying: lost");
         m.apply(Update::Event(Event::Connected));
         assert_eq!(m.connection, Connection::Connected);
+    }
+
+    #[test]
+    fn days_are_calendar_dates() {
+        assert_eq!(day(0), "1970-01-01");
+        assert_eq!(day(951_782_400_000), "2000-02-29");
+        assert_eq!(day(1_796_567_842_000), "2026-12-06");
+    }
+
+    #[test]
+    fn contacts_and_safety_numbers_arrive_as_updates() {
+        let mut m = open();
+        assert_eq!(m.who(&key(3)), short_key(&key(3)));
+        m.apply(Update::Contacts(vec![("carol".into(), key(3))]));
+        assert_eq!(m.who(&key(3)), "carol");
+        assert_eq!(m.who(&key(1)), "you");
+        m.apply(Update::SafetyNumber {
+            group: "team".into(),
+            digits: "12345 67890".into(),
+        });
+        assert_eq!(
+            m.groups["team"].safety_number.as_deref(),
+            Some("12345 67890")
+        );
+        assert_eq!(m.groups["team"].member_keys, [key(1), key(2)]);
+        // Listed again at the same epoch it stays; a new epoch clears it.
+        m.apply(Update::Groups(vec![summary("team")]));
+        assert!(m.groups["team"].safety_number.is_some());
+        let mut next = summary("team");
+        next.epoch = 2;
+        m.apply(Update::Groups(vec![next]));
+        assert!(m.groups["team"].safety_number.is_none());
     }
 
     #[test]

@@ -226,3 +226,63 @@ fn members_and_groups_are_managed_from_the_main_screen() {
         ]
     );
 }
+
+#[test]
+fn the_members_panel_removes_names_and_shows_the_safety_number() {
+    let (mut h, mut rx) = harness(Screen::Unlock);
+    h.state_mut().apply(Update::Opened {
+        identity: key(1),
+        groups: vec![group("team", false)],
+        contacts: vec![("bob".into(), key(2))],
+    });
+    h.state_mut().apply(Update::Event(Event::Message {
+        group: "team".into(),
+        sender: key(2),
+        sender_name: None,
+        text: "first".into(),
+        seq: 1,
+        sent_at_ms: Some(60_000),
+    }));
+    h.run();
+    h.get_by_label("Members");
+    // A day separator above the day's first message.
+    h.get_by_label("1970-01-01");
+    h.get_by_label("Remove bob").click();
+    h.run();
+    h.get_by_label("Name bob").click();
+    h.run();
+    h.get_by_label("type a contact name first");
+    type_into(&mut h, "Contact name", "Bobby");
+    h.get_by_label("Name bob").click();
+    h.run();
+    h.get_by_label("Show safety number").click();
+    h.run();
+    assert_eq!(
+        requests(&mut rx),
+        [
+            Request::RemoveMember {
+                group: "team".into(),
+                member: key(2)
+            },
+            Request::NameContact {
+                name: "Bobby".into(),
+                key: key(2)
+            },
+            Request::SafetyNumber {
+                group: "team".into()
+            },
+        ]
+    );
+    h.state_mut().apply(Update::SafetyNumber {
+        group: "team".into(),
+        digits: "12345 67890 12345".into(),
+    });
+    h.state_mut()
+        .apply(Update::Contacts(vec![("Bobby".into(), key(2))]));
+    h.run();
+    h.get_by_label("12345 67890 12345");
+    h.get_by_label("Remove Bobby");
+    // The QR code of this user's key draws.
+    h.get_by_label("My key as QR code").click();
+    h.run();
+}
