@@ -869,14 +869,7 @@ impl Harness {
                 let channel_id = chan(*channel);
                 let payload = payload_bytes(payload);
                 let message_id = mid(*message_id);
-                let queues: Vec<QueueId> = recipients
-                    .iter()
-                    .take(6)
-                    .map(|r| QueueId {
-                        recipient_key: self.who(*r),
-                        channel_id,
-                    })
-                    .collect();
+                let queues = self.queues_of(recipients, channel_id);
                 for queue in &queues {
                     self.note_sent(*queue, message_id, &payload);
                 }
@@ -900,14 +893,7 @@ impl Harness {
                 messages,
             } => {
                 let channel_id = chan(*channel);
-                let queues: Vec<QueueId> = recipients
-                    .iter()
-                    .take(6)
-                    .map(|r| QueueId {
-                        recipient_key: self.who(*r),
-                        channel_id,
-                    })
-                    .collect();
+                let queues = self.queues_of(recipients, channel_id);
                 let messages: Vec<(MessageId, Vec<u8>)> = messages
                     .iter()
                     .take(8)
@@ -975,6 +961,18 @@ impl Harness {
             Who::Known(n) => identity(usize::from(n) % IDENTITIES),
             Who::Raw(bytes) => IdentityKey(bytes),
         }
+    }
+
+    /// The queues of (at most six of) `recipients` on `channel_id`.
+    fn queues_of(&self, recipients: &[Who], channel_id: ChannelId) -> Vec<QueueId> {
+        recipients
+            .iter()
+            .take(6)
+            .map(|r| QueueId {
+                recipient_key: self.who(*r),
+                channel_id,
+            })
+            .collect()
     }
 
     fn key_of(&self, who: Who) -> Option<&'static SigningKey> {
