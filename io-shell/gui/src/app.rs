@@ -48,6 +48,11 @@ impl QpqApp {
         }
     }
 
+    /// Applies `update` as if the session had sent it (tests).
+    pub fn apply(&mut self, update: Update) {
+        self.model.apply(update);
+    }
+
     /// Takes what the session sent since the last frame.
     pub fn take_updates(&mut self) {
         for u in self.bridge.updates() {
@@ -148,6 +153,9 @@ impl QpqApp {
                 ui.toggle_value(&mut self.form.show_qr, "My key as QR code");
                 ui.separator();
                 ui.label(self.model.connection.label());
+                if !self.model.registered {
+                    ui.label("· registering…");
+                }
             });
             if self.form.show_qr
                 && let Some(hex) = self.model.identity_hex()
@@ -506,13 +514,4 @@ fn preview(text: &str) -> String {
 fn clock(ms: u64) -> String {
     let minutes = ms / 60_000;
     format!("{:02}:{:02}", (minutes / 60) % 24, minutes % 60)
-}
-
-/// Sends the update to the model directly (for the first frame of tests
-/// and for states the session does not report).
-impl QpqApp {
-    /// Applies `update` as if the session had sent it.
-    pub fn apply(&mut self, update: Update) {
-        self.model.apply(update);
-    }
 }

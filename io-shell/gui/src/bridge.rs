@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::model::Update;
 
-/// KeyPackages a new identity uploads.
+/// KeyPackages kept on the server: a new identity uploads them, and each
+/// opening tops them up.
 pub const REGISTER_COUNT: u32 = 20;
 
 /// What the window asks of the session.
@@ -222,14 +223,9 @@ async fn create(paths: &Paths, settings: &Settings, password: &str) -> Result<Se
         server: settings.server.clone(),
         trust,
     };
-    let session = Session::create(config, password)
+    Session::create(config, password)
         .await
-        .map_err(|e| e.to_string())?;
-    session
-        .register(REGISTER_COUNT)
-        .await
-        .map_err(|e| format!("registering with the server: {e}"))?;
-    Ok(session)
+        .map_err(|e| e.to_string())
 }
 
 async fn open(paths: &Paths, password: &str) -> Result<Session, String> {
@@ -274,6 +270,18 @@ async fn opened(session: Session, out: &Out) -> Arc<Session> {
         identity: session.identity_key(),
         groups,
         contacts,
+    });
+    // KeyPackages topped up at every opening, in the background: a first
+    // run whose server was out of reach registers on the next one.
+    let s = session.clone();
+    let out = out.clone();
+    tokio::spawn(async move {
+        match s.register(REGISTER_COUNT).await {
+            Ok(_) => out.send(Update::Registered),
+            Err(e) => out.send(Update::Failed(format!(
+                "registering with the server failed ({e}); others cannot add you until it succeeds, which is tried again when you next unlock"
+            ))),
+        }
     });
     session
 }

@@ -152,6 +152,8 @@ pub enum Update {
     },
     /// A command failed; shown as a notice.
     Failed(String),
+    /// This user's KeyPackages are on the server: others can add them.
+    Registered,
     /// The contact book as it is now.
     Contacts(Vec<(String, IdentityKey)>),
     /// A group's safety number (grouped digits).
@@ -180,6 +182,8 @@ pub struct Model {
     pub notices: Vec<String>,
     /// A request is out that the screen waits for (unlock, create).
     pub busy: bool,
+    /// KeyPackages were uploaded (or topped up) since opening.
+    pub registered: bool,
     names: Names,
 }
 
@@ -194,6 +198,7 @@ impl Model {
             connection: Connection::Connecting,
             notices: Vec::new(),
             busy: false,
+            registered: false,
             names: Names::default(),
         }
     }
@@ -246,6 +251,7 @@ impl Model {
                 self.busy = false;
                 self.notice(why);
             }
+            Update::Registered => self.registered = true,
             Update::Contacts(contacts) => {
                 if let Some(me) = self.identity {
                     self.names = Names::new(me, contacts);

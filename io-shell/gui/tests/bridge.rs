@@ -55,6 +55,10 @@ fn two_users_make_identities_share_a_group_and_a_message() {
             Update::Opened { identity, .. } => Some(*identity),
             _ => None,
         });
+        // Registering follows the opening, in the background.
+        wait_for(&bridge, "registration", |u| {
+            matches!(u, Update::Registered).then_some(())
+        });
         (bridge, identity)
     };
     let (alice, _) = user("alice");
