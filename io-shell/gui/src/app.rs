@@ -8,6 +8,8 @@ use quicproquo_core::types::IdentityKey;
 
 use crate::bridge::{Bridge, Request, parse_key};
 use crate::model::{Delivery, Line, Model, Screen, Update, day};
+use crate::rows::Rows;
+use crate::stats::Stats;
 
 /// Width of the members panel: long keys and names are cut, not let
 /// push the conversation aside.
@@ -21,6 +23,13 @@ pub struct QpqApp {
     pub model: Model,
     bridge: Bridge,
     form: Form,
+    /// The open conversation's line heights (only the lines in view are
+    /// drawn).
+    rows: Rows,
+    /// The bundled fonts are in the window's context.
+    fonts_installed: bool,
+    /// Frame statistics, when asked for (`QPQ_GUI_STATS`).
+    stats: Option<Stats>,
 }
 
 /// The text fields and switches of every screen.
@@ -45,7 +54,16 @@ impl QpqApp {
             model: Model::new(screen),
             bridge,
             form: Form::default(),
+            rows: Rows::default(),
+            fonts_installed: false,
+            stats: None,
         }
+    }
+
+    /// Records frame statistics into `stats`.
+    pub fn with_stats(mut self, stats: Stats) -> QpqApp {
+        self.stats = Some(stats);
+        self
     }
 
     /// Applies `update` as if the session had sent it (tests).
@@ -62,6 +80,10 @@ impl QpqApp {
 
     /// Draws one frame into `ui`.
     pub fn draw(&mut self, ui: &mut egui::Ui) {
+        if !self.fonts_installed {
+            crate::fonts::install(ui.ctx());
+            self.fonts_installed = true;
+        }
         self.take_updates();
         match self.model.screen {
             Screen::FirstRun => self.first_run(ui),
@@ -71,6 +93,9 @@ impl QpqApp {
     }
 
     fn request(&mut self, request: Request) {
+        if let (Request::Open { .. }, Some(stats)) = (&request, &mut self.stats) {
+            stats.unlock_pressed();
+        }
         self.bridge.request(request);
     }
 
@@ -235,25 +260,40 @@ impl QpqApp {
             ui.label(format!("{} members", g.members));
         });
         ui.separator();
+        let rows = &mut self.rows;
         egui::ScrollArea::vertical()
             .stick_to_bottom(true)
             .auto_shrink([false, false])
-            .show(ui, |ui| {
-                let mut last_day = None;
-                for line in &g.lines {
-                    if let Line::Message {
-                        sent_at_ms: Some(ms),
-                        ..
-                    } = line
-                    {
-                        let today = day(*ms);
-                        if last_day.as_ref() != Some(&today) {
-                            ui.separator();
-                            ui.label(egui::RichText::new(&today).small().weak());
-                            last_day = Some(today);
-                        }
+            .show_viewport(ui, |ui, viewport| {
+                rows.sync(&name, ui.available_width(), g.dropped, g.lines.len());
+                let shown = rows.visible(viewport.min.y, viewport.max.y);
+                // The whole conversation's height, as far as it is known;
+                // lines measured now count from the next frame.
+                ui.set_height(shown.total);
+                let origin = ui.max_rect().min;
+                let rect = egui::Rect::from_min_max(
+                    origin + egui::vec2(0.0, shown.top),
+                    egui::pos2(
+                        ui.max_rect().right(),
+                        origin.y + shown.top + viewport.height(),
+                    ),
+                );
+                let mut changed = false;
+                ui.scope_builder(egui::UiBuilder::new().max_rect(rect), |ui| {
+                    for i in shown.lines.clone() {
+                        let top = ui.cursor().top();
+                        ui.push_id(g.dropped + i as u64, |ui| {
+                            if let Some(today) = new_day(&g.lines, i) {
+                                ui.separator();
+                                ui.label(egui::RichText::new(today).small().weak());
+                            }
+                            draw_line(ui, &g.lines[i]);
+                        });
+                        changed |= rows.measured(i, ui.cursor().top() - top);
                     }
-                    draw_line(ui, line);
+                });
+                if changed {
+                    ui.ctx().request_repaint();
                 }
             });
     }
@@ -387,8 +427,24 @@ impl QpqApp {
 }
 
 impl eframe::App for QpqApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         self.draw(ui);
+        if let Some(stats) = &mut self.stats {
+            let lines = (self.model.selected.as_ref())
+                .and_then(|g| self.model.groups.get(g))
+                .map_or(0, |g| g.lines.len());
+            stats.frame(
+                frame.info().cpu_usage,
+                self.model.screen == Screen::Main,
+                lines,
+            );
+        }
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        if let Some(stats) = &mut self.stats {
+            stats.flush();
+        }
     }
 }
 
@@ -460,6 +516,27 @@ fn draw_line(ui: &mut egui::Ui, line: &Line) {
         }
     }
 }
+
+/// The day line `i` starts, when it is the first of that day (UTC) among
+/// the timed lines.
+fn new_day(lines: &[Line], i: usize) -> Option<String> {
+    let sent = |l: &Line| match l {
+        Line::Message {
+            sent_at_ms: Some(ms),
+            ..
+        } => Some(*ms),
+        _ => None,
+    };
+    let ms = sent(&lines[i])?;
+    let previous = lines[..i].iter().rev().find_map(sent);
+    match previous {
+        Some(p) if p / DAY_MS == ms / DAY_MS => None,
+        _ => Some(day(ms)),
+    }
+}
+
+/// A day in milliseconds (days are UTC, as [`day`] names them).
+const DAY_MS: u64 = 86_400_000;
 
 fn notices(ui: &mut egui::Ui, model: &Model) {
     for n in &model.notices {

@@ -6,7 +6,10 @@
 
 pub mod app;
 pub mod bridge;
+pub mod fonts;
 pub mod model;
+pub mod rows;
+pub mod stats;
 
 /// The app's identifier (the window's app id, where its files live).
 pub const APP_ID: &str = "chat.quicproquo.gui";

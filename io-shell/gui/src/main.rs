@@ -11,10 +11,17 @@ use quicproquo_gui::APP_ID;
 use quicproquo_gui::app::QpqApp;
 use quicproquo_gui::bridge::{Bridge, Paths};
 use quicproquo_gui::model::Screen;
+use quicproquo_gui::stats::Stats;
 
 /// The quicproquo desktop chat app.
 #[derive(Debug, Parser)]
-#[command(name = "qpq-gui", version, about)]
+#[command(
+    name = "qpq-gui",
+    version,
+    about,
+    after_help = "Environment:\n  QPQ_GUI_STATS=<file>  record frame statistics there (time to the first \
+                  frame, from Unlock to the main screen, each frame's CPU time), for measuring"
+)]
 struct Args {
     /// The encrypted state file (default: `qpq-state.bin` in the app's data
     /// directory). The server it talks to is kept beside it, in
@@ -24,7 +31,15 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let args = Args::parse();
+    let stats = match std::env::var_os("QPQ_GUI_STATS") {
+        Some(path) => Some(
+            Stats::create(path.as_ref(), started)
+                .with_context(|| format!("creating the stats file {}", path.display()))?,
+        ),
+        None => None,
+    };
     let state = match args.state {
         Some(path) => path,
         None => directories::ProjectDirs::from("chat", "quicproquo", "gui")
@@ -53,7 +68,11 @@ fn main() -> anyhow::Result<()> {
             let ctx = cc.egui_ctx.clone();
             let bridge =
                 Bridge::spawn(&handle, Paths::beside(state), move || ctx.request_repaint());
-            Ok(Box::new(QpqApp::new(screen, bridge)))
+            let app = QpqApp::new(screen, bridge);
+            Ok(Box::new(match stats {
+                Some(stats) => app.with_stats(stats),
+                None => app,
+            }))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the window failed: {e}"))?;

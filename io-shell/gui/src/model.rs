@@ -104,6 +104,10 @@ pub struct GroupView {
     pub unread: usize,
     /// The conversation, oldest first.
     pub lines: Vec<Line>,
+    /// Lines dropped from the front so far (over
+    /// [`LINES_PER_GROUP_MAX`]): `lines[i]` is the conversation's line
+    /// number `dropped + i`.
+    pub dropped: u64,
 }
 
 impl GroupView {
@@ -120,6 +124,7 @@ impl GroupView {
         if self.lines.len() > LINES_PER_GROUP_MAX {
             let extra = self.lines.len() - LINES_PER_GROUP_MAX;
             self.lines.drain(..extra);
+            self.dropped += extra as u64;
         }
     }
 }

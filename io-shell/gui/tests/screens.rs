@@ -18,6 +18,8 @@ fn harness(screen: Screen) -> (Harness<'static, QpqApp>, UnboundedReceiver<Reque
     let app = QpqApp::new(screen, bridge);
     let harness = Harness::builder()
         .with_size(egui::vec2(900.0, 640.0))
+        // A long conversation measures its lines over a few frames.
+        .with_max_steps(16)
         .build_ui_state(|ui, app: &mut QpqApp| app.draw(ui), app);
     (harness, requests)
 }
@@ -285,4 +287,61 @@ fn the_members_panel_removes_names_and_shows_the_safety_number() {
     // The QR code of this user's key draws.
     h.get_by_label("My key as QR code").click();
     h.run();
+}
+
+#[test]
+fn a_long_conversation_draws_only_what_is_in_view() {
+    let (mut h, _rx) = harness(Screen::Unlock);
+    h.state_mut().apply(Update::Opened {
+        identity: key(1),
+        groups: vec![group("long", false)],
+        contacts: vec![],
+    });
+    for seq in 1..=10_000u64 {
+        h.state_mut().apply(Update::Event(Event::Message {
+            group: "long".into(),
+            sender: key(2),
+            sender_name: None,
+            text: format!("message number {seq}"),
+            seq,
+            sent_at_ms: Some(seq * 60_000),
+        }));
+    }
+    // A few frames: the heights of the lines in view are measured, and
+    // the view stays at the bottom.
+    h.run();
+    // The conversation's last line, and the group list's preview of it.
+    assert_eq!(h.get_all_by_label("message number 10000").count(), 2);
+    assert!(h.query_by_label("message number 1").is_none());
+    let drawn = h.query_all_by_label_contains("message number ").count();
+    assert!(
+        (5..100).contains(&drawn),
+        "{drawn} lines in the accessibility tree; only those in view should be"
+    );
+}
+
+#[test]
+fn cjk_emoji_and_unknown_characters_render() {
+    let (mut h, _rx) = harness(Screen::Unlock);
+    h.state_mut().apply(Update::Opened {
+        identity: key(1),
+        groups: vec![group("世界", false)],
+        contacts: vec![],
+    });
+    // Chinese, Japanese, Korean, emoji, and a private-use character no
+    // font has.
+    let text = "你好世界 こんにちは 안녕하세요 😀🎉👍 \u{F0000}";
+    h.state_mut().apply(Update::Event(Event::Message {
+        group: "世界".into(),
+        sender: key(2),
+        sender_name: None,
+        text: text.into(),
+        seq: 1,
+        sent_at_ms: None,
+    }));
+    h.run();
+    // The group list and the conversation's heading.
+    assert_eq!(h.get_all_by_label("世界").count(), 2);
+    // The conversation, and the group list's preview of it.
+    assert_eq!(h.get_all_by_label(text).count(), 2);
 }
