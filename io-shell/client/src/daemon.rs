@@ -86,6 +86,7 @@ where
                     }
                     Line::Text => {
                         let answer = answer(session, &line, stop).await;
+                        line.clear();
                         write(&mut writer, &answer).await?;
                     }
                 }
@@ -156,7 +157,9 @@ pub async fn request(path: &Path, method: &str, params: Value) -> Result<Value, 
             Ok(_) => return Err("the daemon closed the connection".into()),
             Err(e) => return Err(e.to_string()),
         }
-        let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+        let parsed = serde_json::from_slice::<Value>(&line);
+        line.clear();
+        let Ok(v) = parsed else {
             continue;
         };
         if v["id"] != id {
@@ -329,13 +332,19 @@ enum Line {
     TooLong,
 }
 
-/// Reads one line (without its newline) into `line`, at most
-/// [`DAEMON_LINE_BYTES_MAX`] bytes.
+/// Reads one line (without its newline) onto the end of `line`, which
+/// must start empty; at most [`DAEMON_LINE_BYTES_MAX`] bytes. The caller
+/// clears `line` once it has used it.
+///
+/// Cancel-safe, as `select!` needs: bytes taken from `reader` are in
+/// `line` before the next await, so when the future is dropped half-way
+/// through a line (an event came first) the next call goes on from there.
+/// Clearing `line` here instead lost the start of a request whenever an
+/// event arrived while the rest of its line was still on the way.
 async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     line: &mut Vec<u8>,
 ) -> std::io::Result<Line> {
-    line.clear();
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
@@ -406,4 +415,45 @@ fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let _ = std::fs::remove_file(&inner);
     let _ = std::fs::remove_dir(&dir);
     bound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// An event wins the `select!` while a request line is half-way in:
+    /// the next read goes on with the same line, losing nothing.
+    #[tokio::test]
+    async fn a_line_read_half_way_survives_cancellation() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut reader = BufReader::new(rx);
+        let mut line = Vec::new();
+        tx.write_all(b"{\"id\":1,").await.unwrap();
+        tokio::select! {
+            biased;
+            _ = read_line(&mut reader, &mut line) => panic!("no newline yet"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        tx.write_all(b"\"method\":\"whoami\"}\r\nnext\n")
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_line(&mut reader, &mut line).await,
+            Ok(Line::Text)
+        ));
+        assert_eq!(line, b"{\"id\":1,\"method\":\"whoami\"}");
+        line.clear();
+        assert!(matches!(
+            read_line(&mut reader, &mut line).await,
+            Ok(Line::Text)
+        ));
+        assert_eq!(line, b"next");
+        line.clear();
+        drop(tx);
+        assert!(matches!(
+            read_line(&mut reader, &mut line).await,
+            Ok(Line::End)
+        ));
+    }
 }

@@ -45,6 +45,9 @@ struct Form {
     member_key: String,
     contact_name: String,
     show_qr: bool,
+    /// The screen's first field had the keyboard focus once (a new
+    /// window types into the password field right away).
+    focused: bool,
 }
 
 impl QpqApp {
@@ -106,6 +109,9 @@ impl QpqApp {
             let field = ui
                 .add(egui::TextEdit::singleline(&mut self.form.password).password(true))
                 .labelled_by(label.id);
+            if !std::mem::replace(&mut self.form.focused, true) {
+                field.request_focus();
+            }
             let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             let button = ui.add_enabled(!self.model.busy, egui::Button::new("Unlock"));
             if (button.clicked() || enter) && !self.model.busy {
@@ -132,8 +138,12 @@ impl QpqApp {
             );
             let f = &mut self.form;
             let label = ui.label("Password");
-            ui.add(egui::TextEdit::singleline(&mut f.password).password(true))
+            let field = ui
+                .add(egui::TextEdit::singleline(&mut f.password).password(true))
                 .labelled_by(label.id);
+            if !std::mem::replace(&mut f.focused, true) {
+                field.request_focus();
+            }
             ui.label(format!("Strength: {}", strength(&f.password)));
             let label = ui.label("Repeat password");
             ui.add(egui::TextEdit::singleline(&mut f.repeat).password(true))

@@ -14,7 +14,7 @@ use quicproquo_core::types::IdentityKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::model::Update;
+use crate::model::{Update, now_ms};
 
 /// KeyPackages kept on the server: a new identity uploads them, and each
 /// opening tops them up.
@@ -288,10 +288,13 @@ async fn opened(session: Session, out: &Out) -> Arc<Session> {
 
 async fn command(session: Arc<Session>, request: Request, out: Out) {
     let done = match request {
-        Request::Send { group, text } => session
-            .send(&group, &text)
-            .await
-            .map(|_| Some(Update::Sent { group, text })),
+        Request::Send { group, text } => session.send(&group, &text).await.map(|_| {
+            Some(Update::Sent {
+                group,
+                text,
+                sent_at_ms: now_ms(),
+            })
+        }),
         Request::CreateGroup { name, pq } => session.create_group(&name, pq).await.map(|_| None),
         Request::AddMember { group, key } => match parse_key(&key) {
             Ok(key) => session.add(&group, key).await.map(|_| None),

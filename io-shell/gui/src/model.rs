@@ -154,6 +154,8 @@ pub enum Update {
         group: String,
         /// What.
         text: String,
+        /// When, milliseconds since the Unix epoch.
+        sent_at_ms: u64,
     },
     /// A command failed; shown as a notice.
     Failed(String),
@@ -243,12 +245,16 @@ impl Model {
                 self.notice(why);
             }
             Update::Groups(groups) => self.set_groups(groups),
-            Update::Sent { group, text } => {
+            Update::Sent {
+                group,
+                text,
+                sent_at_ms,
+            } => {
                 let g = self.groups.entry(group).or_default();
                 g.push(Line::Message {
                     sender: "you".into(),
                     text: clean_text(&text),
-                    sent_at_ms: Some(now_ms()),
+                    sent_at_ms: Some(sent_at_ms),
                     delivery: Some(Delivery::Sending),
                 });
             }
@@ -449,7 +455,8 @@ pub fn day(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -530,6 +537,7 @@ mod tests {
             m.apply(Update::Sent {
                 group: "team".into(),
                 text: text.into(),
+                sent_at_ms: 0,
             });
         }
         m.apply(Update::Event(Event::Delivered {
@@ -616,6 +624,7 @@ mod tests {
             m.apply(Update::Sent {
                 group: "team".into(),
                 text: n.to_string(),
+                sent_at_ms: 0,
             });
         }
         let g = &m.groups["team"];

@@ -171,6 +171,7 @@ fn the_main_screen_lists_groups_shows_messages_and_sends() {
     h.state_mut().apply(Update::Sent {
         group: "team".into(),
         text: "second".into(),
+        sent_at_ms: 0,
     });
     h.run();
     h.get_by_label_contains("sending");
