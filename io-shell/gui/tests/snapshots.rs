@@ -112,6 +112,7 @@ fn conversation() -> Harness<'static, QpqApp> {
         group: "team".into(),
         digits: "48213 09921 55270 18834 60027 73391".into(),
     });
+    h.state_mut().apply(Update::Registered);
     h.state_mut().apply(Update::Event(Event::Connected));
     h.run();
     h
