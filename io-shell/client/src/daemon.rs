@@ -420,7 +420,6 @@ fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt as _;
 
     /// An event wins the `select!` while a request line is half-way in:
     /// the next read goes on with the same line, losing nothing.
