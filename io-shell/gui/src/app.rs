@@ -178,7 +178,13 @@ impl QpqApp {
         egui::Panel::top("status").show(ui, |ui| {
             ui.horizontal(|ui| {
                 if let Some(short) = self.model.identity_short() {
-                    ui.label(format!("You: {short}"));
+                    let you = ui.label(format!("You: {short}"));
+                    if let Some(hex) = self.model.identity_hex() {
+                        // Cut on screen, whole for screen readers (and
+                        // tests): the key others paste to add this user.
+                        ui.ctx()
+                            .accesskit_node_builder(you.id, |node| node.set_description(hex));
+                    }
                 }
                 if ui.button("Copy my key").clicked()
                     && let Some(hex) = self.model.identity_hex()
@@ -238,7 +244,10 @@ impl QpqApp {
         }
         ui.separator();
         let label = ui.label("New group");
-        ui.add(egui::TextEdit::singleline(&mut self.form.new_group))
+        // A fixed id: not one counted from the widgets above it, which
+        // changes with every group listed (and with it the field's state
+        // and its node in the accessibility tree).
+        ui.add(egui::TextEdit::singleline(&mut self.form.new_group).id_salt("new group"))
             .labelled_by(label.id);
         ui.checkbox(&mut self.form.new_group_pq, "Post-quantum");
         if ui.button("Create group").clicked() {
@@ -341,12 +350,14 @@ impl QpqApp {
             });
         }
         let label = ui.label("Contact name");
-        ui.add(egui::TextEdit::singleline(&mut self.form.contact_name))
+        // Fixed ids, as for "New group": the member list above grows.
+        ui.add(egui::TextEdit::singleline(&mut self.form.contact_name).id_salt("contact name"))
             .labelled_by(label.id);
         ui.separator();
         let label = ui.label("Member key");
         ui.add(
             egui::TextEdit::singleline(&mut self.form.member_key)
+                .id_salt("member key")
                 .hint_text("paste their identity key"),
         )
         .labelled_by(label.id);

@@ -251,9 +251,33 @@ async fn opened(session: Session, out: &Out) -> Arc<Session> {
     match session.subscribe().await {
         Ok(mut events) => {
             let out = out.clone();
+            let weak = Arc::downgrade(&session);
             tokio::spawn(async move {
                 while let Some(e) = events.recv().await {
+                    // Membership and the outbox changed: the members
+                    // panel, counts and "waiting for server" come from
+                    // the group list, so it is read again (in its own
+                    // task: a command running in the session must not
+                    // hold up the events).
+                    let refresh = matches!(
+                        e,
+                        Event::Joined { .. }
+                            | Event::Removed { .. }
+                            | Event::MemberAdded { .. }
+                            | Event::MemberRemoved { .. }
+                            | Event::MemberLeft { .. }
+                            | Event::GroupChanged { .. }
+                            | Event::Delivered { .. }
+                    );
                     out.send(Update::Event(e));
+                    if refresh && let Some(session) = weak.upgrade() {
+                        let out = out.clone();
+                        tokio::spawn(async move {
+                            if let Ok(groups) = session.groups().await {
+                                out.send(Update::Groups(groups));
+                            }
+                        });
+                    }
                 }
             });
         }

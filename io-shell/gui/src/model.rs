@@ -344,6 +344,10 @@ impl Model {
             Event::Removed { group, by } => {
                 let who = self.names.who(&by);
                 self.system(&group, format!("{who} removed you from the group"));
+                // The group goes from the list with the next group list
+                // (the session forgets it), its lines with it: the notice
+                // stays to say why.
+                self.notice(format!("{who} removed you from the group {group}"));
             }
             Event::MemberAdded { group, member, by } => {
                 let (who, whom) = (self.names.who(&by), self.names.who(&member));
