@@ -68,11 +68,30 @@ log "Carol queues $MESSAGES messages"
 # Every send answered, then every message stored on the server, then
 # shutdown.
 python3 - "$BIN/qpq" "$WORK/carol.bin" "$MESSAGES" "$WORK/daemon.err" <<'PY'
-import json, subprocess, sys
+import json, subprocess, sys, threading
 qpq, state, n, err = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 d = subprocess.Popen([qpq, "--state", state, "daemon", "--no-socket"],
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(err, "w"),
                      text=True)
+counts = {"sent": 0, "delivered": 0, "error": None}
+done = threading.Event()
+def read():
+    # The daemon closes a connection that leaves its answers unread for
+    # 10 s: read them while writing.
+    for line in d.stdout:
+        m = json.loads(line)
+        if m.get("type") == "result":
+            counts["sent"] += 1
+        elif m.get("type") == "error":
+            counts["error"] = m
+            break
+        elif m.get("type") == "delivered":
+            counts["delivered"] += 1
+        if counts["sent"] == n and counts["delivered"] == n:
+            break
+    done.set()
+reader = threading.Thread(target=read, daemon=True)
+reader.start()
 try:
     for i in range(1, n + 1):
         text = f"message {i}: the quick brown fox jumps over the lazy dog"
@@ -81,21 +100,12 @@ try:
     d.stdin.flush()
 except BrokenPipeError:
     sys.exit(f"the daemon stopped (exit {d.wait()}): {open(err).read()}")
-sent = delivered = 0
-for line in d.stdout:
-    m = json.loads(line)
-    if m.get("type") == "result":
-        sent += 1
-    elif m.get("type") == "error":
-        sys.exit(f"send failed: {m}")
-    elif m.get("type") == "delivered":
-        delivered += 1
-    if sent == n and delivered == n:
-        break
+if not done.wait(timeout=600) or counts["error"]:
+    sys.exit(f"sending failed: {counts}")
 d.stdin.write('{"method":"shutdown"}\n')
 d.stdin.close()
 d.wait(timeout=60)
-print(f"{sent} sent, {delivered} stored on the server", file=sys.stderr)
+print(f"{counts['sent']} sent, {counts['delivered']} stored on the server", file=sys.stderr)
 PY
 
 # Alice's window.

@@ -74,9 +74,15 @@ where
     let mut reader = BufReader::new(reader);
     let mut stopped = stop.subscribe();
     let mut line = Vec::new();
+    // The request being answered. Requests are answered one at a time, in
+    // order, but events keep flowing to the writer meanwhile: the session
+    // waits for room in this connection's event channel, so a connection
+    // that stopped draining events while a command ran would hold up the
+    // very command it waits for (seen with thousands of pipelined sends).
+    let mut pending: Option<std::pin::Pin<Box<dyn Future<Output = Value> + Send + '_>>> = None;
     loop {
         tokio::select! {
-            read = read_line(&mut reader, &mut line) => {
+            read = read_line(&mut reader, &mut line), if pending.is_none() => {
                 match read? {
                     Line::End => return Ok(()),
                     Line::TooLong => {
@@ -85,11 +91,14 @@ where
                         return Ok(());
                     }
                     Line::Text => {
-                        let answer = answer(session, &line, stop).await;
-                        line.clear();
-                        write(&mut writer, &answer).await?;
+                        let request = std::mem::take(&mut line);
+                        pending = Some(Box::pin(async move { answer(session, &request, stop).await }));
                     }
                 }
+            }
+            answer = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                pending = None;
+                write(&mut writer, &answer).await?;
             }
             event = events.recv() => match event {
                 Some(e) => write(&mut writer, &crate::json::event(&e)).await?,

@@ -991,6 +991,67 @@ fn the_daemon_serves_json_lines_on_stdin_and_on_its_socket() {
     assert!(!PathBuf::from(format!("{}.lock", bob.state.display())).exists());
 }
 
+/// Requests written all at once, more than a subscriber's event buffer
+/// of them: the daemon answers each while it keeps passing the events on
+/// (it used to stop draining events while a command ran, and the session,
+/// waiting for room in that channel, never finished the command).
+#[test]
+fn the_daemon_answers_requests_pipelined_past_its_event_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [bob] = &registered(dir.path(), &server, &["bob"])[..] else {
+        unreachable!()
+    };
+    bob.run(&["group", "create", "notes"]);
+    /// Killed if the test fails half-way (a stuck daemon would keep the
+    /// test run's output open).
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Daemon(
+        bob.plain()
+            .args(["daemon", "--no-socket"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = daemon.0.stdin.take().unwrap();
+    let lines = lines_of(&mut daemon.0);
+    let n = 3 * quicproquo_client::EVENTS_BUFFERED;
+    let requests: String = (0..n)
+        .map(|i| format!(
+            "{{\"id\": {i}, \"method\": \"send\", \"params\": {{\"group\": \"notes\", \"text\": \"m{i}\"}}}}\n"
+        ))
+        .collect();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(requests.as_bytes()).unwrap();
+        stdin
+    });
+    let (mut answered, mut delivered) = (0, 0);
+    while answered < n || delivered < n {
+        let v = expect_line(&lines, "answers and deliveries", |_| true);
+        match v["type"].as_str() {
+            Some("result") => {
+                assert_eq!(v["id"], answered, "answers come in order");
+                answered += 1;
+            }
+            Some("delivered") => delivered += 1,
+            Some("error") => panic!("{v}"),
+            _ => {}
+        }
+    }
+    let mut stdin = writer.join().unwrap();
+    writeln!(stdin, r#"{{"id": "bye", "method": "shutdown"}}"#).unwrap();
+    expect_line(&lines, "shutdown", |v| v["id"] == "bye");
+    assert!(daemon.0.wait().unwrap().success());
+}
+
 #[test]
 fn recv_stream_shows_messages_and_carries_out_other_commands() {
     let dir = tempfile::tempdir().unwrap();
