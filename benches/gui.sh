@@ -140,7 +140,6 @@ while :; do
     [ $SECONDS -lt $deadline ] || { echo "only $lines lines after ${WAIT:-300} s" >&2; exit 1; }
     sleep 1
 done
-all_in=$SECONDS
 sleep 3
 
 rss_kb() { awk '/^VmRSS/{print $2}' "/proc/$GUI/status"; }
@@ -172,7 +171,7 @@ wait "$GUI" 2>/dev/null || true
 python3 - "$WORK/stats.txt" "$scroll_start" "$IDLE_FRAMES_START" <<PY
 import sys
 path, scroll_from, idle_from = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-first = unlock = None
+first = unlock = main_at = all_at = None
 scroll, idle_frames = [], 0
 for line in open(path):
     f = line.split()
@@ -182,6 +181,10 @@ for line in open(path):
         unlock = float(f[1])
     elif f[0] == "frame":
         t, cpu = float(f[1]), float(f[2])
+        if unlock is not None and main_at is None:
+            main_at = t
+        if all_at is None and int(f[3]) >= $MESSAGES:
+            all_at = t
         if t > scroll_from and cpu > 0:
             scroll.append(cpu)
         elif idle_from < t <= scroll_from:
@@ -190,6 +193,7 @@ scroll.sort()
 q = lambda p: scroll[min(len(scroll) - 1, int(len(scroll) * p))]
 print(f"first frame after start:   {first:.0f} ms")
 print(f"Unlock to main screen:     {unlock:.0f} ms ($MESSAGES messages waiting on the server)")
+print(f"all messages shown:        {(all_at - main_at) / 1000:.1f} s after the main screen")
 print(f"RSS, all messages in:      {$RSS / 1024:.1f} MiB (after scrolling: {$RSS_AFTER / 1024:.1f} MiB)")
 print(f"CPU while idle:            $IDLE_CPU % of a core over $IDLE s ({idle_frames} frames drawn)")
 print(f"frame CPU while scrolling: p50 {q(0.5):.2f} ms, p95 {q(0.95):.2f} ms, max {scroll[-1]:.2f} ms over {len(scroll)} frames")
