@@ -100,7 +100,8 @@ impl Default for Clock {
 /// `on_event`. Returns the command's own result; the outer error means the
 /// loop itself could not go on. Requests still in flight at the end are
 /// dropped, and the machine is told ([`ClientMachine::handle_disconnected`]),
-/// so a later command on the same machine makes them again.
+/// so a later command on the same machine makes them again; the connection
+/// is closed ([`Client::close`]).
 pub async fn drive<E>(
     machine: &mut ClientMachine,
     clock: &Clock,
@@ -177,6 +178,9 @@ pub async fn drive<E>(
     };
     calls.abort_all();
     machine.handle_disconnected(clock.now(), "the command ended");
+    if let Some(c) = client {
+        c.close().await;
+    }
     Ok(result)
 }
 

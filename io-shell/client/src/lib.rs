@@ -130,10 +130,21 @@ pub struct Fetched {
     pub gap: Option<Gap>,
 }
 
+/// How long [`Client::close`] waits for the connection's close to be sent.
+/// The close leaves on the endpoint driver's next poll, within
+/// microseconds; the wait ends when the endpoint goes idle (after the
+/// draining period, three probe timeouts, about 200 ms even on loopback)
+/// or after this, whichever comes first, so a command's exit is not held
+/// up for the draining period.
+pub const CLOSE_FLUSH: Duration = Duration::from_millis(100);
+
 /// One connection to a NodeService.
 #[derive(Debug, Clone)]
 pub struct Client {
     conn: quinn::Connection,
+    /// The endpoint the connection runs on, kept so [`Client::close`] can
+    /// wait for the close to leave.
+    endpoint: quinn::Endpoint,
     identity: Option<IdentityKey>,
 }
 
@@ -239,8 +250,20 @@ impl Client {
         })?;
         Ok(Client {
             conn,
+            endpoint: endpoint.clone(),
             identity: None,
         })
+    }
+
+    /// Closes the connection and waits, at most [`CLOSE_FLUSH`], for the
+    /// close to be sent, so the server frees the connection's slot at once
+    /// instead of at its idle timeout. (A process that exits right after
+    /// `quinn::Connection::close` may never send it: the endpoint's driver
+    /// sends it on a later poll.)
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        drop(self.conn);
+        let _ = tokio::time::timeout(CLOSE_FLUSH, self.endpoint.wait_idle()).await;
     }
 
     /// The underlying QUIC connection.

@@ -541,7 +541,7 @@ impl Runner {
         while self.machine.poll_effect().is_some() {}
         self.persist()?;
         if let Some(c) = client {
-            c.connection().close(0u32.into(), b"bye");
+            c.close().await;
         }
         if let Some(reply) = running.take() {
             let _ = reply.send(Err(CommandError::Busy));

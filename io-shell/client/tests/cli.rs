@@ -1052,6 +1052,34 @@ fn the_daemon_answers_requests_pipelined_past_its_event_buffer() {
     assert!(daemon.0.wait().unwrap().success());
 }
 
+/// Every `qpq` command closes its connection on the way out, so the
+/// server frees its slot at once: commands in a row from one address never
+/// run into the per-address connection limit (set to 4 here), which
+/// connections left open would hold for the server's idle timeout (30 s).
+/// `QPQ_CLI_COMMANDS` runs more of them (500 for the long form).
+#[test]
+fn commands_in_a_row_from_one_address_all_get_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_configured(dir.path(), "127.0.0.1:0", "connections_per_ip_max = 4\n");
+    let [alice] = &registered(dir.path(), &server, &["alice"])[..] else {
+        unreachable!()
+    };
+    let n: usize = std::env::var("QPQ_CLI_COMMANDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    for i in 0..n {
+        // `recv` connects, authenticates and fetches; a refused connection
+        // would be a warning (the command itself still ends well).
+        let out = alice.run(&["recv"]);
+        assert!(
+            !out.iter().any(|v| v["type"] == "warning"),
+            "command {i}: {out:?}"
+        );
+    }
+}
+
 #[test]
 fn recv_stream_shows_messages_and_carries_out_other_commands() {
     let dir = tempfile::tempdir().unwrap();

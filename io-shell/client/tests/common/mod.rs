@@ -52,7 +52,13 @@ impl Server {
 
     /// Starts a server with its data in `dir`, listening on `listen`.
     pub fn start_on(dir: &Path, listen: &str) -> Server {
-        std::fs::write(dir.join("server.toml"), "").unwrap();
+        Self::start_configured(dir, listen, "")
+    }
+
+    /// Starts a server with its data in `dir`, listening on `listen`, with
+    /// `config` as its `qpq-server.toml`.
+    pub fn start_configured(dir: &Path, listen: &str, config: &str) -> Server {
+        std::fs::write(dir.join("server.toml"), config).unwrap();
         let mut child = Command::new(server_binary())
             .env("QPQ_CONFIG", dir.join("server.toml"))
             .env("QPQ_LISTEN", listen)
