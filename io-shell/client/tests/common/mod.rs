@@ -26,11 +26,15 @@ impl Drop for Server {
 }
 
 /// The `qpq-server` binary next to `qpq`, built if this test run has not
-/// built it yet.
+/// built it or if it is older than the sources it is built from (a stale
+/// server would test yesterday's code). `cargo test --workspace` builds it
+/// with everything else, so then it is fresh and nothing is built here; a
+/// package-scoped build (`-p`) resolves other features and can rebuild
+/// much of the graph, so it runs only when needed.
 pub fn server_binary() -> PathBuf {
     let qpq = PathBuf::from(env!("CARGO_BIN_EXE_qpq"));
     let server = qpq.with_file_name(format!("qpq-server{}", std::env::consts::EXE_SUFFIX));
-    if !server.exists() {
+    if !server.exists() || older_than_sources(&server) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile_release = qpq.parent().is_some_and(|p| p.ends_with("release"));
         let mut build = Command::new(cargo);
@@ -42,6 +46,33 @@ pub fn server_binary() -> PathBuf {
         assert!(status.success(), "building qpq-server failed");
     }
     server
+}
+
+/// Whether any source of the server (its crate, the core, the protocol)
+/// changed after `binary` was built.
+fn older_than_sources(binary: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
+        return true;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dirs = ["io-shell/server/src", "io-shell/proto/src", "core-sm/src"];
+    dirs.iter().any(|d| newer_file(&root.join(d), built))
+}
+
+fn newer_file(dir: &Path, than: std::time::SystemTime) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            newer_file(&path, than)
+        } else {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > than)
+        }
+    })
 }
 
 impl Server {
