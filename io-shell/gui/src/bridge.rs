@@ -250,16 +250,28 @@ async fn opened(session: Session, out: &Out) -> Arc<Session> {
     let session = Arc::new(session);
     match session.subscribe().await {
         Ok(mut events) => {
-            let out = out.clone();
+            // Membership and the outbox changed: the members panel, counts
+            // and "waiting for server" come from the group list, so it is
+            // read again, by one task of its own (a command running in the
+            // session must not hold up the events). A burst of changes
+            // (thousands of deliveries) is one read: `Notify` keeps at
+            // most one wake-up pending.
+            let refresh = Arc::new(tokio::sync::Notify::new());
             let weak = Arc::downgrade(&session);
+            let (reader_out, wake) = (out.clone(), refresh.clone());
+            tokio::spawn(async move {
+                loop {
+                    wake.notified().await;
+                    let Some(session) = weak.upgrade() else { break };
+                    if let Ok(groups) = session.groups().await {
+                        reader_out.send(Update::Groups(groups));
+                    }
+                }
+            });
+            let out = out.clone();
             tokio::spawn(async move {
                 while let Some(e) = events.recv().await {
-                    // Membership and the outbox changed: the members
-                    // panel, counts and "waiting for server" come from
-                    // the group list, so it is read again (in its own
-                    // task: a command running in the session must not
-                    // hold up the events).
-                    let refresh = matches!(
+                    let changed = matches!(
                         e,
                         Event::Joined { .. }
                             | Event::Removed { .. }
@@ -270,15 +282,12 @@ async fn opened(session: Session, out: &Out) -> Arc<Session> {
                             | Event::Delivered { .. }
                     );
                     out.send(Update::Event(e));
-                    if refresh && let Some(session) = weak.upgrade() {
-                        let out = out.clone();
-                        tokio::spawn(async move {
-                            if let Ok(groups) = session.groups().await {
-                                out.send(Update::Groups(groups));
-                            }
-                        });
+                    if changed {
+                        refresh.notify_one();
                     }
                 }
+                // The session is gone: let the reader go too.
+                refresh.notify_one();
             });
         }
         Err(e) => out.send(Update::Failed(e.to_string())),
