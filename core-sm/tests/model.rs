@@ -18,7 +18,7 @@
 //!
 //! The model has three parts:
 //! - [`Durable`], what the store holds: per queue a `VecDeque` of
-//!   `(seq, payload)`, its `next_seq` and the message-id dedup map; per
+//!   `(seq, payload)`, its `next_seq` and the dedup map by sender and message id; per
 //!   identity a FIFO of KeyPackages, an optional last-resort one and an
 //!   optional signed hybrid key; per channel and group the commit fence.
 //!   The model knows how many batches each request writes (an expiry, then
@@ -65,7 +65,7 @@ use quicproquo_core::node::{
 };
 use quicproquo_core::protocol::framing;
 use quicproquo_core::store::{Lsn, MemStore};
-use quicproquo_core::testing::ledger::{FetchView, Ledger};
+use quicproquo_core::testing::ledger::{FetchView, Ledger, MessageKey};
 use quicproquo_core::types::{
     ChannelId, ConnectionId, IdentityKey, MessageId, QueueId, RequestId, Signature,
 };
@@ -185,6 +185,37 @@ fn synced_pop_lost_with_its_reply_is_not_returned_again() {
             package: package_bytes(1),
             last_resort: true,
         }))
+    );
+}
+
+#[test]
+fn another_senders_message_under_a_used_id_is_its_own() {
+    let mut run = Run::new();
+    run.step(&enqueue(1, 0));
+    run.step(&sync_all());
+    // Actor 2 reuses actor 1's id: a message of its own, not a retry.
+    let reuse = |actor| Op::Enqueue {
+        actor,
+        recipient: 0,
+        channel: 0,
+        payload_bytes: 5,
+        message_id: MessageIdChoice::Retry {
+            pick: 0,
+            same_queue: true,
+        },
+    };
+    run.step(&reuse(2));
+    run.step(&sync_all());
+    assert_eq!(
+        run.released.last(),
+        Some(&Ok(Response::Enqueued { seq: 2 }))
+    );
+    // Actor 1 sending it again is a retry.
+    run.step(&reuse(1));
+    run.step(&sync_all());
+    assert_eq!(
+        run.released.last(),
+        Some(&Ok(Response::Enqueued { seq: 1 }))
     );
 }
 
@@ -665,8 +696,8 @@ struct QueueModel {
     stamps: BTreeMap<u64, u64>,
     /// Seqs below this were dropped by the TTL (0: none ever).
     expired_below: u64,
-    /// Message id -> its seq and the payload stored under it.
-    dedup: BTreeMap<[u8; 16], (u64, Vec<u8>)>,
+    /// (Sender, message id) -> its seq and the payload stored under it.
+    dedup: BTreeMap<(usize, [u8; 16]), (u64, Vec<u8>)>,
 }
 
 impl Default for QueueModel {
@@ -749,9 +780,9 @@ enum Meta {
         target: usize,
     },
     /// An enqueue of any kind: per seq of the reply, in order, its queue,
-    /// message id and the payload stored under it.
+    /// sender and message id, and the payload stored under it.
     Enqueued {
-        entries: Vec<(Q, [u8; 16], Vec<u8>)>,
+        entries: Vec<(Q, MessageKey, Vec<u8>)>,
     },
     /// A `fetchWaitChannels`: per channel queue, what a Messages reply of it
     /// would carry as meta.
@@ -966,7 +997,8 @@ impl Run {
                 let payload = payload_bytes_for(self.next_message, *payload_bytes);
                 self.next_message += 1;
                 let q = self.qid(queue);
-                self.seen.ledger.sent(q, MessageId(id), &payload);
+                let key = self.message_key(*actor, id);
+                self.seen.ledger.sent(q, key, &payload);
                 let rid = self.alloc_request();
                 let outcome =
                     self.model_enqueue(rid, *actor, &[queue], &[(id, payload.clone())], false);
@@ -1055,7 +1087,8 @@ impl Run {
                             self.sent_ids.push((*q, id));
                         }
                         let qid = self.qid(*q);
-                        self.seen.ledger.sent(qid, MessageId(id), &payload);
+                        let key = self.message_key(*actor, id);
+                        self.seen.ledger.sent(qid, key, &payload);
                     }
                     msgs.push((id, payload));
                 }
@@ -1194,7 +1227,17 @@ impl Run {
         self.check_invariants();
     }
 
-    /// A message id as `choice` says: a fresh one, or one sent before.
+    /// Message `id` from `actor`, as the server tells a retry by it (an
+    /// anonymous actor's enqueue is refused; its key names nobody).
+    fn message_key(&self, actor: usize, id: [u8; 16]) -> MessageKey {
+        MessageKey {
+            sender: self.ids.get(actor).copied().unwrap_or(IdentityKey([0; 32])),
+            id: MessageId(id),
+        }
+    }
+
+    /// A message id as `choice` says: a fresh one (another actor's, so
+    /// another message, or the same actor's, a retry).
     fn message_id_for(&self, choice: &MessageIdChoice) -> [u8; 16] {
         match choice {
             MessageIdChoice::Retry { pick, .. } if !self.sent_ids.is_empty() => {
@@ -1406,16 +1449,15 @@ impl Run {
         }
     }
 
-    fn observe_enqueued(&mut self, entries: Vec<(Q, [u8; 16], Vec<u8>)>, seqs: &[u64]) {
+    fn observe_enqueued(&mut self, entries: Vec<(Q, MessageKey, Vec<u8>)>, seqs: &[u64]) {
         assert_eq!(
             entries.len(),
             seqs.len(),
             "one seq per message and recipient"
         );
-        for ((queue, message_id, payload), seq) in entries.into_iter().zip(seqs) {
+        for ((queue, key, payload), seq) in entries.into_iter().zip(seqs) {
             let queue = self.qid(queue);
-            let id = MessageId(message_id);
-            let mut broken = self.seen.ledger.acknowledged(queue, id, *seq);
+            let mut broken = self.seen.ledger.acknowledged(queue, key, *seq);
             // The model knows the payload stored at that seq.
             broken.extend(self.seen.ledger.shown(queue, *seq, &payload));
             assert!(broken.is_empty(), "enqueue to {queue:?}: {broken:?}");
@@ -1715,7 +1757,7 @@ impl Run {
         for (id, _) in messages {
             let row = queues
                 .iter()
-                .map(|q| self.queue(*q).dedup.get(id).cloned())
+                .map(|q| self.queue(*q).dedup.get(&(actor, *id)).cloned())
                 .collect();
             known.push(row);
         }
@@ -1777,12 +1819,12 @@ impl Run {
                         queue.next_seq += 1;
                         queue.messages.push_back((seq, payload.clone()));
                         queue.stamps.insert(seq, now_ms);
-                        queue.dedup.insert(*id, (seq, payload.clone()));
+                        queue.dedup.insert((actor, *id), (seq, payload.clone()));
                         (seq, payload.clone())
                     }
                 };
                 seqs.push(seq);
-                entries.push((*q, *id, stored));
+                entries.push((*q, self.message_key(actor, *id), stored));
             }
         }
         for (key, fence) in fences {

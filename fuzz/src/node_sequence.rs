@@ -42,7 +42,7 @@ use quicproquo_core::node::{
     Request, RequestBody, Response, auth_message, commit, hybrid_key_message,
 };
 use quicproquo_core::store::{Lsn, MemStore};
-use quicproquo_core::testing::ledger::{FetchView, Ledger};
+use quicproquo_core::testing::ledger::{FetchView, Ledger, MessageKey};
 use quicproquo_core::types::{
     ChannelId, ConnectionId, IdentityKey, MessageId, QueueId, RequestId, Signature,
 };
@@ -449,7 +449,7 @@ enum Sent {
     },
     Enqueue {
         queue: QueueId,
-        message_id: MessageId,
+        message: MessageKey,
     },
     Fetch {
         queue: QueueId,
@@ -458,12 +458,12 @@ enum Sent {
     },
     Batch {
         queues: Vec<QueueId>,
-        message_id: MessageId,
+        message: MessageKey,
         payload: Vec<u8>,
     },
     Many {
         queues: Vec<QueueId>,
-        messages: Vec<(MessageId, Vec<u8>)>,
+        messages: Vec<(MessageKey, Vec<u8>)>,
     },
     FetchChannels {
         recipient: IdentityKey,
@@ -683,6 +683,13 @@ impl Harness {
         let Some(s) = self.slots[slot] else {
             return;
         };
+        // The server recognises a retry by its sender and id; an
+        // unauthenticated enqueue is refused, whoever it names.
+        let sender = self
+            .node
+            .authenticated_identity(s.conn)
+            .unwrap_or(IdentityKey([0; 32]));
+        let key = move |id: MessageId| MessageKey { sender, id };
         let (body, sent) = match body {
             Body::AuthChallenge => (RequestBody::AuthChallenge, Sent::AuthChallenge),
             Body::Authenticate {
@@ -795,7 +802,7 @@ impl Harness {
                     channel_id: chan(*channel),
                 };
                 let message_id = mid(*message_id);
-                self.note_sent(queue, message_id, payload);
+                self.note_sent(queue, key(message_id), payload);
                 (
                     RequestBody::Enqueue {
                         recipient_key: queue.recipient_key,
@@ -803,7 +810,10 @@ impl Harness {
                         payload: payload.clone(),
                         message_id,
                     },
-                    Sent::Enqueue { queue, message_id },
+                    Sent::Enqueue {
+                        queue,
+                        message: key(message_id),
+                    },
                 )
             }
             Body::Fetch {
@@ -871,7 +881,7 @@ impl Harness {
                 let message_id = mid(*message_id);
                 let queues = self.queues_of(recipients, channel_id);
                 for queue in &queues {
-                    self.note_sent(*queue, message_id, &payload);
+                    self.note_sent(*queue, key(message_id), &payload);
                 }
                 (
                     RequestBody::EnqueueBatch {
@@ -882,7 +892,7 @@ impl Harness {
                     },
                     Sent::Batch {
                         queues,
-                        message_id,
+                        message: key(message_id),
                         payload,
                     },
                 )
@@ -901,7 +911,7 @@ impl Harness {
                     .collect();
                 for queue in &queues {
                     for (message_id, payload) in &messages {
-                        self.note_sent(*queue, *message_id, payload);
+                        self.note_sent(*queue, key(*message_id), payload);
                     }
                 }
                 (
@@ -916,7 +926,10 @@ impl Harness {
                             })
                             .collect(),
                     },
-                    Sent::Many { queues, messages },
+                    Sent::Many {
+                        queues,
+                        messages: messages.into_iter().map(|(id, p)| (key(id), p)).collect(),
+                    },
                 )
             }
             Body::FetchWaitChannels {
@@ -1095,9 +1108,9 @@ impl Harness {
 
     // ----- the checker -----------------------------------------------------
 
-    /// A payload sent to `queue` under `message_id`.
-    fn note_sent(&mut self, queue: QueueId, message_id: MessageId, payload: &[u8]) {
-        self.checker.ledger.sent(queue, message_id, payload);
+    /// A payload sent to `queue` as `message`.
+    fn note_sent(&mut self, queue: QueueId, message: MessageKey, payload: &[u8]) {
+        self.checker.ledger.sent(queue, message, payload);
     }
 
     fn on_reply(&mut self, conn: ConnectionId, rid: RequestId, reply: Reply) {
@@ -1203,12 +1216,12 @@ impl Harness {
                 vk.verify_strict(&hybrid_key_message(&target, &hybrid_key), &sig)
                     .expect("a hybrid key without its owner's signature");
             }
-            (Sent::Enqueue { queue, message_id }, Response::Enqueued { seq }) => {
+            (Sent::Enqueue { queue, message }, Response::Enqueued { seq }) => {
                 assert!(
                     slot.is_none() || authed.is_some(),
                     "unauthenticated enqueue"
                 );
-                self.check_enqueued(queue, message_id, seq);
+                self.check_enqueued(queue, message, seq);
             }
             (
                 Sent::Fetch {
@@ -1231,14 +1244,14 @@ impl Harness {
             }
             (
                 Sent::Batch {
-                    queues, message_id, ..
+                    queues, message, ..
                 },
                 Response::EnqueuedBatch { seqs },
             ) => {
                 assert!(slot.is_none() || authed.is_some(), "unauthenticated batch");
                 assert_eq!(seqs.len(), queues.len(), "one seq per recipient");
                 for (queue, seq) in queues.iter().zip(seqs) {
-                    self.check_enqueued(*queue, message_id, seq);
+                    self.check_enqueued(*queue, message, seq);
                 }
             }
             (Sent::Many { queues, messages }, Response::EnqueuedBatch { seqs }) => {
@@ -1252,9 +1265,9 @@ impl Harness {
                     "one seq per message and recipient"
                 );
                 let width = queues.len();
-                for (m, (message_id, _)) in messages.iter().enumerate() {
+                for (m, (message, _)) in messages.iter().enumerate() {
                     for (i, queue) in queues.iter().enumerate() {
-                        self.check_enqueued(*queue, *message_id, seqs[m * width + i]);
+                        self.check_enqueued(*queue, *message, seqs[m * width + i]);
                     }
                 }
             }
@@ -1340,8 +1353,8 @@ impl Harness {
         );
     }
 
-    fn check_enqueued(&mut self, queue: QueueId, message_id: MessageId, seq: u64) {
-        let broken = self.checker.ledger.acknowledged(queue, message_id, seq);
+    fn check_enqueued(&mut self, queue: QueueId, message: MessageKey, seq: u64) {
+        let broken = self.checker.ledger.acknowledged(queue, message, seq);
         assert!(broken.is_empty(), "enqueue: {broken:?}");
     }
 
@@ -1390,11 +1403,11 @@ impl Harness {
 
     fn audit(&mut self) {
         self.reopen(true);
-        let mut acked: BTreeMap<QueueId, BTreeMap<u64, MessageId>> = BTreeMap::new();
+        let mut acked: BTreeMap<QueueId, BTreeMap<u64, MessageKey>> = BTreeMap::new();
         for (queue, id, seq) in self.checker.ledger.acknowledged_all() {
             acked.entry(queue).or_default().insert(seq, id);
         }
-        let queues: Vec<(QueueId, Vec<(u64, MessageId)>)> = acked
+        let queues: Vec<(QueueId, Vec<(u64, MessageKey)>)> = acked
             .iter()
             .map(|(q, ids)| {
                 let covered = self
@@ -1408,7 +1421,7 @@ impl Harness {
                     .unwrap_or(0);
                 // A cursor of u64::MAX (sent, and not known refused) covers
                 // everything.
-                let must: Vec<(u64, MessageId)> = match covered.checked_add(1) {
+                let must: Vec<(u64, MessageKey)> = match covered.checked_add(1) {
                     Some(from) => ids.range(from..).map(|(s, id)| (*s, *id)).collect(),
                     None => Vec::new(),
                 };

@@ -37,8 +37,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use quicproquo_core::node::QueuedMessage;
-use quicproquo_core::testing::ledger::{Broken, FetchView, Ledger};
-use quicproquo_core::types::{IdentityKey, MessageId, QueueId};
+use quicproquo_core::testing::ledger::{Broken, FetchView, Ledger, MessageKey};
+use quicproquo_core::types::{IdentityKey, QueueId};
 
 use crate::history::{Event, History, brief};
 
@@ -151,7 +151,6 @@ type AckedMessage = (usize, usize, u64);
 
 #[derive(Debug)]
 struct Sent {
-    sender: IdentityKey,
     first_sent: usize,
 }
 
@@ -164,9 +163,10 @@ struct Pop {
 #[derive(Debug, Default)]
 struct Checker {
     v: Vec<Violation>,
-    sent: HashMap<(QueueId, MessageId), Sent>,
+    /// A message is its sender's id: the server tells a retry by both.
+    sent: HashMap<(QueueId, MessageKey), Sent>,
     /// First acknowledgement of each message: its seq and event.
-    acked: BTreeMap<(QueueId, MessageId), (u64, usize)>,
+    acked: BTreeMap<(QueueId, MessageKey), (u64, usize)>,
     /// The queue guarantees event by event (the checker the model test
     /// and the fuzz target share).
     ledger: Ledger,
@@ -227,21 +227,28 @@ impl Checker {
                 payload,
                 ..
             } => {
-                self.sent.entry((*queue, *message_id)).or_insert(Sent {
+                let key = MessageKey {
                     sender: *sender,
-                    first_sent: i,
-                });
-                self.ledger.sent(*queue, *message_id, payload);
+                    id: *message_id,
+                };
+                self.sent
+                    .entry((*queue, key))
+                    .or_insert(Sent { first_sent: i });
+                self.ledger.sent(*queue, key, payload);
             }
             Event::EnqueueAcked {
+                sender,
                 queue,
                 message_id,
                 seq,
-                ..
             } => {
-                let broken = self.ledger.acknowledged(*queue, *message_id, *seq);
+                let key = MessageKey {
+                    sender: *sender,
+                    id: *message_id,
+                };
+                let broken = self.ledger.acknowledged(*queue, key, *seq);
                 self.flag_broken(i, broken);
-                self.acked.entry((*queue, *message_id)).or_insert((*seq, i));
+                self.acked.entry((*queue, key)).or_insert((*seq, i));
             }
             Event::EnqueueFailed {
                 error, transient, ..
@@ -782,9 +789,9 @@ impl Checker {
         // Per (sender, queue): acknowledged messages with when they were
         // first sent, when acknowledged, and their seq.
         let mut per: BTreeMap<(IdentityKey, QueueId), Vec<AckedMessage>> = BTreeMap::new();
-        for ((queue, mid), (seq, acked_at)) in &self.acked {
-            if let Some(s) = self.sent.get(&(*queue, *mid)) {
-                per.entry((s.sender, *queue))
+        for ((queue, key), (seq, acked_at)) in &self.acked {
+            if let Some(s) = self.sent.get(&(*queue, *key)) {
+                per.entry((key.sender, *queue))
                     .or_default()
                     .push((s.first_sent, *acked_at, *seq));
             }
@@ -864,7 +871,7 @@ const REPORTED_VIOLATIONS_MAX: usize = 20;
 mod tests {
     use std::time::Duration;
 
-    use quicproquo_core::types::ChannelId;
+    use quicproquo_core::types::{ChannelId, MessageId};
     use quicproquo_server::observe::GaugeSnapshot;
 
     use super::*;

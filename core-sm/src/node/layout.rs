@@ -12,8 +12,8 @@
 //! scan over deleted entries (tombstones).
 
 use crate::limits::{
-    CHANNEL_ID_BYTES_MAX, COMMIT_FENCE_HISTORY, IDENTITY_KEY_BYTES, MESSAGE_ID_BYTES,
-    SIGNATURE_BYTES,
+    CHANNEL_ID_BYTES_MAX, COMMIT_FENCE_HISTORY, DEDUP_WINDOW_PER_QUEUE, IDENTITY_KEY_BYTES,
+    MESSAGE_ID_BYTES, SIGNATURE_BYTES,
 };
 use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 
@@ -25,7 +25,15 @@ use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 ///   commit fences. Version 1 records stay readable: a queue's counters say
 ///   below which seq its messages are still version-1 records, so a
 ///   version-1 store is upgraded in place by opening it.
-pub const FORMAT_VERSION: u32 = 2;
+/// - 3: a message id is recognised per sender: dedup records are keyed by
+///   queue, sender and id under [`TAG_SENDER_DEDUP`], and a dedup ring
+///   record holds the sender beside the id. Version-2 dedup records (queue
+///   and id only, under [`TAG_DEDUP`]) stay readable: a queue's counters
+///   say below which seq they were written
+///   ([`QueueMeta::sender_dedup_from`]), and they are consulted until they
+///   leave the dedup window, so a retry across the upgrade is still stored
+///   once.
+pub const FORMAT_VERSION: u32 = 3;
 
 const TAG_VERSION: u8 = 0x00;
 const TAG_KP_META: u8 = 0x01;
@@ -41,6 +49,7 @@ const TAG_BLOB: u8 = 0x15;
 const TAG_BLOB_REFS: u8 = 0x16;
 const TAG_BLOB_NEXT: u8 = 0x17;
 const TAG_FENCE: u8 = 0x18;
+const TAG_SENDER_DEDUP: u8 = 0x19;
 
 /// Bytes of the group id digest in a fence key.
 const FENCE_GROUP_BYTES: usize = 16;
@@ -211,14 +220,46 @@ pub fn fence_key(channel: &ChannelId, group_digest: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-/// Key of the dedup record of `message_id` in a queue (value: its seq).
-pub fn dedup_key(q: &QueueId, message_id: &MessageId) -> Vec<u8> {
+/// Key of the dedup record of `message_id` from `sender` in a queue (value:
+/// its seq). Two senders may use the same id; each is its own message.
+pub fn dedup_key(q: &QueueId, sender: &IdentityKey, message_id: &MessageId) -> Vec<u8> {
+    let mut k = queue_key(TAG_SENDER_DEDUP, q, IDENTITY_KEY_BYTES + MESSAGE_ID_BYTES);
+    k.extend_from_slice(sender.as_bytes());
+    k.extend_from_slice(&message_id.0);
+    k
+}
+
+/// Key of a format-2 dedup record: `message_id` in a queue whatever its
+/// sender (value: its seq). Read, and deleted as it leaves the window;
+/// never written.
+pub fn legacy_dedup_key(q: &QueueId, message_id: &MessageId) -> Vec<u8> {
     let mut k = queue_key(TAG_DEDUP, q, MESSAGE_ID_BYTES);
     k.extend_from_slice(&message_id.0);
     k
 }
 
-/// Key of the ring record that remembers which message id got `seq`, so its
+/// Value of a dedup ring record: the sender and the message id.
+pub fn encode_dedup_ring(sender: &IdentityKey, message_id: &MessageId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(IDENTITY_KEY_BYTES + MESSAGE_ID_BYTES);
+    v.extend_from_slice(sender.as_bytes());
+    v.extend_from_slice(&message_id.0);
+    v
+}
+
+/// The dedup record a ring record points to: the sender and the id, or
+/// the id alone in a format-2 ring record.
+pub fn decode_dedup_ring(q: &QueueId, bytes: &[u8]) -> Result<Vec<u8>, Corrupt> {
+    if bytes.len() == MESSAGE_ID_BYTES {
+        return Ok(legacy_dedup_key(q, &decode_message_id(bytes)?));
+    }
+    let (sender, id) = bytes
+        .split_at_checked(IDENTITY_KEY_BYTES)
+        .ok_or(Corrupt("dedup ring record"))?;
+    let sender = IdentityKey(array(sender, "dedup ring sender")?);
+    Ok(dedup_key(q, &sender, &decode_message_id(id)?))
+}
+
+/// Key of the ring record that remembers which message got `seq`, so its
 /// dedup record can be dropped when it leaves the dedup window.
 pub fn dedup_ring_key(q: &QueueId, seq: u64) -> Vec<u8> {
     let mut k = queue_key(TAG_DEDUP_RING, q, 8);
@@ -243,6 +284,9 @@ pub struct QueueMeta {
     /// Seqs below this were dropped by the message TTL (or acknowledged
     /// before that); a cursor below it has a gap.
     pub expired_below: u64,
+    /// Dedup records of seqs below this are format-2 records, keyed by
+    /// queue and id only ([`legacy_dedup_key`]); 0 when there are none.
+    pub sender_dedup_from: u64,
 }
 
 impl Default for QueueMeta {
@@ -254,6 +298,7 @@ impl Default for QueueMeta {
             bytes: 0,
             legacy_below: 0,
             expired_below: 0,
+            sender_dedup_from: 0,
         }
     }
 }
@@ -264,15 +309,22 @@ impl QueueMeta {
         self.next_seq.saturating_sub(self.head)
     }
 
-    /// Encodes the record (format 2: five counters).
+    /// Whether a format-2 dedup record may still be inside the dedup
+    /// window, so an enqueue must look for one too.
+    pub fn has_legacy_dedup(&self) -> bool {
+        self.sender_dedup_from > self.next_seq.saturating_sub(DEDUP_WINDOW_PER_QUEUE)
+    }
+
+    /// Encodes the record (format 3: six counters).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(40);
+        let mut v = Vec::with_capacity(48);
         for n in [
             self.next_seq,
             self.head,
             self.bytes,
             self.legacy_below,
             self.expired_below,
+            self.sender_dedup_from,
         ] {
             v.extend_from_slice(&n.to_be_bytes());
         }
@@ -280,15 +332,34 @@ impl QueueMeta {
     }
 
     /// Decodes the record. A format-1 record (three counters) belongs to a
-    /// queue whose every stored message is a version-1 record.
+    /// queue whose every stored message is a version-1 record; in a format-1
+    /// or format-2 record (five counters) every dedup record is keyed by
+    /// queue and id only.
     pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
-        let [next_seq, head, bytes, legacy_below, expired_below] = if bytes.len() == 24 {
-            let [next_seq, head, b] = u64s::<3>(bytes, "queue counters")?;
-            [next_seq, head, b, next_seq, 0]
-        } else {
-            u64s::<5>(bytes, "queue counters")?
+        let [
+            next_seq,
+            head,
+            bytes,
+            legacy_below,
+            expired_below,
+            sender_dedup_from,
+        ] = match bytes.len() {
+            24 => {
+                let [next_seq, head, b] = u64s::<3>(bytes, "queue counters")?;
+                [next_seq, head, b, next_seq, 0, next_seq]
+            }
+            40 => {
+                let [next_seq, head, b, legacy, expired] = u64s::<5>(bytes, "queue counters")?;
+                [next_seq, head, b, legacy, expired, next_seq]
+            }
+            _ => u64s::<6>(bytes, "queue counters")?,
         };
-        if head > next_seq || head == 0 || legacy_below > next_seq || expired_below > head {
+        if head > next_seq
+            || head == 0
+            || legacy_below > next_seq
+            || expired_below > head
+            || sender_dedup_from > next_seq
+        {
             return Err(Corrupt("queue counters out of order"));
         }
         Ok(QueueMeta {
@@ -297,6 +368,7 @@ impl QueueMeta {
             bytes,
             legacy_below,
             expired_below,
+            sender_dedup_from,
         })
     }
 }
@@ -517,6 +589,26 @@ mod tests {
     }
 
     #[test]
+    fn dedup_ring_records_name_their_dedup_record_in_either_format() {
+        let (queue, sender, id) = (q(b"a"), IdentityKey([8; 32]), MessageId([3; 16]));
+        assert_eq!(
+            decode_dedup_ring(&queue, &encode_dedup_ring(&sender, &id)),
+            Ok(dedup_key(&queue, &sender, &id))
+        );
+        // A format-2 ring record holds the id alone.
+        assert_eq!(
+            decode_dedup_ring(&queue, &id.0),
+            Ok(legacy_dedup_key(&queue, &id))
+        );
+        assert!(decode_dedup_ring(&queue, &[1; 20]).is_err());
+        // Two senders' records of one id are two keys, and neither is the
+        // format-2 key.
+        let other = dedup_key(&queue, &IdentityKey([9; 32]), &id);
+        assert_ne!(dedup_key(&queue, &sender, &id), other);
+        assert_ne!(legacy_dedup_key(&queue, &id), other);
+    }
+
+    #[test]
     fn message_keys_sort_by_seq() {
         let m = QueueMeta::default();
         assert!(message_key(&q(b"a"), &m, 255) < message_key(&q(b"a"), &m, 256));
@@ -530,9 +622,30 @@ mod tests {
             bytes: 77,
             legacy_below: 6,
             expired_below: 3,
+            sender_dedup_from: 5,
         };
         assert_eq!(QueueMeta::decode(&m.encode()), Ok(m));
         assert!(QueueMeta::decode(&[1, 2, 3]).is_err());
+        // A format-2 record (five counters): every dedup record so far is
+        // keyed by queue and id.
+        let v2 = &m.encode()[..40];
+        assert_eq!(
+            QueueMeta::decode(v2),
+            Ok(QueueMeta {
+                sender_dedup_from: 9,
+                ..m
+            })
+        );
+        assert!(
+            QueueMeta::decode(
+                &QueueMeta {
+                    sender_dedup_from: 10,
+                    ..m
+                }
+                .encode()
+            )
+            .is_err()
+        );
         assert!(
             QueueMeta::decode(
                 &QueueMeta {

@@ -343,6 +343,12 @@ impl<S: Store> NodeService<S> {
         &self.config
     }
 
+    /// The identity connection `conn` authenticated as, if it did (for
+    /// inspection: checkers name the sender of what a connection enqueues).
+    pub fn authenticated_identity(&self, conn: ConnectionId) -> Option<IdentityKey> {
+        self.connections.get(&conn).and_then(|c| c.identity)
+    }
+
     /// The store, for inspection.
     pub fn store(&self) -> &S {
         &self.store
@@ -819,7 +825,9 @@ impl<S: Store> NodeService<S> {
     /// `(channel_id, r)` of every recipient `r`, in the order given, in one
     /// atomic batch, and returns the seqs message by message, each in
     /// recipient order. A recipient whose queue already holds a message's
-    /// id (a retry) keeps its original seq for it and gets nothing new.
+    /// id from this sender (a retry) keeps its original seq for it and gets
+    /// nothing new; another sender's message under the same id is another
+    /// message.
     /// Several new entries of one message share one stored payload.
     fn enqueue(
         &mut self,
@@ -861,6 +869,10 @@ impl<S: Store> NodeService<S> {
                 channel_id,
             })
             .collect();
+        let mut metas = queues
+            .iter()
+            .map(|q| self.queue_meta(q))
+            .collect::<Result<Vec<_>, _>>()?;
         // A retry of a stored message answers with the original seq, before
         // any limit: it costs nothing and the sender must learn its seq.
         let width = queues.len();
@@ -869,8 +881,13 @@ impl<S: Store> NodeService<S> {
         let mut fresh: Vec<Vec<usize>> = Vec::with_capacity(messages.len());
         for (m, message) in messages.iter().enumerate() {
             let mut new = Vec::new();
-            for (i, queue) in queues.iter().enumerate() {
-                match self.get(&layout::dedup_key(queue, &message.message_id))? {
+            for (i, (queue, meta)) in queues.iter().zip(&metas).enumerate() {
+                let id = &message.message_id;
+                let mut stored = self.get(&layout::dedup_key(queue, &sender, id))?;
+                if stored.is_none() && meta.has_legacy_dedup() {
+                    stored = self.get(&layout::legacy_dedup_key(queue, id))?;
+                }
+                match stored {
                     Some(seq) => seqs[m * width + i] = layout::decode_seq(&seq).map_err(corrupt)?,
                     None => new.push(i),
                 }
@@ -907,16 +924,13 @@ impl<S: Store> NodeService<S> {
         }
         let mut batch = Batch::new();
         let mut drops = BlobDrops::default();
-        let mut metas: Vec<Option<QueueMeta>> = Vec::with_capacity(width);
-        for (i, queue) in queues.iter().enumerate() {
+        for (i, (queue, meta)) in queues.iter().zip(&mut metas).enumerate() {
             let (entries, bytes) = adds[i];
             if entries == 0 {
-                metas.push(None);
                 continue;
             }
-            let mut meta = self.queue_meta(queue)?;
             // Expired messages make room before the limits are checked.
-            self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
+            self.expire(now, queue, meta, &mut batch, &mut drops)?;
             // Named only when refused: this is the enqueue hot path.
             let whose = || {
                 if width == 1 {
@@ -940,7 +954,6 @@ impl<S: Store> NodeService<S> {
                     self.config.queue_bytes_max
                 )));
             }
-            metas.push(Some(meta));
         }
         let mut next_blob = self.next_blob;
         let stamp = stamp_ms(now);
@@ -966,9 +979,7 @@ impl<S: Store> NodeService<S> {
             }
             for i in new {
                 let queue = &queues[*i];
-                let Some(meta) = metas[*i].as_mut() else {
-                    continue;
-                };
+                let meta = &mut metas[*i];
                 let seq = meta.next_seq;
                 // A single new entry takes the payload; shared ones point to
                 // the blob (`new` is never empty here).
@@ -979,20 +990,22 @@ impl<S: Store> NodeService<S> {
                 };
                 batch.put(layout::message_key(queue, meta, seq), entry);
                 batch.put(
-                    layout::dedup_key(queue, &message_id),
+                    layout::dedup_key(queue, &sender, &message_id),
                     layout::encode_seq(seq),
                 );
-                batch.put(layout::dedup_ring_key(queue, seq), message_id.0.to_vec());
-                // The id leaving the window was stored by an earlier request:
-                // one request holds fewer messages than the window.
+                batch.put(
+                    layout::dedup_ring_key(queue, seq),
+                    layout::encode_dedup_ring(&sender, &message_id),
+                );
+                // The message leaving the window was stored by an earlier
+                // request: one request holds fewer messages than the window.
                 if let Some(old) = seq
                     .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
                     .filter(|s| *s > 0)
                 {
                     let ring = layout::dedup_ring_key(queue, old);
-                    if let Some(old_id) = self.get(&ring)? {
-                        let old_id = layout::decode_message_id(&old_id).map_err(corrupt)?;
-                        batch.delete(layout::dedup_key(queue, &old_id));
+                    if let Some(old) = self.get(&ring)? {
+                        batch.delete(layout::decode_dedup_ring(queue, &old).map_err(corrupt)?);
                     }
                     batch.delete(ring);
                 }
@@ -1001,8 +1014,8 @@ impl<S: Store> NodeService<S> {
                 seqs[m * width + *i] = seq;
             }
         }
-        for (queue, meta) in queues.iter().zip(&metas) {
-            if let Some(meta) = meta {
+        for (i, (queue, meta)) in queues.iter().zip(&metas).enumerate() {
+            if adds[i].0 > 0 {
                 batch.put(layout::queue_meta_key(queue), meta.encode());
             }
         }
@@ -1015,8 +1028,8 @@ impl<S: Store> NodeService<S> {
         self.finish_drops(drops, &mut batch)?;
         self.write(batch)?;
         self.next_blob = next_blob;
-        for (queue, meta) in queues.iter().zip(&metas) {
-            if meta.is_some() {
+        for (queue, (entries, _)) in queues.iter().zip(&adds) {
+            if *entries > 0 {
                 self.wake_waiters(queue);
             }
         }

@@ -631,6 +631,120 @@ fn enqueue_retry_with_same_message_id_is_stored_once() {
 }
 
 #[test]
+fn two_senders_with_one_message_id_are_two_messages() {
+    let mut h = Harness::fresh();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"from alice", 1)), 1);
+    // Carol's message under the same id is hers, not a retry of Alice's.
+    assert_eq!(enqueued(&h.enqueue(3, &bob, b"", b"from carol", 1)), 2);
+    // Each one's retry is still recognised, as its own.
+    assert_eq!(enqueued(&h.enqueue(3, &bob, b"", b"from carol", 1)), 2);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"from alice", 1)), 1);
+    let r = h.fetch(2, &bob, b"", 0, 10);
+    assert_eq!(
+        payloads(&r),
+        vec![b"from alice".to_vec(), b"from carol".to_vec()]
+    );
+    // The same holds in a batch to several recipients.
+    let r = h.call(
+        3,
+        RequestBody::EnqueueBatch {
+            recipient_keys: vec![id(&alice), id(&bob)],
+            channel_id: ChannelId::DEFAULT,
+            payload: b"carol to both".to_vec(),
+            message_id: mid(7),
+        },
+    );
+    assert!(matches!(r, Ok(Response::EnqueuedBatch { ref seqs }) if *seqs == vec![1, 3]));
+    let r = h.call(
+        1,
+        RequestBody::EnqueueBatch {
+            recipient_keys: vec![id(&bob)],
+            channel_id: ChannelId::DEFAULT,
+            payload: b"alice to bob".to_vec(),
+            message_id: mid(7),
+        },
+    );
+    assert!(matches!(r, Ok(Response::EnqueuedBatch { ref seqs }) if *seqs == vec![4]));
+}
+
+/// A store written before format 3 keyed its dedup records by queue and id
+/// alone. Opened by this version, those records still recognise a retry
+/// (a sender that retries across the upgrade is stored once) until they
+/// leave the dedup window, where they are deleted like new ones.
+#[test]
+fn format_2_dedup_records_are_read_and_age_out_after_the_upgrade() {
+    let mut h = Harness::new(NodeConfig {
+        queue_depth_max: 100_000,
+        ..NodeConfig::default()
+    });
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
+    // Rewrite the store as format 2 wrote it.
+    let q = QueueId {
+        recipient_key: id(&bob),
+        channel_id: ChannelId::DEFAULT,
+    };
+    let store = h.node.store_mut();
+    let dedup = layout::dedup_key(&q, &id(&alice), &mid(1));
+    let seq = store.get(&dedup).unwrap().expect("dedup record");
+    let meta = store.get(&layout::queue_meta_key(&q)).unwrap().unwrap();
+    let mut b = Batch::new();
+    b.delete(dedup);
+    b.put(layout::legacy_dedup_key(&q, &mid(1)), seq);
+    b.put(layout::dedup_ring_key(&q, 1), mid(1).0.to_vec());
+    b.put(layout::queue_meta_key(&q), meta[..40].to_vec());
+    b.put(layout::version_key(), layout::encode_version(2));
+    store.write(b).unwrap();
+    store.sync();
+    let mut h = h.crash_and_reopen(
+        NodeConfig {
+            queue_depth_max: 100_000,
+            ..NodeConfig::default()
+        },
+        Time::ZERO,
+    );
+    h.login(1, &alice);
+    h.login(3, &carol);
+    // The retry across the upgrade is recognised. A format-2 record names
+    // no sender, so until it leaves the window it answers any sender.
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"a", 1)), 1);
+    assert_eq!(enqueued(&h.enqueue(3, &bob, b"", b"c", 1)), 1);
+    // New messages are recognised per sender.
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"b", 2)), 2);
+    assert_eq!(enqueued(&h.enqueue(3, &bob, b"", b"d", 2)), 3);
+    let window = limits::DEDUP_WINDOW_PER_QUEUE;
+    for i in 0..window {
+        let mut m = [0xee; 16];
+        m[..8].copy_from_slice(&i.to_be_bytes());
+        let r = h.call(
+            1,
+            RequestBody::Enqueue {
+                recipient_key: id(&bob),
+                channel_id: ChannelId::DEFAULT,
+                payload: b"x".to_vec(),
+                message_id: MessageId(m),
+            },
+        );
+        assert_eq!(enqueued(&r), i + 4);
+    }
+    // The format-2 record left the window and was deleted with its ring
+    // record; the id is new again.
+    let store = h.node.store();
+    assert_eq!(store.get(&layout::legacy_dedup_key(&q, &mid(1))), Ok(None));
+    assert_eq!(store.get(&layout::dedup_ring_key(&q, 1)), Ok(None));
+    assert_eq!(
+        enqueued(&h.enqueue(1, &bob, b"", b"a", 1)),
+        window + 4,
+        "a new message"
+    );
+}
+
+#[test]
 fn dedup_window_forgets_old_ids_and_stays_bounded() {
     let mut h = Harness::new(NodeConfig {
         queue_depth_max: 100_000,

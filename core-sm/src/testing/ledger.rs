@@ -5,8 +5,9 @@
 //!
 //! - a seq is never 0, and one seq of a queue names one message: one
 //!   message id and one payload, also across server restarts;
-//! - one message id of a queue is stored at one seq (a retry is stored
-//!   once);
+//! - one message of a queue — one sender's message id — is stored at one
+//!   seq (a retry is stored once; another sender's message under the same
+//!   id is another message);
 //! - a payload shown was sent to that queue, and under the id its seq was
 //!   acknowledged for;
 //! - a fetch answers seqs after its cursor (and after what was
@@ -25,7 +26,17 @@ use std::fmt;
 
 use crate::limits::FETCH_LIMIT_MAX;
 use crate::protocol::{Gap, QueuedMessage};
-use crate::types::{MessageId, QueueId};
+use crate::types::{IdentityKey, MessageId, QueueId};
+
+/// A message as the server recognises a retry of it: its sender and the
+/// id the sender gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageKey {
+    /// The identity that enqueued it.
+    pub sender: IdentityKey,
+    /// Its id.
+    pub id: MessageId,
+}
 
 /// A broken guarantee, with what showed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,11 +149,11 @@ struct QueueLedger {
     /// Payload of each seq shown.
     shown: BTreeMap<u64, Vec<u8>>,
     /// The id acknowledged at each seq.
-    id_at: HashMap<u64, MessageId>,
+    id_at: HashMap<u64, MessageKey>,
     /// The seq each acknowledged id got.
-    acked: HashMap<MessageId, u64>,
+    acked: HashMap<MessageKey, u64>,
     /// The seq each id (known by its payload) was shown at.
-    shown_at: HashMap<MessageId, u64>,
+    shown_at: HashMap<MessageKey, u64>,
     /// No answer may report a lower `next_seq`.
     next_seq_floor: u64,
     /// Highest cursor of an answered fetch: everything at or below it is
@@ -159,9 +170,9 @@ struct QueueLedger {
 pub struct Ledger {
     queues: HashMap<QueueId, QueueLedger>,
     /// Payloads sent under each id of each queue.
-    sent: HashMap<(QueueId, MessageId), Vec<Vec<u8>>>,
+    sent: HashMap<(QueueId, MessageKey), Vec<Vec<u8>>>,
     /// The ids each payload was sent under, per queue.
-    by_payload: HashMap<(QueueId, Vec<u8>), HashSet<MessageId>>,
+    by_payload: HashMap<(QueueId, Vec<u8>), HashSet<MessageKey>>,
 }
 
 impl Ledger {
@@ -172,7 +183,7 @@ impl Ledger {
 
     /// A client sent `payload` to `queue` under `id` (a retry may send
     /// another payload under the same id).
-    pub fn sent(&mut self, queue: QueueId, id: MessageId, payload: &[u8]) {
+    pub fn sent(&mut self, queue: QueueId, id: MessageKey, payload: &[u8]) {
         let sent = self.sent.entry((queue, id)).or_default();
         if !sent.iter().any(|p| p == payload) {
             sent.push(payload.to_vec());
@@ -190,7 +201,7 @@ impl Ledger {
     }
 
     /// An answer acknowledged `id` in `queue` at `seq`.
-    pub fn acknowledged(&mut self, queue: QueueId, id: MessageId, seq: u64) -> Vec<Broken> {
+    pub fn acknowledged(&mut self, queue: QueueId, id: MessageKey, seq: u64) -> Vec<Broken> {
         let mut broken = Vec::new();
         if seq == 0 {
             broken.push(Broken::SeqZero);
@@ -378,14 +389,14 @@ impl Ledger {
     }
 
     /// The seq `id` was acknowledged at in `queue`.
-    pub fn acked_seq(&self, queue: QueueId, id: MessageId) -> Option<u64> {
+    pub fn acked_seq(&self, queue: QueueId, id: MessageKey) -> Option<u64> {
         self.queues
             .get(&queue)
             .and_then(|q| q.acked.get(&id).copied())
     }
 
     /// Every acknowledged message: queue, id and seq.
-    pub fn acknowledged_all(&self) -> Vec<(QueueId, MessageId, u64)> {
+    pub fn acknowledged_all(&self) -> Vec<(QueueId, MessageKey, u64)> {
         let mut all: Vec<_> = self
             .queues
             .iter()
@@ -396,7 +407,7 @@ impl Ledger {
     }
 
     /// The seq `id` was shown at in `queue`, if its payload names it alone.
-    pub fn shown_seq(&self, queue: QueueId, id: MessageId) -> Option<u64> {
+    pub fn shown_seq(&self, queue: QueueId, id: MessageKey) -> Option<u64> {
         self.queues
             .get(&queue)
             .and_then(|q| q.shown_at.get(&id).copied())
@@ -421,7 +432,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{ChannelId, IdentityKey};
+    use crate::types::ChannelId;
 
     fn queue() -> QueueId {
         QueueId {
@@ -430,8 +441,17 @@ mod tests {
         }
     }
 
-    fn id(n: u8) -> MessageId {
-        MessageId([n; 16])
+    /// Message `n` of one sender.
+    fn id(n: u8) -> MessageKey {
+        from(0, n)
+    }
+
+    /// Message `n` of sender `who`.
+    fn from(who: u8, n: u8) -> MessageKey {
+        MessageKey {
+            sender: IdentityKey([who; 32]),
+            id: MessageId([n; 16]),
+        }
     }
 
     fn m(seq: u64, payload: &[u8]) -> QueuedMessage {
@@ -499,6 +519,28 @@ mod tests {
             l.acknowledged(queue(), id(3), 2),
             [Broken::SeqReused { seq: 2 }]
         );
+    }
+
+    #[test]
+    fn two_senders_may_use_one_id() {
+        let mut l = Ledger::new();
+        l.sent(queue(), from(1, 5), b"one");
+        l.sent(queue(), from(2, 5), b"two");
+        assert!(l.acknowledged(queue(), from(1, 5), 1).is_empty());
+        assert!(l.acknowledged(queue(), from(2, 5), 2).is_empty());
+        let fetched = [m(1, b"one"), m(2, b"two")];
+        assert!(
+            l.fetched(queue(), 0, &fetched, 3, None, complete())
+                .is_empty()
+        );
+        // One sender's id at a second seq is still stored twice.
+        assert_eq!(
+            l.acknowledged(queue(), from(2, 5), 3),
+            [Broken::StoredTwice { first: 2, then: 3 }]
+        );
+        // A seq shown with the other sender's payload was reused.
+        let reused = l.shown(queue(), 1, b"two");
+        assert!(reused.contains(&Broken::SeqReused { seq: 1 }), "{reused:?}");
     }
 
     #[test]

@@ -88,8 +88,8 @@ struct Request {
       channelId @14 :Data;
       # The opaque payload (an MLS message); the server never parses it.
       payload @15 :Data;
-      # Sender-chosen id (16 bytes); a retry with the same id is stored once
-      # and answered with the original seq.
+      # Sender-chosen id (16 bytes); a retry by the same sender with the same
+      # id is stored once and answered with the original seq.
       messageId @16 :Data;
     }
 
@@ -128,7 +128,8 @@ struct Request {
       channelId @27 :Data;
       # The opaque payload, stored once for all recipients.
       payload @28 :Data;
-      # 16 bytes chosen by the sender; a retry is stored once per recipient.
+      # 16 bytes chosen by the sender; a retry (same sender, same id) is
+      # stored once per recipient.
       messageId @29 :Data;
     }
 
@@ -265,7 +266,8 @@ struct QueuedMessage {
 struct OutgoingMessage {
   # The opaque payload, stored once for all recipients.
   payload @0 :Data;
-  # 16 bytes chosen by the sender; a retry is stored once per recipient.
+  # 16 bytes chosen by the sender; a retry (same sender, same id) is
+  # stored once per recipient.
   messageId @1 :Data;
 }
 
