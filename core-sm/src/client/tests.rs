@@ -347,6 +347,91 @@ fn crash_after_decrypting_before_acknowledging_loses_nothing() {
     assert!(w.texts(1).is_empty());
 }
 
+/// Acknowledging only after persisting, checked at every point: Bob's
+/// queues hold a Welcome, a message, a Commit adding Carol and another
+/// message; his `receive` is cut short right after its k-th fetch reached
+/// the server (the fetch's answer and every later effect are lost, as in a
+/// crash), for every k. Restarted from what he last persisted, Bob has lost
+/// nothing: every message was shown before the crash or is shown after the
+/// restart, and he is in the group at its current epoch (a new message
+/// decrypts). A machine that sends a cursor past what it persisted fails
+/// here deterministically: the server has deleted a Welcome or a Commit
+/// the restarted machine never processed, so it is not in the group or not
+/// at its epoch; one that shows a message only after acknowledging it
+/// loses that message.
+#[test]
+fn a_crash_right_after_any_fetch_reaches_the_server_loses_nothing() {
+    for k in 1.. {
+        let mut w = World::new(3);
+        for u in 0..3 {
+            register(&mut w, u);
+        }
+        let create = Command::CreateGroup {
+            name: "team".into(),
+            pq: false,
+        };
+        assert!(w.run(0, create).1.is_ok());
+        add(&mut w, 0, "team", 1);
+        send(&mut w, 0, "team", "one");
+        add(&mut w, 0, "team", 2);
+        send(&mut w, 0, "team", "two");
+        let mut m = w.machine(1);
+        let conn = w.users[1].conn;
+        m.handle_command(Time::ZERO, Command::Receive { wait_ms: 0 });
+        let (mut fetches, mut cut) = (0, false);
+        let mut shown = Vec::new();
+        while let Some(effect) = m.poll_effect() {
+            match effect {
+                Effect::Persist => w.users[1].saved = m.snapshot(),
+                Effect::Connect => m.handle_connected(Time::ZERO),
+                Effect::Request { token, request } => {
+                    let fetch = matches!(
+                        request,
+                        RequestBody::Fetch { .. }
+                            | RequestBody::FetchWait { .. }
+                            | RequestBody::FetchWaitChannels { .. }
+                    );
+                    let reply = w.call(conn, request);
+                    if fetch {
+                        fetches += 1;
+                        if fetches == k {
+                            cut = true;
+                            break;
+                        }
+                    }
+                    m.handle_response(Time::ZERO, token, reply);
+                }
+                Effect::Event(Event::Message { text, .. }) => shown.push(text),
+                Effect::Event(_) => {}
+                Effect::Done(outcome) => {
+                    outcome.expect("received");
+                    break;
+                }
+            }
+        }
+        drop(m);
+        if !cut {
+            // The receive made fewer than k fetches: every point was tried.
+            assert!(k > 3, "only {} crash points", k - 1);
+            break;
+        }
+        let after: Vec<String> = w.texts(1).into_iter().map(|(_, t)| t).collect();
+        for text in ["one", "two"] {
+            assert!(
+                shown.iter().any(|t| t == text) || after.iter().any(|t| t == text),
+                "crash after fetch {k}: {text:?} lost (shown before the crash: {shown:?}, \
+                 after the restart: {after:?})"
+            );
+        }
+        send(&mut w, 0, "team", "three");
+        assert_eq!(
+            w.texts(1),
+            vec![pair("team", "three")],
+            "crash after fetch {k}"
+        );
+    }
+}
+
 #[test]
 fn bob_restarting_between_messages_carries_on() {
     // Every command in this harness runs in a fresh machine restored from
