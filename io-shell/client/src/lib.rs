@@ -703,24 +703,29 @@ fn client_config(
 pub mod testing {
     use super::*;
 
+    /// The QUIC client configuration a [`Client`] connects with, offering
+    /// `alpn` (for tests that make QUIC packets themselves).
+    pub fn quic_client_config(
+        trust: &ServerTrust,
+        alpn: &[u8],
+    ) -> Result<quinn::ClientConfig, ClientError> {
+        let mut crypto = trust.rustls_config(Default::default())?;
+        crypto.alpn_protocols = vec![alpn.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    }
+
     /// Connects offering `alpn` instead of `qpq/1`.
     pub async fn connect_with_alpn(
         addr: SocketAddr,
         trust: &ServerTrust,
         alpn: &[u8],
     ) -> Result<quinn::Connection, ClientError> {
-        let mut crypto = trust.rustls_config(Default::default())?;
-        crypto.alpn_protocols = vec![alpn.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(crypto))
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal address"))
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         endpoint
-            .connect_with(
-                quinn::ClientConfig::new(Arc::new(crypto)),
-                addr,
-                "localhost",
-            )
+            .connect_with(quic_client_config(trust, alpn)?, addr, "localhost")
             .map_err(|e| ClientError::Connect(e.to_string()))?
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))

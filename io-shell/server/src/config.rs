@@ -37,6 +37,12 @@ pub mod transport {
     pub const CONNECTIONS_PER_IP_MAX: u32 = 64;
     /// Handshakes in progress at once (quinn's incoming buffer).
     pub const PENDING_HANDSHAKES_MAX: u32 = 1_024;
+    /// Handshakes from addresses not yet validated that may be in progress
+    /// at once. A client whose first packet finds this many is answered
+    /// with a QUIC Retry and proves its address with one more round trip;
+    /// only proven addresses count against [`CONNECTIONS_PER_IP_MAX`], so
+    /// Initials with a forged source address cannot lock that address out.
+    pub const UNVALIDATED_HANDSHAKES_MAX: u32 = 64;
     /// Concurrent request streams per connection: enough for pipelining
     /// and a long-poll per channel, small enough to bound memory.
     pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
@@ -129,6 +135,8 @@ config_keys! {
     connections_per_ip_max: u32, env = "QPQ_CONNECTIONS_PER_IP_MAX";
     /// QUIC handshakes in progress at once [default: 1024].
     pending_handshakes_max: u32, env = "QPQ_PENDING_HANDSHAKES_MAX";
+    /// Handshakes from unproven addresses in progress at once; beyond it a QUIC Retry makes clients prove their address first (0: always) [default: 64].
+    unvalidated_handshakes_max: u32, env = "QPQ_UNVALIDATED_HANDSHAKES_MAX";
     /// Concurrent request streams per connection [default: 128].
     streams_per_connection_max: u32, env = "QPQ_STREAMS_PER_CONNECTION_MAX";
     /// Receive window, and bytes of unanswered requests held, per connection [default: 8388608].
@@ -226,6 +234,9 @@ pub struct TransportLimits {
     pub connections_per_ip_max: u32,
     /// Handshakes in progress.
     pub pending_handshakes_max: u32,
+    /// Handshakes from addresses not yet validated in progress; beyond it,
+    /// a QUIC Retry.
+    pub unvalidated_handshakes_max: u32,
     /// Concurrent bidirectional streams per connection.
     pub streams_per_connection_max: u32,
     /// Connection receive window, and bytes of unanswered requests held.
@@ -246,6 +257,7 @@ impl Default for TransportLimits {
             connections_max: transport::CONNECTIONS_MAX,
             connections_per_ip_max: transport::CONNECTIONS_PER_IP_MAX,
             pending_handshakes_max: transport::PENDING_HANDSHAKES_MAX,
+            unvalidated_handshakes_max: transport::UNVALIDATED_HANDSHAKES_MAX,
             streams_per_connection_max: transport::STREAMS_PER_CONNECTION_MAX,
             connection_receive_window_bytes: transport::CONNECTION_RECEIVE_WINDOW_BYTES,
             connection_reply_bytes_max: transport::CONNECTION_REPLY_BYTES_MAX,
@@ -368,6 +380,9 @@ impl ServerConfig {
                 pending_handshakes_max: c
                     .pending_handshakes_max
                     .unwrap_or(t.pending_handshakes_max),
+                unvalidated_handshakes_max: c
+                    .unvalidated_handshakes_max
+                    .unwrap_or(t.unvalidated_handshakes_max),
                 streams_per_connection_max: streams,
                 connection_receive_window_bytes: receive_window,
                 connection_reply_bytes_max: reply_bytes,

@@ -56,7 +56,7 @@ pub async fn serve<S: ShellStore>(
     let (svc, service_task) = service::spawn(node, observer);
     let limits = Arc::new(limits);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let per_ip: Arc<Mutex<HashMap<IpAddr, u32>>> = Arc::default();
+    let slots: Arc<Mutex<Slots>> = Arc::default();
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -67,19 +67,38 @@ pub async fn serve<S: ShellStore>(
                 // Reap finished connection tasks so the set stays small.
                 while connections.try_join_next().is_some() {}
                 let ip = incoming.remote_address().ip();
-                let admitted = connections.len() < limits.connections_max as usize
-                    && admit(&per_ip, ip, limits.connections_per_ip_max);
-                if !admitted {
+                if connections.len() >= limits.connections_max as usize {
                     tracing::debug!(%ip, "connection refused: too many connections");
                     incoming.refuse();
                     continue;
                 }
+                // An address counts against its limit once it is proven: by
+                // a Retry token here, else by the completed handshake.
+                let admission = if incoming.remote_address_validated() {
+                    if !lock(&slots).admit(ip, limits.connections_per_ip_max) {
+                        tracing::debug!(%ip, "connection refused: too many from this address");
+                        incoming.refuse();
+                        continue;
+                    }
+                    Admission::Counted
+                } else if lock(&slots).begin_unvalidated(limits.unvalidated_handshakes_max) {
+                    Admission::Unvalidated
+                } else {
+                    // Stateless: the client comes back with a token that
+                    // proves its address, or (a forged source) never does.
+                    tracing::debug!(%ip, "unproven address: answered with a Retry");
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    continue;
+                };
                 let task = ConnectionTask {
                     svc: svc.clone(),
                     limits: limits.clone(),
                     stop: stop_rx.clone(),
-                    per_ip: per_ip.clone(),
+                    slots: slots.clone(),
                     ip,
+                    admission,
                     metrics: metrics.clone(),
                 };
                 connections.spawn(task.run(incoming));
@@ -111,22 +130,76 @@ fn limits_shutdown_grace() -> std::time::Duration {
     std::time::Duration::from_millis(crate::config::transport::SHUTDOWN_GRACE_MS)
 }
 
-fn admit(per_ip: &Mutex<HashMap<IpAddr, u32>>, ip: IpAddr, max: u32) -> bool {
-    let mut map = per_ip.lock().unwrap_or_else(|p| p.into_inner());
-    let n = map.entry(ip).or_insert(0);
-    if *n >= max {
-        return false;
+/// Who holds connection slots: proven addresses, counted per IP against
+/// `connections_per_ip_max`, and handshakes from addresses not yet proven,
+/// counted together against `unvalidated_handshakes_max`.
+#[derive(Debug, Default)]
+struct Slots {
+    per_ip: HashMap<IpAddr, u32>,
+    unvalidated: u32,
+}
+
+impl Slots {
+    /// Counts a connection from proven address `ip`, unless it has `max`.
+    fn admit(&mut self, ip: IpAddr, max: u32) -> bool {
+        let n = self.per_ip.entry(ip).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+            return false;
+        }
+        *n += 1;
+        true
     }
-    *n += 1;
-    true
+
+    fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Takes a slot for a handshake from an unproven address, unless
+    /// `max` are in progress.
+    fn begin_unvalidated(&mut self, max: u32) -> bool {
+        if self.unvalidated >= max {
+            return false;
+        }
+        self.unvalidated += 1;
+        true
+    }
+
+    fn end_unvalidated(&mut self) {
+        self.unvalidated -= 1;
+    }
+}
+
+fn lock(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    slots.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a connection holds its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Counted against its address (proven by a Retry token).
+    Counted,
+    /// A handshake from an unproven address: counted against its address
+    /// once the handshake proves it.
+    Unvalidated,
+    /// Proven by its handshake, but its address had no room: holds nothing.
+    Refused,
 }
 
 struct ConnectionTask {
     svc: ServiceHandle,
     limits: Arc<TransportLimits>,
     stop: watch::Receiver<bool>,
-    per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    slots: Arc<Mutex<Slots>>,
     ip: IpAddr,
+    admission: Admission,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -136,17 +209,17 @@ impl ConnectionTask {
             self.serve_streams(&conn, id).await;
             self.svc.close(id).await;
         }
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
+        match self.admission {
+            Admission::Counted => lock(&self.slots).release(self.ip),
+            Admission::Unvalidated => lock(&self.slots).end_unvalidated(),
+            Admission::Refused => {}
         }
     }
 
+    /// The handshake, the admission of an address it proved, and the
+    /// connection's registration with the service.
     async fn establish(
-        &self,
+        &mut self,
         incoming: quinn::Incoming,
     ) -> Option<(quinn::Connection, ConnectionId)> {
         let connecting = match incoming.accept() {
@@ -167,6 +240,23 @@ impl ConnectionTask {
                 return None;
             }
         };
+        if self.admission == Admission::Unvalidated {
+            // The handshake proved the address: it counts from now on.
+            let mut slots = lock(&self.slots);
+            slots.end_unvalidated();
+            if slots.admit(self.ip, self.limits.connections_per_ip_max) {
+                self.admission = Admission::Counted;
+            } else {
+                self.admission = Admission::Refused;
+                drop(slots);
+                tracing::debug!(ip = %self.ip, "connection closed: too many from this address");
+                conn.close(
+                    codes::BUSY.into(),
+                    b"too many connections from this address",
+                );
+                return None;
+            }
+        }
         let mut exporter = [0u8; 32];
         if conn
             .export_keying_material(&mut exporter, AUTH_EXPORTER_LABEL, b"")
