@@ -149,6 +149,8 @@ impl ShellStore for FjallStore {
         FjallSync {
             db: self.db.clone(),
             lsns: Arc::clone(&self.lsns),
+            #[cfg(test)]
+            after_persist: None,
         }
     }
 }
@@ -167,6 +169,10 @@ impl fmt::Debug for FjallStore {
 pub struct FjallSync {
     db: Database,
     lsns: Arc<LsnCounters>,
+    /// Run right after the fsync returns and before `sync_blocking` does,
+    /// so a unit test can write a batch while a sync is in progress.
+    #[cfg(test)]
+    after_persist: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl FjallSync {
@@ -181,6 +187,10 @@ impl FjallSync {
             return Ok(Lsn(covered));
         }
         self.db.persist(SYNC_MODE)?;
+        #[cfg(test)]
+        if let Some(hook) = &self.after_persist {
+            hook();
+        }
         self.lsns.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(Lsn(covered))
     }
@@ -336,6 +346,47 @@ mod tests {
             h.sync_blocking().unwrap(),
             l2,
             "nothing new: no fsync needed"
+        );
+    }
+
+    #[test]
+    fn a_batch_written_during_a_sync_is_not_reported_durable_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        let before = s.write(batch(&[(b"a", Some(b"1"))])).unwrap();
+        let mut h = s.sync_handle();
+        let store = Arc::new(std::sync::Mutex::new(s));
+        // Each sync, once its fsync has returned, lets one more batch in
+        // and counts itself: the batch reached the journal after that
+        // fsync, so only a later one covers it.
+        let during = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let persists = Arc::new(AtomicU64::new(0));
+        h.after_persist = Some({
+            let (store, during, persists) = (store.clone(), during.clone(), persists.clone());
+            Arc::new(move || {
+                let n = persists.fetch_add(1, Ordering::SeqCst) as u8;
+                let lsn = store
+                    .lock()
+                    .unwrap()
+                    .write(batch(&[(&[b'd', n], Some(b"v"))]))
+                    .unwrap();
+                during.lock().unwrap().push(lsn);
+            })
+        });
+        assert_eq!(
+            h.sync_blocking().unwrap(),
+            before,
+            "a batch written during the sync was reported durable by it"
+        );
+        let first_during = during.lock().unwrap()[0];
+        assert!(first_during > before);
+        // The next sync must fsync again (the batch is not taken as
+        // durable already) and covers it.
+        assert_eq!(h.sync_blocking().unwrap(), first_during);
+        assert_eq!(
+            persists.load(Ordering::SeqCst),
+            2,
+            "the second sync took the batch as durable and skipped its fsync"
         );
     }
 
