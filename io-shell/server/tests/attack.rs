@@ -17,9 +17,10 @@
 //! just under the size limit; deeply nested and pointer-amplifying Cap'n
 //! Proto messages; random garbage on streams and on the UDP port; wrong
 //! ALPN; a flood of new connections; a client that never reads its
-//! replies; replayed authentication; KeyPackage draining by many fresh
-//! identities; enqueue spam to one recipient; and (issue 23) QUIC Initials
-//! with a forged source address.
+//! replies; replayed authentication; a challenge relayed to another
+//! connection; KeyPackage draining by many fresh identities; enqueue spam
+//! to one recipient; and (issue 23) QUIC Initials with a forged source
+//! address.
 
 mod common;
 
@@ -633,6 +634,87 @@ async fn replayed_authentication_gains_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_challenge_is_refused() {
+    // An attacker holding connection A relays A's challenge to the victim,
+    // who signs it on connection B, with B's TLS exporter value. The
+    // signature is the victim's own over A's nonce, so only the exporter
+    // in it can tell the server that it was made for another connection.
+    let server = Server::start(&[]);
+    let honest = Honest::start(&server, 1).await;
+    let victim_sk = user(91);
+    let victim = id(&victim_sk);
+    let a = server.client().await;
+    let b = server.client().await;
+    let exporter_a = a.tls_exporter().unwrap();
+    let exporter_b = b.tls_exporter().unwrap();
+    assert_ne!(
+        exporter_a, exporter_b,
+        "two TLS sessions, two exporter values"
+    );
+    let refused = |reply: Option<Reply>, what: &str| {
+        let e = reply
+            .expect("answered")
+            .expect_err(&format!("{what} logged in"));
+        assert_eq!(e.kind, ErrorKind::Unauthenticated, "{what}: {}", e.message);
+        assert!(
+            e.message.contains("does not verify"),
+            "{what}: {}",
+            e.message
+        );
+    };
+
+    // A's nonce under B's exporter, presented on A: the relay.
+    let nonce_a = challenge(&a).await;
+    let relayed = sign_in(&victim_sk, &nonce_a, &exporter_b);
+    refused(
+        exchange(a.connection(), &relayed).await,
+        "A's nonce under B's exporter on A",
+    );
+    // The converse: B's nonce under A's exporter, presented on B.
+    let nonce_b = challenge(&b).await;
+    let relayed = sign_in(&victim_sk, &nonce_b, &exporter_a);
+    refused(
+        exchange(b.connection(), &relayed).await,
+        "B's nonce under A's exporter on B",
+    );
+    // And B's outstanding nonce under A's own exporter, presented on A:
+    // A's exporter is right there, but the nonce is not A's.
+    let _ = challenge(&a).await;
+    let nonce_b = challenge(&b).await;
+    let foreign = sign_in(&victim_sk, &nonce_b, &exporter_a);
+    refused(
+        exchange(a.connection(), &foreign).await,
+        "B's nonce under A's exporter on A",
+    );
+    // Neither connection owns the identity after the refusals.
+    for (conn, name) in [(a.connection(), "A"), (b.connection(), "B")] {
+        let e = exchange(conn, &key_package_count(victim))
+            .await
+            .expect("answered")
+            .expect_err("an unauthenticated connection reads the count");
+        assert_eq!(e.kind, ErrorKind::Unauthenticated, "{name}: {}", e.message);
+    }
+
+    // The control, on the same two connections: each connection's own
+    // nonce under its own exporter logs in.
+    for (c, exporter, name) in [(&a, exporter_a, "A"), (&b, exporter_b, "B")] {
+        let nonce = challenge(c).await;
+        assert_eq!(
+            exchange(c.connection(), &sign_in(&victim_sk, &nonce, &exporter)).await,
+            Some(Ok(Response::Authenticated)),
+            "{name}'s own nonce and exporter"
+        );
+        let reply = exchange(c.connection(), &key_package_count(victim)).await;
+        assert!(
+            matches!(reply, Some(Ok(Response::KeyPackageCount { .. }))),
+            "{name} owns the identity: {reply:?}"
+        );
+    }
+    honest.stop().await;
+    server.finish("relayed challenge");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_package_draining_leaves_the_victim_addable() {
     let server = Server::start(&[("QPQ_CONNECTIONS_PER_IP_MAX", "1000")]);
     let honest = Honest::start(&server, 1).await;
@@ -1057,6 +1139,31 @@ async fn drive(
             Effect::Done(outcome) => return (events, outcome),
         }
     }
+}
+
+/// A fresh challenge on `client`'s connection.
+async fn challenge(client: &Client) -> [u8; 32] {
+    match client.call(RequestBody::AuthChallenge).await {
+        Ok(Response::AuthChallenge { nonce }) => nonce,
+        other => panic!("authChallenge answered {other:?}"),
+    }
+}
+
+/// An `authenticate` request as `key`, signed over `nonce` and `exporter`.
+fn sign_in(key: &SigningKey, nonce: &[u8; 32], exporter: &[u8; 32]) -> Vec<u8> {
+    let identity = id(key);
+    let signature = key.sign(&auth_message(&identity, nonce, exporter));
+    request_bytes(RequestBody::Authenticate {
+        identity_key: identity,
+        signature: Signature(signature.to_bytes()),
+    })
+}
+
+/// A `keyPackageCount` request for `identity`: answered only to its owner.
+fn key_package_count(identity: IdentityKey) -> Vec<u8> {
+    request_bytes(RequestBody::KeyPackageCount {
+        identity_key: identity,
+    })
 }
 
 /// The bytes of a request with the supported authVersion.
