@@ -18,6 +18,7 @@ use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use quicproquo_client::{Client, ClientError, ServerTrust};
+use quicproquo_core::error::ErrorKind;
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId};
 use quicproquo_proto::REPLY_BYTES_MAX;
 use rand_core::{OsRng, RngCore};
@@ -53,6 +54,13 @@ pub enum Workload {
     /// one pop (fetchKeyPackage) of it. The server's KeyPackage fetch rate
     /// limits must be raised for this (see --help).
     Keypackages,
+    /// The soak's mix: every connection long-polls its own queue with
+    /// fetchWait (acknowledging with its cursor) while its S slots cycle
+    /// through enqueues to the next connection, an enqueueBatch to the next
+    /// three, a KeyPackage upload to its own pool, a pop from the next
+    /// connection's pool and a KeyPackage count. One operation is one
+    /// request; items are messages delivered to the long-polls.
+    Mixed,
     /// Bare-QUIC baseline against `qpq-bench baseline-server`: one stream
     /// carrying the bytes of an enqueue request of P bytes, answered with
     /// the bytes of an enqueue reply.
@@ -431,16 +439,23 @@ fn spawn_workers(
     let mut receivers = Vec::new();
     let request: Arc<[u8]> = enqueue_request_bytes(config.payload_bytes).into();
     for c in conns {
-        if config.workload == Workload::Fetchwait {
+        if matches!(config.workload, Workload::Fetchwait | Workload::Mixed) {
             receivers.push(tokio::spawn(receive(
                 c.clone(),
                 run.clone(),
                 config.fetch_limit,
+                config.workload == Workload::Fetchwait,
             )));
         }
         for slot in 0..config.in_flight {
             let (c, run, payload) = (c.clone(), run.clone(), vec![0x42; config.payload_bytes]);
             let next = conns[(c.index + 1) % conns.len()].me;
+            let batch: Vec<IdentityKey> = (1..=3)
+                .map(|k| conns[(c.index + k) % conns.len()].me)
+                .filter(|k| *k != c.me)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let (workload, limit, request) = (config.workload, config.fetch_limit, request.clone());
             workers.push(tokio::spawn(async move {
                 let mut hist = new_histogram();
@@ -450,6 +465,9 @@ fn spawn_workers(
                     Workload::Fetch => fetch_loop(&c, slot, &run, &mut hist, limit).await,
                     Workload::Fetchwait => send_loop(&c, slot, next, &run, payload).await,
                     Workload::Keypackages => kp_loop(&c, &run, &mut hist, payload).await,
+                    Workload::Mixed => {
+                        mixed_loop(&c, slot, next, &batch, &run, &mut hist, payload).await;
+                    }
                     Workload::QuicEcho => echo_loop(&c, &run, &mut hist, &request).await,
                     // Refused by `run` before any worker starts.
                     Workload::SessionLatency | Workload::SessionThroughput => {}
@@ -571,9 +589,11 @@ async fn send_loop(c: &Conn, slot: usize, to: IdentityKey, run: &Run, mut payloa
     }
 }
 
-/// A `fetchwait` receiver: long-polls its own default queue and records
-/// each message's enqueue-to-delivery latency. Ended by the run.
-async fn receive(c: Conn, run: Arc<Run>, limit: u32) -> Histogram<u64> {
+/// A `fetchwait` or `mixed` receiver: long-polls its own default queue;
+/// when `timed` (`fetchwait`), each message is an operation and its
+/// enqueue-to-delivery latency is recorded, else messages only count as
+/// items. Ended by the run.
+async fn receive(c: Conn, run: Arc<Run>, limit: u32, timed: bool) -> Histogram<u64> {
     let mut hist = new_histogram();
     let mut cursor = 0u64;
     loop {
@@ -588,6 +608,15 @@ async fn receive(c: Conn, run: Arc<Run>, limit: u32) -> Histogram<u64> {
             )
             .await
         {
+            Ok(f) if !timed => {
+                if let Some(last) = f.messages.last() {
+                    cursor = last.seq;
+                }
+                if run.measuring.load(Ordering::Relaxed) {
+                    run.items
+                        .fetch_add(f.messages.len() as u64, Ordering::Relaxed);
+                }
+            }
             Ok(f) => {
                 let now = run.epoch.elapsed().as_nanos();
                 for m in &f.messages {
@@ -613,6 +642,52 @@ async fn receive(c: Conn, run: Arc<Run>, limit: u32) -> Histogram<u64> {
         }
     }
     hist
+}
+
+/// A `mixed` slot: one request at a time, cycling through the mix. The
+/// long-poll of each connection runs beside it ([`receive`]).
+async fn mixed_loop(
+    c: &Conn,
+    slot: usize,
+    next: IdentityKey,
+    batch: &[IdentityKey],
+    run: &Run,
+    hist: &mut Histogram<u64>,
+    payload: Vec<u8>,
+) {
+    let mut n = 0u64;
+    while run.go_on() {
+        let t = Instant::now();
+        let id = c.message_id(slot, n);
+        let result = match n % 8 {
+            0..=3 => c
+                .client
+                .enqueue(next, ChannelId::DEFAULT, payload.clone(), id)
+                .await
+                .map(drop),
+            4 => c
+                .client
+                .enqueue_batch(batch.to_vec(), ChannelId::DEFAULT, payload.clone(), id)
+                .await
+                .map(drop),
+            5 => c
+                .client
+                .upload_key_package(c.me, payload.clone(), false)
+                .await
+                .map(drop),
+            6 => match c.client.fetch_key_package(next).await {
+                // An empty pool is an answer too.
+                Err(ClientError::Service(e)) if e.kind == ErrorKind::NotFound => Ok(()),
+                other => other.map(drop),
+            },
+            _ => c.client.key_package_count(c.me).await.map(drop),
+        };
+        n += 1;
+        match result {
+            Ok(()) => run.done(hist, t.elapsed(), 0),
+            Err(e) => fail(run, e).await,
+        }
+    }
 }
 
 async fn kp_loop(c: &Conn, run: &Run, hist: &mut Histogram<u64>, package: Vec<u8>) {

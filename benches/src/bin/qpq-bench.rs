@@ -36,6 +36,14 @@ Workloads (--workload); one operation is:
                  QPQ_KEY_FETCH_PER_PAIR_PER_SEC, QPQ_KEY_FETCH_PER_PAIR_BURST,
                  QPQ_KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC and
                  QPQ_KEY_PACKAGE_FETCH_PER_TARGET_BURST raised (e.g. 1000000).
+  mixed          the soak's mix (benches/soak.sh): every connection long-polls
+                 its own queue with fetchWait, acknowledging with its cursor,
+                 while its S slots cycle through four enqueues to the next
+                 connection, an enqueueBatch to the next three, a KeyPackage
+                 upload to its own pool, a pop from the next connection's
+                 pool and a KeyPackage count. One operation is one request;
+                 items are messages the long-polls delivered. Raise the
+                 KeyPackage fetch limits as for keypackages.
   quic-echo      the bare-QUIC baseline against `qpq-bench baseline-server`:
                  one stream carrying the bytes of an enqueue request of P bytes,
                  answered with the bytes of an enqueue reply, over the same
