@@ -74,7 +74,7 @@ impl ServiceRig {
         let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
         let node =
             NodeService::new(bench_node_config(durability), [42; 32], store).expect("open node");
-        let (handle, task) = service::spawn(node, Observer::default());
+        let (handle, task) = service::spawn(node, Observer::default(), None);
         ServiceRig { handle, task }
     }
 

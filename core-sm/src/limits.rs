@@ -97,6 +97,17 @@ pub const WAIT_CURSORS_MAX: usize = 1_000_000;
 /// message TTL; the rest go with the queue's next reads and writes, so no
 /// request does unbounded work.
 pub const TTL_EXPIRY_PER_REQUEST_MAX: u64 = 1_000;
+/// Records (queue counters, and commit fences) one step of the background
+/// sweep looks at, each; with the expiry bound above, one step's work and
+/// batch are bounded.
+pub const SWEEP_RECORDS_PER_STEP: usize = 256;
+/// How long a commit fence outlives its group's last Commit before the
+/// sweep deletes it: 90 days, longer than a KeyPackage lives
+/// ([`KEY_PACKAGE_LIFETIME_SECS`](crate::client::KEY_PACKAGE_LIFETIME_SECS),
+/// 84 days). A group whose fence is gone gets a new one from its next
+/// Commit; what is lost is only the refusal of a Commit for an epoch the
+/// group left more than 90 days ago (a member that slept that long).
+pub const FENCE_TTL: Duration = Duration::from_secs(90 * 24 * 60 * 60);
 
 // ----- waiting ---------------------------------------------------------------
 

@@ -109,7 +109,22 @@ pub trait Store {
     /// is visible to `get` at once but durable only after a sync that covers
     /// the returned `Lsn`.
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError>;
+
+    /// Up to `limit` records whose keys start with `prefix` and sort after
+    /// `after` (from the first when `None`), in key order, including writes
+    /// not yet durable. Requests never scan; only the machine's sweep
+    /// ([`crate::node::NodeService::handle_sweep`]) does, a bounded step at
+    /// a time.
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Records, StoreError>;
 }
+
+/// Keys and values, as [`Store::scan`] returns them.
+pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// An in-memory store that remembers which batches were synced, so a test can
 /// crash it and see only durable state survive.
@@ -198,6 +213,26 @@ impl MemStore {
 impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.live.get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Records, StoreError> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded(a.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        Ok(self
+            .live
+            .range((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {

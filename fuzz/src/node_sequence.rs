@@ -401,6 +401,8 @@ fn config() -> NodeConfig {
         },
         // Off: the audit expects every acknowledged message to stay.
         message_ttl: None,
+        // Off: the checker holds that one Commit per epoch is ever stored.
+        fence_ttl: None,
     }
 }
 

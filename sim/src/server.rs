@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use quicproquo_core::node::{NodeConfig, NodeService};
-use quicproquo_core::store::{Batch, Lsn, Store, StoreError};
+use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError};
 use quicproquo_server::config::TransportLimits;
 use quicproquo_server::endpoint::server_config;
 use quicproquo_server::observe::{GaugeSnapshot, Observer, ServiceGauges};
@@ -80,6 +80,15 @@ impl Store for SimStore {
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.mem.write(batch)
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Records, StoreError> {
+        self.mem.scan(prefix, after, limit)
     }
 }
 

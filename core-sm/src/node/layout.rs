@@ -32,7 +32,8 @@ use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 ///   say below which seq they were written
 ///   ([`QueueMeta::sender_dedup_from`]), and they are consulted until they
 ///   leave the dedup window, so a retry across the upgrade is still stored
-///   once.
+///   once. A commit fence records when its last Commit was accepted (a
+///   format-2 fence has no time; the sweep gives it one).
 pub const FORMAT_VERSION: u32 = 3;
 
 const TAG_VERSION: u8 = 0x00;
@@ -169,6 +170,36 @@ fn queue_key(tag: u8, q: &QueueId, extra: usize) -> Vec<u8> {
 /// Key of a queue's counters.
 pub fn queue_meta_key(q: &QueueId) -> Vec<u8> {
     queue_key(TAG_QUEUE_META, q, 0)
+}
+
+/// What every key of [`queue_meta_key`] starts with (the sweep walks them).
+pub fn queue_meta_prefix() -> Vec<u8> {
+    vec![TAG_QUEUE_META]
+}
+
+/// The queue a [`queue_meta_key`] names.
+pub fn queue_of_meta_key(key: &[u8]) -> Result<QueueId, Corrupt> {
+    let bad = Corrupt("queue counters key");
+    if key.len() != 1 + QUEUE_KEY_BYTES || key[0] != TAG_QUEUE_META {
+        return Err(bad);
+    }
+    let recipient_key = IdentityKey(array(
+        &key[1..1 + IDENTITY_KEY_BYTES],
+        "queue counters key",
+    )?);
+    let len = usize::from(key[1 + IDENTITY_KEY_BYTES]);
+    let start = 2 + IDENTITY_KEY_BYTES;
+    let channel = key.get(start..start + len).ok_or(bad.clone())?;
+    let channel_id = ChannelId::try_from_slice(channel).map_err(|_| bad)?;
+    Ok(QueueId {
+        recipient_key,
+        channel_id,
+    })
+}
+
+/// What every key of [`fence_key`] starts with (the sweep walks them).
+pub fn fence_prefix() -> Vec<u8> {
+    vec![TAG_FENCE]
 }
 
 /// Key of the message at `seq` in a queue: a version-1 record below the
@@ -469,9 +500,11 @@ pub const COMMIT_DIGEST_BYTES: usize = 16;
 /// it (so the same Commit sent again — to the next recipient, or as a
 /// retry, also after the group moved on — is not refused as stale).
 ///
-/// Encoded as the epoch (8 bytes, big-endian) and 1 to
-/// [`COMMIT_FENCE_HISTORY`] digests, newest first; a record with one
-/// digest is the layout format 2 first wrote, so it needs no upgrade.
+/// Encoded as the epoch (8 bytes, big-endian), 1 to
+/// [`COMMIT_FENCE_HISTORY`] digests, newest first, and (from format 3)
+/// the time its last Commit was accepted, in ms (8 bytes, big-endian): a
+/// length of 8 + 16 n says which. A record with one digest and no time is
+/// the layout format 2 first wrote, so it needs no upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The epoch the group is at: the next Commit accepted is for it.
@@ -479,22 +512,35 @@ pub struct Fence {
     /// SHA-256 (truncated) of the payloads accepted for `epoch - 1`,
     /// `epoch - 2`, …: newest first, never empty.
     pub accepted: Vec<[u8; COMMIT_DIGEST_BYTES]>,
+    /// When the last Commit was accepted (ms of the machine's clock); none
+    /// in a record written before format 3. The sweep deletes a fence idle
+    /// for longer than the fence TTL.
+    pub touched_ms: Option<u64>,
 }
 
 impl Fence {
     /// Encodes the record.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(8 + COMMIT_DIGEST_BYTES * self.accepted.len());
+        let mut v = Vec::with_capacity(16 + COMMIT_DIGEST_BYTES * self.accepted.len());
         v.extend_from_slice(&self.epoch.to_be_bytes());
         for d in &self.accepted {
             v.extend_from_slice(d);
+        }
+        if let Some(ms) = self.touched_ms {
+            v.extend_from_slice(&ms.to_be_bytes());
         }
         v
     }
 
     /// Decodes the record.
     pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
-        let (epoch, digests) = bytes.split_at_checked(8).ok_or(Corrupt("commit fence"))?;
+        let (epoch, mut digests) = bytes.split_at_checked(8).ok_or(Corrupt("commit fence"))?;
+        let mut touched_ms = None;
+        if digests.len() % COMMIT_DIGEST_BYTES == 8 {
+            let (d, ms) = digests.split_at(digests.len() - 8);
+            touched_ms = Some(u64::from_be_bytes(array(ms, "commit fence")?));
+            digests = d;
+        }
         let n = digests.len() / COMMIT_DIGEST_BYTES;
         if digests.len() % COMMIT_DIGEST_BYTES != 0 || n == 0 || n > COMMIT_FENCE_HISTORY {
             return Err(Corrupt("commit fence"));
@@ -505,6 +551,7 @@ impl Fence {
                 .chunks_exact(COMMIT_DIGEST_BYTES)
                 .map(|d| array(d, "commit fence"))
                 .collect::<Result<_, _>>()?,
+            touched_ms,
         })
     }
 
@@ -530,6 +577,7 @@ impl Fence {
         Some(Fence {
             epoch: next,
             accepted,
+            touched_ms: self.touched_ms,
         })
     }
 }
@@ -682,8 +730,14 @@ mod tests {
         let f = Fence {
             epoch: 4,
             accepted: vec![[5; COMMIT_DIGEST_BYTES]],
+            touched_ms: None,
         };
         assert_eq!(Fence::decode(&f.encode()), Ok(f.clone()));
+        let stamped = Fence {
+            touched_ms: Some(77),
+            ..f.clone()
+        };
+        assert_eq!(Fence::decode(&stamped.encode()), Ok(stamped));
         assert!(Fence::decode(&[0; 8]).is_err());
         assert!(Fence::decode(&[0; 8 + COMMIT_DIGEST_BYTES + 1]).is_err());
         assert!(Fence::decode(&[0; 8 + COMMIT_DIGEST_BYTES * (COMMIT_FENCE_HISTORY + 1)]).is_err());

@@ -92,6 +92,10 @@ pub struct NodeConfig {
     /// dropped, and the recipient's next fetch reports the gap; `None`
     /// keeps them until fetched.
     pub message_ttl: Option<Duration>,
+    /// A commit fence whose last Commit is older than this is deleted by
+    /// the sweep ([`NodeService::handle_sweep`]); `None` keeps fences
+    /// forever.
+    pub fence_ttl: Option<Duration>,
 }
 
 impl Default for NodeConfig {
@@ -120,6 +124,7 @@ impl Default for NodeConfig {
                 per_sec: limits::KEY_PACKAGE_FETCH_PER_TARGET_PER_SEC,
             },
             message_ttl: None,
+            fence_ttl: Some(limits::FENCE_TTL),
         }
     }
 }
@@ -280,6 +285,25 @@ pub struct NodeService<S> {
     ready: VecDeque<Output>,
     /// Set after a storage failure: the machine takes no more writes.
     failed: Option<String>,
+    /// Where the sweep's walks go on: the last queue-counters key and the
+    /// last fence key it finished (from the first when `None`).
+    sweep_queues_after: Option<Vec<u8>>,
+    sweep_fences_after: Option<Vec<u8>>,
+}
+
+/// What one step of the sweep ([`NodeService::handle_sweep`]) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Queues whose counters it looked at.
+    pub queues: usize,
+    /// Messages it dropped for being older than the message TTL.
+    pub expired: u64,
+    /// Commit fences it looked at.
+    pub fences: usize,
+    /// Fences it deleted for being idle longer than the fence TTL.
+    pub fences_deleted: usize,
+    /// Whether both walks reached their end (the next step starts over).
+    pub round_done: bool,
 }
 
 impl<S: Store> NodeService<S> {
@@ -333,6 +357,8 @@ impl<S: Store> NodeService<S> {
             held: VecDeque::new(),
             ready: VecDeque::new(),
             failed: None,
+            sweep_queues_after: None,
+            sweep_fences_after: None,
         };
         machine.request_sync();
         Ok(machine)
@@ -450,6 +476,132 @@ impl<S: Store> NodeService<S> {
             }
         }
         self.request_sync();
+    }
+
+    /// One bounded step of the background sweep, which the shell runs on
+    /// a timer (`sweep_interval_ms`): it walks the queues' counters, at
+    /// most [`limits::SWEEP_RECORDS_PER_STEP`] a step, and drops their
+    /// messages older than the message TTL (at most
+    /// [`limits::TTL_EXPIRY_PER_REQUEST_MAX`] a step), so a queue nobody
+    /// reads or writes any more does not keep expired messages on disk;
+    /// and it walks the commit fences as far, deleting those whose last
+    /// Commit is older than the fence TTL. Each walk carries on where the
+    /// last step stopped and starts over at its end. What it changes goes
+    /// in one batch (a sync is asked for as after a request); without a
+    /// TTL for either there is nothing to walk. Requests never wait for a
+    /// sweep, and a failed read or write ends the step (a failed write
+    /// fails the machine as any write does).
+    pub fn handle_sweep(&mut self, now: Time) -> Swept {
+        let mut swept = Swept::default();
+        if self.failed.is_some() {
+            return swept;
+        }
+        let mut batch = Batch::new();
+        let mut drops = BlobDrops::default();
+        let walked = self
+            .sweep_queues(now, &mut batch, &mut drops, &mut swept)
+            .and_then(|queues_done| {
+                let fences_done = self.sweep_fences(now, &mut batch, &mut swept)?;
+                Ok(queues_done && fences_done)
+            });
+        swept.round_done = walked.unwrap_or(false);
+        if !batch.is_empty() && self.finish_drops(drops, &mut batch).is_ok() {
+            // A failed write fails the machine; nothing else to do here.
+            let _ = self.write(batch);
+            self.request_sync();
+        }
+        swept
+    }
+
+    /// The queue walk of [`Self::handle_sweep`]; whether it reached the end.
+    fn sweep_queues(
+        &mut self,
+        now: Time,
+        batch: &mut Batch,
+        drops: &mut BlobDrops,
+        swept: &mut Swept,
+    ) -> Result<bool, ServiceError> {
+        if self.config.message_ttl.is_none() {
+            self.sweep_queues_after = None;
+            return Ok(true);
+        }
+        let records = self
+            .store
+            .scan(
+                &layout::queue_meta_prefix(),
+                self.sweep_queues_after.as_deref(),
+                limits::SWEEP_RECORDS_PER_STEP,
+            )
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+        let done = records.len() < limits::SWEEP_RECORDS_PER_STEP;
+        for (key, value) in records {
+            if swept.expired >= limits::TTL_EXPIRY_PER_REQUEST_MAX {
+                // The budget is spent: this queue comes first next step.
+                return Ok(false);
+            }
+            let queue = layout::queue_of_meta_key(&key).map_err(corrupt)?;
+            let mut meta = QueueMeta::decode(&value).map_err(corrupt)?;
+            let head = meta.head;
+            self.expire(now, &queue, &mut meta, batch, drops)?;
+            let dropped = meta.head - head;
+            swept.queues += 1;
+            swept.expired += dropped;
+            if dropped >= limits::TTL_EXPIRY_PER_REQUEST_MAX {
+                // It may hold more; it comes first next step.
+                return Ok(false);
+            }
+            self.sweep_queues_after = Some(key);
+        }
+        if done {
+            self.sweep_queues_after = None;
+        }
+        Ok(done)
+    }
+
+    /// The fence walk of [`Self::handle_sweep`]; whether it reached the
+    /// end. A fence written before format 3 carries no time: it gets the
+    /// sweep's, and its idle time counts from there.
+    fn sweep_fences(
+        &mut self,
+        now: Time,
+        batch: &mut Batch,
+        swept: &mut Swept,
+    ) -> Result<bool, ServiceError> {
+        let Some(ttl) = self.config.fence_ttl else {
+            self.sweep_fences_after = None;
+            return Ok(true);
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let now_ms = stamp_ms(now);
+        let records = self
+            .store
+            .scan(
+                &layout::fence_prefix(),
+                self.sweep_fences_after.as_deref(),
+                limits::SWEEP_RECORDS_PER_STEP,
+            )
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+        let done = records.len() < limits::SWEEP_RECORDS_PER_STEP;
+        for (key, value) in records {
+            let mut fence = Fence::decode(&value).map_err(corrupt)?;
+            swept.fences += 1;
+            match fence.touched_ms {
+                Some(t) if now_ms.saturating_sub(t) > ttl_ms => {
+                    batch.delete(key.clone());
+                    swept.fences_deleted += 1;
+                }
+                Some(_) => {}
+                None => {
+                    fence.touched_ms = Some(now_ms);
+                    batch.put(key.clone(), fence.encode());
+                }
+            }
+            self.sweep_fences_after = Some(key);
+        }
+        if done {
+            self.sweep_fences_after = None;
+        }
+        Ok(done)
     }
 
     /// The next thing to do, or `None` when there is nothing.
@@ -1022,7 +1174,8 @@ impl<S: Store> NodeService<S> {
         if next_blob != self.next_blob {
             batch.put(layout::blob_next_key(), layout::encode_seq(next_blob));
         }
-        for (key, fence) in fences {
+        for (key, mut fence) in fences {
+            fence.touched_ms = Some(stamp);
             batch.put(key, fence.encode());
         }
         self.finish_drops(drops, &mut batch)?;
@@ -1071,6 +1224,7 @@ impl<S: Store> NodeService<S> {
                 Fence {
                     epoch,
                     accepted: vec![this],
+                    touched_ms: None,
                 },
             )));
         };

@@ -1870,6 +1870,136 @@ fn with_ttl() -> Harness {
     })
 }
 
+/// Runs sweep steps until a round ends; what they did together, and the
+/// steps it took.
+fn sweep_round(h: &mut Harness) -> (Swept, usize) {
+    let mut total = Swept::default();
+    for step in 1..=1_000 {
+        let s = h.node.handle_sweep(h.now);
+        assert!(
+            s.queues <= limits::SWEEP_RECORDS_PER_STEP
+                && s.fences <= limits::SWEEP_RECORDS_PER_STEP
+                && s.expired <= 2 * limits::TTL_EXPIRY_PER_REQUEST_MAX,
+            "one step did too much: {s:?}"
+        );
+        total.queues += s.queues;
+        total.fences += s.fences;
+        total.expired += s.expired;
+        total.fences_deleted += s.fences_deleted;
+        if s.round_done {
+            return (total, step);
+        }
+    }
+    panic!("the sweep never finished a round");
+}
+
+#[test]
+fn the_sweep_drops_expired_messages_of_queues_nobody_touches() {
+    let mut h = with_ttl();
+    let alice = user(1);
+    h.login(1, &alice);
+    // More queues than one step looks at, each with a message; then
+    // nobody reads or writes them.
+    let queues = limits::SWEEP_RECORDS_PER_STEP + 44;
+    for i in 0..queues {
+        let ch = (i as u16).to_be_bytes();
+        h.enqueue(1, &user(2), &ch, b"forgotten", 1).unwrap();
+    }
+    let before = h.node.store().len();
+    // Within the TTL the sweep drops nothing and writes nothing.
+    let (swept, _) = sweep_round(&mut h);
+    assert_eq!((swept.queues, swept.expired), (queues, 0));
+    assert_eq!(h.node.store().len(), before);
+    h.now = h.now.saturating_add(Duration::from_secs(61));
+    let (swept, steps) = sweep_round(&mut h);
+    assert_eq!(swept.expired, queues as u64);
+    assert!(steps >= 2, "a round of {queues} queues took one step");
+    // Every entry went; each queue keeps its counters (which say what
+    // expired) and its dedup records.
+    assert_eq!(h.node.store().len(), before - queues);
+    let bob = user(2);
+    h.login(2, &bob);
+    let r = h.fetch(2, &bob, &[0, 7], 0, 10);
+    assert_eq!(gap_of(&r), Some(Gap { from: 1, to: 1 }));
+}
+
+#[test]
+fn the_sweep_deletes_fences_idle_past_their_ttl() {
+    let mut h = Harness::new(NodeConfig {
+        fence_ttl: Some(Duration::from_secs(3_600)),
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.enqueue(1, &bob, b"", &mls(b"old", 1, 3, b"commit"), 1)
+        .unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(1_800));
+    h.enqueue(1, &bob, b"", &mls(b"new", 1, 3, b"commit"), 2)
+        .unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(1_801));
+    // Only the fence idle for over an hour goes.
+    let (swept, _) = sweep_round(&mut h);
+    assert_eq!((swept.fences, swept.fences_deleted), (2, 1));
+    let (swept, _) = sweep_round(&mut h);
+    assert_eq!((swept.fences, swept.fences_deleted), (1, 0));
+    // The group whose fence went starts over with its next Commit; the
+    // other still refuses a second Commit for its epoch.
+    h.enqueue(1, &bob, b"", &mls(b"old", 1, 3, b"other commit"), 3)
+        .unwrap();
+    let r = h.enqueue(1, &bob, b"", &mls(b"new", 1, 3, b"other commit"), 4);
+    assert_eq!(stale(&r), 2);
+}
+
+#[test]
+fn the_sweep_stamps_fences_written_before_they_carried_a_time() {
+    let mut h = Harness::new(NodeConfig {
+        fence_ttl: Some(Duration::from_secs(3_600)),
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.enqueue(1, &bob, b"", &mls(b"grp", 1, 3, b"commit"), 1)
+        .unwrap();
+    // Rewrite the fence as format 2 wrote it: no time.
+    let key = layout::fence_key(&ChannelId::DEFAULT, &Sha256::digest(b"grp").into());
+    let store = h.node.store_mut();
+    let mut fence = Fence::decode(&store.get(&key).unwrap().unwrap()).unwrap();
+    fence.touched_ms = None;
+    let mut b = Batch::new();
+    b.put(key.clone(), fence.encode());
+    store.write(b).unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(7_200));
+    // Its idle time counts from the first sweep that sees it.
+    let (swept, _) = sweep_round(&mut h);
+    assert_eq!(swept.fences_deleted, 0);
+    let stamped = Fence::decode(&h.node.store().get(&key).unwrap().unwrap()).unwrap();
+    assert_eq!(stamped.touched_ms, Some(stamp_ms(h.now)));
+    h.now = h.now.saturating_add(Duration::from_secs(3_601));
+    assert_eq!(sweep_round(&mut h).0.fences_deleted, 1);
+    assert_eq!(h.node.store().get(&key), Ok(None));
+}
+
+#[test]
+fn without_ttls_the_sweep_walks_nothing() {
+    let mut h = Harness::new(NodeConfig {
+        fence_ttl: None,
+        ..NodeConfig::default()
+    });
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.enqueue(1, &bob, b"", &mls(b"grp", 1, 3, b"commit"), 1)
+        .unwrap();
+    let s = h.node.handle_sweep(h.now);
+    assert_eq!(
+        s,
+        Swept {
+            round_done: true,
+            ..Swept::default()
+        }
+    );
+}
+
 #[test]
 fn expired_messages_are_dropped_and_the_next_fetch_reports_the_gap() {
     let mut h = with_ttl();

@@ -68,6 +68,9 @@ pub mod transport {
     pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
     /// Time given to in-flight requests on shutdown before they are cut.
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+    /// How often the service runs one bounded step of the machine's sweep
+    /// (expired messages of queues nobody touches, idle commit fences).
+    pub const SWEEP_INTERVAL_MS: u64 = 60_000;
 }
 
 /// Command-line flags; each also reads its `QPQ_*` variable.
@@ -163,6 +166,10 @@ config_keys! {
     waiters_max: usize, env = "QPQ_WAITERS_MAX";
     /// Drop queued messages older than this, ms; 0 keeps them [default: 0].
     message_ttl_ms: u64, env = "QPQ_MESSAGE_TTL_MS";
+    /// Delete a group's commit fence this long after its last Commit, ms; 0 keeps fences [default: 7776000000, 90 days].
+    fence_ttl_ms: u64, env = "QPQ_FENCE_TTL_MS";
+    /// Run one step of the background sweep this often, ms [default: 60000].
+    sweep_interval_ms: u64, env = "QPQ_SWEEP_INTERVAL_MS";
     /// Sustained enqueues per second per sender identity [default: 10000].
     enqueue_per_sender_per_sec: u32, env = "QPQ_ENQUEUE_PER_SENDER_PER_SEC";
     /// Enqueue burst per sender identity [default: 20000].
@@ -225,7 +232,8 @@ pub struct ServerConfig {
     pub node: NodeConfig,
 }
 
-/// Limits the shell applies to QUIC connections and streams.
+/// Limits the shell applies to QUIC connections and streams, and the
+/// service's sweep cadence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {
     /// Connections open at once.
@@ -249,6 +257,8 @@ pub struct TransportLimits {
     pub request_timeout: Duration,
     /// Handshake timeout.
     pub handshake_timeout: Duration,
+    /// How often the service runs a step of the machine's sweep.
+    pub sweep_interval: Duration,
 }
 
 impl Default for TransportLimits {
@@ -264,6 +274,7 @@ impl Default for TransportLimits {
             idle_timeout: Duration::from_millis(transport::IDLE_TIMEOUT_MS),
             request_timeout: Duration::from_millis(transport::REQUEST_TIMEOUT_MS),
             handshake_timeout: Duration::from_millis(transport::HANDSHAKE_TIMEOUT_MS),
+            sweep_interval: Duration::from_millis(transport::SWEEP_INTERVAL_MS),
         }
     }
 }
@@ -391,6 +402,10 @@ impl ServerConfig {
                     .request_timeout_ms
                     .map_or(t.request_timeout, Duration::from_millis),
                 handshake_timeout: t.handshake_timeout,
+                sweep_interval: c
+                    .sweep_interval_ms
+                    .filter(|ms| *ms > 0)
+                    .map_or(t.sweep_interval, Duration::from_millis),
             },
             node: NodeConfig {
                 durability,
@@ -412,6 +427,11 @@ impl ServerConfig {
                     .filter(|ms| *ms > 0)
                     .map(Duration::from_millis)
                     .or(d.message_ttl),
+                fence_ttl: match c.fence_ttl_ms {
+                    Some(0) => None,
+                    Some(ms) => Some(Duration::from_millis(ms)),
+                    None => d.fence_ttl,
+                },
                 enqueue_rate: RateConfig {
                     burst: c.enqueue_per_sender_burst.unwrap_or(d.enqueue_rate.burst),
                     per_sec: c

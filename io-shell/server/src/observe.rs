@@ -123,6 +123,8 @@ pub struct Metrics {
     fsyncs: Counter,
     fsync_batches: Histogram,
     sync_failures: Counter,
+    swept_messages: Counter,
+    swept_fences: Counter,
     commands_queued: Gauge,
     connections: Gauge,
     waiters: Gauge,
@@ -173,6 +175,18 @@ impl Metrics {
             "Failed syncs (the server refuses writes after the first)",
             sync_failures.clone(),
         );
+        let swept_messages = Counter::default();
+        registry.register(
+            "qpq_swept_messages",
+            "Messages older than message_ttl_ms the background sweep dropped",
+            swept_messages.clone(),
+        );
+        let swept_fences = Counter::default();
+        registry.register(
+            "qpq_swept_fences",
+            "Commit fences idle longer than fence_ttl_ms the background sweep deleted",
+            swept_fences.clone(),
+        );
         let commands_queued = Gauge::default();
         registry.register(
             "qpq_service_queue_depth",
@@ -214,6 +228,8 @@ impl Metrics {
             fsyncs,
             fsync_batches,
             sync_failures,
+            swept_messages,
+            swept_fences,
             commands_queued,
             connections,
             waiters,
@@ -250,6 +266,13 @@ impl Metrics {
     /// A sync failed.
     pub fn sync_failed(&self) {
         self.sync_failures.inc();
+    }
+
+    /// One step of the background sweep dropped `messages` expired messages
+    /// and deleted `fences` idle commit fences.
+    pub fn swept(&self, messages: u64, fences: u64) {
+        self.swept_messages.inc_by(messages);
+        self.swept_fences.inc_by(fences);
     }
 
     /// Commands waiting in the service task's queue.

@@ -53,7 +53,7 @@ pub async fn serve<S: ShellStore>(
     observer: Observer,
 ) -> ServiceStats {
     let metrics = observer.metrics.clone();
-    let (svc, service_task) = service::spawn(node, observer);
+    let (svc, service_task) = service::spawn(node, observer, Some(limits.sweep_interval));
     let limits = Arc::new(limits);
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots: Arc<Mutex<Slots>> = Arc::default();

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::limits::TLS_EXPORTER_BYTES;
@@ -204,12 +205,15 @@ pub struct ServiceStats {
 /// Starts the service task and its group-commit task over `node`,
 /// publishing the service's live counts to `observer.gauges` and counting
 /// fsyncs, the batches each one covered and the command queue's depth in
-/// `observer.metrics` when given. Returns the handle connection tasks use
+/// `observer.metrics` when given; every `sweep_interval` (none: never) the
+/// task runs one step of the machine's sweep
+/// ([`NodeService::handle_sweep`]). Returns the handle connection tasks use
 /// and a join handle that resolves, with the final counters, once every
 /// handle is dropped and the last writes are synced.
 pub fn spawn<S: ShellStore>(
     node: NodeService<S>,
     observer: Observer,
+    sweep_interval: Option<Duration>,
 ) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
     let Observer { gauges, metrics } = observer;
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
@@ -230,6 +234,7 @@ pub fn spawn<S: ShellStore>(
         gauges,
         metrics,
         synced_lsn: Lsn(0),
+        sweep_interval,
     };
     let join = tokio::spawn(async move {
         let stats = service.run().await;
@@ -273,6 +278,8 @@ struct Service<S> {
     metrics: Option<Arc<Metrics>>,
     /// Last `Lsn` a sync reported, to count the batches each fsync covers.
     synced_lsn: Lsn,
+    /// How often a sweep step runs, if ever.
+    sweep_interval: Option<Duration>,
 }
 
 impl<S: ShellStore> Service<S> {
@@ -280,6 +287,11 @@ impl<S: ShellStore> Service<S> {
         // Opening the machine already wrote (and asked for a sync).
         self.drain();
         let mut open = true;
+        let mut sweep = self.sweep_interval.map(|every| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
         // Run until every handle is gone and no reply still waits on disk.
         while open || self.node.held_reply_count() > 0 {
             let timer = self.node.poll_timeout().map(|t| self.instant(t));
@@ -326,6 +338,22 @@ impl<S: ShellStore> Service<S> {
                 () = sleep_until(timer), if timer.is_some() => {
                     let now = self.now();
                     self.node.handle_timeout(now);
+                }
+                _ = tick(&mut sweep), if sweep.is_some() && open => {
+                    let now = self.now();
+                    let swept = self.node.handle_sweep(now);
+                    if let Some(m) = &self.metrics {
+                        m.swept(swept.expired, swept.fences_deleted as u64);
+                    }
+                    if swept.expired > 0 || swept.fences_deleted > 0 {
+                        tracing::debug!(
+                            expired = swept.expired,
+                            fences_deleted = swept.fences_deleted,
+                            queues = swept.queues,
+                            fences = swept.fences,
+                            "sweep step"
+                        );
+                    }
                 }
             }
             self.drain();
@@ -431,6 +459,15 @@ fn wall_clock() -> Time {
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
         None => std::future::pending().await,
     }
 }

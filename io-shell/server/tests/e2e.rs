@@ -432,3 +432,60 @@ async fn messages_from_many_senders_keep_per_sender_order() {
     assert_eq!(total, 200);
     server.stop().await;
 }
+
+/// The service runs the machine's sweep on its timer: a message nobody
+/// fetches is dropped once it is older than the message TTL, without any
+/// request touching its queue (the sweep's counter says so).
+#[tokio::test]
+async fn the_service_sweeps_expired_messages_of_untouched_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcessServer::start_with(
+        dir.path(),
+        Setup {
+            limits: TransportLimits {
+                sweep_interval: Duration::from_millis(50),
+                ..TransportLimits::default()
+            },
+            node: NodeConfig {
+                message_ttl: Some(Duration::from_millis(100)),
+                ..NodeConfig::default()
+            },
+            metrics: true,
+        },
+    );
+    let (alice_sk, bob_sk) = (user(1), user(2));
+    let a = server.login(&alice_sk).await;
+    for _ in 0..3 {
+        a.enqueue(
+            id(&bob_sk),
+            ChannelId::DEFAULT,
+            b"never fetched".to_vec(),
+            random_message_id(),
+        )
+        .await
+        .unwrap();
+    }
+    let swept = || {
+        let text = server.metrics().expect("metrics kept").encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix("qpq_swept_messages_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while swept() < 3.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the sweep dropped the three expired messages");
+    // Bob learns of them as a gap, as after any expiry.
+    let b = server.login(&bob_sk).await;
+    let fetched = b
+        .fetch(id(&bob_sk), ChannelId::DEFAULT, 0, 10)
+        .await
+        .unwrap();
+    assert!(fetched.messages.is_empty());
+    assert_eq!(fetched.gap.map(|g| (g.from, g.to)), Some((1, 3)));
+    server.stop().await;
+}

@@ -4,9 +4,10 @@
 //!
 //! All of the machine's records live in one keyspace, [`KEYSPACE`]; the
 //! machine's own layout (`quicproquo_core::node`) gives every key a one-byte
-//! tag, and its format version record sits at key `0x00`. The port is used
-//! only through point reads and atomic batches, never scans, so deleted
-//! entries (tombstones) are never walked over.
+//! tag, and its format version record sits at key `0x00`. Requests use the
+//! port only through point reads and atomic batches, never scans, so they
+//! never walk over deleted entries (tombstones); only the machine's
+//! background sweep scans, a bounded step at a time.
 //!
 //! Durability: [`Store::write`] commits a batch to fjall's journal with
 //! `PersistMode::Buffer` — handed to the OS, so it survives a crash of the
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
-use quicproquo_core::store::{Batch, Lsn, Store, StoreError};
+use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError};
 
 use super::{ShellStore, StorageError, SyncHandle};
 
@@ -106,6 +107,37 @@ impl Store for FjallStore {
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.write_batch(batch).map_err(StoreError::write)
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Records, StoreError> {
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(a) => self
+                .keyspace
+                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.keyspace.range::<&[u8], _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            )),
+        };
+        for guard in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = guard
+                .into_inner()
+                .map_err(|e| StoreError::read(StorageError::from(e)))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use quicproquo_core::store::{Batch, Lsn, MemStore, Store, StoreError};
+use quicproquo_core::store::{Batch, Lsn, MemStore, Records, Store, StoreError};
 
 use super::{ShellStore, StorageError, SyncHandle};
 
@@ -57,6 +57,17 @@ impl Store for SharedMemStore {
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.lock().map_err(StoreError::write)?.write(batch)
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Records, StoreError> {
+        self.lock()
+            .map_err(StoreError::read)?
+            .scan(prefix, after, limit)
     }
 }
 
