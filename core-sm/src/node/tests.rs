@@ -671,6 +671,22 @@ fn two_senders_with_one_message_id_are_two_messages() {
     assert!(matches!(r, Ok(Response::EnqueuedBatch { ref seqs }) if *seqs == vec![4]));
 }
 
+/// Enqueues `x` to `to`'s default queue on connection `c` under message id
+/// `i` (big-endian) followed by bytes `fill`.
+fn numbered(h: &mut Harness, c: u64, to: &SigningKey, fill: u8, i: u64) -> Reply {
+    let mut m = [fill; 16];
+    m[..8].copy_from_slice(&i.to_be_bytes());
+    h.call(
+        c,
+        RequestBody::Enqueue {
+            recipient_key: id(to),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"x".to_vec(),
+            message_id: MessageId(m),
+        },
+    )
+}
+
 /// A store written before format 3 keyed its dedup records by queue and id
 /// alone. Opened by this version, those records still recognise a retry
 /// (a sender that retries across the upgrade is stored once) until they
@@ -719,18 +735,7 @@ fn format_2_dedup_records_are_read_and_age_out_after_the_upgrade() {
     assert_eq!(enqueued(&h.enqueue(3, &bob, b"", b"d", 2)), 3);
     let window = limits::DEDUP_WINDOW_PER_QUEUE;
     for i in 0..window {
-        let mut m = [0xee; 16];
-        m[..8].copy_from_slice(&i.to_be_bytes());
-        let r = h.call(
-            1,
-            RequestBody::Enqueue {
-                recipient_key: id(&bob),
-                channel_id: ChannelId::DEFAULT,
-                payload: b"x".to_vec(),
-                message_id: MessageId(m),
-            },
-        );
-        assert_eq!(enqueued(&r), i + 4);
+        assert_eq!(enqueued(&numbered(&mut h, 1, &bob, 0xee, i)), i + 4);
     }
     // The format-2 record left the window and was deleted with its ring
     // record; the id is new again.
@@ -754,18 +759,7 @@ fn dedup_window_forgets_old_ids_and_stays_bounded() {
     h.login(1, &alice);
     let window = limits::DEDUP_WINDOW_PER_QUEUE;
     for i in 0..=window {
-        let mut m = [0u8; 16];
-        m[..8].copy_from_slice(&i.to_be_bytes());
-        let r = h.call(
-            1,
-            RequestBody::Enqueue {
-                recipient_key: id(&bob),
-                channel_id: ChannelId::DEFAULT,
-                payload: b"x".to_vec(),
-                message_id: MessageId(m),
-            },
-        );
-        assert_eq!(enqueued(&r), i + 1);
+        assert_eq!(enqueued(&numbered(&mut h, 1, &bob, 0, i)), i + 1);
     }
     // The first id has left the window: a "retry" is a new message.
     let r = h.call(
