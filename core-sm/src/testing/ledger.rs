@@ -21,7 +21,7 @@
 //! fuzz target panic at once, the simulations collect violations and name
 //! the event.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use crate::limits::FETCH_LIMIT_MAX;
@@ -152,6 +152,8 @@ struct QueueLedger {
     id_at: HashMap<u64, MessageKey>,
     /// The seq each acknowledged id got.
     acked: HashMap<MessageKey, u64>,
+    /// Those seqs, in order, so a fetch looks only at the ones it reaches.
+    acked_seqs: BTreeSet<u64>,
     /// The seq each id (known by its payload) was shown at.
     shown_at: HashMap<MessageKey, u64>,
     /// No answer may report a lower `next_seq`.
@@ -216,6 +218,7 @@ impl Ledger {
             Some(_) => {}
             None => {
                 q.acked.insert(id, seq);
+                q.acked_seqs.insert(seq);
             }
         }
         match q.id_at.get(&seq) {
@@ -296,10 +299,9 @@ impl Ledger {
                 .limit
                 .is_some_and(|l| messages.len() >= l.min(FETCH_LIMIT_MAX) as usize);
             let q = self.queues.entry(queue).or_default();
-            for seq in q.acked.values() {
-                if *seq <= deletable || *seq >= next_seq {
-                    continue;
-                }
+            // The acknowledged seqs above `deletable` and below `next_seq`.
+            let from = deletable.saturating_add(1);
+            for seq in q.acked_seqs.range(from..next_seq.max(from)) {
                 let shown = match (messages.first(), messages.last()) {
                     (Some(first), Some(last)) => first.seq <= *seq && (*seq <= last.seq || full),
                     _ => false,
