@@ -148,13 +148,17 @@ async fn every_acknowledged_write_survives_repeated_sigkills() {
         .expect("the audit finishes");
     drop(server);
 
-    let (violations, summary) = checker::check(&shared.history.events());
+    let loaded = started.elapsed();
+    let events = shared.history.events();
+    let (violations, summary) = checker::check(&events);
     println!(
-        "kill loop: seed {}, {} SIGKILLs ({} under load, one before the audit) in {:.1} s",
+        "kill loop: seed {}, {} SIGKILLs ({} under load, one before the audit) in {:.1} s, {} events checked in {:.1} s",
         settings.seed,
         summary.kills,
         settings.kills,
-        started.elapsed().as_secs_f64()
+        loaded.as_secs_f64(),
+        events.len(),
+        (started.elapsed() - loaded).as_secs_f64()
     );
     println!("{summary}");
     println!("kill loop: {} violations", violations.len());
