@@ -34,7 +34,7 @@ pub enum ErrorKind {
         current_epoch: u64,
     },
     /// The server cannot take this request now (overloaded, shutting down,
-    /// or storage failed); retrying later may succeed.
+    /// its disk full, or storage failed); retrying later may succeed.
     Unavailable,
     /// A bug or corrupted storage on the server side.
     Internal,
@@ -42,7 +42,8 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// True if the same request may succeed when tried again later:
-    /// `unavailable` (overload, shutdown, a failed fsync, or no connection),
+    /// `unavailable` (overload, shutdown, a full disk, a failed fsync, or
+    /// no connection),
     /// `rateLimited` (after its hint), `queueFull` (the recipient may
     /// drain it) and `internal` (a server fault that a restart may clear).
     /// Everything else — a malformed or forbidden request, a missing

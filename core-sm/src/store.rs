@@ -8,6 +8,12 @@
 //! back every reply until all writes it could have observed are durable, so a
 //! crash can only forget what nobody was told about.
 //!
+//! A store may also refuse a write for lack of space ([`StoreErrorKind::Full`]):
+//! nothing of the batch is applied, the store stays as it was and takes
+//! writes again once space is freed. A store that keeps space in reserve
+//! refuses batches that add data before those that only keep things up
+//! ([`Batch::upkeep`]), so a full disk can still be drained.
+//!
 //! [`MemStore`] models exactly that: writes apply at once to the live map, and
 //! [`MemStore::crash`] throws away every batch not yet synced. It keeps, for
 //! every unsynced batch, the values its writes replaced (an undo log): a sync
@@ -21,13 +27,16 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
-/// A storage failure. The machine answers `unavailable` and stops taking
-/// writes after one, rather than pretending.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("storage {op} failed: {detail}")]
+/// A storage failure, or a write refused for lack of space. After a
+/// failure the machine answers `unavailable` and stops taking writes,
+/// rather than pretending; a refused write is answered `unavailable` and
+/// the machine carries on.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError {
     /// What failed.
     pub op: StoreOp,
+    /// Whether the store failed or refused a write for lack of space.
+    pub kind: StoreErrorKind,
     /// The storage engine's own words.
     pub detail: String,
 }
@@ -37,6 +46,7 @@ impl StoreError {
     pub fn read(detail: impl std::fmt::Display) -> StoreError {
         StoreError {
             op: StoreOp::Read,
+            kind: StoreErrorKind::Failed,
             detail: detail.to_string(),
         }
     }
@@ -45,9 +55,41 @@ impl StoreError {
     pub fn write(detail: impl std::fmt::Display) -> StoreError {
         StoreError {
             op: StoreOp::Write,
+            kind: StoreErrorKind::Failed,
             detail: detail.to_string(),
         }
     }
+
+    /// A write refused for lack of space before any of it was applied.
+    pub fn full(detail: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            op: StoreOp::Write,
+            kind: StoreErrorKind::Full,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            StoreErrorKind::Failed => write!(f, "storage {} failed: {}", self.op, self.detail),
+            StoreErrorKind::Full => write!(f, "storage {} refused: {}", self.op, self.detail),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Why a [`StoreError`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The store failed: what it holds may no longer match what was
+    /// written, so nothing more may be written or taken as durable.
+    Failed,
+    /// The store refused a write for lack of space before applying any of
+    /// it. It is intact, and takes writes again once space is freed.
+    Full,
 }
 
 /// The operation of a [`StoreError`].
@@ -65,12 +107,30 @@ pub enum StoreOp {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    upkeep: bool,
 }
 
 impl Batch {
-    /// An empty batch.
+    /// An empty batch that may add data (an enqueue, an upload).
     pub fn new() -> Self {
         Batch::default()
+    }
+
+    /// An empty batch that adds no data: it removes records
+    /// (acknowledgements, KeyPackage pops, expiry) or rewrites a record of
+    /// fixed size (the format version on open). A store that keeps space in
+    /// reserve lets such a batch use part of it, so that a full disk can
+    /// still be drained and the machine can still open.
+    pub fn upkeep() -> Self {
+        Batch {
+            ops: Vec::new(),
+            upkeep: true,
+        }
+    }
+
+    /// True if this batch was made by [`Batch::upkeep`].
+    pub fn is_upkeep(&self) -> bool {
+        self.upkeep
     }
 
     /// Sets `key` to `value`.
@@ -138,6 +198,8 @@ pub struct MemStore {
     unsynced: Vec<(Lsn, Vec<Undo>)>,
     last_lsn: Lsn,
     synced_lsn: Lsn,
+    /// Set by [`MemStore::set_full`]: batches that add data are refused.
+    full: bool,
 }
 
 /// A key and the value it held before one operation overwrote it.
@@ -194,6 +256,14 @@ impl MemStore {
         }
     }
 
+    /// Makes the store behave as one on a full disk that keeps space in
+    /// reserve (`true`), or as one with room again (`false`): while full,
+    /// every batch but an [`Batch::upkeep`] one is refused with
+    /// [`StoreErrorKind::Full`] and nothing of it is applied.
+    pub fn set_full(&mut self, full: bool) {
+        self.full = full;
+    }
+
     /// Number of keys currently stored (live view).
     pub fn len(&self) -> usize {
         self.live.len()
@@ -236,6 +306,9 @@ impl Store for MemStore {
     }
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
+        if self.full && !batch.is_upkeep() {
+            return Err(StoreError::full("the in-memory store is set full"));
+        }
         self.last_lsn = Lsn(self.last_lsn.0 + 1);
         let ops = batch.into_ops();
         let mut undo = Vec::with_capacity(ops.len());
@@ -321,6 +394,26 @@ mod tests {
         s.sync();
         s.crash();
         assert_eq!(s.get(b"a").unwrap(), Some(b"6".to_vec()));
+    }
+
+    #[test]
+    fn a_full_store_refuses_batches_that_add_data_and_applies_nothing_of_them() {
+        let mut s = MemStore::new();
+        put(&mut s, b"a", b"1");
+        s.set_full(true);
+        let mut b = Batch::new();
+        b.delete(b"a".to_vec());
+        b.put(b"b".to_vec(), b"2".to_vec());
+        let e = s.write(b).unwrap_err();
+        assert_eq!((e.op, e.kind), (StoreOp::Write, StoreErrorKind::Full));
+        assert_eq!(s.get(b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.get(b"b").unwrap(), None);
+        assert_eq!(s.last_lsn(), Lsn(1), "a refused batch takes no Lsn");
+        let mut b = Batch::upkeep();
+        b.delete(b"a".to_vec());
+        assert_eq!(s.write(b).unwrap(), Lsn(2));
+        s.set_full(false);
+        assert_eq!(put(&mut s, b"b", b"2"), Lsn(3));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ServiceError;
 use crate::limits::{self, AUTH_NONCE_BYTES, AUTH_VERSION, TLS_EXPORTER_BYTES};
-use crate::store::{Batch, Lsn, Store, StoreError};
+use crate::store::{Batch, Lsn, Store, StoreError, StoreErrorKind};
 use crate::time::Time;
 use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId, RequestId, Signature};
 
@@ -326,8 +326,9 @@ impl<S: Store> NodeService<S> {
         // Always write on open. A previous process may have died leaving
         // writes the OS still holds unsynced, so nothing in the store is known
         // to be durable: every reply of this machine waits for a sync that
-        // covers this batch, and with it everything written before.
-        let mut b = Batch::new();
+        // covers this batch, and with it everything written before. It adds
+        // nothing, so a store kept nearly full still lets it in.
+        let mut b = Batch::upkeep();
         b.put(
             layout::version_key(),
             layout::encode_version(FORMAT_VERSION),
@@ -629,6 +630,12 @@ impl<S: Store> NodeService<S> {
         self.held.len()
     }
 
+    /// Why the machine refuses every request, if its storage failed (a
+    /// failed sync or write; not a write refused for lack of space).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     // ----- dispatch -------------------------------------------------------
 
     fn dispatch(
@@ -893,7 +900,7 @@ impl<S: Store> NodeService<S> {
             meta.head += 1;
             // Removal and the new head are one atomic batch: the package can
             // never be handed out twice, even across a crash.
-            let mut batch = Batch::new();
+            let mut batch = Batch::upkeep();
             batch.delete(key);
             batch.put(layout::kp_meta_key(&target), meta.encode());
             self.write(batch)?;
@@ -1357,7 +1364,7 @@ impl<S: Store> NodeService<S> {
         if after_seq < meta.head {
             return Ok(meta);
         }
-        let mut batch = Batch::new();
+        let mut batch = Batch::upkeep();
         let mut drops = BlobDrops::default();
         for seq in meta.head..=after_seq {
             let entry = self.drop_entry(queue, &meta, seq, &mut batch, &mut drops)?;
@@ -1469,7 +1476,7 @@ impl<S: Store> NodeService<S> {
             return Ok(());
         }
         let mut meta = self.queue_meta(queue)?;
-        let mut batch = Batch::new();
+        let mut batch = Batch::upkeep();
         let mut drops = BlobDrops::default();
         self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
         if batch.is_empty() {
@@ -1658,6 +1665,17 @@ impl<S: Store> NodeService<S> {
                 self.last_write = lsn;
                 Ok(())
             }
+            // Refused for lack of space: nothing was applied and the store
+            // is intact, so only this request fails. The callers change
+            // their own state (seqs, shared-payload numbers, waiters) only
+            // after the write; only the rate-limit tokens the request took
+            // stay spent.
+            Err(StoreError {
+                kind: StoreErrorKind::Full,
+                ..
+            }) => Err(ServiceError::unavailable(
+                "the server's disk is full: nothing was stored; try again later",
+            )),
             Err(e) => {
                 self.fail(&e.detail);
                 Err(ServiceError::unavailable(e.to_string()))

@@ -1196,6 +1196,147 @@ fn sync_failure_answers_parked_long_polls_unavailable() {
     assert_eq!(h.node.poll_timeout(), None);
 }
 
+// ----- a full disk --------------------------------------------------------
+
+fn disk_full(r: Reply) {
+    let e = r.expect_err("refused for lack of space");
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
+    assert!(e.message.contains("disk is full"), "{e:?}");
+}
+
+#[test]
+fn a_full_disk_refuses_what_adds_data_and_the_machine_keeps_serving() {
+    let mut h = Harness::fresh();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.upload(1, &alice, b"kp1", false).unwrap();
+    h.upload(1, &alice, b"kp2", false).unwrap();
+    let key = vec![5u8; 64];
+    let sig = Signature(
+        alice
+            .sign(&hybrid_key_message(&id(&alice), &key))
+            .to_bytes(),
+    );
+    let upload_hybrid = |h: &mut Harness| {
+        h.call(
+            1,
+            RequestBody::UploadHybridKey {
+                identity_key: id(&alice),
+                hybrid_key: key.clone(),
+                signature: sig,
+            },
+        )
+    };
+    upload_hybrid(&mut h).unwrap();
+    h.enqueue(1, &bob, b"", b"a", 1).unwrap();
+    h.enqueue(1, &bob, b"", b"b", 2).unwrap();
+
+    h.node.store_mut().set_full(true);
+    disk_full(h.enqueue(1, &bob, b"", b"c", 3));
+    disk_full(batch(&mut h, 1, &[&bob, &alice], b"", b"d", 4));
+    disk_full(h.upload(1, &alice, b"kp3", false));
+    disk_full(upload_hybrid(&mut h));
+    assert_eq!(h.node.failure(), None);
+    // Reads are answered.
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"", 0, 10)),
+        vec![b"a".to_vec(), b"b".to_vec()]
+    );
+    assert_eq!(
+        h.call(
+            1,
+            RequestBody::KeyPackageCount {
+                identity_key: id(&alice)
+            }
+        ),
+        Ok(Response::KeyPackageCount {
+            count: 2,
+            has_last_resort: false
+        })
+    );
+    assert_eq!(
+        h.call(
+            2,
+            RequestBody::FetchHybridKey {
+                identity_key: id(&alice)
+            }
+        ),
+        Ok(Response::HybridKey {
+            hybrid_key: key.clone(),
+            signature: sig
+        })
+    );
+    // What only removes still goes through: an acknowledgement, a pop.
+    assert_eq!(seqs(&h.fetch(2, &bob, b"", 1, 10)), vec![2]);
+    assert!(h.pop(2, &alice).is_ok());
+
+    // With space again the refused writes succeed when retried, at the
+    // seqs they would have had: a refusal took nothing.
+    h.node.store_mut().set_full(false);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"c", 3)), 3);
+    assert_eq!(
+        batch_seqs(&batch(&mut h, 1, &[&bob, &alice], b"", b"d", 4)),
+        vec![4, 1]
+    );
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"", 1, 10)),
+        vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]
+    );
+    assert!(h.upload(1, &alice, b"kp3", false).is_ok());
+}
+
+#[test]
+fn a_write_refused_for_space_leaves_held_replies_and_long_polls_alone() {
+    let mut h = Harness::fresh();
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    let parked = h.fetch_wait(3, &carol, 0, 10_000);
+    h.set_auto_sync(false);
+    let first = h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"a".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    assert!(h.drain().is_empty(), "held until synced");
+    h.node.store_mut().set_full(true);
+    let second = h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"b".to_vec(),
+            message_id: mid(2),
+        },
+    );
+    assert!(h.drain().is_empty(), "both wait for the first write's sync");
+    assert_eq!(h.node.waiter_count(), 1);
+    h.sync();
+    let replies = h.drain();
+    let reply = |rid| {
+        replies
+            .iter()
+            .find(|(r, _)| *r == rid)
+            .map(|(_, x)| x.clone())
+    };
+    assert_eq!(reply(first), Some(Ok(Response::Enqueued { seq: 1 })));
+    disk_full(reply(second).expect("answered"));
+    assert_eq!(reply(parked), None, "the long-poll still waits");
+    h.node.store_mut().set_full(false);
+    h.set_auto_sync(true);
+    assert_eq!(enqueued(&h.enqueue(1, &carol, b"", b"c", 3)), 1);
+    let woken = h.drain();
+    assert_eq!(woken.len(), 1);
+    assert_eq!(woken[0].0, parked);
+    assert_eq!(payloads(&woken[0].1), vec![b"c".to_vec()]);
+}
+
 #[test]
 fn restart_keeps_seq_counters_and_refuses_newer_format() {
     let mut h = Harness::fresh();
