@@ -292,12 +292,15 @@ impl<S: ShellStore> Service<S> {
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
+        // Whether the group-commit task still runs (it stops after a
+        // failed sync).
+        let mut syncing = true;
         // Run until every handle is gone and no reply still waits on disk.
         while open || self.node.held_reply_count() > 0 {
             let timer = self.node.poll_timeout().map(|t| self.instant(t));
             tokio::select! {
                 biased;
-                synced = self.synced_rx.recv() => match synced {
+                synced = self.synced_rx.recv(), if syncing => match synced {
                     Some(Ok(lsn)) => {
                         self.stats.syncs += 1;
                         if let Some(m) = &self.metrics {
@@ -317,10 +320,10 @@ impl<S: ShellStore> Service<S> {
                     }
                     None => {
                         // The group-commit task stopped after a failure;
-                        // nothing more will become durable.
-                        if !open {
-                            break;
-                        }
+                        // nothing more will become durable. Its closed
+                        // channel is always ready: polled first again, it
+                        // would starve the commands below.
+                        syncing = false;
                     }
                 },
                 cmd = self.rx.recv(), if open => match cmd {
@@ -355,6 +358,8 @@ impl<S: ShellStore> Service<S> {
                         );
                     }
                 }
+                // No handle, no sync and no timer left: nothing can happen.
+                else => break,
             }
             self.drain();
         }
@@ -475,8 +480,11 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SharedMemStore;
     use quicproquo_core::error::ErrorKind;
-    use quicproquo_core::node::QueuedMessage;
+    use quicproquo_core::limits::AUTH_VERSION;
+    use quicproquo_core::node::{NodeConfig, QueuedMessage, RequestBody};
+    use quicproquo_core::store::{Batch, StoreError};
 
     fn messages(sizes: &[usize]) -> Reply {
         Ok(Response::Messages {
@@ -550,6 +558,67 @@ mod tests {
             Some(500 + MESSAGE_FRAMING_BYTES)
         );
     }
+
+    /// A store whose every sync fails.
+    struct SyncFails(SharedMemStore);
+
+    #[derive(Clone)]
+    struct FailingSync;
+
+    impl SyncHandle for FailingSync {
+        fn sync(&self) -> impl std::future::Future<Output = Result<Lsn, StorageError>> + Send {
+            std::future::ready(Err(StorageError::SyncTask("injected".into())))
+        }
+    }
+
+    impl quicproquo_core::store::Store for SyncFails {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key)
+        }
+
+        fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
+            self.0.write(batch)
+        }
+    }
+
+    impl ShellStore for SyncFails {
+        type Sync = FailingSync;
+
+        fn sync_handle(&self) -> FailingSync {
+            FailingSync
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_sync_requests_are_still_answered() {
+        let store = SyncFails(SharedMemStore::new());
+        let node = NodeService::new(NodeConfig::default(), [0; 32], store).unwrap();
+        let (handle, join) = spawn(node, Observer::default());
+        // The sync of the version record written on open fails at once.
+        // The first request is refused by the failed machine, or held and
+        // refused when the failure comes; the second comes after it.
+        tokio::time::timeout(HANG_GUARD, async {
+            let conn = handle.open([0; TLS_EXPORTER_BYTES]).await.unwrap();
+            for _ in 0..2 {
+                let request = Request {
+                    auth_version: AUTH_VERSION,
+                    body: RequestBody::AuthChallenge,
+                };
+                let reply = handle.request(conn, request).await;
+                assert_eq!(reply.unwrap_err().kind, ErrorKind::Unavailable);
+            }
+        })
+        .await
+        .expect("the service answers after a failed sync");
+        drop(handle);
+        tokio::time::timeout(HANG_GUARD, join)
+            .await
+            .expect("the service ends once its handles are gone")
+            .unwrap();
+    }
+
+    /// How long a test waits before it calls the service hung.
+    const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(10);
 
     #[test]
     fn unbudgeted_requests_pass_untouched() {
