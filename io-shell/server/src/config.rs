@@ -27,6 +27,11 @@ pub const DEFAULT_CONFIG: &str = "qpq-server.toml";
 pub const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
 /// Name of the database directory inside the data directory.
 pub const DB_DIR_NAME: &str = "qpq.db";
+/// Default space kept free on the database's filesystem. Writes that add
+/// data stop short of it; it leaves the storage engine room to flush its
+/// in-memory table (up to 64 MiB) and to compact, and acknowledgements room
+/// to drain a full server (ARCHITECTURE.md § Storage).
+pub const DEFAULT_STORAGE_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Transport limits the shell enforces before the core sees anything.
 pub mod transport {
@@ -126,6 +131,8 @@ config_keys! {
     durability: String, env = "QPQ_DURABILITY";
     /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info,fjall=warn,lsm_tree=warn].
     log: String, env = "QPQ_LOG";
+    /// Bytes kept free on the database's filesystem: writes that add data are refused (`unavailable`, "disk is full") rather than go below it; 0 turns the check off [default: 268435456].
+    storage_reserve_bytes: u64, env = "QPQ_STORAGE_RESERVE_BYTES";
     /// TCP address for the Prometheus metrics endpoint (HTTP, GET /metrics), e.g. 127.0.0.1:9464; keep it on loopback [default: off].
     metrics_listen: String, env = "QPQ_METRICS_LISTEN";
     /// PEM certificate chain to serve instead of the generated self-signed one.
@@ -220,6 +227,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Bytes kept free on the database's filesystem (0: not checked).
+    pub storage_reserve_bytes: u64,
     /// Log filter.
     pub log: String,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
@@ -380,6 +389,9 @@ impl ServerConfig {
             data_dir: c
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            storage_reserve_bytes: c
+                .storage_reserve_bytes
+                .unwrap_or(DEFAULT_STORAGE_RESERVE_BYTES),
             log: c.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
             metrics_listen,
             tls,
@@ -492,6 +504,7 @@ mod tests {
         let c = ServerConfig::resolve(FileConfig::default()).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:7443");
         assert_eq!(c.db_path(), PathBuf::from("qpq-data/qpq.db"));
+        assert_eq!(c.storage_reserve_bytes, 256 << 20);
         assert_eq!(c.node.durability, Durability::Fsync);
         assert!(c.tls.is_none());
         assert!(c.metrics_listen.is_none(), "metrics are off by default");
@@ -505,6 +518,10 @@ mod tests {
         let defaults = ServerConfig::resolve(FileConfig::default()).unwrap();
         assert_eq!(from_file.listen, defaults.listen);
         assert_eq!(from_file.data_dir, defaults.data_dir);
+        assert_eq!(
+            from_file.storage_reserve_bytes,
+            defaults.storage_reserve_bytes
+        );
         assert_eq!(from_file.log, defaults.log);
         assert_eq!(from_file.metrics_listen, defaults.metrics_listen);
         assert_eq!(from_file.transport, defaults.transport);

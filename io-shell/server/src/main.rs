@@ -44,7 +44,8 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let fingerprint = quicproquo_core::types::hex(&identity.fingerprint());
     let db_path = config.db_path();
     let store = FjallStore::open(&db_path)
-        .with_context(|| format!("opening database {}", db_path.display()))?;
+        .with_context(|| format!("opening database {}", db_path.display()))?
+        .with_reserve(config.storage_reserve_bytes);
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let node = NodeService::new(config.node.clone(), seed, store)

@@ -21,6 +21,21 @@
 //! (dropping the last handle). With `durability = "buffered"` the machine
 //! still requests syncs, but its replies do not wait for them.
 //!
+//! Space: a store opened [`FjallStore::with_reserve`] keeps that many bytes
+//! free on the database's filesystem. Before each batch it reads the free
+//! space (`statvfs`, bytes available to unprivileged users) and refuses a
+//! batch that would leave less than the reserve — half of it for an
+//! [`Batch::upkeep`] batch — with [`StorageError::DiskFull`], which the
+//! machine answers `unavailable` and survives: nothing reached fjall. This
+//! is the only way back from a full disk without a restart, because fjall
+//! takes no more writes after any failed one: a journal write that meets
+//! ENOSPC, or a flush or compaction that does in the background, poisons
+//! the database (`Poisoned`) until it is reopened. The reserve must
+//! therefore hold what fjall writes on its own: a flushed memtable (up to
+//! 64 MiB) and compactions. The first refusal is logged as an error naming
+//! the database and its free space, the first batch that adds data after
+//! refusals as the end of it.
+//!
 //! A database is opened once per process: fjall holds an exclusive `flock` on
 //! `<db>/lock` while any [`FjallStore`] or [`FjallSync`] of it is alive, and a
 //! second open — from this or another process — fails with
@@ -45,6 +60,11 @@ pub struct FjallStore {
     keyspace: Keyspace,
     lsns: Arc<LsnCounters>,
     path: PathBuf,
+    /// Bytes kept free on the filesystem; 0: not checked.
+    reserve_bytes: u64,
+    /// Whether batches were refused for space since the last batch that
+    /// added data went through (so each turn is logged once).
+    refusing: bool,
 }
 
 impl FjallStore {
@@ -66,7 +86,18 @@ impl FjallStore {
             keyspace,
             lsns: Arc::default(),
             path,
+            reserve_bytes: 0,
+            refusing: false,
         })
+    }
+
+    /// Keeps `bytes` free on the database's filesystem: a batch that would
+    /// leave less is refused with [`StorageError::DiskFull`] before fjall
+    /// sees it (an [`Batch::upkeep`] batch may use half of it). 0, the
+    /// default, checks nothing.
+    pub fn with_reserve(mut self, bytes: u64) -> Self {
+        self.reserve_bytes = bytes;
+        self
     }
 
     /// The database directory.
@@ -106,7 +137,10 @@ impl Store for FjallStore {
     }
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
-        self.write_batch(batch).map_err(StoreError::write)
+        self.write_batch(batch).map_err(|e| match e {
+            StorageError::DiskFull { .. } => StoreError::full(e),
+            e => StoreError::write(e),
+        })
     }
 
     fn scan(
@@ -143,6 +177,7 @@ impl Store for FjallStore {
 
 impl FjallStore {
     fn write_batch(&mut self, batch: Batch) -> Result<Lsn, StorageError> {
+        let upkeep = batch.is_upkeep();
         let ops = batch.into_ops();
         // fjall writes the journal before it checks key sizes (and
         // truncates a key length to 16 bits there), so an unstorable key
@@ -158,6 +193,11 @@ impl FjallStore {
                 });
             }
         }
+        let bytes = ops
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + JOURNAL_BYTES_PER_OP)
+            .fold(0u64, |sum, n| sum.saturating_add(n as u64));
+        self.check_space(upkeep, bytes)?;
         let mut wb = OwnedWriteBatch::with_capacity(self.db.clone(), ops.len())
             .durability(Some(PersistMode::Buffer));
         for (key, value) in ops {
@@ -166,11 +206,83 @@ impl FjallStore {
                 None => wb.remove(&self.keyspace, key),
             }
         }
-        wb.commit().map_err(StorageError::from)?;
+        wb.commit().map_err(|e| self.engine_failed(e))?;
         // Numbered only after the commit: whoever reads the counter sees
         // only Lsns of batches already in the journal.
         let lsn = self.lsns.written.fetch_add(1, Ordering::AcqRel) + 1;
         Ok(Lsn(lsn))
+    }
+
+    /// Refuses a batch of about `bytes` that would leave less than the
+    /// reserve free (half of it for upkeep), logging the first refusal and
+    /// the first batch that adds data after refusals. A filesystem whose
+    /// free space cannot be read is not checked: fjall meets it as it is.
+    fn check_space(&mut self, upkeep: bool, bytes: u64) -> Result<(), StorageError> {
+        if self.reserve_bytes == 0 {
+            return Ok(());
+        }
+        let free_bytes = match free_bytes(&self.path) {
+            Ok(free) => free,
+            Err(e) => {
+                tracing::debug!(db = %self.path.display(), error = %e, "free space unknown");
+                return Ok(());
+            }
+        };
+        let keep = if upkeep {
+            self.reserve_bytes / 2
+        } else {
+            self.reserve_bytes
+        };
+        if free_bytes >= keep.saturating_add(bytes) {
+            if self.refusing && !upkeep {
+                self.refusing = false;
+                tracing::info!(
+                    db = %self.path.display(),
+                    free_bytes,
+                    reserve_bytes = self.reserve_bytes,
+                    "disk space is available again: writes resume"
+                );
+            }
+            return Ok(());
+        }
+        if !self.refusing {
+            self.refusing = true;
+            tracing::error!(
+                db = %self.path.display(),
+                free_bytes,
+                reserve_bytes = self.reserve_bytes,
+                "disk full: {} has {free_bytes} bytes free, and a write of {bytes} bytes \
+                 would leave less than the {keep} it keeps (storage_reserve_bytes); writes \
+                 that add data are refused with `unavailable` until space is freed, before \
+                 the storage engine meets ENOSPC (no space left on device)",
+                self.path.display(),
+            );
+        }
+        Err(StorageError::DiskFull {
+            path: self.path.clone(),
+            free_bytes,
+            reserve_bytes: self.reserve_bytes,
+        })
+    }
+
+    /// Logs a write fjall refused — after which it takes no more — with
+    /// the free space, naming ENOSPC when that is what it met.
+    fn engine_failed(&self, e: fjall::Error) -> StorageError {
+        let free_bytes = free_bytes(&self.path).ok();
+        let cause = if is_out_of_space(&e) {
+            "the disk is full (ENOSPC, no space left on device)"
+        } else {
+            "see the error"
+        };
+        tracing::error!(
+            db = %self.path.display(),
+            error = %e,
+            ?free_bytes,
+            "storage write failed in {}: {cause}; the storage engine takes no more writes \
+             until the server is restarted",
+            self.path.display(),
+        );
+        StorageError::Fjall(e)
     }
 }
 
@@ -268,6 +380,29 @@ fn open_error(path: &Path, e: fjall::Error) -> StorageError {
     }
 }
 
+/// Bytes available to unprivileged users on the filesystem holding `path`
+/// (an ext4 filesystem keeps some blocks for root; they are left alone).
+#[cfg(unix)]
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_path: &Path) -> std::io::Result<u64> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// True if fjall failed for lack of space (ENOSPC).
+fn is_out_of_space(e: &fjall::Error) -> bool {
+    matches!(e, fjall::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull)
+}
+
+/// Bytes fjall's journal adds to each operation of a batch besides its key
+/// and value (entry tag, keyspace, lengths, checksum share), rounded up: a
+/// bound for the space check, not an exact count.
+const JOURNAL_BYTES_PER_OP: usize = 32;
+
 /// Keys fjall can store: 1 to 65535 bytes (lsm-tree asserts both bounds).
 fn check_key(key: &[u8]) -> Result<(), StorageError> {
     if key.is_empty() || u16::try_from(key.len()).is_err() {
@@ -294,6 +429,7 @@ const SYNC_MODE: PersistMode = PersistMode::SyncData;
 #[cfg(test)]
 mod tests {
     use quicproquo_core::node::{NodeConfig, NodeService, OpenError, Output};
+    use quicproquo_core::store::StoreErrorKind;
 
     use super::*;
 
@@ -486,6 +622,32 @@ mod tests {
         b.put(longest.clone(), b"v".to_vec());
         s.write(b).unwrap();
         check(&s, &longest, Some(b"v"));
+    }
+
+    #[test]
+    fn a_batch_that_would_eat_into_the_reserve_is_refused_before_fjall_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(b"a", Some(b"1"))])).unwrap();
+        // A reserve between the free space and twice it: batches that add
+        // data are refused, upkeep may still use half of it.
+        let free = free_bytes(dir.path()).unwrap();
+        let mut s = s.with_reserve(free + free / 2);
+        let e = s.write(batch(&[(b"b", Some(b"2"))])).unwrap_err();
+        assert_eq!(e.kind, StoreErrorKind::Full, "{e}");
+        assert!(e.detail.contains("disk full"), "{e}");
+        check(&s, b"b", None);
+        assert_eq!(s.last_lsn(), Lsn(1), "nothing was written");
+        let mut upkeep = Batch::upkeep();
+        upkeep.delete(b"a".to_vec());
+        assert_eq!(s.write(upkeep).unwrap(), Lsn(2));
+        check(&s, b"a", None);
+        // fjall never saw the refused batch, so it takes writes again as
+        // soon as there is room.
+        let mut s = s.with_reserve(0);
+        s.write(batch(&[(b"b", Some(b"2"))])).unwrap();
+        check(&s, b"b", Some(b"2"));
+        s.sync_handle().sync_blocking().unwrap();
     }
 
     #[test]

@@ -67,8 +67,24 @@ pub enum StorageError {
         #[source]
         source: fjall::Error,
     },
-    /// A read, write or sync failed. After a failed sync fjall refuses every
-    /// further write (`Poisoned`); restart the server to recover.
+    /// A batch was refused before it reached the storage engine: it would
+    /// have left less free space than the store keeps in reserve. Nothing of
+    /// it was written; the store takes writes again once space is freed.
+    #[error(
+        "disk full: {} has {free_bytes} bytes free, and {reserve_bytes} are kept in reserve",
+        path.display()
+    )]
+    DiskFull {
+        /// The database directory.
+        path: PathBuf,
+        /// Bytes free on its filesystem when the batch came.
+        free_bytes: u64,
+        /// Bytes kept free (`storage_reserve_bytes`).
+        reserve_bytes: u64,
+    },
+    /// A read, write or sync failed. After a failed write or sync fjall
+    /// refuses every further write (`Poisoned`); restart the server to
+    /// recover.
     #[error("storage engine failure: {0}")]
     Fjall(#[from] fjall::Error),
     /// A key or value fjall cannot store (keys are 1 to 65535 bytes, values
