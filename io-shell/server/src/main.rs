@@ -91,6 +91,15 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         observer,
     )
     .await;
+    if stats.storage_failed {
+        // A nonzero status, so that a supervisor starts it again: opening
+        // the database recovers it (ARCHITECTURE.md § Storage).
+        anyhow::bail!(
+            "qpq-server stopped after a storage failure (logged above); starting it again \
+             recovers the database {}",
+            db_path.display()
+        );
+    }
     tracing::info!(
         requests = stats.requests,
         syncs = stats.syncs,

@@ -38,7 +38,9 @@ pub mod codes {
     pub const PROTOCOL: u32 = 4;
 }
 
-/// Serves `endpoint` until `shutdown` resolves, then stops accepting, lets
+/// Serves `endpoint` until `shutdown` resolves or the storage fails (the
+/// machine then refuses everything until the database is opened again:
+/// [`ServiceStats::storage_failed`] says so), then stops accepting, lets
 /// in-flight requests finish within the grace period, closes the
 /// connections and waits for the last writes to be synced. The service
 /// publishes its live counts (connections, waiters, replies in flight) to
@@ -62,6 +64,7 @@ pub async fn serve<S: ShellStore>(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            () = svc.storage_failed() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 // Reap finished connection tasks so the set stays small.

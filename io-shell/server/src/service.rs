@@ -5,6 +5,12 @@
 //!
 //! This is the shell's whole loop: read (commands, sync completions, timer),
 //! feed the core, drain its outputs. It makes no protocol decisions.
+//!
+//! Once the machine reports a storage failure (a failed sync or write; it
+//! then refuses every request), the task logs it and raises the flag
+//! [`ServiceHandle::storage_failed`] waits for, on which `serve` stops the
+//! server: the storage engine takes nothing more until the database is
+//! opened again, so the process ends and a restart recovers it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +23,7 @@ use quicproquo_core::node::{NodeService, Output, QueuedMessage, Reply, Request, 
 use quicproquo_core::store::Lsn;
 use quicproquo_core::time::Time;
 use quicproquo_core::types::{ConnectionId, RequestId};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::observe::{GaugeSnapshot, Metrics, Observer, ServiceGauges};
@@ -68,6 +74,7 @@ pub struct ReplyReservation {
 pub struct ServiceHandle {
     tx: mpsc::Sender<Command>,
     next_conn: Arc<AtomicU64>,
+    failed: watch::Receiver<bool>,
 }
 
 impl ServiceHandle {
@@ -88,6 +95,15 @@ impl ServiceHandle {
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())??;
         Ok(conn)
+    }
+
+    /// Resolves once the machine has failed for its storage and refuses
+    /// every request; never if the service ends without that.
+    pub async fn storage_failed(&self) {
+        let mut failed = self.failed.clone();
+        if failed.wait_for(|f| *f).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Tells the service the connection is gone.
@@ -200,6 +216,9 @@ pub struct ServiceStats {
     pub syncs: u64,
     /// Requests handled.
     pub requests: u64,
+    /// True if the storage failed and the machine refused every request
+    /// from then on.
+    pub storage_failed: bool,
 }
 
 /// Starts the service task and its group-commit task over `node`,
@@ -220,6 +239,7 @@ pub fn spawn<S: ShellStore>(
     let sync = node.store().sync_handle();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+    let (failed_tx, failed_rx) = watch::channel(false);
     let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx));
     let service = Service {
         node,
@@ -235,6 +255,7 @@ pub fn spawn<S: ShellStore>(
         metrics,
         synced_lsn: Lsn(0),
         sweep_interval,
+        failed: failed_tx,
     };
     let join = tokio::spawn(async move {
         let stats = service.run().await;
@@ -249,6 +270,7 @@ pub fn spawn<S: ShellStore>(
         ServiceHandle {
             tx,
             next_conn: Arc::new(AtomicU64::new(1)),
+            failed: failed_rx,
         },
         join,
     )
@@ -280,6 +302,8 @@ struct Service<S> {
     synced_lsn: Lsn,
     /// How often a sweep step runs, if ever.
     sweep_interval: Option<Duration>,
+    /// Raised once the machine has failed for its storage.
+    failed: watch::Sender<bool>,
 }
 
 impl<S: ShellStore> Service<S> {
@@ -431,6 +455,17 @@ impl<S: ShellStore> Service<S> {
                     }
                 }
             }
+        }
+        if !self.stats.storage_failed
+            && let Some(reason) = self.node.failure()
+        {
+            tracing::error!(
+                reason,
+                "storage failed: every request is refused from now on, and the server stops; \
+                 starting it again recovers the database"
+            );
+            self.stats.storage_failed = true;
+            self.failed.send_replace(true);
         }
         self.gauges.publish(GaugeSnapshot {
             connections: self.node.connection_count(),
@@ -590,7 +625,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn after_a_failed_sync_requests_are_still_answered() {
+    async fn after_a_failed_sync_the_failure_is_raised_and_requests_are_still_answered() {
         let store = SyncFails(SharedMemStore::new());
         let node = NodeService::new(NodeConfig::default(), [0; 32], store).unwrap();
         let (handle, join) = spawn(node, Observer::default());
@@ -607,14 +642,16 @@ mod tests {
                 let reply = handle.request(conn, request).await;
                 assert_eq!(reply.unwrap_err().kind, ErrorKind::Unavailable);
             }
+            handle.storage_failed().await;
         })
         .await
-        .expect("the service answers after a failed sync");
+        .expect("the service answers after a failed sync and raises the failure");
         drop(handle);
-        tokio::time::timeout(HANG_GUARD, join)
+        let stats = tokio::time::timeout(HANG_GUARD, join)
             .await
             .expect("the service ends once its handles are gone")
             .unwrap();
+        assert!(stats.storage_failed);
     }
 
     /// How long a test waits before it calls the service hung.
