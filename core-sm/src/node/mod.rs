@@ -490,14 +490,17 @@ impl<S: Store> NodeService<S> {
     /// last step stopped and starts over at its end. What it changes goes
     /// in one batch (a sync is asked for as after a request); without a
     /// TTL for either there is nothing to walk. Requests never wait for a
-    /// sweep, and a failed read or write ends the step (a failed write
-    /// fails the machine as any write does).
+    /// sweep, and a failed read or write ends the step (a write refused for
+    /// a full disk leaves its work to the next round; any other failed
+    /// write fails the machine as any write does).
     pub fn handle_sweep(&mut self, now: Time) -> Swept {
         let mut swept = Swept::default();
         if self.failed.is_some() {
             return swept;
         }
-        let mut batch = Batch::new();
+        // It only frees space (or stamps an old fence): a store may let it
+        // into its reserve.
+        let mut batch = Batch::upkeep();
         let mut drops = BlobDrops::default();
         let walked = self
             .sweep_queues(now, &mut batch, &mut drops, &mut swept)

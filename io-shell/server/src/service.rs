@@ -614,6 +614,15 @@ mod tests {
         fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
             self.0.write(batch)
         }
+
+        fn scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<quicproquo_core::store::Records, StoreError> {
+            self.0.scan(prefix, after, limit)
+        }
     }
 
     impl ShellStore for SyncFails {
@@ -628,7 +637,7 @@ mod tests {
     async fn after_a_failed_sync_the_failure_is_raised_and_requests_are_still_answered() {
         let store = SyncFails(SharedMemStore::new());
         let node = NodeService::new(NodeConfig::default(), [0; 32], store).unwrap();
-        let (handle, join) = spawn(node, Observer::default());
+        let (handle, join) = spawn(node, Observer::default(), None);
         // The sync of the version record written on open fails at once.
         // The first request is refused by the failed machine, or held and
         // refused when the failure comes; the second comes after it.
