@@ -82,8 +82,9 @@ BENCH_PID=$!
 PIDS+=("$BENCH_PID")
 
 metric() {
-    # The value of an unlabelled gauge or counter in the scrape in $1.
-    awk -v name="$2" '$1 == name { print $2; exit }' "$1"
+    # The sum of a gauge or counter over its label sets in the scrape in $1.
+    awk -v name="$2" '$1 == name || index($1, name "{") == 1 { sum += $2; n++ }
+        END { if (n) printf "%.0f", sum }' "$1"
 }
 
 CSV="$OUT/samples.csv"
