@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{id, read_start_lines, user};
+use common::{id, read_numbered_queue, read_start_lines, user};
 use quicproquo_client::{Client, ServerTrust};
 use quicproquo_core::types::{ChannelId, MessageId};
 
@@ -94,25 +94,7 @@ async fn acknowledged_enqueues_survive_sigkill() {
     let mut server = start_child(dir.path());
     let mut b = Client::connect(&server.addr, &server.trust).await.unwrap();
     b.authenticate(&bob_sk).await.unwrap();
-    let mut cursor = 0;
-    let mut stored: HashMap<u64, Vec<u8>> = HashMap::new();
-    let mut last_per_sender: HashMap<u8, u32> = HashMap::new();
-    loop {
-        let f = b.fetch(bob, ChannelId::DEFAULT, cursor, 500).await.unwrap();
-        if f.messages.is_empty() {
-            break;
-        }
-        for m in f.messages {
-            assert_eq!(m.seq, cursor + 1, "seqs are gap-free");
-            cursor = m.seq;
-            let s = m.payload[0];
-            let i = u32::from_be_bytes(m.payload[1..5].try_into().unwrap());
-            if let Some(prev) = last_per_sender.insert(s, i) {
-                assert!(i > prev, "sender {s}: {i} after {prev}");
-            }
-            stored.insert(m.seq, m.payload);
-        }
-    }
+    let stored = read_numbered_queue(&b, bob, 0).await;
     for (seq, payload) in &acked {
         assert_eq!(
             stored.get(seq),

@@ -19,13 +19,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{id, read_start_lines, user};
+use common::{id, read_numbered_queue, read_start_lines, user};
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_client::{Client, ClientError, ServerTrust};
 use quicproquo_core::error::ErrorKind;
@@ -520,29 +520,7 @@ impl Server {
     /// sender's messages in the order sent.
     async fn read_queue(&self, owner: &SigningKey, after: u64) -> BTreeMap<u64, Vec<u8>> {
         let c = self.login(owner).await;
-        let mut stored = BTreeMap::new();
-        let mut last_per_sender: HashMap<u8, u32> = HashMap::new();
-        let mut cursor = after;
-        loop {
-            let f = c
-                .fetch(id(owner), ChannelId::DEFAULT, cursor, 1_000)
-                .await
-                .unwrap();
-            if f.messages.is_empty() {
-                break;
-            }
-            for m in f.messages {
-                assert_eq!(m.seq, cursor + 1, "seqs are gap-free");
-                cursor = m.seq;
-                let s = m.payload[0];
-                let i = u32::from_be_bytes(m.payload[1..5].try_into().unwrap());
-                if let Some(prev) = last_per_sender.insert(s, i) {
-                    assert!(i > prev, "sender {s}: message {i} after {prev}");
-                }
-                stored.insert(m.seq, m.payload);
-            }
-        }
-        stored
+        read_numbered_queue(&c, id(owner), after).await
     }
 }
 
