@@ -19,8 +19,19 @@
 //! every unsynced batch, the values its writes replaced (an undo log): a sync
 //! just forgets them, a crash puts them back newest first, so the live map
 //! returns to exactly the synced state without a second copy of the data.
+//!
+//! The live map is hashed, not ordered: requests only make point reads and
+//! writes, and every key of a queue starts with the same ~50 bytes, which
+//! an ordered map compares again at every level. What needs key order —
+//! [`Store::scan`] (the sweep, a bounded step at a time) and
+//! [`MemStore::iter`] (checkers) — sorts on demand. The hasher has fixed
+//! keys, so a run is the same every time.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+
+/// The live map's hasher: fast, with fixed keys (the store serves tests,
+/// simulations and benches, never a server facing a network).
+type Hasher = foldhash::fast::FixedState;
 
 /// A log sequence number: batches are numbered 1, 2, 3, … in write order.
 /// `Lsn(0)` means "nothing written yet".
@@ -190,7 +201,7 @@ pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
 /// crash it and see only durable state survive.
 #[derive(Debug, Clone, Default)]
 pub struct MemStore {
-    live: BTreeMap<Vec<u8>, Vec<u8>>,
+    live: HashMap<Vec<u8>, Vec<u8>, Hasher>,
     /// Batches written but not yet synced, oldest first, each with the undo
     /// record of its operations in order: the key and the value it had
     /// before (`None`: absent). Undoing every unsynced batch, newest
@@ -274,9 +285,16 @@ impl MemStore {
         self.live.is_empty()
     }
 
-    /// Iterates over the live contents in key order, for tests and checkers.
+    /// The live contents in key order, for tests and checkers (sorted on
+    /// each call).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.live.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+        let mut all: Vec<(&[u8], &[u8])> = self
+            .live
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
     }
 }
 
@@ -291,16 +309,20 @@ impl Store for MemStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Records, StoreError> {
-        use std::ops::Bound;
-        let from = match after {
-            Some(a) => Bound::Excluded(a.to_vec()),
-            None => Bound::Included(prefix.to_vec()),
-        };
-        Ok(self
+        // The hashed map has no order: take every match, then the first
+        // `limit` of them in key order.
+        let mut found: Vec<(&Vec<u8>, &Vec<u8>)> = self
             .live
-            .range((from, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_slice() > a))
+            .collect();
+        if found.len() > limit {
+            found.select_nth_unstable_by(limit, |a, b| a.0.cmp(b.0));
+            found.truncate(limit);
+        }
+        found.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(found
+            .into_iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }

@@ -105,6 +105,19 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
     /// Checks and takes `n` tokens in one step; `n` counts at most the
     /// burst.
     pub fn acquire_many(&mut self, now: Time, key: K, n: u32) -> Result<(), u64> {
+        let need = self.units_for(n);
+        let (per_sec, full) = (self.config.per_sec, self.full_units());
+        // A tracked key (the common case): one lookup, updated in place.
+        if let Some(b) = self.buckets.get_mut(&key) {
+            let units = b.refilled(now, per_sec, full);
+            if units < need {
+                return Err(self.retry_after_ms(units, need));
+            }
+            b.units = units - need;
+            // A clock that steps backwards must not earn a refill twice.
+            b.updated = b.updated.max(now);
+            return Ok(());
+        }
         self.check_many(now, key, n)?;
         self.take_many(now, key, n);
         Ok(())
@@ -130,15 +143,10 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
     }
 
     fn units_at(&self, now: Time, key: &K) -> u64 {
-        match self.buckets.get(key) {
-            None => self.full_units(),
-            Some(b) => {
-                let elapsed_us =
-                    u64::try_from(now.saturating_since(b.updated).as_micros()).unwrap_or(u64::MAX);
-                let refill = elapsed_us.saturating_mul(u64::from(self.config.per_sec));
-                b.units.saturating_add(refill).min(self.full_units())
-            }
-        }
+        let full = self.full_units();
+        self.buckets
+            .get(key)
+            .map_or(full, |b| b.refilled(now, self.config.per_sec, full))
     }
 
     fn retry_after_ms(&self, units: u64, need: u64) -> u64 {
@@ -151,12 +159,20 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
 
     fn forget_full(&mut self, now: Time) {
         let full = self.full_units();
-        let per_sec = u64::from(self.config.per_sec);
-        self.buckets.retain(|_, b| {
-            let elapsed_us =
-                u64::try_from(now.saturating_since(b.updated).as_micros()).unwrap_or(u64::MAX);
-            b.units.saturating_add(elapsed_us.saturating_mul(per_sec)) < full
-        });
+        let per_sec = self.config.per_sec;
+        self.buckets
+            .retain(|_, b| b.refilled(now, per_sec, full) < full);
+    }
+}
+
+impl Bucket {
+    /// The units this bucket holds at `now`: what it had, plus the refill
+    /// since it was last updated, up to `full`.
+    fn refilled(&self, now: Time, per_sec: u32, full: u64) -> u64 {
+        let elapsed_us =
+            u64::try_from(now.saturating_since(self.updated).as_micros()).unwrap_or(u64::MAX);
+        let refill = elapsed_us.saturating_mul(u64::from(per_sec));
+        self.units.saturating_add(refill).min(full)
     }
 }
 
