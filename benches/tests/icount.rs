@@ -11,8 +11,9 @@
 //!   (after a change that makes a bench cheaper, or one whose cost is
 //!   wanted; say which in the commit).
 //! - `QPQ_ICOUNT_BIN=path` counts another build of `qpq-icount` (for
-//!   example `target/release/qpq-icount`) and only prints its figures: the
-//!   baseline is of the test profile's build.
+//!   example `target/release/qpq-icount`; a relative path is taken from
+//!   the workspace's root) and only prints its figures: the baseline is of
+//!   the test profile's build.
 //!
 //! The baseline holds counts of the test profile's build, in which the
 //! NodeService machine and the codec are optimised (the workspace's
@@ -110,7 +111,10 @@ fn instruction_counts_stay_within_their_baseline() {
         eprintln!("skipped: {msg}");
         return;
     }
-    let other = std::env::var_os("QPQ_ICOUNT_BIN").map(PathBuf::from);
+    // A relative path is taken from the workspace's root, where the
+    // command is typed (tests run in the package's directory).
+    let other = std::env::var_os("QPQ_ICOUNT_BIN")
+        .map(|p| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p));
     let bin = other
         .clone()
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qpq-icount")));
