@@ -27,9 +27,13 @@ const WARM_UP: u64 = 200;
 /// Operations measured.
 const OPS: u64 = 1_000;
 
+/// A bench: it sets up, warms up, measures, and returns the operations
+/// measured.
+type Bench = fn() -> u64;
+
 /// The benches: name and what runs them. Names are `layer/operation/size`,
 /// as in the criterion benches.
-const BENCHES: [(&str, fn() -> u64); 5] = [
+const BENCHES: [(&str, Bench); 5] = [
     ("core/enqueue/1024", core_enqueue),
     ("core/enqueue_fetch/1024", core_enqueue_fetch),
     ("core/keypackage_pop/1024", core_keypackage_pop),

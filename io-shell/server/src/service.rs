@@ -32,8 +32,9 @@ use crate::store::{ShellStore, StorageError, SyncHandle, run_group_commit};
 /// Commands queued for the service task before senders wait: deep enough to
 /// absorb bursts from thousands of streams, bounded so memory is too.
 pub const COMMAND_QUEUE_DEPTH: usize = 16_384;
-/// Commands handled per wake-up before outputs are drained, so replies and
-/// sync requests are not starved by a flood of new requests.
+/// Commands handled per wake-up (one turn) before outputs are drained, so
+/// replies and sync requests are not starved by a flood of new requests;
+/// the writes of one turn reach the storage engine as one batch.
 const COMMANDS_PER_TURN_MAX: usize = 256;
 
 enum Command {
@@ -319,6 +320,7 @@ impl<S: ShellStore> Service<S> {
         // Whether the group-commit task still runs (it stops after a
         // failed sync).
         let mut syncing = true;
+        let mut commands = Vec::with_capacity(COMMANDS_PER_TURN_MAX);
         // Run until every handle is gone and no reply still waits on disk.
         while open || self.node.held_reply_count() > 0 {
             let timer = self.node.poll_timeout().map(|t| self.instant(t));
@@ -350,18 +352,23 @@ impl<S: ShellStore> Service<S> {
                         syncing = false;
                     }
                 },
-                cmd = self.rx.recv(), if open => match cmd {
-                    Some(cmd) => {
-                        self.handle(cmd);
-                        for _ in 1..COMMANDS_PER_TURN_MAX {
-                            match self.rx.try_recv() {
-                                Ok(cmd) => self.handle(cmd),
-                                Err(_) => break,
-                            }
-                        }
+                n = self.rx.recv_many(&mut commands, COMMANDS_PER_TURN_MAX), if open => {
+                    if n == 0 {
+                        open = false;
                     }
-                    None => open = false,
-                },
+                    // One turn: what its requests write reaches the
+                    // storage engine as one batch, before any reply or
+                    // sync request of the turn leaves (`drain` below).
+                    self.node.store_mut().begin_turn();
+                    for cmd in commands.drain(..) {
+                        self.handle(cmd);
+                    }
+                    if let Err(e) = self.node.store_mut().end_turn() {
+                        tracing::error!(error = %e, "storage write failed; refusing writes from now on");
+                        let now = self.now();
+                        self.node.handle_sync_failed(now, &e.to_string());
+                    }
+                }
                 () = sleep_until(timer), if timer.is_some() => {
                     let now = self.now();
                     self.node.handle_timeout(now);

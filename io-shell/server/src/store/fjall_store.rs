@@ -21,6 +21,21 @@
 //! (dropping the last handle). With `durability = "buffered"` the machine
 //! still requests syncs, but its replies do not wait for them.
 //!
+//! Turns: between [`ShellStore::begin_turn`] and [`ShellStore::end_turn`]
+//! (the service task brackets each turn of requests with them), batches
+//! are not committed one by one: each is applied to an in-memory overlay
+//! that reads see, and `end_turn` commits the overlay — the last value of
+//! every key the turn wrote — to fjall as one atomic batch, one journal
+//! write for the whole turn. Batches are numbered as they come, but the
+//! counter a [`FjallSync`] reads moves only when `end_turn` has committed
+//! them, so a sync never reports a batch still in the overlay. The shell
+//! hands the machine's sync requests on only after `end_turn`. A crash
+//! loses a turn whole or not at all, and nobody was told of it: replies
+//! leave after `end_turn` (and, with `durability = "fsync"`, after the
+//! sync). The free-space check below still runs batch by batch, so a full
+//! disk refuses the requests that add data and lets the others through.
+//! Requests never scan, so a scan inside a turn is refused as a bug.
+//!
 //! Space: a store opened [`FjallStore::with_reserve`] keeps that many bytes
 //! free on the database's filesystem. Before each batch it reads the free
 //! space (`statvfs`, bytes available to unprivileged users) and refuses a
@@ -46,6 +61,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::collections::HashMap;
+
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError};
 
@@ -65,6 +82,20 @@ pub struct FjallStore {
     /// Whether batches were refused for space since the last batch that
     /// added data went through (so each turn is logged once).
     refusing: bool,
+    /// The last `Lsn` handed out (batches of an open turn included);
+    /// `lsns.written` catches up when they are committed.
+    assigned: u64,
+    /// The open turn's writes, if a turn is open.
+    turn: Option<Turn>,
+}
+
+/// What the open turn wrote and fjall has not seen yet: every key's last
+/// value (`None`: deleted), and the bytes the turn adds (for the space
+/// check).
+#[derive(Debug, Default)]
+struct Turn {
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>,
+    bytes: u64,
 }
 
 impl FjallStore {
@@ -88,6 +119,8 @@ impl FjallStore {
             path,
             reserve_bytes: 0,
             refusing: false,
+            assigned: 0,
+            turn: None,
         })
     }
 
@@ -105,7 +138,7 @@ impl FjallStore {
         &self.path
     }
 
-    /// The `Lsn` of the last batch written since this open.
+    /// The `Lsn` of the last batch committed to fjall since this open.
     pub fn last_lsn(&self) -> Lsn {
         Lsn(self.lsns.written.load(Ordering::Acquire))
     }
@@ -129,6 +162,9 @@ impl Store for FjallStore {
             // fjall cannot hold such a key, so it is not stored.
             return Ok(None);
         }
+        if let Some(value) = self.turn.as_ref().and_then(|t| t.overlay.get(key)) {
+            return Ok(value.clone());
+        }
         let value = self
             .keyspace
             .get(key)
@@ -149,6 +185,11 @@ impl Store for FjallStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Records, StoreError> {
+        if self.turn.as_ref().is_some_and(|t| !t.overlay.is_empty()) {
+            // Requests never scan (the sweep runs outside turns); a scan
+            // here would miss the turn's writes.
+            return Err(StoreError::read("a scan inside a turn of requests"));
+        }
         let mut out = Vec::new();
         let iter = match after {
             Some(a) => self
@@ -197,7 +238,16 @@ impl FjallStore {
             .iter()
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + JOURNAL_BYTES_PER_OP)
             .fold(0u64, |sum, n| sum.saturating_add(n as u64));
-        self.check_space(upkeep, bytes)?;
+        let pending = self.turn.as_ref().map_or(0, |t| t.bytes);
+        self.check_space(upkeep, bytes.saturating_add(pending))?;
+        if let Some(turn) = &mut self.turn {
+            for (key, value) in ops {
+                turn.overlay.insert(key, value);
+            }
+            turn.bytes = turn.bytes.saturating_add(bytes);
+            self.assigned += 1;
+            return Ok(Lsn(self.assigned));
+        }
         let mut wb = OwnedWriteBatch::with_capacity(self.db.clone(), ops.len())
             .durability(Some(PersistMode::Buffer));
         for (key, value) in ops {
@@ -209,8 +259,31 @@ impl FjallStore {
         wb.commit().map_err(|e| self.engine_failed(e))?;
         // Numbered only after the commit: whoever reads the counter sees
         // only Lsns of batches already in the journal.
-        let lsn = self.lsns.written.fetch_add(1, Ordering::AcqRel) + 1;
-        Ok(Lsn(lsn))
+        self.assigned += 1;
+        self.lsns.written.store(self.assigned, Ordering::Release);
+        Ok(Lsn(self.assigned))
+    }
+
+    /// Commits the open turn's overlay as one batch and closes the turn.
+    fn commit_turn(&mut self) -> Result<(), StorageError> {
+        let Some(turn) = self.turn.take() else {
+            return Ok(());
+        };
+        if !turn.overlay.is_empty() {
+            let mut wb = OwnedWriteBatch::with_capacity(self.db.clone(), turn.overlay.len())
+                .durability(Some(PersistMode::Buffer));
+            // Each key once, with its last value: the order of keys within
+            // one atomic batch does not matter.
+            for (key, value) in turn.overlay {
+                match value {
+                    Some(v) => wb.insert(&self.keyspace, key, v),
+                    None => wb.remove(&self.keyspace, key),
+                }
+            }
+            wb.commit().map_err(|e| self.engine_failed(e))?;
+        }
+        self.lsns.written.store(self.assigned, Ordering::Release);
+        Ok(())
     }
 
     /// Refuses a batch of about `bytes` that would leave less than the
@@ -289,6 +362,16 @@ impl FjallStore {
 impl ShellStore for FjallStore {
     type Sync = FjallSync;
 
+    fn begin_turn(&mut self) {
+        if self.turn.is_none() {
+            self.turn = Some(Turn::default());
+        }
+    }
+
+    fn end_turn(&mut self) -> Result<(), StorageError> {
+        self.commit_turn()
+    }
+
     fn sync_handle(&self) -> FjallSync {
         FjallSync {
             db: self.db.clone(),
@@ -362,7 +445,8 @@ impl fmt::Debug for FjallSync {
 /// The `Lsn`s of one open database, shared by the store and its handles.
 #[derive(Debug, Default)]
 struct LsnCounters {
-    /// Last `Lsn` handed out; incremented after its batch is committed.
+    /// Last `Lsn` whose batch is committed to fjall's journal (a batch of
+    /// an open turn is numbered before that).
     written: AtomicU64,
     /// Highest `Lsn` a completed fsync covered.
     synced: AtomicU64,
@@ -556,6 +640,68 @@ mod tests {
             2,
             "the second sync took the batch as durable and skipped its fsync"
         );
+    }
+
+    #[test]
+    fn a_turn_is_read_back_at_once_and_committed_whole_by_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(b"a", Some(b"0")), (b"gone", Some(b"x"))]))
+            .unwrap();
+        let h = s.sync_handle();
+        let before = h.sync_blocking().unwrap();
+        s.begin_turn();
+        let l1 = s
+            .write(batch(&[(b"a", Some(b"1")), (b"b", Some(b"1"))]))
+            .unwrap();
+        let l2 = s
+            .write(batch(&[(b"b", Some(b"2")), (b"gone", None), (b"c", None)]))
+            .unwrap();
+        assert!(
+            before < l1 && l1 < l2,
+            "batches of a turn are numbered as they come"
+        );
+        // Reads see the turn's writes, last value first.
+        check(&s, b"a", Some(b"1"));
+        check(&s, b"b", Some(b"2"));
+        check(&s, b"gone", None);
+        check(&s, b"c", None);
+        // Nothing of the turn reached fjall: a sync does not cover it, and
+        // requests' scans would miss it, so they are refused.
+        assert_eq!(s.last_lsn(), before);
+        assert_eq!(h.sync_blocking().unwrap(), before);
+        assert!(s.scan(b"", None, 10).is_err());
+        s.end_turn().unwrap();
+        assert_eq!(s.last_lsn(), l2);
+        assert_eq!(h.sync_blocking().unwrap(), l2);
+        let all: Vec<(Vec<u8>, Vec<u8>)> = s.scan(b"", None, 10).unwrap();
+        assert_eq!(
+            all,
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        drop((s, h));
+        let s = open(&dir);
+        check(&s, b"a", Some(b"1"));
+        check(&s, b"b", Some(b"2"));
+        check(&s, b"gone", None);
+    }
+
+    #[test]
+    fn a_turn_never_ended_is_lost_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(b"a", Some(b"0"))])).unwrap();
+        s.begin_turn();
+        s.write(batch(&[(b"a", Some(b"1"))])).unwrap();
+        s.write(batch(&[(b"b", Some(b"1"))])).unwrap();
+        // The process dies inside the turn.
+        drop(s);
+        let s = open(&dir);
+        check(&s, b"a", Some(b"0"));
+        check(&s, b"b", None);
     }
 
     #[test]

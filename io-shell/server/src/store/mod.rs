@@ -128,6 +128,19 @@ pub trait ShellStore: Store + Send + 'static {
 
     /// A handle that syncs this store.
     fn sync_handle(&self) -> Self::Sync;
+
+    /// Opens a turn: the batches written until [`Self::end_turn`] may be
+    /// held back and committed together (one journal write), visible to
+    /// reads meanwhile. A store that commits each batch at once ignores it.
+    fn begin_turn(&mut self) {}
+
+    /// Commits what the turn wrote and closes it. Until then a sync may
+    /// not cover the turn's batches, so the shell hands sync requests on
+    /// only after this. An error is a failure of the store, as a failed
+    /// write would be.
+    fn end_turn(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// The group-commit task: waits for sync requests (the `Lsn` of
