@@ -3,11 +3,13 @@
 //! every request (unless told not to) and returns the reply.
 
 use ed25519_dalek::{Signer, SigningKey};
+use sha2::{Digest, Sha256};
 
+use super::layout::Fence;
 use super::*;
 use crate::error::ErrorKind;
 use crate::testing::{EXPORTER, NodeWorld, identity};
-use crate::types::MessageId;
+use crate::types::{ChannelId, MessageId, QueueId, Signature};
 
 type Harness = NodeWorld;
 
