@@ -176,6 +176,15 @@ pub trait Store {
     /// The current value of `key`, including writes not yet durable.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// The first bytes of `key`'s current value, copied into `head` (as
+    /// many as fit), and the value's whole length; `None` if absent. For
+    /// the machine's reads that need a record's header and length but not
+    /// its payload (acknowledging and expiring messages), so a large value
+    /// is not copied. The default reads the whole value.
+    fn get_head(&self, key: &[u8], head: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        Ok(self.get(key)?.map(|v| copy_head(&v, head)))
+    }
+
     /// Applies `batch` atomically and returns its sequence number. The batch
     /// is visible to `get` at once but durable only after a sync that covers
     /// the returned `Lsn`.
@@ -192,6 +201,13 @@ pub trait Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Records, StoreError>;
+}
+
+/// Copies the first bytes of `value` into `head`; returns `value`'s length.
+pub fn copy_head(value: &[u8], head: &mut [u8]) -> usize {
+    let n = head.len().min(value.len());
+    head[..n].copy_from_slice(&value[..n]);
+    value.len()
 }
 
 /// Keys and values, as [`Store::scan`] returns them.
@@ -301,6 +317,10 @@ impl MemStore {
 impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.live.get(key).cloned())
+    }
+
+    fn get_head(&self, key: &[u8], head: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        Ok(self.live.get(key).map(|v| copy_head(v, head)))
     }
 
     fn scan(
@@ -436,6 +456,19 @@ mod tests {
         assert_eq!(s.write(b).unwrap(), Lsn(2));
         s.set_full(false);
         assert_eq!(put(&mut s, b"b", b"2"), Lsn(3));
+    }
+
+    #[test]
+    fn get_head_copies_what_fits_and_tells_the_whole_length() {
+        let mut s = MemStore::new();
+        put(&mut s, b"k", b"header+payload");
+        let mut head = [0u8; 6];
+        assert_eq!(s.get_head(b"k", &mut head).unwrap(), Some(14));
+        assert_eq!(&head, b"header");
+        let mut big = [0u8; 32];
+        assert_eq!(s.get_head(b"k", &mut big).unwrap(), Some(14));
+        assert_eq!(&big[..14], b"header+payload");
+        assert_eq!(s.get_head(b"none", &mut head).unwrap(), None);
     }
 
     #[test]

@@ -78,6 +78,10 @@ impl Store for SimStore {
         self.mem.get(key)
     }
 
+    fn get_head(&self, key: &[u8], head: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        self.mem.get_head(key, head)
+    }
+
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.mem.write(batch)
     }

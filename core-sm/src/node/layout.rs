@@ -422,16 +422,6 @@ pub enum Entry {
     },
 }
 
-impl Entry {
-    /// Payload bytes this entry stands for.
-    pub fn payload_len(&self) -> u64 {
-        match self {
-            Entry::Inline(p) => p.len() as u64,
-            Entry::Shared { len, .. } => *len,
-        }
-    }
-}
-
 /// Bytes before an entry's payload or reference: kind, message id, the
 /// enqueue time (milliseconds of the machine's clock).
 const ENTRY_HEADER_BYTES: usize = 1 + MESSAGE_ID_BYTES + 8;
@@ -490,6 +480,62 @@ pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<(Entry, Option<u
         _ => return Err(Corrupt("message entry of unknown kind")),
     };
     Ok((entry, Some(stamp)))
+}
+
+/// Bytes of a stored message that [`decode_entry_head`] needs: an entry's
+/// header and a shared entry's reference.
+pub const ENTRY_HEAD_BYTES: usize = ENTRY_HEADER_BYTES + 16;
+
+/// What a stored message is, without its payload: read from the first
+/// [`ENTRY_HEAD_BYTES`] of the record and the record's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHead {
+    /// Payload bytes the message stands for.
+    pub payload_len: u64,
+    /// The shared payload it refers to, if any.
+    pub blob: Option<u64>,
+    /// Its enqueue time (none for a version-1 record).
+    pub stamp_ms: Option<u64>,
+}
+
+/// Decodes [`EntryHead`] from `head` (the record's first bytes, at most
+/// [`ENTRY_HEAD_BYTES`]) and the record's whole length `len`; `legacy` as
+/// in [`decode_entry`].
+pub fn decode_entry_head(head: &[u8], len: usize, legacy: bool) -> Result<EntryHead, Corrupt> {
+    if legacy {
+        let payload = len
+            .checked_sub(MESSAGE_ID_BYTES)
+            .ok_or(Corrupt("message record too short"))?;
+        return Ok(EntryHead {
+            payload_len: payload as u64,
+            blob: None,
+            stamp_ms: None,
+        });
+    }
+    if len < ENTRY_HEADER_BYTES || head.len() < ENTRY_HEADER_BYTES {
+        return Err(Corrupt("message entry too short"));
+    }
+    let stamp = u64::from_be_bytes(array(
+        &head[1 + MESSAGE_ID_BYTES..ENTRY_HEADER_BYTES],
+        "message entry time",
+    )?);
+    let (payload_len, blob) = match head[0] {
+        ENTRY_INLINE => ((len - ENTRY_HEADER_BYTES) as u64, None),
+        ENTRY_SHARED => {
+            let reference = head
+                .get(ENTRY_HEADER_BYTES..ENTRY_HEAD_BYTES)
+                .filter(|_| len == ENTRY_HEAD_BYTES)
+                .ok_or(Corrupt("shared message entry"))?;
+            let [blob, payload_len] = u64s::<2>(reference, "shared message entry")?;
+            (payload_len, Some(blob))
+        }
+        _ => return Err(Corrupt("message entry of unknown kind")),
+    };
+    Ok(EntryHead {
+        payload_len,
+        blob,
+        stamp_ms: Some(stamp),
+    })
 }
 
 /// Bytes of the payload digest a fence keeps.
@@ -634,6 +680,41 @@ mod tests {
         assert_ne!(queue_meta_key(&q(b"")), queue_meta_key(&q(&[0])));
         let m = QueueMeta::default();
         assert_ne!(message_key(&q(b"a"), &m, 1), message_key(&q(b"b"), &m, 1));
+    }
+
+    #[test]
+    fn an_entry_head_says_what_the_whole_entry_says() {
+        let id = MessageId([5; 16]);
+        let head_of = |record: &[u8], legacy: bool| {
+            let n = record.len().min(ENTRY_HEAD_BYTES);
+            decode_entry_head(&record[..n], record.len(), legacy)
+        };
+        for payload in [&b"x"[..], &[7; 16], &[9; 1024]] {
+            let record = encode_inline(&id, 77, payload);
+            let (entry, stamp) = decode_entry(record.clone(), false).unwrap();
+            assert_eq!(entry, Entry::Inline(payload.to_vec()));
+            let head = head_of(&record, false).unwrap();
+            assert_eq!(head.payload_len, payload.len() as u64);
+            assert_eq!((head.blob, head.stamp_ms), (None, stamp));
+            // A version-1 record: message id, then the payload.
+            let mut v1 = id.0.to_vec();
+            v1.extend_from_slice(payload);
+            let head = head_of(&v1, true).unwrap();
+            assert_eq!(head.payload_len, payload.len() as u64);
+            assert_eq!((head.blob, head.stamp_ms), (None, None));
+        }
+        let record = encode_shared(&id, 78, 42, 1000);
+        assert_eq!(
+            head_of(&record, false),
+            Ok(EntryHead {
+                payload_len: 1000,
+                blob: Some(42),
+                stamp_ms: Some(78)
+            })
+        );
+        assert!(head_of(&record[..30], false).is_err());
+        assert!(head_of(&[9; 41], false).is_err(), "unknown kind");
+        assert!(head_of(&[0; 3], true).is_err());
     }
 
     #[test]

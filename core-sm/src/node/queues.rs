@@ -28,7 +28,7 @@ use crate::store::{Batch, Store};
 use crate::time::Time;
 use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId};
 
-use super::layout::{self, Entry, Fence, QueueMeta};
+use super::layout::{self, Entry, EntryHead, Fence, QueueMeta};
 use super::{NodeService, Outgoing, check_list, corrupt, rate_limited, stamp_ms};
 
 /// References to shared payloads one batch drops, per payload.
@@ -36,10 +36,10 @@ use super::{NodeService, Outgoing, check_list, corrupt, rate_limited, stamp_ms};
 pub(super) struct BlobDrops(BTreeMap<u64, u64>);
 
 impl BlobDrops {
-    /// Counts `entry`'s reference, if it is to a shared payload.
-    fn count(&mut self, entry: &Entry) {
-        if let Entry::Shared { blob, .. } = entry {
-            *self.0.entry(*blob).or_default() += 1;
+    /// Counts a dropped reference to shared payload `blob`, if any.
+    fn count(&mut self, blob: Option<u64>) {
+        if let Some(blob) = blob {
+            *self.0.entry(blob).or_default() += 1;
         }
     }
 }
@@ -336,7 +336,7 @@ impl<S: Store> NodeService<S> {
         let mut drops = BlobDrops::default();
         for seq in meta.head..=after_seq {
             let entry = self.drop_entry(queue, &meta, seq, &mut batch, &mut drops)?;
-            meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
+            meta.bytes = meta.bytes.saturating_sub(entry.payload_len);
         }
         meta.head = after_seq + 1;
         self.finish_drops(drops, &mut batch)?;
@@ -354,11 +354,32 @@ impl<S: Store> NodeService<S> {
         seq: u64,
         batch: &mut Batch,
         drops: &mut BlobDrops,
-    ) -> Result<Entry, ServiceError> {
-        let (key, entry, _) = self.entry_at(queue, meta, seq)?;
-        drops.count(&entry);
+    ) -> Result<EntryHead, ServiceError> {
+        let (key, head) = self.entry_head_at(queue, meta, seq)?;
+        drops.count(head.blob);
         batch.delete(key);
-        Ok(entry)
+        Ok(head)
+    }
+
+    /// What the stored message at `seq` of `queue` is, without its payload
+    /// (read from the record's head): its key and [`EntryHead`].
+    fn entry_head_at(
+        &self,
+        queue: &QueueId,
+        meta: &QueueMeta,
+        seq: u64,
+    ) -> Result<(Vec<u8>, EntryHead), ServiceError> {
+        let key = layout::message_key(queue, meta, seq);
+        let mut head = [0u8; layout::ENTRY_HEAD_BYTES];
+        let len = self
+            .store
+            .get_head(&key, &mut head)
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?
+            .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
+        let entry =
+            layout::decode_entry_head(&head[..len.min(head.len())], len, seq < meta.legacy_below)
+                .map_err(corrupt)?;
+        Ok((key, entry))
     }
 
     /// The stored message at `seq` of `queue`: its key, the entry and its
@@ -425,13 +446,16 @@ impl<S: Store> NodeService<S> {
             && meta.head >= meta.legacy_below
             && dropped < limits::TTL_EXPIRY_PER_REQUEST_MAX
         {
-            let (key, entry, stamp) = self.entry_at(queue, meta, meta.head)?;
-            if stamp.is_none_or(|s| now_ms.saturating_sub(s) <= ttl_ms) {
+            let (key, entry) = self.entry_head_at(queue, meta, meta.head)?;
+            if entry
+                .stamp_ms
+                .is_none_or(|s| now_ms.saturating_sub(s) <= ttl_ms)
+            {
                 break;
             }
-            drops.count(&entry);
+            drops.count(entry.blob);
             batch.delete(key);
-            meta.bytes = meta.bytes.saturating_sub(entry.payload_len());
+            meta.bytes = meta.bytes.saturating_sub(entry.payload_len);
             meta.head += 1;
             meta.expired_below = meta.head;
             dropped += 1;

@@ -107,6 +107,10 @@ impl WaiterTable {
 
     /// Takes out the waiters parked on `queue`, in the order they parked.
     pub(super) fn take_queue(&mut self, queue: &QueueId) -> Vec<(u64, Waiter)> {
+        // Every enqueue asks; with nobody parked, no hashing.
+        if self.by_queue.is_empty() {
+            return Vec::new();
+        }
         let Some(ids) = self.by_queue.remove(queue) else {
             return Vec::new();
         };

@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
-use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError};
+use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError, copy_head};
 
 use super::{ShellStore, StorageError, SyncHandle};
 
@@ -170,6 +170,22 @@ impl Store for FjallStore {
             .get(key)
             .map_err(|e| StoreError::read(StorageError::from(e)))?;
         Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn get_head(&self, key: &[u8], head: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        if check_key(key).is_err() {
+            return Ok(None);
+        }
+        if let Some(value) = self.turn.as_ref().and_then(|t| t.overlay.get(key)) {
+            return Ok(value.as_deref().map(|v| copy_head(v, head)));
+        }
+        // fjall hands out a shared slice of the value: nothing is copied
+        // but the head.
+        let value = self
+            .keyspace
+            .get(key)
+            .map_err(|e| StoreError::read(StorageError::from(e)))?;
+        Ok(value.map(|v| copy_head(&v, head)))
     }
 
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {

@@ -55,6 +55,10 @@ impl Store for SharedMemStore {
         self.lock().map_err(StoreError::read)?.get(key)
     }
 
+    fn get_head(&self, key: &[u8], head: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        self.lock().map_err(StoreError::read)?.get_head(key, head)
+    }
+
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.lock().map_err(StoreError::write)?.write(batch)
     }
