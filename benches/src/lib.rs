@@ -10,15 +10,20 @@
 //! - [`load`]: the load generator's workloads against a running server.
 //! - [`echo`]: the bare-QUIC baseline, a trivial echo server and client with
 //!   the same request and response sizes.
+//! - [`codec`] and [`pb`]: the values the codec benches encode, and the
+//!   Protobuf codec (prost, `proto/bench.proto`) they compare Cap'n Proto
+//!   with.
 //! - [`scrape`]: reads the server's Prometheus metrics endpoint.
 //! - [`session`]: the long-lived client (`Session`s in one group) under
 //!   load, the `session-*` workloads of the load generator.
 //!
 //! Nothing here asserts a speed; measurements are printed, never tested.
 
+pub mod codec;
 pub mod core_rig;
 pub mod echo;
 pub mod load;
+pub mod pb;
 pub mod scrape;
 pub mod server;
 pub mod session;
