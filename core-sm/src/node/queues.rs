@@ -308,27 +308,31 @@ impl<S: Store> NodeService<S> {
         Ok(seqs)
     }
 
+    /// [`Self::acknowledge_from`] for every cursor, with each queue's
+    /// counters as read (and checked against its cursor) before.
     pub(super) fn acknowledge_all(
         &mut self,
         queues: &[QueueId],
         cursors: &[(ChannelId, u64)],
+        metas: &[QueueMeta],
     ) -> Result<(), ServiceError> {
-        for (queue, (_, after_seq)) in queues.iter().zip(cursors) {
-            self.acknowledge(queue, *after_seq)?;
+        for ((queue, (_, after_seq)), meta) in queues.iter().zip(cursors).zip(metas) {
+            self.acknowledge_from(queue, *meta, *after_seq)?;
         }
         Ok(())
     }
 
-    /// Deletes the messages `seq <= after_seq` of `queue`, and each shared
+    /// Deletes the messages `seq <= after_seq` of `queue`, whose counters
+    /// are `meta` (already checked against the cursor), and each shared
     /// payload whose last reference that was. Returns the queue's counters
     /// as they are now (a fetch reads on with them instead of reading them
     /// again).
-    pub(super) fn acknowledge(
+    pub(super) fn acknowledge_from(
         &mut self,
         queue: &QueueId,
+        mut meta: QueueMeta,
         after_seq: u64,
     ) -> Result<QueueMeta, ServiceError> {
-        let mut meta = self.cursor_meta(queue, after_seq)?;
         if after_seq < meta.head {
             return Ok(meta);
         }
@@ -466,15 +470,20 @@ impl<S: Store> NodeService<S> {
         Ok(())
     }
 
-    /// [`Self::expire`] for one queue on its own batch.
-    pub(super) fn expire_queue(&mut self, now: Time, queue: &QueueId) -> Result<(), ServiceError> {
+    /// [`Self::expire`] for one queue on its own batch, updating its
+    /// counters `meta`.
+    pub(super) fn expire_queue(
+        &mut self,
+        now: Time,
+        queue: &QueueId,
+        meta: &mut QueueMeta,
+    ) -> Result<(), ServiceError> {
         if self.config.message_ttl.is_none() {
             return Ok(());
         }
-        let mut meta = self.queue_meta(queue)?;
         let mut batch = Batch::upkeep();
         let mut drops = BlobDrops::default();
-        self.expire(now, queue, &mut meta, &mut batch, &mut drops)?;
+        self.expire(now, queue, meta, &mut batch, &mut drops)?;
         if batch.is_empty() {
             return Ok(());
         }
@@ -490,12 +499,7 @@ impl<S: Store> NodeService<S> {
         after_seq: u64,
     ) -> Result<QueueMeta, ServiceError> {
         let meta = self.queue_meta(queue)?;
-        let last = meta.next_seq - 1;
-        if after_seq > last {
-            return Err(ServiceError::invalid_argument(format!(
-                "afterSeq {after_seq} is beyond the last seq {last} of this queue"
-            )));
-        }
+        check_cursor(&meta, after_seq)?;
         Ok(meta)
     }
 
@@ -505,4 +509,16 @@ impl<S: Store> NodeService<S> {
             None => Ok(QueueMeta::default()),
         }
     }
+}
+
+/// A client may not acknowledge seqs the queue (counters `meta`) has not
+/// issued yet.
+pub(super) fn check_cursor(meta: &QueueMeta, after_seq: u64) -> Result<(), ServiceError> {
+    let last = meta.next_seq - 1;
+    if after_seq > last {
+        return Err(ServiceError::invalid_argument(format!(
+            "afterSeq {after_seq} is beyond the last seq {last} of this queue"
+        )));
+    }
+    Ok(())
 }

@@ -23,6 +23,7 @@ use crate::time::Time;
 use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId};
 
 use super::layout::{self, Entry, QueueMeta};
+use super::queues::check_cursor;
 use super::waiters::Waiter;
 use super::{ChannelMessages, Gap, NodeService, QueuedMessage, Reply, Response, check_list};
 
@@ -78,8 +79,12 @@ impl<S: Store> NodeService<S> {
             recipient_key,
             channel_id,
         };
-        self.expire_queue(now, &queue)?;
-        let meta = self.acknowledge(&queue, after_seq)?;
+        // The queue's counters are read once: expiry, the cursor check, the
+        // acknowledgement and the read go on from them.
+        let mut meta = self.queue_meta(&queue)?;
+        self.expire_queue(now, &queue, &mut meta)?;
+        check_cursor(&meta, after_seq)?;
+        let meta = self.acknowledge_from(&queue, meta, after_seq)?;
         self.read_messages(&queue, meta, after_seq, limit)
     }
 
@@ -101,33 +106,40 @@ impl<S: Store> NodeService<S> {
             )));
         }
         let queues: Vec<QueueId> = wait.queues().collect();
+        // Each queue's counters are read once, here; expiry updates them,
+        // and the read and the acknowledgement go on from them.
+        let mut metas = Vec::with_capacity(queues.len());
         for (queue, (_, after_seq)) in queues.iter().zip(&wait.cursors) {
-            if let Err(e) = self.cursor_meta(queue, *after_seq) {
-                return Some(Err(e));
+            match self.cursor_meta(queue, *after_seq) {
+                Ok(meta) => metas.push(meta),
+                Err(e) => return Some(Err(e)),
             }
         }
         // Expired messages go first (housekeeping, whatever comes of the
         // request), so the read below reports their gap.
-        for queue in &queues {
-            if let Err(e) = self.expire_queue(now, queue) {
+        for (queue, meta) in queues.iter().zip(&mut metas) {
+            if let Err(e) = self.expire_queue(now, queue, meta) {
                 return Some(Err(e));
             }
         }
         // Read before acknowledging: the read does not depend on the
         // acknowledgement, and a request refused below must change nothing.
-        let reply = self.answer(&wait);
+        let reply = self.answer_from(&wait, Some(&metas));
         let pending = match &reply {
             Ok(Response::Messages { messages, gap, .. }) => !messages.is_empty() || gap.is_some(),
             Ok(Response::ChannelMessages { channels }) => !channels.is_empty(),
             _ => true,
         };
         if pending || timeout_ms == 0 {
-            return Some(self.acknowledge_all(&queues, &wait.cursors).and(reply));
+            return Some(
+                self.acknowledge_all(&queues, &wait.cursors, &metas)
+                    .and(reply),
+            );
         }
         if let Err(e) = self.waiter_room(&wait) {
             return Some(Err(e));
         }
-        if let Err(e) = self.acknowledge_all(&queues, &wait.cursors) {
+        if let Err(e) = self.acknowledge_all(&queues, &wait.cursors, &metas) {
             return Some(Err(e));
         }
         let timeout = Duration::from_millis(timeout_ms.min(self.config.fetch_wait_timeout_ms_max));
@@ -160,11 +172,15 @@ impl<S: Store> NodeService<S> {
     fn read_queue(
         &self,
         queue: &QueueId,
+        meta: Option<QueueMeta>,
         after_seq: u64,
         limit: u32,
         budget: &mut ReadBudget,
     ) -> Result<QueueRead, ServiceError> {
-        let meta = self.queue_meta(queue)?;
+        let meta = match meta {
+            Some(meta) => meta,
+            None => self.queue_meta(queue)?,
+        };
         self.read_queue_from(queue, meta, after_seq, limit, budget)
     }
 
@@ -212,13 +228,20 @@ impl<S: Store> NodeService<S> {
 
     /// What a waiting (or due) long-poll answers now.
     pub(super) fn answer(&self, w: &Waiter) -> Reply {
+        self.answer_from(w, None)
+    }
+
+    /// [`Self::answer`] with the counters of `w`'s queues, in cursor
+    /// order, when the caller has them (else each is read).
+    fn answer_from(&self, w: &Waiter, metas: Option<&[QueueMeta]>) -> Reply {
+        let meta = |i: usize| metas.and_then(|m| m.get(i).copied());
         let mut budget = ReadBudget::new();
         if !w.channels {
             let queue = w
                 .queues()
                 .next()
                 .ok_or_else(|| ServiceError::internal("no cursor"))?;
-            let r = self.read_queue(&queue, w.cursors[0].1, w.limit, &mut budget)?;
+            let r = self.read_queue(&queue, meta(0), w.cursors[0].1, w.limit, &mut budget)?;
             return Ok(Response::Messages {
                 messages: r.messages,
                 next_seq: r.next_seq,
@@ -226,11 +249,11 @@ impl<S: Store> NodeService<S> {
             });
         }
         let mut channels = Vec::new();
-        for (queue, (channel_id, after_seq)) in w.queues().zip(&w.cursors) {
+        for (i, (queue, (channel_id, after_seq))) in w.queues().zip(&w.cursors).enumerate() {
             if budget.messages == 0 {
                 break;
             }
-            let r = self.read_queue(&queue, *after_seq, w.limit, &mut budget)?;
+            let r = self.read_queue(&queue, meta(i), *after_seq, w.limit, &mut budget)?;
             if !r.messages.is_empty() || r.gap.is_some() {
                 channels.push(ChannelMessages {
                     channel_id: *channel_id,
