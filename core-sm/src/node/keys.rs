@@ -40,16 +40,7 @@ impl<S: Store> NodeService<S> {
         last_resort: bool,
     ) -> Reply {
         self.owner(conn, &identity_key)?;
-        if package.is_empty() {
-            return Err(ServiceError::invalid_argument("KeyPackage is empty"));
-        }
-        if package.len() > self.config.key_package_bytes_max {
-            return Err(ServiceError::payload_too_large(format!(
-                "KeyPackage of {} bytes exceeds the limit of {}",
-                package.len(),
-                self.config.key_package_bytes_max
-            )));
-        }
+        check_size("KeyPackage", &package, self.config.key_package_bytes_max)?;
         let fingerprint: [u8; 32] = Sha256::digest(&package).into();
         let mut batch = Batch::new();
         if last_resort {
@@ -140,16 +131,7 @@ impl<S: Store> NodeService<S> {
         signature: Signature,
     ) -> Reply {
         self.owner(conn, &identity_key)?;
-        if hybrid_key.is_empty() {
-            return Err(ServiceError::invalid_argument("hybrid key is empty"));
-        }
-        if hybrid_key.len() > limits::HYBRID_KEY_BYTES_MAX {
-            return Err(ServiceError::payload_too_large(format!(
-                "hybrid key of {} bytes exceeds the limit of {}",
-                hybrid_key.len(),
-                limits::HYBRID_KEY_BYTES_MAX
-            )));
-        }
+        check_size("hybrid key", &hybrid_key, limits::HYBRID_KEY_BYTES_MAX)?;
         let message = hybrid_key_message(&identity_key, &hybrid_key);
         verify(&identity_key, &message, &signature)
             .map_err(|()| ServiceError::invalid_argument("hybrid key signature does not verify"))?;
@@ -188,4 +170,18 @@ impl<S: Store> NodeService<S> {
             None => Ok(KpMeta::default()),
         }
     }
+}
+
+/// An uploaded key (`what`) is refused when empty or longer than `max`.
+fn check_size(what: &str, bytes: &[u8], max: usize) -> Result<(), ServiceError> {
+    if bytes.is_empty() {
+        return Err(ServiceError::invalid_argument(format!("{what} is empty")));
+    }
+    if bytes.len() > max {
+        return Err(ServiceError::payload_too_large(format!(
+            "{what} of {} bytes exceeds the limit of {max}",
+            bytes.len()
+        )));
+    }
+    Ok(())
 }
