@@ -11,8 +11,12 @@ use quicproquo_gui::bridge::{Bridge, Paths, Request};
 use quicproquo_gui::model::Update;
 use quicproquo_server::testing::InProcessServer;
 
-/// How long a step may take before the test gives up.
-const STEP: Duration = Duration::from_secs(30);
+/// How long a step may take before the test gives up: a bound for a hung
+/// step, not a speed check. On an idle machine the whole test takes about
+/// 6 s; on a CI machine whose two cores and disk are busy with the rest of
+/// the suite, one step (registration: a reply per upload, each after an
+/// `fdatasync`) once took more than 30 s.
+const STEP: Duration = Duration::from_secs(120);
 
 /// Waits for the first update `want` accepts, keeping nothing else.
 fn wait_for<T>(bridge: &Bridge, what: &str, mut want: impl FnMut(&Update) -> Option<T>) -> T {
