@@ -539,14 +539,20 @@ impl ClientMachine {
         }
     }
 
-    /// The next effect, or `None`.
+    /// The next effect, or `None`. A queued [`Effect::Persist`] always
+    /// comes first, once for all of them: the shell may wait on any other
+    /// effect (a connection, a request's answer) and be stopped there, and
+    /// a change the machine made must be in the state file before that.
+    /// The snapshot is the whole state, so writing it earlier than asked
+    /// is always safe.
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        let effect = self.effects.pop_front();
-        if matches!(effect, Some(Effect::Persist)) {
+        if self.effects.iter().any(|e| matches!(e, Effect::Persist)) {
+            self.effects.retain(|e| !matches!(e, Effect::Persist));
             // This write takes along every stored delivery.
             self.persist_at = None;
+            return Some(Effect::Persist);
         }
-        effect
+        self.effects.pop_front()
     }
 
     // ----- plumbing ---------------------------------------------------------

@@ -673,6 +673,54 @@ fn undeliverable_sends_stay_in_the_outbox_and_go_out_later() {
     assert_eq!(w.texts(1), vec![pair("team", "later"), pair("team", "now")]);
 }
 
+/// A command that starts while deliveries of an earlier one wait makes the
+/// shell connect for those first; the new message must be in the state
+/// file before the shell waits on that connection, where it may be
+/// stopped (found by the simulation: a `qpq send` interrupted while
+/// connecting lost its message).
+#[test]
+fn a_new_message_is_persisted_before_the_connection_for_older_deliveries() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let outcome = run_offline(
+        &mut w,
+        0,
+        Command::Send {
+            group: "team".into(),
+            text: "waiting".into(),
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Sent { delivered: 0, .. })),
+        "{outcome:?}"
+    );
+    let mut m = w.offline_machine(0);
+    m.handle_command(
+        Time::ZERO,
+        Command::Send {
+            group: "team".into(),
+            text: "new".into(),
+        },
+    );
+    assert_eq!(m.poll_effect(), Some(Effect::Persist));
+    assert_eq!(m.poll_effect(), Some(Effect::Connect));
+    // The process stops while it connects: what it wrote is all there is.
+    w.users[0].saved = m.snapshot();
+    drop(m);
+    send(&mut w, 0, "team", "after");
+    for who in [1, 2] {
+        assert_eq!(
+            w.texts(who),
+            vec![
+                pair("team", "waiting"),
+                pair("team", "new"),
+                pair("team", "after")
+            ]
+        );
+    }
+}
+
 /// Runs `command` on a fresh machine of `who`, holding every request until
 /// the machine waits for answers, then answering the newest first: a
 /// network that reorders concurrent requests.
