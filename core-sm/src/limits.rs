@@ -101,6 +101,10 @@ pub const TTL_EXPIRY_PER_REQUEST_MAX: u64 = 1_000;
 /// sweep looks at, each; with the expiry bound above, one step's work and
 /// batch are bounded.
 pub const SWEEP_RECORDS_PER_STEP: usize = 256;
+/// Queue counters the machine keeps in memory (it is their only writer, so
+/// a copy saves a read per request); when full, it forgets them all and
+/// refills from the store. About 150 bytes each: 100,000 take ~15 MB.
+pub const QUEUE_COUNTERS_CACHED_MAX: usize = 100_000;
 /// How long a commit fence outlives its group's last Commit before the
 /// sweep deletes it: 90 days, longer than a KeyPackage lives
 /// ([`KEY_PACKAGE_LIFETIME_SECS`](crate::client::KEY_PACKAGE_LIFETIME_SECS),

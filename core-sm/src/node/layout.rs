@@ -34,7 +34,19 @@ use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 ///   leave the dedup window, so a retry across the upgrade is still stored
 ///   once. A commit fence records when its last Commit was accepted (a
 ///   format-2 fence has no time; the sweep gives it one).
-pub const FORMAT_VERSION: u32 = 3;
+/// - 4: short keys. Each queue gets a number ([`QueueMeta::qid`], from the
+///   counter under [`TAG_QUEUE_NEXT`]) the first time a message is
+///   enqueued to it, and its entries, dedup and dedup ring records from
+///   then on are keyed by that number (`tag + qid + ...`, 17 bytes for an
+///   entry) instead of the 50-byte recipient and channel: the storage
+///   engine compares keys with `memcmp`, and every key of one queue shared
+///   those 50 bytes. The queue's counters stay under the long key and say
+///   from which seq on its records are short ([`QueueMeta::short_from`]);
+///   records of a format-3 queue below it stay where they are and are read
+///   there, so a format-3 store is upgraded in place by opening it. A
+///   short dedup key puts the message id before the sender, so keys of one
+///   queue differ early.
+pub const FORMAT_VERSION: u32 = 4;
 
 const TAG_VERSION: u8 = 0x00;
 const TAG_KP_META: u8 = 0x01;
@@ -51,6 +63,10 @@ const TAG_BLOB_REFS: u8 = 0x16;
 const TAG_BLOB_NEXT: u8 = 0x17;
 const TAG_FENCE: u8 = 0x18;
 const TAG_SENDER_DEDUP: u8 = 0x19;
+const TAG_QUEUE_NEXT: u8 = 0x1a;
+const TAG_SHORT_ENTRY: u8 = 0x1b;
+const TAG_SHORT_DEDUP: u8 = 0x1c;
+const TAG_SHORT_DEDUP_RING: u8 = 0x1d;
 
 /// Bytes of the group id digest in a fence key.
 const FENCE_GROUP_BYTES: usize = 16;
@@ -172,6 +188,11 @@ pub fn queue_meta_key(q: &QueueId) -> Vec<u8> {
     queue_key(TAG_QUEUE_META, q, 0)
 }
 
+/// Whether `key` is a [`queue_meta_key`].
+pub fn is_queue_meta_key(key: &[u8]) -> bool {
+    key.first() == Some(&TAG_QUEUE_META)
+}
+
 /// What every key of [`queue_meta_key`] starts with (the sweep walks them).
 pub fn queue_meta_prefix() -> Vec<u8> {
     vec![TAG_QUEUE_META]
@@ -203,8 +224,14 @@ pub fn fence_prefix() -> Vec<u8> {
 }
 
 /// Key of the message at `seq` in a queue: a version-1 record below the
-/// queue's [`QueueMeta::legacy_below`], an [`Entry`] from there on.
+/// queue's [`QueueMeta::legacy_below`], an [`Entry`] from there on, under
+/// the queue's short id from [`QueueMeta::short_from`] on.
 pub fn message_key(q: &QueueId, meta: &QueueMeta, seq: u64) -> Vec<u8> {
+    if meta.is_short(seq) {
+        let mut k = short_key(TAG_SHORT_ENTRY, meta.qid, 8);
+        k.extend_from_slice(&seq.to_be_bytes());
+        return k;
+    }
     let tag = if seq < meta.legacy_below {
         TAG_MESSAGE
     } else {
@@ -213,6 +240,18 @@ pub fn message_key(q: &QueueId, meta: &QueueMeta, seq: u64) -> Vec<u8> {
     let mut k = queue_key(tag, q, 8);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+fn short_key(tag: u8, qid: u64, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + extra);
+    k.push(tag);
+    k.extend_from_slice(&qid.to_be_bytes());
+    k
+}
+
+/// Key of the counter that numbers queues ([`QueueMeta::qid`]).
+pub fn queue_next_key() -> Vec<u8> {
+    vec![TAG_QUEUE_NEXT]
 }
 
 /// Key of a payload shared by several queues' entries.
@@ -251,9 +290,33 @@ pub fn fence_key(channel: &ChannelId, group_digest: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-/// Key of the dedup record of `message_id` from `sender` in a queue (value:
-/// its seq). Two senders may use the same id; each is its own message.
-pub fn dedup_key(q: &QueueId, sender: &IdentityKey, message_id: &MessageId) -> Vec<u8> {
+/// Key of the dedup record of `message_id` from `sender` in a queue whose
+/// counters are `meta` (value: its seq): under the queue's short id once
+/// it has one, else [`long_dedup_key`]. Two senders may use the same id;
+/// each is its own message.
+pub fn dedup_key(
+    q: &QueueId,
+    meta: &QueueMeta,
+    sender: &IdentityKey,
+    message_id: &MessageId,
+) -> Vec<u8> {
+    if meta.qid == 0 {
+        return long_dedup_key(q, sender, message_id);
+    }
+    let mut k = short_key(
+        TAG_SHORT_DEDUP,
+        meta.qid,
+        MESSAGE_ID_BYTES + IDENTITY_KEY_BYTES,
+    );
+    k.extend_from_slice(&message_id.0);
+    k.extend_from_slice(sender.as_bytes());
+    k
+}
+
+/// Key of a format-3 dedup record (queue, sender and id): where a queue
+/// without a short id keeps them, and where those written before it got
+/// one stay until they leave the dedup window.
+pub fn long_dedup_key(q: &QueueId, sender: &IdentityKey, message_id: &MessageId) -> Vec<u8> {
     let mut k = queue_key(TAG_SENDER_DEDUP, q, IDENTITY_KEY_BYTES + MESSAGE_ID_BYTES);
     k.extend_from_slice(sender.as_bytes());
     k.extend_from_slice(&message_id.0);
@@ -277,9 +340,14 @@ pub fn encode_dedup_ring(sender: &IdentityKey, message_id: &MessageId) -> Vec<u8
     v
 }
 
-/// The dedup record a ring record points to: the sender and the id, or
-/// the id alone in a format-2 ring record.
-pub fn decode_dedup_ring(q: &QueueId, bytes: &[u8]) -> Result<Vec<u8>, Corrupt> {
+/// The dedup record the ring record of `seq` points to: the sender and
+/// the id, or the id alone in a format-2 ring record; short if `seq` is.
+pub fn decode_dedup_ring(
+    q: &QueueId,
+    meta: &QueueMeta,
+    seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<u8>, Corrupt> {
     if bytes.len() == MESSAGE_ID_BYTES {
         return Ok(legacy_dedup_key(q, &decode_message_id(bytes)?));
     }
@@ -287,13 +355,22 @@ pub fn decode_dedup_ring(q: &QueueId, bytes: &[u8]) -> Result<Vec<u8>, Corrupt> 
         .split_at_checked(IDENTITY_KEY_BYTES)
         .ok_or(Corrupt("dedup ring record"))?;
     let sender = IdentityKey(array(sender, "dedup ring sender")?);
-    Ok(dedup_key(q, &sender, &decode_message_id(id)?))
+    let id = decode_message_id(id)?;
+    Ok(if meta.is_short(seq) {
+        dedup_key(q, meta, &sender, &id)
+    } else {
+        long_dedup_key(q, &sender, &id)
+    })
 }
 
 /// Key of the ring record that remembers which message got `seq`, so its
 /// dedup record can be dropped when it leaves the dedup window.
-pub fn dedup_ring_key(q: &QueueId, seq: u64) -> Vec<u8> {
-    let mut k = queue_key(TAG_DEDUP_RING, q, 8);
+pub fn dedup_ring_key(q: &QueueId, meta: &QueueMeta, seq: u64) -> Vec<u8> {
+    let mut k = if meta.is_short(seq) {
+        short_key(TAG_SHORT_DEDUP_RING, meta.qid, 8)
+    } else {
+        queue_key(TAG_DEDUP_RING, q, 8)
+    };
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
@@ -318,6 +395,11 @@ pub struct QueueMeta {
     /// Dedup records of seqs below this are format-2 records, keyed by
     /// queue and id only ([`legacy_dedup_key`]); 0 when there are none.
     pub sender_dedup_from: u64,
+    /// The queue's short id, or 0 before its first enqueue in format 4.
+    pub qid: u64,
+    /// With a short id: the records of seqs from here on are keyed by it,
+    /// those below by the long queue key (written before it had one).
+    pub short_from: u64,
 }
 
 impl Default for QueueMeta {
@@ -330,6 +412,8 @@ impl Default for QueueMeta {
             legacy_below: 0,
             expired_below: 0,
             sender_dedup_from: 0,
+            qid: 0,
+            short_from: 1,
         }
     }
 }
@@ -346,9 +430,27 @@ impl QueueMeta {
         self.sender_dedup_from > self.next_seq.saturating_sub(DEDUP_WINDOW_PER_QUEUE)
     }
 
-    /// Encodes the record (format 3: six counters).
+    /// Whether the records of `seq` are keyed by the queue's short id.
+    pub fn is_short(&self, seq: u64) -> bool {
+        self.qid != 0 && seq >= self.short_from
+    }
+
+    /// Whether a format-3 dedup record (long key) written before the queue
+    /// got its short id may still be inside the dedup window.
+    pub fn has_long_dedup(&self) -> bool {
+        self.qid != 0 && self.short_from > self.next_seq.saturating_sub(DEDUP_WINDOW_PER_QUEUE)
+    }
+
+    /// Gives the queue the short id `qid`: its records from the next seq on
+    /// are keyed by it.
+    pub fn shorten(&mut self, qid: u64) {
+        self.qid = qid;
+        self.short_from = self.next_seq;
+    }
+
+    /// Encodes the record (format 4: eight counters).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(48);
+        let mut v = Vec::with_capacity(64);
         for n in [
             self.next_seq,
             self.head,
@@ -356,6 +458,8 @@ impl QueueMeta {
             self.legacy_below,
             self.expired_below,
             self.sender_dedup_from,
+            self.qid,
+            self.short_from,
         ] {
             v.extend_from_slice(&n.to_be_bytes());
         }
@@ -365,7 +469,8 @@ impl QueueMeta {
     /// Decodes the record. A format-1 record (three counters) belongs to a
     /// queue whose every stored message is a version-1 record; in a format-1
     /// or format-2 record (five counters) every dedup record is keyed by
-    /// queue and id only.
+    /// queue and id only; a record before format 4 (six counters) has no
+    /// short id, so all its records are long.
     pub fn decode(bytes: &[u8]) -> Result<Self, Corrupt> {
         let [
             next_seq,
@@ -374,22 +479,31 @@ impl QueueMeta {
             legacy_below,
             expired_below,
             sender_dedup_from,
+            qid,
+            short_from,
         ] = match bytes.len() {
             24 => {
                 let [next_seq, head, b] = u64s::<3>(bytes, "queue counters")?;
-                [next_seq, head, b, next_seq, 0, next_seq]
+                [next_seq, head, b, next_seq, 0, next_seq, 0, next_seq]
             }
             40 => {
                 let [next_seq, head, b, legacy, expired] = u64s::<5>(bytes, "queue counters")?;
-                [next_seq, head, b, legacy, expired, next_seq]
+                [next_seq, head, b, legacy, expired, next_seq, 0, next_seq]
             }
-            _ => u64s::<6>(bytes, "queue counters")?,
+            48 => {
+                let [next_seq, head, b, legacy, expired, sender] =
+                    u64s::<6>(bytes, "queue counters")?;
+                [next_seq, head, b, legacy, expired, sender, 0, next_seq]
+            }
+            _ => u64s::<8>(bytes, "queue counters")?,
         };
         if head > next_seq
             || head == 0
             || legacy_below > next_seq
             || expired_below > head
             || sender_dedup_from > next_seq
+            || short_from > next_seq
+            || (qid != 0 && short_from < legacy_below.max(1))
         {
             return Err(Corrupt("queue counters out of order"));
         }
@@ -400,6 +514,8 @@ impl QueueMeta {
             legacy_below,
             expired_below,
             sender_dedup_from,
+            qid,
+            short_from,
         })
     }
 }
@@ -718,29 +834,78 @@ mod tests {
     }
 
     #[test]
-    fn dedup_ring_records_name_their_dedup_record_in_either_format() {
+    fn dedup_ring_records_name_their_dedup_record_in_every_format() {
         let (queue, sender, id) = (q(b"a"), IdentityKey([8; 32]), MessageId([3; 16]));
+        let ring = encode_dedup_ring(&sender, &id);
+        // A queue without a short id keeps format-3 records.
+        let long = QueueMeta::default();
         assert_eq!(
-            decode_dedup_ring(&queue, &encode_dedup_ring(&sender, &id)),
-            Ok(dedup_key(&queue, &sender, &id))
+            dedup_key(&queue, &long, &sender, &id),
+            long_dedup_key(&queue, &sender, &id)
         );
+        assert_eq!(
+            decode_dedup_ring(&queue, &long, 1, &ring),
+            Ok(long_dedup_key(&queue, &sender, &id))
+        );
+        // One that got its short id at seq 5: short from there on, long
+        // below.
+        let mut short = QueueMeta {
+            next_seq: 5,
+            ..QueueMeta::default()
+        };
+        short.shorten(7);
+        let key = dedup_key(&queue, &short, &sender, &id);
+        assert_eq!(key.len(), 1 + 8 + 16 + 32);
+        assert_eq!(decode_dedup_ring(&queue, &short, 5, &ring), Ok(key.clone()));
+        assert_eq!(
+            decode_dedup_ring(&queue, &short, 4, &ring),
+            Ok(long_dedup_key(&queue, &sender, &id))
+        );
+        assert_ne!(
+            dedup_ring_key(&queue, &short, 4),
+            dedup_ring_key(&queue, &short, 5)
+        );
+        assert_eq!(dedup_ring_key(&queue, &short, 5).len(), 17);
         // A format-2 ring record holds the id alone.
         assert_eq!(
-            decode_dedup_ring(&queue, &id.0),
+            decode_dedup_ring(&queue, &short, 2, &id.0),
             Ok(legacy_dedup_key(&queue, &id))
         );
-        assert!(decode_dedup_ring(&queue, &[1; 20]).is_err());
+        assert!(decode_dedup_ring(&queue, &short, 5, &[1; 20]).is_err());
         // Two senders' records of one id are two keys, and neither is the
         // format-2 key.
-        let other = dedup_key(&queue, &IdentityKey([9; 32]), &id);
-        assert_ne!(dedup_key(&queue, &sender, &id), other);
-        assert_ne!(legacy_dedup_key(&queue, &id), other);
+        for meta in [long, short] {
+            let other = dedup_key(&queue, &meta, &IdentityKey([9; 32]), &id);
+            assert_ne!(dedup_key(&queue, &meta, &sender, &id), other);
+            assert_ne!(legacy_dedup_key(&queue, &id), other);
+        }
+        // Two queues' short keys differ by their ids.
+        let mut other_queue = short;
+        other_queue.qid = 8;
+        assert_ne!(
+            dedup_key(&queue, &short, &sender, &id),
+            dedup_key(&queue, &other_queue, &sender, &id)
+        );
     }
 
     #[test]
-    fn message_keys_sort_by_seq() {
+    fn message_keys_sort_by_seq_and_are_short_from_the_queue_id_on() {
         let m = QueueMeta::default();
         assert!(message_key(&q(b"a"), &m, 255) < message_key(&q(b"a"), &m, 256));
+        let mut m = QueueMeta {
+            next_seq: 300,
+            legacy_below: 2,
+            ..QueueMeta::default()
+        };
+        m.shorten(1);
+        assert_eq!(message_key(&q(b"a"), &m, 300).len(), 17);
+        assert_eq!(
+            message_key(&q(b"a"), &m, 299).len(),
+            1 + QUEUE_KEY_BYTES + 8
+        );
+        assert_eq!(message_key(&q(b"a"), &m, 1)[0], TAG_MESSAGE);
+        assert!(message_key(&q(b"a"), &m, 300) < message_key(&q(b"a"), &m, 301));
+        assert!(message_key(&q(b"a"), &m, 511) < message_key(&q(b"a"), &m, 512));
     }
 
     #[test]
@@ -752,9 +917,29 @@ mod tests {
             legacy_below: 6,
             expired_below: 3,
             sender_dedup_from: 5,
+            qid: 12,
+            short_from: 7,
         };
         assert_eq!(QueueMeta::decode(&m.encode()), Ok(m));
         assert!(QueueMeta::decode(&[1, 2, 3]).is_err());
+        // A format-3 record (six counters) has no short id.
+        assert_eq!(
+            QueueMeta::decode(&m.encode()[..48]),
+            Ok(QueueMeta {
+                qid: 0,
+                short_from: 9,
+                ..m
+            })
+        );
+        for bad in [
+            QueueMeta {
+                short_from: 10,
+                ..m
+            },
+            QueueMeta { short_from: 5, ..m },
+        ] {
+            assert!(QueueMeta::decode(&bad.encode()).is_err(), "{bad:?}");
+        }
         // A format-2 record (five counters): every dedup record so far is
         // keyed by queue and id.
         let v2 = &m.encode()[..40];
@@ -762,6 +947,8 @@ mod tests {
             QueueMeta::decode(v2),
             Ok(QueueMeta {
                 sender_dedup_from: 9,
+                qid: 0,
+                short_from: 9,
                 ..m
             })
         );

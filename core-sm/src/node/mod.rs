@@ -55,7 +55,7 @@ use crate::error::ServiceError;
 use crate::limits::{self, AUTH_VERSION, TLS_EXPORTER_BYTES};
 use crate::store::{Batch, Lsn, Store, StoreError, StoreErrorKind};
 use crate::time::Time;
-use crate::types::{ConnectionId, IdentityKey, RequestId};
+use crate::types::{ConnectionId, IdentityKey, QueueId, RequestId};
 
 pub use layout::FORMAT_VERSION;
 pub use ratelimit::{RateConfig, RateLimiter};
@@ -70,7 +70,7 @@ pub use crate::protocol::{
 use auth::{Connection, verify};
 use gate::ReplyGate;
 use keys::KeyFetch;
-use layout::Corrupt;
+use layout::{Corrupt, QueueMeta};
 use queues::{check_many, check_recipients};
 use reads::check_cursors;
 use waiters::{Waiter, WaiterTable};
@@ -212,6 +212,11 @@ pub struct NodeService<S> {
     waiters: WaiterTable,
     /// Number of the next shared payload.
     next_blob: u64,
+    /// Short id the next queue gets ([`layout::QueueMeta::qid`]).
+    next_qid: u64,
+    /// Queue counters as last written by this machine (at most
+    /// [`limits::QUEUE_COUNTERS_CACHED_MAX`]), kept by [`Self::write`].
+    counters: HashMap<QueueId, QueueMeta, foldhash::fast::FixedState>,
     enqueue_limiter: RateLimiter<IdentityKey>,
     key_fetch_pair_limiter: RateLimiter<(KeyFetch, IdentityKey, IdentityKey)>,
     key_package_target_limiter: RateLimiter<IdentityKey>,
@@ -256,6 +261,11 @@ impl<S: Store> NodeService<S> {
             Some(v) => layout::decode_seq(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?,
             None => 0,
         };
+        // Short queue ids start at 1: 0 means "none yet".
+        let next_qid = match store.get(&layout::queue_next_key())? {
+            Some(v) => layout::decode_seq(&v).map_err(|Corrupt(w)| OpenError::Corrupt(w))?,
+            None => 1,
+        };
         // Always write on open. A previous process may have died leaving
         // writes the OS still holds unsynced, so nothing in the store is known
         // to be durable: every reply of this machine waits for a sync that
@@ -282,6 +292,8 @@ impl<S: Store> NodeService<S> {
             connections: HashMap::new(),
             waiters: WaiterTable::default(),
             next_blob,
+            next_qid,
+            counters: HashMap::default(),
             sweep_queues_after: None,
             sweep_fences_after: None,
         };
@@ -305,7 +317,10 @@ impl<S: Store> NodeService<S> {
         &self.store
     }
 
-    /// The store, mutably (tests use it to sync or crash a [`crate::store::MemStore`]).
+    /// The store, mutably: to sync it, or (tests) to crash a
+    /// [`crate::store::MemStore`]. The machine keeps copies of the queue
+    /// counters it wrote, so records changed here behind its back are for
+    /// a machine about to be dropped and opened again.
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.store
     }
@@ -566,9 +581,35 @@ impl<S: Store> NodeService<S> {
     }
 
     fn write(&mut self, batch: Batch) -> Result<(), ServiceError> {
+        // The queue counters the batch writes, kept once it is stored.
+        let mut counters = Vec::new();
+        for (key, value) in batch.ops() {
+            if layout::is_queue_meta_key(key) {
+                let queue = layout::queue_of_meta_key(key).map_err(corrupt)?;
+                let meta = value
+                    .as_deref()
+                    .map(QueueMeta::decode)
+                    .transpose()
+                    .map_err(corrupt)?;
+                counters.push((queue, meta));
+            }
+        }
         match self.store.write(batch) {
             Ok(lsn) => {
                 self.gate.written(lsn);
+                for (queue, meta) in counters {
+                    match meta {
+                        Some(meta) => {
+                            if self.counters.len() >= limits::QUEUE_COUNTERS_CACHED_MAX {
+                                self.counters.clear();
+                            }
+                            self.counters.insert(queue, meta);
+                        }
+                        None => {
+                            self.counters.remove(&queue);
+                        }
+                    }
+                }
                 Ok(())
             }
             // Refused for lack of space: nothing was applied and the store

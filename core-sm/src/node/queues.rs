@@ -154,7 +154,10 @@ impl<S: Store> NodeService<S> {
             let mut new = Vec::new();
             for (i, (queue, meta)) in queues.iter().zip(&metas).enumerate() {
                 let id = &message.message_id;
-                let mut stored = self.get(&layout::dedup_key(queue, &sender, id))?;
+                let mut stored = self.get(&layout::dedup_key(queue, meta, &sender, id))?;
+                if stored.is_none() && meta.has_long_dedup() {
+                    stored = self.get(&layout::long_dedup_key(queue, &sender, id))?;
+                }
                 if stored.is_none() && meta.has_legacy_dedup() {
                     stored = self.get(&layout::legacy_dedup_key(queue, id))?;
                 }
@@ -226,6 +229,14 @@ impl<S: Store> NodeService<S> {
                 )));
             }
         }
+        // A queue written for the first time in format 4 gets its short id.
+        let mut next_qid = self.next_qid;
+        for (meta, (entries, _)) in metas.iter_mut().zip(&adds) {
+            if *entries > 0 && meta.qid == 0 {
+                meta.shorten(next_qid);
+                next_qid += 1;
+            }
+        }
         let mut next_blob = self.next_blob;
         let stamp = stamp_ms(now);
         for (m, (message, new)) in messages.into_iter().zip(&fresh).enumerate() {
@@ -261,11 +272,11 @@ impl<S: Store> NodeService<S> {
                 };
                 batch.put(layout::message_key(queue, meta, seq), entry);
                 batch.put(
-                    layout::dedup_key(queue, &sender, &message_id),
+                    layout::dedup_key(queue, meta, &sender, &message_id),
                     layout::encode_seq(seq),
                 );
                 batch.put(
-                    layout::dedup_ring_key(queue, seq),
+                    layout::dedup_ring_key(queue, meta, seq),
                     layout::encode_dedup_ring(&sender, &message_id),
                 );
                 // The message leaving the window was stored by an earlier
@@ -274,9 +285,12 @@ impl<S: Store> NodeService<S> {
                     .checked_sub(limits::DEDUP_WINDOW_PER_QUEUE)
                     .filter(|s| *s > 0)
                 {
-                    let ring = layout::dedup_ring_key(queue, old);
-                    if let Some(old) = self.get(&ring)? {
-                        batch.delete(layout::decode_dedup_ring(queue, &old).map_err(corrupt)?);
+                    let ring = layout::dedup_ring_key(queue, meta, old);
+                    if let Some(record) = self.get(&ring)? {
+                        batch.delete(
+                            layout::decode_dedup_ring(queue, meta, old, &record)
+                                .map_err(corrupt)?,
+                        );
                     }
                     batch.delete(ring);
                 }
@@ -293,6 +307,9 @@ impl<S: Store> NodeService<S> {
         if next_blob != self.next_blob {
             batch.put(layout::blob_next_key(), layout::encode_seq(next_blob));
         }
+        if next_qid != self.next_qid {
+            batch.put(layout::queue_next_key(), layout::encode_seq(next_qid));
+        }
         for (key, mut fence) in fences {
             fence.touched_ms = Some(stamp);
             batch.put(key, fence.encode());
@@ -300,6 +317,7 @@ impl<S: Store> NodeService<S> {
         self.finish_drops(drops, &mut batch)?;
         self.write(batch)?;
         self.next_blob = next_blob;
+        self.next_qid = next_qid;
         for (queue, (entries, _)) in queues.iter().zip(&adds) {
             if *entries > 0 {
                 self.wake_waiters(queue);
@@ -504,6 +522,9 @@ impl<S: Store> NodeService<S> {
     }
 
     pub(super) fn queue_meta(&self, q: &QueueId) -> Result<QueueMeta, ServiceError> {
+        if let Some(meta) = self.counters.get(q) {
+            return Ok(*meta);
+        }
         match self.get(&layout::queue_meta_key(q))? {
             Some(v) => QueueMeta::decode(&v).map_err(corrupt),
             None => Ok(QueueMeta::default()),

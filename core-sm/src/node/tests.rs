@@ -5,7 +5,7 @@
 use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
-use super::layout::Fence;
+use super::layout::{Fence, QueueMeta};
 use super::*;
 use crate::error::ErrorKind;
 use crate::testing::{EXPORTER, NodeWorld, identity};
@@ -689,6 +689,139 @@ fn numbered(h: &mut Harness, c: u64, to: &SigningKey, fill: u8, i: u64) -> Reply
     )
 }
 
+/// Rewrites queue `q` as format 3 stored it (every record under the long
+/// queue key, six counters), with the store's version 3. Returns its
+/// counters as format 3 read them.
+fn as_format_3(h: &mut Harness, q: &QueueId) -> QueueMeta {
+    let store = h.node.store_mut();
+    let bytes = store.get(&layout::queue_meta_key(q)).unwrap().unwrap();
+    let meta = QueueMeta::decode(&bytes).unwrap();
+    let long = QueueMeta::decode(&bytes[..48]).unwrap();
+    let mut b = Batch::new();
+    for seq in meta.head..meta.next_seq {
+        let from = layout::message_key(q, &meta, seq);
+        let record = store.get(&from).unwrap().expect("entry");
+        b.delete(from);
+        b.put(layout::message_key(q, &long, seq), record);
+    }
+    let window = limits::DEDUP_WINDOW_PER_QUEUE;
+    for seq in meta.next_seq.saturating_sub(window).max(1)..meta.next_seq {
+        let ring = layout::dedup_ring_key(q, &meta, seq);
+        let Some(record) = store.get(&ring).unwrap() else {
+            continue;
+        };
+        let dedup = layout::decode_dedup_ring(q, &meta, seq, &record).unwrap();
+        let seq_record = store.get(&dedup).unwrap().expect("dedup record");
+        b.delete(ring);
+        b.delete(dedup);
+        b.put(layout::dedup_ring_key(q, &long, seq), record.clone());
+        b.put(
+            layout::decode_dedup_ring(q, &long, seq, &record).unwrap(),
+            seq_record,
+        );
+    }
+    b.put(layout::queue_meta_key(q), bytes[..48].to_vec());
+    b.delete(layout::queue_next_key());
+    b.put(layout::version_key(), layout::encode_version(3));
+    store.write(b).unwrap();
+    store.sync();
+    long
+}
+
+/// Whether any record of `q` is under the long queue key, its counters
+/// aside.
+fn has_long_records(h: &Harness, q: &QueueId) -> bool {
+    let meta_key = layout::queue_meta_key(q);
+    let recipient = q.recipient_key.as_bytes();
+    h.node
+        .store()
+        .iter()
+        .any(|(k, _)| k != meta_key.as_slice() && k.len() > 33 && &k[1..33] == recipient)
+}
+
+/// A store of format 3 kept every record of a queue under the long queue
+/// key. Opened by this version, its messages are read, acknowledged and
+/// recognised as retries where they are; the queue gets its short id with
+/// its next message, and its long records go as they are acknowledged and
+/// leave the dedup window.
+#[test]
+fn a_format_3_queue_is_read_where_it_is_and_moves_to_short_keys() {
+    let config = NodeConfig {
+        queue_depth_max: 100_000,
+        ..NodeConfig::default()
+    };
+    let mut h = Harness::new(config.clone());
+    let (alice, bob, carol) = (user(1), user(2), user(3));
+    h.login(1, &alice);
+    for m in 1..=3 {
+        assert_eq!(enqueued(&h.enqueue(1, &bob, b"", &[m], m)), u64::from(m));
+    }
+    assert_eq!(enqueued(&h.enqueue(1, &carol, b"", b"c", 1)), 1);
+    let q = QueueId {
+        recipient_key: id(&bob),
+        channel_id: ChannelId::DEFAULT,
+    };
+    let carols = QueueId {
+        recipient_key: id(&carol),
+        channel_id: ChannelId::DEFAULT,
+    };
+    as_format_3(&mut h, &q);
+    as_format_3(&mut h, &carols);
+    assert!(has_long_records(&h, &q));
+    let now = h.now;
+    let mut h = h.crash_and_reopen(config, now);
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.login(3, &carol);
+    // Read where they are; a retry across the upgrade is stored once.
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"", 1, 10)),
+        vec![vec![2], vec![3]]
+    );
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", &[3], 3)), 3);
+    // The next message gives the queue its short id (the first one:
+    // nothing had one before).
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"new", 4)), 4);
+    let meta = h.node.queue_meta(&q).unwrap();
+    assert_eq!((meta.qid, meta.short_from), (1, 4));
+    assert!(
+        h.node
+            .store()
+            .get(&layout::message_key(&q, &meta, 4))
+            .unwrap()
+            .is_some_and(|_| layout::message_key(&q, &meta, 4).len() == 17)
+    );
+    assert_eq!(
+        payloads(&h.fetch(2, &bob, b"", 1, 10)),
+        vec![vec![2], vec![3], b"new".to_vec()]
+    );
+    // Retries on both sides of the switch are recognised.
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", &[2], 2)), 2);
+    assert_eq!(enqueued(&h.enqueue(1, &bob, b"", b"new", 4)), 4);
+    // A queue only read keeps its long keys; its first message moves it.
+    assert_eq!(
+        payloads(&h.fetch(3, &carol, b"", 0, 10)),
+        vec![b"c".to_vec()]
+    );
+    assert_eq!(h.node.queue_meta(&carols).unwrap().qid, 0);
+    assert_eq!(enqueued(&h.enqueue(1, &carol, b"", b"c", 1)), 1);
+    assert_eq!(enqueued(&h.enqueue(1, &carol, b"", b"d", 2)), 2);
+    assert_eq!(h.node.queue_meta(&carols).unwrap().qid, 2);
+    // Acknowledged, and past the dedup window: no long record is left.
+    let window = limits::DEDUP_WINDOW_PER_QUEUE;
+    for i in 0..window {
+        assert_eq!(enqueued(&numbered(&mut h, 1, &bob, 0xee, i)), i + 5);
+    }
+    h.fetch(2, &bob, b"", window + 4, 0).unwrap();
+    assert!(!has_long_records(&h, &q));
+    assert_eq!(h.node.queue_meta(&q).unwrap().depth(), 0);
+    // The upgrade is written: a format-3 server would refuse this store.
+    assert_eq!(
+        h.node.store().get(&layout::version_key()),
+        Ok(Some(layout::encode_version(FORMAT_VERSION)))
+    );
+}
+
 /// A store written before format 3 keyed its dedup records by queue and id
 /// alone. Opened by this version, those records still recognise a retry
 /// (a sender that retries across the upgrade is stored once) until they
@@ -707,14 +840,15 @@ fn format_2_dedup_records_are_read_and_age_out_after_the_upgrade() {
         recipient_key: id(&bob),
         channel_id: ChannelId::DEFAULT,
     };
+    let long = as_format_3(&mut h, &q);
     let store = h.node.store_mut();
-    let dedup = layout::dedup_key(&q, &id(&alice), &mid(1));
+    let dedup = layout::long_dedup_key(&q, &id(&alice), &mid(1));
     let seq = store.get(&dedup).unwrap().expect("dedup record");
     let meta = store.get(&layout::queue_meta_key(&q)).unwrap().unwrap();
     let mut b = Batch::new();
     b.delete(dedup);
     b.put(layout::legacy_dedup_key(&q, &mid(1)), seq);
-    b.put(layout::dedup_ring_key(&q, 1), mid(1).0.to_vec());
+    b.put(layout::dedup_ring_key(&q, &long, 1), mid(1).0.to_vec());
     b.put(layout::queue_meta_key(&q), meta[..40].to_vec());
     b.put(layout::version_key(), layout::encode_version(2));
     store.write(b).unwrap();
@@ -743,7 +877,7 @@ fn format_2_dedup_records_are_read_and_age_out_after_the_upgrade() {
     // record; the id is new again.
     let store = h.node.store();
     assert_eq!(store.get(&layout::legacy_dedup_key(&q, &mid(1))), Ok(None));
-    assert_eq!(store.get(&layout::dedup_ring_key(&q, 1)), Ok(None));
+    assert_eq!(store.get(&layout::dedup_ring_key(&q, &long, 1)), Ok(None));
     assert_eq!(
         enqueued(&h.enqueue(1, &bob, b"", b"a", 1)),
         window + 4,
