@@ -127,7 +127,7 @@ config_keys! {
     listen: String, env = "QPQ_LISTEN";
     /// Data directory; holds qpq.db and the generated certificate [default: qpq-data].
     data_dir: PathBuf, env = "QPQ_DATA_DIR";
-    /// `fsync` (answer after data is on disk) or `buffered` (answer at once; a crash may lose acknowledged messages) [default: fsync].
+    /// `fsync` (answer after data is on disk) or `buffered` (answer at once, sync at most every 50 ms; a crash may lose acknowledged messages) [default: fsync].
     durability: String, env = "QPQ_DURABILITY";
     /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info,fjall=warn,lsm_tree=warn].
     log: String, env = "QPQ_LOG";

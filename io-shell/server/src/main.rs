@@ -14,6 +14,11 @@ use quicproquo_server::store::fjall_store::FjallStore;
 use quicproquo_server::{endpoint, serve, tls};
 use rand_core::{OsRng, RngCore};
 
+/// mimalloc, for the request path's many small allocations (see
+/// Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = ServerConfig::load(args)?;

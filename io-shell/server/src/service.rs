@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use quicproquo_core::error::ServiceError;
 use quicproquo_core::limits::TLS_EXPORTER_BYTES;
-use quicproquo_core::node::{NodeService, Output, QueuedMessage, Reply, Request, Response};
+use quicproquo_core::node::{
+    Durability, NodeService, Output, QueuedMessage, Reply, Request, Response,
+};
 use quicproquo_core::store::Lsn;
 use quicproquo_core::time::Time;
 use quicproquo_core::types::{ConnectionId, RequestId};
@@ -27,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::observe::{GaugeSnapshot, Metrics, Observer, ServiceGauges};
-use crate::store::{ShellStore, StorageError, SyncHandle, run_group_commit};
+use crate::store::{BUFFERED_SYNC_PAUSE, ShellStore, StorageError, SyncHandle, run_group_commit};
 
 /// Commands queued for the service task before senders wait: deep enough to
 /// absorb bursts from thousands of streams, bounded so memory is too.
@@ -241,7 +243,11 @@ pub fn spawn<S: ShellStore>(
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
     let (failed_tx, failed_rx) = watch::channel(false);
-    let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx));
+    let pause = match node.config().durability {
+        Durability::Fsync => Duration::ZERO,
+        Durability::Buffered => BUFFERED_SYNC_PAUSE,
+    };
+    let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx, pause));
     let service = Service {
         node,
         rx,

@@ -45,7 +45,7 @@ impl<S: ShellStore> Driver<S> {
         let node = NodeService::new(NodeConfig::default(), [1; 32], store).unwrap();
         let (sync_tx, sync_rx) = mpsc::unbounded_channel();
         let (synced_tx, synced_rx) = mpsc::unbounded_channel();
-        let group_commit = tokio::spawn(run_group_commit(sync, sync_rx, synced_tx));
+        let group_commit = tokio::spawn(run_group_commit(sync, sync_rx, synced_tx, Duration::ZERO));
         let mut driver = Driver {
             node,
             sync_tx,
@@ -243,7 +243,12 @@ async fn group_commit(path: &Path, writers: usize) -> (f64, f64) {
     let mut store = FjallStore::open(path).unwrap();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let (synced_tx, mut synced_rx) = mpsc::unbounded_channel();
-    let gc = tokio::spawn(run_group_commit(store.sync_handle(), sync_rx, synced_tx));
+    let gc = tokio::spawn(run_group_commit(
+        store.sync_handle(),
+        sync_rx,
+        synced_tx,
+        Duration::ZERO,
+    ));
     let (req_tx, mut req_rx) = mpsc::channel::<oneshot::Sender<()>>(writers);
     let done = Arc::new(AtomicU64::new(0));
     for _ in 0..writers {
