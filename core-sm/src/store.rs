@@ -185,6 +185,34 @@ pub trait Store {
         Ok(self.get(key)?.map(|v| copy_head(&v, head)))
     }
 
+    /// Reads the run of records keyed `prefix` + a big-endian `u64` seq,
+    /// for seq `from`, `from + 1`, ... below `to`, in order: each value goes
+    /// to `visit`, until `visit` returns `false` or a key is absent. For
+    /// the machine's queue reads, whose entries are consecutive. The
+    /// default reads each key on its own; a store ordered by key reads the
+    /// run as one range.
+    fn get_run(
+        &self,
+        prefix: &[u8],
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut key = Vec::with_capacity(prefix.len() + 8);
+        for seq in from..to {
+            key.clear();
+            key.extend_from_slice(prefix);
+            key.extend_from_slice(&seq.to_be_bytes());
+            let Some(value) = self.get(&key)? else {
+                break;
+            };
+            if !visit(seq, value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `batch` atomically and returns its sequence number. The batch
     /// is visible to `get` at once but durable only after a sync that covers
     /// the returned `Lsn`.

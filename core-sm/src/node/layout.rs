@@ -242,6 +242,13 @@ pub fn message_key(q: &QueueId, meta: &QueueMeta, seq: u64) -> Vec<u8> {
     k
 }
 
+/// What the keys of a queue's short-keyed entries start with: the key of
+/// seq `s` is this and `s` big-endian ([`crate::store::Store::get_run`]).
+/// The queue must have its short id.
+pub fn short_entries_prefix(meta: &QueueMeta) -> Vec<u8> {
+    short_key(TAG_SHORT_ENTRY, meta.qid, 8)
+}
+
 fn short_key(tag: u8, qid: u64, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + extra);
     k.push(tag);

@@ -202,28 +202,83 @@ impl<S: Store> NodeService<S> {
         let start = meta.head.max(after_seq.saturating_add(1));
         let end = meta.next_seq.min(start.saturating_add(limit));
         let mut messages = Vec::new();
-        for seq in start..end {
+        // Records keyed the long way (a format-3 queue's, below its short
+        // id) one by one; the short-keyed rest as one run.
+        let mut seq = start;
+        let mut full = false;
+        while seq < end && !meta.is_short(seq) && !full {
             let (_, entry, _) = self.entry_at(queue, &meta, seq)?;
-            let payload = match entry {
-                Entry::Inline(payload) => payload,
-                Entry::Shared { blob, .. } => self
-                    .get(&layout::blob_key(blob))?
-                    .ok_or_else(|| ServiceError::internal("shared payload missing"))?,
-            };
-            let bytes = budget.bytes.saturating_add(payload.len());
-            if bytes > limits::FETCH_RESPONSE_BYTES_MAX && budget.taken {
-                break;
+            full = !self.take(seq, entry, budget, &mut messages)?;
+            seq += 1;
+        }
+        if seq < end && !full {
+            let mut failed = None;
+            let mut next = seq;
+            self.store
+                .get_run(
+                    &layout::short_entries_prefix(&meta),
+                    seq,
+                    end,
+                    &mut |at, record| {
+                        next = at + 1;
+                        let taken = layout::decode_entry(record, false)
+                            .map_err(super::corrupt)
+                            .and_then(|(entry, _)| self.take(at, entry, budget, &mut messages));
+                        match taken {
+                            Ok(true) => true,
+                            Ok(false) => {
+                                full = true;
+                                false
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                false
+                            }
+                        }
+                    },
+                )
+                .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+            if let Some(e) = failed {
+                return Err(e);
             }
-            budget.bytes = bytes;
-            budget.taken = true;
-            budget.messages -= 1;
-            messages.push(QueuedMessage { seq, payload });
+            // Every seq from the head on is stored: a run that ended before
+            // `end` without the byte budget ending it met a missing record.
+            if next < end && !full {
+                return Err(ServiceError::internal("queued message record missing"));
+            }
         }
         Ok(QueueRead {
             messages,
             next_seq: meta.next_seq,
             gap,
         })
+    }
+
+    /// Adds the message at `seq` to a reply within `budget`; `false`, and
+    /// not added, when its payload would take the reply past
+    /// [`limits::FETCH_RESPONSE_BYTES_MAX`] (the first message always goes).
+    fn take(
+        &self,
+        seq: u64,
+        entry: Entry,
+        budget: &mut ReadBudget,
+        messages: &mut Vec<QueuedMessage>,
+    ) -> Result<bool, ServiceError> {
+        let payload = match entry {
+            Entry::Inline(payload) => payload,
+            Entry::Shared { blob, .. } => self
+                .get(&layout::blob_key(blob))?
+                .ok_or_else(|| ServiceError::internal("shared payload missing"))?,
+        };
+        let bytes = budget.bytes.saturating_add(payload.len());
+        if bytes > limits::FETCH_RESPONSE_BYTES_MAX && budget.taken {
+            return Ok(false);
+        }
+        budget.bytes = bytes;
+        budget.taken = true;
+        budget.messages -= 1;
+        messages.push(QueuedMessage { seq, payload });
+        Ok(true)
     }
 
     /// What a waiting (or due) long-poll answers now.
