@@ -446,8 +446,10 @@ impl ShellStore for FjallStore {
 
     fn sync_handle(&self) -> FjallSync {
         FjallSync {
-            db: self.db.clone(),
+            _db: self.db.clone(),
             lsns: Arc::clone(&self.lsns),
+            dir: self.path.clone(),
+            journal: Arc::default(),
             #[cfg(test)]
             after_persist: None,
         }
@@ -464,10 +466,26 @@ impl fmt::Debug for FjallStore {
 }
 
 /// Fsyncs a [`FjallStore`]'s journal. Holding one keeps the database open.
+///
+/// It syncs the active journal file through a descriptor of its own rather
+/// than with fjall's `persist`, which holds the journal's lock through the
+/// whole `fdatasync`: every commit of the service task would wait for the
+/// disk, and the requests that arrive during a sync could not be written
+/// meanwhile to share the next one. An fsync covers the file, whichever
+/// descriptor wrote it. The active journal is the highest-numbered
+/// `<n>.jnl` in the database directory; fjall syncs a journal in full
+/// before it starts the next one (`rotate`), so a batch written before the
+/// sync began is either in the file synced here or in an older one that is
+/// durable already.
 #[derive(Clone)]
 pub struct FjallSync {
-    db: Database,
+    /// Keeps the database, and so its journals, open while a sync may run.
+    _db: Database,
     lsns: Arc<LsnCounters>,
+    /// The database directory, where the journals are.
+    dir: PathBuf,
+    /// The journal file last synced, by number, kept open.
+    journal: Arc<std::sync::Mutex<Option<(u64, std::fs::File)>>>,
     /// Run right after the fsync returns and before `sync_blocking` does,
     /// so a unit test can write a batch while a sync is in progress.
     #[cfg(test)]
@@ -485,7 +503,7 @@ impl FjallSync {
             // An fsync that completed already covered all of it.
             return Ok(Lsn(covered));
         }
-        self.db.persist(SYNC_MODE)?;
+        self.sync_journal()?;
         #[cfg(test)]
         if let Some(hook) = &self.after_persist {
             hook();
@@ -493,7 +511,78 @@ impl FjallSync {
         self.lsns.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(Lsn(covered))
     }
+
+    /// `fdatasync` of the active journal file, without fjall's lock.
+    /// fdatasync (not fsync) is enough for our data, and skips the
+    /// timestamp update fsync also writes:
+    /// - fjall creates every journal file with `create_new`, preallocates it
+    ///   (`set_len`), fsyncs the file *and* its directory before any batch
+    ///   goes into it, so a new journal's name and inode are already
+    ///   durable;
+    /// - fdatasync still flushes the metadata needed to read the data back —
+    ///   block allocation and a changed file size (a recovered journal is
+    ///   truncated and then appended to) — per POSIX and Linux
+    ///   `fdatasync(2)`;
+    /// - a sealed journal was fsynced (`SyncAll`) under the journal lock
+    ///   when it was rotated, so batches in older journals are durable
+    ///   already;
+    /// - every batch is handed to the OS (`PersistMode::Buffer`) when it is
+    ///   committed, before its `Lsn` counts as written, so the file's data
+    ///   this fdatasync flushes holds it.
+    fn sync_journal(&self) -> Result<(), StorageError> {
+        let mut open = self
+            .journal
+            .lock()
+            .map_err(|_| StorageError::SyncTask("the journal handle's lock is poisoned".into()))?;
+        // A journal found and then deleted before it was opened was sealed
+        // (and synced) by fjall in the meantime: look again.
+        for _ in 0..JOURNAL_LOOKUPS_MAX {
+            let id = self.active_journal()?;
+            if open.as_ref().is_none_or(|(at, _)| *at != id) {
+                let path = self.dir.join(format!("{id}.jnl"));
+                match std::fs::File::open(&path) {
+                    Ok(file) => *open = Some((id, file)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(StorageError::JournalSync { path, source }),
+                }
+            }
+            if let Some((id, file)) = open.as_ref() {
+                return file
+                    .sync_data()
+                    .map_err(|source| StorageError::JournalSync {
+                        path: self.dir.join(format!("{id}.jnl")),
+                        source,
+                    });
+            }
+        }
+        Err(StorageError::JournalSync {
+            path: self.dir.clone(),
+            source: std::io::Error::other("the active journal kept changing"),
+        })
+    }
+
+    /// The number of the highest-numbered journal file.
+    fn active_journal(&self) -> Result<u64, StorageError> {
+        let err = |source| StorageError::JournalSync {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut highest = None;
+        for entry in std::fs::read_dir(&self.dir).map_err(err)? {
+            let name = entry.map_err(err)?.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jnl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            highest = highest.max(id);
+        }
+        highest.ok_or_else(|| err(std::io::Error::other("no journal file")))
+    }
 }
+
+/// Times [`FjallSync`] looks for the active journal again when the one it
+/// found is gone before it could open it.
+const JOURNAL_LOOKUPS_MAX: usize = 8;
 
 impl SyncHandle for FjallSync {
     fn sync(&self) -> impl std::future::Future<Output = Result<Lsn, StorageError>> + Send {
@@ -569,18 +658,6 @@ fn check_key(key: &[u8]) -> Result<(), StorageError> {
     }
     Ok(())
 }
-
-/// How the journal is synced. `SyncData` (fdatasync) is enough for our
-/// data, and skips the timestamp update `SyncAll` (fsync) also writes:
-/// - fjall creates every journal file with `create_new`, preallocates it
-///   (`set_len`), fsyncs the file *and* its directory before any batch goes
-///   into it, so a new journal's name and inode are already durable;
-/// - fdatasync still flushes the metadata needed to read the data back —
-///   block allocation and a changed file size (a recovered journal is
-///   truncated and then appended to) — per POSIX and Linux `fdatasync(2)`;
-/// - a sealed journal was fsynced (`SyncAll`) under the journal lock when it
-///   was rotated, so batches in older journals are durable already.
-const SYNC_MODE: PersistMode = PersistMode::SyncData;
 
 #[cfg(test)]
 mod tests {

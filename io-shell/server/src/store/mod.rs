@@ -97,6 +97,16 @@ pub enum StorageError {
         /// Its length.
         bytes: usize,
     },
+    /// The fsync of the journal file failed (or the file could not be
+    /// found or opened for it).
+    #[error("syncing the journal {}: {source}", path.display())]
+    JournalSync {
+        /// The journal file (or the database directory, if none was found).
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The blocking task running the sync panicked or was cancelled.
     #[error("the sync task did not complete: {0}")]
     SyncTask(String),
