@@ -198,12 +198,8 @@ pub trait Store {
         to: u64,
         visit: &mut dyn FnMut(u64, Vec<u8>) -> bool,
     ) -> Result<(), StoreError> {
-        let mut key = Vec::with_capacity(prefix.len() + 8);
         for seq in from..to {
-            key.clear();
-            key.extend_from_slice(prefix);
-            key.extend_from_slice(&seq.to_be_bytes());
-            let Some(value) = self.get(&key)? else {
+            let Some(value) = self.get(&run_key(prefix, seq))? else {
                 break;
             };
             if !visit(seq, value) {
@@ -229,6 +225,14 @@ pub trait Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Records, StoreError>;
+}
+
+/// The key of seq `seq` in a run under `prefix` ([`Store::get_run`]).
+pub fn run_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 /// Copies the first bytes of `value` into `head`; returns `value`'s length.

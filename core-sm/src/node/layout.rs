@@ -907,6 +907,11 @@ mod tests {
         m.shorten(1);
         assert_eq!(message_key(&q(b"a"), &m, 300).len(), 17);
         assert_eq!(
+            message_key(&q(b"a"), &m, 300),
+            crate::store::run_key(&short_entries_prefix(&m), 300),
+            "a run reads the entries' keys"
+        );
+        assert_eq!(
             message_key(&q(b"a"), &m, 299).len(),
             1 + QUEUE_KEY_BYTES + 8
         );

@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
-use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError, copy_head};
+use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError, copy_head, run_key};
 
 use super::{ShellStore, StorageError, SyncHandle};
 
@@ -198,12 +198,7 @@ impl Store for FjallStore {
         to: u64,
         visit: &mut dyn FnMut(u64, Vec<u8>) -> bool,
     ) -> Result<(), StoreError> {
-        let key_of = |seq: u64| {
-            let mut k = Vec::with_capacity(prefix.len() + 8);
-            k.extend_from_slice(prefix);
-            k.extend_from_slice(&seq.to_be_bytes());
-            k
-        };
+        let key_of = |seq: u64| run_key(prefix, seq);
         if from >= to || check_key(&key_of(from)).is_err() {
             return Ok(());
         }
