@@ -113,6 +113,13 @@ struct Turn {
     bytes: u64,
 }
 
+/// fjall's background threads (memtable flushes and compactions). One:
+/// with more, fjall 3.1's worker 0 passes each compaction message back to
+/// the queue for another worker and, while that one compacts, spins
+/// receiving it again (`worker_pool.rs`, `WorkerMessage::Compact`); see
+/// ARCHITECTURE.md, Storage.
+const FJALL_WORKER_THREADS: usize = 1;
+
 /// How long a reading of the free space stands in for a new one at most.
 const SPACE_READING_AGE_MAX: Duration = Duration::from_millis(100);
 
@@ -151,6 +158,7 @@ impl FjallStore {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let path = path.to_path_buf();
         let db = Database::builder(&path)
+            .worker_threads(FJALL_WORKER_THREADS)
             .open()
             .map_err(|e| open_error(&path, e))?;
         let keyspace = db
