@@ -186,8 +186,8 @@ pub trait Store {
     }
 
     /// Reads the run of records keyed `prefix` + a big-endian `u64` seq,
-    /// for seq `from`, `from + 1`, ... below `to`, in order: each value goes
-    /// to `visit`, until `visit` returns `false` or a key is absent. For
+    /// for seq `from`, `from + 1`, ... below `to`, in order: each value is
+    /// lent to `visit`, until `visit` returns `false` or a key is absent. For
     /// the machine's queue reads, whose entries are consecutive. The
     /// default reads each key on its own; a store ordered by key reads the
     /// run as one range.
@@ -196,13 +196,13 @@ pub trait Store {
         prefix: &[u8],
         from: u64,
         to: u64,
-        visit: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         for seq in from..to {
             let Some(value) = self.get(&run_key(prefix, seq))? else {
                 break;
             };
-            if !visit(seq, value) {
+            if !visit(seq, &value) {
                 break;
             }
         }
@@ -353,6 +353,25 @@ impl Store for MemStore {
 
     fn get_head(&self, key: &[u8], head: &mut [u8]) -> Result<Option<usize>, StoreError> {
         Ok(self.live.get(key).map(|v| copy_head(v, head)))
+    }
+
+    fn get_run(
+        &self,
+        prefix: &[u8],
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        // One key, its seq rewritten for each record; values are lent.
+        let mut key = run_key(prefix, from);
+        for seq in from..to {
+            key[prefix.len()..].copy_from_slice(&seq.to_be_bytes());
+            match self.live.get(&key) {
+                Some(value) if visit(seq, value) => {}
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     fn scan(

@@ -576,13 +576,12 @@ pub fn encode_shared(message_id: &MessageId, stamp_ms: u64, blob: u64, len: u64)
 /// Decodes a stored message — a version-1 record (`legacy`: message id,
 /// payload) or an entry — into the entry and its enqueue time (none for a
 /// version-1 record), reusing the buffer for an inline payload.
-pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<(Entry, Option<u64>), Corrupt> {
+pub fn decode_entry(bytes: &[u8], legacy: bool) -> Result<(Entry, Option<u64>), Corrupt> {
     if legacy {
-        if bytes.len() < MESSAGE_ID_BYTES {
-            return Err(Corrupt("message record too short"));
-        }
-        bytes.drain(..MESSAGE_ID_BYTES);
-        return Ok((Entry::Inline(bytes), None));
+        let payload = bytes
+            .get(MESSAGE_ID_BYTES..)
+            .ok_or(Corrupt("message record too short"))?;
+        return Ok((Entry::Inline(payload.to_vec()), None));
     }
     if bytes.len() < ENTRY_HEADER_BYTES {
         return Err(Corrupt("message entry too short"));
@@ -592,10 +591,7 @@ pub fn decode_entry(mut bytes: Vec<u8>, legacy: bool) -> Result<(Entry, Option<u
         "message entry time",
     )?);
     let entry = match bytes[0] {
-        ENTRY_INLINE => {
-            bytes.drain(..ENTRY_HEADER_BYTES);
-            Entry::Inline(bytes)
-        }
+        ENTRY_INLINE => Entry::Inline(bytes[ENTRY_HEADER_BYTES..].to_vec()),
         ENTRY_SHARED => {
             let [blob, len] = u64s::<2>(&bytes[ENTRY_HEADER_BYTES..], "shared message entry")?;
             Entry::Shared { blob, len }
@@ -814,7 +810,7 @@ mod tests {
         };
         for payload in [&b"x"[..], &[7; 16], &[9; 1024]] {
             let record = encode_inline(&id, 77, payload);
-            let (entry, stamp) = decode_entry(record.clone(), false).unwrap();
+            let (entry, stamp) = decode_entry(&record, false).unwrap();
             assert_eq!(entry, Entry::Inline(payload.to_vec()));
             let head = head_of(&record, false).unwrap();
             assert_eq!(head.payload_len, payload.len() as u64);
@@ -990,12 +986,12 @@ mod tests {
         let id = MessageId([3; 16]);
         let rec = encode_inline(&id, 5, b"hi");
         assert_eq!(
-            decode_entry(rec, false),
+            decode_entry(&rec, false),
             Ok((Entry::Inline(b"hi".to_vec()), Some(5)))
         );
         let rec = encode_shared(&id, 6, 7, 1_000);
         assert_eq!(
-            decode_entry(rec.clone(), false),
+            decode_entry(&rec, false),
             Ok((
                 Entry::Shared {
                     blob: 7,
@@ -1004,9 +1000,9 @@ mod tests {
                 Some(6)
             ))
         );
-        assert!(decode_entry(rec[..30].to_vec(), false).is_err());
-        assert!(decode_entry(vec![9; 40], false).is_err());
-        assert!(decode_entry(vec![0; 3], false).is_err());
+        assert!(decode_entry(&rec[..30], false).is_err());
+        assert!(decode_entry(&[9; 40], false).is_err());
+        assert!(decode_entry(&[0; 3], false).is_err());
         let f = Fence {
             epoch: 4,
             accepted: vec![[5; COMMIT_DIGEST_BYTES]],
@@ -1056,7 +1052,7 @@ mod tests {
         let mut record = vec![3; MESSAGE_ID_BYTES];
         record.extend_from_slice(b"payload");
         assert_eq!(
-            decode_entry(record, true),
+            decode_entry(&record, true),
             Ok((Entry::Inline(b"payload".to_vec()), None))
         );
     }

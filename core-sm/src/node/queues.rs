@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use crate::error::ServiceError;
 use crate::limits;
-use crate::store::{Batch, Store};
+use crate::store::{Batch, Store, run_key};
 use crate::time::Time;
 use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId};
 
@@ -356,9 +356,47 @@ impl<S: Store> NodeService<S> {
         }
         let mut batch = Batch::upkeep();
         let mut drops = BlobDrops::default();
-        for seq in meta.head..=after_seq {
+        // Records from before the queue's short id, one at a time.
+        let short_from = if meta.qid == 0 {
+            after_seq + 1
+        } else {
+            meta.short_from.clamp(meta.head, after_seq + 1)
+        };
+        for seq in meta.head..short_from {
             let entry = self.drop_entry(queue, &meta, seq, &mut batch, &mut drops)?;
             meta.bytes = meta.bytes.saturating_sub(entry.payload_len);
+        }
+        // The short-keyed ones as one run: their heads, not their payloads.
+        if short_from <= after_seq {
+            let prefix = layout::short_entries_prefix(&meta);
+            let mut next = short_from;
+            let mut failed = None;
+            let mut freed = 0u64;
+            self.store
+                .get_run(&prefix, short_from, after_seq + 1, &mut |seq, record| {
+                    let head = &record[..record.len().min(layout::ENTRY_HEAD_BYTES)];
+                    match layout::decode_entry_head(head, record.len(), false) {
+                        Ok(entry) => {
+                            drops.count(entry.blob);
+                            freed = freed.saturating_add(entry.payload_len);
+                            batch.delete(run_key(&prefix, seq));
+                            next = seq + 1;
+                            true
+                        }
+                        Err(e) => {
+                            failed = Some(corrupt(e));
+                            false
+                        }
+                    }
+                })
+                .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if next <= after_seq {
+                return Err(ServiceError::internal("queued message record missing"));
+            }
+            meta.bytes = meta.bytes.saturating_sub(freed);
         }
         meta.head = after_seq + 1;
         self.finish_drops(drops, &mut batch)?;
@@ -417,7 +455,7 @@ impl<S: Store> NodeService<S> {
             .get(&key)?
             .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
         let (entry, stamp) =
-            layout::decode_entry(record, seq < meta.legacy_below).map_err(corrupt)?;
+            layout::decode_entry(&record, seq < meta.legacy_below).map_err(corrupt)?;
         Ok((key, entry, stamp))
     }
 

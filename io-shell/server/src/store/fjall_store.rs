@@ -252,7 +252,7 @@ impl Store for FjallStore {
         prefix: &[u8],
         from: u64,
         to: u64,
-        visit: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         let key_of = |seq: u64| run_key(prefix, seq);
         if from >= to || check_key(&key_of(from)).is_err() {
@@ -281,14 +281,15 @@ impl Store for FjallStore {
                 Some((k, _)) if k.as_ref() == key.as_slice() => next_disk.take().map(|(_, v)| v),
                 _ => None,
             };
-            let value = match overlay.and_then(|o| o.get(&key)) {
-                Some(written) => written.clone(),
-                None => stored.map(|v| v.to_vec()),
+            let more = match overlay.and_then(|o| o.get(&key)) {
+                Some(Some(written)) => visit(seq, written),
+                Some(None) => break,
+                None => match &stored {
+                    Some(value) => visit(seq, value),
+                    None => break,
+                },
             };
-            let Some(value) = value else {
-                break;
-            };
-            if !visit(seq, value) {
+            if !more {
                 break;
             }
         }
@@ -889,7 +890,7 @@ mod tests {
     fn run_of(s: &FjallStore, from: u64, to: u64, stop_after: usize) -> Vec<(u64, Vec<u8>)> {
         let mut got = Vec::new();
         s.get_run(b"p", from, to, &mut |seq, v| {
-            got.push((seq, v));
+            got.push((seq, v.to_vec()));
             got.len() < stop_after
         })
         .unwrap();

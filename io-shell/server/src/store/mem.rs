@@ -59,6 +59,18 @@ impl Store for SharedMemStore {
         self.lock().map_err(StoreError::read)?.get_head(key, head)
     }
 
+    fn get_run(
+        &self,
+        prefix: &[u8],
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .map_err(StoreError::read)?
+            .get_run(prefix, from, to, visit)
+    }
+
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.lock().map_err(StoreError::write)?.write(batch)
     }
