@@ -499,8 +499,10 @@ async fn serve_stream(
     if let Some(m) = &metrics {
         m.request(method, kind, received.elapsed());
     }
+    // Handed to quinn as it is: `write_all` would copy it into a buffer
+    // of its own (a whole fetch reply, up to a megabyte, once more).
     let write = async {
-        send.write_all(&bytes).await?;
+        send.write_chunk(bytes::Bytes::from(bytes)).await?;
         send.finish()?;
         Ok::<_, quinn::WriteError>(())
     };
