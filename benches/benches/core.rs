@@ -14,6 +14,10 @@ use quicproquo_benches::core_rig::{CoreRig, identity};
 use quicproquo_core::node::{RequestBody, Response};
 use quicproquo_core::types::ChannelId;
 
+/// qpq-server's allocator, so that allocations cost what they cost there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Messages enqueued before they are acknowledged in the enqueue-only
 /// bench: well under the default queue depth limit (10,000).
 const ENQUEUE_CHUNK: u64 = 1_000;

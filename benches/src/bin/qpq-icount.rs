@@ -18,6 +18,10 @@ use quicproquo_core::testing::{self, NodeWorld};
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId};
 use quicproquo_proto::{decode_request, encode_reply, encode_request};
 
+/// qpq-server's allocator, so that allocations cost what they cost there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Payload of every enqueue and KeyPackage: a typical MLS application
 /// message with padding.
 const PAYLOAD_BYTES: usize = 1024;
