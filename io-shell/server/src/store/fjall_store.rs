@@ -116,7 +116,7 @@ struct Turn {
 /// fjall's background threads (memtable flushes and compactions). One:
 /// with more, fjall 3.1's worker 0 passes each compaction message back to
 /// the queue for another worker and, while that one compacts, spins
-/// receiving it again (`worker_pool.rs`, `WorkerMessage::Compact`); see
+/// receiving it again (its `WorkerMessage::Compact`); see
 /// ARCHITECTURE.md, Storage.
 const FJALL_WORKER_THREADS: usize = 1;
 
