@@ -190,7 +190,9 @@ pub trait Store {
     /// lent to `visit`, until `visit` returns `false` or a key is absent. For
     /// the machine's queue reads, whose entries are consecutive. The
     /// default reads each key on its own; a store ordered by key reads the
-    /// run as one range.
+    /// run as one range. `visit` may read the store (a shared payload is
+    /// read from inside it), so a store must not hold a lock of its own
+    /// while it visits.
     fn get_run(
         &self,
         prefix: &[u8],

@@ -82,16 +82,6 @@ impl Store for SimStore {
         self.mem.get_head(key, head)
     }
 
-    fn get_run(
-        &self,
-        prefix: &[u8],
-        from: u64,
-        to: u64,
-        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        self.mem.get_run(prefix, from, to, visit)
-    }
-
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.mem.write(batch)
     }

@@ -59,18 +59,6 @@ impl Store for SharedMemStore {
         self.lock().map_err(StoreError::read)?.get_head(key, head)
     }
 
-    fn get_run(
-        &self,
-        prefix: &[u8],
-        from: u64,
-        to: u64,
-        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        self.lock()
-            .map_err(StoreError::read)?
-            .get_run(prefix, from, to, visit)
-    }
-
     fn write(&mut self, batch: Batch) -> Result<Lsn, StoreError> {
         self.lock().map_err(StoreError::write)?.write(batch)
     }
@@ -109,6 +97,7 @@ impl SyncHandle for MemSync {
 #[cfg(test)]
 mod tests {
     use quicproquo_core::node::{NodeConfig, NodeService, Output};
+    use quicproquo_core::store::run_key;
     use quicproquo_core::time::Time;
 
     use super::*;
@@ -121,6 +110,23 @@ mod tests {
 
     fn check(store: &SharedMemStore, key: &[u8], want: Option<&[u8]>) {
         assert_eq!(store.get(key).unwrap().as_deref(), want, "key {key:?}");
+    }
+
+    #[test]
+    fn a_run_lets_its_visitor_read_the_store() {
+        // The machine reads a shared payload from inside a run's visitor,
+        // so a run must not hold the store's lock while it visits.
+        let mut store = SharedMemStore::new();
+        put(&mut store, &run_key(b"p", 1), b"1");
+        put(&mut store, b"blob", b"shared");
+        let mut seen = Vec::new();
+        store
+            .get_run(b"p", 1, 2, &mut |seq, value| {
+                seen.push((seq, value.to_vec(), store.get(b"blob").unwrap()));
+                true
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(1, b"1".to_vec(), Some(b"shared".to_vec()))]);
     }
 
     #[tokio::test]
