@@ -193,6 +193,9 @@ const PREFILL_IN_FLIGHT: usize = 16;
 struct Run {
     /// Set when workers should stop starting operations.
     stop: AtomicBool,
+    /// Wakes the long-polling receivers when `stop` is set, so they end
+    /// with their histograms instead of being aborted in a wait.
+    stopped: tokio::sync::Notify,
     /// Set while operations count.
     measuring: AtomicBool,
     /// Operations left in count mode.
@@ -267,6 +270,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
     }
     let run = Arc::new(Run {
         stop: AtomicBool::new(false),
+        stopped: tokio::sync::Notify::new(),
         measuring: AtomicBool::new(config.count.is_some() || config.warmup.is_zero()),
         tickets: config.count.map(AtomicU64::new),
         ops: AtomicU64::new(0),
@@ -318,16 +322,11 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         start.elapsed()
     };
     run.stop.store(true, Ordering::Relaxed);
+    run.stopped.notify_waiters();
     let mut hist = new_histogram();
-    for w in workers {
+    for w in workers.into_iter().chain(receivers) {
         hist.add(w.await.context("load worker panicked")?)
             .context("merging histograms")?;
-    }
-    for r in receivers {
-        r.abort();
-        if let Ok(h) = r.await {
-            hist.add(h).context("merging histograms")?;
-        }
     }
     bar.finish_and_clear();
     let after = scrape_opt(&config).await?;
@@ -597,17 +596,25 @@ async fn receive(c: Conn, run: Arc<Run>, limit: u32, timed: bool) -> Histogram<u
     let mut hist = new_histogram();
     let mut cursor = 0u64;
     loop {
-        match c
-            .client
-            .fetch_wait(
+        // Listening before the flag is read, so a stop set in between
+        // still wakes the wait below.
+        let stopped = run.stopped.notified();
+        tokio::pin!(stopped);
+        stopped.as_mut().enable();
+        if run.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let fetched = tokio::select! {
+            fetched = c.client.fetch_wait(
                 c.me,
                 ChannelId::DEFAULT,
                 cursor,
                 limit,
                 FETCH_WAIT_TIMEOUT_MS,
-            )
-            .await
-        {
+            ) => fetched,
+            () = &mut stopped => break,
+        };
+        match fetched {
             Ok(f) if !timed => {
                 if let Some(last) = f.messages.last() {
                     cursor = last.seq;
