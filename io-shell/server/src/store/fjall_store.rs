@@ -432,7 +432,7 @@ impl FjallStore {
     /// `statvfs` (a path walk and a sum over the filesystem's per-CPU
     /// counters); run for every batch, it took about a tenth of the
     /// server's CPU per enqueue (`benches/ab.sh`: 31-36 against 28-30 µs).
-    fn free_bytes(&mut self, bytes: u64) -> std::io::Result<u64> {
+    fn free_space(&mut self, bytes: u64) -> std::io::Result<u64> {
         if !self.refusing
             && let Some(free) = self
                 .space
@@ -458,7 +458,7 @@ impl FjallStore {
         if self.reserve_bytes == 0 {
             return Ok(());
         }
-        let free_bytes = match self.free_bytes(bytes) {
+        let free_bytes = match self.free_space(bytes) {
             Ok(free) => free,
             Err(e) => {
                 tracing::debug!(db = %self.path.display(), error = %e, "free space unknown");
