@@ -79,6 +79,16 @@ impl StoreError {
             detail: detail.to_string(),
         }
     }
+
+    /// The store rolled back the turn this operation belonged to
+    /// ([`StoreErrorKind::Aborted`]).
+    pub fn aborted(op: StoreOp, detail: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            op,
+            kind: StoreErrorKind::Aborted,
+            detail: detail.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Display for StoreError {
@@ -86,6 +96,9 @@ impl std::fmt::Display for StoreError {
         match self.kind {
             StoreErrorKind::Failed => write!(f, "storage {} failed: {}", self.op, self.detail),
             StoreErrorKind::Full => write!(f, "storage {} refused: {}", self.op, self.detail),
+            StoreErrorKind::Aborted => {
+                write!(f, "storage {} rolled back: {}", self.op, self.detail)
+            }
         }
     }
 }
@@ -101,6 +114,14 @@ pub enum StoreErrorKind {
     /// The store refused a write for lack of space before applying any of
     /// it. It is intact, and takes writes again once space is freed.
     Full,
+    /// A store shared with other machines ([`Store::shared`]) rolled back
+    /// the shell's current turn: it conflicted with another machine's
+    /// writes, or the connection to the database failed. Nothing the turn
+    /// wrote is kept (after a failed commit, perhaps all of it is); every
+    /// further read and write of the turn fails the same way. The store is
+    /// intact and takes the next turn; the shell tells the machine
+    /// ([`crate::node::NodeService::handle_turn_aborted`]).
+    Aborted,
 }
 
 /// The operation of a [`StoreError`].
@@ -227,6 +248,17 @@ pub trait Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Records, StoreError>;
+
+    /// True if other machines write this store too (several server nodes
+    /// over one database). The machine then keeps nothing it read from
+    /// the store beyond the request that read it: no cached queue
+    /// counters, and the next shared-payload and queue numbers are read
+    /// where they are needed. The store must then make each turn of the
+    /// shell serializable against the other machines' turns, and roll a
+    /// turn back ([`StoreErrorKind::Aborted`]) where it cannot.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// The key of seq `seq` in a run under `prefix` ([`Store::get_run`]).

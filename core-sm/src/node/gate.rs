@@ -134,6 +134,32 @@ impl ReplyGate {
         }
     }
 
+    /// The store rolled back every batch after `kept`: the replies held
+    /// for those batches go out as `error` instead. Later batches get
+    /// higher `Lsn`s, so a sync that covers them covers the rolled-back
+    /// ones too, which by then hold nothing back.
+    pub(super) fn rolled_back(&mut self, kept: Lsn, error: &ServiceError) {
+        let mut still_held = VecDeque::with_capacity(self.held.len());
+        for (lsn, out) in self.held.drain(..) {
+            if lsn <= kept {
+                still_held.push_back((lsn, out));
+                continue;
+            }
+            let out = match out {
+                Output::Reply {
+                    conn, request_id, ..
+                } => Output::Reply {
+                    conn,
+                    request_id,
+                    reply: Err(error.clone()),
+                },
+                other => other,
+            };
+            self.ready.push_back(out);
+        }
+        self.held = still_held;
+    }
+
     /// The next output to hand to the shell.
     pub(super) fn poll(&mut self) -> Option<Output> {
         self.ready.pop_front()

@@ -393,6 +393,18 @@ impl<S: Store> NodeService<S> {
         self.gate.synced(lsn);
     }
 
+    /// The shell's turn was rolled back by a store shared with other
+    /// machines ([`crate::store::StoreErrorKind::Aborted`]): nothing written
+    /// after `kept` (the last batch the store still holds) survives. Every
+    /// reply still held for those writes — the turn's own, and those of
+    /// long-polls its enqueues woke — turns into a retryable `unavailable`
+    /// error, and the queue counters the machine remembers are forgotten.
+    /// The machine takes the next turn as usual.
+    pub fn handle_turn_aborted(&mut self, _now: Time, kept: Lsn, reason: &str) {
+        self.counters.clear();
+        self.gate.rolled_back(kept, &turn_aborted(reason));
+    }
+
     /// Syncing failed: the machine stops taking writes, and every reply still
     /// waiting for durability becomes `unavailable` (the request may or may
     /// not have been applied; enqueue retries are idempotent).
@@ -600,6 +612,10 @@ impl<S: Store> NodeService<S> {
         match self.store.write(batch) {
             Ok(lsn) => {
                 self.gate.written(lsn);
+                // Other machines write a shared store's counters too.
+                if self.store.shared() {
+                    counters.clear();
+                }
                 for (queue, meta) in counters {
                     match meta {
                         Some(meta) => {
@@ -626,6 +642,14 @@ impl<S: Store> NodeService<S> {
             }) => Err(ServiceError::unavailable(
                 "the server's disk is full: nothing was stored; try again later",
             )),
+            // The shell's turn was rolled back (a shared store): this
+            // request fails like every other of the turn, and the shell
+            // tells the machine when the turn ends.
+            Err(StoreError {
+                kind: StoreErrorKind::Aborted,
+                detail,
+                ..
+            }) => Err(turn_aborted(&detail)),
             Err(e) => {
                 self.fail(&e.detail);
                 Err(ServiceError::unavailable(e.to_string()))
@@ -688,6 +712,13 @@ fn check_list<'a, T: std::hash::Hash + Eq + 'a>(
 
 fn corrupt(Corrupt(what): Corrupt) -> ServiceError {
     ServiceError::internal(format!("stored record does not decode: {what}"))
+}
+
+/// The answer to a request whose turn a shared store rolled back.
+fn turn_aborted(reason: &str) -> ServiceError {
+    ServiceError::unavailable(format!(
+        "the database rolled this request back ({reason}); send it again"
+    ))
 }
 
 #[cfg(test)]

@@ -230,6 +230,12 @@ impl<S: Store> NodeService<S> {
             }
         }
         // A queue written for the first time in format 4 gets its short id.
+        // Another machine on a shared store may have numbered queues and
+        // payloads since: read the counters where they are used.
+        if self.store.shared() {
+            self.next_qid = self.stored_counter(layout::queue_next_key(), 1)?;
+            self.next_blob = self.stored_counter(layout::blob_next_key(), 0)?;
+        }
         let mut next_qid = self.next_qid;
         for (meta, (entries, _)) in metas.iter_mut().zip(&adds) {
             if *entries > 0 && meta.qid == 0 {
@@ -557,6 +563,15 @@ impl<S: Store> NodeService<S> {
         let meta = self.queue_meta(queue)?;
         check_cursor(&meta, after_seq)?;
         Ok(meta)
+    }
+
+    /// The number stored under `key` (one of the machine's counters), or
+    /// `absent` if it was never written.
+    fn stored_counter(&self, key: Vec<u8>, absent: u64) -> Result<u64, ServiceError> {
+        match self.get(&key)? {
+            Some(v) => layout::decode_seq(&v).map_err(corrupt),
+            None => Ok(absent),
+        }
     }
 
     pub(super) fn queue_meta(&self, q: &QueueId) -> Result<QueueMeta, ServiceError> {

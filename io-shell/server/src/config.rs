@@ -129,6 +129,10 @@ config_keys! {
     data_dir: PathBuf, env = "QPQ_DATA_DIR";
     /// `fsync` (answer after data is on disk) or `buffered` (answer at once, sync at most every 50 ms; a crash may lose acknowledged messages) [default: fsync].
     durability: String, env = "QPQ_DURABILITY";
+    /// `fjall` (the embedded database in data_dir) or `postgres` (a PostgreSQL database at postgres_url, which several qpq-server nodes may share) [default: fjall].
+    storage: String, env = "QPQ_STORAGE";
+    /// PostgreSQL connection string for storage = "postgres", e.g. `postgres://qpq:secret@db.example:5432/qpq` or `host=/run/postgresql dbname=qpq`; without TLS, so keep it on loopback, a Unix socket or a trusted network.
+    postgres_url: String, env = "QPQ_POSTGRES_URL";
     /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info,fjall=warn,lsm_tree=warn].
     log: String, env = "QPQ_LOG";
     /// Bytes kept free on the database's filesystem: writes that add data are refused (`unavailable`, "disk is full") rather than go below it; 0 turns the check off [default: 268435456].
@@ -220,6 +224,32 @@ pub enum ConfigError {
     },
 }
 
+/// Where the machine's state is stored.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// The embedded fjall database, `<data_dir>/qpq.db`.
+    Fjall,
+    /// A PostgreSQL database, shared by every node configured with it.
+    Postgres {
+        /// The connection string (may hold a password: show it through
+        /// [`crate::store::postgres::redact_url`]).
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Fjall => f.write_str("Fjall"),
+            // The URL may hold a password.
+            Storage::Postgres { url } => f
+                .debug_struct("Postgres")
+                .field("url", &crate::store::postgres::redact_url(url))
+                .finish(),
+        }
+    }
+}
+
 /// The resolved configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -227,6 +257,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// The storage backend.
+    pub storage: Storage,
     /// Bytes kept free on the database's filesystem (0: not checked).
     pub storage_reserve_bytes: u64,
     /// Log filter.
@@ -324,6 +356,29 @@ impl ServerConfig {
                 });
             }
         };
+        let storage = match (c.storage.as_deref().unwrap_or("fjall"), c.postgres_url) {
+            ("fjall", None) => Storage::Fjall,
+            ("fjall", Some(_)) => {
+                return Err(ConfigError::Value {
+                    key: "postgres_url",
+                    message: "is set, but storage is `fjall`; set storage = \"postgres\" to use it"
+                        .into(),
+                });
+            }
+            ("postgres", Some(url)) if !url.trim().is_empty() => Storage::Postgres { url },
+            ("postgres", _) => {
+                return Err(ConfigError::Value {
+                    key: "postgres_url",
+                    message: "storage = \"postgres\" needs a connection string".into(),
+                });
+            }
+            (other, _) => {
+                return Err(ConfigError::Value {
+                    key: "storage",
+                    message: format!("`{other}`: expected `fjall` or `postgres`"),
+                });
+            }
+        };
         let tls = match (c.tls_cert, c.tls_key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -389,6 +444,7 @@ impl ServerConfig {
             data_dir: c
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            storage,
             storage_reserve_bytes: c
                 .storage_reserve_bytes
                 .unwrap_or(DEFAULT_STORAGE_RESERVE_BYTES),
@@ -518,6 +574,7 @@ mod tests {
         let defaults = ServerConfig::resolve(FileConfig::default()).unwrap();
         assert_eq!(from_file.listen, defaults.listen);
         assert_eq!(from_file.data_dir, defaults.data_dir);
+        assert_eq!(from_file.storage, Storage::Fjall);
         assert_eq!(
             from_file.storage_reserve_bytes,
             defaults.storage_reserve_bytes
@@ -526,6 +583,40 @@ mod tests {
         assert_eq!(from_file.metrics_listen, defaults.metrics_listen);
         assert_eq!(from_file.transport, defaults.transport);
         assert_eq!(from_file.node, defaults.node);
+    }
+
+    #[test]
+    fn postgres_storage_needs_its_url_and_only_it_takes_one() {
+        let c = ServerConfig::resolve(FileConfig {
+            storage: Some("postgres".into()),
+            postgres_url: Some("postgres://qpq@127.0.0.1/qpq".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            Storage::Postgres {
+                url: "postgres://qpq@127.0.0.1/qpq".into()
+            }
+        );
+        let e = ServerConfig::resolve(FileConfig {
+            storage: Some("postgres".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("postgres_url"), "{e}");
+        let e = ServerConfig::resolve(FileConfig {
+            postgres_url: Some("postgres://x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("storage"), "{e}");
+        let e = ServerConfig::resolve(FileConfig {
+            storage: Some("sqlite".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`sqlite`"), "{e}");
     }
 
     #[test]

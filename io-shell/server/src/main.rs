@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use quicproquo_core::node::NodeService;
-use quicproquo_server::config::{Args, ServerConfig};
+use quicproquo_core::node::{Durability, NodeConfig, NodeService};
+use quicproquo_server::config::{Args, ServerConfig, Storage};
 use quicproquo_server::metrics;
 use quicproquo_server::observe::{Metrics, Observer};
+use quicproquo_server::store::ShellStore;
 use quicproquo_server::store::fjall_store::FjallStore;
+use quicproquo_server::store::postgres::{self, PgOptions, PgStore};
 use quicproquo_server::{endpoint, serve, tls};
 use rand_core::{OsRng, RngCore};
 
@@ -47,18 +49,52 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         tracing::info!(path = %identity.cert_path.display(), "generated a self-signed certificate");
     }
     let fingerprint = quicproquo_core::types::hex(&identity.fingerprint());
-    let db_path = config.db_path();
-    let store = FjallStore::open(&db_path)
-        .with_context(|| format!("opening database {}", db_path.display()))?
-        .with_reserve(config.storage_reserve_bytes);
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
-    let node = NodeService::new(config.node.clone(), seed, store)
-        .with_context(|| format!("opening database {}", db_path.display()))?;
+    match &config.storage {
+        Storage::Fjall => {
+            let db_path = config.db_path();
+            let store = FjallStore::open(&db_path)
+                .with_context(|| format!("opening database {}", db_path.display()))?
+                .with_reserve(config.storage_reserve_bytes);
+            let node = NodeService::new(config.node.clone(), seed, store)
+                .with_context(|| format!("opening database {}", db_path.display()))?;
+            let db = db_path.display().to_string();
+            serve_node(&config, &identity, &fingerprint, node, &db).await
+        }
+        Storage::Postgres { url } => {
+            let db = postgres::redact_url(url);
+            let options = PgOptions {
+                url: url.clone(),
+                synchronous_commit: config.node.durability == Durability::Fsync,
+            };
+            let store = tokio::task::block_in_place(|| PgStore::open(options))
+                .with_context(|| format!("opening the PostgreSQL store at {db}"))?;
+            // Replies wait for their turn's commit whatever the durability:
+            // a turn the database rolls back must not have answered anyone.
+            // `durability` sets the sessions' synchronous_commit instead.
+            let node_config = NodeConfig {
+                durability: Durability::Fsync,
+                ..config.node.clone()
+            };
+            let node = NodeService::new(node_config, seed, store)
+                .with_context(|| format!("opening the PostgreSQL store at {db}"))?;
+            serve_node(&config, &identity, &fingerprint, node, &db).await
+        }
+    }
+}
 
+/// Serves `node` (its store opened as `db` names) until shutdown.
+async fn serve_node<S: ShellStore>(
+    config: &ServerConfig,
+    identity: &tls::TlsIdentity,
+    fingerprint: &str,
+    node: NodeService<S>,
+    db: &str,
+) -> anyhow::Result<()> {
     let socket =
         UdpSocket::bind(config.listen).with_context(|| format!("binding UDP {}", config.listen))?;
-    let server_config = endpoint::server_config(&identity, &config.transport)?;
+    let server_config = endpoint::server_config(identity, &config.transport)?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config),
@@ -71,7 +107,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     println!("certificate SHA-256 fingerprint: {fingerprint}");
     tracing::info!(
         %addr,
-        db = %db_path.display(),
+        db,
         durability = ?config.node.durability,
         "qpq-server started"
     );
@@ -101,8 +137,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         // the database recovers it (ARCHITECTURE.md § Storage).
         anyhow::bail!(
             "qpq-server stopped after a storage failure (logged above); starting it again \
-             recovers the database {}",
-            db_path.display()
+             recovers the database {db}"
         );
     }
     tracing::info!(

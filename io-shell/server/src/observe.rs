@@ -123,6 +123,7 @@ pub struct Metrics {
     fsyncs: Counter,
     fsync_batches: Histogram,
     sync_failures: Counter,
+    turns_aborted: Counter,
     swept_messages: Counter,
     swept_fences: Counter,
     commands_queued: Gauge,
@@ -174,6 +175,12 @@ impl Metrics {
             "qpq_sync_failures",
             "Failed syncs (the server refuses writes after the first)",
             sync_failures.clone(),
+        );
+        let turns_aborted = Counter::default();
+        registry.register(
+            "qpq_turns_aborted",
+            "Turns of the service task the shared database (storage = \"postgres\") rolled back; their requests were answered `unavailable`",
+            turns_aborted.clone(),
         );
         let swept_messages = Counter::default();
         registry.register(
@@ -228,6 +235,7 @@ impl Metrics {
             fsyncs,
             fsync_batches,
             sync_failures,
+            turns_aborted,
             swept_messages,
             swept_fences,
             commands_queued,
@@ -266,6 +274,11 @@ impl Metrics {
     /// A sync failed.
     pub fn sync_failed(&self) {
         self.sync_failures.inc();
+    }
+
+    /// A shared database rolled a turn back.
+    pub fn turn_aborted(&self) {
+        self.turns_aborted.inc();
     }
 
     /// One step of the background sweep dropped `messages` expired messages

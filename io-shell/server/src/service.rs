@@ -369,19 +369,21 @@ impl<S: ShellStore> Service<S> {
                     for cmd in commands.drain(..) {
                         self.handle(cmd);
                     }
-                    if let Err(e) = self.node.store_mut().end_turn() {
-                        tracing::error!(error = %e, "storage write failed; refusing writes from now on");
-                        let now = self.now();
-                        self.node.handle_sync_failed(now, &e.to_string());
-                    }
+                    self.end_turn();
                 }
                 () = sleep_until(timer), if timer.is_some() => {
                     let now = self.now();
+                    self.node.store_mut().begin_turn();
                     self.node.handle_timeout(now);
+                    self.end_turn();
                 }
                 _ = tick(&mut sweep), if sweep.is_some() && open => {
                     let now = self.now();
+                    // A turn of its own: over a shared store its reads and
+                    // writes must be one transaction.
+                    self.node.store_mut().begin_turn();
                     let swept = self.node.handle_sweep(now);
+                    self.end_turn();
                     if let Some(m) = &self.metrics {
                         m.swept(swept.expired, swept.fences_deleted as u64);
                     }
@@ -401,6 +403,28 @@ impl<S: ShellStore> Service<S> {
             self.drain();
         }
         self.stats
+    }
+
+    /// Closes the store's turn. A turn a shared store rolled back is told
+    /// to the machine (its requests are answered `unavailable`, to be sent
+    /// again); any other failure is a failure of the store.
+    fn end_turn(&mut self) {
+        match self.node.store_mut().end_turn() {
+            Ok(()) => {}
+            Err(StorageError::TurnAborted { kept, reason }) => {
+                tracing::debug!(reason, "turn rolled back");
+                if let Some(m) = &self.metrics {
+                    m.turn_aborted();
+                }
+                let now = self.now();
+                self.node.handle_turn_aborted(now, kept, &reason);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "storage write failed; refusing writes from now on");
+                let now = self.now();
+                self.node.handle_sync_failed(now, &e.to_string());
+            }
+        }
     }
 
     fn handle(&mut self, cmd: Command) {

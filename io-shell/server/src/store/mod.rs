@@ -30,9 +30,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 pub mod fjall_store;
 pub mod mem;
+pub mod postgres;
 
 pub use fjall_store::{FjallStore, FjallSync};
 pub use mem::{MemSync, SharedMemStore};
+pub use postgres::{PgOptions, PgStore, PgSync};
 
 /// A failure of the server's storage.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,19 @@ pub enum StorageError {
     /// The in-memory store's lock is poisoned: a thread panicked inside it.
     #[error("the in-memory store's lock is poisoned")]
     MemPoisoned,
+    /// The PostgreSQL store could not be opened (connection, schema).
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// A store shared with other nodes rolled the turn back: nothing it
+    /// wrote after `kept` is stored. Not a failure of the store; the shell
+    /// tells the machine (`NodeService::handle_turn_aborted`) and goes on.
+    #[error("the turn was rolled back: {reason}")]
+    TurnAborted {
+        /// The last batch the store still holds.
+        kept: Lsn,
+        /// Why, in the database's terms.
+        reason: String,
+    },
 }
 
 /// Makes written batches durable. Cheap to clone; one clone lives in the

@@ -1,0 +1,429 @@
+//! The PostgreSQL store ([`PgStore`]) under the real NodeService machine,
+//! driven in turns like the shell drives it: its key-value operations, the
+//! machine's requests and a restart, and two machines (two nodes) over one
+//! database whose turns conflict, where PostgreSQL rolls one back, the
+//! machine answers it `unavailable`, and the retry lands with the next seq
+//! (no gap, no seq given twice, no KeyPackage handed out twice).
+//!
+//! Needs a PostgreSQL server: `QPQ_TEST_POSTGRES_URL` names one whose user
+//! may create databases (`.ci/postgres.sh start` makes a throwaway cluster
+//! and prints it); each test makes a database of its own. Without it the
+//! tests say so and pass, unless `QPQ_POSTGRES_TESTS=require` (set by
+//! `.ci/run`).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use ed25519_dalek::{Signer, SigningKey};
+use quicproquo_core::limits::AUTH_VERSION;
+use quicproquo_core::node::{
+    Durability, NodeConfig, NodeService, Output, Reply, Request, RequestBody, Response,
+    auth_message,
+};
+use quicproquo_core::store::{Batch, Store, run_key};
+use quicproquo_core::time::Time;
+use quicproquo_core::types::{
+    ChannelId, ConnectionId, IdentityKey, MessageId, RequestId, Signature,
+};
+use quicproquo_core::{ErrorKind, ServiceError};
+use quicproquo_server::store::postgres::{PgOptions, PgStore, PgSync};
+use quicproquo_server::store::{ShellStore, StorageError};
+
+const TLS_EXPORTER: [u8; 32] = [7; 32];
+const CONN: ConnectionId = ConnectionId(1);
+
+/// A fresh database on the test server, or `None` (with a note) if there
+/// is no server and none is required.
+fn database() -> Option<String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let Ok(url) = std::env::var("QPQ_TEST_POSTGRES_URL") else {
+        if std::env::var("QPQ_POSTGRES_TESTS").as_deref() == Ok("require") {
+            panic!("QPQ_POSTGRES_TESTS=require but QPQ_TEST_POSTGRES_URL is not set");
+        }
+        eprintln!("skipped: no QPQ_TEST_POSTGRES_URL (start one with `.ci/postgres.sh start`)");
+        return None;
+    };
+    let name = format!(
+        "qpq_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = url.clone();
+    let create = name.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("connect to QPQ_TEST_POSTGRES_URL");
+            tokio::spawn(connection);
+            // One statement each: a multi-statement string is one
+            // transaction, where these cannot run.
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {create}"),
+                format!("CREATE DATABASE {create}"),
+            ] {
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .expect("create the test database");
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    // postgres://user@host:port/db -> the same with the new database.
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}
+
+fn open(url: &str) -> PgStore {
+    PgStore::open(PgOptions {
+        url: url.to_owned(),
+        synchronous_commit: true,
+    })
+    .unwrap()
+}
+
+/// One node: the machine over a [`PgStore`], one authenticated connection,
+/// each call one turn of its own unless [`Node::begin`] opened one.
+struct Node {
+    node: NodeService<PgStore>,
+    sync: PgSync,
+    next_request: u64,
+    in_turn: bool,
+}
+
+impl Node {
+    fn start(url: &str, seed: u8) -> Node {
+        let store = open(url);
+        let sync = store.sync_handle();
+        let config = NodeConfig {
+            durability: Durability::Fsync,
+            ..NodeConfig::default()
+        };
+        let mut node = NodeService::new(config, [seed; 32], store).unwrap();
+        node.handle_connection_opened(Time::ZERO, CONN, TLS_EXPORTER)
+            .unwrap();
+        Node {
+            node,
+            sync,
+            next_request: 0,
+            in_turn: false,
+        }
+    }
+
+    /// Opens a turn that [`Node::end`] closes.
+    fn begin(&mut self) {
+        assert!(!self.in_turn);
+        self.in_turn = true;
+        self.node.store_mut().begin_turn();
+    }
+
+    /// Hands a request to the machine inside the open turn.
+    fn submit(&mut self, body: RequestBody) -> RequestId {
+        assert!(self.in_turn);
+        self.next_request += 1;
+        let id = RequestId(self.next_request);
+        self.node.handle_request(
+            Time::ZERO,
+            CONN,
+            id,
+            Request {
+                auth_version: AUTH_VERSION,
+                body,
+            },
+        );
+        id
+    }
+
+    /// Closes the turn as the shell does and returns the replies that left,
+    /// and whether the turn was rolled back.
+    fn end(&mut self) -> (Vec<(RequestId, Reply)>, bool) {
+        assert!(self.in_turn);
+        self.in_turn = false;
+        let aborted = match self.node.store_mut().end_turn() {
+            Ok(()) => false,
+            Err(StorageError::TurnAborted { kept, reason }) => {
+                self.node.handle_turn_aborted(Time::ZERO, kept, &reason);
+                true
+            }
+            Err(e) => panic!("store failed: {e}"),
+        };
+        self.node.handle_synced(Time::ZERO, self.sync.settled());
+        let mut replies = Vec::new();
+        while let Some(out) = self.node.poll_output() {
+            if let Output::Reply {
+                request_id, reply, ..
+            } = out
+            {
+                replies.push((request_id, reply));
+            }
+        }
+        (replies, aborted)
+    }
+
+    fn call(&mut self, body: RequestBody) -> Reply {
+        self.begin();
+        let id = self.submit(body);
+        let (replies, _) = self.end();
+        assert_eq!(replies.len(), 1, "one reply per call: {replies:?}");
+        assert_eq!(replies[0].0, id);
+        replies.into_iter().next().unwrap().1
+    }
+
+    fn authenticate(&mut self, key: &SigningKey) {
+        let Ok(Response::AuthChallenge { nonce }) = self.call(RequestBody::AuthChallenge) else {
+            panic!("no challenge");
+        };
+        let identity_key = IdentityKey(key.verifying_key().to_bytes());
+        let message = auth_message(&identity_key, &nonce, &TLS_EXPORTER);
+        let signature = Signature(key.sign(&message).to_bytes());
+        let reply = self.call(RequestBody::Authenticate {
+            identity_key,
+            signature,
+        });
+        assert_eq!(reply, Ok(Response::Authenticated));
+    }
+}
+
+fn identity(key: &SigningKey) -> IdentityKey {
+    IdentityKey(key.verifying_key().to_bytes())
+}
+
+fn enqueue(to: IdentityKey, id: u8, payload: &[u8]) -> RequestBody {
+    RequestBody::Enqueue {
+        recipient_key: to,
+        channel_id: ChannelId::DEFAULT,
+        payload: payload.to_vec(),
+        message_id: MessageId([id; 16]),
+    }
+}
+
+fn fetch(of: IdentityKey, after_seq: u64) -> RequestBody {
+    RequestBody::Fetch {
+        recipient_key: of,
+        channel_id: ChannelId::DEFAULT,
+        after_seq,
+        limit: 100,
+    }
+}
+
+fn seq_of(reply: &Reply) -> u64 {
+    match reply {
+        Ok(Response::Enqueued { seq }) => *seq,
+        other => panic!("expected a seq, got {other:?}"),
+    }
+}
+
+fn payloads(reply: Reply) -> Vec<(u64, Vec<u8>)> {
+    match reply {
+        Ok(Response::Messages { messages, .. }) => {
+            messages.into_iter().map(|m| (m.seq, m.payload)).collect()
+        }
+        other => panic!("expected messages, got {other:?}"),
+    }
+}
+
+fn is_rolled_back(reply: &Reply) -> bool {
+    matches!(reply, Err(ServiceError { kind: ErrorKind::Unavailable, message, .. }) if message.contains("rolled this request back"))
+}
+
+#[test]
+fn the_key_value_map_reads_what_was_written_in_key_order() {
+    let Some(url) = database() else { return };
+    let mut store = open(&url);
+    let mut b = Batch::new();
+    for seq in [3u64, 1, 2, 5] {
+        b.put(run_key(b"run/", seq), vec![seq as u8; 300]);
+    }
+    b.put(b"other".to_vec(), b"x".to_vec());
+    b.put(b"gone".to_vec(), b"y".to_vec());
+    b.delete(b"gone".to_vec());
+    let first = store.write(b).unwrap();
+    assert_eq!(store.get(b"other").unwrap(), Some(b"x".to_vec()));
+    assert_eq!(
+        store.get(b"gone").unwrap(),
+        None,
+        "the batch's last op wins"
+    );
+    let mut head = [0u8; 4];
+    assert_eq!(
+        store.get_head(&run_key(b"run/", 2), &mut head).unwrap(),
+        Some(300)
+    );
+    assert_eq!(head, [2; 4]);
+    // A run stops at the first missing seq (4).
+    let mut seen = Vec::new();
+    store
+        .get_run(b"run/", 1, 10, &mut |seq, v| {
+            seen.push((seq, v.len()));
+            true
+        })
+        .unwrap();
+    assert_eq!(seen, vec![(1, 300), (2, 300), (3, 300)]);
+    // Scans: by prefix, after a key, bounded.
+    let keys = |r: Vec<(Vec<u8>, Vec<u8>)>| r.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(store.scan(b"run/", None, 10).unwrap()),
+        [1u64, 2, 3, 5].map(|s| run_key(b"run/", s)).to_vec()
+    );
+    assert_eq!(
+        keys(store.scan(b"run/", Some(&run_key(b"run/", 2)), 2).unwrap()),
+        vec![run_key(b"run/", 3), run_key(b"run/", 5)]
+    );
+    // A turn's writes are visible inside it and gone when it is rolled
+    // back; a batch number is never given twice.
+    store.begin_turn();
+    let mut b = Batch::new();
+    b.put(b"turn".to_vec(), b"1".to_vec());
+    let second = store.write(b).unwrap();
+    assert!(second > first);
+    assert_eq!(store.get(b"turn").unwrap(), Some(b"1".to_vec()));
+    store.end_turn().unwrap();
+    assert_eq!(store.get(b"turn").unwrap(), Some(b"1".to_vec()));
+    // Reopened, the data is there.
+    drop(store);
+    let store = open(&url);
+    assert_eq!(store.get(b"turn").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(store.get(b"other").unwrap(), Some(b"x".to_vec()));
+}
+
+#[test]
+fn the_machine_keeps_what_it_acknowledged_across_a_restart() {
+    let Some(url) = database() else { return };
+    let alice = SigningKey::from_bytes(&[1; 32]);
+    let mut node = Node::start(&url, 1);
+    node.authenticate(&alice);
+    let me = identity(&alice);
+    for i in 1..=5u8 {
+        assert_eq!(seq_of(&node.call(enqueue(me, i, &[i; 64]))), u64::from(i));
+    }
+    // A retried id is stored once.
+    assert_eq!(seq_of(&node.call(enqueue(me, 3, &[3; 64]))), 3);
+    drop(node);
+    let mut node = Node::start(&url, 2);
+    node.authenticate(&alice);
+    let got = payloads(node.call(fetch(me, 0)));
+    assert_eq!(
+        got,
+        (1..=5u8)
+            .map(|i| (u64::from(i), vec![i; 64]))
+            .collect::<Vec<_>>()
+    );
+    // Acknowledged (fetch after seq 3) messages are gone; seqs go on.
+    assert_eq!(payloads(node.call(fetch(me, 3))).len(), 2);
+    assert_eq!(seq_of(&node.call(enqueue(me, 9, b"next"))), 6);
+}
+
+#[test]
+fn two_nodes_conflicting_turn_is_rolled_back_and_its_retry_takes_the_next_seq() {
+    let Some(url) = database() else { return };
+    let alice = SigningKey::from_bytes(&[1; 32]);
+    let bob = SigningKey::from_bytes(&[2; 32]);
+    let carol = SigningKey::from_bytes(&[3; 32]);
+    let mut one = Node::start(&url, 1);
+    let mut two = Node::start(&url, 2);
+    one.authenticate(&alice);
+    two.authenticate(&bob);
+    let to = identity(&carol);
+    assert_eq!(seq_of(&one.call(enqueue(to, 1, b"first"))), 1);
+
+    // Node one's turn reads carol's queue (its snapshot begins) ...
+    one.begin();
+    let counted = one.submit(RequestBody::Enqueue {
+        recipient_key: identity(&alice),
+        channel_id: ChannelId::DEFAULT,
+        payload: b"to myself".to_vec(),
+        message_id: MessageId([7; 16]),
+    });
+    // ... node two enqueues to carol and commits ...
+    assert_eq!(seq_of(&two.call(enqueue(to, 2, b"from two"))), 2);
+    // ... and node one's enqueue to carol, from its older snapshot, cannot
+    // be ordered after it: PostgreSQL rolls the whole turn back.
+    let late = one.submit(enqueue(to, 3, b"from one"));
+    let (replies, aborted) = one.end();
+    assert!(aborted, "the turn was rolled back");
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    for (id, reply) in &replies {
+        assert!([counted, late].contains(id));
+        assert!(is_rolled_back(reply), "{reply:?}");
+    }
+    // Sent again, it lands after node two's, and node one's other request
+    // too; nothing of the rolled-back turn was kept.
+    assert_eq!(seq_of(&one.call(enqueue(to, 3, b"from one"))), 3);
+    assert_eq!(
+        seq_of(&one.call(RequestBody::Enqueue {
+            recipient_key: identity(&alice),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"to myself".to_vec(),
+            message_id: MessageId([7; 16]),
+        })),
+        1
+    );
+    let mut reader = Node::start(&url, 3);
+    reader.authenticate(&carol);
+    assert_eq!(
+        payloads(reader.call(fetch(to, 0))),
+        vec![
+            (1, b"first".to_vec()),
+            (2, b"from two".to_vec()),
+            (3, b"from one".to_vec())
+        ]
+    );
+}
+
+#[test]
+fn a_key_package_raced_for_by_two_nodes_is_handed_out_once() {
+    let Some(url) = database() else { return };
+    let owner = SigningKey::from_bytes(&[4; 32]);
+    let a = SigningKey::from_bytes(&[5; 32]);
+    let b = SigningKey::from_bytes(&[6; 32]);
+    let mut up = Node::start(&url, 1);
+    up.authenticate(&owner);
+    for i in 1..=2u8 {
+        let reply = up.call(RequestBody::UploadKeyPackage {
+            identity_key: identity(&owner),
+            package: vec![i; 100],
+            last_resort: false,
+        });
+        assert!(reply.is_ok(), "{reply:?}");
+    }
+    let mut one = Node::start(&url, 2);
+    let mut two = Node::start(&url, 3);
+    one.authenticate(&a);
+    two.authenticate(&b);
+    let pop = || RequestBody::FetchKeyPackage {
+        identity_key: identity(&owner),
+    };
+    // Node one's turn reads (its own queue: the turn's snapshot begins);
+    // node two pops a package and commits; then node one pops, from its
+    // older snapshot.
+    one.begin();
+    let counted = one.submit(fetch(identity(&a), 0));
+    let got_two = two.call(pop());
+    let first = one.submit(pop());
+    let (mut replies, aborted) = one.end();
+    replies.retain(|(id, _)| *id != counted);
+    let mut handed = Vec::new();
+    if let Ok(Response::KeyPackage { package, .. }) = &got_two {
+        handed.push(package.clone());
+    } else {
+        panic!("node two got no package: {got_two:?}");
+    }
+    // Node one's pop read the package node two had taken: rolled back.
+    assert!(aborted, "node one's pop was rolled back: {replies:?}");
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, first);
+    assert!(is_rolled_back(&replies[0].1), "{replies:?}");
+    let again = one.call(pop());
+    let Ok(Response::KeyPackage { package, .. }) = again else {
+        panic!("the retry got no package: {again:?}");
+    };
+    handed.push(package);
+    handed.sort();
+    handed.dedup();
+    assert_eq!(handed.len(), 2, "each package handed out once");
+}
