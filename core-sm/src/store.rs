@@ -259,6 +259,12 @@ pub trait Store {
     fn shared(&self) -> bool {
         false
     }
+
+    /// `queue` got new messages in the current turn. A shared store tells
+    /// the other machines once the turn is stored, so that their
+    /// long-polls on it wake ([`crate::node::NodeService::handle_queue_changed`]);
+    /// a store with one writer has nobody to tell.
+    fn changed(&mut self, _queue: &crate::types::QueueId) {}
 }
 
 /// The key of seq `seq` in a run under `prefix` ([`Store::get_run`]).

@@ -405,6 +405,22 @@ impl<S: Store> NodeService<S> {
         self.gate.rolled_back(kept, &turn_aborted(reason));
     }
 
+    /// Another machine sharing the store (another server node) added
+    /// messages to `queue`: the long-polls parked on it that now have
+    /// something to take are answered; the others stay parked.
+    pub fn handle_queue_changed(&mut self, _now: Time, queue: &QueueId) {
+        self.recheck_queue(queue);
+        self.gate.request_sync();
+    }
+
+    /// Changes by other machines sharing the store may have been missed
+    /// (their notifications were lost while the shell reconnected): every
+    /// parked long-poll is checked as if its queues had changed.
+    pub fn handle_changes_missed(&mut self, _now: Time) {
+        self.recheck_all();
+        self.gate.request_sync();
+    }
+
     /// Syncing failed: the machine stops taking writes, and every reply still
     /// waiting for durability becomes `unavailable` (the request may or may
     /// not have been applied; enqueue retries are idempotent).

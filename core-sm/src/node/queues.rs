@@ -327,6 +327,7 @@ impl<S: Store> NodeService<S> {
         for (queue, (entries, _)) in queues.iter().zip(&adds) {
             if *entries > 0 {
                 self.wake_waiters(queue);
+                self.store.changed(queue);
             }
         }
         Ok(seqs)

@@ -22,7 +22,7 @@ use crate::store::Store;
 use crate::time::Time;
 use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId, RequestId};
 
-use super::NodeService;
+use super::{NodeService, Response};
 
 /// A parked long-poll: a `fetchWait` (one cursor, answered with
 /// [`Response::Messages`](super::Response::Messages)) or a
@@ -183,6 +183,41 @@ impl<S: Store> NodeService<S> {
     pub(super) fn wake_waiters(&mut self, queue: &QueueId) {
         for (id, w) in self.waiters.take_queue(queue) {
             self.answer_waiter(id, w);
+        }
+    }
+
+    /// Another machine sharing the store added messages to `queue`:
+    /// answers the waiters parked on it that now have something to take
+    /// (messages after their cursors, or a gap), and leaves the others
+    /// parked — a change the waiter has already seen wakes nobody.
+    pub(super) fn recheck_queue(&mut self, queue: &QueueId) {
+        let woken = self.waiters.take_queue(queue);
+        self.recheck(woken);
+    }
+
+    /// Changes by other machines may have been missed (the shell lost its
+    /// notifications for a while): rechecks every parked waiter.
+    pub(super) fn recheck_all(&mut self) {
+        let all = self.waiters.take_all();
+        self.recheck(all);
+    }
+
+    fn recheck(&mut self, taken: Vec<(u64, Waiter)>) {
+        for (id, w) in taken {
+            let reply = self.answer(&w);
+            let nothing = match &reply {
+                Ok(Response::Messages { messages, gap, .. }) => {
+                    messages.is_empty() && gap.is_none()
+                }
+                Ok(Response::ChannelMessages { channels }) => channels.is_empty(),
+                _ => false,
+            };
+            self.unlink_waiter(w.conn, id);
+            if nothing {
+                self.park(w);
+            } else {
+                self.gate.reply(w.conn, w.request_id, reply);
+            }
         }
     }
 

@@ -29,7 +29,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::observe::{GaugeSnapshot, Metrics, Observer, ServiceGauges};
-use crate::store::{BUFFERED_SYNC_PAUSE, ShellStore, StorageError, SyncHandle, run_group_commit};
+use crate::store::{
+    BUFFERED_SYNC_PAUSE, Change, ShellStore, StorageError, SyncHandle, run_group_commit,
+};
 
 /// Commands queued for the service task before senders wait: deep enough to
 /// absorb bursts from thousands of streams, bounded so memory is too.
@@ -248,7 +250,15 @@ pub fn spawn<S: ShellStore>(
         Durability::Buffered => BUFFERED_SYNC_PAUSE,
     };
     let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx, pause));
+    // Over a store other nodes share, their enqueues wake this node's
+    // long-polls; the watch ends when the service drops `changes`.
+    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+    let changes = node.store().watch_changes(changes_tx).map(|watch| {
+        tokio::spawn(watch);
+        changes_rx
+    });
     let service = Service {
+        changes,
         node,
         rx,
         pending: HashMap::new(),
@@ -293,6 +303,8 @@ struct Pending {
 
 struct Service<S> {
     node: NodeService<S>,
+    /// What other nodes sharing the store changed, if it is shared.
+    changes: Option<mpsc::UnboundedReceiver<Change>>,
     rx: mpsc::Receiver<Command>,
     pending: HashMap<RequestId, Pending>,
     next_request: u64,
@@ -327,6 +339,7 @@ impl<S: ShellStore> Service<S> {
         // failed sync).
         let mut syncing = true;
         let mut commands = Vec::with_capacity(COMMANDS_PER_TURN_MAX);
+        let mut changes = Vec::new();
         // Run until every handle is gone and no reply still waits on disk.
         while open || self.node.held_reply_count() > 0 {
             let timer = self.node.poll_timeout().map(|t| self.instant(t));
@@ -370,6 +383,23 @@ impl<S: ShellStore> Service<S> {
                         self.handle(cmd);
                     }
                     self.end_turn();
+                }
+                n = recv_changes(&mut self.changes, &mut changes), if self.changes.is_some() => {
+                    if n == 0 {
+                        // The watch ended; long-polls still end by their
+                        // deadlines.
+                        self.changes = None;
+                    } else {
+                        let now = self.now();
+                        self.node.store_mut().begin_turn();
+                        for change in changes.drain(..) {
+                            match change {
+                                Change::Queue(queue) => self.node.handle_queue_changed(now, &queue),
+                                Change::Missed => self.node.handle_changes_missed(now),
+                            }
+                        }
+                        self.end_turn();
+                    }
                 }
                 () = sleep_until(timer), if timer.is_some() => {
                     let now = self.now();
@@ -531,6 +561,18 @@ fn wall_clock() -> Time {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     Time::from_micros(u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Up to [`COMMANDS_PER_TURN_MAX`] changes into `buf`; 0 once the watch
+/// has ended.
+async fn recv_changes(
+    changes: &mut Option<mpsc::UnboundedReceiver<Change>>,
+    buf: &mut Vec<Change>,
+) -> usize {
+    match changes {
+        Some(rx) => rx.recv_many(buf, COMMANDS_PER_TURN_MAX).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use quicproquo_client::{Client, ServerTrust};
-use quicproquo_core::node::{NodeConfig, NodeService};
+use quicproquo_core::node::{Durability, NodeConfig, NodeService};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -27,6 +27,7 @@ use crate::config::TransportLimits;
 use crate::observe::{Metrics, Observer};
 use crate::service::ServiceStats;
 use crate::store::fjall_store::FjallStore;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::{endpoint, serve, tls};
 
 /// The machine's nonce seed in every in-process server: runs start from an
@@ -41,6 +42,10 @@ pub struct Setup {
     pub limits: TransportLimits,
     /// The machine's configuration (durability, rate limits, ...).
     pub node: NodeConfig,
+    /// A PostgreSQL connection string: the server stores its state there
+    /// (`storage = "postgres"`) instead of in a fjall database in its data
+    /// directory. Several servers may share one.
+    pub postgres_url: Option<String>,
     /// Whether to keep the server's [`Metrics`] (what `metrics_listen`
     /// would serve), read with [`InProcessServer::metrics`]. Counting costs
     /// a few atomic updates per request, as on a server with
@@ -80,6 +85,7 @@ impl InProcessServer {
         let Setup {
             limits,
             node,
+            postgres_url,
             metrics,
         } = setup;
         let identity = tls::load_or_generate(data_dir).expect("certificate");
@@ -90,8 +96,6 @@ impl InProcessServer {
                 observer.gauges.clone(),
             )));
         }
-        let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
-        let node = NodeService::new(node, NODE_SEED, store).expect("open node");
         let config = endpoint::server_config(&identity, &limits).expect("server config");
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let endpoint = quinn::Endpoint::server(config, loopback).expect("bind loopback");
@@ -101,7 +105,30 @@ impl InProcessServer {
             let _ = rx.await;
         };
         let metrics = observer.metrics.clone();
-        let task = tokio::spawn(serve::serve(endpoint, node, limits, shutdown, observer));
+        let task = match postgres_url {
+            None => {
+                let store = FjallStore::open(&data_dir.join("qpq.db")).expect("open store");
+                let node = NodeService::new(node, NODE_SEED, store).expect("open node");
+                tokio::spawn(serve::serve(endpoint, node, limits, shutdown, observer))
+            }
+            Some(url) => {
+                let store = PgStore::open(PgOptions {
+                    url,
+                    synchronous_commit: node.durability == Durability::Fsync,
+                })
+                .expect("open the PostgreSQL store");
+                // As qpq-server does: replies wait for their turn's commit.
+                let node = NodeConfig {
+                    durability: Durability::Fsync,
+                    ..node
+                };
+                // Each server its own nonce seed: they share one store.
+                let mut seed = NODE_SEED;
+                seed[..2].copy_from_slice(&addr.port().to_be_bytes());
+                let node = NodeService::new(node, seed, store).expect("open node");
+                tokio::spawn(serve::serve(endpoint, node, limits, shutdown, observer))
+            }
+        };
         InProcessServer {
             addr,
             fingerprint: identity.fingerprint(),

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use quicproquo_core::store::{Lsn, Store};
+use quicproquo_core::types::QueueId;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 pub mod fjall_store;
@@ -146,6 +147,20 @@ pub trait SyncHandle: Clone + Send + Sync + 'static {
     fn sync(&self) -> impl std::future::Future<Output = Result<Lsn, StorageError>> + Send;
 }
 
+/// What another machine sharing the store (another server node) changed,
+/// as a [`ShellStore::watch_changes`] task reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The queue got new messages.
+    Queue(QueueId),
+    /// Changes may have been missed (the watch lost its connection and
+    /// opened a new one): every long-poll is to be checked.
+    Missed,
+}
+
+/// A task that reports other machines' changes until nobody listens.
+pub type ChangeWatch = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// A storage port the server shell can run: the machine's [`Store`] plus a
 /// handle to sync it from another task.
 pub trait ShellStore: Store + Send + 'static {
@@ -166,6 +181,14 @@ pub trait ShellStore: Store + Send + 'static {
     /// write would be.
     fn end_turn(&mut self) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    /// For a store other machines write too: a task that reports their
+    /// changes on `changes` (the shell hands them to the machine,
+    /// `NodeService::handle_queue_changed`) until `changes` is closed. A
+    /// store with one writer has none.
+    fn watch_changes(&self, _changes: UnboundedSender<Change>) -> Option<ChangeWatch> {
+        None
     }
 }
 

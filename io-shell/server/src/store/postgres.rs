@@ -47,7 +47,10 @@ use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError, StoreOp, ru
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{ShellStore, StorageError, SyncHandle};
+use quicproquo_core::types::{ChannelId, IdentityKey, QueueId, hex};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Change, ChangeWatch, ShellStore, StorageError, SyncHandle};
 
 /// Longest a statement (or a connection attempt) may take before the turn
 /// is rolled back and the connection dropped.
@@ -125,6 +128,8 @@ pub fn redact_url(url: &str) -> String {
 /// The machine's store in a PostgreSQL database shared with other nodes.
 pub struct PgStore {
     jobs: mpsc::Sender<Job>,
+    /// Where it connects (for the change watch's own connection).
+    config: tokio_postgres::Config,
     /// The next batch's number.
     next_lsn: u64,
     /// The last batch committed.
@@ -139,6 +144,8 @@ pub struct PgStore {
 /// The state of the shell's current turn.
 #[derive(Debug, Default)]
 struct Turn {
+    /// Queues that got messages, told to the other nodes at the commit.
+    changed: Vec<String>,
     /// Whether its transaction was begun (at its first statement).
     begun: bool,
     /// Why it was rolled back, once it was.
@@ -162,7 +169,7 @@ impl PgStore {
             .map_err(|e| StorageError::Postgres(format!("starting the store's runtime: {e}")))?;
         let mut db = Db {
             rt,
-            config,
+            config: config.clone(),
             synchronous_commit: options.synchronous_commit,
             conn: None,
             retry_at: None,
@@ -191,6 +198,7 @@ impl PgStore {
             .map_err(|e| StorageError::Postgres(format!("starting the store's thread: {e}")))?;
         Ok(PgStore {
             jobs,
+            config,
             next_lsn: 1,
             committed: Lsn(0),
             settled: Arc::new(AtomicU64::new(0)),
@@ -356,6 +364,21 @@ impl Store for PgStore {
     fn shared(&self) -> bool {
         true
     }
+
+    fn changed(&mut self, queue: &QueueId) {
+        let payload = queue_payload(queue);
+        match self.turn.get_mut() {
+            Some(turn) => {
+                if !turn.changed.contains(&payload) {
+                    turn.changed.push(payload);
+                }
+            }
+            // Outside a turn the write has committed already.
+            None => {
+                let _ = self.call(StoreOp::Write, move |db| db.notify(&[payload]));
+            }
+        }
+    }
 }
 
 impl ShellStore for PgStore {
@@ -369,6 +392,10 @@ impl ShellStore for PgStore {
         *self.turn.get_mut() = Some(Turn::default());
     }
 
+    fn watch_changes(&self, changes: UnboundedSender<Change>) -> Option<ChangeWatch> {
+        Some(Box::pin(watch(self.config.clone(), changes)))
+    }
+
     fn end_turn(&mut self) -> Result<(), StorageError> {
         let Some(turn) = self.turn.get_mut().take() else {
             return Ok(());
@@ -377,8 +404,10 @@ impl ShellStore for PgStore {
         let outcome = match (turn.begun, turn.aborted) {
             (false, None) => Ok(()),
             (true, None) => self
-                .call(StoreOp::Write, |db| {
-                    let committed = db.commit();
+                .call(StoreOp::Write, move |db| {
+                    // Delivered to the listening nodes when (and only if)
+                    // the transaction commits.
+                    let committed = db.notify(&turn.changed).and_then(|()| db.commit());
                     if committed.is_err() {
                         db.rollback();
                     }
@@ -491,6 +520,7 @@ struct Conn {
     range_open: Statement,
     delete: Statement,
     upsert: Statement,
+    notify: Statement,
 }
 
 /// What the store's thread owns.
@@ -562,6 +592,11 @@ impl Db {
                         .await?,
                     delete: client
                         .prepare("DELETE FROM qpq_kv WHERE key = ANY($1)")
+                        .await?,
+                    notify: client
+                        .prepare(&format!(
+                            "SELECT pg_notify('{CHANNEL}', q) FROM unnest($1::text[]) AS q"
+                        ))
                         .await?,
                     upsert: client
                         .prepare(
@@ -654,6 +689,18 @@ impl Db {
                 self.conn = None;
             }
         }
+    }
+
+    /// Tells the listening nodes (`LISTEN qpq_queues`) that these queues
+    /// got messages; inside a transaction, delivered at its commit.
+    fn notify(&mut self, queues: &[String]) -> Result<(), StoreError> {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        run!(self, StoreOp::Write, |c| c
+            .client
+            .execute(&c.notify, &[&queues]))?;
+        Ok(())
     }
 
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -764,6 +811,101 @@ impl Db {
     }
 }
 
+/// The notification channel (`LISTEN`) on which nodes announce queues
+/// that got messages.
+pub const CHANNEL: &str = "qpq_queues";
+
+/// A queue as a notification's payload: the recipient's identity key and
+/// the channel id, in hex, joined by `/`.
+fn queue_payload(queue: &QueueId) -> String {
+    format!(
+        "{}/{}",
+        hex(&queue.recipient_key.0),
+        hex(queue.channel_id.as_bytes())
+    )
+}
+
+/// The queue a notification's payload names; `None` for anything else
+/// (a payload no node of this version sends is ignored).
+fn parse_queue_payload(payload: &str) -> Option<QueueId> {
+    let (key, channel) = payload.split_once('/')?;
+    let key = unhex(key)?;
+    let channel = unhex(channel)?;
+    Some(QueueId {
+        recipient_key: IdentityKey(key.try_into().ok()?),
+        channel_id: ChannelId::try_from_slice(&channel).ok()?,
+    })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The change watch: a connection of its own that `LISTEN`s on
+/// [`CHANNEL`] and reports each queue another node (or this one) announced.
+/// After a lost connection it connects again (every
+/// [`RECONNECT_INTERVAL`]) and reports [`Change::Missed`], since
+/// notifications sent meanwhile are gone. Ends when `changes` is closed.
+async fn watch(config: tokio_postgres::Config, changes: UnboundedSender<Change>) {
+    let mut connected_before = false;
+    loop {
+        let connect = tokio::time::timeout(STATEMENT_TIMEOUT, config.connect(NoTls));
+        let (client, mut connection) = tokio::select! {
+            c = connect => match c {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %describe(&e), "change watch cannot connect");
+                    tokio::time::sleep(RECONNECT_INTERVAL).await;
+                    continue;
+                }
+                Err(_) => continue,
+            },
+            () = changes.closed() => return,
+        };
+        let listen_sql = format!("LISTEN {CHANNEL}");
+        let mut listen = std::pin::pin!(client.batch_execute(&listen_sql));
+        let mut listening = false;
+        loop {
+            tokio::select! {
+                done = &mut listen, if !listening => {
+                    if let Err(e) = done {
+                        tracing::debug!(error = %describe(&e), "change watch cannot listen");
+                        break;
+                    }
+                    listening = true;
+                    if connected_before && changes.send(Change::Missed).is_err() {
+                        return;
+                    }
+                    connected_before = true;
+                }
+                message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        if let Some(queue) = parse_queue_payload(n.payload())
+                            && changes.send(Change::Queue(queue)).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %describe(&e), "change watch connection failed");
+                        break;
+                    }
+                    None => break,
+                },
+                () = changes.closed() => return,
+            }
+        }
+        tokio::time::sleep(RECONNECT_INTERVAL).await;
+    }
+}
+
 /// `e` in words, with the database's own message and SQLSTATE when it
 /// sent one (tokio-postgres's `Display` says only "db error").
 fn describe(e: &tokio_postgres::Error) -> String {
@@ -852,6 +994,29 @@ mod tests {
                 (b"b".to_vec(), b"2".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn a_queue_survives_its_notification_payload() {
+        let queue = QueueId {
+            recipient_key: IdentityKey([0xab; 32]),
+            channel_id: ChannelId::try_from_slice(&[1, 2, 3]).unwrap(),
+        };
+        assert_eq!(parse_queue_payload(&queue_payload(&queue)), Some(queue));
+        let default = QueueId {
+            recipient_key: IdentityKey([1; 32]),
+            channel_id: ChannelId::DEFAULT,
+        };
+        assert_eq!(parse_queue_payload(&queue_payload(&default)), Some(default));
+        for junk in [
+            "",
+            "/",
+            "zz/",
+            "ab/cd",
+            &format!("{}/{}", "00".repeat(32), "11".repeat(17)),
+        ] {
+            assert_eq!(parse_queue_payload(junk), None, "{junk}");
+        }
     }
 
     #[test]
