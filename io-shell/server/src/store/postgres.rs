@@ -838,7 +838,7 @@ fn parse_queue_payload(payload: &str) -> Option<QueueId> {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
