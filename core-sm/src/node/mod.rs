@@ -606,9 +606,7 @@ impl<S: Store> NodeService<S> {
     // ----- storage --------------------------------------------------------
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ServiceError> {
-        self.store
-            .get(key)
-            .map_err(|e| ServiceError::unavailable(e.to_string()))
+        self.store.get(key).map_err(store_failure)
     }
 
     fn write(&mut self, batch: Batch) -> Result<(), ServiceError> {
@@ -728,6 +726,15 @@ fn check_list<'a, T: std::hash::Hash + Eq + 'a>(
 
 fn corrupt(Corrupt(what): Corrupt) -> ServiceError {
     ServiceError::internal(format!("stored record does not decode: {what}"))
+}
+
+/// The answer to a request whose store read or write failed: a rolled-back
+/// turn's (a shared store) says to send it again.
+fn store_failure(e: StoreError) -> ServiceError {
+    match e.kind {
+        StoreErrorKind::Aborted => turn_aborted(&e.detail),
+        _ => ServiceError::unavailable(e.to_string()),
+    }
 }
 
 /// The answer to a request whose turn a shared store rolled back.

@@ -29,7 +29,7 @@ use crate::time::Time;
 use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId};
 
 use super::layout::{self, Entry, EntryHead, Fence, QueueMeta};
-use super::{NodeService, Outgoing, check_list, corrupt, rate_limited, stamp_ms};
+use super::{NodeService, Outgoing, check_list, corrupt, rate_limited, stamp_ms, store_failure};
 
 /// References to shared payloads one batch drops, per payload.
 #[derive(Debug, Default)]
@@ -396,7 +396,7 @@ impl<S: Store> NodeService<S> {
                         }
                     }
                 })
-                .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+                .map_err(store_failure)?;
             if let Some(e) = failed {
                 return Err(e);
             }
@@ -441,7 +441,7 @@ impl<S: Store> NodeService<S> {
         let len = self
             .store
             .get_head(&key, &mut head)
-            .map_err(|e| ServiceError::unavailable(e.to_string()))?
+            .map_err(store_failure)?
             .ok_or_else(|| ServiceError::internal("queued message record missing"))?;
         let entry =
             layout::decode_entry_head(&head[..len.min(head.len())], len, seq < meta.legacy_below)

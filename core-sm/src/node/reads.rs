@@ -25,7 +25,9 @@ use crate::types::{ChannelId, ConnectionId, IdentityKey, QueueId};
 use super::layout::{self, Entry, QueueMeta};
 use super::queues::check_cursor;
 use super::waiters::Waiter;
-use super::{ChannelMessages, Gap, NodeService, QueuedMessage, Reply, Response, check_list};
+use super::{
+    ChannelMessages, Gap, NodeService, QueuedMessage, Reply, Response, check_list, store_failure,
+};
 
 /// One queue's part of a reply.
 #[derive(Debug)]
@@ -237,7 +239,7 @@ impl<S: Store> NodeService<S> {
                         }
                     },
                 )
-                .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+                .map_err(store_failure)?;
             if let Some(e) = failed {
                 return Err(e);
             }

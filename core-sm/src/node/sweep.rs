@@ -16,7 +16,7 @@ use crate::time::Time;
 
 use super::layout::{self, Fence, QueueMeta};
 use super::queues::BlobDrops;
-use super::{NodeService, Swept, corrupt, stamp_ms};
+use super::{NodeService, Swept, corrupt, stamp_ms, store_failure};
 
 impl<S: Store> NodeService<S> {
     /// One bounded step of the background sweep, which the shell runs on
@@ -76,7 +76,7 @@ impl<S: Store> NodeService<S> {
                 self.sweep_queues_after.as_deref(),
                 limits::SWEEP_RECORDS_PER_STEP,
             )
-            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+            .map_err(store_failure)?;
         let done = records.len() < limits::SWEEP_RECORDS_PER_STEP;
         for (key, value) in records {
             if swept.expired >= limits::TTL_EXPIRY_PER_REQUEST_MAX {
@@ -124,7 +124,7 @@ impl<S: Store> NodeService<S> {
                 self.sweep_fences_after.as_deref(),
                 limits::SWEEP_RECORDS_PER_STEP,
             )
-            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+            .map_err(store_failure)?;
         let done = records.len() < limits::SWEEP_RECORDS_PER_STEP;
         for (key, value) in records {
             let mut fence = Fence::decode(&value).map_err(corrupt)?;

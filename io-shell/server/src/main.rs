@@ -12,7 +12,7 @@ use quicproquo_server::metrics;
 use quicproquo_server::observe::{Metrics, Observer};
 use quicproquo_server::store::ShellStore;
 use quicproquo_server::store::fjall_store::FjallStore;
-use quicproquo_server::store::postgres::{self, PgOptions, PgStore};
+use quicproquo_server::store::postgres::{self, PgOptions};
 use quicproquo_server::{endpoint, serve, tls};
 use rand_core::{OsRng, RngCore};
 
@@ -68,8 +68,6 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 url: url.clone(),
                 synchronous_commit: config.node.durability == Durability::Fsync,
             };
-            let store = tokio::task::block_in_place(|| PgStore::open(options))
-                .with_context(|| format!("opening the PostgreSQL store at {db}"))?;
             // Replies wait for their turn's commit whatever the durability:
             // a turn the database rolls back must not have answered anyone.
             // `durability` sets the sessions' synchronous_commit instead.
@@ -77,8 +75,10 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 durability: Durability::Fsync,
                 ..config.node.clone()
             };
-            let node = NodeService::new(node_config, seed, store)
-                .with_context(|| format!("opening the PostgreSQL store at {db}"))?;
+            let node =
+                tokio::task::block_in_place(|| postgres::open_node(&options, &node_config, seed))
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("opening the PostgreSQL store at {db}"))?;
             serve_node(&config, &identity, &fingerprint, node, &db).await
         }
     }

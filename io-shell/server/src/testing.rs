@@ -27,7 +27,7 @@ use crate::config::TransportLimits;
 use crate::observe::{Metrics, Observer};
 use crate::service::ServiceStats;
 use crate::store::fjall_store::FjallStore;
-use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::postgres::{self, PgOptions};
 use crate::{endpoint, serve, tls};
 
 /// The machine's nonce seed in every in-process server: runs start from an
@@ -112,11 +112,10 @@ impl InProcessServer {
                 tokio::spawn(serve::serve(endpoint, node, limits, shutdown, observer))
             }
             Some(url) => {
-                let store = PgStore::open(PgOptions {
+                let options = PgOptions {
                     url,
                     synchronous_commit: node.durability == Durability::Fsync,
-                })
-                .expect("open the PostgreSQL store");
+                };
                 // As qpq-server does: replies wait for their turn's commit.
                 let node = NodeConfig {
                     durability: Durability::Fsync,
@@ -125,7 +124,8 @@ impl InProcessServer {
                 // Each server its own nonce seed: they share one store.
                 let mut seed = NODE_SEED;
                 seed[..2].copy_from_slice(&addr.port().to_be_bytes());
-                let node = NodeService::new(node, seed, store).expect("open node");
+                let node = postgres::open_node(&options, &node, seed)
+                    .expect("open the machine over PostgreSQL");
                 tokio::spawn(serve::serve(endpoint, node, limits, shutdown, observer))
             }
         };

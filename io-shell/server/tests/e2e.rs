@@ -451,6 +451,7 @@ async fn the_service_sweeps_expired_messages_of_untouched_queues() {
                 ..NodeConfig::default()
             },
             metrics: true,
+            ..Setup::default()
         },
     );
     let (alice_sk, bob_sk) = (user(1), user(2));

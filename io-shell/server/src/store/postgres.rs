@@ -43,7 +43,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError, StoreOp, run_key};
+use quicproquo_core::node::{NodeConfig, NodeService, OpenError};
+use quicproquo_core::store::{
+    Batch, Lsn, Records, Store, StoreError, StoreErrorKind, StoreOp, run_key,
+};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -434,6 +437,38 @@ impl ShellStore for PgStore {
                 kept: self.committed,
                 reason,
             }),
+        }
+    }
+}
+
+/// Attempts at opening the machine over a [`PgStore`] whose opening write
+/// the database rolls back (a conflict with another node's turn), and the
+/// pause after each.
+pub const OPEN_ATTEMPTS_MAX: u32 = 50;
+const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Opens the store and the machine over it (`config` as given: the caller
+/// sets the machine's durability), trying again while the machine's
+/// opening write is rolled back for a conflict with another node's turn,
+/// up to [`OPEN_ATTEMPTS_MAX`] times.
+pub fn open_node(
+    options: &PgOptions,
+    config: &NodeConfig,
+    seed: [u8; 32],
+) -> Result<NodeService<PgStore>, String> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let store = PgStore::open(options.clone()).map_err(|e| e.to_string())?;
+        match NodeService::new(config.clone(), seed, store) {
+            Ok(node) => return Ok(node),
+            Err(OpenError::Store(e))
+                if e.kind == StoreErrorKind::Aborted && attempt < OPEN_ATTEMPTS_MAX =>
+            {
+                tracing::debug!(attempt, error = %e, "opening write rolled back; trying again");
+                std::thread::sleep(OPEN_RETRY_PAUSE);
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

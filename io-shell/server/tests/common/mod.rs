@@ -76,3 +76,57 @@ pub async fn read_numbered_queue(
         }
     }
 }
+
+/// A fresh database on the test PostgreSQL server, as a connection string,
+/// or `None` (with a note) if there is no server and none is required.
+/// `QPQ_TEST_POSTGRES_URL` names the server (`postgres://user@host:port/db`,
+/// a user that may create databases; `.ci/postgres.sh start` makes a
+/// throwaway cluster and prints it); `QPQ_POSTGRES_TESTS=require` (set by
+/// `.ci/run`) makes its absence a failure.
+pub fn postgres_database() -> Option<String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let Ok(url) = std::env::var("QPQ_TEST_POSTGRES_URL") else {
+        if std::env::var("QPQ_POSTGRES_TESTS").as_deref() == Ok("require") {
+            panic!("QPQ_POSTGRES_TESTS=require but QPQ_TEST_POSTGRES_URL is not set");
+        }
+        eprintln!("skipped: no QPQ_TEST_POSTGRES_URL (start one with `.ci/postgres.sh start`)");
+        return None;
+    };
+    let name = format!(
+        "qpq_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = url.clone();
+    let create = name.clone();
+    // On a thread of its own: callers may be inside a runtime.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("connect to QPQ_TEST_POSTGRES_URL");
+            tokio::spawn(connection);
+            // One statement each: a multi-statement string is one
+            // transaction, where these cannot run.
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {create}"),
+                format!("CREATE DATABASE {create}"),
+            ] {
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .expect("create the test database");
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    // postgres://user@host:port/db -> the same with the new database.
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}

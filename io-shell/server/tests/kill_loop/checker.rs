@@ -160,6 +160,13 @@ pub enum Event {
         /// Cut off by a kill (else by a broken connection).
         killed: bool,
     },
+    /// A request a shared database rolled back (a conflict between two
+    /// nodes' turns): answered `unavailable`, to be sent again. Counted,
+    /// and treated as an unknown outcome by the client.
+    RolledBack {
+        /// Its method.
+        method: &'static str,
+    },
     /// A request was refused (a pop's notFound is `PopNotFound`).
     Refused {
         /// Its method.
@@ -186,7 +193,8 @@ pub enum Event {
         /// How.
         status: String,
     },
-    /// The restarted server presented another certificate than the first.
+    /// A restarted server presented another certificate than it did at
+    /// its first start.
     CertificateChanged,
 }
 
@@ -283,6 +291,8 @@ pub struct Summary {
     pub unknown: BTreeMap<&'static str, u64>,
     /// Of them, cut off by a broken connection rather than a kill.
     pub connections_broken: u64,
+    /// Requests a shared database rolled back (several nodes), by method.
+    pub rolled_back: BTreeMap<&'static str, u64>,
     /// Distinct messages sent (one per queue a message went to).
     pub messages_sent: u64,
     /// Of them, sent again after an unknown outcome.
@@ -329,6 +339,14 @@ impl fmt::Display for Summary {
             by_method(&self.unknown),
             self.connections_broken,
         )?;
+        if !self.rolled_back.is_empty() {
+            writeln!(
+                f,
+                "kill loop: {} rolled back by the database for a concurrent request on another node, and sent again ({})",
+                self.rolled_back.values().sum::<u64>(),
+                by_method(&self.rolled_back),
+            )?;
+        }
         writeln!(
             f,
             "kill loop: messages (one per recipient queue): {} sent ({} again, after an unknown outcome), {} acknowledged, {} seqs shown to their recipients ({} of them by the audit)",
@@ -586,6 +604,9 @@ impl Checker {
                 if !killed {
                     self.summary.connections_broken += 1;
                 }
+            }
+            Event::RolledBack { method } => {
+                *self.summary.rolled_back.entry(method).or_default() += 1;
             }
             Event::Refused {
                 method,

@@ -18,6 +18,14 @@
 //! the other identities' pools). A request cut off by a kill is an unknown
 //! outcome: it may or may not have been applied.
 //!
+//! The same loop runs over three nodes sharing one PostgreSQL database
+//! (`storage = "postgres"`): ten identities, thirty clients, each client on
+//! a home node and, while that one is down, on another (any client may use
+//! any node); each kill takes one node at random. Requests the database
+//! rolls back for a conflict between nodes are answered `unavailable` and
+//! sent again (counted, not violations). Needs `QPQ_TEST_POSTGRES_URL` (see
+//! `tests/postgres.rs`); `QPQ_KILL_LOOP_NODE_KILLS` sets its kills (6).
+//!
 //! `QPQ_KILL_LOOP_SEED` replays a run's choices (kill moments, operations,
 //! ids, payloads); how requests interleave still depends on timing.
 //! `QPQ_KILL_LOOP_SERVER` runs another `qpq-server` binary (an absolute
@@ -51,23 +59,82 @@ use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_write_survives_repeated_sigkills() {
-    let settings = Settings::from_env();
+    let settings = Settings::from_env("QPQ_KILL_LOOP_KILLS", KILLS_DEFAULT);
+    run(
+        settings,
+        Cluster {
+            nodes: 1,
+            postgres_url: None,
+            identities: IDENTITIES,
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_sigkills_of_nodes_sharing_postgres() {
+    let Some(url) = common::postgres_database() else {
+        return;
+    };
+    let settings = Settings::from_env("QPQ_KILL_LOOP_NODE_KILLS", NODE_KILLS_DEFAULT);
+    run(
+        settings,
+        Cluster {
+            nodes: NODES,
+            postgres_url: Some(url),
+            identities: NODE_IDENTITIES,
+        },
+    )
+    .await;
+}
+
+/// The servers a run kills and restarts.
+struct Cluster {
+    /// `qpq-server` processes.
+    nodes: usize,
+    /// Their shared database, if any (else one node on fjall).
+    postgres_url: Option<String>,
+    /// Identities; each runs a sender, a receiver and a KeyPackage keeper.
+    identities: u8,
+}
+
+async fn run(settings: Settings, cluster: Cluster) {
+    let nodes = cluster.nodes;
     println!(
-        "kill loop: seed {}, {} kills, server {} (QPQ_KILL_LOOP_SEED={} replays the choices)",
+        "kill loop: {nodes} node(s){}, seed {}, {} kills, server {} (QPQ_KILL_LOOP_SEED={} replays the choices)",
+        if cluster.postgres_url.is_some() {
+            " on PostgreSQL"
+        } else {
+            ""
+        },
         settings.seed,
         settings.kills,
         settings.server.display(),
         settings.seed
     );
     let started = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    // An empty config file so a developer's ./qpq-server.toml is not read.
-    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
+    for dir in &dirs {
+        // An empty config file so a developer's ./qpq-server.toml is not read.
+        std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let mut server = ChildServer::start(&settings.server, dir.path()).await;
+    let postgres_url = cluster.postgres_url.as_deref();
+    let mut servers = Vec::new();
+    for dir in &dirs {
+        servers.push(Some(
+            ChildServer::start(&settings.server, dir.path(), postgres_url).await,
+        ));
+    }
     let (target, target_rx) = watch::channel(Target {
-        generation: 0,
-        up: Some((server.addr.clone(), server.trust.clone())),
+        nodes: servers
+            .iter()
+            .flatten()
+            .map(|s| NodeTarget {
+                generation: 0,
+                up: Some((s.addr.clone(), s.trust.clone())),
+            })
+            .collect(),
     });
     let (progress, mut progress_rx) = watch::channel(0u64);
     let shared = Arc::new(Shared {
@@ -77,26 +144,33 @@ async fn every_acknowledged_write_survives_repeated_sigkills() {
         stop: AtomicBool::new(false),
         next_id: AtomicU64::new(0),
     });
-    let keys: Vec<SigningKey> = (0..IDENTITIES).map(|i| user(60 + i)).collect();
+    let keys: Vec<SigningKey> = (0..cluster.identities).map(|i| user(60 + i)).collect();
     let everyone: Vec<IdentityKey> = keys.iter().map(id).collect();
 
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     let mut keepers = Vec::new();
+    // Clients spread over the nodes: sender, receiver and keeper of one
+    // identity each on a node of its own where there are several.
+    let mut home = 0usize;
+    let mut next_home = || {
+        home += 1;
+        (home - 1) % nodes
+    };
     for (task, key) in keys.iter().enumerate() {
         let seeds = [rng.next_u64(), rng.next_u64(), rng.next_u64()];
         senders.push(tokio::spawn(sender(
             task,
-            Link::new(key.clone(), &shared),
+            Link::new(key.clone(), &shared, next_home()),
             everyone.clone(),
             ChaCha8Rng::seed_from_u64(seeds[0]),
         )));
         receivers.push(tokio::spawn(receiver(
-            Link::new(key.clone(), &shared),
+            Link::new(key.clone(), &shared, next_home()),
             ChaCha8Rng::seed_from_u64(seeds[1]),
         )));
         keepers.push(tokio::spawn(keeper(
-            Link::new(key.clone(), &shared),
+            Link::new(key.clone(), &shared, next_home()),
             everyone.clone(),
             ChaCha8Rng::seed_from_u64(seeds[2]),
         )));
@@ -104,8 +178,13 @@ async fn every_acknowledged_write_survives_repeated_sigkills() {
 
     let driver = Driver {
         binary: settings.server.clone(),
-        dir: dir.path().to_owned(),
-        fingerprint: server.fingerprint.clone(),
+        dirs: dirs.iter().map(|d| d.path().to_owned()).collect(),
+        postgres_url: cluster.postgres_url.clone(),
+        fingerprints: servers
+            .iter()
+            .flatten()
+            .map(|s| s.fingerprint.clone())
+            .collect(),
         target,
         shared: shared.clone(),
     };
@@ -113,13 +192,16 @@ async fn every_acknowledged_write_survives_repeated_sigkills() {
         let answered = *progress_rx.borrow();
         let load = LOAD_MS_MIN + rng.below(LOAD_MS_MAX - LOAD_MS_MIN + 1);
         tokio::time::sleep(Duration::from_millis(load)).await;
-        // At least one answer from this server before it dies, so every
-        // life of it does some work however slow the machine.
+        // At least one answer since the last restart before the next
+        // kill, so every life of a server does some work however slow the
+        // machine.
         tokio::time::timeout(HANG_GUARD, progress_rx.wait_for(|n| *n > answered))
             .await
             .expect("no request was answered since the server started")
             .expect("progress is published");
-        server = driver.restart(server, kill).await;
+        let node = rng.below(nodes as u64) as usize;
+        let server = servers[node].take().expect("running");
+        servers[node] = Some(driver.restart(server, node, kill).await);
     }
 
     // Stop the load: senders first get every message they sent
@@ -141,21 +223,26 @@ async fn every_acknowledged_write_survives_repeated_sigkills() {
         );
     }
 
-    // The last restart, with nothing in flight, then the audit.
-    server = driver.restart(server, settings.kills + 1).await;
+    // The last restarts, with nothing in flight, then the audit.
+    for (node, slot) in servers.iter_mut().enumerate() {
+        let server = slot.take().expect("running");
+        let kill = settings.kills + 1 + node as u32;
+        *slot = Some(driver.restart(server, node, kill).await);
+    }
     tokio::time::timeout(HANG_GUARD, audit(&shared, &keys, &cursors))
         .await
         .expect("the audit finishes");
-    drop(server);
+    drop(servers);
 
     let loaded = started.elapsed();
     let events = shared.history.events();
     let (violations, summary) = checker::check(&events);
     println!(
-        "kill loop: seed {}, {} SIGKILLs ({} under load, one before the audit) in {:.1} s, {} events checked in {:.1} s",
+        "kill loop: seed {}, {} SIGKILLs ({} under load, {} before the audit) in {:.1} s, {} events checked in {:.1} s",
         settings.seed,
         summary.kills,
         settings.kills,
+        nodes,
         loaded.as_secs_f64(),
         events.len(),
         (started.elapsed() - loaded).as_secs_f64()
@@ -177,8 +264,15 @@ async fn every_acknowledged_write_survives_repeated_sigkills() {
 
 /// SIGKILLs in a run unless `QPQ_KILL_LOOP_KILLS` says otherwise.
 const KILLS_DEFAULT: u32 = 10;
-/// Identities; each runs a sender, a receiver and a KeyPackage keeper.
+/// Identities of the one-node run; each runs a sender, a receiver and a
+/// KeyPackage keeper.
 const IDENTITIES: u8 = 4;
+/// Nodes sharing one PostgreSQL database, their identities (thirty
+/// clients) and their SIGKILLs under load unless
+/// `QPQ_KILL_LOOP_NODE_KILLS` says otherwise.
+const NODES: usize = 3;
+const NODE_IDENTITIES: u8 = 10;
+const NODE_KILLS_DEFAULT: u32 = 6;
 /// Load between a restart and the next kill, at random between these (ms).
 const LOAD_MS_MIN: u64 = 50;
 const LOAD_MS_MAX: u64 = 500;
@@ -216,7 +310,7 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_env() -> Settings {
+    fn from_env(kills_var: &str, kills_default: u32) -> Settings {
         let number = |name: &str| {
             std::env::var(name).ok().map(|v| {
                 v.parse::<u64>()
@@ -233,8 +327,8 @@ impl Settings {
             server.display()
         );
         Settings {
-            kills: number("QPQ_KILL_LOOP_KILLS")
-                .map_or(KILLS_DEFAULT, |n| u32::try_from(n).expect("kills fit u32")),
+            kills: number(kills_var)
+                .map_or(kills_default, |n| u32::try_from(n).expect("kills fit u32")),
             seed: number("QPQ_KILL_LOOP_SEED").unwrap_or_else(|| OsRng.next_u64()),
             server,
         }
@@ -250,8 +344,10 @@ struct ChildServer {
 }
 
 impl ChildServer {
-    /// Starts `binary` on `dir` with limits the load never reaches.
-    async fn start(binary: &Path, dir: &Path) -> ChildServer {
+    /// Starts `binary` on `dir` (its certificate; its database too unless
+    /// `postgres_url` names a shared one) with limits the load never
+    /// reaches.
+    async fn start(binary: &Path, dir: &Path, postgres_url: Option<&str>) -> ChildServer {
         let mut command = Command::new(binary);
         command
             .env("QPQ_LISTEN", "127.0.0.1:0")
@@ -261,6 +357,11 @@ impl ChildServer {
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Some(url) = postgres_url {
+            command
+                .env("QPQ_STORAGE", "postgres")
+                .env("QPQ_POSTGRES_URL", url);
+        }
         // Pops and enqueues as fast as the clients go: the kill loop checks
         // what is stored, not the rate limits.
         for key in [
@@ -317,42 +418,51 @@ impl Drop for ChildServer {
     }
 }
 
-/// Kills and restarts the server.
+/// Kills and restarts the servers.
 struct Driver {
     binary: PathBuf,
-    dir: PathBuf,
-    /// The certificate's fingerprint at the first start.
-    fingerprint: String,
+    /// Each node's data directory.
+    dirs: Vec<PathBuf>,
+    postgres_url: Option<String>,
+    /// Each node's certificate fingerprint at its first start.
+    fingerprints: Vec<String>,
     target: watch::Sender<Target>,
     shared: Arc<Shared>,
 }
 
 impl Driver {
-    /// SIGKILLs `server` (kill number `kill`) and starts it again on the
-    /// same directory.
-    async fn restart(&self, server: ChildServer, kill: u32) -> ChildServer {
+    /// SIGKILLs `server`, node `node` (kill number `kill`), and starts it
+    /// again on the same directory.
+    async fn restart(&self, server: ChildServer, node: usize, kill: u32) -> ChildServer {
         server.kill(&self.shared.history, kill);
-        // Calls in flight now have an unknown outcome; nothing new starts
-        // until the server is back.
+        // Calls in flight on it now have an unknown outcome; its clients
+        // go to another node, or wait until it is back.
         self.target.send_modify(|t| {
-            t.generation += 1;
-            t.up = None;
+            t.nodes[node].generation += 1;
+            t.nodes[node].up = None;
         });
-        let server = ChildServer::start(&self.binary, &self.dir).await;
-        if server.fingerprint != self.fingerprint {
+        let server =
+            ChildServer::start(&self.binary, &self.dirs[node], self.postgres_url.as_deref()).await;
+        if server.fingerprint != self.fingerprints[node] {
             self.shared.history.push(Event::CertificateChanged);
         }
         self.target.send_modify(|t| {
-            t.generation += 1;
-            t.up = Some((server.addr.clone(), server.trust.clone()));
+            t.nodes[node].generation += 1;
+            t.nodes[node].up = Some((server.addr.clone(), server.trust.clone()));
         });
         server
     }
 }
 
-/// Where the server is: the generation changes with every kill and start.
+/// Where the servers are.
 #[derive(Debug, Clone)]
 struct Target {
+    nodes: Vec<NodeTarget>,
+}
+
+/// One server: the generation changes with every kill and start.
+#[derive(Debug, Clone)]
+struct NodeTarget {
     generation: u64,
     /// Its address and certificate, while it runs.
     up: Option<(String, ServerTrust)>,
@@ -390,23 +500,27 @@ enum Outcome<T> {
     Unknown,
 }
 
-/// One client's connection to whichever server runs, made again after
-/// every kill.
+/// One client's connection to its home node, or to another node while
+/// that one is down; made again after every kill.
 struct Link {
     key: SigningKey,
     me: IdentityKey,
     shared: Arc<Shared>,
     target: watch::Receiver<Target>,
-    conn: Option<(u64, Client)>,
+    /// The node it prefers.
+    home: usize,
+    /// The node, its generation and the connection.
+    conn: Option<(usize, u64, Client)>,
 }
 
 impl Link {
-    fn new(key: SigningKey, shared: &Arc<Shared>) -> Link {
+    fn new(key: SigningKey, shared: &Arc<Shared>, home: usize) -> Link {
         Link {
             me: id(&key),
             key,
             shared: shared.clone(),
             target: shared.target.clone(),
+            home,
             conn: None,
         }
     }
@@ -418,18 +532,29 @@ impl Link {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let (generation, client) = self.connected().await;
+        let (node, generation, client) = self.connected().await;
         let mut target = self.target.clone();
         let result = tokio::select! {
             biased;
             r = f(client) => Some(r),
-            () = left(&mut target, generation) => None,
+            () = left(&mut target, node, generation) => None,
         };
         let killed = result.is_none();
         match result {
             Some(Ok(v)) => {
                 self.answered(method);
                 Outcome::Done(v)
+            }
+            // Rolled back for a concurrent request on another node: not
+            // applied, sent again like an unknown outcome.
+            Some(Err(ClientError::Service(e)))
+                if e.kind == ErrorKind::Unavailable
+                    && e.message.contains("rolled this request back") =>
+            {
+                self.answered(method);
+                self.shared.history.push(Event::RolledBack { method });
+                tokio::time::sleep(RETRY_PAUSE).await;
+                Outcome::Unknown
             }
             Some(Err(ClientError::Service(e))) => {
                 self.answered(method);
@@ -456,38 +581,44 @@ impl Link {
         self.shared.progress.send_modify(|n| *n += 1);
     }
 
-    /// The connection to the running server, authenticated; waits while
-    /// the server is down.
-    async fn connected(&mut self) -> (u64, Client) {
+    /// The connection to its home node, or to another running node while
+    /// that one is down, authenticated; waits while every node is down.
+    async fn connected(&mut self) -> (usize, u64, Client) {
         let mut failures = 0;
         loop {
             let current = self
                 .target
-                .wait_for(|t| t.up.is_some())
+                .wait_for(|t| t.nodes.iter().any(|n| n.up.is_some()))
                 .await
                 .expect("the driver runs")
                 .clone();
-            if let Some((generation, client)) = &self.conn {
-                if *generation == current.generation {
-                    return (*generation, client.clone());
+            if let Some((node, generation, client)) = &self.conn {
+                if current.nodes[*node].generation == *generation {
+                    return (*node, *generation, client.clone());
                 }
                 self.conn = None;
             }
-            let (addr, trust) = current.up.expect("up");
+            let count = current.nodes.len();
+            let node = (0..count)
+                .map(|i| (self.home + i) % count)
+                .find(|n| current.nodes[*n].up.is_some())
+                .expect("a node is up");
+            let generation = current.nodes[node].generation;
+            let (addr, trust) = current.nodes[node].up.clone().expect("up");
             let key = self.key.clone();
             let mut target = self.target.clone();
             let connected = tokio::select! {
                 biased;
                 r = Client::connect_as(&addr, &trust, &key) => Some(r),
-                () = left(&mut target, current.generation) => None,
+                () = left(&mut target, node, generation) => None,
             };
             match connected {
-                Some(Ok(client)) => self.conn = Some((current.generation, client)),
+                Some(Ok(client)) => self.conn = Some((node, generation, client)),
                 Some(Err(e)) => {
                     failures += 1;
                     assert!(
                         failures < CONNECT_FAILURES_MAX,
-                        "connecting to the running server failed {failures} times in a row: {e}"
+                        "connecting to a running server failed {failures} times in a row: {e}"
                     );
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
@@ -506,9 +637,12 @@ impl Link {
     }
 }
 
-/// Returns once the server of `generation` is gone (killed, or replaced).
-async fn left(target: &mut watch::Receiver<Target>, generation: u64) {
-    let _ = target.wait_for(|t| t.generation != generation).await;
+/// Returns once node `node`'s server of `generation` is gone (killed, or
+/// replaced).
+async fn left(target: &mut watch::Receiver<Target>, node: usize, generation: u64) {
+    let _ = target
+        .wait_for(|t| t.nodes[node].generation != generation)
+        .await;
 }
 
 /// An enqueue, enqueueBatch or enqueueMany, kept to be sent again as it
@@ -863,7 +997,7 @@ async fn pop_once(link: &mut Link, target: IdentityKey) -> Pop {
 /// pool and pops it until empty (by the next identity).
 async fn audit(shared: &Arc<Shared>, keys: &[SigningKey], cursors: &[Vec<u64>]) {
     for (key, cursors) in keys.iter().zip(cursors) {
-        let mut link = Link::new(key.clone(), shared);
+        let mut link = Link::new(key.clone(), shared, 0);
         for (c, mut cursor) in CHANNELS.iter().zip(cursors.iter().copied()) {
             let queue = QueueId {
                 recipient_key: link.me,
@@ -881,7 +1015,7 @@ async fn audit(shared: &Arc<Shared>, keys: &[SigningKey], cursors: &[Vec<u64>]) 
         }
     }
     for (n, key) in keys.iter().enumerate() {
-        let mut owner = Link::new(key.clone(), shared);
+        let mut owner = Link::new(key.clone(), shared, 0);
         let me = owner.me;
         let (count, has_last_resort) = match owner
             .call("keyPackageCount", |c| async move {
@@ -892,7 +1026,7 @@ async fn audit(shared: &Arc<Shared>, keys: &[SigningKey], cursors: &[Vec<u64>]) 
             Outcome::Done(counted) => counted,
             _ => panic!("the audit's count was not answered"),
         };
-        let mut popper = Link::new(keys[(n + 1) % keys.len()].clone(), shared);
+        let mut popper = Link::new(keys[(n + 1) % keys.len()].clone(), shared, 0);
         let mut popped = Vec::new();
         let then_last_resort = loop {
             match pop_once(&mut popper, me).await {
