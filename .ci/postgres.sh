@@ -7,6 +7,10 @@
 #   eval "$(bash .ci/postgres.sh start)"   # sets QPQ_TEST_POSTGRES_URL and QPQ_TEST_POSTGRES_DIR
 #   bash .ci/postgres.sh stop "$QPQ_TEST_POSTGRES_DIR"
 #
+# The outage test stops a cluster of its own as a crash would and starts
+# it again on the same port:
+#   bash .ci/postgres.sh crash DIR; bash .ci/postgres.sh restart DIR
+#
 # Needs PostgreSQL's server binaries (Debian: `postgresql`); the newest
 # version under /usr/lib/postgresql is used.
 set -euo pipefail
@@ -37,6 +41,7 @@ start)
     done
     as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 ||
         { cat "$dir/initdb.log" >&2; exit 1; }
+    echo "$port" >"$dir/port"
     as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null ||
         { cat "$dir/server.log" >&2; exit 1; }
@@ -48,8 +53,21 @@ stop)
     as_postgres "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
     rm -rf "$dir"
     ;;
+crash)
+    # Immediate shutdown: no checkpoint, recovery from the WAL at the next
+    # start, as after a crash.
+    dir=${2:?usage: postgres.sh crash DIR}
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null
+    ;;
+restart)
+    dir=${2:?usage: postgres.sh restart DIR}
+    port=$(cat "$dir/port")
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null ||
+        { cat "$dir/server.log" >&2; exit 1; }
+    ;;
 *)
-    echo "usage: postgres.sh start | stop DIR" >&2
+    echo "usage: postgres.sh start | stop DIR | crash DIR | restart DIR" >&2
     exit 2
     ;;
 esac

@@ -26,7 +26,7 @@ use quicproquo_core::types::{
     ChannelId, ConnectionId, IdentityKey, MessageId, RequestId, Signature,
 };
 use quicproquo_core::{ErrorKind, ServiceError};
-use quicproquo_server::store::postgres::{PgOptions, PgStore, PgSync};
+use quicproquo_server::store::postgres::{PgOptions, PgStore, PgSync, STATEMENT_TIMEOUT};
 use quicproquo_server::store::{ShellStore, StorageError};
 use quicproquo_server::testing::{InProcessServer, Setup};
 
@@ -452,4 +452,210 @@ async fn a_long_poll_on_one_node_wakes_when_another_node_enqueues() {
     drop((a, b));
     one.stop().await;
     two.stop().await;
+}
+
+/// A throwaway PostgreSQL cluster of this test's own (`.ci/postgres.sh`),
+/// so that it can be crashed and started again; stopped and removed when
+/// dropped.
+struct OwnCluster {
+    dir: String,
+    url: String,
+}
+
+impl OwnCluster {
+    fn script(args: &[&str]) -> String {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/postgres.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("run .ci/postgres.sh");
+        assert!(
+            out.status.success(),
+            ".ci/postgres.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn start() -> OwnCluster {
+        let printed = Self::script(&["start"]);
+        let value = |name: &str| {
+            printed
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+                .unwrap_or_else(|| panic!("{name} in {printed}"))
+                .to_owned()
+        };
+        OwnCluster {
+            dir: value("QPQ_TEST_POSTGRES_DIR"),
+            url: value("QPQ_TEST_POSTGRES_URL"),
+        }
+    }
+
+    fn crash(&self) {
+        Self::script(&["crash", &self.dir]);
+    }
+
+    fn restart(&self) {
+        Self::script(&["restart", &self.dir]);
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| Self::script(&["stop", &self.dir]));
+    }
+}
+
+/// What the sender of the outage test saw.
+#[derive(Default)]
+struct Seen {
+    /// Message number -> the seq its enqueue was acknowledged with.
+    acked: std::collections::BTreeMap<u32, u64>,
+    /// Answers `unavailable` while the database was away.
+    unavailable: u64,
+    /// The longest any call took.
+    slowest: std::time::Duration,
+}
+
+/// PostgreSQL crashed (immediate shutdown) and started again under load:
+/// while it is away every request is answered `unavailable` within the
+/// statement bound (no hung stream), the node recovers by itself when it
+/// returns, and nothing acknowledged is lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_crashing_and_coming_back_under_load_loses_nothing_acknowledged() {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    if database().is_none() {
+        return;
+    }
+    let cluster = OwnCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcessServer::start_with(
+        dir.path(),
+        Setup {
+            postgres_url: Some(cluster.url.clone()),
+            ..Setup::default()
+        },
+    );
+    let alice = SigningKey::from_bytes(&[1; 32]);
+    let bob = SigningKey::from_bytes(&[2; 32]);
+    let to = identity(&bob);
+    let seen = std::sync::Arc::new(Mutex::new(Seen::default()));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        let client = server.login(&alice).await;
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                // Each message until acknowledged, same id and payload.
+                loop {
+                    let started = Instant::now();
+                    let got = client
+                        .enqueue(
+                            to,
+                            ChannelId::DEFAULT,
+                            n.to_be_bytes().to_vec(),
+                            MessageId([n as u8; 16]).with_number(n),
+                        )
+                        .await;
+                    let took = started.elapsed();
+                    let done = {
+                        let mut s = seen.lock().unwrap();
+                        s.slowest = s.slowest.max(took);
+                        match got {
+                            Ok(seq) => {
+                                s.acked.insert(n, seq);
+                                true
+                            }
+                            Err(e) => {
+                                assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+                                s.unavailable += 1;
+                                false
+                            }
+                        }
+                    };
+                    if done {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let acked = |seen: &Mutex<Seen>| seen.lock().unwrap().acked.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(acked(&seen) > 0, "the load runs before the crash");
+    cluster.crash();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = acked(&seen);
+    cluster.restart();
+    // Recovered by itself: acknowledgements resume.
+    let back = Instant::now();
+    while acked(&seen) <= during + 10 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "no recovery within 30 s of the database's return"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = back.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    eprintln!(
+        "{} acknowledged, {} answered unavailable while the database was away, slowest call {:?}, recovered {:?} after its return",
+        seen.acked.len(),
+        seen.unavailable,
+        seen.slowest,
+        recovered
+    );
+    assert!(seen.unavailable > 0, "the outage was seen");
+    assert!(
+        seen.slowest < STATEMENT_TIMEOUT + Duration::from_secs(3),
+        "a call waited {:?}, longer than the statement bound",
+        seen.slowest
+    );
+    // Everything acknowledged is there once, at its seq, seqs gap-free.
+    let reader = server.login(&bob).await;
+    let mut stored = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let f = reader
+            .fetch(to, ChannelId::DEFAULT, cursor, 1_000)
+            .await
+            .unwrap();
+        let Some(last) = f.messages.last() else { break };
+        cursor = last.seq;
+        stored.extend(f.messages);
+    }
+    for (i, m) in stored.iter().enumerate() {
+        assert_eq!(m.seq, i as u64 + 1, "seqs are gap-free");
+    }
+    for (n, seq) in &seen.acked {
+        let m = &stored[(*seq - 1) as usize];
+        assert_eq!(m.payload, n.to_be_bytes().to_vec(), "message {n} at its seq {seq}");
+    }
+    let numbers: std::collections::BTreeSet<Vec<u8>> =
+        stored.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(numbers.len(), stored.len(), "no message stored twice");
+    drop((reader, cluster));
+    server.stop().await;
+}
+
+/// A distinct message id per message number.
+trait WithNumber {
+    fn with_number(self, n: u32) -> MessageId;
+}
+
+impl WithNumber for MessageId {
+    fn with_number(mut self, n: u32) -> MessageId {
+        self.0[..4].copy_from_slice(&n.to_be_bytes());
+        self
+    }
 }
