@@ -639,7 +639,11 @@ async fn the_database_crashing_and_coming_back_under_load_loses_nothing_acknowle
     }
     for (n, seq) in &seen.acked {
         let m = &stored[(*seq - 1) as usize];
-        assert_eq!(m.payload, n.to_be_bytes().to_vec(), "message {n} at its seq {seq}");
+        assert_eq!(
+            m.payload,
+            n.to_be_bytes().to_vec(),
+            "message {n} at its seq {seq}"
+        );
     }
     let numbers: std::collections::BTreeSet<Vec<u8>> =
         stored.iter().map(|m| m.payload.clone()).collect();
