@@ -93,10 +93,32 @@ Precedence: flag > QPQ_* variable > config file > built-in default."
 )]
 pub struct Args {
     /// Config file (TOML); default ./qpq-server.toml if it exists.
-    #[arg(long, env = "QPQ_CONFIG", value_name = "PATH")]
+    #[arg(long, env = "QPQ_CONFIG", value_name = "PATH", global = true)]
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: FileConfig,
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
+}
+
+/// `qpq-server`'s commands besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ServerCommand {
+    /// Copies the server's state from one storage backend to another, with
+    /// the server stopped: from the fjall database in data_dir to the
+    /// PostgreSQL database at postgres_url (which must hold no qpq data
+    /// yet). Everything is copied — queued messages, KeyPackages, hybrid
+    /// keys, commit fences, dedup records and counters — then read back
+    /// from both and compared. Set storage = "postgres" afterwards.
+    Migrate {
+        /// The backend to copy from: `fjall`.
+        #[arg(long, value_name = "BACKEND")]
+        from: String,
+        /// The backend to copy to: `postgres`.
+        #[arg(long, value_name = "BACKEND")]
+        to: String,
+    },
 }
 
 macro_rules! config_keys {
@@ -108,7 +130,7 @@ macro_rules! config_keys {
         pub struct FileConfig {
             $(
                 $(#[$doc])*
-                #[arg(long, env = $env)]
+                #[arg(long, env = $env, global = true)]
                 pub $name: Option<$ty>,
             )*
         }
@@ -330,6 +352,19 @@ impl ServerConfig {
         };
         let file = read_file(&path, required)?;
         Self::resolve(file.merge(args.overrides))
+    }
+
+    /// [`ServerConfig::load`] for `qpq-server migrate`, which reads the
+    /// fjall database of `data_dir` and writes to `postgres_url` whatever
+    /// `storage` says: the resolved storage is PostgreSQL.
+    pub fn load_for_migration(args: Args) -> Result<ServerConfig, ConfigError> {
+        let (path, required) = match args.config {
+            Some(p) => (p, true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let mut merged = read_file(&path, required)?.merge(args.overrides);
+        merged.storage = Some("postgres".into());
+        Self::resolve(merged)
     }
 
     /// Resolves a merged set of keys against the defaults.

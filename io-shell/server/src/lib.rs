@@ -14,6 +14,7 @@
 pub mod config;
 pub mod endpoint;
 pub mod metrics;
+pub mod migrate;
 pub mod observe;
 pub mod serve;
 pub mod service;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use quicproquo_core::node::{Durability, NodeConfig, NodeService};
-use quicproquo_server::config::{Args, ServerConfig, Storage};
+use quicproquo_server::config::{Args, ServerCommand, ServerConfig, Storage};
 use quicproquo_server::metrics;
 use quicproquo_server::observe::{Metrics, Observer};
 use quicproquo_server::store::ShellStore;
@@ -23,6 +23,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(ServerCommand::Migrate { from, to }) = &args.command {
+        let (from, to) = (from.clone(), to.clone());
+        return migrate(args, &from, &to);
+    }
     let config = ServerConfig::load(args)?;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -144,6 +148,51 @@ async fn serve_node<S: ShellStore>(
         requests = stats.requests,
         syncs = stats.syncs,
         "qpq-server stopped cleanly"
+    );
+    Ok(())
+}
+
+/// `qpq-server migrate --from fjall --to postgres`.
+fn migrate(args: Args, from: &str, to: &str) -> anyhow::Result<()> {
+    if (from, to) != ("fjall", "postgres") {
+        anyhow::bail!(
+            "qpq-server migrates from fjall to postgres (--from fjall --to postgres), \
+             not from {from} to {to}"
+        );
+    }
+    let config = ServerConfig::load_for_migration(args)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("invalid log filter `{}`", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Storage::Postgres { url } = &config.storage else {
+        anyhow::bail!("migrate needs postgres_url");
+    };
+    let db_path = config.db_path();
+    let target = PgOptions {
+        url: url.clone(),
+        synchronous_commit: true,
+    };
+    let started = std::time::Instant::now();
+    let migrated = quicproquo_server::migrate::fjall_to_postgres(&db_path, &target, &config.node)
+        .with_context(|| {
+        format!(
+            "migrating {} to {}",
+            db_path.display(),
+            postgres::redact_url(url)
+        )
+    })?;
+    println!(
+        "migrated {} records ({} bytes) from {} to {} in {:.1} s, read back and compared; \
+         set storage = \"postgres\" to serve from it",
+        migrated.records,
+        migrated.bytes,
+        db_path.display(),
+        postgres::redact_url(url),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

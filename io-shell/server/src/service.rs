@@ -403,17 +403,19 @@ impl<S: ShellStore> Service<S> {
                 }
                 () = sleep_until(timer), if timer.is_some() => {
                     let now = self.now();
-                    self.node.store_mut().begin_turn();
+                    let turn = self.begin_own_turn();
                     self.node.handle_timeout(now);
-                    self.end_turn();
+                    if turn {
+                        self.end_turn();
+                    }
                 }
                 _ = tick(&mut sweep), if sweep.is_some() && open => {
                     let now = self.now();
-                    // A turn of its own: over a shared store its reads and
-                    // writes must be one transaction.
-                    self.node.store_mut().begin_turn();
+                    let turn = self.begin_own_turn();
                     let swept = self.node.handle_sweep(now);
-                    self.end_turn();
+                    if turn {
+                        self.end_turn();
+                    }
                     if let Some(m) = &self.metrics {
                         m.swept(swept.expired, swept.fences_deleted as u64);
                     }
@@ -433,6 +435,18 @@ impl<S: ShellStore> Service<S> {
             self.drain();
         }
         self.stats
+    }
+
+    /// Opens a turn for a timeout or a sweep step over a shared store,
+    /// where its reads and writes must be one transaction; returns whether
+    /// it did. Over a store with one writer these run outside turns (the
+    /// sweep scans after it wrote, which a turn's overlay does not allow).
+    fn begin_own_turn(&mut self) -> bool {
+        let shared = self.node.store().shared();
+        if shared {
+            self.node.store_mut().begin_turn();
+        }
+        shared
     }
 
     /// Closes the store's turn. A turn a shared store rolled back is told

@@ -663,3 +663,166 @@ impl WithNumber for MessageId {
         self
     }
 }
+
+/// An MLS Commit as the fence reads it: group `g`, `epoch`, body `n`.
+fn commit_payload(group: u8, epoch: u64, n: u64) -> Vec<u8> {
+    let mut v = quicproquo_core::protocol::framing::GROUP_ENVELOPE_PREFIX.to_vec();
+    v.extend_from_slice(&[0, 1, 0, 2, 2, b'g', b'0' + group]);
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v.push(3);
+    v.extend_from_slice(format!("commit {n}").as_bytes());
+    v
+}
+
+/// `qpq-server migrate --from fjall --to postgres` on a store with messages
+/// (one shared by several queues), KeyPackages (and a last-resort one), a
+/// hybrid key and a commit fence: a server on PostgreSQL then serves all
+/// of it as the fjall one would have, its counters go on, the fence holds,
+/// and a second migration into the same database is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_copies_a_fjall_store_into_postgres_whole() {
+    use quicproquo_core::node::hybrid_key_message;
+    use quicproquo_core::protocol::Outgoing;
+
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob, carol) = (
+        SigningKey::from_bytes(&[1; 32]),
+        SigningKey::from_bytes(&[2; 32]),
+        SigningKey::from_bytes(&[3; 32]),
+    );
+    let (to_bob, to_carol) = (identity(&bob), identity(&carol));
+    let hybrid = b"a hybrid public key".to_vec();
+    let group = ChannelId::try_from_slice(b"group-1").unwrap();
+    {
+        let server = InProcessServer::start(dir.path());
+        let a = server.login(&alice).await;
+        for i in 1..=3u8 {
+            a.enqueue(to_bob, ChannelId::DEFAULT, vec![i; 40], MessageId([i; 16]))
+                .await
+                .unwrap();
+        }
+        // One payload stored once for two queues.
+        let shared = a
+            .call(RequestBody::EnqueueMany {
+                recipient_keys: vec![to_bob, to_carol],
+                channel_id: ChannelId::DEFAULT,
+                messages: vec![Outgoing {
+                    payload: b"to both".to_vec(),
+                    message_id: MessageId([9; 16]),
+                }],
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(shared, Response::EnqueuedBatch { .. }),
+            "{shared:?}"
+        );
+        // A Commit moves the group's fence to epoch 6.
+        a.enqueue(to_bob, group, commit_payload(1, 5, 1), MessageId([20; 16]))
+            .await
+            .unwrap();
+        let b = server.login(&bob).await;
+        b.fetch(to_bob, ChannelId::DEFAULT, 1, 10).await.unwrap(); // acknowledges seq 1
+        for (i, last_resort) in [(1u8, false), (2, false), (3, true)] {
+            b.upload_key_package(to_bob, vec![i; 64], last_resort)
+                .await
+                .unwrap();
+        }
+        let signature = Signature(bob.sign(&hybrid_key_message(&to_bob, &hybrid)).to_bytes());
+        b.upload_hybrid_key(to_bob, hybrid.clone(), signature)
+            .await
+            .unwrap();
+        drop((a, b));
+        server.stop().await;
+    }
+
+    let run = |url: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qpq-server"))
+            .args(["migrate", "--from", "fjall", "--to", "postgres"])
+            .env("QPQ_DATA_DIR", dir.path())
+            .env("QPQ_POSTGRES_URL", url)
+            .env("QPQ_CONFIG", dir.path().join("none.toml"))
+            .output()
+            .unwrap()
+    };
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let out = run(&url);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("read back and compared"), "{said}");
+    eprintln!("{}", said.trim());
+
+    // Served from PostgreSQL now.
+    let pg_dir = tempfile::tempdir().unwrap();
+    let server = InProcessServer::start_with(
+        pg_dir.path(),
+        Setup {
+            postgres_url: Some(url.clone()),
+            ..Setup::default()
+        },
+    );
+    let a = server.login(&alice).await;
+    let b = server.login(&bob).await;
+    let c = server.login(&carol).await;
+    let bobs = b.fetch(to_bob, ChannelId::DEFAULT, 1, 10).await.unwrap();
+    assert_eq!(
+        bobs.messages
+            .iter()
+            .map(|m| (m.seq, m.payload.clone()))
+            .collect::<Vec<_>>(),
+        vec![(2, vec![2; 40]), (3, vec![3; 40]), (4, b"to both".to_vec())],
+        "what bob had not acknowledged"
+    );
+    let carols = c.fetch(to_carol, ChannelId::DEFAULT, 0, 10).await.unwrap();
+    assert_eq!(carols.messages.len(), 1);
+    assert_eq!(carols.messages[0].payload, b"to both");
+    // Counters go on; a retried id still finds its seq.
+    assert_eq!(
+        a.enqueue(
+            to_bob,
+            ChannelId::DEFAULT,
+            b"after".to_vec(),
+            MessageId([10; 16])
+        )
+        .await
+        .unwrap(),
+        5
+    );
+    assert_eq!(
+        a.enqueue(to_bob, ChannelId::DEFAULT, vec![3; 40], MessageId([3; 16]))
+            .await
+            .unwrap(),
+        3
+    );
+    // KeyPackages in upload order, then the last-resort one.
+    for expect in [
+        (vec![1; 64], false),
+        (vec![2; 64], false),
+        (vec![3; 64], true),
+    ] {
+        assert_eq!(a.fetch_key_package(to_bob).await.unwrap(), expect);
+    }
+    assert_eq!(a.fetch_hybrid_key(to_bob).await.unwrap().0, hybrid);
+    // The fence is there: another Commit for epoch 5 is stale.
+    let stale = a
+        .enqueue(to_bob, group, commit_payload(1, 5, 2), MessageId([21; 16]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale.kind(), ErrorKind::StaleEpoch { current_epoch: 6 }),
+        "{stale}"
+    );
+    drop((a, b, c));
+    server.stop().await;
+
+    // The target holds data now: a second migration is refused, typed.
+    let out = run(&url);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds qpq data"), "{err}");
+}
