@@ -10,6 +10,8 @@
 # The outage test stops a cluster of its own as a crash would and starts
 # it again on the same port:
 #   bash .ci/postgres.sh crash DIR; bash .ci/postgres.sh restart DIR
+# and makes one hang (every process of it stopped, SIGSTOP) and go on:
+#   bash .ci/postgres.sh freeze DIR; bash .ci/postgres.sh thaw DIR
 #
 # Needs PostgreSQL's server binaries (Debian: `postgresql`); the newest
 # version under /usr/lib/postgresql is used.
@@ -66,8 +68,16 @@ restart)
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null ||
         { cat "$dir/server.log" >&2; exit 1; }
     ;;
+freeze | thaw)
+    dir=${2:?usage: postgres.sh freeze|thaw DIR}
+    signal=STOP
+    [ "$1" = thaw ] && signal=CONT
+    postmaster=$(head -1 "$dir/data/postmaster.pid")
+    # The postmaster and every process it started (backends, writers).
+    kill -"$signal" "$postmaster" $(pgrep -P "$postmaster" || true)
+    ;;
 *)
-    echo "usage: postgres.sh start | stop DIR | crash DIR | restart DIR" >&2
+    echo "usage: postgres.sh start | stop DIR | crash DIR | restart DIR | freeze DIR | thaw DIR" >&2
     exit 2
     ;;
 esac

@@ -85,7 +85,9 @@ impl Workload {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// `host:port` of the server.
+    /// `host:port` of the server, or of several nodes of one deployment
+    /// (sharing a database and a certificate), comma-separated: connection
+    /// `i` goes to node `i % n`.
     pub server: String,
     /// How the server's certificate is trusted.
     pub trust: ServerTrust,
@@ -366,9 +368,17 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
 
 async fn connect_all(config: &LoadConfig) -> anyhow::Result<Vec<Conn>> {
     let mut tasks = Vec::new();
+    let nodes: Vec<String> = config
+        .server
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .collect();
     for index in 0..config.connections {
-        let (server, trust, workload) =
-            (config.server.clone(), config.trust.clone(), config.workload);
+        let (server, trust, workload) = (
+            nodes[index % nodes.len()].clone(),
+            config.trust.clone(),
+            config.workload,
+        );
         tasks.push(tokio::spawn(async move {
             let mut client = Client::connect(&server, &trust)
                 .await

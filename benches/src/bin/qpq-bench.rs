@@ -98,8 +98,10 @@ struct Args {
 
 #[derive(Debug, clap::Args)]
 struct LoadArgs {
-    /// Server address, host:port [default: localhost:7443; the session
-    /// workloads start a server in this process unless given].
+    /// Server address, host:port, or several nodes of one deployment
+    /// (one database, one certificate) comma-separated, connections spread
+    /// over them in turn [default: localhost:7443; the session workloads
+    /// start a server in this process unless given].
     #[arg(long, env = "QPQ_SERVER")]
     server: Option<String>,
     /// SHA-256 fingerprint of the server's certificate (64 hex digits, as

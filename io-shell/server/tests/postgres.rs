@@ -500,10 +500,20 @@ impl OwnCluster {
     fn restart(&self) {
         Self::script(&["restart", &self.dir]);
     }
+
+    fn freeze(&self) {
+        Self::script(&["freeze", &self.dir]);
+    }
+
+    fn thaw(&self) {
+        Self::script(&["thaw", &self.dir]);
+    }
 }
 
 impl Drop for OwnCluster {
     fn drop(&mut self) {
+        // A frozen cluster would not stop.
+        let _ = std::panic::catch_unwind(|| Self::script(&["thaw", &self.dir]));
         let _ = std::panic::catch_unwind(|| Self::script(&["stop", &self.dir]));
     }
 }
@@ -520,11 +530,35 @@ struct Seen {
 }
 
 /// PostgreSQL crashed (immediate shutdown) and started again under load:
-/// while it is away every request is answered `unavailable` within the
-/// statement bound (no hung stream), the node recovers by itself when it
-/// returns, and nothing acknowledged is lost or stored twice.
+/// while it is away every request is answered `unavailable` at once, the
+/// node recovers by itself when it returns, and nothing acknowledged is
+/// lost or stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_crashing_and_coming_back_under_load_loses_nothing_acknowledged() {
+    outage_under_load(Outage::Crash).await;
+}
+
+/// PostgreSQL hung (every process of it stopped) for longer than a
+/// statement may take, under load, then went on: requests are answered
+/// `unavailable` within the bounds (a statement, then a connection
+/// attempt), no stream hangs, the node recovers by itself, and a commit
+/// that completed after the node gave up on it is found by the retry (the
+/// same seq, not a second copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_hanging_under_load_is_answered_within_the_bound() {
+    outage_under_load(Outage::Hang).await;
+}
+
+/// How the database goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    /// Immediate shutdown, then a start (recovery from its WAL).
+    Crash,
+    /// SIGSTOP of all its processes, then SIGCONT.
+    Hang,
+}
+
+async fn outage_under_load(outage: Outage) {
     use std::sync::Mutex;
     use std::sync::atomic::AtomicBool;
     use std::time::{Duration, Instant};
@@ -591,10 +625,23 @@ async fn the_database_crashing_and_coming_back_under_load_loses_nothing_acknowle
     let acked = |seen: &Mutex<Seen>| seen.lock().unwrap().acked.len();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(acked(&seen) > 0, "the load runs before the crash");
-    cluster.crash();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = acked(&seen);
-    cluster.restart();
+    let during = match outage {
+        Outage::Crash => {
+            cluster.crash();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let during = acked(&seen);
+            cluster.restart();
+            during
+        }
+        Outage::Hang => {
+            cluster.freeze();
+            // Longer than a statement may take.
+            tokio::time::sleep(STATEMENT_TIMEOUT + Duration::from_secs(2)).await;
+            let during = acked(&seen);
+            cluster.thaw();
+            during
+        }
+    };
     // Recovered by itself: acknowledgements resume.
     let back = Instant::now();
     while acked(&seen) <= during + 10 {
@@ -609,16 +656,22 @@ async fn the_database_crashing_and_coming_back_under_load_loses_nothing_acknowle
     sender.await.unwrap();
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!(
-        "{} acknowledged, {} answered unavailable while the database was away, slowest call {:?}, recovered {:?} after its return",
+        "{outage:?}: {} acknowledged, {} answered unavailable while the database was away, slowest call {:?}, recovered {:?} after its return",
         seen.acked.len(),
         seen.unavailable,
         seen.slowest,
         recovered
     );
     assert!(seen.unavailable > 0, "the outage was seen");
+    // A crashed database refuses connections at once; a hung one holds a
+    // request for at most a statement and then a connection attempt.
+    let bound = match outage {
+        Outage::Crash => STATEMENT_TIMEOUT,
+        Outage::Hang => STATEMENT_TIMEOUT * 2,
+    } + Duration::from_secs(3);
     assert!(
-        seen.slowest < STATEMENT_TIMEOUT + Duration::from_secs(3),
-        "a call waited {:?}, longer than the statement bound",
+        seen.slowest < bound,
+        "a call waited {:?}, longer than {bound:?}",
         seen.slowest
     );
     // Everything acknowledged is there once, at its seq, seqs gap-free.
