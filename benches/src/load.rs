@@ -405,6 +405,9 @@ async fn connect_all(config: &LoadConfig) -> anyhow::Result<Vec<Conn>> {
 }
 
 /// Fills every slot's queue with `config.prefill` messages.
+/// Times one prefill enqueue is sent again after a retryable refusal.
+const PREFILL_RETRIES_MAX: u32 = 100;
+
 async fn prefill(config: &LoadConfig, conns: &[Conn]) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for c in conns {
@@ -412,15 +415,29 @@ async fn prefill(config: &LoadConfig, conns: &[Conn]) -> anyhow::Result<()> {
             let (c, payload, n) = (c.clone(), vec![0x42; config.payload_bytes], config.prefill);
             tasks.push(tokio::spawn(async move {
                 for i in 0..n {
-                    c.client
-                        .enqueue(
-                            c.me,
-                            channel(slot as u64, 0),
-                            payload.clone(),
-                            c.message_id(slot, i),
-                        )
-                        .await
-                        .context("prefill enqueue")?;
+                    // Sent again (same id, stored once) while the server
+                    // answers a retryable refusal: several nodes over one
+                    // database roll back conflicting requests.
+                    let mut attempts = 0;
+                    loop {
+                        let sent = c
+                            .client
+                            .enqueue(
+                                c.me,
+                                channel(slot as u64, 0),
+                                payload.clone(),
+                                c.message_id(slot, i),
+                            )
+                            .await;
+                        match sent {
+                            Ok(_) => break,
+                            Err(e) if e.kind().is_retryable() && attempts < PREFILL_RETRIES_MAX => {
+                                attempts += 1;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(e) => return Err(e).context("prefill enqueue"),
+                        }
+                    }
                 }
                 anyhow::Ok(())
             }));

@@ -233,8 +233,16 @@ impl<S: Store> NodeService<S> {
         // Another machine on a shared store may have numbered queues and
         // payloads since: read the counters where they are used.
         if self.store.shared() {
-            self.next_qid = self.stored_counter(layout::queue_next_key(), 1)?;
-            self.next_blob = self.stored_counter(layout::blob_next_key(), 0)?;
+            let numbers_queue = metas
+                .iter()
+                .zip(&adds)
+                .any(|(meta, (entries, _))| *entries > 0 && meta.qid == 0);
+            if numbers_queue {
+                self.next_qid = self.stored_counter(layout::queue_next_key(), 1)?;
+            }
+            if fresh.iter().any(|new| new.len() > 1) {
+                self.next_blob = self.stored_counter(layout::blob_next_key(), 0)?;
+            }
         }
         let mut next_qid = self.next_qid;
         for (meta, (entries, _)) in metas.iter_mut().zip(&adds) {

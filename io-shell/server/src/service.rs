@@ -378,11 +378,13 @@ impl<S: ShellStore> Service<S> {
                     // One turn: what its requests write reaches the
                     // storage engine as one batch, before any reply or
                     // sync request of the turn leaves (`drain` below).
-                    self.node.store_mut().begin_turn();
-                    for cmd in commands.drain(..) {
-                        self.handle(cmd);
-                    }
-                    self.end_turn();
+                    self.blocking(|this| {
+                        this.node.store_mut().begin_turn();
+                        for cmd in commands.drain(..) {
+                            this.handle(cmd);
+                        }
+                        this.end_turn();
+                    });
                 }
                 n = recv_changes(&mut self.changes, &mut changes), if self.changes.is_some() => {
                     if n == 0 {
@@ -391,31 +393,38 @@ impl<S: ShellStore> Service<S> {
                         self.changes = None;
                     } else {
                         let now = self.now();
-                        self.node.store_mut().begin_turn();
-                        for change in changes.drain(..) {
-                            match change {
-                                Change::Queue(queue) => self.node.handle_queue_changed(now, &queue),
-                                Change::Missed => self.node.handle_changes_missed(now),
+                        self.blocking(|this| {
+                            this.node.store_mut().begin_turn();
+                            for change in changes.drain(..) {
+                                match change {
+                                    Change::Queue(queue) => this.node.handle_queue_changed(now, &queue),
+                                    Change::Missed => this.node.handle_changes_missed(now),
+                                }
                             }
-                        }
-                        self.end_turn();
+                            this.end_turn();
+                        });
                     }
                 }
                 () = sleep_until(timer), if timer.is_some() => {
                     let now = self.now();
-                    let turn = self.begin_own_turn();
-                    self.node.handle_timeout(now);
-                    if turn {
-                        self.end_turn();
-                    }
+                    self.blocking(|this| {
+                        let turn = this.begin_own_turn();
+                        this.node.handle_timeout(now);
+                        if turn {
+                            this.end_turn();
+                        }
+                    });
                 }
                 _ = tick(&mut sweep), if sweep.is_some() && open => {
                     let now = self.now();
-                    let turn = self.begin_own_turn();
-                    let swept = self.node.handle_sweep(now);
-                    if turn {
-                        self.end_turn();
-                    }
+                    let swept = self.blocking(|this| {
+                        let turn = this.begin_own_turn();
+                        let swept = this.node.handle_sweep(now);
+                        if turn {
+                            this.end_turn();
+                        }
+                        swept
+                    });
                     if let Some(m) = &self.metrics {
                         m.swept(swept.expired, swept.fences_deleted as u64);
                     }
@@ -435,6 +444,22 @@ impl<S: ShellStore> Service<S> {
             self.drain();
         }
         self.stats
+    }
+
+    /// Runs `f` (a turn) where it may block: over a shared store, whose
+    /// statements wait for the database, inside `block_in_place` on a
+    /// multi-threaded runtime, so the runtime's other tasks move to another
+    /// thread meanwhile (the store blocks on its own for each statement
+    /// otherwise). A store of this process's own runs `f` as it is.
+    fn blocking<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let multi_thread =
+            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+        if self.node.store().shared() && multi_thread {
+            tokio::task::block_in_place(|| f(self))
+        } else {
+            f(self)
+        }
     }
 
     /// Opens a turn for a timeout or a sweep step over a shared store,

@@ -40,7 +40,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use quicproquo_core::node::{NodeConfig, NodeService, OpenError};
@@ -130,7 +129,8 @@ pub fn redact_url(url: &str) -> String {
 
 /// The machine's store in a PostgreSQL database shared with other nodes.
 pub struct PgStore {
-    jobs: mpsc::Sender<Job>,
+    /// The connection and its runtime; see [`PgStore::call`].
+    db: RefCell<Db>,
     /// Where it connects (for the change watch's own connection).
     config: tokio_postgres::Config,
     /// The next batch's number.
@@ -155,12 +155,9 @@ struct Turn {
     aborted: Option<String>,
 }
 
-type Job = Box<dyn FnOnce(&mut Db) + Send>;
-
 impl PgStore {
-    /// Connects, creates or migrates the schema, and starts the store's
-    /// thread. Fails if the database cannot be reached or holds a schema
-    /// newer than this build's.
+    /// Connects, and creates or migrates the schema. Fails if the database
+    /// cannot be reached or holds a schema newer than this build's.
     pub fn open(options: PgOptions) -> Result<PgStore, StorageError> {
         let config: tokio_postgres::Config = options
             .url
@@ -177,30 +174,12 @@ impl PgStore {
             conn: None,
             retry_at: None,
         };
-        // Opening runs on the calling thread: there is no store thread yet.
-        let mut open = || -> Result<(), StorageError> {
+        blocking(|| {
             db.connect()
                 .map_err(|e| StorageError::Postgres(format!("opening the database: {e}")))
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(open)?
-            }
-            Ok(_) => std::thread::scope(|s| s.spawn(open).join())
-                .map_err(|_| StorageError::Postgres("opening the store panicked".into()))??,
-            Err(_) => open()?,
-        }
-        let (jobs, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("qpq-postgres".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job(&mut db);
-                }
-            })
-            .map_err(|e| StorageError::Postgres(format!("starting the store's thread: {e}")))?;
+        })?;
         Ok(PgStore {
-            jobs,
+            db: RefCell::new(db),
             config,
             next_lsn: 1,
             committed: Lsn(0),
@@ -209,36 +188,26 @@ impl PgStore {
         })
     }
 
-    /// Runs `f` on the store's thread and waits for its result.
-    fn call<R: Send + 'static>(
+    /// Runs `f` on the connection, blocking the calling thread until the
+    /// database answered (or [`STATEMENT_TIMEOUT`] passed): see
+    /// [`blocking`].
+    fn call<R: Send>(
         &self,
-        op: StoreOp,
-        f: impl FnOnce(&mut Db) -> Result<R, StoreError> + Send + 'static,
+        _op: StoreOp,
+        f: impl FnOnce(&mut Db) -> Result<R, StoreError> + Send,
     ) -> Result<R, StoreError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |db| {
-            let _ = tx.send(f(db));
-        });
-        if self.jobs.send(job).is_err() {
-            return Err(StoreError::aborted(op, "the store's thread has stopped"));
-        }
-        let wait = || rx.recv();
-        let got = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        };
-        got.unwrap_or_else(|_| Err(StoreError::aborted(op, "the store's thread has stopped")))
+        let mut db = self.db.borrow_mut();
+        let db: &mut Db = &mut db;
+        blocking(|| f(db))
     }
 
     /// Runs `f` inside the turn's transaction (begun at the turn's first
     /// statement), or as a statement of its own outside a turn. After a
     /// turn was rolled back, fails at once.
-    fn in_turn<R: Send + 'static>(
+    fn in_turn<R: Send>(
         &self,
         op: StoreOp,
-        f: impl FnOnce(&mut Db) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Db) -> Result<R, StoreError> + Send,
     ) -> Result<R, StoreError> {
         let begin = {
             let turn = self.turn.borrow();
@@ -491,6 +460,24 @@ impl SyncHandle for PgSync {
     }
 }
 
+/// Runs `f`, which blocks on the store's own single-threaded runtime, from
+/// wherever the store is called: directly outside a runtime (or inside
+/// `tokio::task::block_in_place`, where the shell runs a turn over this
+/// store), inside `block_in_place` on a worker of a multi-threaded
+/// runtime, and on a scoped thread of its own inside a single-threaded
+/// runtime (which cannot block; slow, for tests only).
+fn blocking<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Err(_) => f(),
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|s| match s.spawn(f).join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
+    }
+}
+
 /// A batch as the keys it deletes and the `(key, value)`s it sets, each
 /// key once with its last operation.
 fn final_ops(batch: Batch) -> (Vec<Vec<u8>>, Records) {
@@ -555,6 +542,8 @@ struct Conn {
     range_open: Statement,
     delete: Statement,
     upsert: Statement,
+    /// `delete` and `upsert` in one statement.
+    replace: Statement,
     notify: Statement,
 }
 
@@ -627,6 +616,14 @@ impl Db {
                         .await?,
                     delete: client
                         .prepare("DELETE FROM qpq_kv WHERE key = ANY($1)")
+                        .await?,
+                    replace: client
+                        .prepare(
+                            "WITH gone AS (DELETE FROM qpq_kv WHERE key = ANY($1)) \
+                             INSERT INTO qpq_kv (key, value) \
+                             SELECT * FROM unnest($2::bytea[], $3::bytea[]) \
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        )
                         .await?,
                     notify: client
                         .prepare(&format!(
@@ -788,18 +785,28 @@ impl Db {
         deletes: &[Vec<u8>],
         puts: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<(), StoreError> {
-        if !deletes.is_empty() {
-            let keys: Vec<&[u8]> = deletes.iter().map(Vec::as_slice).collect();
-            run!(self, StoreOp::Write, |c| c
-                .client
-                .execute(&c.delete, &[&keys]))?;
-        }
-        if !puts.is_empty() {
-            let keys: Vec<&[u8]> = puts.iter().map(|(k, _)| k.as_slice()).collect();
-            let values: Vec<&[u8]> = puts.iter().map(|(_, v)| v.as_slice()).collect();
-            run!(self, StoreOp::Write, |c| c
-                .client
-                .execute(&c.upsert, &[&keys, &values]))?;
+        let gone: Vec<&[u8]> = deletes.iter().map(Vec::as_slice).collect();
+        let keys: Vec<&[u8]> = puts.iter().map(|(k, _)| k.as_slice()).collect();
+        let values: Vec<&[u8]> = puts.iter().map(|(_, v)| v.as_slice()).collect();
+        // One statement (one round trip) either way; each key is in one
+        // list only (`final_ops`).
+        match (gone.is_empty(), keys.is_empty()) {
+            (true, true) => {}
+            (false, true) => {
+                run!(self, StoreOp::Write, |c| c
+                    .client
+                    .execute(&c.delete, &[&gone]))?;
+            }
+            (true, false) => {
+                run!(self, StoreOp::Write, |c| c
+                    .client
+                    .execute(&c.upsert, &[&keys, &values]))?;
+            }
+            (false, false) => {
+                run!(self, StoreOp::Write, |c| c
+                    .client
+                    .execute(&c.replace, &[&gone, &keys, &values]))?;
+            }
         }
         Ok(())
     }
