@@ -13,6 +13,7 @@
 # and makes one hang (every process of it stopped, SIGSTOP) and go on:
 #   bash .ci/postgres.sh freeze DIR; bash .ci/postgres.sh thaw DIR
 #
+# PG_SERVER_OPTIONS adds server settings (e.g. "-c max_pred_locks_per_page=64").
 # Needs PostgreSQL's server binaries (Debian: `postgresql`); the newest
 # version under /usr/lib/postgresql is used.
 set -euo pipefail
@@ -45,8 +46,9 @@ start)
         { cat "$dir/initdb.log" >&2; exit 1; }
     echo "$port" >"$dir/port"
     as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null ||
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 ${PG_SERVER_OPTIONS:-}" start >/dev/null ||
         { cat "$dir/server.log" >&2; exit 1; }
+    echo "${PG_SERVER_OPTIONS:-}" >"$dir/options"
     echo "export QPQ_TEST_POSTGRES_DIR=$dir"
     echo "export QPQ_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
     ;;
@@ -65,7 +67,7 @@ restart)
     dir=${2:?usage: postgres.sh restart DIR}
     port=$(cat "$dir/port")
     as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null ||
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 $(cat "$dir/options")" start >/dev/null ||
         { cat "$dir/server.log" >&2; exit 1; }
     ;;
 freeze | thaw)
