@@ -20,12 +20,11 @@
 //! bounded by [`STATEMENT_TIMEOUT`], so no request waits on the database
 //! for longer than that.
 //!
-//! The store talks to PostgreSQL from a thread of its own that owns the
-//! connection and a small single-threaded runtime; the machine's calls are
-//! synchronous, so each one hands its statement to that thread and waits
-//! (inside `tokio::task::block_in_place` when it runs on a multi-threaded
-//! runtime, so the runtime's other tasks move to another thread
-//! meanwhile).
+//! The machine's calls are synchronous: the store drives `tokio-postgres`
+//! on a small single-threaded runtime of its own, on the calling thread
+//! ([`blocking`]). The shell runs each turn over this store inside
+//! `tokio::task::block_in_place`, so the runtime's other tasks move to
+//! another thread while the turn waits for the database.
 //!
 //! Durability: a turn's writes are durable when its `COMMIT` returns with
 //! `synchronous_commit = on` (the server's `durability = "fsync"`); with
