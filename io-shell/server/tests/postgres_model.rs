@@ -54,25 +54,7 @@ fn database() -> Option<&'static str> {
 
 /// Empties the machine's table of the test database (a fresh store).
 fn empty(url: &str) {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .expect("connect to the test database");
-            tokio::spawn(connection);
-            client
-                .batch_execute("DELETE FROM qpq_kv")
-                .await
-                .expect("empty the table");
-        });
-    })
-    .join()
-    .unwrap();
+    common::postgres_execute(url, &["DELETE FROM qpq_kv".to_owned()]);
 }
 
 /// The PostgreSQL store under the model: every batch is durable once

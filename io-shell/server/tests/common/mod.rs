@@ -98,35 +98,43 @@ pub fn postgres_database() -> Option<String> {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let admin = url.clone();
-    let create = name.clone();
-    // On a thread of its own: callers may be inside a runtime.
+    // One statement each: a multi-statement string is one transaction,
+    // where these cannot run.
+    postgres_execute(
+        &url,
+        &[
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ],
+    );
+    // postgres://user@host:port/db -> the same with the new database.
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}
+
+/// Runs `statements`, one at a time, on the PostgreSQL database at `url`
+/// (on a thread of its own: callers may be inside a runtime). Panics on a
+/// failure.
+pub fn postgres_execute(url: &str, statements: &[String]) {
+    let (url, statements) = (url.to_owned(), statements.to_vec());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
-                .expect("connect to QPQ_TEST_POSTGRES_URL");
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
             tokio::spawn(connection);
-            // One statement each: a multi-statement string is one
-            // transaction, where these cannot run.
-            for sql in [
-                format!("DROP DATABASE IF EXISTS {create}"),
-                format!("CREATE DATABASE {create}"),
-            ] {
+            for sql in &statements {
                 client
-                    .batch_execute(&sql)
+                    .batch_execute(sql)
                     .await
-                    .expect("create the test database");
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
             }
         });
     })
     .join()
     .unwrap();
-    // postgres://user@host:port/db -> the same with the new database.
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
-    Some(format!("{base}/{name}"))
 }
