@@ -134,11 +134,20 @@ impl ReplyGate {
         }
     }
 
-    /// The store rolled back every batch after `kept`: the replies held
-    /// for those batches go out as `error` instead. Later batches get
-    /// higher `Lsn`s, so a sync that covers them covers the rolled-back
-    /// ones too, which by then hold nothing back.
+    /// The store rolled back the shell's turn, and with it every batch
+    /// after `kept`: the replies held for those batches go out as `error`
+    /// instead, and so do the replies of the turn that were ready (read
+    /// only): what a rolled-back transaction read is not to be trusted
+    /// either. The shell takes the outputs after every turn, so those ready
+    /// now are the turn's. Later batches get higher `Lsn`s, so a sync that
+    /// covers them covers the rolled-back ones too, which by then hold
+    /// nothing back.
     pub(super) fn rolled_back(&mut self, kept: Lsn, error: &ServiceError) {
+        for out in self.ready.iter_mut() {
+            if let Output::Reply { reply, .. } = out {
+                *reply = Err(error.clone());
+            }
+        }
         let mut still_held = VecDeque::with_capacity(self.held.len());
         for (lsn, out) in self.held.drain(..) {
             if lsn <= kept {

@@ -395,11 +395,13 @@ impl<S: Store> NodeService<S> {
 
     /// The shell's turn was rolled back by a store shared with other
     /// machines ([`crate::store::StoreErrorKind::Aborted`]): nothing written
-    /// after `kept` (the last batch the store still holds) survives. Every
-    /// reply still held for those writes — the turn's own, and those of
-    /// long-polls its enqueues woke — turns into a retryable `unavailable`
-    /// error, and the queue counters the machine remembers are forgotten.
-    /// The machine takes the next turn as usual.
+    /// after `kept` (the last batch the store still holds) survives, and
+    /// nothing the turn read is to be trusted. Every reply of the turn —
+    /// held for its writes or ready, its requests' and those of long-polls
+    /// it woke — turns into a retryable `unavailable` error, and the queue
+    /// counters the machine remembers are forgotten. The shell calls this
+    /// before it takes the turn's outputs. The machine takes the next turn
+    /// as usual.
     pub fn handle_turn_aborted(&mut self, _now: Time, kept: Lsn, reason: &str) {
         self.counters.clear();
         self.gate.rolled_back(kept, &turn_aborted(reason));

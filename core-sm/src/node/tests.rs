@@ -1264,6 +1264,56 @@ fn replies_wait_for_sync_in_fsync_mode() {
 }
 
 #[test]
+fn a_rolled_back_turn_answers_every_reply_it_made_unavailable() {
+    let mut h = Harness::fresh();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.set_auto_sync(false);
+    // Settle the login's writes first: what is durable stays.
+    let lsn = h.node.store_mut().sync();
+    h.node.handle_synced(h.now, lsn);
+    while h.node.poll_output().is_some() {}
+    let kept = h.node.store().last_lsn();
+    // A read-only request is ready at once; an enqueue is held for its
+    // write; the turn is then rolled back by a shared store.
+    let read = h.send(
+        1,
+        RequestBody::KeyPackageCount {
+            identity_key: id(&alice),
+        },
+    );
+    let write = h.send(
+        1,
+        RequestBody::Enqueue {
+            recipient_key: id(&bob),
+            channel_id: ChannelId::DEFAULT,
+            payload: b"a".to_vec(),
+            message_id: mid(1),
+        },
+    );
+    h.node
+        .handle_turn_aborted(h.now, kept, "it conflicted with a concurrent request");
+    let mut answered = Vec::new();
+    while let Some(out) = h.node.poll_output() {
+        if let Output::Reply {
+            request_id, reply, ..
+        } = out
+        {
+            let e = reply.expect_err("rolled back");
+            assert_eq!(e.kind, ErrorKind::Unavailable);
+            assert!(e.message.contains("rolled this request back"), "{e:?}");
+            answered.push(request_id);
+        }
+    }
+    assert_eq!(answered, vec![read, write]);
+    assert_eq!(h.node.held_reply_count(), 0);
+    // A later sync (covering the rolled-back batch) releases nothing more.
+    let lsn = h.node.store_mut().sync();
+    h.node.handle_synced(h.now, lsn);
+    assert!(std::iter::from_fn(|| h.node.poll_output()).all(|o| matches!(o, Output::Sync { .. })));
+}
+
+#[test]
 fn buffered_mode_replies_before_the_sync() {
     let mut h = Harness::new(NodeConfig {
         durability: Durability::Buffered,
