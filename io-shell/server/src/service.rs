@@ -41,6 +41,11 @@ pub const COMMAND_QUEUE_DEPTH: usize = 16_384;
 /// the writes of one turn reach the storage engine as one batch.
 const COMMANDS_PER_TURN_MAX: usize = 256;
 
+/// Changes by other nodes (queues that got messages) waiting for the
+/// service task; beyond it the watch reports [`Change::Missed`] once
+/// there is room again, and every long-poll is checked instead.
+pub const CHANGES_QUEUED_MAX: usize = 4_096;
+
 enum Command {
     Open {
         conn: ConnectionId,
@@ -252,7 +257,7 @@ pub fn spawn<S: ShellStore>(
     let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx, pause));
     // Over a store other nodes share, their enqueues wake this node's
     // long-polls; the watch ends when the service drops `changes`.
-    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+    let (changes_tx, changes_rx) = mpsc::channel(CHANGES_QUEUED_MAX);
     let changes = node.store().watch_changes(changes_tx).map(|watch| {
         tokio::spawn(watch);
         changes_rx
@@ -304,7 +309,7 @@ struct Pending {
 struct Service<S> {
     node: NodeService<S>,
     /// What other nodes sharing the store changed, if it is shared.
-    changes: Option<mpsc::UnboundedReceiver<Change>>,
+    changes: Option<mpsc::Receiver<Change>>,
     rx: mpsc::Receiver<Command>,
     pending: HashMap<RequestId, Pending>,
     next_request: u64,
@@ -605,7 +610,7 @@ fn wall_clock() -> Time {
 /// Up to [`COMMANDS_PER_TURN_MAX`] changes into `buf`; 0 once the watch
 /// has ended.
 async fn recv_changes(
-    changes: &mut Option<mpsc::UnboundedReceiver<Change>>,
+    changes: &mut Option<mpsc::Receiver<Change>>,
     buf: &mut Vec<Change>,
 ) -> usize {
     match changes {

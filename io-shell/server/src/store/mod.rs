@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use quicproquo_core::store::{Lsn, Store};
 use quicproquo_core::types::QueueId;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{Sender, UnboundedReceiver, UnboundedSender};
 
 pub mod fjall_store;
 pub mod mem;
@@ -185,9 +185,10 @@ pub trait ShellStore: Store + Send + 'static {
 
     /// For a store other machines write too: a task that reports their
     /// changes on `changes` (the shell hands them to the machine,
-    /// `NodeService::handle_queue_changed`) until `changes` is closed. A
-    /// store with one writer has none.
-    fn watch_changes(&self, _changes: UnboundedSender<Change>) -> Option<ChangeWatch> {
+    /// `NodeService::handle_queue_changed`) until `changes` is closed;
+    /// when `changes` is full it drops them and reports [`Change::Missed`]
+    /// once there is room. A store with one writer has none.
+    fn watch_changes(&self, _changes: Sender<Change>) -> Option<ChangeWatch> {
         None
     }
 }

@@ -49,7 +49,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use quicproquo_core::types::{ChannelId, IdentityKey, QueueId, hex};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
+use tokio::sync::mpsc::error::TrySendError;
 
 use super::{Change, ChangeWatch, ShellStore, StorageError, SyncHandle};
 
@@ -363,7 +364,7 @@ impl ShellStore for PgStore {
         *self.turn.get_mut() = Some(Turn::default());
     }
 
-    fn watch_changes(&self, changes: UnboundedSender<Change>) -> Option<ChangeWatch> {
+    fn watch_changes(&self, changes: Sender<Change>) -> Option<ChangeWatch> {
         Some(Box::pin(watch(self.config.clone(), changes)))
     }
 
@@ -852,6 +853,9 @@ impl Db {
     }
 }
 
+/// How often the change watch tries again to report a `Missed` it owes.
+const MISSED_RETRY: Duration = Duration::from_millis(10);
+
 /// The notification channel (`LISTEN`) on which nodes announce queues
 /// that got messages.
 pub const CHANNEL: &str = "qpq_queues";
@@ -892,8 +896,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 /// [`CHANNEL`] and reports each queue another node (or this one) announced.
 /// After a lost connection it connects again (every
 /// [`RECONNECT_INTERVAL`]) and reports [`Change::Missed`], since
-/// notifications sent meanwhile are gone. Ends when `changes` is closed.
-async fn watch(config: tokio_postgres::Config, changes: UnboundedSender<Change>) {
+/// notifications sent meanwhile are gone; so it does when `changes` was
+/// full and it had to drop some. Ends when `changes` is closed.
+async fn watch(config: tokio_postgres::Config, changes: Sender<Change>) {
+    let mut reporter = Reporter {
+        changes,
+        missed: false,
+    };
     let mut connected_before = false;
     loop {
         let connect = tokio::time::timeout(STATEMENT_TIMEOUT, config.connect(NoTls));
@@ -907,7 +916,7 @@ async fn watch(config: tokio_postgres::Config, changes: UnboundedSender<Change>)
                 }
                 Err(_) => continue,
             },
-            () = changes.closed() => return,
+            () = reporter.changes.closed() => return,
         };
         let listen_sql = format!("LISTEN {CHANNEL}");
         let mut listen = std::pin::pin!(client.batch_execute(&listen_sql));
@@ -920,15 +929,18 @@ async fn watch(config: tokio_postgres::Config, changes: UnboundedSender<Change>)
                         break;
                     }
                     listening = true;
-                    if connected_before && changes.send(Change::Missed).is_err() {
-                        return;
+                    if connected_before {
+                        reporter.missed = true;
                     }
                     connected_before = true;
+                    if !reporter.flush() {
+                        return;
+                    }
                 }
                 message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                         if let Some(queue) = parse_queue_payload(n.payload())
-                            && changes.send(Change::Queue(queue)).is_err()
+                            && !reporter.report(Change::Queue(queue))
                         {
                             return;
                         }
@@ -940,10 +952,59 @@ async fn watch(config: tokio_postgres::Config, changes: UnboundedSender<Change>)
                     }
                     None => break,
                 },
-                () = changes.closed() => return,
+                // An owed `Missed` goes out once there is room, even if
+                // no notification comes to carry it.
+                () = tokio::time::sleep(MISSED_RETRY), if reporter.missed => {
+                    if !reporter.flush() {
+                        return;
+                    }
+                }
+                () = reporter.changes.closed() => return,
             }
         }
         tokio::time::sleep(RECONNECT_INTERVAL).await;
+    }
+}
+
+/// Hands the watch's changes to the service task without waiting for it:
+/// when its queue is full a change is dropped and [`Change::Missed`] owed.
+struct Reporter {
+    changes: Sender<Change>,
+    /// Changes were dropped (or may have been): a `Missed` is owed.
+    missed: bool,
+}
+
+impl Reporter {
+    /// Reports the owed `Missed`, if any and if there is room; `false`
+    /// once nobody listens.
+    fn flush(&mut self) -> bool {
+        if self.missed {
+            match self.changes.try_send(Change::Missed) {
+                Ok(()) => self.missed = false,
+                Err(TrySendError::Full(_)) => {}
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
+    }
+
+    /// Reports `change` (after an owed `Missed`, which covers it); `false`
+    /// once nobody listens.
+    fn report(&mut self, change: Change) -> bool {
+        if !self.flush() {
+            return false;
+        }
+        if self.missed {
+            return true;
+        }
+        match self.changes.try_send(change) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.missed = true;
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
     }
 }
 
@@ -1058,6 +1119,38 @@ mod tests {
         ] {
             assert_eq!(parse_queue_payload(junk), None, "{junk}");
         }
+    }
+
+    #[test]
+    fn a_full_change_queue_owes_one_missed_and_pays_it_once_there_is_room() {
+        let queue = |n: u8| {
+            Change::Queue(QueueId {
+                recipient_key: IdentityKey([n; 32]),
+                channel_id: ChannelId::DEFAULT,
+            })
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let mut r = Reporter {
+            changes: tx,
+            missed: false,
+        };
+        assert!(r.report(queue(1)) && r.report(queue(2)));
+        // Full: dropped, and owed.
+        assert!(r.report(queue(3)));
+        assert!(r.missed);
+        assert_eq!(rx.try_recv().unwrap(), queue(1));
+        assert_eq!(rx.try_recv().unwrap(), queue(2));
+        // Room again: the owed Missed goes before the next change.
+        assert!(r.report(queue(4)));
+        assert!(!r.missed);
+        assert_eq!(rx.try_recv().unwrap(), Change::Missed);
+        assert_eq!(rx.try_recv().unwrap(), queue(4));
+        assert!(rx.try_recv().is_err());
+        // Full again, and a flush with no room keeps the debt.
+        assert!(r.report(queue(5)) && r.report(queue(6)) && r.report(queue(7)));
+        assert!(r.flush() && r.missed);
+        drop(rx);
+        assert!(!r.report(queue(8)), "nobody listens");
     }
 
     #[test]
