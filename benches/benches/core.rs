@@ -137,6 +137,7 @@ fn key_package_upload_pop(c: &mut Criterion) {
                         identity_key: identity(&alice),
                         package: black_box(package.clone()),
                         last_resort: false,
+                        cipher_suite: 0,
                     },
                 );
                 assert!(matches!(up, Ok(Response::KeyPackageUploaded { .. })));
@@ -144,6 +145,7 @@ fn key_package_upload_pop(c: &mut Criterion) {
                     2,
                     RequestBody::FetchKeyPackage {
                         identity_key: identity(&alice),
+                        cipher_suite: 0,
                     },
                 );
                 assert!(matches!(pop, Ok(Response::KeyPackage { .. })), "{pop:?}");

@@ -179,12 +179,14 @@ fn service_benches(c: &mut Criterion) {
                                         identity_key: c.identity,
                                         package: payload.to_vec(),
                                         last_resort: false,
+                                        cipher_suite: 0,
                                     })
                                     .await;
                                 assert!(matches!(up, Ok(Response::KeyPackageUploaded { .. })));
                                 let pop = c
                                     .call(RequestBody::FetchKeyPackage {
                                         identity_key: c.identity,
+                                        cipher_suite: 0,
                                     })
                                     .await;
                                 assert!(matches!(pop, Ok(Response::KeyPackage { .. })), "{pop:?}");

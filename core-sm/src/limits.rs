@@ -47,6 +47,23 @@ pub const HYBRID_KEY_BYTES_MAX: usize = 4 * 1024;
 /// disk.
 pub const KEY_PACKAGES_PER_IDENTITY_MAX: u32 = 1_000;
 
+/// The pool a KeyPackage goes to, and is fetched from, when the request
+/// names no cipher suite: what clients that predate pools use, and where
+/// qpq keeps its classic (0x0001) KeyPackages.
+pub const DEFAULT_POOL: u16 = 0;
+
+/// The MLS cipher suites an identity may keep a KeyPackage pool for,
+/// besides [`DEFAULT_POOL`]: those of RFC 9420 (0x0001-0x0007) and the
+/// hybrid post-quantum ones of draft-ietf-mls-pq-ciphersuites that openmls
+/// implements (0x004D-0x004F). Each pool holds at most
+/// `key_packages_per_identity_max` packages and one last-resort package;
+/// the list bounds how many pools one identity can fill. The server does
+/// not parse a KeyPackage: the uploader names its pool, and a fetcher
+/// checks the suite of what it gets.
+pub const KEY_PACKAGE_SUITES: [u16; 10] = [
+    0x0001, 0x0002, 0x0003, 0x0004, 0x0005, 0x0006, 0x0007, 0x004D, 0x004E, 0x004F,
+];
+
 // ----- the Delivery Service --------------------------------------------------
 
 /// Messages one queue may hold before enqueue answers `queueFull`: a

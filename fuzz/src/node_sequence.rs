@@ -736,6 +736,7 @@ impl Harness {
                         identity_key: target,
                         package: package.clone(),
                         last_resort: *last_resort,
+                        cipher_suite: 0,
                     },
                     Sent::Upload {
                         target,
@@ -748,6 +749,7 @@ impl Harness {
                 (
                     RequestBody::FetchKeyPackage {
                         identity_key: target,
+                        cipher_suite: 0,
                     },
                     Sent::FetchKeyPackage { target },
                 )
@@ -757,6 +759,7 @@ impl Harness {
                 (
                     RequestBody::KeyPackageCount {
                         identity_key: target,
+                        cipher_suite: 0,
                     },
                     Sent::Count { target },
                 )

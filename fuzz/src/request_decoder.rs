@@ -62,15 +62,22 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 identity_key: key,
                 package: b"a KeyPackage".to_vec(),
                 last_resort: true,
+                cipher_suite: 0,
             },
         ),
         (
             "fetch_key_package",
-            RequestBody::FetchKeyPackage { identity_key: key },
+            RequestBody::FetchKeyPackage {
+                identity_key: key,
+                cipher_suite: 0,
+            },
         ),
         (
             "key_package_count",
-            RequestBody::KeyPackageCount { identity_key: key },
+            RequestBody::KeyPackageCount {
+                identity_key: key,
+                cipher_suite: 0,
+            },
         ),
         (
             "upload_hybrid_key",

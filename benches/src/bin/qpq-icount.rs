@@ -139,6 +139,7 @@ fn core_keypackage_pop() -> u64 {
                 identity_key: identity(&alice),
                 package: payload(),
                 last_resort: false,
+                cipher_suite: 0,
             },
         );
         assert!(matches!(up, Ok(Response::KeyPackageUploaded { .. })));
@@ -149,6 +150,7 @@ fn core_keypackage_pop() -> u64 {
             2,
             RequestBody::FetchKeyPackage {
                 identity_key: target,
+                cipher_suite: 0,
             },
         );
         assert!(matches!(

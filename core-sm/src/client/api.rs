@@ -17,8 +17,9 @@ pub enum Command {
     CreateGroup {
         /// Its name, unique among this user's groups.
         name: String,
-        /// Post-quantum: every member needs a hybrid key, and everything the
-        /// group sends travels in hybrid envelopes.
+        /// Post-quantum: an MLS group of the hybrid post-quantum suite
+        /// [`PQ_CIPHERSUITE`](super::PQ_CIPHERSUITE); members join with
+        /// KeyPackages of that suite, which `register` uploads.
         pq: bool,
     },
     /// Add `member` to the group `group`.
@@ -508,7 +509,9 @@ pub struct GroupSummary {
     pub epoch: u64,
     /// Every member, this user included.
     pub members: Vec<IdentityKey>,
-    /// Post-quantum: everything travels in hybrid envelopes.
+    /// Post-quantum: an MLS group of [`PQ_CIPHERSUITE`](super::PQ_CIPHERSUITE),
+    /// or a sealed group of an earlier version (classic MLS, everything in
+    /// hybrid envelopes).
     pub pq: bool,
     /// Changes and messages this user asked for that the server has not
     /// taken yet: a Commit awaiting acceptance and what queues behind it.

@@ -8,17 +8,27 @@ use super::*;
 impl ClientMachine {
     // ----- groups -----------------------------------------------------------
 
+    /// A post-quantum group is an MLS group of [`PQ_CIPHERSUITE`]; a sealed
+    /// one (what `pq` made before that suite, kept so such groups go on
+    /// working) is a classic MLS group whose every payload travels in
+    /// hybrid envelopes.
     pub(super) fn create_group(&mut self, name: String, pq: bool) -> Result<(), CommandError> {
         check_name(&name)?;
         if self.groups.by_name(&name).is_some() {
             return Err(CommandError::GroupExists(name));
         }
+        let sealed = pq && self.seals_new_pq_groups();
         // Members seal to each other's hybrid keys, this user's included.
-        if pq && self.hybrid_keys.is_empty() {
+        if sealed && self.hybrid_keys.is_empty() {
             return Err(CommandError::NoOwnHybridKey);
         }
+        let suite = if pq && !sealed {
+            PQ_CIPHERSUITE
+        } else {
+            CIPHERSUITE
+        };
         let config = MlsGroupCreateConfig::builder()
-            .ciphersuite(CIPHERSUITE)
+            .ciphersuite(suite)
             .capabilities(capabilities())
             .use_ratchet_tree_extension(true)
             .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
@@ -35,7 +45,7 @@ impl ClientMachine {
             group.group_id().clone(),
             channel,
             true,
-            pq,
+            sealed,
         ));
         // The long-poll must cover the new channel.
         self.listen_stale = true;
@@ -68,6 +78,7 @@ impl ClientMachine {
             });
             return Ok(());
         }
+        let suite = g.ciphersuite();
         self.op = Some(Op::AddMember {
             group,
             member,
@@ -85,16 +96,18 @@ impl ClientMachine {
                 },
             );
         } else {
-            self.request_key_package(member);
+            self.request_key_package(member, suite);
         }
         Ok(())
     }
 
-    pub(super) fn request_key_package(&mut self, member: IdentityKey) {
+    /// Takes one of `member`'s KeyPackages of `suite` from the server.
+    pub(super) fn request_key_package(&mut self, member: IdentityKey, suite: Ciphersuite) {
         self.request(
             Pending::FetchKeyPackage,
             RequestBody::FetchKeyPackage {
                 identity_key: member,
+                cipher_suite: key_package_pool(suite),
             },
         );
     }
@@ -105,7 +118,8 @@ impl ClientMachine {
         };
         let member = *member;
         match self.accept_hybrid_key(member, result) {
-            Ok(()) => self.request_key_package(member),
+            // A sealed group is a classic MLS group.
+            Ok(()) => self.request_key_package(member, CIPHERSUITE),
             Err(e) => self.fail(e),
         }
     }
@@ -141,7 +155,9 @@ impl ClientMachine {
         member: IdentityKey,
         package: &[u8],
     ) -> Result<(), CommandError> {
-        self.validate_key_package(member, package)?;
+        let record = self.record(group_name)?;
+        let suite = self.load_group(&record)?.ciphersuite();
+        self.validate_key_package(member, package, suite)?;
         self.queue_change(
             group_name,
             Change::Add {
@@ -152,12 +168,14 @@ impl ClientMachine {
     }
 
     /// Parses and validates a fetched KeyPackage, and checks that it is
-    /// really `member`'s: its credential identity and its signature key must
-    /// both be the identity asked for, or the server substituted a key.
+    /// really `member`'s and of the group's `suite`: its credential identity
+    /// and its signature key must both be the identity asked for, or the
+    /// server substituted a key.
     pub(super) fn validate_key_package(
         &self,
         member: IdentityKey,
         package: &[u8],
+        suite: Ciphersuite,
     ) -> Result<KeyPackage, CommandError> {
         let bad = |m: String| CommandError::BadKeyPackage(m);
         let key_package_in = match MlsMessageIn::tls_deserialize_exact(package) {
@@ -172,8 +190,12 @@ impl ClientMachine {
         let kp = key_package_in
             .validate(self.provider.crypto(), ProtocolVersion::Mls10)
             .map_err(|e| bad(e.to_string()))?;
-        if kp.ciphersuite() != CIPHERSUITE {
-            return Err(bad("unsupported ciphersuite".into()));
+        if kp.ciphersuite() != suite {
+            return Err(bad(format!(
+                "its cipher suite is {:?}, not the group's {:?}",
+                kp.ciphersuite(),
+                suite
+            )));
         }
         let credential = BasicCredential::try_from(kp.leaf_node().credential().clone())
             .map_err(|e| bad(e.to_string()))?;
@@ -420,7 +442,8 @@ impl ClientMachine {
                     ));
                     return Ok(());
                 }
-                let key_package = self.validate_key_package(member, key_package)?;
+                let key_package =
+                    self.validate_key_package(member, key_package, group.ciphersuite())?;
                 let (commit, welcome, _) = group
                     .add_members(&self.provider, &self.signer, &[key_package])
                     .map_err(mls(MlsStep::Commit))?;

@@ -63,12 +63,18 @@ impl ClientMachine {
             already: 0,
             failed: 0,
         });
-        self.request(
-            Pending::Count,
-            RequestBody::KeyPackageCount {
-                identity_key: self.identity,
-            },
-        );
+        // One pool per suite: classic groups take from the default pool,
+        // post-quantum groups from the PQ suite's.
+        for suite in CIPHERSUITES {
+            self.request(
+                Pending::Count(suite),
+                RequestBody::KeyPackageCount {
+                    identity_key: self.identity,
+                    cipher_suite: key_package_pool(suite),
+                },
+            );
+        }
+        // Sealed pq groups of earlier versions still need the hybrid key.
         self.publish_hybrid_key(false);
         Ok(())
     }
@@ -108,7 +114,7 @@ impl ClientMachine {
         }
     }
 
-    pub(super) fn on_count(&mut self, result: Result<Response, ServiceError>) {
+    pub(super) fn on_count(&mut self, suite: Ciphersuite, result: Result<Response, ServiceError>) {
         let (count, has_last_resort) = match result {
             Ok(Response::KeyPackageCount {
                 count,
@@ -120,12 +126,12 @@ impl ClientMachine {
         let Some(Op::Register { want, already, .. }) = &mut self.op else {
             return;
         };
-        *already = count;
+        *already += count;
         let missing = want.saturating_sub(count);
         let mut uploads = Vec::new();
         for i in 0..missing + u32::from(!has_last_resort) {
             let last_resort = i == missing;
-            match self.key_package(last_resort) {
+            match self.key_package(suite, last_resort) {
                 Ok(bytes) => uploads.push((bytes, last_resort)),
                 Err(e) => return self.fail(e),
             }
@@ -144,6 +150,7 @@ impl ClientMachine {
                     identity_key: self.identity,
                     package,
                     last_resort,
+                    cipher_suite: key_package_pool(suite),
                 },
             );
         }
@@ -186,7 +193,11 @@ impl ClientMachine {
         }
     }
 
-    pub(super) fn key_package(&mut self, last_resort: bool) -> Result<Vec<u8>, CommandError> {
+    pub(super) fn key_package(
+        &mut self,
+        suite: Ciphersuite,
+        last_resort: bool,
+    ) -> Result<Vec<u8>, CommandError> {
         let mut builder = KeyPackage::builder()
             .key_package_lifetime(Lifetime::new(KEY_PACKAGE_LIFETIME_SECS))
             .leaf_node_capabilities(capabilities());
@@ -194,7 +205,7 @@ impl ClientMachine {
             builder = builder.mark_as_last_resort();
         }
         let bundle = builder
-            .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
+            .build(suite, &self.provider, &self.signer, self.credential())
             .map_err(mls(MlsStep::KeyPackage))?;
         MlsMessageOut::from(bundle.key_package().clone())
             .to_bytes()

@@ -19,12 +19,13 @@ impl Signer for IdentitySigner {
     }
 }
 
-/// Leaf capabilities: the defaults plus the last-resort KeyPackage
-/// extension (RFC 9420 §17.3), which a leaf must list to carry it.
+/// Leaf capabilities: both suites this client speaks, and the last-resort
+/// KeyPackage extension (RFC 9420 §17.3), which a leaf must list to carry
+/// it.
 pub(super) fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
-        Some(&[CIPHERSUITE]),
+        Some(&CIPHERSUITES),
         Some(&[ExtensionType::LastResort]),
         None,
         Some(&[CredentialType::Basic]),

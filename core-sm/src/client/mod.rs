@@ -88,8 +88,30 @@ pub use provider::QpqProvider;
 
 use state::{Change, CommitRecord, EarlyMessage, GroupRecord, OutboxEntry, Persisted};
 
-/// The ciphersuite of the MLS profile (ARCHITECTURE.md § MLS profile): 0x0001.
+/// The ciphersuite of a classic group (ARCHITECTURE.md § MLS profile):
+/// 0x0001. Its KeyPackages live in the server's default pool.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// The ciphersuite of a post-quantum group: 0x004F of
+/// draft-ietf-mls-pq-ciphersuites, the same AEAD, hash and signature as
+/// [`CIPHERSUITE`] with the hybrid ML-KEM-768 + X25519 KEM (X-Wing) for
+/// HPKE, so every path secret and Welcome is sealed post-quantum while an
+/// application message is encrypted once for everyone. Its KeyPackages
+/// live in the server's pool named 0x004F.
+pub const PQ_CIPHERSUITE: Ciphersuite =
+    Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519;
+/// Both suites, in the order `register` fills their pools.
+pub const CIPHERSUITES: [Ciphersuite; 2] = [CIPHERSUITE, PQ_CIPHERSUITE];
+
+/// The server pool that holds this client's KeyPackages of `suite`: the
+/// default pool for the classic suite (where clients that name no pool
+/// look), the suite's own pool for any other.
+pub fn key_package_pool(suite: Ciphersuite) -> u16 {
+    if suite == CIPHERSUITE {
+        crate::limits::DEFAULT_POOL
+    } else {
+        u16::from(suite)
+    }
+}
 /// KeyPackage lifetime: at most 84 days (ARCHITECTURE.md § MLS profile).
 pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 60 * 60;
 /// MLS exporter label of the key that seals a group's name in a Welcome.
@@ -140,7 +162,8 @@ enum Pending {
     /// One `enqueueBatch` carrying these entries (same channel, message id
     /// and payload; one per recipient).
     OutboxBatch(Vec<u64>),
-    Count,
+    /// The size of this user's pool of KeyPackages of a suite.
+    Count(Ciphersuite),
     Upload {
         fingerprint: [u8; 32],
     },
@@ -265,6 +288,10 @@ pub struct ClientMachine {
     blocked: BTreeSet<ChannelId>,
     next_token: u64,
     effects: VecDeque<Effect>,
+    /// `pq` groups this machine creates are sealed ones, as before the
+    /// post-quantum suite: only tests and benches that check such groups
+    /// still work set it ([`Self::create_sealed_pq_groups`]).
+    sealed_pq_groups: bool,
 }
 
 impl ClientMachine {
@@ -275,6 +302,21 @@ impl ClientMachine {
         let mut identity_seed = [0u8; 32];
         provider.fill(&mut identity_seed);
         Self::with(provider, identity_seed)
+    }
+
+    /// Makes the `pq` groups this machine creates from now on sealed ones:
+    /// classic MLS groups whose every payload travels in hybrid envelopes,
+    /// which is what `pq` made before the post-quantum suite. Such groups
+    /// still work (joined, used, changed); this makes new ones to test and
+    /// measure that.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn create_sealed_pq_groups(&mut self, sealed: bool) {
+        self.sealed_pq_groups = sealed;
+    }
+
+    /// Whether a new `pq` group is a sealed one.
+    fn seals_new_pq_groups(&self) -> bool {
+        self.sealed_pq_groups
     }
 
     /// Restores a machine from [`Self::snapshot`] bytes; `seed` reseeds its
@@ -311,6 +353,7 @@ impl ClientMachine {
             provider,
             registered: false,
             active: false,
+            sealed_pq_groups: false,
             hybrid_keys: Vec::new(),
             peer_hybrid_keys: PeerKeys::default(),
             contacts: Contacts::default(),
@@ -430,7 +473,7 @@ impl ClientMachine {
                     channel_id: r.channel,
                     epoch: group.epoch().as_u64(),
                     members: members(&group),
-                    pq: r.pq,
+                    pq: r.pq || group.ciphersuite() == PQ_CIPHERSUITE,
                     waiting: r.queue.len() + usize::from(r.commit.is_some()),
                 })
             })
@@ -527,7 +570,7 @@ impl ClientMachine {
         match pending {
             Pending::Outbox(id) => self.on_enqueued(id, result),
             Pending::OutboxBatch(ids) => self.on_enqueued_batch(ids, result),
-            Pending::Count => self.on_count(result),
+            Pending::Count(suite) => self.on_count(suite, result),
             Pending::Upload { fingerprint } => self.on_uploaded(fingerprint, result),
             Pending::UploadHybridKey => self.on_hybrid_key_uploaded(result),
             Pending::HybridKey(member) => self.on_hybrid_key(member, result),

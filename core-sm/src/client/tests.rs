@@ -4,6 +4,7 @@
 //! persistence is exercised all the time.
 
 use super::*;
+use crate::limits::DEFAULT_POOL;
 use crate::node::{NodeConfig, Reply};
 use crate::testing::{Hooks, Intercept, NodeWorld, Tamper};
 use crate::time::Time;
@@ -19,6 +20,9 @@ struct World {
     users: Vec<User>,
     /// Every run gets a distinct seed, as OS entropy would give.
     runs: u64,
+    /// The `pq` groups users create are sealed ones, as versions before the
+    /// post-quantum suite made them.
+    sealed_pq: bool,
 }
 
 impl World {
@@ -27,6 +31,7 @@ impl World {
             node: NodeWorld::new(NodeConfig::default()),
             users: Vec::new(),
             runs: 0,
+            sealed_pq: false,
         };
         for i in 0..n {
             let machine = ClientMachine::generate([i as u8 + 10; 32]);
@@ -52,7 +57,9 @@ impl World {
         self.runs += 1;
         let mut seed = [0xa5; 32];
         seed[..8].copy_from_slice(&self.runs.to_le_bytes());
-        ClientMachine::restore(&self.users[who].saved, seed).unwrap()
+        let mut m = ClientMachine::restore(&self.users[who].saved, seed).unwrap();
+        m.create_sealed_pq_groups(self.sealed_pq);
+        m
     }
 
     fn key(&mut self, who: usize) -> IdentityKey {
@@ -126,12 +133,13 @@ fn messages_lenient(events: &[Event]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Registers `who`: 3 KeyPackages and a last resort in each suite's pool.
 fn register(w: &mut World, who: usize) {
     let (_, outcome) = w.run(who, Command::Register { count: 3 });
     assert_eq!(
         outcome,
         Ok(Outcome::Registered {
-            uploaded: 4,
+            uploaded: 8,
             already: 0,
             failed: 0
         })
@@ -459,12 +467,13 @@ fn tampered_upload_fingerprint_is_reported_and_not_counted() {
         }
     });
     assert!(events.iter().any(|e| matches!(e, Event::Tampering { .. })));
+    // In each suite's pool: the last resort counted, the other not.
     assert_eq!(
         outcome,
         Ok(Outcome::Registered {
-            uploaded: 1,
+            uploaded: 2,
             already: 0,
-            failed: 1
+            failed: 2
         })
     );
 }
@@ -491,6 +500,7 @@ fn substituted_key_package_is_refused() {
         carol_conn,
         RequestBody::FetchKeyPackage {
             identity_key: carol,
+            cipher_suite: 0,
         },
     );
     let bob = w.key(1);
@@ -547,8 +557,8 @@ fn register_tops_up_using_the_count() {
     assert_eq!(
         outcome,
         Ok(Outcome::Registered {
-            uploaded: 2,
-            already: 3,
+            uploaded: 4,
+            already: 6,
             failed: 0
         })
     );
@@ -561,7 +571,7 @@ fn last_resort_package_lets_a_drained_user_be_added() {
     let (_, outcome) = w.run(1, Command::Register { count: 0 });
     assert!(matches!(
         outcome,
-        Ok(Outcome::Registered { uploaded: 1, .. })
+        Ok(Outcome::Registered { uploaded: 2, .. })
     ));
     w.run(
         0,
@@ -1287,6 +1297,7 @@ fn pq_team() -> World {
     for u in 0..3 {
         register(&mut w, u);
     }
+    w.sealed_pq = true;
     create(&mut w, 0, "pq", true);
     add(&mut w, 0, "pq", 1);
     add(&mut w, 0, "pq", 2);
@@ -1305,12 +1316,192 @@ fn warnings(events: &[Event]) -> Vec<String> {
         .collect()
 }
 
+/// KeyPackages left in `who`'s pool of `suite`, as the server counts them.
+fn pool(w: &mut World, who: usize, suite: Ciphersuite) -> u32 {
+    let identity_key = w.key(who);
+    let reply = w.call(
+        w.users[who].conn,
+        RequestBody::KeyPackageCount {
+            identity_key,
+            cipher_suite: key_package_pool(suite),
+        },
+    );
+    match reply {
+        Ok(Response::KeyPackageCount { count, .. }) => count,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn pq_group_is_mls_of_the_pq_suite_with_one_payload_for_every_recipient() {
+    let mut w = World::new(3);
+    for u in 0..3 {
+        register(&mut w, u);
+        assert_eq!(pool(&mut w, u, CIPHERSUITE), 3);
+        assert_eq!(pool(&mut w, u, PQ_CIPHERSUITE), 3);
+    }
+    create(&mut w, 0, "pq", true);
+    let bob = w.key(1);
+    // Bob is added with one of his KeyPackages of the PQ suite; the Welcome
+    // is a plain one (MLS seals it post-quantum itself).
+    let (_, outcome, sent) = w.run_capturing(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: bob,
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberAdded { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(pool(&mut w, 1, PQ_CIPHERSUITE), 2);
+    assert_eq!(pool(&mut w, 1, CIPHERSUITE), 3);
+    assert_eq!(sent.len(), 1);
+    assert!(matches!(
+        Envelope::decode(&sent[0].2),
+        Ok(Envelope::Welcome { .. })
+    ));
+    add(&mut w, 0, "pq", 2);
+    assert_eq!(pool(&mut w, 2, PQ_CIPHERSUITE), 2);
+    assert!(w.texts(1).is_empty());
+    assert!(w.texts(2).is_empty());
+    for u in 0..3 {
+        let group = &w.machine(u).groups()[0];
+        assert!(group.pq, "user {u} knows the group is pq");
+        assert_eq!(group.members.len(), 3);
+    }
+    // One message is one payload, the same for every recipient: store-once
+    // fan-out, no per-recipient envelope.
+    send(&mut w, 0, "pq", "from alice");
+    let channel = w.channel(0, "pq");
+    let to_bob = w.stored(1, channel);
+    let to_carol = w.stored(2, channel);
+    assert_eq!(to_bob.len(), 1);
+    assert_eq!(to_bob, to_carol);
+    assert!(matches!(
+        Envelope::decode(&to_bob[0]),
+        Ok(Envelope::Group { .. })
+    ));
+    send(&mut w, 1, "pq", "from bob");
+    assert_eq!(
+        w.texts(2),
+        vec![pair("pq", "from alice"), pair("pq", "from bob")]
+    );
+    assert_eq!(w.texts(0), vec![pair("pq", "from bob")]);
+    assert_eq!(w.texts(1), vec![pair("pq", "from alice")]);
+    // Commits: an update, a removal; everyone stays in step.
+    let (_, outcome) = w.run(
+        2,
+        Command::Update {
+            group: Some("pq".into()),
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::Updated { .. })),
+        "{outcome:?}"
+    );
+    w.texts(0);
+    w.texts(1);
+    same_epoch(&mut w, &[0, 1, 2], "pq");
+    let (_, outcome) = w.run(
+        0,
+        Command::RemoveMember {
+            group: "pq".into(),
+            member: bob,
+        },
+    );
+    assert!(
+        matches!(outcome, Ok(Outcome::MemberRemoved { .. })),
+        "{outcome:?}"
+    );
+    w.texts(2);
+    same_epoch(&mut w, &[0, 2], "pq");
+    send(&mut w, 2, "pq", "two of us");
+    assert_eq!(w.texts(0), vec![pair("pq", "two of us")]);
+}
+
+#[test]
+fn a_key_package_of_the_other_suite_is_refused_for_a_group() {
+    let mut w = World::new(2);
+    register(&mut w, 0);
+    register(&mut w, 1);
+    create(&mut w, 0, "pq", true);
+    let bob = w.key(1);
+    // The server answers with one of Bob's classic KeyPackages instead.
+    let classic = match w.call(
+        w.users[0].conn,
+        RequestBody::FetchKeyPackage {
+            identity_key: bob,
+            cipher_suite: key_package_pool(CIPHERSUITE),
+        },
+    ) {
+        Ok(Response::KeyPackage { package, .. }) => package,
+        other => panic!("{other:?}"),
+    };
+    let (_, outcome) = w.run_with(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: bob,
+        },
+        &mut |req, reply| {
+            if let (RequestBody::FetchKeyPackage { .. }, Ok(Response::KeyPackage { package, .. })) =
+                (req, reply)
+            {
+                *package = classic.clone();
+            }
+        },
+    );
+    assert!(
+        matches!(&outcome, Err(CommandError::BadKeyPackage(m)) if m.contains("cipher suite")),
+        "{outcome:?}"
+    );
+    assert_eq!(w.machine(0).groups()[0].members.len(), 1);
+}
+
+#[test]
+fn adding_to_a_pq_group_someone_without_pq_key_packages_says_so() {
+    let mut w = World::new(2);
+    register(&mut w, 0);
+    create(&mut w, 0, "pq", true);
+    // Bob's client predates the PQ suite: KeyPackages in the default pool
+    // only.
+    let bob = w.key(1);
+    let mut m = w.machine(1);
+    let package = m.key_package(CIPHERSUITE, false).unwrap();
+    w.users[1].saved = m.snapshot();
+    let reply = w.call(
+        w.users[1].conn,
+        RequestBody::UploadKeyPackage {
+            identity_key: bob,
+            package,
+            last_resort: false,
+            cipher_suite: DEFAULT_POOL,
+        },
+    );
+    assert!(reply.is_ok(), "{reply:?}");
+    let (_, outcome) = w.run(
+        0,
+        Command::AddMember {
+            group: "pq".into(),
+            member: bob,
+        },
+    );
+    assert!(
+        matches!(outcome, Err(CommandError::NoKeyPackage(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(pool(&mut w, 1, CIPHERSUITE), 1, "the classic one is kept");
+}
+
 #[test]
 fn pq_group_of_three_sends_everything_in_hybrid_envelopes() {
     let mut w = World::new(3);
     for u in 0..3 {
         register(&mut w, u);
     }
+    w.sealed_pq = true;
     create(&mut w, 0, "pq", true);
     let (bob, carol) = (w.key(1), w.key(2));
     // The Welcome to Bob is sealed to Bob's key.
@@ -1429,6 +1620,7 @@ fn pq_group_refuses_a_member_without_a_hybrid_key_and_keeps_their_key_package() 
     );
     assert!(outcome.is_ok(), "{outcome:?}");
     assert_eq!(warnings(&events).len(), 1, "{events:?}");
+    w.sealed_pq = true;
     create(&mut w, 0, "pq", true);
     let bob = w.key(1);
     let (_, outcome) = w.run(
@@ -1445,7 +1637,13 @@ fn pq_group_refuses_a_member_without_a_hybrid_key_and_keeps_their_key_package() 
     assert!(outcome.unwrap_err().to_string().contains("hybrid"));
     // None of Bob's KeyPackages was used up.
     let bob_conn = w.users[1].conn;
-    let count = w.call(bob_conn, RequestBody::KeyPackageCount { identity_key: bob });
+    let count = w.call(
+        bob_conn,
+        RequestBody::KeyPackageCount {
+            identity_key: bob,
+            cipher_suite: 0,
+        },
+    );
     assert!(
         matches!(count, Ok(Response::KeyPackageCount { count: 3, .. })),
         "{count:?}"
@@ -1461,6 +1659,7 @@ fn pq_group_refuses_a_hybrid_key_not_signed_by_the_member() {
     for u in 0..3 {
         register(&mut w, u);
     }
+    w.sealed_pq = true;
     create(&mut w, 0, "pq", true);
     // The server hands out Carol's (validly signed by Carol) key for Bob.
     let carol = w.key(2);
@@ -1496,8 +1695,9 @@ fn pq_group_refuses_a_hybrid_key_not_signed_by_the_member() {
 }
 
 #[test]
-fn creating_a_pq_group_needs_an_own_hybrid_key() {
+fn creating_a_sealed_pq_group_needs_an_own_hybrid_key() {
     let mut w = World::new(1);
+    w.sealed_pq = true;
     let (_, outcome) = w.run(
         0,
         Command::CreateGroup {
@@ -1507,6 +1707,7 @@ fn creating_a_pq_group_needs_an_own_hybrid_key() {
     );
     assert_eq!(outcome, Err(CommandError::NoOwnHybridKey));
     register(&mut w, 0);
+    w.sealed_pq = true;
     create(&mut w, 0, "pq", true);
 }
 
@@ -1738,7 +1939,8 @@ fn snapshot_from_before_hybrid_keys_restores_and_register_adds_one() {
     assert_eq!(w.texts(1), vec![pair("team", "still here")]);
     send(&mut w, 1, "team", "me too");
     assert_eq!(w.texts(0), vec![pair("team", "me too")]);
-    // A pq group needs a hybrid key, which a later register adds.
+    // A sealed pq group needs a hybrid key, which a later register adds.
+    w.sealed_pq = true;
     let (_, outcome) = w.run(
         1,
         Command::CreateGroup {

@@ -8,8 +8,11 @@
 //!   crash; the last-resort package is handed out and kept.
 //! - Only the owner uploads or counts its keys: `owner` is checked before
 //!   anything is read or written.
-//! - An identity keeps at most `key_packages_per_identity_max` KeyPackages,
-//!   each at most `key_package_bytes_max` bytes; a hybrid key is stored only
+//! - An identity keeps a pool of KeyPackages per cipher suite it names (the
+//!   default pool when it names none; at most the suites of
+//!   [`limits::KEY_PACKAGE_SUITES`]), each of at most
+//!   `key_packages_per_identity_max` KeyPackages and one last-resort package,
+//!   each package at most `key_package_bytes_max` bytes; a hybrid key is stored only
 //!   with a valid signature by its identity; fetches are rate limited per
 //!   (requester, target) and, for KeyPackages, per target.
 
@@ -38,24 +41,26 @@ impl<S: Store> NodeService<S> {
         identity_key: IdentityKey,
         package: Vec<u8>,
         last_resort: bool,
+        suite: u16,
     ) -> Reply {
         self.owner(conn, &identity_key)?;
+        check_pool(suite)?;
         check_size("KeyPackage", &package, self.config.key_package_bytes_max)?;
         let fingerprint: [u8; 32] = Sha256::digest(&package).into();
         let mut batch = Batch::new();
         if last_resort {
-            batch.put(layout::kp_last_resort_key(&identity_key), package);
+            batch.put(layout::kp_last_resort_key(&identity_key, suite), package);
         } else {
-            let mut meta = self.kp_meta(&identity_key)?;
+            let mut meta = self.kp_meta(&identity_key, suite)?;
             if meta.count() >= u64::from(self.config.key_packages_per_identity_max) {
                 return Err(ServiceError::queue_full(format!(
-                    "this identity already has {} KeyPackages, the most the server keeps",
+                    "this identity already has {} KeyPackages in this pool, the most the server keeps",
                     meta.count()
                 )));
             }
-            batch.put(layout::kp_key(&identity_key, meta.tail), package);
+            batch.put(layout::kp_key(&identity_key, suite, meta.tail), package);
             meta.tail += 1;
-            batch.put(layout::kp_meta_key(&identity_key), meta.encode());
+            batch.put(layout::kp_meta_key(&identity_key, suite), meta.encode());
         }
         self.write(batch)?;
         Ok(Response::KeyPackageUploaded { fingerprint })
@@ -66,8 +71,10 @@ impl<S: Store> NodeService<S> {
         now: Time,
         conn: ConnectionId,
         target: IdentityKey,
+        suite: u16,
     ) -> Reply {
         let me = self.identity(conn)?;
+        check_pool(suite)?;
         let pair = (KeyFetch::KeyPackage, me, target);
         self.key_fetch_pair_limiter
             .check(now, pair)
@@ -78,9 +85,9 @@ impl<S: Store> NodeService<S> {
         self.key_fetch_pair_limiter.take(now, pair);
         self.key_package_target_limiter.take(now, target);
 
-        let mut meta = self.kp_meta(&target)?;
+        let mut meta = self.kp_meta(&target, suite)?;
         if meta.count() > 0 {
-            let key = layout::kp_key(&target, meta.head);
+            let key = layout::kp_key(&target, suite, meta.head);
             let package = self
                 .get(&key)?
                 .ok_or_else(|| ServiceError::internal("KeyPackage record missing"))?;
@@ -89,14 +96,14 @@ impl<S: Store> NodeService<S> {
             // never be handed out twice, even across a crash.
             let mut batch = Batch::upkeep();
             batch.delete(key);
-            batch.put(layout::kp_meta_key(&target), meta.encode());
+            batch.put(layout::kp_meta_key(&target, suite), meta.encode());
             self.write(batch)?;
             return Ok(Response::KeyPackage {
                 package,
                 last_resort: false,
             });
         }
-        match self.get(&layout::kp_last_resort_key(&target))? {
+        match self.get(&layout::kp_last_resort_key(&target, suite))? {
             Some(package) => Ok(Response::KeyPackage {
                 package,
                 last_resort: true,
@@ -111,11 +118,13 @@ impl<S: Store> NodeService<S> {
         &mut self,
         conn: ConnectionId,
         identity_key: IdentityKey,
+        suite: u16,
     ) -> Reply {
         self.owner(conn, &identity_key)?;
-        let meta = self.kp_meta(&identity_key)?;
+        check_pool(suite)?;
+        let meta = self.kp_meta(&identity_key, suite)?;
         let has_last_resort = self
-            .get(&layout::kp_last_resort_key(&identity_key))?
+            .get(&layout::kp_last_resort_key(&identity_key, suite))?
             .is_some();
         Ok(Response::KeyPackageCount {
             count: u32::try_from(meta.count()).unwrap_or(u32::MAX),
@@ -164,12 +173,23 @@ impl<S: Store> NodeService<S> {
         })
     }
 
-    fn kp_meta(&self, id: &IdentityKey) -> Result<KpMeta, ServiceError> {
-        match self.get(&layout::kp_meta_key(id))? {
+    fn kp_meta(&self, id: &IdentityKey, suite: u16) -> Result<KpMeta, ServiceError> {
+        match self.get(&layout::kp_meta_key(id, suite))? {
             Some(v) => KpMeta::decode(&v).map_err(corrupt),
             None => Ok(KpMeta::default()),
         }
     }
+}
+
+/// A pool is the default one or one of a cipher suite the server keeps
+/// pools for.
+fn check_pool(suite: u16) -> Result<(), ServiceError> {
+    if suite == limits::DEFAULT_POOL || limits::KEY_PACKAGE_SUITES.contains(&suite) {
+        return Ok(());
+    }
+    Err(ServiceError::invalid_argument(format!(
+        "no KeyPackage pool for cipher suite 0x{suite:04X}"
+    )))
 }
 
 /// An uploaded key (`what`) is refused when empty or longer than `max`.

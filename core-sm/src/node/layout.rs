@@ -12,8 +12,8 @@
 //! scan over deleted entries (tombstones).
 
 use crate::limits::{
-    CHANNEL_ID_BYTES_MAX, COMMIT_FENCE_HISTORY, DEDUP_WINDOW_PER_QUEUE, IDENTITY_KEY_BYTES,
-    MESSAGE_ID_BYTES, SIGNATURE_BYTES,
+    CHANNEL_ID_BYTES_MAX, COMMIT_FENCE_HISTORY, DEDUP_WINDOW_PER_QUEUE, DEFAULT_POOL,
+    IDENTITY_KEY_BYTES, MESSAGE_ID_BYTES, SIGNATURE_BYTES,
 };
 use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 
@@ -46,6 +46,11 @@ use crate::types::{ChannelId, IdentityKey, MessageId, QueueId, Signature};
 ///   there, so a format-3 store is upgraded in place by opening it. A
 ///   short dedup key puts the message id before the sender, so keys of one
 ///   queue differ early.
+///
+/// KeyPackage pools named by a cipher suite (tags `0x05`-`0x07`) came later
+/// without a new version: they are new keys beside the default pool's, which
+/// kept its keys, so a store without them reads as it did, and a version
+/// that predates them leaves them alone.
 pub const FORMAT_VERSION: u32 = 4;
 
 const TAG_VERSION: u8 = 0x00;
@@ -53,6 +58,9 @@ const TAG_KP_META: u8 = 0x01;
 const TAG_KP: u8 = 0x02;
 const TAG_KP_LAST_RESORT: u8 = 0x03;
 const TAG_HYBRID_KEY: u8 = 0x04;
+const TAG_SUITE_KP_META: u8 = 0x05;
+const TAG_SUITE_KP: u8 = 0x06;
+const TAG_SUITE_KP_LAST_RESORT: u8 = 0x07;
 const TAG_QUEUE_META: u8 = 0x10;
 const TAG_MESSAGE: u8 = 0x11;
 const TAG_DEDUP: u8 = 0x12;
@@ -99,21 +107,32 @@ fn identity_key(tag: u8, id: &IdentityKey) -> Vec<u8> {
     k
 }
 
-/// Key of an identity's KeyPackage pool counters.
-pub fn kp_meta_key(id: &IdentityKey) -> Vec<u8> {
-    identity_key(TAG_KP_META, id)
+/// Key of an identity's pool counters. The default pool keeps the keys it
+/// had before pools were named by cipher suite; another pool's keys carry
+/// the suite after the identity.
+pub fn kp_meta_key(id: &IdentityKey, suite: u16) -> Vec<u8> {
+    pool_key(TAG_KP_META, TAG_SUITE_KP_META, id, suite)
 }
 
 /// Key of the KeyPackage at position `index` of an identity's pool.
-pub fn kp_key(id: &IdentityKey, index: u64) -> Vec<u8> {
-    let mut k = identity_key(TAG_KP, id);
+pub fn kp_key(id: &IdentityKey, suite: u16, index: u64) -> Vec<u8> {
+    let mut k = pool_key(TAG_KP, TAG_SUITE_KP, id, suite);
     k.extend_from_slice(&index.to_be_bytes());
     k
 }
 
-/// Key of an identity's last-resort KeyPackage.
-pub fn kp_last_resort_key(id: &IdentityKey) -> Vec<u8> {
-    identity_key(TAG_KP_LAST_RESORT, id)
+/// Key of the last-resort KeyPackage of an identity's pool.
+pub fn kp_last_resort_key(id: &IdentityKey, suite: u16) -> Vec<u8> {
+    pool_key(TAG_KP_LAST_RESORT, TAG_SUITE_KP_LAST_RESORT, id, suite)
+}
+
+fn pool_key(default_tag: u8, suite_tag: u8, id: &IdentityKey, suite: u16) -> Vec<u8> {
+    if suite == DEFAULT_POOL {
+        return identity_key(default_tag, id);
+    }
+    let mut k = identity_key(suite_tag, id);
+    k.extend_from_slice(&suite.to_be_bytes());
+    k
 }
 
 /// Key of an identity's hybrid public key.

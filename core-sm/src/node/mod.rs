@@ -503,13 +503,16 @@ impl<S: Store> NodeService<S> {
                 identity_key,
                 package,
                 last_resort,
-            } => self.upload_key_package(conn, identity_key, package, last_resort),
-            RequestBody::FetchKeyPackage { identity_key } => {
-                self.fetch_key_package(now, conn, identity_key)
-            }
-            RequestBody::KeyPackageCount { identity_key } => {
-                self.key_package_count(conn, identity_key)
-            }
+                cipher_suite,
+            } => self.upload_key_package(conn, identity_key, package, last_resort, cipher_suite),
+            RequestBody::FetchKeyPackage {
+                identity_key,
+                cipher_suite,
+            } => self.fetch_key_package(now, conn, identity_key, cipher_suite),
+            RequestBody::KeyPackageCount {
+                identity_key,
+                cipher_suite,
+            } => self.key_package_count(conn, identity_key, cipher_suite),
             RequestBody::UploadHybridKey {
                 identity_key,
                 hybrid_key,

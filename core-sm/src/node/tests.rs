@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use super::layout::{Fence, QueueMeta};
 use super::*;
 use crate::error::ErrorKind;
+use crate::limits::DEFAULT_POOL;
 use crate::testing::{EXPORTER, NodeWorld, identity};
 use crate::types::{ChannelId, MessageId, QueueId, Signature};
 
@@ -44,21 +45,48 @@ impl NodeWorld {
     }
 
     fn upload(&mut self, c: u64, owner: &SigningKey, pkg: &[u8], last_resort: bool) -> Reply {
+        self.upload_to(c, owner, DEFAULT_POOL, pkg, last_resort)
+    }
+
+    fn upload_to(
+        &mut self,
+        c: u64,
+        owner: &SigningKey,
+        cipher_suite: u16,
+        pkg: &[u8],
+        last_resort: bool,
+    ) -> Reply {
         self.call(
             c,
             RequestBody::UploadKeyPackage {
                 identity_key: id(owner),
                 package: pkg.to_vec(),
                 last_resort,
+                cipher_suite,
             },
         )
     }
 
     fn pop(&mut self, c: u64, target: &SigningKey) -> Reply {
+        self.pop_from(c, target, DEFAULT_POOL)
+    }
+
+    fn pop_from(&mut self, c: u64, target: &SigningKey, cipher_suite: u16) -> Reply {
         self.call(
             c,
             RequestBody::FetchKeyPackage {
                 identity_key: id(target),
+                cipher_suite,
+            },
+        )
+    }
+
+    fn count_in(&mut self, c: u64, owner: &SigningKey, cipher_suite: u16) -> Reply {
+        self.call(
+            c,
+            RequestBody::KeyPackageCount {
+                identity_key: id(owner),
+                cipher_suite,
             },
         )
     }
@@ -151,12 +179,15 @@ fn every_method_refuses_unauthenticated_connections() {
             identity_key: id(&alice),
             package: b"kp".to_vec(),
             last_resort: false,
+            cipher_suite: 0,
         },
         RequestBody::FetchKeyPackage {
             identity_key: id(&alice),
+            cipher_suite: 0,
         },
         RequestBody::KeyPackageCount {
             identity_key: id(&alice),
+            cipher_suite: 0,
         },
         RequestBody::FetchHybridKey {
             identity_key: id(&alice),
@@ -399,6 +430,63 @@ fn last_resort_is_served_and_kept_when_pool_is_empty() {
 }
 
 #[test]
+fn each_cipher_suite_has_its_own_pool_and_last_resort() {
+    const PQ: u16 = 0x004F;
+    let mut h = Harness::fresh();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    h.upload(1, &alice, b"classic", false).unwrap();
+    h.upload_to(1, &alice, PQ, b"pq-1", false).unwrap();
+    h.upload_to(1, &alice, PQ, b"pq-2", false).unwrap();
+    h.upload_to(1, &alice, PQ, b"pq-lr", true).unwrap();
+    let counted = |count, has_last_resort| {
+        Ok(Response::KeyPackageCount {
+            count,
+            has_last_resort,
+        })
+    };
+    assert_eq!(h.count_in(1, &alice, DEFAULT_POOL), counted(1, false));
+    assert_eq!(h.count_in(1, &alice, PQ), counted(2, true));
+    assert_eq!(h.count_in(1, &alice, 0x0003), counted(0, false));
+    let package = |p: &[u8], last_resort| {
+        Ok(Response::KeyPackage {
+            package: p.to_vec(),
+            last_resort,
+        })
+    };
+    assert_eq!(h.pop_from(2, &alice, PQ), package(b"pq-1", false));
+    assert_eq!(h.pop(2, &alice), package(b"classic", false));
+    // The default pool is empty and has no last resort: the PQ pool's is
+    // not handed out for it.
+    assert_eq!(
+        h.pop(2, &alice).map_err(|e| e.kind),
+        Err(ErrorKind::NotFound)
+    );
+    assert_eq!(h.pop_from(2, &alice, PQ), package(b"pq-2", false));
+    assert_eq!(h.pop_from(2, &alice, PQ), package(b"pq-lr", true));
+    // Across a restart too.
+    h.upload_to(1, &alice, PQ, b"pq-3", false).unwrap();
+    let mut h = h.crash_and_reopen(NodeConfig::default(), Time::ZERO);
+    h.login(1, &alice);
+    h.login(2, &bob);
+    assert_eq!(h.count_in(1, &alice, PQ), counted(1, true));
+    assert_eq!(h.pop_from(2, &alice, PQ), package(b"pq-3", false));
+    // A pool the server does not keep is refused, before anything is read.
+    for suite in [0x0008, 0x004C, 0xFFFF] {
+        for reply in [
+            h.upload_to(1, &alice, suite, b"x", false),
+            h.pop_from(2, &alice, suite),
+            h.count_in(1, &alice, suite),
+        ] {
+            let e = reply.expect_err("an unknown pool");
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+            assert!(e.message.contains("cipher suite"), "{e}");
+        }
+    }
+}
+
+#[test]
 fn key_package_count_reports_pool_and_last_resort() {
     let mut h = Harness::fresh();
     let alice = user(1);
@@ -408,6 +496,7 @@ fn key_package_count_reports_pool_and_last_resort() {
             1,
             RequestBody::KeyPackageCount {
                 identity_key: id(&alice),
+                cipher_suite: 0,
             },
         )
     };
@@ -463,6 +552,7 @@ fn key_package_validation_errors() {
         1,
         RequestBody::KeyPackageCount {
             identity_key: id(&bob),
+            cipher_suite: 0,
         },
     );
     assert_eq!(kind(&r), ErrorKind::PermissionDenied);
@@ -516,6 +606,7 @@ fn popped_package_comes_back_only_if_the_pop_was_never_durable() {
         2,
         RequestBody::FetchKeyPackage {
             identity_key: id(&alice),
+            cipher_suite: 0,
         },
     );
     // Not durable, so not answered.
@@ -1280,6 +1371,7 @@ fn a_rolled_back_turn_answers_every_reply_it_made_unavailable() {
         1,
         RequestBody::KeyPackageCount {
             identity_key: id(&alice),
+            cipher_suite: 0,
         },
     );
     let write = h.send(
@@ -1433,7 +1525,8 @@ fn a_full_disk_refuses_what_adds_data_and_the_machine_keeps_serving() {
         h.call(
             1,
             RequestBody::KeyPackageCount {
-                identity_key: id(&alice)
+                identity_key: id(&alice),
+                cipher_suite: 0,
             }
         ),
         Ok(Response::KeyPackageCount {

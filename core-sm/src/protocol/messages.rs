@@ -38,16 +38,24 @@ pub enum RequestBody {
         package: Vec<u8>,
         /// Replace the last-resort package instead of appending.
         last_resort: bool,
+        /// Which of the identity's pools:
+        /// [`DEFAULT_POOL`](crate::limits::DEFAULT_POOL) or an MLS cipher
+        /// suite in [`KEY_PACKAGE_SUITES`](crate::limits::KEY_PACKAGE_SUITES).
+        cipher_suite: u16,
     },
     /// Pop the oldest KeyPackage of `identity_key` (any authenticated caller).
     FetchKeyPackage {
         /// Whose package to fetch.
         identity_key: IdentityKey,
+        /// From which of its pools.
+        cipher_suite: u16,
     },
     /// How many KeyPackages remain (owner only).
     KeyPackageCount {
         /// Whose pool; must be the connection's identity.
         identity_key: IdentityKey,
+        /// Which of its pools.
+        cipher_suite: u16,
     },
     /// Store the caller's signed hybrid public key (owner only).
     UploadHybridKey {

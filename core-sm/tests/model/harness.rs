@@ -702,16 +702,14 @@ impl<S: ModelStore> Run<S> {
                 let body = RequestBody::UploadKeyPackage {
                     identity_key: self.ids[target],
                     package,
-                    last_resort: *last_resort,
-                };
+                    last_resort: *last_resort, cipher_suite: 0, };
                 self.submit(rid, *actor, body, outcome);
             }
             Op::FetchKeyPackage { actor, target } => {
                 let rid = self.alloc_request();
                 let outcome = self.model_fetch_key_package(rid, *actor, *target);
                 let body = RequestBody::FetchKeyPackage {
-                    identity_key: self.ids[*target],
-                };
+                    identity_key: self.ids[*target], cipher_suite: 0, };
                 self.submit(rid, *actor, body, outcome);
             }
             Op::KeyPackageCount { actor, target } => {
@@ -719,8 +717,7 @@ impl<S: ModelStore> Run<S> {
                 let rid = self.alloc_request();
                 let outcome = self.model_count(rid, *actor, target);
                 let body = RequestBody::KeyPackageCount {
-                    identity_key: self.ids[target],
-                };
+                    identity_key: self.ids[target], cipher_suite: 0, };
                 self.submit(rid, *actor, body, outcome);
             }
             Op::UploadHybridKey {

@@ -29,6 +29,7 @@ use std::time::Duration;
 use ed25519_dalek::{Signer, SigningKey};
 use quicproquo_core::error::{ErrorKind, ServiceError};
 use quicproquo_core::limits::AUTH_VERSION;
+pub use quicproquo_core::limits::DEFAULT_POOL;
 use quicproquo_core::node::{
     ChannelMessages, Gap, QueuedMessage, Request, RequestBody, Response, auth_message,
 };
@@ -310,11 +311,25 @@ impl Client {
         Ok(out)
     }
 
-    /// Uploads a KeyPackage and returns the server's SHA-256 fingerprint of
-    /// it (compare it with your own to detect tampering).
+    /// Uploads a KeyPackage to the default pool and returns the server's
+    /// SHA-256 fingerprint of it (compare it with your own to detect
+    /// tampering).
     pub async fn upload_key_package(
         &self,
         identity_key: IdentityKey,
+        package: Vec<u8>,
+        last_resort: bool,
+    ) -> Result<Fingerprint, ClientError> {
+        self.upload_key_package_to(identity_key, DEFAULT_POOL, package, last_resort)
+            .await
+    }
+
+    /// Uploads a KeyPackage to the pool `cipher_suite` (the default pool is
+    /// [`DEFAULT_POOL`]); see [`Self::upload_key_package`].
+    pub async fn upload_key_package_to(
+        &self,
+        identity_key: IdentityKey,
+        cipher_suite: u16,
         package: Vec<u8>,
         last_resort: bool,
     ) -> Result<Fingerprint, ClientError> {
@@ -323,6 +338,7 @@ impl Client {
                 identity_key,
                 package,
                 last_resort,
+                cipher_suite,
             })
             .await?
         {
@@ -331,14 +347,28 @@ impl Client {
         }
     }
 
-    /// Pops one of `identity_key`'s KeyPackages; `true` if it is the
-    /// last-resort package.
+    /// Pops one of `identity_key`'s KeyPackages from the default pool;
+    /// `true` if it is the last-resort package.
     pub async fn fetch_key_package(
         &self,
         identity_key: IdentityKey,
     ) -> Result<(Vec<u8>, bool), ClientError> {
+        self.fetch_key_package_from(identity_key, DEFAULT_POOL)
+            .await
+    }
+
+    /// Pops one of `identity_key`'s KeyPackages from the pool
+    /// `cipher_suite`; see [`Self::fetch_key_package`].
+    pub async fn fetch_key_package_from(
+        &self,
+        identity_key: IdentityKey,
+        cipher_suite: u16,
+    ) -> Result<(Vec<u8>, bool), ClientError> {
         match self
-            .call(RequestBody::FetchKeyPackage { identity_key })
+            .call(RequestBody::FetchKeyPackage {
+                identity_key,
+                cipher_suite,
+            })
             .await?
         {
             Response::KeyPackage {
@@ -349,13 +379,27 @@ impl Client {
         }
     }
 
-    /// The caller's remaining KeyPackages and whether a last resort exists.
+    /// The caller's remaining KeyPackages in the default pool and whether
+    /// it has a last resort.
     pub async fn key_package_count(
         &self,
         identity_key: IdentityKey,
     ) -> Result<(u32, bool), ClientError> {
+        self.key_package_count_in(identity_key, DEFAULT_POOL).await
+    }
+
+    /// The caller's remaining KeyPackages in the pool `cipher_suite`; see
+    /// [`Self::key_package_count`].
+    pub async fn key_package_count_in(
+        &self,
+        identity_key: IdentityKey,
+        cipher_suite: u16,
+    ) -> Result<(u32, bool), ClientError> {
         match self
-            .call(RequestBody::KeyPackageCount { identity_key })
+            .call(RequestBody::KeyPackageCount {
+                identity_key,
+                cipher_suite,
+            })
             .await?
         {
             Response::KeyPackageCount {

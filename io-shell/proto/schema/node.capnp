@@ -13,7 +13,9 @@
 # discriminants follow ordinal order, so existing members keep their values
 # and an old peer sees the new member as an unknown discriminant, which the
 # codec reports as "unknown method" instead of misreading it. Never renumber,
-# reorder or retype an existing field.
+# reorder or retype an existing field. A new argument of an existing method
+# is a new field with the next free ordinal whose default (zero) means what
+# the method did before it (`cipherSuite` came this way).
 #
 # Byte fields are `Data` so the schema stays language-neutral; the codec checks
 # their lengths (identity keys 32 bytes, signatures 64, message ids 16,
@@ -49,18 +51,27 @@ struct Request {
       package @5 :Data;
       # Replace the last-resort package instead of appending to the pool.
       lastResort @6 :Bool;
+      # Which of the identity's pools: 0 (the default pool, what a client
+      # that names none gets) or an MLS cipher suite the server keeps pools
+      # for (0x0001-0x0007, 0x004D-0x004F). The server does not parse the
+      # package; a fetcher checks its suite.
+      cipherSuite @37 :UInt16;
     }
 
     # Take (remove and return) the oldest KeyPackage of an identity.
     fetchKeyPackage :group {
       # Whose package to take (32 bytes).
       identityKey @7 :Data;
+      # From which of its pools (as in `uploadKeyPackage`).
+      cipherSuite @38 :UInt16;
     }
 
     # Count the KeyPackages left in the caller's own pool.
     keyPackageCount :group {
       # Whose pool; must be the connection's identity (32 bytes).
       identityKey @8 :Data;
+      # Which of its pools (as in `uploadKeyPackage`).
+      cipherSuite @39 :UInt16;
     }
 
     # Store the caller's signed hybrid (X25519 + ML-KEM-768) public key.

@@ -33,19 +33,29 @@ pub(crate) fn to_wire(req: &Request, mut w: request::Builder<'_>) {
             identity_key,
             package,
             last_resort,
+            cipher_suite,
         } => {
             let mut g = body.init_upload_key_package();
             g.set_identity_key(identity_key.as_bytes());
             g.set_package(package);
             g.set_last_resort(*last_resort);
+            g.set_cipher_suite(*cipher_suite);
         }
-        RequestBody::FetchKeyPackage { identity_key } => {
-            body.init_fetch_key_package()
-                .set_identity_key(identity_key.as_bytes());
+        RequestBody::FetchKeyPackage {
+            identity_key,
+            cipher_suite,
+        } => {
+            let mut g = body.init_fetch_key_package();
+            g.set_identity_key(identity_key.as_bytes());
+            g.set_cipher_suite(*cipher_suite);
         }
-        RequestBody::KeyPackageCount { identity_key } => {
-            body.init_key_package_count()
-                .set_identity_key(identity_key.as_bytes());
+        RequestBody::KeyPackageCount {
+            identity_key,
+            cipher_suite,
+        } => {
+            let mut g = body.init_key_package_count();
+            g.set_identity_key(identity_key.as_bytes());
+            g.set_cipher_suite(*cipher_suite);
         }
         RequestBody::UploadHybridKey {
             identity_key,
@@ -175,12 +185,15 @@ pub(crate) fn from_wire(r: request::Reader<'_>) -> Result<Request, DecodeError> 
             identity_key: identity_key(g.get_identity_key()?)?,
             package: g.get_package()?.to_vec(),
             last_resort: g.get_last_resort(),
+            cipher_suite: g.get_cipher_suite(),
         },
         Ok(Which::FetchKeyPackage(g)) => RequestBody::FetchKeyPackage {
             identity_key: identity_key(g.get_identity_key()?)?,
+            cipher_suite: g.get_cipher_suite(),
         },
         Ok(Which::KeyPackageCount(g)) => RequestBody::KeyPackageCount {
             identity_key: identity_key(g.get_identity_key()?)?,
+            cipher_suite: g.get_cipher_suite(),
         },
         Ok(Which::UploadHybridKey(g)) => RequestBody::UploadHybridKey {
             identity_key: identity_key(g.get_identity_key()?)?,

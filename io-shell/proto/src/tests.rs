@@ -28,13 +28,16 @@ fn every_request_method_round_trips() {
             identity_key: key(3),
             package: vec![4; 301],
             last_resort,
+            cipher_suite: 0,
         });
     }
     check_request(RequestBody::FetchKeyPackage {
         identity_key: key(5),
+        cipher_suite: 0,
     });
     check_request(RequestBody::KeyPackageCount {
         identity_key: key(6),
+        cipher_suite: 0,
     });
     check_request(RequestBody::UploadHybridKey {
         identity_key: key(7),
@@ -437,6 +440,7 @@ fn unaligned_input_decodes() {
         auth_version: AUTH_VERSION,
         body: RequestBody::FetchKeyPackage {
             identity_key: key(9),
+            cipher_suite: 0,
         },
     };
     let mut shifted = vec![0u8];
@@ -987,10 +991,17 @@ fn arb_request() -> impl Strategy<Value = Request> {
                 identity_key,
                 package,
                 last_resort,
+                cipher_suite: 0,
             }
         ),
-        arb_key().prop_map(|identity_key| RequestBody::FetchKeyPackage { identity_key }),
-        arb_key().prop_map(|identity_key| RequestBody::KeyPackageCount { identity_key }),
+        arb_key().prop_map(|identity_key| RequestBody::FetchKeyPackage {
+            identity_key,
+            cipher_suite: 0,
+        }),
+        arb_key().prop_map(|identity_key| RequestBody::KeyPackageCount {
+            identity_key,
+            cipher_suite: 0,
+        }),
         (arb_key(), arb_bytes(300), arb_signature()).prop_map(
             |(identity_key, hybrid_key, signature)| RequestBody::UploadHybridKey {
                 identity_key,

@@ -618,6 +618,7 @@ async fn replayed_authentication_gains_nothing() {
             // Whatever the replays did, this connection owns nothing.
             let count = request_bytes(RequestBody::KeyPackageCount {
                 identity_key: victim,
+                cipher_suite: 0,
             });
             exchange(&conn, &count).await
         });
@@ -1163,6 +1164,7 @@ fn sign_in(key: &SigningKey, nonce: &[u8; 32], exporter: &[u8; 32]) -> Vec<u8> {
 fn key_package_count(identity: IdentityKey) -> Vec<u8> {
     request_bytes(RequestBody::KeyPackageCount {
         identity_key: identity,
+        cipher_suite: 0,
     })
 }
 

@@ -346,6 +346,7 @@ fn a_key_package_raced_for_by_two_nodes_is_handed_out_once() {
             identity_key: identity(&owner),
             package: vec![i; 100],
             last_resort: false,
+            cipher_suite: 0,
         });
         assert!(reply.is_ok(), "{reply:?}");
     }
@@ -355,6 +356,7 @@ fn a_key_package_raced_for_by_two_nodes_is_handed_out_once() {
     two.authenticate(&b);
     let pop = || RequestBody::FetchKeyPackage {
         identity_key: identity(&owner),
+        cipher_suite: 0,
     };
     // Node one's turn reads (its own queue: the turn's snapshot begins);
     // node two pops a package and commits; then node one pops, from its

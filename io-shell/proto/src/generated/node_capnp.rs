@@ -148,8 +148,11 @@ pub mod request {
             self.builder.reborrow().get_pointer_field(0).clear();
             self.builder.reborrow().get_pointer_field(1).clear();
             self.builder.set_bool_field(32, false);
+            self.builder.set_data_field::<u16>(3, 0u16);
             self.builder.reborrow().get_pointer_field(0).clear();
+            self.builder.set_data_field::<u16>(2, 0u16);
             self.builder.reborrow().get_pointer_field(0).clear();
+            self.builder.set_data_field::<u16>(2, 0u16);
             self.builder.reborrow().get_pointer_field(0).clear();
             self.builder.reborrow().get_pointer_field(1).clear();
             self.builder.reborrow().get_pointer_field(2).clear();
@@ -465,18 +468,21 @@ pub mod request {
                 self.builder.reborrow().get_pointer_field(0).clear();
                 self.builder.reborrow().get_pointer_field(1).clear();
                 self.builder.set_bool_field(32, false);
+                self.builder.set_data_field::<u16>(3, 0u16);
                 self.builder.into()
             }
             #[inline]
             pub fn init_fetch_key_package(mut self, ) -> crate::generated::node_capnp::request::body::fetch_key_package::Builder<'a> {
                 self.builder.set_data_field::<u16>(1, 3);
                 self.builder.reborrow().get_pointer_field(0).clear();
+                self.builder.set_data_field::<u16>(2, 0u16);
                 self.builder.into()
             }
             #[inline]
             pub fn init_key_package_count(mut self, ) -> crate::generated::node_capnp::request::body::key_package_count::Builder<'a> {
                 self.builder.set_data_field::<u16>(1, 4);
                 self.builder.reborrow().get_pointer_field(0).clear();
+                self.builder.set_data_field::<u16>(2, 0u16);
                 self.builder.into()
             }
             #[inline]
@@ -1153,6 +1159,10 @@ pub mod request {
                 pub fn get_last_resort(self) -> bool {
                     self.reader.get_bool_field(32)
                 }
+                #[inline]
+                pub fn get_cipher_suite(self) -> u16 {
+                    self.reader.get_data_field::<u16>(3)
+                }
             }
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
@@ -1247,6 +1257,14 @@ pub mod request {
                 pub fn set_last_resort(&mut self, value: bool)  {
                     self.builder.set_bool_field(32, value);
                 }
+                #[inline]
+                pub fn get_cipher_suite(self) -> u16 {
+                    self.builder.get_data_field::<u16>(3)
+                }
+                #[inline]
+                pub fn set_cipher_suite(&mut self, value: u16)  {
+                    self.builder.set_data_field::<u16>(3, value);
+                }
             }
 
             pub struct Pipeline { _typeless: ::capnp::any_pointer::Pipeline }
@@ -1258,7 +1276,7 @@ pub mod request {
             impl Pipeline  {
             }
             mod _private {
-                pub(crate) static ENCODED_NODE: [::capnp::Word; 66] = [
+                pub(crate) static ENCODED_NODE: [::capnp::Word; 82] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(123, 148, 206, 69, 215, 147, 217, 134),
                     ::capnp::word(24, 0, 0, 0, 1, 0, 3, 0),
@@ -1268,7 +1286,7 @@ pub mod request {
                     ::capnp::word(21, 0, 0, 0, 74, 1, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(33, 0, 0, 0, 175, 0, 0, 0),
+                    ::capnp::word(33, 0, 0, 0, 231, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(110, 111, 100, 101, 46, 99, 97, 112),
@@ -1277,28 +1295,35 @@ pub mod request {
                     ::capnp::word(117, 112, 108, 111, 97, 100, 75, 101),
                     ::capnp::word(121, 80, 97, 99, 107, 97, 103, 101),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(12, 0, 0, 0, 3, 0, 4, 0),
+                    ::capnp::word(16, 0, 0, 0, 3, 0, 4, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 4, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(69, 0, 0, 0, 98, 0, 0, 0),
+                    ::capnp::word(97, 0, 0, 0, 98, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(68, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(80, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(96, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(108, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(1, 0, 0, 0, 1, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 5, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(77, 0, 0, 0, 66, 0, 0, 0),
+                    ::capnp::word(105, 0, 0, 0, 66, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(72, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(84, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(100, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(112, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(2, 0, 0, 0, 32, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 6, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(81, 0, 0, 0, 90, 0, 0, 0),
+                    ::capnp::word(109, 0, 0, 0, 90, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(80, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(92, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(108, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(120, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(3, 0, 0, 0, 3, 0, 0, 0),
+                    ::capnp::word(0, 0, 1, 0, 37, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(117, 0, 0, 0, 98, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(116, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(128, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(105, 100, 101, 110, 116, 105, 116, 121),
                     ::capnp::word(75, 101, 121, 0, 0, 0, 0, 0),
                     ::capnp::word(13, 0, 0, 0, 0, 0, 0, 0),
@@ -1325,12 +1350,22 @@ pub mod request {
                     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(99, 105, 112, 104, 101, 114, 83, 117),
+                    ::capnp::word(105, 116, 101, 0, 0, 0, 0, 0),
+                    ::capnp::word(7, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(7, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ];
                 pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                     match index {
                         0 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
                         1 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
                         2 => <bool as ::capnp::introspect::Introspect>::introspect(),
+                        3 => <u16 as ::capnp::introspect::Introspect>::introspect(),
                         _ => ::capnp::introspect::panic_invalid_field_index(index),
                     }
                 }
@@ -1344,9 +1379,9 @@ pub mod request {
                     MEMBERS_BY_DISCRIMINANT,
                     MEMBERS_BY_NAME
                 );
-                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1,2];
+                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1,2,3];
                 pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
-                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[0,2,1];
+                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[3,0,2,1];
                 pub(crate) const TYPE_ID: u64 = 0x86d9_93d7_45ce_947b;
             }
         }
@@ -1420,6 +1455,10 @@ pub mod request {
                 pub fn has_identity_key(&self) -> bool {
                     !self.reader.get_pointer_field(0).is_null()
                 }
+                #[inline]
+                pub fn get_cipher_suite(self) -> u16 {
+                    self.reader.get_data_field::<u16>(2)
+                }
             }
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
@@ -1490,6 +1529,14 @@ pub mod request {
                 pub fn has_identity_key(&self) -> bool {
                     !self.builder.is_pointer_field_null(0)
                 }
+                #[inline]
+                pub fn get_cipher_suite(self) -> u16 {
+                    self.builder.get_data_field::<u16>(2)
+                }
+                #[inline]
+                pub fn set_cipher_suite(&mut self, value: u16)  {
+                    self.builder.set_data_field::<u16>(2, value);
+                }
             }
 
             pub struct Pipeline { _typeless: ::capnp::any_pointer::Pipeline }
@@ -1501,7 +1548,7 @@ pub mod request {
             impl Pipeline  {
             }
             mod _private {
-                pub(crate) static ENCODED_NODE: [::capnp::Word; 34] = [
+                pub(crate) static ENCODED_NODE: [::capnp::Word; 50] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(46, 7, 150, 141, 10, 13, 253, 162),
                     ::capnp::word(24, 0, 0, 0, 1, 0, 3, 0),
@@ -1511,7 +1558,7 @@ pub mod request {
                     ::capnp::word(21, 0, 0, 0, 66, 1, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(29, 0, 0, 0, 63, 0, 0, 0),
+                    ::capnp::word(29, 0, 0, 0, 119, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(110, 111, 100, 101, 46, 99, 97, 112),
@@ -1519,14 +1566,21 @@ pub mod request {
                     ::capnp::word(115, 116, 46, 98, 111, 100, 121, 46),
                     ::capnp::word(102, 101, 116, 99, 104, 75, 101, 121),
                     ::capnp::word(80, 97, 99, 107, 97, 103, 101, 0),
-                    ::capnp::word(4, 0, 0, 0, 3, 0, 4, 0),
+                    ::capnp::word(8, 0, 0, 0, 3, 0, 4, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 7, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(13, 0, 0, 0, 98, 0, 0, 0),
+                    ::capnp::word(41, 0, 0, 0, 98, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(12, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(24, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(40, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(52, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(1, 0, 0, 0, 2, 0, 0, 0),
+                    ::capnp::word(0, 0, 1, 0, 38, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(49, 0, 0, 0, 98, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(48, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(60, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(105, 100, 101, 110, 116, 105, 116, 121),
                     ::capnp::word(75, 101, 121, 0, 0, 0, 0, 0),
                     ::capnp::word(13, 0, 0, 0, 0, 0, 0, 0),
@@ -1536,10 +1590,20 @@ pub mod request {
                     ::capnp::word(13, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(99, 105, 112, 104, 101, 114, 83, 117),
+                    ::capnp::word(105, 116, 101, 0, 0, 0, 0, 0),
+                    ::capnp::word(7, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(7, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ];
                 pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                     match index {
                         0 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
+                        1 => <u16 as ::capnp::introspect::Introspect>::introspect(),
                         _ => ::capnp::introspect::panic_invalid_field_index(index),
                     }
                 }
@@ -1553,9 +1617,9 @@ pub mod request {
                     MEMBERS_BY_DISCRIMINANT,
                     MEMBERS_BY_NAME
                 );
-                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0];
+                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1];
                 pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
-                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[0];
+                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[1,0];
                 pub(crate) const TYPE_ID: u64 = 0xa2fd_0d0a_8d96_072e;
             }
         }
@@ -1629,6 +1693,10 @@ pub mod request {
                 pub fn has_identity_key(&self) -> bool {
                     !self.reader.get_pointer_field(0).is_null()
                 }
+                #[inline]
+                pub fn get_cipher_suite(self) -> u16 {
+                    self.reader.get_data_field::<u16>(2)
+                }
             }
 
             pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
@@ -1699,6 +1767,14 @@ pub mod request {
                 pub fn has_identity_key(&self) -> bool {
                     !self.builder.is_pointer_field_null(0)
                 }
+                #[inline]
+                pub fn get_cipher_suite(self) -> u16 {
+                    self.builder.get_data_field::<u16>(2)
+                }
+                #[inline]
+                pub fn set_cipher_suite(&mut self, value: u16)  {
+                    self.builder.set_data_field::<u16>(2, value);
+                }
             }
 
             pub struct Pipeline { _typeless: ::capnp::any_pointer::Pipeline }
@@ -1710,7 +1786,7 @@ pub mod request {
             impl Pipeline  {
             }
             mod _private {
-                pub(crate) static ENCODED_NODE: [::capnp::Word; 34] = [
+                pub(crate) static ENCODED_NODE: [::capnp::Word; 50] = [
                     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                     ::capnp::word(166, 15, 34, 105, 249, 51, 2, 243),
                     ::capnp::word(24, 0, 0, 0, 1, 0, 3, 0),
@@ -1720,7 +1796,7 @@ pub mod request {
                     ::capnp::word(21, 0, 0, 0, 66, 1, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(29, 0, 0, 0, 63, 0, 0, 0),
+                    ::capnp::word(29, 0, 0, 0, 119, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(110, 111, 100, 101, 46, 99, 97, 112),
@@ -1728,14 +1804,21 @@ pub mod request {
                     ::capnp::word(115, 116, 46, 98, 111, 100, 121, 46),
                     ::capnp::word(107, 101, 121, 80, 97, 99, 107, 97),
                     ::capnp::word(103, 101, 67, 111, 117, 110, 116, 0),
-                    ::capnp::word(4, 0, 0, 0, 3, 0, 4, 0),
+                    ::capnp::word(8, 0, 0, 0, 3, 0, 4, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 1, 0, 8, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(13, 0, 0, 0, 98, 0, 0, 0),
+                    ::capnp::word(41, 0, 0, 0, 98, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                    ::capnp::word(12, 0, 0, 0, 3, 0, 1, 0),
-                    ::capnp::word(24, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(40, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(52, 0, 0, 0, 2, 0, 1, 0),
+                    ::capnp::word(1, 0, 0, 0, 2, 0, 0, 0),
+                    ::capnp::word(0, 0, 1, 0, 39, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(49, 0, 0, 0, 98, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(48, 0, 0, 0, 3, 0, 1, 0),
+                    ::capnp::word(60, 0, 0, 0, 2, 0, 1, 0),
                     ::capnp::word(105, 100, 101, 110, 116, 105, 116, 121),
                     ::capnp::word(75, 101, 121, 0, 0, 0, 0, 0),
                     ::capnp::word(13, 0, 0, 0, 0, 0, 0, 0),
@@ -1745,10 +1828,20 @@ pub mod request {
                     ::capnp::word(13, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(99, 105, 112, 104, 101, 114, 83, 117),
+                    ::capnp::word(105, 116, 101, 0, 0, 0, 0, 0),
+                    ::capnp::word(7, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(7, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ];
                 pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                     match index {
                         0 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
+                        1 => <u16 as ::capnp::introspect::Introspect>::introspect(),
                         _ => ::capnp::introspect::panic_invalid_field_index(index),
                     }
                 }
@@ -1762,9 +1855,9 @@ pub mod request {
                     MEMBERS_BY_DISCRIMINANT,
                     MEMBERS_BY_NAME
                 );
-                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0];
+                pub(crate) static NONUNION_MEMBERS : &[u16] = &[0,1];
                 pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
-                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[0];
+                pub(crate) static MEMBERS_BY_NAME : &[u16] = &[1,0];
                 pub(crate) const TYPE_ID: u64 = 0xf302_33f9_6922_0fa6;
             }
         }
