@@ -183,6 +183,13 @@ pub const CONTACTS_MAX: usize = 10_000;
 /// Longest message text, in bytes; well inside the server's payload limit
 /// after MLS framing.
 pub const TEXT_BYTES_MAX: usize = 64 * 1024;
+/// Largest attachment in one message: 1 MB, which with its headers and
+/// MLS's framing stays under [`PAYLOAD_BYTES_MAX`].
+pub const ATTACHMENT_BYTES_MAX: usize = 1_000_000;
+/// Longest media type of an attachment (`type/subtype`).
+pub const MEDIA_TYPE_BYTES_MAX: usize = 127;
+/// Longest file name of an attachment.
+pub const ATTACHMENT_NAME_BYTES_MAX: usize = 255;
 /// KeyPackages one `register` may generate at once.
 pub const REGISTER_COUNT_MAX: u32 = 100;
 /// Messages of a later epoch than its copy of the group that a member keeps

@@ -57,6 +57,15 @@ pub enum Command {
         /// The message.
         text: String,
     },
+    /// Send typed content to a group: a text with a reply-to, an edit or a
+    /// deletion of one's own earlier message, an attachment
+    /// ([`content`](super::content)).
+    SendContent {
+        /// The group's name.
+        group: String,
+        /// What to send.
+        content: Content,
+    },
     /// Fetch and process everything pending; if nothing is, wait up to
     /// `wait_ms` for something to arrive.
     Receive {
@@ -116,12 +125,55 @@ pub enum Event {
         sender: IdentityKey,
         /// The sender's contact name, if this user gave them one.
         sender_name: Option<String>,
-        /// What it says.
+        /// What it says: the text, an attachment's file name, or a note
+        /// that this version cannot show the content.
         text: String,
         /// Its seq in this user's queue of the group's channel.
         seq: u64,
         /// The sender's clock when it was made (Unix milliseconds), as the
         /// sender says; `None` from clients that do not send one.
+        sent_at_ms: Option<u64>,
+        /// Its id, which replies, edits and deletions refer to; `None` from
+        /// clients that do not send one.
+        id: Option<ContentId>,
+        /// The message it answers.
+        reply_to: Option<ContentId>,
+        /// The file it carries.
+        attachment: Option<Attachment>,
+    },
+    /// A member's new text for an earlier message. It applies only if that
+    /// message has the same sender, which the receiver, holding the
+    /// history, checks.
+    Edited {
+        /// The group's name.
+        group: String,
+        /// Who sent the edit.
+        sender: IdentityKey,
+        /// The sender's contact name, if this user gave them one.
+        sender_name: Option<String>,
+        /// The message edited.
+        target: ContentId,
+        /// Its new text.
+        text: String,
+        /// Its seq in this user's queue of the group's channel.
+        seq: u64,
+        /// The sender's clock when it was made.
+        sent_at_ms: Option<u64>,
+    },
+    /// A member withdrew an earlier message. As for an edit, it applies
+    /// only to a message of the same sender.
+    Deleted {
+        /// The group's name.
+        group: String,
+        /// Who deleted it.
+        sender: IdentityKey,
+        /// The sender's contact name, if this user gave them one.
+        sender_name: Option<String>,
+        /// The message deleted.
+        target: ContentId,
+        /// Its seq in this user's queue of the group's channel.
+        seq: u64,
+        /// The sender's clock when it was made.
         sent_at_ms: Option<u64>,
     },
     /// This user joined a group from a Welcome.
@@ -266,6 +318,8 @@ pub enum Outcome {
     Sent {
         /// The group.
         group: String,
+        /// The message's id, for replies, edits and deletions.
+        id: ContentId,
         /// Recipients it was stored for.
         delivered: u32,
         /// Deliveries still in the outbox (retried by the next command).
@@ -325,6 +379,10 @@ pub enum CommandError {
     /// The text is too long.
     #[error("message of {0} bytes is longer than {TEXT_BYTES_MAX}")]
     TextTooLong(usize),
+    /// The content cannot be sent (too large, a bad media type or file
+    /// name).
+    #[error("{0}")]
+    Content(#[from] ContentError),
     /// The identity is already in the group (or is this user).
     #[error("{0} is already a member of the group")]
     AlreadyMember(String),

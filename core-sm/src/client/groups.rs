@@ -296,17 +296,25 @@ impl ClientMachine {
     pub(super) fn start_send(
         &mut self,
         group_name: String,
-        text: String,
+        content: Content,
     ) -> Result<(), CommandError> {
-        if text.len() > TEXT_BYTES_MAX {
+        if let Content::Text { text, .. } = &content
+            && text.len() > TEXT_BYTES_MAX
+        {
             return Err(CommandError::TextTooLong(text.len()));
         }
+        content.check()?;
+        let mut id = [0u8; content::CONTENT_ID_BYTES];
+        self.provider.fill(&mut id);
         self.active = true;
         self.op = Some(Op::Send {
             group: group_name.clone(),
             delivered: 0,
+            id: ContentId(id),
         });
-        self.queue_change(&group_name, Change::Text(text))
+        // The time is stamped when the message is made.
+        let encoded = content::encode(&content, ContentId(id), 0);
+        self.queue_change(&group_name, Change::Content { id, encoded })
     }
 
     // ----- the queue of changes ---------------------------------------------
@@ -402,10 +410,18 @@ impl ClientMachine {
                 .map(|m| m.index)
         };
         let (commit, welcome) = match &change {
-            Change::Text(text) => {
+            Change::Text(_) | Change::Content { .. } => {
                 // The machine's clock is wall-clock time (see `ClientMachine`).
                 let sent_at_ms = self.now.as_micros() / 1_000;
-                let data = content::encode_text(text, sent_at_ms);
+                let data = match &change {
+                    Change::Content { encoded, .. } => content::stamp(encoded, sent_at_ms),
+                    Change::Text(text) => {
+                        let mut id = [0u8; content::CONTENT_ID_BYTES];
+                        self.provider.fill(&mut id);
+                        content::encode(&Content::text(text.as_str()), ContentId(id), sent_at_ms)
+                    }
+                    _ => unreachable!("an application message"),
+                };
                 let message = group
                     .create_message(&self.provider, &self.signer, &data)
                     .map_err(mls(MlsStep::Encrypt))?;
@@ -648,7 +664,7 @@ impl ClientMachine {
         let unsent = record
             .queue
             .iter()
-            .filter(|c| matches!(c, Change::Text(_)))
+            .filter(|c| matches!(c, Change::Text(_) | Change::Content { .. }))
             .count();
         if unsent > 0 {
             self.warn(format!(

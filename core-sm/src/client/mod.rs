@@ -132,6 +132,7 @@ pub use crate::limits::{
 mod api;
 mod contacts;
 pub mod content;
+pub use content::{Attachment, Content, ContentError, ContentId};
 mod group;
 mod groups;
 mod keys;
@@ -221,12 +222,11 @@ enum Op {
     Send {
         group: String,
         delivered: u32,
+        id: ContentId,
     },
     /// A Commit (or, for a leave, a proposal) this user made: its
     /// deliveries are in flight; the outcome is ready.
-    Committed {
-        outcome: Outcome,
-    },
+    Committed { outcome: Outcome },
     Receive {
         wait_ms: u64,
         waited: bool,
@@ -532,7 +532,8 @@ impl ClientMachine {
             Command::Register { count } => self.start_register(count),
             Command::CreateGroup { name, pq } => self.create_group(name, pq),
             Command::AddMember { group, member } => self.start_add(group, member),
-            Command::Send { group, text } => self.start_send(group, text),
+            Command::Send { group, text } => self.start_send(group, Content::text(text)),
+            Command::SendContent { group, content } => self.start_send(group, content),
             Command::RemoveMember { group, member } => self.remove_member(group, member),
             Command::Leave { group } => self.leave(group),
             Command::Update { group } => self.update(group),
@@ -708,8 +709,13 @@ impl ClientMachine {
                 member,
                 undelivered,
             },
-            Some(Op::Send { group, delivered }) => Outcome::Sent {
+            Some(Op::Send {
                 group,
+                delivered,
+                id,
+            }) => Outcome::Sent {
+                group,
+                id,
                 delivered,
                 undelivered,
             },

@@ -530,6 +530,62 @@ impl ClientMachine {
         Ok(())
     }
 
+    /// The event that shows a decoded application message.
+    fn content_event(
+        &self,
+        group: String,
+        sender: IdentityKey,
+        seq: u64,
+        decoded: content::Decoded,
+    ) -> Event {
+        let sender_name = self.contacts.name(&sender).map(str::to_owned);
+        let content::Decoded {
+            content,
+            id,
+            sent_at_ms,
+        } = decoded;
+        let message = |text: String, reply_to, attachment| Event::Message {
+            group: group.clone(),
+            sender,
+            sender_name: sender_name.clone(),
+            text,
+            seq,
+            sent_at_ms,
+            id,
+            reply_to,
+            attachment,
+        };
+        match content {
+            Content::Text { text, reply_to } => message(text, reply_to, None),
+            Content::Attachment {
+                attachment,
+                reply_to,
+            } => message(attachment.name.clone(), reply_to, Some(attachment)),
+            Content::Unsupported { .. } => message(
+                "(a message this version of qpq cannot show)".into(),
+                None,
+                None,
+            ),
+            Content::Edit { target, text } => Event::Edited {
+                group,
+                sender,
+                sender_name,
+                target,
+                text,
+                seq,
+                sent_at_ms,
+            },
+            Content::Delete { target } => Event::Deleted {
+                group,
+                sender,
+                sender_name,
+                target,
+                seq,
+                sent_at_ms,
+            },
+        }
+    }
+
     pub(super) fn process_group_message(
         &mut self,
         channel: ChannelId,
@@ -583,7 +639,7 @@ impl ClientMachine {
             .and_then(|c| IdentityKey::try_from_slice(c.identity()).ok());
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
-                let (text, sent_at_ms) = content::decode_text(&app.into_bytes());
+                let decoded = content::decode(&app.into_bytes());
                 self.active = true;
                 if let Some(Op::Receive { shown, .. }) = &mut self.op {
                     *shown += 1;
@@ -591,14 +647,8 @@ impl ClientMachine {
                 let sender = sender.ok_or_else(|| {
                     CommandError::Mls(MlsError::new(MlsStep::Process, "sender has no identity"))
                 })?;
-                self.effects.push_back(Effect::Event(Event::Message {
-                    group: record.name,
-                    sender,
-                    sender_name: self.contacts.name(&sender).map(str::to_owned),
-                    text,
-                    seq,
-                    sent_at_ms,
-                }));
+                let event = self.content_event(record.name, sender, seq, decoded);
+                self.effects.push_back(Effect::Event(event));
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
                 let leaving = match (proposal.proposal(), proposal.sender()) {

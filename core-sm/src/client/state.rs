@@ -71,6 +71,10 @@ pub(super) enum Change {
     CommitLeave { leaver: [u8; 32] },
     /// Propose removing oneself and forget the group.
     Leave,
+    /// An application message: content encoded under its id, its time
+    /// stamped when it is made ([`super::content::stamp`]). (`Text`, from
+    /// earlier versions, is sent as a text with a new id.)
+    Content { id: [u8; 16], encoded: Vec<u8> },
 }
 
 /// A Commit of this user's waiting for the server's first acceptance.

@@ -3399,3 +3399,148 @@ fn run_clocked_from(
         m.handle_timeout(now);
     }
 }
+
+#[test]
+fn typed_content_arrives_with_its_ids_and_a_queued_text_of_an_earlier_version_still_goes() {
+    let mut w = team();
+    w.texts(1);
+    w.texts(2);
+    let sent = |w: &mut World, who: usize, content: Content| match w.run(
+        who,
+        Command::SendContent {
+            group: "team".into(),
+            content,
+        },
+    ) {
+        (_, Ok(Outcome::Sent { id, .. })) => id,
+        other => panic!("{other:?}"),
+    };
+    let hello = sent(&mut w, 0, Content::text("hello"));
+    let reply = sent(
+        &mut w,
+        1,
+        Content::Text {
+            text: "hi".into(),
+            reply_to: Some(hello),
+        },
+    );
+    assert_ne!(hello, reply);
+    let file = Attachment {
+        media_type: "text/plain".into(),
+        name: "notes.txt".into(),
+        data: b"some notes".to_vec(),
+    };
+    let filed = sent(
+        &mut w,
+        0,
+        Content::Attachment {
+            attachment: file.clone(),
+            reply_to: Some(reply),
+        },
+    );
+    sent(
+        &mut w,
+        0,
+        Content::Edit {
+            target: hello,
+            text: "hello!".into(),
+        },
+    );
+    sent(&mut w, 0, Content::Delete { target: filed });
+    let (alice, bob) = (w.key(0), w.key(1));
+    let (events, outcome) = w.run(2, Command::Receive { wait_ms: 0 });
+    outcome.unwrap();
+    let shown: Vec<_> = events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message {
+                sender,
+                text,
+                id,
+                reply_to,
+                attachment,
+                sent_at_ms,
+                ..
+            } => {
+                assert!(sent_at_ms.is_some());
+                Some(format!(
+                    "{} {text} {:?} {:?} {:?}",
+                    u8::from(sender == bob),
+                    id.map(|i| i == hello || i == reply || i == filed),
+                    reply_to.map(|r| (r == hello, r == reply)),
+                    attachment.map(|a| a == file)
+                ))
+            }
+            Event::Edited {
+                sender,
+                target,
+                text,
+                ..
+            } => Some(format!(
+                "edit {} {} {text}",
+                sender == alice,
+                target == hello
+            )),
+            Event::Deleted { sender, target, .. } => {
+                Some(format!("delete {} {}", sender == alice, target == filed))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "0 hello Some(true) None None",
+            "1 hi Some(true) Some((true, false)) None",
+            "0 notes.txt Some(true) Some((false, true)) Some(true)",
+            "edit true true hello!",
+            "delete true true",
+        ]
+    );
+    // Content that cannot be sent is refused before anything is queued.
+    let (_, outcome) = w.run(
+        0,
+        Command::SendContent {
+            group: "team".into(),
+            content: Content::Attachment {
+                attachment: Attachment {
+                    media_type: "no type".into(),
+                    name: "x".into(),
+                    data: vec![1],
+                },
+                reply_to: None,
+            },
+        },
+    );
+    assert!(
+        matches!(
+            outcome,
+            Err(CommandError::Content(ContentError::MediaType(_)))
+        ),
+        "{outcome:?}"
+    );
+    // A text an earlier version queued (`Change::Text`, persisted before
+    // it was made) goes out as a text with an id of its own.
+    let mut m = w.machine(0);
+    let channel = m.groups()[0].channel_id;
+    m.groups
+        .by_channel_mut(channel)
+        .unwrap()
+        .queue
+        .push(Change::Text("queued before".into()));
+    w.users[0].saved = m.snapshot();
+    send(&mut w, 0, "team", "after");
+    let (events, _) = w.run(1, Command::Receive { wait_ms: 0 });
+    let texts: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { text, id, .. } => Some((text.as_str(), id.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        texts[texts.len() - 2..],
+        [("queued before", true), ("after", true)],
+        "{events:?}"
+    );
+}

@@ -21,7 +21,10 @@
 //! | `group_leave` | `group` | `left` |
 //! | `group_list` | | `groups` (`groups`: a `group` object each) |
 //! | `update` | `group` (all) | `updated` |
-//! | `send` | `group`, `text` | `sent` |
+//! | `send` | `group`, `text`, `reply_to` (none; 32 hex) | `sent` (with the message's `id`) |
+//! | `edit` | `group`, `target` (32 hex), `text` | `sent` |
+//! | `delete` | `group`, `target` | `sent` |
+//! | `send_file` | `group`, `name`, `media_type` (`application/octet-stream`), `data_base64` | `sent` |
 //! | `contact_add` | `name`, `key` | `contact_added` |
 //! | `contact_remove` | `name` | `contact_removed` |
 //! | `contact_list` | | `contacts` (`contacts`: a `contact` object each) |
@@ -38,7 +41,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quicproquo_core::client::Command;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use quicproquo_core::client::{Attachment, Command, Content, ContentId};
 use quicproquo_core::types::{IdentityKey, hex};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -46,9 +51,10 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::session::{Session, SessionError};
 
-/// Longest request line: a message of `TEXT_BYTES_MAX` escaped as JSON
-/// (up to 6 bytes a byte) with room for the rest.
-pub const DAEMON_LINE_BYTES_MAX: usize = 512 * 1024;
+/// Longest request line: an attachment of `ATTACHMENT_BYTES_MAX` (1 MB) in
+/// base64 (4 bytes for 3), or a message of `TEXT_BYTES_MAX` escaped as
+/// JSON (up to 6 bytes a byte), with room for the rest.
+pub const DAEMON_LINE_BYTES_MAX: usize = 2 * 1024 * 1024;
 /// Socket connections served at once; one more waits for a free slot.
 pub const DAEMON_CONNECTIONS_MAX: usize = 64;
 /// How long a connection may leave its answers and events unread before
@@ -270,9 +276,47 @@ async fn run(
         "update" => Command::Update {
             group: params["group"].as_str().map(str::to_owned),
         },
-        "send" => Command::Send {
+        "send" => match params["reply_to"].as_str() {
+            None => Command::Send {
+                group: text("group")?,
+                text: text("text")?,
+            },
+            Some(reply_to) => Command::SendContent {
+                group: text("group")?,
+                content: Content::Text {
+                    text: text("text")?,
+                    reply_to: Some(parse_id(reply_to)?),
+                },
+            },
+        },
+        "edit" => Command::SendContent {
             group: text("group")?,
-            text: text("text")?,
+            content: Content::Edit {
+                target: parse_id(&text("target")?)?,
+                text: text("text")?,
+            },
+        },
+        "delete" => Command::SendContent {
+            group: text("group")?,
+            content: Content::Delete {
+                target: parse_id(&text("target")?)?,
+            },
+        },
+        "send_file" => Command::SendContent {
+            group: text("group")?,
+            content: Content::Attachment {
+                attachment: Attachment {
+                    media_type: params["media_type"]
+                        .as_str()
+                        .unwrap_or(DEFAULT_MEDIA_TYPE)
+                        .to_owned(),
+                    name: text("name")?,
+                    data: BASE64
+                        .decode(text("data_base64")?)
+                        .map_err(|e| format!("`data_base64` is not base64: {e}"))?,
+                },
+                reply_to: None,
+            },
         },
         "contact_add" => Command::AddContact {
             name: text("name")?,
@@ -308,6 +352,24 @@ pub fn request_for(command: &Command) -> Option<(&'static str, Value)> {
         Command::Leave { group } => ("group_leave", json!({"group": group})),
         Command::Update { group } => ("update", json!({"group": group})),
         Command::Send { group, text } => ("send", json!({"group": group, "text": text})),
+        Command::SendContent { group, content } => match content {
+            Content::Text { text, reply_to } => (
+                "send",
+                json!({"group": group, "text": text, "reply_to": reply_to.map(|r| r.to_hex())}),
+            ),
+            Content::Edit { target, text } => (
+                "edit",
+                json!({"group": group, "target": target.to_hex(), "text": text}),
+            ),
+            Content::Delete { target } => {
+                ("delete", json!({"group": group, "target": target.to_hex()}))
+            }
+            Content::Attachment { attachment, .. } => (
+                "send_file",
+                json!({"group": group, "name": attachment.name, "media_type": attachment.media_type, "data_base64": BASE64.encode(&attachment.data)}),
+            ),
+            Content::Unsupported { .. } => return None,
+        },
         Command::AddContact { name, key } => (
             "contact_add",
             json!({"name": name, "key": hex(key.as_bytes())}),
@@ -319,6 +381,15 @@ pub fn request_for(command: &Command) -> Option<(&'static str, Value)> {
 
 fn error(id: &Value, message: &str) -> Value {
     json!({"type": "error", "id": id, "message": message})
+}
+
+/// The media type of a file sent without one.
+pub const DEFAULT_MEDIA_TYPE: &str = "application/octet-stream";
+
+/// Parses a message id given as 32 hex digits.
+pub fn parse_id(s: &str) -> Result<ContentId, String> {
+    ContentId::from_hex(s.trim())
+        .ok_or_else(|| "a message id is 32 hex digits (as `qpq --json recv` shows it)".to_owned())
 }
 
 /// Parses an identity key given as 64 hex digits.

@@ -3,12 +3,16 @@
 //! per line, and `qpq daemon` sends them, so scripts read one format.
 //! Keys are full hex; text is as sent (JSON escapes control characters).
 
-use quicproquo_core::client::{Event, GroupSummary, Outcome};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use quicproquo_core::client::{ContentId, Event, GroupSummary, Outcome};
 use quicproquo_core::types::hex;
 use serde_json::{Value, json};
 
-/// An event: `message` (with the sender's contact `name` if any),
-/// `joined`, `member_added`, `member_removed`, `member_left`,
+/// An event: `message` (with the sender's contact `name` if any, its
+/// `id` and `reply_to` as 32 hex digits when it has them, and an
+/// `attachment` object: `media_type`, `name`, `size`, `data_base64`),
+/// `edited` and `deleted` (with the `target` message's id), `joined`, `member_added`, `member_removed`, `member_left`,
 /// `group_changed`, `removed`, `warning`, `tampering`, `delivered`,
 /// `connected`, `reconnecting`, `disconnected`.
 pub fn event(e: &Event) -> Value {
@@ -31,8 +35,54 @@ pub fn event(e: &Event) -> Value {
             text,
             seq,
             sent_at_ms,
+            id,
+            reply_to,
+            attachment,
         } => {
             let mut v = json!({"type": "message", "group": group, "sender": hex(sender.as_bytes()), "text": text, "seq": seq, "sent_at_ms": sent_at_ms});
+            if let Some(name) = sender_name {
+                v["name"] = json!(name);
+            }
+            if let Some(id) = id {
+                v["id"] = json!(id.to_hex());
+            }
+            if let Some(r) = reply_to {
+                v["reply_to"] = json!(r.to_hex());
+            }
+            if let Some(a) = attachment {
+                v["attachment"] = json!({
+                    "media_type": a.media_type,
+                    "name": a.name,
+                    "size": a.data.len(),
+                    "data_base64": BASE64.encode(&a.data),
+                });
+            }
+            v
+        }
+        Event::Edited {
+            group,
+            sender,
+            sender_name,
+            target,
+            text,
+            seq,
+            sent_at_ms,
+        } => {
+            let mut v = json!({"type": "edited", "group": group, "sender": hex(sender.as_bytes()), "target": target.to_hex(), "text": text, "seq": seq, "sent_at_ms": sent_at_ms});
+            if let Some(name) = sender_name {
+                v["name"] = json!(name);
+            }
+            v
+        }
+        Event::Deleted {
+            group,
+            sender,
+            sender_name,
+            target,
+            seq,
+            sent_at_ms,
+        } => {
+            let mut v = json!({"type": "deleted", "group": group, "sender": hex(sender.as_bytes()), "target": target.to_hex(), "seq": seq, "sent_at_ms": sent_at_ms});
             if let Some(name) = sender_name {
                 v["name"] = json!(name);
             }
@@ -88,10 +138,11 @@ pub fn outcome(o: &Outcome) -> Value {
         }
         Outcome::Sent {
             group,
+            id,
             delivered,
             undelivered,
         } => {
-            json!({"type": "sent", "group": group, "delivered": delivered, "undelivered": undelivered})
+            json!({"type": "sent", "group": group, "id": id.to_hex(), "delivered": delivered, "undelivered": undelivered})
         }
         Outcome::Received { messages } => json!({"type": "received", "messages": messages}),
         Outcome::MemberRemoved {
@@ -151,6 +202,7 @@ pub fn outcome_from(v: &Value) -> Option<Outcome> {
         },
         "sent" => Outcome::Sent {
             group: text("group")?,
+            id: ContentId::from_hex(v["id"].as_str()?)?,
             delivered: count("delivered")?,
             undelivered: count("undelivered")?,
         },

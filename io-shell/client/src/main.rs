@@ -5,7 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
@@ -18,8 +18,10 @@ use quicproquo_client::{
 };
 use quicproquo_core::ErrorKind;
 use quicproquo_core::client::{
-    ClientMachine, Command, CommandError, Event, Outcome, TEXT_BYTES_MAX,
+    Attachment, ClientMachine, Command, CommandError, Content, ContentId, Event, Outcome,
+    TEXT_BYTES_MAX,
 };
+use quicproquo_core::limits::ATTACHMENT_BYTES_MAX;
 use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
 use serde_json::json;
@@ -95,10 +97,12 @@ enum Cmd {
         #[arg(long)]
         qr: bool,
     },
-    /// Upload KeyPackages so others can add you to groups, and your signed
-    /// hybrid (post-quantum) public key, made on first use.
+    /// Upload KeyPackages so others can add you to groups — for plain and
+    /// for post-quantum groups — and your signed hybrid public key (which
+    /// pq groups of earlier versions seal to), made on first use.
     Register {
-        /// Single-use KeyPackages to keep on the server (a last-resort one is added).
+        /// Single-use KeyPackages to keep on the server for each kind of
+        /// group (a last-resort one is added to each).
         #[arg(long, default_value_t = 10)]
         count: u32,
     },
@@ -122,13 +126,43 @@ enum Cmd {
         /// The group; all groups (and the hybrid key) if omitted.
         name: Option<String>,
     },
-    /// Send a message to every other member of a group.
+    /// Send a message (or, with --file, a file) to every other member of a
+    /// group. It prints the message's id, which replies, edits and
+    /// deletions refer to (`qpq --json recv` shows the ids of received
+    /// messages).
     Send {
         /// The group's name.
         name: String,
         /// The message, or `-` to read it from stdin (all of it, less one
-        /// final newline).
+        /// final newline). Not with --file.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Answer this message (its id, 32 hex digits).
+        #[arg(long, value_name = "ID")]
+        reply_to: Option<String>,
+        /// Send this file (at most 1 MB) instead of a text.
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// The file's media type.
+        #[arg(long = "type", value_name = "TYPE", requires = "file", default_value = daemon::DEFAULT_MEDIA_TYPE)]
+        media_type: String,
+    },
+    /// Replace the text of a message you sent earlier; the others see the
+    /// new text in its place.
+    Edit {
+        /// The group's name.
+        name: String,
+        /// The message's id (32 hex digits, as `qpq send` printed it).
+        id: String,
+        /// Its new text.
         text: String,
+    },
+    /// Withdraw a message you sent earlier; the others see it deleted.
+    Delete {
+        /// The group's name.
+        name: String,
+        /// The message's id (32 hex digits, as `qpq send` printed it).
+        id: String,
     },
     /// Receive and show pending messages.
     ///
@@ -143,6 +177,10 @@ enum Cmd {
         /// If nothing is pending, wait this long for something (ms).
         #[arg(long, default_value_t = 0)]
         timeout_ms: u64,
+        /// Save the files in received messages here (as `<id>-<name>`);
+        /// without it they are only announced.
+        #[arg(long, value_name = "DIR")]
+        save_dir: Option<PathBuf>,
     },
     /// Keep a session open and serve it as JSON lines, for scripts and bots.
     ///
@@ -153,7 +191,8 @@ enum Cmd {
     /// {"type": "error", ...}) and events (the objects `qpq --json` prints)
     /// come back as lines. Methods: whoami, register, group_create,
     /// group_add, group_remove, group_leave, group_list, group_verify,
-    /// update, send, contact_add, contact_remove, contact_list, shutdown.
+    /// update, send, edit, delete, send_file, contact_add, contact_remove,
+    /// contact_list, shutdown.
     /// Other qpq commands on the same state file are carried out by the
     /// daemon through its socket. Stops on `shutdown`, SIGINT or
     /// SIGTERM (and at the end of stdin with --no-socket).
@@ -173,12 +212,12 @@ enum GroupCmd {
     Create {
         /// The group's name (known to every member).
         name: String,
-        /// Post-quantum group: everything it sends (Welcomes, Commits,
-        /// messages) is also sealed to each recipient's hybrid
-        /// X25519 + ML-KEM-768 key, against harvest-now-decrypt-later.
-        /// Every member needs a hybrid key (`qpq register` uploads one);
-        /// adding someone without one is refused. About 1.2 KB more per
-        /// message and recipient.
+        /// Post-quantum group: an MLS group of the hybrid suite 0x004F
+        /// (ML-KEM-768 + X25519), against harvest-now-decrypt-later.
+        /// Members join with KeyPackages of that suite, which `qpq
+        /// register` uploads; adding someone whose client has none is
+        /// refused. Messages cost what they cost in a plain group; Commits
+        /// and Welcomes are larger.
         #[arg(long)]
         pq: bool,
     },
@@ -250,6 +289,9 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let out = Output::new(cli.json);
+    if let Cmd::Recv { save_dir, .. } = &cli.command {
+        out.set_save_dir(save_dir.clone());
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -351,7 +393,9 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     // Read before taking the lock, so a slow writer to stdin does not hold
     // up other commands on this state file.
     let stdin_text = match &cli.command {
-        Cmd::Send { text, .. } if text == "-" => Some(message_from_stdin()?),
+        Cmd::Send {
+            text: Some(text), ..
+        } if text == "-" => Some(message_from_stdin()?),
         _ => None,
     };
     // One command at a time per state file: another `qpq` on the same file
@@ -480,13 +524,50 @@ fn command(
         Cmd::Update { name } => Command::Update {
             group: name.clone(),
         },
-        Cmd::Send { name, text } => Command::Send {
+        Cmd::Send {
+            name,
+            text,
+            reply_to,
+            file,
+            media_type,
+        } => {
+            let reply_to = reply_to
+                .as_deref()
+                .map(daemon::parse_id)
+                .transpose()
+                .map_err(|e| anyhow!("--reply-to: {e}"))?;
+            let content = match file {
+                Some(path) => Content::Attachment {
+                    attachment: attachment(path, media_type)?,
+                    reply_to,
+                },
+                None => Content::Text {
+                    text: stdin_text.or_else(|| text.clone()).unwrap_or_default(),
+                    reply_to,
+                },
+            };
+            Command::SendContent {
+                group: name.clone(),
+                content,
+            }
+        }
+        Cmd::Edit { name, id, text } => Command::SendContent {
             group: name.clone(),
-            text: stdin_text.unwrap_or_else(|| text.clone()),
+            content: Content::Edit {
+                target: daemon::parse_id(id).map_err(|e| anyhow!(e))?,
+                text: text.clone(),
+            },
+        },
+        Cmd::Delete { name, id } => Command::SendContent {
+            group: name.clone(),
+            content: Content::Delete {
+                target: daemon::parse_id(id).map_err(|e| anyhow!(e))?,
+            },
         },
         Cmd::Recv {
             stream: false,
             timeout_ms,
+            ..
         } => Command::Receive {
             wait_ms: *timeout_ms,
         },
@@ -970,6 +1051,37 @@ fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
 
 /// The message of `send GROUP -`: all of stdin, less one final newline
 /// (`\n` or `\r\n`), as `echo hello | qpq send team -` means `hello`.
+/// The file at `path` as an attachment of `media_type`, named by its file
+/// name.
+fn attachment(path: &Path, media_type: &str) -> anyhow::Result<Attachment> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("{}: not a file name qpq can send", path.display()))?
+        .to_owned();
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > ATTACHMENT_BYTES_MAX as u64 {
+        bail!(
+            "{} is {len} bytes; a file sent in a message is at most {ATTACHMENT_BYTES_MAX}",
+            path.display()
+        );
+    }
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let attachment = Attachment {
+        media_type: media_type.to_owned(),
+        name,
+        data,
+    };
+    Content::Attachment {
+        attachment: attachment.clone(),
+        reply_to: None,
+    }
+    .check()?;
+    Ok(attachment)
+}
+
 fn message_from_stdin() -> anyhow::Result<String> {
     // Room for the longest message and its newline, and one byte more to
     // tell that it is too long without reading an unbounded stdin.
@@ -1017,6 +1129,8 @@ struct Output {
     /// The event of the running command's own change, which its outcome
     /// reports instead.
     restated: RefCell<Option<Event>>,
+    /// Where files in received messages are saved (`recv --save-dir`).
+    save_dir: RefCell<Option<PathBuf>>,
 }
 
 /// Why output stopped.
@@ -1036,6 +1150,49 @@ impl Output {
             gone: Notify::new(),
             names: RefCell::new(Names::default()),
             restated: RefCell::new(None),
+            save_dir: RefCell::new(None),
+        }
+    }
+
+    /// Saves the files of received messages in `dir` from now on.
+    fn set_save_dir(&self, dir: Option<PathBuf>) {
+        *self.save_dir.borrow_mut() = dir;
+    }
+
+    /// Saves `file` of message `id` in the save directory, if there is one:
+    /// what to say of it.
+    fn save(&self, id: Option<ContentId>, file: &Attachment) -> String {
+        let size = format!(
+            "file {} ({}, {} bytes)",
+            escape_control(&file.name),
+            escape_control(&file.media_type),
+            file.data.len()
+        );
+        let Some(dir) = self.save_dir.borrow().clone() else {
+            return format!("{size}, not saved (recv --save-dir keeps files)");
+        };
+        // The sender's name without anything that leaves the directory or
+        // drives a terminal; the id keeps two files of one name apart.
+        let name: String = file
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_control() || c == '/' || c == '\\' {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let name = name.trim_start_matches('.');
+        let prefix = id.map_or_else(|| "file".to_owned(), |id| id.to_hex()[..8].to_owned());
+        let path = dir.join(format!("{prefix}-{name}"));
+        match std::fs::write(&path, &file.data) {
+            Ok(()) => format!(
+                "{size}, saved to {}",
+                escape_control(&path.display().to_string())
+            ),
+            Err(e) => format!("{size}, not saved: {}: {e}", path.display()),
         }
     }
 
@@ -1127,11 +1284,26 @@ impl Output {
                     v[named] = json!(name);
                 }
             }
+            if let Event::Message {
+                id,
+                attachment: Some(file),
+                ..
+            } = e
+                && self.save_dir.borrow().is_some()
+            {
+                v["saved"] = json!(self.save(*id, file));
+            }
             say!(self, "{v}");
             return;
         }
         // Everything shown below may come from a peer: escaped, so it
         // cannot print a fake line or drive the terminal.
+        let who = |sender: &IdentityKey, sender_name: &Option<String>| {
+            sender_name
+                .as_deref()
+                .map_or_else(|| short_key(sender), |n| escape_control(n).into_owned())
+        };
+        let short = |id: &ContentId| id.to_hex()[..8].to_owned();
         match e {
             Event::Message {
                 group,
@@ -1139,16 +1311,56 @@ impl Output {
                 sender_name,
                 text,
                 sent_at_ms,
+                id,
+                reply_to,
+                attachment,
+                ..
+            } => {
+                let body = match attachment {
+                    Some(file) => self.save(*id, file),
+                    None => escape_control(text).into_owned(),
+                };
+                say!(
+                    self,
+                    "[{}] {}{}: {}{}",
+                    escape_control(group),
+                    sent_at_ms.map(sent_time).unwrap_or_default(),
+                    who(sender, sender_name),
+                    reply_to.map_or_else(String::new, |r| format!("(reply to {}) ", short(&r))),
+                    body
+                )
+            }
+            Event::Edited {
+                group,
+                sender,
+                sender_name,
+                target,
+                text,
+                sent_at_ms,
                 ..
             } => say!(
                 self,
-                "[{}] {}{}: {}",
+                "[{}] {}{} edited {}: {}",
                 escape_control(group),
                 sent_at_ms.map(sent_time).unwrap_or_default(),
-                sender_name
-                    .as_deref()
-                    .map_or_else(|| short_key(sender), |n| escape_control(n).into_owned()),
+                who(sender, sender_name),
+                short(target),
                 escape_control(text)
+            ),
+            Event::Deleted {
+                group,
+                sender,
+                sender_name,
+                target,
+                sent_at_ms,
+                ..
+            } => say!(
+                self,
+                "[{}] {}{} deleted {}",
+                escape_control(group),
+                sent_at_ms.map(sent_time).unwrap_or_default(),
+                who(sender, sender_name),
+                short(target)
             ),
             Event::Joined { group, members } => {
                 say!(
@@ -1244,13 +1456,15 @@ impl Output {
             }
             Outcome::Sent {
                 group,
+                id,
                 delivered,
                 undelivered,
             } => {
                 say!(
                     self,
-                    "Sent to {delivered} members of {}.",
-                    escape_control(group)
+                    "Sent to {delivered} members of {} (id {}).",
+                    escape_control(group),
+                    id.to_hex()
                 );
                 self.pending(*undelivered);
             }

@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quicproquo_core::client::{
-    ClientMachine, Command, CommandError, Effect, Event, GroupSummary, LinkPolicy, Outcome,
-    SafetyNumber,
+    ClientMachine, Command, CommandError, Content, Effect, Event, GroupSummary, LinkPolicy,
+    Outcome, SafetyNumber,
 };
 use quicproquo_core::types::IdentityKey;
 use rand_core::{OsRng, RngCore};
@@ -259,6 +259,21 @@ impl Session {
         self.command(Command::Send {
             group: group.to_owned(),
             text: text.to_owned(),
+        })
+        .await
+    }
+
+    /// Sends typed content to every other member of `group`: a text with
+    /// a reply-to, an edit or a deletion of one's own earlier message, an
+    /// attachment.
+    pub async fn send_content(
+        &self,
+        group: &str,
+        content: Content,
+    ) -> Result<Outcome, SessionError> {
+        self.command(Command::SendContent {
+            group: group.to_owned(),
+            content,
         })
         .await
     }

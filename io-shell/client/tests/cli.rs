@@ -135,7 +135,8 @@ fn three_users_chat_through_the_cli() {
         assert_eq!(init[0]["type"], "initialized");
         let reg = u.run(&["register", "--count", "3"]);
         assert_eq!(reg[0]["type"], "registered");
-        assert_eq!(reg[0]["uploaded"], 4);
+        // Three and a last resort in each suite's pool.
+        assert_eq!(reg[0]["uploaded"], 8);
     }
     let (a, b, c) = (alice.key(), bob.key(), carol.key());
     assert_eq!(a.len(), 64);
@@ -272,7 +273,7 @@ fn wrong_or_empty_password_and_missing_trust_are_clear_errors() {
 }
 
 #[test]
-fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
+fn three_users_chat_in_a_pq_group_of_the_pq_suite_with_files_and_edits() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path());
     let user = |name: &str| User {
@@ -310,14 +311,15 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     carol.run(&["send", "quantum", "c1"]);
 
     // Before anyone receives: what the server stores for each user is a
-    // hybrid payload (0x01 0x03) that opens with that user's hybrid key only.
+    // plain group payload (0x01 0x02; MLS of the PQ suite protects it), one
+    // copy of each message for all its recipients.
     let machines: Vec<ClientMachine> = users.iter().map(User::machine).collect();
     let trust = ServerTrust::fingerprint_hex(&server.fingerprint).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut bobs_payload = Vec::new();
+    let mut stored_for = Vec::new();
     for (i, m) in machines.iter().enumerate() {
         let channel = m.groups()[0].channel_id;
         let stored = runtime.block_on(async {
@@ -331,19 +333,14 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
                 .messages
         });
         assert_eq!(stored.len(), 2, "user {i}");
-        if i == 1 {
-            bobs_payload = stored[0].payload.clone();
-        }
         for s in &stored {
-            assert_eq!(&s.payload[..2], &[0x01, 0x03], "user {i}");
-            assert!(m.open_hybrid_payload(&s.payload).is_ok(), "user {i}");
-            for (j, other) in machines.iter().enumerate() {
-                if j != i {
-                    assert!(other.open_hybrid_payload(&s.payload).is_err());
-                }
-            }
+            assert_eq!(&s.payload[..2], &[0x01, 0x02], "user {i}");
         }
+        stored_for.push(stored);
     }
+    // Alice's a1, as Bob and Carol have it: the same bytes.
+    assert_eq!(stored_for[1][0].payload, stored_for[2][0].payload);
+    let bobs_payload = stored_for[1][0].payload.clone();
 
     let m = |who: &str, t: &str| (who.to_owned(), t.to_owned());
     assert_eq!(alice.recv_in("quantum"), vec![m(&b, "b1"), m(&c, "c1")]);
@@ -357,9 +354,9 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     assert_eq!(bob.recv_in("quantum"), vec![m(&a, "after rotation")]);
     assert_eq!(carol.recv_in("quantum"), vec![m(&a, "after rotation")]);
 
-    // A tampered envelope reaches Bob through the real server (one byte of
+    // A tampered message reaches Bob through the real server (one byte of
     // a genuine one flipped, enqueued by Alice's identity): it is refused
-    // with a clear warning, and the message behind it still arrives.
+    // with a warning, and the message behind it still arrives.
     let mut tampered = bobs_payload;
     let last = tampered.len() - 20;
     tampered[last] ^= 0x40;
@@ -382,19 +379,57 @@ fn three_users_chat_in_a_pq_group_through_hybrid_envelopes() {
     });
     alice.run(&["send", "quantum", "after tampering"]);
     let events = bob.run(&["recv"]);
-    assert!(
-        events.iter().any(|v| v["type"] == "warning"
-            && v["message"]
-                .as_str()
-                .is_some_and(|t| t.contains("hybrid envelope refused"))),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|v| v["type"] == "warning"), "{events:?}");
     let texts: Vec<&str> = events
         .iter()
         .filter(|v| v["type"] == "message")
         .filter_map(|v| v["text"].as_str())
         .collect();
     assert_eq!(texts, vec!["after tampering"], "{events:?}");
+
+    // A 1 MB file, saved by the receiver; a reply to it; an edit.
+    let file = dir.path().join("photo.jpg");
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let sent = alice.run(&[
+        "send",
+        "quantum",
+        "--file",
+        file.to_str().unwrap(),
+        "--type",
+        "image/jpeg",
+    ]);
+    let id = sent[0]["id"].as_str().expect("the message's id").to_owned();
+    assert_eq!(id.len(), 32);
+    let saved = dir.path().join("bob-files");
+    std::fs::create_dir(&saved).unwrap();
+    let got = bob.run(&["recv", "--save-dir", saved.to_str().unwrap()]);
+    let message = got
+        .iter()
+        .find(|v| v["type"] == "message")
+        .expect("the file arrives");
+    assert_eq!(message["id"], id.as_str());
+    assert_eq!(message["attachment"]["media_type"], "image/jpeg");
+    assert_eq!(message["attachment"]["size"], 1_000_000);
+    let copy = saved.join(format!("{}-photo.jpg", &id[..8]));
+    assert!(std::fs::read(&copy).unwrap() == bytes, "saved whole");
+    bob.run(&["send", "quantum", "nice", "--reply-to", &id]);
+    alice.run(&["edit", "quantum", &id, "(a photo)"]);
+    let got = carol.run(&["recv"]);
+    let reply = got
+        .iter()
+        .find(|v| v["type"] == "message" && v["text"] == "nice")
+        .expect("the reply arrives");
+    assert_eq!(reply["reply_to"], id.as_str());
+    let edit = got
+        .iter()
+        .find(|v| v["type"] == "edited")
+        .expect("the edit arrives");
+    assert_eq!(
+        (edit["target"].as_str(), edit["text"].as_str()),
+        (Some(id.as_str()), Some("(a photo)"))
+    );
+    assert_eq!(edit["sender"], a.as_str());
 }
 
 #[test]

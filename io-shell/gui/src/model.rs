@@ -315,6 +315,7 @@ impl Model {
                 sender_name,
                 text,
                 sent_at_ms,
+                attachment,
                 ..
             } => {
                 let sender = match sender_name {
@@ -326,12 +327,45 @@ impl Model {
                 if !open {
                     g.unread += 1;
                 }
+                let text = match attachment {
+                    Some(file) => format!(
+                        "[file {} ({}, {} bytes)]",
+                        clean_text(&file.name),
+                        clean_text(&file.media_type),
+                        file.data.len()
+                    ),
+                    None => clean_text(&text),
+                };
                 g.push(Line::Message {
                     sender,
-                    text: clean_text(&text),
+                    text,
                     sent_at_ms,
                     delivery: None,
                 });
+            }
+            // The app keeps no message ids yet: an edit or a deletion is
+            // shown as what it is, not applied to the line it refers to.
+            Event::Edited {
+                group,
+                sender,
+                sender_name,
+                text,
+                ..
+            } => {
+                let who = sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
+                self.system(
+                    &group,
+                    format!("{who} edited a message: {}", clean_text(&text)),
+                );
+            }
+            Event::Deleted {
+                group,
+                sender,
+                sender_name,
+                ..
+            } => {
+                let who = sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
+                self.system(&group, format!("{who} deleted a message"));
             }
             Event::Joined { group, members } => {
                 let g = self.groups.entry(group.clone()).or_default();
@@ -514,6 +548,9 @@ mod tests {
                 text: text.into(),
                 seq: 1,
                 sent_at_ms: Some(5),
+                id: None,
+                reply_to: None,
+                attachment: None,
             }));
         }
         assert_eq!(

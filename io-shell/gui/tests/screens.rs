@@ -130,6 +130,9 @@ fn the_main_screen_lists_groups_shows_messages_and_sends() {
         text: "hello team".into(),
         seq: 1,
         sent_at_ms: Some(3_600_000 * 13 + 60_000 * 7),
+        id: None,
+        reply_to: None,
+        attachment: None,
     }));
     h.state_mut().apply(Update::Event(Event::Message {
         group: "team".into(),
@@ -138,6 +141,9 @@ fn the_main_screen_lists_groups_shows_messages_and_sends() {
         text: "are you there?".into(),
         seq: 2,
         sent_at_ms: None,
+        id: None,
+        reply_to: None,
+        attachment: None,
     }));
     h.run();
     // "secret" sorts first and is open; "team" has two unread.
@@ -245,6 +251,9 @@ fn the_members_panel_removes_names_and_shows_the_safety_number() {
         text: "first".into(),
         seq: 1,
         sent_at_ms: Some(60_000),
+        id: None,
+        reply_to: None,
+        attachment: None,
     }));
     h.run();
     h.get_by_label("Members");
@@ -306,6 +315,9 @@ fn a_long_conversation_draws_only_what_is_in_view() {
             text: format!("message number {seq}"),
             seq,
             sent_at_ms: Some(seq * 60_000),
+            id: None,
+            reply_to: None,
+            attachment: None,
         }));
     }
     // A few frames: the heights of the lines in view are measured, and
@@ -339,6 +351,9 @@ fn cjk_emoji_and_unknown_characters_render() {
         text: text.into(),
         seq: 1,
         sent_at_ms: None,
+        id: None,
+        reply_to: None,
+        attachment: None,
     }));
     h.run();
     // The group list and the conversation's heading.

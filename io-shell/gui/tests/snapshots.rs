@@ -90,6 +90,9 @@ fn message(h: &mut Harness<'_, QpqApp>, sender: u8, text: &str, seq: u64, minute
         text: text.into(),
         seq,
         sent_at_ms: at(minutes),
+        id: None,
+        reply_to: None,
+        attachment: None,
     }));
 }
 
@@ -149,6 +152,9 @@ fn conversation() -> Harness<'static, QpqApp> {
         text: "new results are in".into(),
         seq: 1,
         sent_at_ms: at(5),
+        id: None,
+        reply_to: None,
+        attachment: None,
     }));
     h.state_mut().apply(Update::SafetyNumber {
         group: "team".into(),

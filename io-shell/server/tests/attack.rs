@@ -732,7 +732,7 @@ async fn key_package_draining_leaves_the_victim_addable() {
     .await;
     assert!(matches!(
         outcome,
-        Ok(Outcome::Registered { uploaded: 6, .. })
+        Ok(Outcome::Registered { uploaded: 12, .. })
     ));
     // 150 fresh identities each take one, 16 at a time.
     let mut handed = Vec::new();
