@@ -132,6 +132,7 @@ pub use crate::limits::{
 mod api;
 mod contacts;
 pub mod content;
+mod grease;
 mod group;
 mod groups;
 mod keys;
