@@ -49,9 +49,6 @@ pub const CIPHERSUITE: CipherSuite = CipherSuite::CURVE25519_AES128;
 pub type Config =
     WithIdentityProvider<BasicIdentityProvider, WithCryptoProvider<RustCryptoProvider, BaseConfig>>;
 
-/// Messages asked for per fetch: a test's queues stay far below it.
-const FETCH_LIMIT: u32 = 256;
-
 /// Why a [`Foreign`] operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -748,3 +745,5 @@ fn profile(message: impl Into<String>) -> ForeignError {
 const COMMIT_ATTEMPTS_MAX: u32 = 4;
 /// How long one wait for the Commit that won an epoch lasts.
 const CATCH_UP_WAIT_MS: u64 = 5_000;
+/// Messages asked for per fetch: a test's queues stay far below it.
+const FETCH_LIMIT: u32 = 256;

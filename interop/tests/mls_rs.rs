@@ -1,9 +1,10 @@
 //! mls-rs as a group member next to the real qpq client, through a real
 //! qpq-server (ARCHITECTURE.md § Interoperability): joining by Welcome in
 //! both directions, application messages both ways, updates, Commits racing
-//! for one epoch at the commit fence, removals. The mls-rs member greases
-//! everything it makes (RFC 9420 §13.5), so every scenario also runs
-//! against a GREASE-using peer.
+//! for one epoch at the commit fence, removals, and a member that greases
+//! (RFC 9420 §13.5). Every test starts its own server and sessions, and
+//! compares what each side shows: members, texts and senders, epochs and
+//! safety numbers.
 
 use std::time::Duration;
 
