@@ -3544,4 +3544,3 @@ fn typed_content_arrives_with_its_ids_and_a_queued_text_of_an_earlier_version_st
         "{events:?}"
     );
 }
-
