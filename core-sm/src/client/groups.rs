@@ -29,7 +29,7 @@ impl ClientMachine {
         };
         let config = MlsGroupCreateConfig::builder()
             .ciphersuite(suite)
-            .capabilities(capabilities())
+            .capabilities(capabilities(&self.provider))
             .use_ratchet_tree_extension(true)
             .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)

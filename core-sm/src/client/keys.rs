@@ -200,7 +200,7 @@ impl ClientMachine {
     ) -> Result<Vec<u8>, CommandError> {
         let mut builder = KeyPackage::builder()
             .key_package_lifetime(Lifetime::new(KEY_PACKAGE_LIFETIME_SECS))
-            .leaf_node_capabilities(capabilities());
+            .leaf_node_capabilities(capabilities(&self.provider));
         if last_resort {
             builder = builder.mark_as_last_resort();
         }

@@ -19,10 +19,15 @@ impl Signer for IdentitySigner {
     }
 }
 
-/// Leaf capabilities: both suites this client speaks, and the last-resort
+/// Leaf capabilities: both suites this client speaks, the last-resort
 /// KeyPackage extension (RFC 9420 §17.3), which a leaf must list to carry
-/// it.
-pub(super) fn capabilities() -> Capabilities {
+/// it, and one GREASE value (RFC 9420 §13.5) in each list — ciphersuites,
+/// extensions, proposals, credentials — drawn from the machine's seeded
+/// randomness, so peers that mishandle unknown values are found out. Only
+/// the lists carry GREASE, never an extension in use: openmls 0.9.2
+/// refuses a GREASE extension in use even when it is listed (grease.rs),
+/// and other openmls clients would refuse ours.
+pub(super) fn capabilities(provider: &QpqProvider) -> Capabilities {
     Capabilities::new(
         None,
         Some(&CIPHERSUITES),
@@ -30,6 +35,7 @@ pub(super) fn capabilities() -> Capabilities {
         None,
         Some(&[CredentialType::Basic]),
     )
+    .with_grease(provider.rand())
 }
 
 pub(super) fn members(group: &MlsGroup) -> Vec<IdentityKey> {

@@ -3544,3 +3544,46 @@ fn typed_content_arrives_with_its_ids_and_a_queued_text_of_an_earlier_version_st
         "{events:?}"
     );
 }
+
+#[test]
+fn key_packages_carry_grease_in_every_capabilities_list_and_still_validate() {
+    let mut w = World::new(2);
+    register(&mut w, 0);
+    register(&mut w, 1);
+    let bob = w.key(1);
+    for suite in CIPHERSUITES {
+        let package = match w.call(
+            w.users[0].conn,
+            RequestBody::FetchKeyPackage {
+                identity_key: bob,
+                cipher_suite: key_package_pool(suite),
+            },
+        ) {
+            Ok(Response::KeyPackage { package, .. }) => package,
+            other => panic!("{other:?}"),
+        };
+        let m = w.machine(0);
+        let kp = m
+            .validate_key_package(bob, &package, suite)
+            .expect("another qpq takes it");
+        let caps = kp.leaf_node().capabilities();
+        assert!(caps.ciphersuites().iter().any(|c| c.is_grease()));
+        // (The workaround in grease.rs hands it to openmls as the unknown
+        // type of the same value.)
+        assert!(
+            caps.extensions()
+                .iter()
+                .any(|e| u16::from(*e) & 0x0F0F == 0x0A0A)
+        );
+        assert!(caps.proposals().iter().any(|p| p.is_grease()));
+        assert!(caps.credentials().iter().any(|c| c.is_grease()));
+    }
+    // And groups form with such leaves, in both suites.
+    for (name, pq) in [("plain", false), ("pq", true)] {
+        create(&mut w, 0, name, pq);
+        add(&mut w, 0, name, 1);
+    }
+    w.texts(1);
+    send(&mut w, 1, "pq", "greased");
+    assert_eq!(w.texts(0), vec![pair("pq", "greased")]);
+}
