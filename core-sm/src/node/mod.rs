@@ -96,7 +96,7 @@ pub struct NodeConfig {
     pub payload_bytes_max: usize,
     /// Largest KeyPackage.
     pub key_package_bytes_max: usize,
-    /// KeyPackages one identity may keep.
+    /// KeyPackages one identity may keep in each of its pools.
     pub key_packages_per_identity_max: u32,
     /// Messages one queue may hold.
     pub queue_depth_max: u64,

@@ -185,7 +185,7 @@ config_keys! {
     request_timeout_ms: u64, env = "QPQ_REQUEST_TIMEOUT_MS";
     /// Largest enqueued payload, bytes [default: 1048576, also the maximum].
     payload_bytes_max: usize, env = "QPQ_PAYLOAD_BYTES_MAX";
-    /// KeyPackages kept per identity [default: 1000].
+    /// KeyPackages kept per identity in each pool (one per cipher suite; the last resort is extra) [default: 1000].
     key_packages_per_identity_max: u32, env = "QPQ_KEY_PACKAGES_PER_IDENTITY_MAX";
     /// Messages per queue [default: 10000].
     queue_depth_max: u64, env = "QPQ_QUEUE_DEPTH_MAX";
