@@ -522,6 +522,7 @@ fn draw_line(ui: &mut egui::Ui, line: &Line) {
             text,
             sent_at_ms,
             delivery,
+            ..
         } => {
             let time = sent_at_ms.map(clock).unwrap_or_default();
             let state = match delivery {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use quicproquo_client::display::{Names, short_key};
-use quicproquo_core::client::{Event, GroupSummary};
+use quicproquo_core::client::{ContentId, Event, GroupSummary};
 use quicproquo_core::types::IdentityKey;
 
 /// Lines one conversation keeps in memory; older ones are dropped from the
@@ -79,6 +79,10 @@ pub enum Line {
         sent_at_ms: Option<u64>,
         /// For this user's own messages, where it stands.
         delivery: Option<Delivery>,
+        /// The message's id and its sender's key, for a received message
+        /// that has an id: an edit or a deletion by the same sender
+        /// applies to it.
+        origin: Option<(ContentId, IdentityKey)>,
     },
     /// Something that happened to the group (joins, removals, key updates).
     System(String),
@@ -256,6 +260,7 @@ impl Model {
                     text: clean_text(&text),
                     sent_at_ms: Some(sent_at_ms),
                     delivery: Some(Delivery::Sending),
+                    origin: None,
                 });
             }
             Update::Failed(why) => {
@@ -307,6 +312,35 @@ impl Model {
         }
     }
 
+    /// Replaces the text of message `target` by `sender` in `group`; false
+    /// if there is no such line.
+    fn rewrite(
+        &mut self,
+        group: &str,
+        target: ContentId,
+        sender: IdentityKey,
+        text: String,
+    ) -> bool {
+        let Some(g) = self.groups.get_mut(group) else {
+            return false;
+        };
+        let line = g.lines.iter_mut().find_map(|l| match l {
+            Line::Message {
+                text,
+                origin: Some(origin),
+                ..
+            } if *origin == (target, sender) => Some(text),
+            _ => None,
+        });
+        match line {
+            Some(old) => {
+                *old = text;
+                true
+            }
+            None => false,
+        }
+    }
+
     fn event(&mut self, e: Event) {
         match e {
             Event::Message {
@@ -316,8 +350,10 @@ impl Model {
                 text,
                 sent_at_ms,
                 attachment,
+                id,
                 ..
             } => {
+                let origin = id.map(|id| (id, sender));
                 let sender = match sender_name {
                     Some(name) => clean_text(&name),
                     None => self.names.who(&sender),
@@ -341,31 +377,39 @@ impl Model {
                     text,
                     sent_at_ms,
                     delivery: None,
+                    origin,
                 });
             }
-            // The app keeps no message ids yet: an edit or a deletion is
-            // shown as what it is, not applied to the line it refers to.
+            // An edit or a deletion applies to the line of that message by
+            // the same sender; when there is none here (not received in
+            // this run, or another sender's), it is shown as a note.
             Event::Edited {
                 group,
                 sender,
                 sender_name,
+                target,
                 text,
                 ..
             } => {
-                let who = sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
-                self.system(
-                    &group,
-                    format!("{who} edited a message: {}", clean_text(&text)),
-                );
+                let text = clean_text(&text);
+                if !self.rewrite(&group, target, sender, format!("{text} (edited)")) {
+                    let who =
+                        sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
+                    self.system(&group, format!("{who} edited a message: {text}"));
+                }
             }
             Event::Deleted {
                 group,
                 sender,
                 sender_name,
+                target,
                 ..
             } => {
-                let who = sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
-                self.system(&group, format!("{who} deleted a message"));
+                if !self.rewrite(&group, target, sender, "(deleted)".into()) {
+                    let who =
+                        sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
+                    self.system(&group, format!("{who} deleted a message"));
+                }
             }
             Event::Joined { group, members } => {
                 let g = self.groups.entry(group.clone()).or_default();
@@ -535,6 +579,64 @@ mod tests {
         assert_eq!(m.screen, Screen::Main);
         assert_eq!(m.selected.as_deref(), Some("team"));
         assert_eq!(m.groups["team"].members, 2);
+    }
+
+    #[test]
+    fn an_edit_or_deletion_applies_only_to_a_message_of_the_same_sender() {
+        let mut m = open();
+        let message = |id: u8, text: &str| {
+            Update::Event(Event::Message {
+                group: "team".into(),
+                sender: key(2),
+                sender_name: None,
+                text: text.into(),
+                seq: 1,
+                sent_at_ms: None,
+                id: Some(ContentId([id; 16])),
+                reply_to: None,
+                attachment: None,
+            })
+        };
+        let edit = |by: u8, id: u8, text: &str| {
+            Update::Event(Event::Edited {
+                group: "team".into(),
+                sender: key(by),
+                sender_name: None,
+                target: ContentId([id; 16]),
+                text: text.into(),
+                seq: 2,
+                sent_at_ms: None,
+            })
+        };
+        m.apply(message(1, "lunch at noon?"));
+        m.apply(message(2, "or later"));
+        m.apply(edit(2, 1, "lunch at one?"));
+        // Someone else cannot edit Bob's message: a note, the line stays.
+        m.apply(edit(3, 2, "forged\u{1b}[2J"));
+        m.apply(Update::Event(Event::Deleted {
+            group: "team".into(),
+            sender: key(2),
+            sender_name: None,
+            target: ContentId([2; 16]),
+            seq: 3,
+            sent_at_ms: None,
+        }));
+        let texts: Vec<&str> = m.groups["team"]
+            .lines
+            .iter()
+            .map(|l| match l {
+                Line::Message { text, .. } => text.as_str(),
+                Line::System(s) => s.as_str(),
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "lunch at one? (edited)",
+                "(deleted)",
+                "0303030303030303… edited a message: forged\u{fffd}[2J"
+            ]
+        );
     }
 
     #[test]
