@@ -405,7 +405,8 @@ impl Model {
                 target,
                 ..
             } => {
-                if !self.rewrite(&group, target, sender, "(deleted)".into()) {
+                let rewritten = self.rewrite(&group, target, sender, "(deleted)".into());
+                if !rewritten {
                     let who =
                         sender_name.map_or_else(|| self.names.who(&sender), |n| clean_text(&n));
                     self.system(&group, format!("{who} deleted a message"));
