@@ -17,7 +17,7 @@ impl ClientMachine {
         if self.groups.by_name(&name).is_some() {
             return Err(CommandError::GroupExists(name));
         }
-        let sealed = pq && self.seals_new_pq_groups();
+        let sealed = pq && self.sealed_pq_groups;
         // Members seal to each other's hybrid keys, this user's included.
         if sealed && self.hybrid_keys.is_empty() {
             return Err(CommandError::NoOwnHybridKey);
@@ -74,6 +74,7 @@ impl ClientMachine {
             self.op = Some(Op::AddMember {
                 group,
                 member,
+                suite: g.ciphersuite(),
                 added: true,
             });
             return Ok(());
@@ -82,6 +83,7 @@ impl ClientMachine {
         self.op = Some(Op::AddMember {
             group,
             member,
+            suite,
             added: false,
         });
         if record.pq {
@@ -125,10 +127,16 @@ impl ClientMachine {
     }
 
     pub(super) fn on_key_package(&mut self, result: Result<Response, ServiceError>) {
-        let Some(Op::AddMember { group, member, .. }) = &self.op else {
+        let Some(Op::AddMember {
+            group,
+            member,
+            suite,
+            ..
+        }) = &self.op
+        else {
             return;
         };
-        let (group, member) = (group.clone(), *member);
+        let (group, member, suite) = (group.clone(), *member, *suite);
         let package = match result {
             Ok(Response::KeyPackage { package, .. }) => package,
             Ok(other) => return self.fail(unexpected(&other)),
@@ -137,7 +145,7 @@ impl ClientMachine {
             }
             Err(e) => return self.fail(CommandError::Server(e)),
         };
-        match self.add_member(&group, member, &package) {
+        match self.add_member(&group, member, &package, suite) {
             Ok(()) => {
                 if let Some(Op::AddMember { added, .. }) = &mut self.op {
                     *added = true;
@@ -148,15 +156,14 @@ impl ClientMachine {
     }
 
     /// Queues the add of `member` with their fetched KeyPackage (checked
-    /// now, so a bad one fails the command).
+    /// now against the group's `suite`, so a bad one fails the command).
     pub(super) fn add_member(
         &mut self,
         group_name: &str,
         member: IdentityKey,
         package: &[u8],
+        suite: Ciphersuite,
     ) -> Result<(), CommandError> {
-        let record = self.record(group_name)?;
-        let suite = self.load_group(&record)?.ciphersuite();
         self.validate_key_package(member, package, suite)?;
         self.queue_change(
             group_name,

@@ -218,6 +218,8 @@ enum Op {
     AddMember {
         group: String,
         member: IdentityKey,
+        /// The group's ciphersuite: the pool the KeyPackage comes from.
+        suite: Ciphersuite,
         added: bool,
     },
     Send {
@@ -313,11 +315,6 @@ impl ClientMachine {
     #[cfg(any(test, feature = "testing"))]
     pub fn create_sealed_pq_groups(&mut self, sealed: bool) {
         self.sealed_pq_groups = sealed;
-    }
-
-    /// Whether a new `pq` group is a sealed one.
-    fn seals_new_pq_groups(&self) -> bool {
-        self.sealed_pq_groups
     }
 
     /// Restores a machine from [`Self::snapshot`] bytes; `seed` reseeds its
