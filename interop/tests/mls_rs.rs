@@ -453,9 +453,10 @@ async fn qpq_joins_a_group_an_mls_rs_member_made_and_adds_to_it() {
 
 /// Scenario 7: a member that greases (RFC 9420 §13.5) — GREASE extension
 /// types in its capabilities, LeafNode and KeyPackages. qpq adds it (its
-/// KeyPackage and leaf pass openmls's checks through the workaround in
-/// core-sm/src/client/grease.rs), both chat, and its update Commit, whose
-/// new LeafNode carries GREASE again, is processed by qpq.
+/// KeyPackage and leaf pass openmls's checks with the GREASE fix in
+/// `vendor/openmls`, core-sm/src/client/grease.rs), both chat, and its
+/// update Commit, whose new LeafNode carries GREASE again, is processed by
+/// qpq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qpq_adds_a_grease_using_mls_rs_member_and_follows_its_updates() {
     let dir = tempfile::tempdir().unwrap();
@@ -539,33 +540,100 @@ async fn qpq_adds_a_grease_using_mls_rs_member_and_follows_its_updates() {
     alice.session.close().await.unwrap();
 }
 
-/// The limit of the GREASE workaround (ARCHITECTURE.md
-/// § Interoperability): a Welcome's ratchet tree is decrypted and checked
-/// inside openmls, so a group whose creator's leaf carries a GREASE
-/// extension cannot be joined yet. If this starts to fail, openmls accepts
-/// it: turn it into a join and update the docs.
+/// Scenario 8: a group a GREASE-using member made. Its Welcome's GroupInfo
+/// carries a GREASE extension and its ratchet tree the member's GREASE
+/// leaf; qpq joins, both chat, qpq adds a second qpq member (an encrypted
+/// Commit mls-rs processes; Bob joins from a tree with the GREASE leaf),
+/// then a second GREASE-using member (an encrypted Commit with a GREASE
+/// KeyPackage, which Bob and Frank process), and everyone follows Frank's
+/// update, whose new leaf carries GREASE again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qpq_cannot_yet_join_a_group_a_grease_using_member_made() {
+async fn qpq_joins_a_group_a_grease_using_member_made_and_grows_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = InProcessServer::start(dir.path());
     let mut alice = Qpq::new(dir.path(), "alice", &server).await;
+    let mut bob = Qpq::new(dir.path(), "bob", &server).await;
     let mut frank = foreign(&server, true).await;
-    frank.create_group("greasy").unwrap();
-    frank.add(alice.identity()).await.unwrap();
-    let refused = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match alice.events.recv().await.expect("the session runs") {
-                Event::Warning { message } => return message,
-                Event::Joined { .. } => panic!("joined: openmls now accepts GREASE leaves"),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the Welcome is processed");
-    assert!(
-        refused.contains("joining: Extensions are not acceptable"),
-        "{refused}"
+    let mut gina = foreign(&server, true).await;
+    let (a, b, f, g) = (
+        alice.identity(),
+        bob.identity(),
+        frank.identity(),
+        gina.identity(),
     );
-    alice.session.close().await.unwrap();
+    let name = "greasy";
+
+    frank.create_group(name).unwrap();
+    frank.add(a).await.unwrap();
+    alice
+        .until(
+            "the invitation",
+            |e| matches!(e, Event::Joined { group, members: 2 } if group == name),
+        )
+        .await;
+    assert_eq!(
+        alice.safety_number(name).await,
+        foreign_safety_number(&frank)
+    );
+    frank.send("greased welcome").await.unwrap();
+    alice.until_text(name, f, "greased welcome").await;
+    alice.send(name, "strict reply").await;
+    foreign_until(&mut frank, "Alice's text", text(a, "strict reply")).await;
+
+    // qpq adds Bob: Bob's Welcome holds Frank's GREASE leaf.
+    alice.session.add(name, b).await.unwrap();
+    bob.until(
+        "the invitation",
+        |e| matches!(e, Event::Joined { group, members: 3 } if group == name),
+    )
+    .await;
+    foreign_until(
+        &mut frank,
+        "Bob's add",
+        |r| matches!(r, Received::Commit { committer, epoch: 2 } if *committer == a),
+    )
+    .await;
+
+    // qpq adds Gina, who greases too: Bob processes Alice's encrypted
+    // Commit carrying her GREASE KeyPackage.
+    gina.upload_key_packages(1).await.unwrap();
+    alice.session.add(name, g).await.unwrap();
+    bob.until_epoch(name, 3).await;
+    foreign_until(&mut gina, "the Welcome", |r| {
+        matches!(r, Received::Joined { .. })
+    })
+    .await;
+    foreign_until(
+        &mut frank,
+        "Gina's add",
+        |r| matches!(r, Received::Commit { committer, epoch: 3 } if *committer == a),
+    )
+    .await;
+    assert_eq!(frank.members().unwrap(), vec![f, a, b, g]);
+    assert_eq!(gina.members().unwrap(), vec![f, a, b, g]);
+
+    // Frank's update: a new GREASE leaf, followed by everyone.
+    let committed = frank.update().await.unwrap();
+    assert_eq!(committed.epoch, 4);
+    alice.until_epoch(name, 4).await;
+    bob.until_epoch(name, 4).await;
+    foreign_until(
+        &mut gina,
+        "Frank's update",
+        |r| matches!(r, Received::Commit { committer, epoch: 4 } if *committer == f),
+    )
+    .await;
+    gina.send("four of us").await.unwrap();
+    alice.until_text(name, g, "four of us").await;
+    bob.until_text(name, g, "four of us").await;
+    foreign_until(&mut frank, "Gina's text", text(g, "four of us")).await;
+    let n = foreign_safety_number(&frank);
+    assert_eq!(n.epoch, 4);
+    assert_eq!(foreign_safety_number(&gina), n);
+    assert_eq!(alice.safety_number(name).await, n);
+    assert_eq!(bob.safety_number(name).await, n);
+
+    for m in [alice, bob] {
+        m.session.close().await.unwrap();
+    }
 }

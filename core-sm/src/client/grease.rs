@@ -1,84 +1,22 @@
-//! A workaround for how openmls 0.9.2 reads GREASE extension types (RFC 9420
-//! §13.5), applied where the machine hands a peer's KeyPackage or
-//! PublicMessage to openmls (ARCHITECTURE.md § Interoperability).
+//! Peers that use GREASE values (RFC 9420 §13.5), as openmls sees them.
 //!
-//! openmls parses an entry of a LeafNode's `capabilities.extensions` with a
-//! GREASE value `x` as `ExtensionType::Grease(x)`, but an extension of that
-//! type in a KeyPackage's or LeafNode's `extensions` as
-//! `Extension::Unknown(x, _)`, whose `extension_type()` is
-//! `ExtensionType::Unknown(x)`. Its checks that every extension in use is
-//! listed in the leaf's capabilities (RFC 9420 §7.2, §10) compare the two
-//! as different, so a peer that greases its extensions, as §13.5 says it
-//! SHOULD, is refused: `KeyPackageIn::validate` with `UnsupportedExtension`,
-//! and `LeafNode::validate_locally` (adding the peer, joining a group it is
-//! in, processing its Commit with a path) with `UnsupportedExtensions`.
+//! openmls 0.9.2 as published parses an entry of a LeafNode's
+//! `capabilities.extensions` with a GREASE value `x` as
+//! `ExtensionType::Grease(x)`, but an extension of that type in a
+//! KeyPackage's or LeafNode's `extensions` as `Extension::Unknown(x, _)`,
+//! whose `extension_type()` was `ExtensionType::Unknown(x)`. Its checks that
+//! every extension in use is listed in the leaf's capabilities (RFC 9420
+//! §7.2, §10) compared the two as different, so a peer that greases its
+//! extensions, as §13.5 says it SHOULD, was refused wherever openmls meets
+//! its leaf: validating its KeyPackage, adding it, joining a group it is in
+//! (the ratchet tree in the Welcome), processing its Commits and anyone's
+//! Commit that adds it, plaintext or encrypted.
 //!
-//! Both variants are the same two bytes on the wire. [`unify`] rewrites the
-//! parsed value before openmls checks it: every `Grease(x)` in a
-//! `capabilities.extensions` list becomes `Unknown(x)`, so the comparison
-//! holds, while signatures, tree hashes and what is passed on to other
-//! members stay byte for byte what the peer made. It goes through the
-//! types' serde form (openmls's storage representation), the only way to
-//! reach a capabilities list from outside openmls.
-//!
-//! What it cannot reach is a LeafNode that openmls decrypts itself: the
-//! ratchet tree in a Welcome's GroupInfo, and a Commit or proposal sent as a
-//! PrivateMessage. Joining a group in which a member's leaf carries a
-//! GREASE extension, and processing another member's encrypted Commit that
-//! adds or updates such a leaf, still fail until openmls compares
-//! extension types by value; then this module can go.
-
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
-
-/// `value` with every `Grease(x)` in a `capabilities.extensions` list
-/// turned into `Unknown(x)` (see the module docs); `value` itself when it
-/// has none, or if its serde form does not round-trip.
-pub(super) fn unify<T: Serialize + DeserializeOwned>(value: T) -> T {
-    let Ok(mut form) = serde_json::to_value(&value) else {
-        return value;
-    };
-    if !rewrite(&mut form) {
-        return value;
-    }
-    serde_json::from_value(form).unwrap_or(value)
-}
-
-/// Rewrites the GREASE extension types of every capabilities list below
-/// `v`; true if it changed one.
-fn rewrite(v: &mut Value) -> bool {
-    match v {
-        Value::Object(map) => {
-            let mut changed = false;
-            if let Some(Value::Object(capabilities)) = map.get_mut(CAPABILITIES)
-                && let Some(Value::Array(types)) = capabilities.get_mut(EXTENSIONS)
-            {
-                for t in types.iter_mut() {
-                    if let Value::Object(variant) = t
-                        && variant.len() == 1
-                        && let Some(x) = variant.remove(GREASE)
-                    {
-                        variant.insert(UNKNOWN.to_owned(), x);
-                        changed = true;
-                    }
-                }
-            }
-            for child in map.values_mut() {
-                changed |= rewrite(child);
-            }
-            changed
-        }
-        Value::Array(items) => items.iter_mut().fold(false, |c, i| rewrite(i) | c),
-        _ => false,
-    }
-}
-
-/// Field and variant names of openmls's serde form.
-const CAPABILITIES: &str = "capabilities";
-const EXTENSIONS: &str = "extensions";
-const GREASE: &str = "Grease";
-const UNKNOWN: &str = "Unknown";
+//! The workspace builds openmls from `vendor/openmls`: 0.9.2 with the
+//! upstream fix backported (openmls PR #2162: `extension_type()` of such an
+//! extension is `Grease(x)`), so nothing here rewrites what a peer sent.
+//! These tests pin the fix; the interop tests (`interop/tests/mls_rs.rs`)
+//! show it with a GREASE-using mls-rs member.
 
 #[cfg(test)]
 mod tests {
@@ -86,7 +24,6 @@ mod tests {
     use openmls_traits::OpenMlsProvider;
     use tls_codec::Deserialize as _;
 
-    use super::*;
     use crate::client::mls::IdentitySigner;
     use crate::client::{CIPHERSUITE, KEY_PACKAGE_LIFETIME_SECS, QpqProvider};
 
@@ -136,82 +73,103 @@ mod tests {
     }
 
     #[test]
-    fn openmls_refuses_a_key_package_with_grease_extensions_as_parsed() {
-        // The premise: if this starts to pass, openmls compares extension
-        // types by value and the workaround can go.
-        let provider = QpqProvider::new([1; 32]);
-        let bytes = grease_key_package(&provider, 3);
-        let parsed = parse(&bytes);
-        assert!(matches!(
-            parsed.validate(provider.crypto(), ProtocolVersion::Mls10),
-            Err(KeyPackageVerifyError::UnsupportedExtension)
-        ));
+    fn a_grease_extension_has_the_type_its_capabilities_entry_has() {
+        let from_capabilities = ExtensionType::from(GREASE_TYPE);
+        let in_use = Extension::Unknown(GREASE_TYPE, UnknownExtension(vec![]));
+        assert_eq!(in_use.extension_type(), from_capabilities);
+        assert_eq!(from_capabilities, ExtensionType::Grease(GREASE_TYPE));
+        // A value outside the GREASE set stays unknown.
+        let other = Extension::Unknown(0xF042, UnknownExtension(vec![]));
+        assert_eq!(other.extension_type(), ExtensionType::Unknown(0xF042));
     }
 
     #[test]
-    fn a_unified_grease_key_package_validates_and_keeps_its_bytes() {
+    fn a_grease_key_package_validates_and_keeps_its_bytes() {
         let provider = QpqProvider::new([1; 32]);
         let bytes = grease_key_package(&provider, 3);
-        let unified = unify(parse(&bytes));
-        let kp = unified
+        let kp = parse(&bytes)
             .validate(provider.crypto(), ProtocolVersion::Mls10)
-            .expect("valid once GREASE types compare by value");
+            .expect("valid: its GREASE extensions are listed");
         assert_eq!(MlsMessageOut::from(kp).to_bytes().unwrap(), bytes);
     }
 
     #[test]
-    fn a_unified_grease_key_package_can_be_added_to_a_group() {
-        // openmls checks the new leaf again when the Add is committed
-        // (`LeafNode::validate_locally`).
+    fn a_grease_key_package_can_be_added_and_its_group_joined_and_followed() {
+        // Alice adds the GREASE leaf (openmls checks it again when the Add
+        // is committed) and Bob in one Commit; Bob joins from a Welcome
+        // whose ratchet tree holds that leaf, and follows Alice's next
+        // Commit, encrypted, which adds another GREASE leaf.
         let provider = QpqProvider::new([1; 32]);
-        let bytes = grease_key_package(&provider, 3);
-        let kp = unify(parse(&bytes))
-            .validate(provider.crypto(), ProtocolVersion::Mls10)
-            .unwrap();
-        let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
-        let public = key.verifying_key().to_bytes();
-        let credential = CredentialWithKey {
-            credential: BasicCredential::new(public.to_vec()).into(),
-            signature_key: public.to_vec().into(),
+        let bob_provider = QpqProvider::new([2; 32]);
+        let member = |seed: u8| {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+            let public = key.verifying_key().to_bytes();
+            let credential = CredentialWithKey {
+                credential: BasicCredential::new(public.to_vec()).into(),
+                signature_key: public.to_vec().into(),
+            };
+            (IdentitySigner(key), credential)
         };
-        let signer = IdentitySigner(key);
+        let (alice, alice_credential) = member(4);
+        let (bob, bob_credential) = member(5);
+        let bob_package = KeyPackage::builder()
+            .key_package_lifetime(Lifetime::new(KEY_PACKAGE_LIFETIME_SECS))
+            .build(CIPHERSUITE, &bob_provider, &bob, bob_credential)
+            .unwrap();
         let config = MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
             .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .build();
-        let mut group = MlsGroup::new(&provider, &signer, &config, credential).unwrap();
-        group
-            .add_members(&provider, &signer, &[kp])
+        let mut group = MlsGroup::new(&provider, &alice, &config, alice_credential).unwrap();
+        let greasy = parse(&grease_key_package(&provider, 3))
+            .validate(provider.crypto(), ProtocolVersion::Mls10)
+            .unwrap();
+        let (_, welcome, _) = group
+            .add_members(
+                &provider,
+                &alice,
+                &[greasy, bob_package.key_package().clone()],
+            )
             .expect("the GREASE leaf passes openmls's leaf checks");
         group.merge_pending_commit(&provider).unwrap();
-        assert_eq!(group.members().count(), 2);
-    }
+        assert_eq!(group.members().count(), 3);
 
-    #[test]
-    fn unify_leaves_values_without_grease_alone() {
-        let provider = QpqProvider::new([1; 32]);
-        let bytes = grease_key_package(&provider, 3);
-        let once = unify(parse(&bytes));
-        assert_eq!(unify(once.clone()), once);
-        let mut plain = serde_json::json!({"capabilities": {"extensions": [{"Unknown": 5}]}});
-        assert!(!rewrite(&mut plain));
-        let mut other = serde_json::json!({"proposals": [{"Grease": 2570}]});
-        assert!(!rewrite(&mut other));
-    }
+        let welcome = match MlsMessageIn::tls_deserialize_exact(welcome.to_bytes().unwrap())
+            .unwrap()
+            .extract()
+        {
+            MlsMessageBodyIn::Welcome(w) => w,
+            other => panic!("not a Welcome: {other:?}"),
+        };
+        let join = MlsGroupJoinConfig::builder()
+            .wire_format_policy(MIXED_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let mut bobs = StagedWelcome::new_from_welcome(&bob_provider, &join, welcome, None)
+            .expect("a ratchet tree with a GREASE leaf is accepted")
+            .into_group(&bob_provider)
+            .unwrap();
+        assert_eq!(bobs.members().count(), 3);
 
-    #[test]
-    fn rewrite_turns_grease_extension_types_into_unknown_ones_at_any_depth() {
-        let mut v = serde_json::json!({"a": [{"leaf": {"capabilities": {
-            "extensions": ["LastResort", {"Grease": 2570}],
-            "proposals": [{"Grease": 6682}]
-        }}}]});
-        assert!(rewrite(&mut v));
+        let another = parse(&grease_key_package(&provider, 6))
+            .validate(provider.crypto(), ProtocolVersion::Mls10)
+            .unwrap();
+        let (commit, _, _) = group.add_members(&provider, &alice, &[another]).unwrap();
+        group.merge_pending_commit(&provider).unwrap();
+        let commit = MlsMessageIn::tls_deserialize_exact(commit.to_bytes().unwrap()).unwrap();
+        let protocol = commit.try_into_protocol_message().unwrap();
+        assert!(matches!(protocol, ProtocolMessage::PrivateMessage(_)));
+        let processed = bobs
+            .process_message(&bob_provider, protocol)
+            .expect("an encrypted Commit adding a GREASE leaf is accepted");
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            panic!("not a Commit");
+        };
+        bobs.merge_staged_commit(&bob_provider, *staged).unwrap();
+        assert_eq!(bobs.members().count(), 4);
         assert_eq!(
-            v,
-            serde_json::json!({"a": [{"leaf": {"capabilities": {
-                "extensions": ["LastResort", {"Unknown": 2570}],
-                "proposals": [{"Grease": 6682}]
-            }}}]})
+            bobs.epoch_authenticator().as_slice(),
+            group.epoch_authenticator().as_slice()
         );
     }
 }

@@ -194,9 +194,7 @@ impl ClientMachine {
             Err(_) => KeyPackageIn::tls_deserialize_exact(package)
                 .map_err(|e| bad(format!("does not decode: {e}")))?,
         };
-        // A peer's GREASE extension types, made comparable for openmls
-        // (grease.rs); the bytes stay the peer's.
-        let kp = grease::unify(key_package_in)
+        let kp = key_package_in
             .validate(self.provider.crypto(), ProtocolVersion::Mls10)
             .map_err(|e| bad(e.to_string()))?;
         if kp.ciphersuite() != suite {

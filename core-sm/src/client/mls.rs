@@ -24,9 +24,9 @@ impl Signer for IdentitySigner {
 /// it, and one GREASE value (RFC 9420 §13.5) in each list — ciphersuites,
 /// extensions, proposals, credentials — drawn from the machine's seeded
 /// randomness, so peers that mishandle unknown values are found out. Only
-/// the lists carry GREASE, never an extension in use: openmls 0.9.2
-/// refuses a GREASE extension in use even when it is listed (grease.rs),
-/// and other openmls clients would refuse ours.
+/// the lists carry GREASE, never an extension in use: openmls 0.9.2 as
+/// published refuses a GREASE extension in use even when it is listed
+/// (grease.rs), so clients on it would refuse ours.
 pub(super) fn capabilities(provider: &QpqProvider) -> Capabilities {
     Capabilities::new(
         None,

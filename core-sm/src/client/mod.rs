@@ -133,6 +133,7 @@ mod api;
 mod contacts;
 pub mod content;
 pub use content::{Attachment, Content, ContentError, ContentId};
+#[cfg(test)]
 mod grease;
 mod group;
 mod groups;

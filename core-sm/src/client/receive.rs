@@ -607,18 +607,9 @@ impl ClientMachine {
         }
         let mut group = self.load_group(&record)?;
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls(MlsStep::Decode))?;
-        let protocol = match msg
+        let protocol = msg
             .try_into_protocol_message()
-            .map_err(mls(MlsStep::Decode))?
-        {
-            // A plaintext Commit or proposal may carry a peer's LeafNode or
-            // KeyPackage with GREASE extension types (grease.rs); an
-            // encrypted one is out of reach until openmls decrypts it.
-            ProtocolMessage::PublicMessage(m) => {
-                ProtocolMessage::PublicMessage(Box::new(grease::unify(*m)))
-            }
-            other => other,
-        };
+            .map_err(mls(MlsStep::Decode))?;
         if record.commit.is_some() && protocol.epoch() > group.epoch() {
             // Others are past the epoch of our pending Commit: the server
             // accepted it, and the answer is still to come (or was lost).

@@ -1,0 +1,2 @@
+mod passive_client;
+mod welcome;
