@@ -696,7 +696,21 @@ impl MlsGroup {
                 // Save the past epoch
                 let past_epoch = self.context().epoch();
                 // Get all the full leaves
-                let leaves = self.public_group().members().collect();
+                // qpq: without their HPKE encryption keys. A past epoch's
+                // members are only looked up to authenticate a late
+                // message's sender (index, credential, signature key:
+                // `leaves_for_epoch`, `epoch_has_leaf`); the encryption key
+                // is never read, and for the hybrid post-quantum suites
+                // (1,216 bytes each) it was most of the message-secrets
+                // store, which is written with every message.
+                let leaves = self
+                    .public_group()
+                    .members()
+                    .map(|member| super::Member {
+                        encryption_key: Vec::new(),
+                        ..member
+                    })
+                    .collect();
                 // Merge the staged commit into the group state and store the secret tree from the
                 // previous epoch in the message secrets store.
                 self.group_epoch_secrets = state.group_epoch_secrets;
