@@ -8,15 +8,17 @@
 //! for large groups, and for post-quantum ones whose HPKE keys are 1,216
 //! bytes, that JSON was most of a client's time and state.
 //!
-//! Values are written as [`TAG`] followed by MessagePack with named fields
-//! (`rmp_serde::encode::write_named`): self-describing, as openmls's
-//! storage types need (tls_codec's byte vectors deserialize through
-//! `deserialize_any`, one config enum is untagged), with byte strings as
-//! raw bytes. Values read may be in either form: a value that does not
+//! Values are written as [`TAG`] followed by MessagePack with named fields:
+//! self-describing, as openmls's storage types need (tls_codec's byte
+//! vectors deserialize through `deserialize_any`, one config enum is
+//! untagged), and with every sequence of bytes as a MessagePack byte
+//! string (`BytesMode::ForceIterables`: a `Vec<u8>` without `serde_bytes`
+//! too, such as a member's keys, which read back as a sequence). Values read may be in either form: a value that does not
 //! start with [`TAG`] is JSON, as upstream and earlier versions wrote it.
 //! Keys are unchanged (JSON), so an old store's entries are found as they
 //! are; each value moves to the binary form when it is next written.
 
+use rmp_serde::config::BytesMode;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::MemoryStorageError;
@@ -38,7 +40,12 @@ pub(crate) fn to_writer<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<(), MemoryStorageError> {
     out.push(TAG);
-    rmp_serde::encode::write_named(out, value).map_err(|_| MemoryStorageError::SerializationError)
+    let mut serializer = rmp_serde::Serializer::new(out)
+        .with_struct_map()
+        .with_bytes(BytesMode::ForceIterables);
+    value
+        .serialize(&mut serializer)
+        .map_err(|_| MemoryStorageError::SerializationError)
 }
 
 /// A value in either form.
