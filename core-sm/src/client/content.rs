@@ -3,6 +3,9 @@
 //! message, or an attachment), the sender's clock when it was made, and an
 //! id other messages refer to it by.
 //!
+//! The book's page `docs/src/protocol/content.md` specifies it for other
+//! clients, with worked examples that a test below checks.
+//!
 //! Layout, version 2 (what this machine writes):
 //!
 //! ```text
@@ -406,6 +409,43 @@ mod tests {
                 sent_at_ms: Some(1_700_000_000_123)
             }
         );
+    }
+
+    /// The hex block after `<!-- example: NAME -->` in the book's page on
+    /// this format.
+    fn book_example(name: &str) -> Vec<u8> {
+        const PAGE: &str = include_str!("../../../docs/src/protocol/content.md");
+        let marker = format!("<!-- example: {name} -->");
+        let after = &PAGE[PAGE.find(&marker).expect("the example is in the book")..];
+        let block = after
+            .split("```")
+            .nth(1)
+            .expect("a code block follows")
+            .trim_start_matches("text");
+        block
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("hex bytes"))
+            .collect()
+    }
+
+    #[test]
+    fn the_book_examples_are_what_encode_writes() {
+        let time = 1_700_000_000_123;
+        let reply = Content::Text {
+            text: "yes".into(),
+            reply_to: Some(OTHER),
+        };
+        assert_eq!(book_example("text reply"), encode(&reply, ID, time));
+        let file = Content::Attachment {
+            attachment: Attachment {
+                media_type: "text/plain".into(),
+                name: "a.txt".into(),
+                data: b"hi\n".to_vec(),
+            },
+            reply_to: None,
+        };
+        assert_eq!(book_example("attachment"), encode(&file, ID, time));
+        assert_eq!(decode(&book_example("attachment")).content, file);
     }
 
     #[test]
