@@ -1460,9 +1460,10 @@ impl Output {
                 delivered,
                 undelivered,
             } => {
+                let members = if *delivered == 1 { "member" } else { "members" };
                 say!(
                     self,
-                    "Sent to {delivered} members of {} (id {}).",
+                    "Sent to {delivered} {members} of {} (id {}).",
                     escape_control(group),
                     id.to_hex()
                 );
