@@ -20,7 +20,8 @@ impl Signer for IdentitySigner {
 }
 
 /// Leaf capabilities: both suites this client speaks, the last-resort
-/// KeyPackage extension (RFC 9420 §17.3), which a leaf must list to carry
+/// KeyPackage extension (`last_resort`, type 0x000A, defined in
+/// draft-ietf-mls-extensions; RFC 9420 §16.8 allows such packages), which a leaf must list to carry
 /// it, and one GREASE value (RFC 9420 §13.5) in each list — ciphersuites,
 /// extensions, proposals, credentials — drawn from the machine's seeded
 /// randomness, so peers that mishandle unknown values are found out. Only
