@@ -2,8 +2,13 @@
 """Checks the book's links: every link between its pages names a page that
 exists and, if it names an anchor, a heading of that page; every page is in
 SUMMARY.md; no link leaves the book for a file of the repository (the
-rendered book does not carry them: name such files as `code`). Links to
-other sites are not fetched. Exit status 1 and one line per problem if any.
+rendered book does not carry them: name such files as `code`); every
+`{{#include file:ANCHOR}}` names a file and an anchor that exist, and the
+included text has no links (they would resolve from the wrong place); no
+mermaid diagram has a `;` or `%%` in its text (mermaid.js would stop
+drawing it: look at the rendered page after changing one).
+Links to other sites are not fetched. Exit status 1 and one line per
+problem if any.
 
 Usage: python3 docs/check-links.py
 """
@@ -57,6 +62,30 @@ def anchors(page):
     return ids
 
 
+INCLUDE = re.compile(r"\{\{#include\s+([^}\s]+)\s*\}\}")
+
+
+def included(page, spec):
+    """The text `{{#include spec}}` on `page` brings in, or an error."""
+    path, _, anchor = spec.partition(":")
+    target = (page.parent / path).resolve()
+    if not target.is_file():
+        return None, f"includes {path!r}, which does not exist"
+    text = target.read_text(encoding="utf-8")
+    if not anchor:
+        return text, None
+    if anchor.isdigit() or ":" in anchor:
+        return None, f"includes {spec!r} by line numbers, which shift: use an ANCHOR"
+    m = re.search(
+        rf"ANCHOR: {re.escape(anchor)}\b.*?\n(.*?)\n[^\n]*ANCHOR_END: {re.escape(anchor)}\b",
+        text,
+        re.S,
+    )
+    if not m:
+        return None, f"includes {spec!r}: no ANCHOR {anchor!r} ... ANCHOR_END in {path}"
+    return m.group(1), None
+
+
 def main():
     problems = []
     pages = sorted(p for p in SRC.rglob("*.md"))
@@ -69,6 +98,17 @@ def main():
         if page != summary and page.resolve() not in listed:
             problems.append(f"{page.relative_to(SRC)}: not in SUMMARY.md")
     for page in pages:
+        for spec in INCLUDE.findall(page.read_text(encoding="utf-8")):
+            text, error = included(page, spec)
+            if error:
+                problems.append(f"{page.relative_to(SRC)}: {error}")
+            elif not spec.endswith((".capnp", ".rs", ".toml")):
+                # An included text's links would resolve from the page,
+                # not from where they were written.
+                for target in LINK.findall("\n".join(prose(text))):
+                    problems.append(
+                        f"{page.relative_to(SRC)}: included {spec!r} has a link {target!r}"
+                    )
         for number, line in enumerate(prose(page.read_text(encoding="utf-8")), 1):
             for target in LINK.findall(line):
                 if re.match(r"^[a-z]+:", target):
@@ -84,6 +124,17 @@ def main():
                     problems.append(f"{where}: not a page")
                 elif frag and frag not in anchors(dest):
                     problems.append(f"{where}: no heading #{frag}")
+    # mermaid.js ends a statement at ';' and starts a comment at '%%':
+    # either in a diagram's text breaks the whole diagram.
+    for page in pages:
+        inside = False
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip() == "```mermaid":
+                inside = True
+            elif inside and line.strip().startswith("```"):
+                inside = False
+            elif inside and (";" in line or "%%" in line):
+                problems.append(f"{page.relative_to(SRC)}:{number}: ';' or '%%' in a mermaid diagram")
     for p in problems:
         print(p)
     print(f"{len(pages)} pages checked, {len(problems)} problems", file=sys.stderr)
