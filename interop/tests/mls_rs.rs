@@ -165,6 +165,52 @@ fn text(sender: IdentityKey, text: &str) -> impl Fn(&Received) -> bool {
     move |r| matches!(r, Received::Text { sender: s, text: t, .. } if *s == sender && t == text)
 }
 
+/// The mls-rs member creates `name` and invites Alice with a KeyPackage
+/// from the server and a Welcome in qpq's envelope (its first Commit, for
+/// epoch 0); Alice joins, both chat (`texts`: the foreign member's, then
+/// Alice's answer), with equal safety numbers; then Alice adds Bob, who
+/// joins. The foreign member has not yet read Alice's Commit.
+async fn foreign_group_with_two_qpq_members(
+    frank: &mut Foreign,
+    alice: &mut Qpq,
+    bob: &mut Qpq,
+    name: &str,
+    texts: (&str, &str),
+) {
+    let (a, f) = (alice.identity(), frank.identity());
+    frank.create_group(name).unwrap();
+    let committed = frank.add(a).await.unwrap();
+    assert_eq!(
+        committed,
+        Committed {
+            attempts: 1,
+            epoch: 1
+        }
+    );
+    alice
+        .until(
+            "the invitation",
+            |e| matches!(e, Event::Joined { group, members: 2 } if group == name),
+        )
+        .await;
+    assert_eq!(
+        alice.safety_number(name).await,
+        foreign_safety_number(frank)
+    );
+    frank.send(texts.0).await.unwrap();
+    alice.until_text(name, f, texts.0).await;
+    alice.send(name, texts.1).await;
+    foreign_until(frank, "Alice's text", text(a, texts.1)).await;
+
+    // qpq adds Bob to the group mls-rs made.
+    alice.session.add(name, bob.identity()).await.unwrap();
+    bob.until(
+        "the invitation",
+        |e| matches!(e, Event::Joined { group, members: 3 } if group == name),
+    )
+    .await;
+}
+
 /// Scenarios 1 to 5 of ARCHITECTURE.md § Interoperability, in one group:
 /// qpq adds the mls-rs member by KeyPackage and Welcome; messages both
 /// ways; updates from both; Commits racing for one epoch, each side losing
@@ -391,36 +437,12 @@ async fn qpq_joins_a_group_an_mls_rs_member_made_and_adds_to_it() {
     let (a, b, f) = (alice.identity(), bob.identity(), frank.identity());
     let name = "made by mls-rs";
 
-    frank.create_group(name).unwrap();
-    let committed = frank.add(a).await.unwrap();
-    assert_eq!(
-        committed,
-        Committed {
-            attempts: 1,
-            epoch: 1
-        }
-    );
-    alice
-        .until(
-            "the invitation",
-            |e| matches!(e, Event::Joined { group, members: 2 } if group == name),
-        )
-        .await;
-    assert_eq!(
-        alice.safety_number(name).await,
-        foreign_safety_number(&frank)
-    );
-
-    frank.send("welcome to my group").await.unwrap();
-    alice.until_text(name, f, "welcome to my group").await;
-    alice.send(name, "glad to be here").await;
-    foreign_until(&mut frank, "Alice's text", text(a, "glad to be here")).await;
-
-    // qpq adds Bob to the group mls-rs made.
-    alice.session.add(name, b).await.unwrap();
-    bob.until(
-        "the invitation",
-        |e| matches!(e, Event::Joined { group, members: 3 } if group == name),
+    foreign_group_with_two_qpq_members(
+        &mut frank,
+        &mut alice,
+        &mut bob,
+        name,
+        ("welcome to my group", "glad to be here"),
     )
     .await;
     let seen = foreign_until(&mut frank, "Bob's add", |r| {
@@ -563,28 +585,12 @@ async fn qpq_joins_a_group_a_grease_using_member_made_and_grows_it() {
     );
     let name = "greasy";
 
-    frank.create_group(name).unwrap();
-    frank.add(a).await.unwrap();
-    alice
-        .until(
-            "the invitation",
-            |e| matches!(e, Event::Joined { group, members: 2 } if group == name),
-        )
-        .await;
-    assert_eq!(
-        alice.safety_number(name).await,
-        foreign_safety_number(&frank)
-    );
-    frank.send("greased welcome").await.unwrap();
-    alice.until_text(name, f, "greased welcome").await;
-    alice.send(name, "strict reply").await;
-    foreign_until(&mut frank, "Alice's text", text(a, "strict reply")).await;
-
-    // qpq adds Bob: Bob's Welcome holds Frank's GREASE leaf.
-    alice.session.add(name, b).await.unwrap();
-    bob.until(
-        "the invitation",
-        |e| matches!(e, Event::Joined { group, members: 3 } if group == name),
+    foreign_group_with_two_qpq_members(
+        &mut frank,
+        &mut alice,
+        &mut bob,
+        name,
+        ("greased welcome", "strict reply"),
     )
     .await;
     foreign_until(
