@@ -35,6 +35,11 @@ impl IdentityKey {
     pub fn short(&self) -> String {
         hex(&self.0[..4])
     }
+
+    /// Parses 64 hex digits (either case), as [`hex`] writes them.
+    pub fn from_hex(s: &str) -> Option<IdentityKey> {
+        unhex(s).map(IdentityKey)
+    }
 }
 
 impl fmt::Debug for IdentityKey {
@@ -167,10 +172,43 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Parses exactly `2 * N` hex digits (either case) into `N` bytes; `None`
+/// for anything else (a sign, a space, another length).
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let digits = s.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn unhex_takes_exactly_its_digits() {
+        let key = IdentityKey([0xab; 32]);
+        assert_eq!(IdentityKey::from_hex(&hex(&key.0)), Some(key));
+        assert_eq!(
+            IdentityKey::from_hex(&hex(&key.0).to_uppercase()),
+            Some(key)
+        );
+        assert_eq!(unhex::<2>("0aff"), Some([0x0a, 0xff]));
+        for bad in ["", "0", "0af", "0aff0", "+aff", "0a f", "0ag0", "éa"] {
+            assert_eq!(unhex::<2>(bad), None, "{bad:?}");
+        }
+    }
 
     fn check_invalid<T: fmt::Debug>(r: Result<T, ServiceError>) {
         assert_eq!(r.unwrap_err().kind, ErrorKind::InvalidArgument);

@@ -64,14 +64,7 @@ impl ContentId {
 
     /// Parses 32 hex digits.
     pub fn from_hex(s: &str) -> Option<ContentId> {
-        if s.len() != 2 * CONTENT_ID_BYTES || !s.is_ascii() {
-            return None;
-        }
-        let mut id = [0u8; CONTENT_ID_BYTES];
-        for (i, byte) in id.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(ContentId(id))
+        crate::types::unhex(s).map(ContentId)
     }
 }
 

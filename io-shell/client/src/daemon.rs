@@ -394,16 +394,8 @@ pub fn parse_id(s: &str) -> Result<ContentId, String> {
 
 /// Parses an identity key given as 64 hex digits.
 pub fn parse_key(s: &str) -> Result<IdentityKey, String> {
-    let s = s.trim();
-    let bad = || "an identity key is 64 hex digits (as `qpq whoami` prints it)".to_owned();
-    if s.len() != 64 || !s.is_ascii() {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(IdentityKey(out))
+    IdentityKey::from_hex(s.trim())
+        .ok_or_else(|| "an identity key is 64 hex digits (as `qpq whoami` prints it)".to_owned())
 }
 
 enum Line {

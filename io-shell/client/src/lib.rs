@@ -41,7 +41,8 @@ use rand_core::{OsRng, RngCore};
 
 pub use drive::{Clock, DriveError, Lost, call, connect_failure, drive};
 pub use session::{
-    CLOSE_GRACE, COMMANDS_QUEUED, EVENTS_BUFFERED, Session, SessionConfig, SessionError,
+    CLOSE_GRACE, COMMANDS_QUEUED, ConnectProblem, EVENTS_BUFFERED, Session, SessionConfig,
+    SessionError,
 };
 use trust::RefusedCert;
 pub use trust::{ServerTrust, TrustError};

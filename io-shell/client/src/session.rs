@@ -26,6 +26,7 @@
 //! dropped is forgotten.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quicproquo_core::client::{
@@ -39,7 +40,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::drive::{Clock, Lost, call, connect_failure, lost_reason};
 use crate::state_file::{self, KdfParams, StateFileError, StateKey, StateLock};
-use crate::{Client, ClientError, ServerTrust};
+use crate::{Client, ClientError, ServerTrust, TrustError};
 
 /// Events a subscriber may have unread before the session waits for it.
 pub const EVENTS_BUFFERED: usize = 1_024;
@@ -100,19 +101,67 @@ pub enum SessionError {
     Closed,
 }
 
+/// Why the session's last attempt to reach the server failed, typed for
+/// callers that act on the kind (a mobile app shows a wrong fingerprint
+/// differently from a missing network).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectProblem {
+    /// The server presented a certificate other than the pinned one. The
+    /// session stops trying until the next command.
+    FingerprintMismatch {
+        /// The pinned SHA-256.
+        expected: [u8; 32],
+        /// The SHA-256 of the certificate the server presented.
+        got: [u8; 32],
+    },
+    /// Retrying cannot help: the trust setting is unusable, or the server
+    /// refuses this identity. The session stops trying until the next
+    /// command.
+    Refused(String),
+    /// The server could not be reached or the connection broke; the
+    /// session tries again.
+    Unreachable(String),
+}
+
+impl ConnectProblem {
+    fn of(e: &ClientError) -> ConnectProblem {
+        match e {
+            ClientError::Trust(TrustError::FingerprintMismatch { expected, got }) => {
+                ConnectProblem::FingerprintMismatch {
+                    expected: *expected,
+                    got: *got,
+                }
+            }
+            e if e.is_permanent() => ConnectProblem::Refused(e.to_string()),
+            e => ConnectProblem::Unreachable(e.to_string()),
+        }
+    }
+}
+
 /// A running client. Cheap to share by reference between tasks; every
 /// method may be called from several tasks at once.
 #[derive(Debug)]
 pub struct Session {
     identity: IdentityKey,
     tx: mpsc::Sender<Call>,
-    task: JoinHandle<Result<(), SessionError>>,
+    task: std::sync::Mutex<Option<JoinHandle<Result<(), SessionError>>>>,
+    problem: Arc<std::sync::Mutex<Option<ConnectProblem>>>,
 }
 
 impl Session {
     /// Makes a new identity in a new state file at `config.state` and opens
     /// a session on it.
     pub async fn create(config: SessionConfig, password: &str) -> Result<Session, SessionError> {
+        Ok(Self::create_with_events(config, password).await?.0)
+    }
+
+    /// As [`Session::create`], with a subscription taken before the
+    /// session starts: it misses no event.
+    pub async fn create_with_events(
+        config: SessionConfig,
+        password: &str,
+    ) -> Result<(Session, mpsc::Receiver<Event>), SessionError> {
         if password.is_empty() {
             return Err(SessionError::EmptyPassword);
         }
@@ -141,6 +190,15 @@ impl Session {
     /// derived once, here) and starts the session: it connects, receives
     /// and delivers in the background from now on.
     pub async fn open(config: SessionConfig, password: &str) -> Result<Session, SessionError> {
+        Ok(Self::open_with_events(config, password).await?.0)
+    }
+
+    /// As [`Session::open`], with a subscription taken before the session
+    /// starts: it misses no event, not even one from the first fetch.
+    pub async fn open_with_events(
+        config: SessionConfig,
+        password: &str,
+    ) -> Result<(Session, mpsc::Receiver<Event>), SessionError> {
         if password.is_empty() {
             return Err(SessionError::EmptyPassword);
         }
@@ -165,21 +223,30 @@ impl Session {
         mut machine: ClientMachine,
         key: StateKey,
         lock: StateLock,
-    ) -> Session {
+    ) -> (Session, mpsc::Receiver<Event>) {
         let identity = machine.identity_key();
         machine.set_link_policy(LinkPolicy::KeepTrying);
         let (tx, rx) = mpsc::channel(COMMANDS_QUEUED);
+        let (events_tx, events) = mpsc::channel(EVENTS_BUFFERED);
+        let problem = Arc::new(std::sync::Mutex::new(None));
         let runner = Runner {
             signing_key: machine.signing_key().clone(),
             machine,
             key,
             config,
             clock: Clock::new(),
-            subscribers: Vec::new(),
+            subscribers: vec![events_tx],
+            problem: problem.clone(),
             _lock: lock,
         };
         let task = tokio::spawn(runner.run(rx));
-        Session { identity, tx, task }
+        let session = Session {
+            identity,
+            tx,
+            task: std::sync::Mutex::new(Some(task)),
+            problem,
+        };
+        (session, events)
     }
 
     /// This user's identity key.
@@ -321,6 +388,12 @@ impl Session {
         .await
     }
 
+    /// Why the last attempt to reach the server failed, if the connection
+    /// is not up since; `None` once a connection is made.
+    pub fn connect_problem(&self) -> Option<ConnectProblem> {
+        self.problem.lock().map_or(None, |p| p.clone())
+    }
+
     /// Names `key` `name` in this user's contacts.
     pub async fn add_contact(&self, name: &str, key: IdentityKey) -> Result<Outcome, SessionError> {
         self.command(Command::AddContact {
@@ -341,16 +414,20 @@ impl Session {
     /// Closes the session: no new command is taken, a running one gets
     /// [`CLOSE_GRACE`] to finish, the state is written and the connection
     /// closed. Deliveries still in the outbox go out with the next session
-    /// or command.
-    pub async fn close(self) -> Result<(), SessionError> {
+    /// or command. Closing again, or after the session stopped, is
+    /// [`SessionError::Closed`].
+    pub async fn close(&self) -> Result<(), SessionError> {
         let (reply, done) = oneshot::channel();
         if self.tx.send(Call::Close(reply)).await.is_ok() {
             let _ = done.await;
         }
-        drop(self.tx);
-        match self.task.await {
-            Ok(r) => r,
-            Err(e) => Err(SessionError::Persist(e.to_string())),
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        match task {
+            Some(task) => match task.await {
+                Ok(r) => r,
+                Err(e) => Err(SessionError::Persist(e.to_string())),
+            },
+            None => Err(SessionError::Closed),
         }
     }
 
@@ -384,6 +461,8 @@ struct Runner {
     config: SessionConfig,
     clock: Clock,
     subscribers: Vec<mpsc::Sender<Event>>,
+    /// Why the last connection attempt failed, for [`Session::connect_problem`].
+    problem: Arc<std::sync::Mutex<Option<ConnectProblem>>>,
     /// Held for the session's life: one writer per state file.
     _lock: StateLock,
 }
@@ -530,6 +609,7 @@ impl Runner {
                 result = wait_connect(&mut connecting), if connecting.is_some() => {
                     connecting = None;
                     let now = self.clock.now();
+                    self.set_problem(result.as_ref().err().map(ConnectProblem::of));
                     match result {
                         Ok(c) => {
                             client = Some(c);
@@ -583,6 +663,12 @@ impl Runner {
             Call::Close(reply) => {
                 *closing = Some((reply, tokio::time::Instant::now() + CLOSE_GRACE));
             }
+        }
+    }
+
+    fn set_problem(&self, problem: Option<ConnectProblem>) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = problem;
         }
     }
 

@@ -80,15 +80,9 @@ impl ServerTrust {
     /// Parses a fingerprint given as 64 hex digits (colons allowed).
     pub fn fingerprint_hex(hex: &str) -> Result<ServerTrust, TrustError> {
         let clean: String = hex.chars().filter(|c| *c != ':').collect();
-        let bad = || TrustError::BadFingerprint(hex.to_owned());
-        if clean.len() != 64 || !clean.is_ascii() {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&clean[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(ServerTrust::Fingerprint(out))
+        quicproquo_core::types::unhex(&clean)
+            .map(ServerTrust::Fingerprint)
+            .ok_or_else(|| TrustError::BadFingerprint(hex.to_owned()))
     }
 
     /// The TLS configuration for this trust; a refused pinned certificate

@@ -369,13 +369,5 @@ async fn command(session: Arc<Session>, request: Request, out: Out) {
 /// An identity key pasted by the user: 64 hex digits, spaces allowed.
 pub fn parse_key(text: &str) -> Result<IdentityKey, String> {
     let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err("an identity key is 64 hex digits".into());
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| "an identity key is 64 hex digits".to_string())?;
-    }
-    Ok(IdentityKey(key))
+    IdentityKey::from_hex(&hex).ok_or_else(|| "an identity key is 64 hex digits".into())
 }
