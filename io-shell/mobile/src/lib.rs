@@ -1120,10 +1120,16 @@ pub fn sync_once(
     // A fetch refused for want of a connection ends the round too: the
     // last connection attempt failing (none succeeding since) is the
     // error, as is the timeout.
+    // A round that timed out without a connection had no server.
     let problem = session.inner.connect_problem();
     let received = match (received, problem) {
-        (Err(QpqError::Closed), None) => Err(QpqError::Timeout { ms: timeout_ms }),
         (Err(QpqError::Closed) | Ok(_), Some(p)) => Err(QpqError::of_problem(p)),
+        (Err(QpqError::Closed), None) if !session.is_connected().unwrap_or(false) => {
+            Err(QpqError::ServerUnreachable {
+                detail: format!("no connection within {timeout_ms} ms"),
+            })
+        }
+        (Err(QpqError::Closed), None) => Err(QpqError::Timeout { ms: timeout_ms }),
         (other, _) => other,
     };
     let closed = session.close();

@@ -50,12 +50,15 @@ class Inbox(qpq.EventListener):
         self.events = []
         self.threads = set()
         self.cond = threading.Condition()
+        self.on_message = None
 
     def on_event(self, event):
         with self.cond:
             self.events.append(event)
             self.threads.add(threading.current_thread().name)
             self.cond.notify_all()
+        if self.on_message and event.is_message():
+            self.on_message(event)
 
     def messages(self, group=None):
         with self.cond:
@@ -168,6 +171,22 @@ def main():
     alice_in.wait("the file", lambda evs: [e for e in evs if e.is_message() and e.id == f.id and e.attachment and e.attachment.data == b"\x00\x01 bytes"])
     log("reply, edit, deletion and file arrive")
 
+    # The listener may call its session: Alice's answers a ping from her
+    # event thread.
+    alice_in.on_message = lambda e: alice.send("chat", "pong") if e.text == "ping" else None
+    bob.send("chat", "ping")
+    bob_in.wait("the pong", lambda evs: [e for e in evs if e.is_message() and e.text == "pong"])
+    # A listener that raises loses only that event's handling.
+    def boom(e):
+        if e.text == "boom":
+            raise ValueError("the app's listener failed")
+    alice_in.on_message = boom
+    bob.send("chat", "boom")
+    bob.send("chat", "after the boom")
+    alice_in.wait("the message after the boom", lambda evs: [e for e in evs if e.is_message() and e.text == "after the boom"])
+    alice_in.on_message = None
+    log("a listener called its session from the event thread; one that raised lost nothing after")
+
     # Bob restarts from his state file and carries on.
     bob.close()
     expect_error(qpq.QpqError.Closed, lambda: bob.send("chat", "after close"))
@@ -210,6 +229,18 @@ def main():
     carol_in.wait("a permanent disconnection", lambda evs: [e for e in evs if e.is_disconnected() and e.permanent])
     carol.close()
     log("a wrong fingerprint comes back as FingerprintMismatch")
+
+    # No server at the address: ServerUnreachable, within the time given.
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    nowhere = settings("bob")
+    nowhere.server = closed
+    start = time.monotonic()
+    expect_error(qpq.QpqError.ServerUnreachable, lambda: qpq.sync_once(nowhere, PASSWORD, 2_000, None))
+    assert time.monotonic() - start < STEP_S
+    log("no server at the address comes back as ServerUnreachable")
 
     if MEMORY_MESSAGES:
         memory(alice, alice_in)
