@@ -458,8 +458,8 @@ async fn drive(
         .map(|i| dir.join(state_name(i)))
         .collect();
     for m in members {
-        let session = Arc::try_unwrap(m.session).map_err(|_| anyhow::anyhow!("session in use"))?;
-        closing.spawn(session.close());
+        let session = m.session;
+        closing.spawn(async move { session.close().await });
     }
     while let Some(r) = closing.join_next().await {
         r.context("close task")?.context("closing a session")?;

@@ -1171,3 +1171,87 @@ impl EventListener for Counting {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(fingerprint: Option<&str>, ca: Option<&str>) -> SessionSettings {
+        SessionSettings {
+            state_path: "state.qpq".into(),
+            server: "127.0.0.1:7000".into(),
+            server_fingerprint: fingerprint.map(str::to_owned),
+            server_ca_path: ca.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_call_comes_back_as_an_internal_error() {
+        let r: Result<(), QpqError> = block_on(async { panic!("a bug in a call") });
+        assert!(matches!(r, Err(QpqError::Internal { .. })), "{r:?}");
+        // The runtime carries on.
+        assert_eq!(block_on(async { Ok(7) }), Ok(7));
+    }
+
+    #[test]
+    fn settings_take_exactly_one_way_of_trusting_the_server() {
+        let fp = "ab".repeat(32);
+        assert!(settings(Some(&fp), None).config().is_ok());
+        assert!(settings(None, Some("ca.pem")).config().is_ok());
+        for bad in [
+            settings(None, None),
+            settings(Some(&fp), Some("ca.pem")),
+            settings(Some("12:34"), None),
+            settings(Some(&"g".repeat(64)), None),
+        ] {
+            assert!(
+                matches!(bad.config(), Err(QpqError::InvalidArgument { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_for_want_of_a_server_is_named_by_the_connection_problem() {
+        let refused = || {
+            CommandError::Server(quicproquo_core::ServiceError::unavailable(
+                "server unreachable: x",
+            ))
+        };
+        let mismatch = ConnectProblem::FingerprintMismatch {
+            expected: [1; 32],
+            got: [2; 32],
+        };
+        assert_eq!(
+            QpqError::of_command(refused(), Some(mismatch)),
+            QpqError::FingerprintMismatch {
+                expected: "01".repeat(32),
+                got: "02".repeat(32),
+            }
+        );
+        assert!(matches!(
+            QpqError::of_command(
+                refused(),
+                Some(ConnectProblem::Unreachable("timeout".into()))
+            ),
+            QpqError::ServerUnreachable { .. }
+        ));
+        // The server's own `unavailable` (its disk full) is its refusal.
+        assert!(matches!(
+            QpqError::of_command(refused(), None),
+            QpqError::ServerRefused { .. }
+        ));
+        assert_eq!(
+            QpqError::of_command(CommandError::UnknownGroup("g".into()), None),
+            QpqError::UnknownGroup { name: "g".into() }
+        );
+    }
+
+    #[test]
+    fn keys_and_ids_are_checked() {
+        assert!(parse_key("member", &"ab".repeat(32)).is_ok());
+        assert!(parse_key("member", "ab").is_err());
+        assert!(parse_id("target", &"cd".repeat(16)).is_ok());
+        assert!(parse_id("target", &"cd".repeat(32)).is_err());
+    }
+}
