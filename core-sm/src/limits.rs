@@ -252,3 +252,28 @@ pub const STORED_PERSIST_DELAY: Duration = Duration::from_millis(200);
 /// How long one long-poll of a listening machine waits: the server's
 /// longest wait, so an idle session makes one request per this.
 pub const LISTEN_WAIT_MS: u64 = FETCH_WAIT_TIMEOUT_MS_MAX;
+
+// ----- direct links between members (peer-to-peer) ---------------------------
+
+/// Longest frame header of a direct message: version, channel id length,
+/// channel id, message id, payload length.
+pub const DIRECT_HEADER_BYTES_MAX: usize = 1 + 1 + CHANNEL_ID_BYTES_MAX + MESSAGE_ID_BYTES + 4;
+/// Direct messages one peer may have in flight on one connection (one
+/// stream each): enough to keep a conversation flowing, few enough that a
+/// peer cannot hold much of this client's memory (at most this many times
+/// [`PAYLOAD_BYTES_MAX`]).
+pub const DIRECT_STREAMS_MAX: u32 = 16;
+/// Direct connections one endpoint keeps open at once, in and out: a
+/// client talks directly to the members of its groups on its network,
+/// not to a crowd.
+pub const DIRECT_CONNECTIONS_MAX: u32 = 64;
+/// A direct connection with no traffic closes after this; the next
+/// message connects again (or goes through the server).
+pub const DIRECT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a direct connection attempt may take before the message goes
+/// through the server instead: peers on one network answer in
+/// milliseconds.
+pub const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a direct message waits for the peer's acknowledgement before
+/// it goes through the server instead.
+pub const DIRECT_ACK_TIMEOUT: Duration = Duration::from_secs(2);
