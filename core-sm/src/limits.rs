@@ -256,8 +256,8 @@ pub const LISTEN_WAIT_MS: u64 = FETCH_WAIT_TIMEOUT_MS_MAX;
 // ----- direct links between members (peer-to-peer) ---------------------------
 
 /// Longest frame header of a direct message: version, channel id length,
-/// channel id, message id, payload length.
-pub const DIRECT_HEADER_BYTES_MAX: usize = 1 + 1 + CHANNEL_ID_BYTES_MAX + MESSAGE_ID_BYTES + 4;
+/// channel id, message id, the seq it follows, payload length.
+pub const DIRECT_HEADER_BYTES_MAX: usize = 1 + 1 + CHANNEL_ID_BYTES_MAX + MESSAGE_ID_BYTES + 8 + 4;
 /// Direct messages one peer may have in flight on one connection (one
 /// stream each): enough to keep a conversation flowing, few enough that a
 /// peer cannot hold much of this client's memory (at most this many times

@@ -19,8 +19,8 @@
 //!
 //! **Wire.** One bidirectional stream per message. The sender writes one
 //! frame ([`DirectMessage`]: version 1, the channel id's length and bytes,
-//! the 16-byte message id, the payload's length as a big-endian u32, the
-//! payload) and finishes the stream; the receiver answers one byte,
+//! the 16-byte message id, `after_seq` as a big-endian u64, the payload's
+//! length as a big-endian u32, the payload) and finishes the stream; the receiver answers one byte,
 //! [`Ack::Taken`] (0) once the message is safely with it, or
 //! [`Ack::Refused`] (1). The sender is the connection's peer; the frame
 //! does not name it.
@@ -111,6 +111,11 @@ pub struct DirectMessage {
     /// The id its server copies carry, so the receiver shows it once
     /// whichever way it comes.
     pub message_id: MessageId,
+    /// The seq the server gave the sender's last message to this receiver
+    /// on this channel before this one (0: none): the receiver handles
+    /// this message only once it has fetched its queue up to there, so a
+    /// member's messages keep their order across both paths.
+    pub after_seq: u64,
     /// The payload (an MLS message in its envelope).
     pub payload: Vec<u8>,
 }
@@ -120,6 +125,7 @@ impl fmt::Debug for DirectMessage {
         f.debug_struct("DirectMessage")
             .field("channel", &self.channel)
             .field("message_id", &self.message_id)
+            .field("after_seq", &self.after_seq)
             .field("payload_bytes", &self.payload.len())
             .finish()
     }
@@ -135,6 +141,7 @@ impl DirectMessage {
         out.push(u8::try_from(channel.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(channel);
         out.extend_from_slice(&self.message_id.0);
+        out.extend_from_slice(&self.after_seq.to_be_bytes());
         // At most PAYLOAD_BYTES_MAX, checked before sending.
         out.extend_from_slice(
             &u32::try_from(self.payload.len())
@@ -168,6 +175,8 @@ impl DirectMessage {
             .map_err(|e| P2pError::Frame(e.to_string()))?;
         let mut id = [0u8; MESSAGE_ID_BYTES];
         recv.read_exact(&mut id).await.map_err(short)?;
+        let mut after_seq = [0u8; 8];
+        recv.read_exact(&mut after_seq).await.map_err(short)?;
         let mut len = [0u8; 4];
         recv.read_exact(&mut len).await.map_err(short)?;
         let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
@@ -181,6 +190,7 @@ impl DirectMessage {
         Ok(DirectMessage {
             channel,
             message_id: MessageId(id),
+            after_seq: u64::from_be_bytes(after_seq),
             payload,
         })
     }

@@ -33,6 +33,7 @@ fn message(n: u8) -> DirectMessage {
     DirectMessage {
         channel: ChannelId::try_from_slice(&[7; 16]).unwrap(),
         message_id: MessageId([n; 16]),
+        after_seq: u64::from(n) * 1_000_000_007,
         payload: vec![n; 100 + usize::from(n)],
     }
 }
