@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -89,8 +91,15 @@ impl Server {
     /// Starts a server with its data in `dir`, listening on `listen`, with
     /// `config` as its `qpq-server.toml`.
     pub fn start_configured(dir: &Path, listen: &str, config: &str) -> Server {
+        Self::start_as(Command::new(server_binary()), dir, listen, config)
+    }
+
+    /// Starts `server` (the `qpq-server` binary, perhaps run by a wrapper
+    /// such as `ip netns exec`) with its data in `dir`, listening on
+    /// `listen`, with `config` as its `qpq-server.toml`.
+    pub fn start_as(mut server: Command, dir: &Path, listen: &str, config: &str) -> Server {
         std::fs::write(dir.join("server.toml"), config).unwrap();
-        let mut child = Command::new(server_binary())
+        let mut child = server
             .env("QPQ_CONFIG", dir.join("server.toml"))
             .env("QPQ_LISTEN", listen)
             .env("QPQ_DATA_DIR", dir.join("server-data"))
