@@ -771,6 +771,25 @@ impl Session {
         })
     }
 
+    /// Creates (`create`) or opens the state file and starts a session.
+    fn begin(
+        settings: &SessionSettings,
+        password: String,
+        listener: Option<Arc<dyn EventListener>>,
+        create: bool,
+    ) -> Result<Session, QpqError> {
+        let config = settings.config()?;
+        let (inner, events) = block_on(async move {
+            let started = if create {
+                Inner::create_with_events(config, &password).await
+            } else {
+                Inner::open_with_events(config, &password).await
+            };
+            started.map_err(|e| QpqError::of(e, None))
+        })?;
+        Session::started(inner, events, listener)
+    }
+
     /// Runs `call` on the session and maps its error.
     fn run<T: Send + 'static, F>(&self, call: impl FnOnce(Arc<Inner>) -> F) -> Result<T, QpqError>
     where
@@ -831,21 +850,15 @@ fn parse_id(what: &str, id: &str) -> Result<ContentId, QpqError> {
 #[uniffi::export]
 impl Session {
     /// Makes a new identity in a new state file and opens a session on it.
-    /// The password derives the state file's key (Argon2id, about a
-    /// second on a phone).
+    /// The password derives the state file's key (Argon2id, slow on
+    /// purpose).
     #[uniffi::constructor]
     pub fn create(
         settings: SessionSettings,
         password: String,
         listener: Option<Arc<dyn EventListener>>,
     ) -> Result<Arc<Session>, QpqError> {
-        let config = settings.config()?;
-        let (inner, events) = block_on(async move {
-            Inner::create_with_events(config, &password)
-                .await
-                .map_err(|e| QpqError::of(e, None))
-        })?;
-        Ok(Arc::new(Session::started(inner, events, listener)?))
+        Session::begin(&settings, password, listener, true).map(Arc::new)
     }
 
     /// Opens an existing state file; from now on the session connects,
@@ -857,13 +870,7 @@ impl Session {
         password: String,
         listener: Option<Arc<dyn EventListener>>,
     ) -> Result<Arc<Session>, QpqError> {
-        let config = settings.config()?;
-        let (inner, events) = block_on(async move {
-            Inner::open_with_events(config, &password)
-                .await
-                .map_err(|e| QpqError::of(e, None))
-        })?;
-        Ok(Arc::new(Session::started(inner, events, listener)?))
+        Session::begin(&settings, password, listener, false).map(Arc::new)
     }
 
     /// This user's identity key, 64 hex digits: what others add.
@@ -1099,18 +1106,12 @@ pub fn sync_once(
     listener: Option<Arc<dyn EventListener>>,
 ) -> Result<SyncReport, QpqError> {
     let timeout_ms = timeout_ms.min(SYNC_TIMEOUT_MS_MAX);
-    let config = settings.config()?;
-    let (inner, events) = block_on(async move {
-        Inner::open_with_events(config, &password)
-            .await
-            .map_err(|e| QpqError::of(e, None))
-    })?;
     let counted = Arc::new(Counter::default());
     let listener: Arc<dyn EventListener> = Arc::new(Counting {
         counted: counted.clone(),
         inner: listener,
     });
-    let session = Session::started(inner, events, Some(listener))?;
+    let session = Session::begin(&settings, password, Some(listener), false)?;
     let received = session.run(move |s| async move {
         let wait = Duration::from_millis(timeout_ms);
         tokio::time::timeout(wait, s.command(core::Command::Receive { wait_ms: 0 }))

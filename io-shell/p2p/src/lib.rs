@@ -310,7 +310,7 @@ impl ServerCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -323,7 +323,7 @@ impl ServerCertVerifier for PeerVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 
@@ -348,7 +348,7 @@ impl ClientCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -361,8 +361,16 @@ impl ClientCertVerifier for PeerVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
+}
+
+/// The only signature scheme of a direct link's handshake: the identity's.
+const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
+
+/// TLS 1.2 is never offered, so its signatures are never verified.
+fn no_tls12() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not offered".into())
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -1010,8 +1010,8 @@ open class Session: SessionProtocol, @unchecked Sendable {
     
     /**
      * Makes a new identity in a new state file and opens a session on it.
-     * The password derives the state file's key (Argon2id, about a
-     * second on a phone).
+     * The password derives the state file's key (Argon2id, slow on
+     * purpose).
      */
 public static func create(settings: SessionSettings, password: String, listener: EventListener?)throws  -> Session  {
     return try  FfiConverterTypeSession_lift(try rustCallWithError(FfiConverterTypeQpqError_lift) {
@@ -3281,7 +3281,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_quicproquo_mobile_checksum_method_session_update() != 45839) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_quicproquo_mobile_checksum_constructor_session_create() != 6203) {
+    if (uniffi_quicproquo_mobile_checksum_constructor_session_create() != 52301) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_quicproquo_mobile_checksum_constructor_session_open() != 31971) {

@@ -1075,7 +1075,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_quicproquo_mobile_checksum_method_session_update() and 0xFFFF) != 45839) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_quicproquo_mobile_checksum_constructor_session_create() and 0xFFFF) != 6203) {
+    if ((lib.uniffi_quicproquo_mobile_checksum_constructor_session_create() and 0xFFFF) != 52301) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_quicproquo_mobile_checksum_constructor_session_open() and 0xFFFF) != 31971) {
@@ -2480,8 +2480,8 @@ open class Session: Disposable, AutoCloseable, SessionInterface
         
     /**
      * Makes a new identity in a new state file and opens a session on it.
-     * The password derives the state file's key (Argon2id, about a
-     * second on a phone).
+     * The password derives the state file's key (Argon2id, slow on
+     * purpose).
      */
     @Throws(QpqException::class) fun `create`(`settings`: SessionSettings, `password`: kotlin.String, `listener`: EventListener?): Session {
             return FfiConverterTypeSession.lift(
