@@ -25,11 +25,17 @@
 //! [`Ack::Refused`] (1). The sender is the connection's peer; the frame
 //! does not name it.
 //!
+//! **Discovery.** A peer's address is given (`host:port`), or found with
+//! mDNS ([`discovery`]: `_qpq._udp.local`, announced under a key-derived
+//! id, opt-in).
+//!
 //! **Limits.** Payloads as through the server
 //! ([`PAYLOAD_BYTES_MAX`]); [`DIRECT_STREAMS_MAX`] messages in flight per
 //! connection, [`DIRECT_CONNECTIONS_MAX`] connections per endpoint,
 //! [`DIRECT_IDLE_TIMEOUT`], [`DIRECT_CONNECT_TIMEOUT`],
 //! [`DIRECT_ACK_TIMEOUT`] (`quicproquo_core::limits`).
+
+pub mod discovery;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -100,6 +106,9 @@ pub enum P2pError {
     /// A frame broke the format or a limit.
     #[error("bad frame: {0}")]
     Frame(String),
+    /// mDNS could not start, announce or ask.
+    #[error("mDNS: {0}")]
+    Discovery(String),
 }
 
 /// A message sent directly: a group payload exactly as it would be
@@ -370,7 +379,7 @@ const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
 
 /// TLS 1.2 is never offered, so its signatures are never verified.
 fn no_tls12() -> rustls::Error {
-    rustls::Error::General("TLS 1.2 is not offered".into())
+    rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered)
 }
 
 fn provider() -> Arc<CryptoProvider> {
