@@ -277,3 +277,7 @@ pub const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a direct message waits for the peer's acknowledgement before
 /// it goes through the server instead.
 pub const DIRECT_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Digests of payloads a client took over direct links that it keeps
+/// (persisted, oldest dropped first), to recognize a server copy of one
+/// whose answer the sender never got: 32 bytes each.
+pub const DIRECT_TAKEN_MAX: usize = 1_024;

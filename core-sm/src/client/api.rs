@@ -111,6 +111,28 @@ pub enum Effect {
     Event(Event),
     /// The command is finished.
     Done(Result<Outcome, CommandError>),
+    /// Send `message` over the direct link to `peer` and pass whether the
+    /// peer took it to [`ClientMachine::handle_direct_answer`] with `token`
+    /// (not taken: refused, unanswered within
+    /// [`DIRECT_ACK_TIMEOUT`](crate::limits::DIRECT_ACK_TIMEOUT), or the
+    /// link broke).
+    DirectSend {
+        /// Identifies the answer.
+        token: u64,
+        /// The member it is for.
+        peer: IdentityKey,
+        /// What to send.
+        message: crate::protocol::DirectMessage,
+    },
+    /// Answer the direct message of [`ClientMachine::handle_direct_message`]
+    /// with `token`: taken (the state that processed it is written) or
+    /// refused.
+    DirectAnswer {
+        /// The message.
+        token: u64,
+        /// Whether it was taken.
+        taken: bool,
+    },
 }
 
 /// Something for the user to see.
@@ -263,6 +285,16 @@ pub enum Event {
         reason: String,
         /// Retrying cannot help.
         permanent: bool,
+    },
+    /// A direct link to a member came up (`up`) or went down: while it is
+    /// up, this user's messages to them go directly.
+    DirectLink {
+        /// The member.
+        peer: IdentityKey,
+        /// Their contact name, if this user gave them one.
+        peer_name: Option<String>,
+        /// Whether the link is up now.
+        up: bool,
     },
 }
 

@@ -284,18 +284,20 @@ impl ClientMachine {
     }
 
     /// Puts one MLS message for the group's channel in the outbox for each
-    /// recipient, under one message id, which it returns.
+    /// recipient, under one message id, which it returns. An application
+    /// message (`application`) may go over a direct link.
     pub(super) fn send_group_message(
         &mut self,
         record: &Group,
         recipients: &[IdentityKey],
         message: MlsMessageOut,
+        application: bool,
     ) -> Result<[u8; 16], CommandError> {
         let payload = Envelope::Group {
             message: message.to_bytes().map_err(mls(MlsStep::Encode))?,
         }
         .encode();
-        Ok(self.add_group_to_outbox(recipients, record.channel, payload, record.pq))
+        Ok(self.add_group_to_outbox(recipients, record.channel, payload, record.pq, application))
     }
 
     // ----- send -------------------------------------------------------------
@@ -432,7 +434,7 @@ impl ClientMachine {
                 let message = group
                     .create_message(&self.provider, &self.signer, &data)
                     .map_err(mls(MlsStep::Encrypt))?;
-                let message_id = self.send_group_message(record, &recipients, message)?;
+                let message_id = self.send_group_message(record, &recipients, message, true)?;
                 if recipients.is_empty() {
                     // Nobody else to store it for.
                     self.effects.push_back(Effect::Event(Event::Delivered {
@@ -448,7 +450,7 @@ impl ClientMachine {
                 let proposal = group
                     .leave_group(&self.provider, &self.signer)
                     .map_err(mls(MlsStep::Commit))?;
-                self.send_group_message(record, &recipients, proposal)?;
+                self.send_group_message(record, &recipients, proposal, false)?;
                 self.forget(&record.id);
                 return Ok(());
             }
@@ -528,7 +530,7 @@ impl ClientMachine {
         change: Change,
         welcome: Option<([u8; 32], Vec<u8>)>,
     ) -> Result<(), CommandError> {
-        let message_id = self.send_group_message(record, recipients, commit)?;
+        let message_id = self.send_group_message(record, recipients, commit, false)?;
         if let Some(g) = self.groups.by_id_mut(&record.id) {
             g.commit = Some(CommitRecord {
                 message_id,
@@ -679,6 +681,7 @@ impl ClientMachine {
                 record.name
             ));
         }
+        self.direct.forget_channel(record.channel);
         self.groups.remove(group_id);
     }
 
@@ -710,6 +713,7 @@ impl ClientMachine {
                 Pending::OutboxBatch(ids) => ids.clone(),
                 _ => Vec::new(),
             })
+            .chain(self.direct.in_flight())
             .collect()
     }
 }

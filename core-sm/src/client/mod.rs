@@ -117,9 +117,9 @@ pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 60 * 60;
 /// MLS exporter label of the key that seals a group's name in a Welcome.
 pub const GROUP_NAME_EXPORTER_LABEL: &str = "quicproquo group name";
 /// Version of the persisted state layout. Versions 1 (before hybrid keys
-/// and pq groups), 2 (before the per-group queue of changes) and 3 (before
-/// contacts) still restore.
-pub const STATE_VERSION: u32 = 4;
+/// and pq groups), 2 (before the per-group queue of changes), 3 (before
+/// contacts) and 4 (before direct links) still restore.
+pub const STATE_VERSION: u32 = 5;
 // The client machine's limits live with every other limit.
 pub use crate::limits::{
     CONTACT_NAME_BYTES_MAX, CONTACTS_MAX, EARLY_BYTES_MAX, EARLY_EPOCHS_AHEAD_MAX,
@@ -132,6 +132,7 @@ pub use crate::limits::{
 mod api;
 mod contacts;
 pub mod content;
+mod direct;
 pub use content::{Attachment, Content, ContentError, ContentId};
 #[cfg(test)]
 mod grease;
@@ -150,6 +151,7 @@ pub use api::{
     Outcome, Phase, StateError,
 };
 use contacts::Contacts;
+use direct::Direct;
 use group::{Group, Groups};
 use keys::PeerKeys;
 pub use link::{ConnectFailure, LinkPolicy, backoff};
@@ -262,6 +264,9 @@ pub struct ClientMachine {
     groups: Groups,
     cursors: BTreeMap<ChannelId, u64>,
     outbox: Outbox,
+    /// Direct links: peers with one up, sends in flight, and what
+    /// ordering and recognizing direct messages takes.
+    direct: Direct,
     op: Option<Op>,
     in_flight: BTreeMap<u64, InFlight>,
     /// The time of the input being handled.
@@ -341,6 +346,7 @@ impl ClientMachine {
             m.cursors.insert(ch, seq);
         }
         m.outbox = Outbox::restore(p.outbox, p.next_outbox_id);
+        m.direct = Direct::restore(p.direct_last_seqs, p.direct_taken);
         Ok(m)
     }
 
@@ -359,6 +365,7 @@ impl ClientMachine {
             groups: Groups::default(),
             cursors: BTreeMap::new(),
             outbox: Outbox::default(),
+            direct: Direct::default(),
             op: None,
             in_flight: BTreeMap::new(),
             now: Time::ZERO,
@@ -401,6 +408,8 @@ impl ClientMachine {
                 .collect(),
             peer_hybrid_keys: self.peer_hybrid_keys.snapshot(),
             contacts: self.contacts.to_list(),
+            direct_last_seqs: self.direct.last_seqs(),
+            direct_taken: self.direct.taken(),
         };
         p.encode()
     }
@@ -662,6 +671,7 @@ impl ClientMachine {
                 .values()
                 .any(|r| r.pending.holds_command(policy))
             || self.retries_hold_command()
+            || (policy == LinkPolicy::OneShot && self.direct.in_flight().next().is_some())
         {
             return;
         }

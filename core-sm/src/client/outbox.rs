@@ -230,24 +230,26 @@ impl ClientMachine {
     ) {
         let mut message_id = [0u8; 16];
         self.provider.fill(&mut message_id);
-        self.add_entry(recipient, channel, payload, message_id, seal);
+        self.add_entry(recipient, channel, payload, message_id, seal, false);
     }
 
     /// One payload for several recipients: one entry each, under one
     /// message id, so [`Self::flush_outbox`] can send the entries that are
     /// due together as one `enqueueBatch` (the server stores the payload
     /// once). A retry to the recipients still missing it reuses the id.
+    /// An application message (`direct`) may go over a direct link.
     pub(super) fn add_group_to_outbox(
         &mut self,
         recipients: &[IdentityKey],
         channel: ChannelId,
         payload: Vec<u8>,
         seal: bool,
+        direct: bool,
     ) -> [u8; 16] {
         let mut message_id = [0u8; 16];
         self.provider.fill(&mut message_id);
         for r in recipients {
-            self.add_entry(*r, channel, payload.clone(), message_id, seal);
+            self.add_entry(*r, channel, payload.clone(), message_id, seal, direct);
         }
         message_id
     }
@@ -259,6 +261,7 @@ impl ClientMachine {
         payload: Vec<u8>,
         message_id: [u8; 16],
         seal: bool,
+        direct: bool,
     ) {
         self.outbox.add(OutboxEntry {
             recipient: recipient.0,
@@ -266,6 +269,7 @@ impl ClientMachine {
             payload,
             message_id,
             seal,
+            direct,
         });
     }
 
@@ -301,6 +305,13 @@ impl ClientMachine {
             let mut ready = Vec::with_capacity(run.len());
             for id in run {
                 match self.ready_to_send(id, &mut missing) {
+                    // Over the recipient's direct link, alone: the rest of
+                    // the queue waits for its answer.
+                    Ready::Yes if ready.is_empty() && self.goes_direct(id) => {
+                        self.send_direct(id);
+                        break;
+                    }
+                    Ready::Yes if self.goes_direct(id) => break,
                     Ready::Yes => ready.push(id),
                     Ready::Gone => {}
                     // The rest of the queue waits behind it.
@@ -472,8 +483,10 @@ impl ClientMachine {
         let messages = self.messages_of(&ids);
         match result {
             Ok(Response::EnqueuedBatch { seqs }) if seqs.len() == ids.len() => {
-                for id in &ids {
-                    self.outbox.remove(*id);
+                for (id, seq) in ids.iter().zip(seqs) {
+                    if let Some(e) = self.outbox.remove(*id) {
+                        self.record_seq(&e, seq);
+                    }
                 }
                 self.stored();
                 for message_id in messages {
@@ -532,10 +545,11 @@ impl ClientMachine {
 
     pub(super) fn on_enqueued(&mut self, id: u64, result: Result<Response, ServiceError>) {
         match result {
-            Ok(Response::Enqueued { .. }) => {
+            Ok(Response::Enqueued { seq }) => {
                 let removed = self.outbox.remove(id);
                 self.stored();
                 if let Some(e) = removed {
+                    self.record_seq(&e, seq);
                     self.commit_accepted(e.message_id);
                     self.maybe_delivered(e.message_id);
                 }
@@ -575,6 +589,17 @@ impl ClientMachine {
         }
     }
 
+    /// Keeps the seq the server gave a stored copy of ours, for the
+    /// `after_seq` of the next direct message to its queue (a group's
+    /// channel: invitations never go directly).
+    fn record_seq(&mut self, e: &OutboxEntry, seq: u64) {
+        if let Ok(channel) = ChannelId::try_from_slice(&e.channel_id)
+            && channel != ChannelId::DEFAULT
+        {
+            self.direct.stored(IdentityKey(e.recipient), channel, seq);
+        }
+    }
+
     /// The distinct message ids of these entries, in their order.
     fn messages_of(&self, ids: &[u64]) -> Vec<[u8; 16]> {
         let mut messages: Vec<[u8; 16]> = Vec::new();
@@ -600,7 +625,7 @@ impl ClientMachine {
 
     /// Shows [`Event::Delivered`] once the last copy of an application
     /// message left the outbox stored.
-    fn maybe_delivered(&mut self, message_id: [u8; 16]) {
+    pub(super) fn maybe_delivered(&mut self, message_id: [u8; 16]) {
         if self.outbox.has_message(message_id) {
             return;
         }
@@ -671,6 +696,7 @@ mod tests {
             payload,
             message_id: [0; 16],
             seal: false,
+            direct: false,
         }
     }
 

@@ -324,6 +324,11 @@ impl ClientMachine {
         }
         let before = *cursor;
         *cursor = message.seq;
+        if self.direct.was_taken(&message.payload) {
+            // The server copy of a message taken over a direct link (the
+            // sender never got the answer): shown once already.
+            return;
+        }
         match self.process_payload(channel, message.seq, &message.payload) {
             Ok(Processed::Done) => {}
             Ok(Processed::Blocked) => {

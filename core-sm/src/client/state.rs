@@ -9,7 +9,10 @@
 //! `register` or `update` makes one) and every group not pq. Version 2
 //! predates the per-group queue of changes and the Commit awaiting the
 //! server: it restores with both empty (its Commits were merged when made).
-//! Version 3 predates contacts: it restores with none.
+//! Version 3 predates contacts: it restores with none. Version 4 predates
+//! direct links: it restores with no outbox entry allowed to go directly
+//! (they all go through the server), no seq recorded for `after_seq` and
+//! no payload taken directly.
 
 use serde::{Deserialize, Serialize};
 
@@ -99,9 +102,11 @@ pub(super) struct OutboxEntry {
     /// `payload` still has to be sealed to the recipient's hybrid key
     /// before it leaves (the key may need fetching first).
     pub seal: bool,
+    /// An application message: it may go over a direct link.
+    pub direct: bool,
 }
 
-/// Everything the machine persists (layout version 4).
+/// Everything the machine persists (layout version 5).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Persisted {
     pub version: u32,
@@ -119,6 +124,11 @@ pub(super) struct Persisted {
     pub peer_hybrid_keys: Vec<([u8; 32], Vec<u8>)>,
     /// Contacts: identity key and name, ordered by key.
     pub contacts: Vec<([u8; 32], String)>,
+    /// The seq the server gave this user's last copy in each queue
+    /// (recipient, channel): a direct message's `after_seq`.
+    pub direct_last_seqs: Vec<([u8; 32], Vec<u8>, u64)>,
+    /// Digests of the payloads taken over direct links, oldest first.
+    pub direct_taken: Vec<[u8; 32]>,
 }
 
 impl Persisted {
@@ -134,15 +144,21 @@ impl Persisted {
         let (version, _) = postcard::take_from_bytes::<u32>(snapshot).map_err(bad)?;
         match version {
             STATE_VERSION => postcard::from_bytes(snapshot).map_err(bad),
+            4 => Ok(postcard::from_bytes::<PersistedV4>(snapshot)
+                .map_err(bad)?
+                .upgrade()),
             3 => Ok(postcard::from_bytes::<PersistedV3>(snapshot)
                 .map_err(bad)?
+                .upgrade()
                 .upgrade()),
             2 => Ok(postcard::from_bytes::<PersistedV2>(snapshot)
                 .map_err(bad)?
                 .upgrade()
+                .upgrade()
                 .upgrade()),
             1 => Ok(postcard::from_bytes::<PersistedV1>(snapshot)
                 .map_err(bad)?
+                .upgrade()
                 .upgrade()
                 .upgrade()
                 .upgrade()),
@@ -151,9 +167,73 @@ impl Persisted {
     }
 }
 
-/// Layout version 3, frozen: do not change. Its groups and outbox
-/// entries are today's [`GroupRecord`] and [`OutboxEntry`]; a change to
-/// either freezes a copy of it here.
+/// Layout version 4, frozen: do not change. Its groups are today's
+/// [`GroupRecord`]; a change to it freezes a copy of it here.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PersistedV4 {
+    pub version: u32,
+    pub identity_seed: [u8; 32],
+    pub registered: bool,
+    pub active: bool,
+    pub groups: Vec<GroupRecord>,
+    pub cursors: Vec<(Vec<u8>, u64)>,
+    pub outbox: Vec<(u64, OutboxEntryV4)>,
+    pub next_outbox_id: u64,
+    pub mls_storage: Vec<(Vec<u8>, Vec<u8>)>,
+    pub hybrid_keys: Vec<Vec<u8>>,
+    pub peer_hybrid_keys: Vec<([u8; 32], Vec<u8>)>,
+    pub contacts: Vec<([u8; 32], String)>,
+}
+
+/// An outbox entry in layout versions 3 and 4, frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct OutboxEntryV4 {
+    pub recipient: [u8; 32],
+    pub channel_id: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub message_id: [u8; 16],
+    pub seal: bool,
+}
+
+impl PersistedV4 {
+    fn upgrade(self) -> Persisted {
+        Persisted {
+            version: STATE_VERSION,
+            identity_seed: self.identity_seed,
+            registered: self.registered,
+            active: self.active,
+            groups: self.groups,
+            cursors: self.cursors,
+            outbox: self
+                .outbox
+                .into_iter()
+                .map(|(id, e)| {
+                    (
+                        id,
+                        OutboxEntry {
+                            recipient: e.recipient,
+                            channel_id: e.channel_id,
+                            payload: e.payload,
+                            message_id: e.message_id,
+                            seal: e.seal,
+                            direct: false,
+                        },
+                    )
+                })
+                .collect(),
+            next_outbox_id: self.next_outbox_id,
+            mls_storage: self.mls_storage,
+            hybrid_keys: self.hybrid_keys,
+            peer_hybrid_keys: self.peer_hybrid_keys,
+            contacts: self.contacts,
+            direct_last_seqs: Vec::new(),
+            direct_taken: Vec::new(),
+        }
+    }
+}
+
+/// Layout version 3, frozen: do not change. Its groups are today's
+/// [`GroupRecord`]; a change to it freezes a copy of it here.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct PersistedV3 {
     pub version: u32,
@@ -162,7 +242,7 @@ pub(super) struct PersistedV3 {
     pub active: bool,
     pub groups: Vec<GroupRecord>,
     pub cursors: Vec<(Vec<u8>, u64)>,
-    pub outbox: Vec<(u64, OutboxEntry)>,
+    pub outbox: Vec<(u64, OutboxEntryV4)>,
     pub next_outbox_id: u64,
     pub mls_storage: Vec<(Vec<u8>, Vec<u8>)>,
     pub hybrid_keys: Vec<Vec<u8>>,
@@ -170,9 +250,9 @@ pub(super) struct PersistedV3 {
 }
 
 impl PersistedV3 {
-    fn upgrade(self) -> Persisted {
-        Persisted {
-            version: STATE_VERSION,
+    fn upgrade(self) -> PersistedV4 {
+        PersistedV4 {
+            version: 4,
             identity_seed: self.identity_seed,
             registered: self.registered,
             active: self.active,
@@ -253,7 +333,7 @@ impl PersistedV2 {
                 .map(|(id, e)| {
                     (
                         id,
-                        OutboxEntry {
+                        OutboxEntryV4 {
                             recipient: e.recipient,
                             channel_id: e.channel_id,
                             payload: e.payload,

@@ -345,6 +345,7 @@ fn crash_after_decrypting_before_acknowledging_loses_nothing() {
                 m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(e) => shown.push(e),
+            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => unreachable!("no direct links"),
             Effect::Done(_) => break,
         }
     }
@@ -411,6 +412,7 @@ fn a_crash_right_after_any_fetch_reaches_the_server_loses_nothing() {
                 }
                 Effect::Event(Event::Message { text, .. }) => shown.push(text),
                 Effect::Event(_) => {}
+                Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => unreachable!("no direct links"),
                 Effect::Done(outcome) => {
                     outcome.expect("received");
                     break;
@@ -745,6 +747,7 @@ fn run_newest_first(w: &mut World, who: usize, command: Command) -> Result<Outco
             Some(Effect::Connect) => m.handle_connected(Time::ZERO),
             Some(Effect::Request { token, request }) => held.push((token, request)),
             Some(Effect::Event(_)) => {}
+            Some(Effect::DirectSend { .. } | Effect::DirectAnswer { .. }) => unreachable!("no direct links"),
             Some(Effect::Done(outcome)) => return outcome,
             None => {
                 let (token, request) = held.pop().expect("machine stalled without finishing");
@@ -913,6 +916,7 @@ fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
                 m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(_) => {}
+            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => unreachable!("no direct links"),
             Effect::Done(outcome) => break outcome,
         }
     };
@@ -1966,6 +1970,7 @@ fn snapshot_from_before_hybrid_keys_restores_and_register_adds_one() {
     ));
 }
 
+mod direct;
 mod who;
 
 mod interleavings {
@@ -2731,6 +2736,8 @@ fn pump(
             }
             Effect::Event(e) => events.push(e),
             Effect::Done(outcome) => return Some(outcome),
+            Effect::DirectSend { token, .. } => m.handle_direct_answer(now, token, false),
+            Effect::DirectAnswer { .. } => {}
         }
     }
     None
@@ -2789,7 +2796,10 @@ fn drain(w: &mut World, m: &mut ClientMachine, who: usize) -> Drained {
             }
             Effect::Request { token, request } => d.requests.push((token, request)),
             Effect::Done(_) => d.done += 1,
-            Effect::Connect | Effect::Event(_) => {}
+            Effect::Connect
+            | Effect::Event(_)
+            | Effect::DirectSend { .. }
+            | Effect::DirectAnswer { .. } => {}
         }
     }
     d

@@ -290,6 +290,9 @@ impl NodeWorld {
                     ran.outcome = outcome;
                     return ran;
                 }
+                // The world has no direct links: nothing is taken.
+                Effect::DirectSend { token, .. } => m.handle_direct_answer(now, token, false),
+                Effect::DirectAnswer { .. } => {}
             }
         }
     }

@@ -144,6 +144,12 @@ pub async fn drive<E>(
                 },
                 Effect::Event(e) => on_event(&e),
                 Effect::Done(result) => break 'run result,
+                // A one-shot command keeps no direct links: everything
+                // goes through the server.
+                Effect::DirectSend { token, .. } => {
+                    machine.handle_direct_answer(clock.now(), token, false);
+                }
+                Effect::DirectAnswer { .. } => {}
             }
         }
         // Nothing more to carry out until an answer comes or a retry is

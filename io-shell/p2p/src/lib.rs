@@ -48,6 +48,8 @@ use quicproquo_core::limits::{
     DIRECT_HEADER_BYTES_MAX, DIRECT_IDLE_TIMEOUT, DIRECT_STREAMS_MAX, MESSAGE_ID_BYTES,
     PAYLOAD_BYTES_MAX,
 };
+pub use quicproquo_core::protocol::DirectMessage;
+use quicproquo_core::protocol::DIRECT_FRAME_VERSION;
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -58,7 +60,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 /// The ALPN of direct links, unchanged from the project's first name.
 pub const ALPN: &[u8] = b"quicnprotochat/p2p/1";
 /// The version byte that starts every frame.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = DIRECT_FRAME_VERSION;
 /// The TLS server name a connecting end sends; it is not checked (the key
 /// is), but TLS wants one.
 const SERVER_NAME: &str = "qpq-peer";
@@ -111,98 +113,47 @@ pub enum P2pError {
     Discovery(String),
 }
 
-/// A message sent directly: a group payload exactly as it would be
-/// enqueued at the server, for the same channel, with the same id.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DirectMessage {
-    /// The group's channel.
-    pub channel: ChannelId,
-    /// The id its server copies carry, so the receiver shows it once
-    /// whichever way it comes.
-    pub message_id: MessageId,
-    /// The seq the server gave the sender's last message to this receiver
-    /// on this channel before this one (0: none): the receiver handles
-    /// this message only once it has fetched its queue up to there, so a
-    /// member's messages keep their order across both paths.
-    pub after_seq: u64,
-    /// The payload (an MLS message in its envelope).
-    pub payload: Vec<u8>,
-}
-
-impl fmt::Debug for DirectMessage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectMessage")
-            .field("channel", &self.channel)
-            .field("message_id", &self.message_id)
-            .field("after_seq", &self.after_seq)
-            .field("payload_bytes", &self.payload.len())
-            .finish()
+/// Reads one frame from `recv`, refusing anything beyond the limits
+/// before reading it.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<DirectMessage, P2pError> {
+    let short = |e: quinn::ReadExactError| P2pError::Frame(format!("truncated: {e}"));
+    let mut head = [0u8; 2];
+    recv.read_exact(&mut head).await.map_err(short)?;
+    if head[0] != FRAME_VERSION {
+        return Err(P2pError::Frame(format!("version {}", head[0])));
     }
-}
-
-impl DirectMessage {
-    /// The frame: header then payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let channel = self.channel.as_bytes();
-        let mut out = Vec::with_capacity(DIRECT_HEADER_BYTES_MAX + self.payload.len());
-        out.push(FRAME_VERSION);
-        // At most CHANNEL_ID_BYTES_MAX (16): a ChannelId cannot be longer.
-        out.push(u8::try_from(channel.len()).unwrap_or(u8::MAX));
-        out.extend_from_slice(channel);
-        out.extend_from_slice(&self.message_id.0);
-        out.extend_from_slice(&self.after_seq.to_be_bytes());
-        // At most PAYLOAD_BYTES_MAX, checked before sending.
-        out.extend_from_slice(
-            &u32::try_from(self.payload.len())
-                .unwrap_or(u32::MAX)
-                .to_be_bytes(),
-        );
-        out.extend_from_slice(&self.payload);
-        out
+    let channel_len = usize::from(head[1]);
+    if channel_len > CHANNEL_ID_BYTES_MAX {
+        return Err(P2pError::Frame(format!(
+            "channel id of {channel_len} bytes"
+        )));
     }
-
-    /// Reads one frame from `recv`, refusing anything beyond the limits
-    /// before reading it.
-    pub async fn read(recv: &mut quinn::RecvStream) -> Result<DirectMessage, P2pError> {
-        let short = |e: quinn::ReadExactError| P2pError::Frame(format!("truncated: {e}"));
-        let mut head = [0u8; 2];
-        recv.read_exact(&mut head).await.map_err(short)?;
-        if head[0] != FRAME_VERSION {
-            return Err(P2pError::Frame(format!("version {}", head[0])));
-        }
-        let channel_len = usize::from(head[1]);
-        if channel_len > CHANNEL_ID_BYTES_MAX {
-            return Err(P2pError::Frame(format!(
-                "channel id of {channel_len} bytes"
-            )));
-        }
-        let mut channel = [0u8; CHANNEL_ID_BYTES_MAX];
-        recv.read_exact(&mut channel[..channel_len])
-            .await
-            .map_err(short)?;
-        let channel = ChannelId::try_from_slice(&channel[..channel_len])
-            .map_err(|e| P2pError::Frame(e.to_string()))?;
-        let mut id = [0u8; MESSAGE_ID_BYTES];
-        recv.read_exact(&mut id).await.map_err(short)?;
-        let mut after_seq = [0u8; 8];
-        recv.read_exact(&mut after_seq).await.map_err(short)?;
-        let mut len = [0u8; 4];
-        recv.read_exact(&mut len).await.map_err(short)?;
-        let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
-        if len == 0 || len > PAYLOAD_BYTES_MAX {
-            return Err(P2pError::Frame(format!(
-                "payload of {len} bytes (1 to {PAYLOAD_BYTES_MAX})"
-            )));
-        }
-        let mut payload = vec![0u8; len];
-        recv.read_exact(&mut payload).await.map_err(short)?;
-        Ok(DirectMessage {
-            channel,
-            message_id: MessageId(id),
-            after_seq: u64::from_be_bytes(after_seq),
-            payload,
-        })
+    let mut channel = [0u8; CHANNEL_ID_BYTES_MAX];
+    recv.read_exact(&mut channel[..channel_len])
+        .await
+        .map_err(short)?;
+    let channel = ChannelId::try_from_slice(&channel[..channel_len])
+        .map_err(|e| P2pError::Frame(e.to_string()))?;
+    let mut id = [0u8; MESSAGE_ID_BYTES];
+    recv.read_exact(&mut id).await.map_err(short)?;
+    let mut after_seq = [0u8; 8];
+    recv.read_exact(&mut after_seq).await.map_err(short)?;
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(short)?;
+    let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+    if len == 0 || len > PAYLOAD_BYTES_MAX {
+        return Err(P2pError::Frame(format!(
+            "payload of {len} bytes (1 to {PAYLOAD_BYTES_MAX})"
+        )));
     }
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.map_err(short)?;
+    Ok(DirectMessage {
+        channel,
+        message_id: MessageId(id),
+        after_seq: u64::from_be_bytes(after_seq),
+        payload,
+    })
 }
 
 /// The receiver's answer to a direct message.
@@ -579,7 +530,7 @@ impl Link {
                 .accept_bi()
                 .await
                 .map_err(|e| P2pError::Link(e.to_string()))?;
-            match DirectMessage::read(&mut recv).await {
+            match read_frame(&mut recv).await {
                 Ok(message) => return Ok(Received { message, send }),
                 Err(e) => {
                     tracing::debug!("direct frame from {} refused: {e}", self.peer.short());

@@ -143,7 +143,7 @@ fn a_snapshot_from_before_contacts_restores_with_none() {
         active: p.active,
         groups: p.groups,
         cursors: p.cursors,
-        outbox: p.outbox,
+        outbox: Vec::new(),
         next_outbox_id: p.next_outbox_id,
         mls_storage: p.mls_storage,
         hybrid_keys: p.hybrid_keys,
