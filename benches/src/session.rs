@@ -527,6 +527,7 @@ async fn form_group(
             state: state.clone(),
             server: server.to_owned(),
             trust: trust.clone(),
+            direct: None,
         };
         let session = Session::create(session_config, PASSWORD)
             .await

@@ -277,6 +277,13 @@ pub const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a direct message waits for the peer's acknowledgement before
 /// it goes through the server instead.
 pub const DIRECT_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A direct connection sends a keep-alive this often, so a link between
+/// two running members stays up through quiet spells.
+pub const DIRECT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// A member with no direct link up is tried again this often (when its
+/// address is known or mDNS finds it); a link whose send went unanswered
+/// is closed and tried again after this too.
+pub const DIRECT_REDIAL: Duration = Duration::from_secs(5);
 /// Digests of payloads a client took over direct links that it keeps
 /// (persisted, oldest dropped first), to recognize a server copy of one
 /// whose answer the sender never got: 32 bytes each.

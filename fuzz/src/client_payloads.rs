@@ -71,6 +71,9 @@ pub fn run(data: &[u8]) -> Vec<Event> {
             Some(Effect::Connect) => m.handle_connected(now),
             Some(Effect::Request { token, request }) => requests.push_back((token, request)),
             Some(Effect::Event(e)) => events.push(e),
+            // No direct links here.
+            Some(Effect::DirectSend { token, .. }) => m.handle_direct_answer(now, token, false),
+            Some(Effect::DirectAnswer { .. }) => {}
             Some(Effect::Done(outcome)) => {
                 assert!(done.is_none(), "two Done effects for one command");
                 done = Some(outcome);

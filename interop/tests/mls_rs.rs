@@ -41,6 +41,7 @@ impl Qpq {
             state: dir.join(format!("{name}.bin")),
             server: server.addr.to_string(),
             trust: server.trust(),
+            direct: None,
         };
         let session = Session::create(config, PASSWORD).await.unwrap();
         let events = session.subscribe().await.unwrap();

@@ -345,7 +345,9 @@ fn crash_after_decrypting_before_acknowledging_loses_nothing() {
                 m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(e) => shown.push(e),
-            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => unreachable!("no direct links"),
+            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => {
+                unreachable!("no direct links")
+            }
             Effect::Done(_) => break,
         }
     }
@@ -412,7 +414,9 @@ fn a_crash_right_after_any_fetch_reaches_the_server_loses_nothing() {
                 }
                 Effect::Event(Event::Message { text, .. }) => shown.push(text),
                 Effect::Event(_) => {}
-                Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => unreachable!("no direct links"),
+                Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => {
+                    unreachable!("no direct links")
+                }
                 Effect::Done(outcome) => {
                     outcome.expect("received");
                     break;
@@ -747,7 +751,9 @@ fn run_newest_first(w: &mut World, who: usize, command: Command) -> Result<Outco
             Some(Effect::Connect) => m.handle_connected(Time::ZERO),
             Some(Effect::Request { token, request }) => held.push((token, request)),
             Some(Effect::Event(_)) => {}
-            Some(Effect::DirectSend { .. } | Effect::DirectAnswer { .. }) => unreachable!("no direct links"),
+            Some(Effect::DirectSend { .. } | Effect::DirectAnswer { .. }) => {
+                unreachable!("no direct links")
+            }
             Some(Effect::Done(outcome)) => return outcome,
             None => {
                 let (token, request) = held.pop().expect("machine stalled without finishing");
@@ -916,7 +922,9 @@ fn a_machine_kept_after_a_failed_command_still_delivers_and_finishes() {
                 m.handle_response(Time::ZERO, token, reply);
             }
             Effect::Event(_) => {}
-            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => unreachable!("no direct links"),
+            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => {
+                unreachable!("no direct links")
+            }
             Effect::Done(outcome) => break outcome,
         }
     };

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 /// `attachment` object: `media_type`, `name`, `size`, `data_base64`),
 /// `edited` and `deleted` (with the `target` message's id), `joined`, `member_added`, `member_removed`, `member_left`,
 /// `group_changed`, `removed`, `warning`, `tampering`, `delivered`,
-/// `connected`, `reconnecting`, `disconnected`.
+/// `connected`, `reconnecting`, `disconnected`, `direct_link` (a member
+/// reached directly, `up`, or no longer).
 pub fn event(e: &Event) -> Value {
     match e {
         Event::Delivered { group, message_id } => {
@@ -27,6 +28,17 @@ pub fn event(e: &Event) -> Value {
         } => json!({"type": "reconnecting", "reason": reason, "retry_in_ms": retry_in_ms}),
         Event::Disconnected { reason, permanent } => {
             json!({"type": "disconnected", "reason": reason, "permanent": permanent})
+        }
+        Event::DirectLink {
+            peer,
+            peer_name,
+            up,
+        } => {
+            let mut v = json!({"type": "direct_link", "peer": hex(peer.as_bytes()), "up": up});
+            if let Some(name) = peer_name {
+                v["peer_name"] = json!(name);
+            }
+            v
         }
         Event::Message {
             group,

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod display;
 mod drive;
 pub mod json;
+mod links;
 mod session;
 pub mod state_file;
 mod trust;
@@ -40,6 +41,7 @@ use quicproquo_proto::{
 use rand_core::{OsRng, RngCore};
 
 pub use drive::{Clock, DriveError, Lost, call, connect_failure, drive};
+pub use links::DirectConfig;
 pub use session::{
     CLOSE_GRACE, COMMANDS_QUEUED, ConnectProblem, EVENTS_BUFFERED, Session, SessionConfig,
     SessionError,

@@ -13,8 +13,8 @@ use clap::{Parser, Subcommand};
 use quicproquo_client::display::{Names, escape_control, short_key};
 use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
 use quicproquo_client::{
-    Client, ClientError, Clock, DriveError, ServerTrust, Session, SessionConfig, SessionError,
-    daemon,
+    Client, ClientError, Clock, DirectConfig, DriveError, ServerTrust, Session, SessionConfig,
+    SessionError, daemon,
 };
 use quicproquo_core::ErrorKind;
 use quicproquo_core::client::{
@@ -181,6 +181,8 @@ enum Cmd {
         /// without it they are only announced.
         #[arg(long, value_name = "DIR")]
         save_dir: Option<PathBuf>,
+        #[command(flatten)]
+        direct: DirectArgs,
     },
     /// Keep a session open and serve it as JSON lines, for scripts and bots.
     ///
@@ -203,7 +205,39 @@ enum Cmd {
         /// Serve only stdin/stdout, no socket.
         #[arg(long, conflicts_with = "socket")]
         no_socket: bool,
+        #[command(flatten)]
+        direct: DirectArgs,
     },
+}
+
+/// Direct links to members, for a session (`recv --stream`, `daemon`):
+/// messages to a member reached directly go to them without a server
+/// copy; Commits, invitations and everything to the others go through
+/// the server as always.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct DirectArgs {
+    /// Answer members directly on this UDP address (e.g. 0.0.0.0:7444;
+    /// port 0 picks one). Only members of your groups are admitted.
+    #[arg(long, env = "QPQ_DIRECT_LISTEN", value_name = "ADDR")]
+    direct_listen: Option<std::net::SocketAddr>,
+    /// A member's direct address, as MEMBER=HOST:PORT with MEMBER their
+    /// contact name or identity key; repeatable. Implies listening (on any
+    /// port without --direct-listen).
+    #[arg(long = "direct-peer", value_name = "MEMBER=HOST:PORT")]
+    direct_peers: Vec<String>,
+    /// Find members on the local network with mDNS and announce yourself
+    /// there (`_qpq._udp.local`, under an id derived from your key).
+    /// Implies listening.
+    #[arg(long)]
+    mdns: bool,
+}
+
+impl DirectArgs {
+    /// The session's direct configuration, if any direct option is given.
+    fn config(&self) -> anyhow::Result<Option<DirectConfig>> {
+        DirectConfig::from_options(self.direct_listen, &self.direct_peers, self.mdns)
+            .map_err(|e| anyhow!("--direct-peer: {e}"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -380,7 +414,9 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     }
     match &cli.command {
         Cmd::Recv { stream: true, .. } => return stream(&cli, out).await,
-        Cmd::Daemon { socket, no_socket } => {
+        Cmd::Daemon {
+            socket, no_socket, ..
+        } => {
             let socket = (!no_socket).then(|| {
                 socket
                     .clone()
@@ -873,10 +909,15 @@ async fn serve_daemon(cli: &Cli, socket: Option<PathBuf>) -> anyhow::Result<()> 
 /// Opens the session of `qpq recv --stream` and `qpq daemon`.
 async fn open_session(cli: &Cli) -> anyhow::Result<Session> {
     let password = password(&cli.state, false)?;
+    let direct = match &cli.command {
+        Cmd::Recv { direct, .. } | Cmd::Daemon { direct, .. } => direct.config()?,
+        _ => None,
+    };
     let config = SessionConfig {
         state: cli.state.clone(),
         server: cli.server.clone(),
         trust: trust(cli)?,
+        direct,
     };
     Session::open(config, &password)
         .await
@@ -1278,7 +1319,11 @@ impl Output {
         if self.json {
             let mut v = quicproquo_client::json::event(e);
             // The contact name beside each key that has one.
-            for (field, named) in [("member", "member_name"), ("by", "by_name")] {
+            for (field, named) in [
+                ("member", "member_name"),
+                ("by", "by_name"),
+                ("peer", "peer_name"),
+            ] {
                 let key = v[field].as_str().and_then(|k| daemon::parse_key(k).ok());
                 if let Some(name) = key.as_ref().and_then(|k| names.name(k)) {
                     v[named] = json!(name);
@@ -1405,6 +1450,16 @@ impl Output {
                 "* {} left {}",
                 names.who(member),
                 escape_control(group)
+            ),
+            Event::DirectLink { peer, up: true, .. } => {
+                say!(self, "* {} is reached directly", names.who(peer))
+            }
+            Event::DirectLink {
+                peer, up: false, ..
+            } => say!(
+                self,
+                "* {} is no longer reached directly; messages to them go through the server",
+                names.who(peer)
             ),
             Event::Tampering { what } => note!(self, "TAMPERING: {}", escape_control(what)),
             Event::Warning { message } => note!(self, "warning: {}", escape_control(message)),

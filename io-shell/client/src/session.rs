@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::drive::{Clock, Lost, call, connect_failure, lost_reason};
+use crate::links::{DirectConfig, Links, News};
 use crate::state_file::{self, KdfParams, StateFileError, StateKey, StateLock};
 use crate::{Client, ClientError, ServerTrust, TrustError};
 
@@ -63,6 +64,9 @@ pub struct SessionConfig {
     pub server: String,
     /// How the server's certificate is trusted.
     pub trust: ServerTrust,
+    /// Direct links to members, if any: where to answer them and how to
+    /// reach them. Without, every message goes through the server.
+    pub direct: Option<DirectConfig>,
 }
 
 /// Why a session could not open or a call on it failed.
@@ -147,6 +151,7 @@ pub struct Session {
     tx: mpsc::Sender<Call>,
     task: std::sync::Mutex<Option<JoinHandle<Result<(), SessionError>>>>,
     problem: Arc<std::sync::Mutex<Option<ConnectProblem>>>,
+    direct_addr: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
 }
 
 impl Session {
@@ -229,6 +234,7 @@ impl Session {
         let (tx, rx) = mpsc::channel(COMMANDS_QUEUED);
         let (events_tx, events) = mpsc::channel(EVENTS_BUFFERED);
         let problem = Arc::new(std::sync::Mutex::new(None));
+        let direct_addr = Arc::new(std::sync::Mutex::new(None));
         let runner = Runner {
             signing_key: machine.signing_key().clone(),
             machine,
@@ -237,6 +243,8 @@ impl Session {
             clock: Clock::new(),
             subscribers: vec![events_tx],
             problem: problem.clone(),
+            links: None,
+            direct_addr: direct_addr.clone(),
             _lock: lock,
         };
         let task = tokio::spawn(runner.run(rx));
@@ -245,6 +253,7 @@ impl Session {
             tx,
             task: std::sync::Mutex::new(Some(task)),
             problem,
+            direct_addr,
         };
         (session, events)
     }
@@ -252,6 +261,22 @@ impl Session {
     /// This user's identity key.
     pub fn identity_key(&self) -> IdentityKey {
         self.identity
+    }
+
+    /// Where this session answers direct links, once its endpoint is
+    /// bound (`None` without direct links).
+    pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
+        self.direct_addr.lock().ok().and_then(|a| *a)
+    }
+
+    /// The members reached directly right now.
+    pub async fn direct_links(&self) -> Result<Vec<IdentityKey>, SessionError> {
+        self.ask(|reply| {
+            Call::Read(Box::new(move |m| {
+                let _ = reply.send(m.direct_links());
+            }))
+        })
+        .await
     }
 
     /// Every event from now on, in order.
@@ -463,6 +488,10 @@ struct Runner {
     subscribers: Vec<mpsc::Sender<Event>>,
     /// Why the last connection attempt failed, for [`Session::connect_problem`].
     problem: Arc<std::sync::Mutex<Option<ConnectProblem>>>,
+    /// Direct links, when the configuration asks for them.
+    links: Option<Links>,
+    /// Where the direct endpoint answers, once bound.
+    direct_addr: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
     /// Held for the session's life: one writer per state file.
     _lock: StateLock,
 }
@@ -479,6 +508,7 @@ impl Runner {
     async fn run(mut self, mut rx: mpsc::Receiver<Call>) -> Result<(), SessionError> {
         let now = self.clock.now();
         self.machine.handle_listen(now, true);
+        self.start_links().await;
         let mut client: Option<Client> = None;
         let mut calls: JoinSet<(u64, Result<_, Lost>)> = JoinSet::new();
         let mut connecting: Option<Connecting> = None;
@@ -535,6 +565,12 @@ impl Runner {
                     Some(Err(_)) => continue,
                     None => {}
                 }
+                if let Some(links) = self.links.as_mut()
+                    && let Some(news) = links.try_news()
+                {
+                    links.on_news(news, &mut self.machine, self.clock.now());
+                    continue;
+                }
                 if closing.is_none()
                     && let Ok(call) = rx.try_recv()
                 {
@@ -550,6 +586,7 @@ impl Runner {
                 let _ = reply.send(result);
             }
             let mut fed = false;
+            let mut membership = false;
             for effect in held {
                 match effect {
                     Effect::Connect => {
@@ -576,9 +613,39 @@ impl Runner {
                             fed = true;
                         }
                     },
-                    Effect::Event(e) => self.publish(e).await,
+                    Effect::Event(e) => {
+                        membership |= changes_membership(&e);
+                        self.publish(e).await;
+                    }
+                    Effect::DirectSend {
+                        token,
+                        peer,
+                        message,
+                    } => {
+                        let sent = self
+                            .links
+                            .as_mut()
+                            .is_some_and(|l| l.send(token, peer, message));
+                        if !sent {
+                            self.machine
+                                .handle_direct_answer(self.clock.now(), token, false);
+                            fed = true;
+                        }
+                    }
+                    Effect::DirectAnswer { token, taken } => {
+                        if let Some(l) = self.links.as_mut() {
+                            l.answer(token, taken);
+                        }
+                    }
                     Effect::Persist | Effect::Done(_) => {}
                 }
+            }
+            if membership && let Some(links) = self.links.as_mut() {
+                // Whom to admit changed: links to former members close
+                // (which the machine hears), new members are dialed.
+                links.refresh_allowed(&mut self.machine, self.clock.now());
+                links.dial_due();
+                fed = true;
             }
             if let Some((_, by)) = &closing
                 && (running.is_none() || tokio::time::Instant::now() >= *by)
@@ -590,6 +657,7 @@ impl Runner {
             }
             let deadline = self.machine.poll_timeout().map(|t| self.clock.instant(t));
             let close_by = closing.as_ref().map(|(_, by)| *by);
+            let next_dial = self.links.as_ref().and_then(Links::next_dial);
             tokio::select! {
                 call = rx.recv(), if closing.is_none() => match call {
                     Some(call) => self.take_call(call, &mut waiting, &mut closing),
@@ -622,10 +690,23 @@ impl Runner {
                     self.machine.handle_timeout(self.clock.now());
                 }
                 () = sleep_until(close_by), if close_by.is_some() => {}
+                news = next_news(&mut self.links) => {
+                    if let (Some(news), Some(links)) = (news, self.links.as_mut()) {
+                        links.on_news(news, &mut self.machine, self.clock.now());
+                    }
+                }
+                () = sleep_until(next_dial), if next_dial.is_some() => {
+                    if let Some(links) = self.links.as_mut() {
+                        links.dial_due();
+                    }
+                }
             }
         }
         // Closing: nothing more goes out; what is in flight goes again with
         // the next session (enqueues carry their message id).
+        if let Some(links) = self.links.as_mut() {
+            links.close();
+        }
         self.machine.handle_listen(self.clock.now(), false);
         calls.abort_all();
         if let Some(c) = connecting.take() {
@@ -666,6 +747,32 @@ impl Runner {
         }
     }
 
+    /// Binds the direct endpoint if the configuration asks for one; a
+    /// failure is shown and the session goes on through the server alone.
+    async fn start_links(&mut self) {
+        let Some(config) = self.config.direct.clone() else {
+            return;
+        };
+        match Links::start(&config, &self.signing_key, &self.machine) {
+            Ok((mut links, warnings)) => {
+                if let Ok(mut a) = self.direct_addr.lock() {
+                    *a = links.local_addr();
+                }
+                links.dial_due();
+                self.links = Some(links);
+                for message in warnings {
+                    self.publish(Event::Warning { message }).await;
+                }
+            }
+            Err(e) => {
+                self.publish(Event::Warning {
+                    message: format!("direct links are off: {e}"),
+                })
+                .await;
+            }
+        }
+    }
+
     fn set_problem(&self, problem: Option<ConnectProblem>) {
         if let Ok(mut p) = self.problem.lock() {
             *p = problem;
@@ -691,6 +798,27 @@ impl Runner {
             self.subscribers.remove(i);
         }
     }
+}
+
+/// The next news of the direct links; never, without them.
+async fn next_news(links: &mut Option<Links>) -> Option<News> {
+    match links {
+        Some(l) => l.news().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether an event may change whom this user shares a group with.
+fn changes_membership(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::Joined { .. }
+            | Event::Removed { .. }
+            | Event::MemberAdded { .. }
+            | Event::MemberRemoved { .. }
+            | Event::MemberLeft { .. }
+            | Event::GroupChanged { .. }
+    )
 }
 
 async fn wait_connect(connecting: &mut Option<Connecting>) -> Result<Client, ClientError> {

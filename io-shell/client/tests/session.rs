@@ -26,6 +26,7 @@ fn config(dir: &std::path::Path, name: &str, server: &Server) -> SessionConfig {
         state: dir.join(format!("{name}.bin")),
         server: server.addr.clone(),
         trust: ServerTrust::fingerprint_hex(&server.fingerprint).unwrap(),
+        direct: None,
     }
 }
 

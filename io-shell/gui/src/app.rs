@@ -332,8 +332,14 @@ impl QpqApp {
         let mut naming = None;
         for key in &keys {
             let who = self.model.who(key);
+            // Reached over a direct link: messages to them need no server.
+            let shown = if self.model.direct.contains(key) {
+                format!("{who} · direct")
+            } else {
+                who.clone()
+            };
             ui.push_id(key.as_bytes(), |ui| {
-                ui.add(egui::Label::new(&who).truncate());
+                ui.add(egui::Label::new(&shown).truncate());
                 if Some(*key) != me {
                     ui.horizontal(|ui| {
                         // Short on screen, whole for screen readers.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
-use quicproquo_client::{ServerTrust, Session, SessionConfig};
+use quicproquo_client::{DirectConfig, ServerTrust, Session, SessionConfig};
 use quicproquo_core::client::Event;
 use quicproquo_core::types::IdentityKey;
 use serde::{Deserialize, Serialize};
@@ -134,20 +134,32 @@ impl Bridge {
     }
 }
 
-/// Where the app keeps its files.
+/// Where the app keeps its files, and how its session reaches members
+/// directly.
 #[derive(Debug, Clone)]
 pub struct Paths {
     /// The encrypted state file.
     pub state: PathBuf,
     /// The server and its pinned fingerprint, chosen at the first run.
     pub settings: PathBuf,
+    /// Direct links (the command line's `--direct-*` and `--mdns`).
+    pub direct: Option<DirectConfig>,
 }
 
 impl Paths {
-    /// The state file at `state`, its settings beside it.
+    /// The state file at `state`, its settings beside it; no direct links.
     pub fn beside(state: PathBuf) -> Paths {
         let settings = state.with_extension("server.json");
-        Paths { state, settings }
+        Paths {
+            state,
+            settings,
+            direct: None,
+        }
+    }
+
+    /// The same, with these direct links.
+    pub fn with_direct(self, direct: Option<DirectConfig>) -> Paths {
+        Paths { direct, ..self }
     }
 }
 
@@ -222,6 +234,7 @@ async fn create(paths: &Paths, settings: &Settings, password: &str) -> Result<Se
         state: paths.state.clone(),
         server: settings.server.clone(),
         trust,
+        direct: paths.direct.clone(),
     };
     Session::create(config, password)
         .await
@@ -238,6 +251,7 @@ async fn open(paths: &Paths, password: &str) -> Result<Session, String> {
         state: paths.state.clone(),
         server: settings.server,
         trust,
+        direct: paths.direct.clone(),
     };
     Session::open(config, password)
         .await

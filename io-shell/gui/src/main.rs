@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use eframe::egui;
+use quicproquo_client::DirectConfig;
 use quicproquo_gui::APP_ID;
 use quicproquo_gui::app::QpqApp;
 use quicproquo_gui::bridge::{Bridge, Paths};
@@ -28,6 +29,19 @@ struct Args {
     /// `<state>.server.json`.
     #[arg(long, env = "QPQ_STATE")]
     state: Option<PathBuf>,
+    /// Answer members directly on this UDP address (e.g. 0.0.0.0:7444;
+    /// port 0 picks one). Only members of your groups are admitted;
+    /// messages to a member reached directly need no server.
+    #[arg(long, env = "QPQ_DIRECT_LISTEN", value_name = "ADDR")]
+    direct_listen: Option<std::net::SocketAddr>,
+    /// A member's direct address, as MEMBER=HOST:PORT with MEMBER their
+    /// contact name or identity key; repeatable. Implies listening.
+    #[arg(long = "direct-peer", value_name = "MEMBER=HOST:PORT")]
+    direct_peers: Vec<String>,
+    /// Find members on the local network with mDNS and announce yourself
+    /// there. Implies listening.
+    #[arg(long)]
+    mdns: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +66,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         Screen::FirstRun
     };
+    let direct = DirectConfig::from_options(args.direct_listen, &args.direct_peers, args.mdns)
+        .map_err(|e| anyhow::anyhow!("--direct-peer: {e}"))?;
+    let paths = Paths::beside(state).with_direct(direct);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
@@ -66,8 +83,7 @@ fn main() -> anyhow::Result<()> {
         options,
         Box::new(move |cc| {
             let ctx = cc.egui_ctx.clone();
-            let bridge =
-                Bridge::spawn(&handle, Paths::beside(state), move || ctx.request_repaint());
+            let bridge = Bridge::spawn(&handle, paths, move || ctx.request_repaint());
             let app = QpqApp::new(screen, bridge);
             Ok(Box::new(match stats {
                 Some(stats) => app.with_stats(stats),

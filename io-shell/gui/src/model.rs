@@ -3,7 +3,7 @@
 //! ([`crate::app`]); nothing here waits, draws or does I/O, so it is tested
 //! as plain values.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use quicproquo_client::display::{Names, short_key};
 use quicproquo_core::client::{ContentId, Event, GroupSummary};
@@ -195,6 +195,8 @@ pub struct Model {
     pub busy: bool,
     /// KeyPackages were uploaded (or topped up) since opening.
     pub registered: bool,
+    /// Members reached over a direct link right now.
+    pub direct: BTreeSet<IdentityKey>,
     names: Names,
 }
 
@@ -210,6 +212,7 @@ impl Model {
             notices: Vec::new(),
             busy: false,
             registered: false,
+            direct: BTreeSet::new(),
             names: Names::default(),
         }
     }
@@ -478,6 +481,14 @@ impl Model {
                 self.connection = Connection::Offline {
                     reason: clean_text(&reason),
                 }
+            }
+            Event::DirectLink { peer, up: true, .. } => {
+                self.direct.insert(peer);
+            }
+            Event::DirectLink {
+                peer, up: false, ..
+            } => {
+                self.direct.remove(&peer);
             }
             _ => {}
         }

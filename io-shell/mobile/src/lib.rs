@@ -340,6 +340,7 @@ impl SessionSettings {
             state: PathBuf::from(&self.state_path),
             server: self.server.clone(),
             trust,
+            direct: None,
         })
     }
 }

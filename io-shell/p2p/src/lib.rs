@@ -45,11 +45,11 @@ use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use quicproquo_core::limits::{
     CHANNEL_ID_BYTES_MAX, DIRECT_ACK_TIMEOUT, DIRECT_CONNECT_TIMEOUT, DIRECT_CONNECTIONS_MAX,
-    DIRECT_HEADER_BYTES_MAX, DIRECT_IDLE_TIMEOUT, DIRECT_STREAMS_MAX, MESSAGE_ID_BYTES,
-    PAYLOAD_BYTES_MAX,
+    DIRECT_HEADER_BYTES_MAX, DIRECT_IDLE_TIMEOUT, DIRECT_KEEP_ALIVE, DIRECT_STREAMS_MAX,
+    MESSAGE_ID_BYTES, PAYLOAD_BYTES_MAX,
 };
-pub use quicproquo_core::protocol::DirectMessage;
 use quicproquo_core::protocol::DIRECT_FRAME_VERSION;
+pub use quicproquo_core::protocol::DirectMessage;
 use quicproquo_core::types::{ChannelId, IdentityKey, MessageId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -348,6 +348,7 @@ fn transport() -> Result<Arc<quinn::TransportConfig>, P2pError> {
         quinn::IdleTimeout::try_from(DIRECT_IDLE_TIMEOUT)
             .map_err(|e| P2pError::Tls(e.to_string()))?,
     ));
+    t.keep_alive_interval(Some(DIRECT_KEEP_ALIVE));
     Ok(Arc::new(t))
 }
 
@@ -489,6 +490,11 @@ impl Link {
     /// The peer's identity.
     pub fn peer(&self) -> IdentityKey {
         self.peer
+    }
+
+    /// This connection's id, distinct among the endpoint's connections.
+    pub fn id(&self) -> usize {
+        self.conn.stable_id()
     }
 
     /// Sends `message` and waits for the peer's answer, at most

@@ -1138,6 +1138,9 @@ async fn drive(
             }
             Effect::Event(e) => events.push(e),
             Effect::Done(outcome) => return (events, outcome),
+            Effect::DirectSend { .. } | Effect::DirectAnswer { .. } => {
+                unreachable!("no direct links here")
+            }
         }
     }
 }

@@ -160,9 +160,11 @@ fn a_message_to_a_member_with_a_link_goes_only_directly_and_is_shown_once() {
         log.outcome
     );
     // The link came up, and the message was delivered.
-    assert!(log.events.iter().any(
-        |e| matches!(e, Event::DirectLink { peer, up: true, .. } if *peer == bob)
-    ));
+    assert!(
+        log.events
+            .iter()
+            .any(|e| matches!(e, Event::DirectLink { peer, up: true, .. } if *peer == bob))
+    );
     assert!(
         log.events
             .iter()
@@ -243,7 +245,14 @@ fn commits_go_through_the_server_and_a_direct_one_is_refused() {
         },
     );
     let mut log = Log::default();
-    carry(&mut w, 0, &mut m, std::slice::from_mut(&mut bob), false, &mut log);
+    carry(
+        &mut w,
+        0,
+        &mut m,
+        std::slice::from_mut(&mut bob),
+        false,
+        &mut log,
+    );
     assert!(matches!(log.outcome, Some(Ok(_))), "{:?}", log.outcome);
     assert!(log.direct.is_empty());
     assert!(log.enqueued_to.contains(&w.key(1)));
@@ -282,7 +291,14 @@ fn a_direct_message_from_a_non_member_or_for_an_unknown_channel_is_refused() {
     w.texts(1);
     let mut bob = peer(&mut w, 1);
     // Alice sends with a link to Bob; the message is taken.
-    let log = send_with_links(&mut w, 0, "team", "real", std::slice::from_mut(&mut bob), false);
+    let log = send_with_links(
+        &mut w,
+        0,
+        "team",
+        "real",
+        std::slice::from_mut(&mut bob),
+        false,
+    );
     let (message, taken) = log.direct[0].clone();
     assert!(taken);
     // Dave, no member, offers a message on the group's channel: refused,

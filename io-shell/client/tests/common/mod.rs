@@ -119,6 +119,9 @@ impl Server {
                 fingerprint = Some(rest.trim().to_owned());
             }
         }
+        // Whatever it prints later (the metrics address, ...) is read and
+        // dropped: a closed pipe would stop it.
+        std::thread::spawn(move || lines.for_each(drop));
         Server {
             child: Some(child),
             addr: addr.unwrap(),

@@ -1,0 +1,457 @@
+//! A session's direct links to other members (`quicproquo-p2p`): the
+//! endpoint, the connections, and the tasks that dial, accept, receive and
+//! send, reporting to the session's task as [`News`].
+//!
+//! The machine decides what goes directly and what a direct message
+//! means; this only carries messages and says which peers are reachable.
+//! Only members of this user's groups are admitted, both ways
+//! ([`ClientMachine::direct_peers_allowed`], refreshed when membership
+//! changes). A member with a given address (`host:port`), or one mDNS
+//! finds when it is on, is dialed when it has no link, and again every
+//! [`DIRECT_REDIAL`] while it has none. A send that goes unanswered
+//! within [`DIRECT_ACK_TIMEOUT`](quicproquo_core::limits::DIRECT_ACK_TIMEOUT)
+//! closes its link: the message goes through the server, and the link is
+//! dialed again later.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use ed25519_dalek::SigningKey;
+use quicproquo_core::Time;
+use quicproquo_core::client::ClientMachine;
+use quicproquo_core::limits::{DIRECT_CONNECT_TIMEOUT, DIRECT_REDIAL};
+use quicproquo_core::protocol::DirectMessage;
+use quicproquo_core::types::IdentityKey;
+use quicproquo_p2p::discovery::Discovery;
+use quicproquo_p2p::{Ack, Admit, Endpoint, Link, P2pError, Received};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Direct links of a session: where to listen and whom to reach.
+#[derive(Debug, Clone, Default)]
+pub struct DirectConfig {
+    /// The UDP address to answer members on (`0.0.0.0:0` for any port).
+    pub listen: Option<SocketAddr>,
+    /// Members' addresses: (the member's identity key in hex or contact
+    /// name, `host:port`).
+    pub peers: Vec<(String, String)>,
+    /// Announce this endpoint and find members on the local network with
+    /// mDNS (`_qpq._udp.local`).
+    pub mdns: bool,
+}
+
+impl DirectConfig {
+    /// The configuration the command-line options ask for: `None` when no
+    /// option is given; any option turns listening on (on any port without
+    /// `listen`). Each peer is `MEMBER=HOST:PORT`.
+    pub fn from_options(
+        listen: Option<SocketAddr>,
+        peers: &[String],
+        mdns: bool,
+    ) -> Result<Option<DirectConfig>, String> {
+        if listen.is_none() && peers.is_empty() && !mdns {
+            return Ok(None);
+        }
+        let peers = peers
+            .iter()
+            .map(|p| {
+                p.split_once('=')
+                    .filter(|(m, a)| !m.is_empty() && !a.is_empty())
+                    .map(|(m, a)| (m.to_owned(), a.to_owned()))
+                    .ok_or_else(|| format!("direct peer {p:?}: expected MEMBER=HOST:PORT"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(DirectConfig {
+            listen,
+            peers,
+            mdns,
+        }))
+    }
+}
+
+/// What the link tasks report to the session's task.
+pub(crate) enum News {
+    /// A connection to a peer is up (dialed or accepted).
+    Up(Link),
+    /// A connection closed.
+    Down { peer: IdentityKey, link: usize },
+    /// Dialing a peer failed.
+    DialFailed(IdentityKey),
+    /// A peer sent a message.
+    Message {
+        peer: IdentityKey,
+        received: Received,
+    },
+    /// The peer's answer to a direct send, or why there was none.
+    Answer {
+        token: u64,
+        peer: IdentityKey,
+        link: usize,
+        result: Result<Ack, P2pError>,
+    },
+}
+
+/// News the tasks may have queued before they wait for the session.
+const NEWS_QUEUED: usize = 256;
+
+/// The session's direct links.
+pub(crate) struct Links {
+    endpoint: Arc<Endpoint>,
+    allowed: Arc<RwLock<BTreeSet<IdentityKey>>>,
+    /// Open connections by peer; the last one carries sends.
+    open: HashMap<IdentityKey, Vec<Link>>,
+    addresses: BTreeMap<IdentityKey, String>,
+    discovery: Option<Arc<Discovery>>,
+    /// One mDNS query at a time (they share the daemon's browse).
+    finding: Arc<tokio::sync::Mutex<()>>,
+    /// Peers being dialed.
+    dialing: BTreeSet<IdentityKey>,
+    /// Peers not to dial before this.
+    not_before: BTreeMap<IdentityKey, Instant>,
+    /// Messages waiting for the machine's answer, by its token.
+    received: HashMap<u64, Received>,
+    next_token: u64,
+    news_tx: mpsc::Sender<News>,
+    news_rx: mpsc::Receiver<News>,
+    tasks: JoinSet<()>,
+}
+
+impl Links {
+    /// Binds the endpoint and starts answering members (and announcing
+    /// with mDNS if asked). Call inside a tokio runtime.
+    /// Members named in `config.peers` that are neither a key nor a
+    /// contact are left out, each with a warning in the second value.
+    pub fn start(
+        config: &DirectConfig,
+        key: &SigningKey,
+        machine: &ClientMachine,
+    ) -> Result<(Links, Vec<String>), P2pError> {
+        let mut warnings = Vec::new();
+        let contacts = machine.contacts();
+        let mut addresses = BTreeMap::new();
+        for (member, address) in &config.peers {
+            let key = IdentityKey::from_hex(member).or_else(|| {
+                contacts
+                    .iter()
+                    .find(|(name, _)| name == member)
+                    .map(|(_, k)| *k)
+            });
+            match key {
+                Some(k) => {
+                    addresses.insert(k, address.clone());
+                }
+                None => warnings.push(format!(
+                    "direct peer {member:?} is neither an identity key nor a contact; left out"
+                )),
+            }
+        }
+        let allowed = Arc::new(RwLock::new(machine.direct_peers_allowed()));
+        let admit: Admit = {
+            let allowed = allowed.clone();
+            Arc::new(move |peer: &IdentityKey| {
+                allowed.read().map(|a| a.contains(peer)).unwrap_or(false)
+            })
+        };
+        let listen = config
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let endpoint = Arc::new(Endpoint::bind(listen, key, admit)?);
+        let discovery = if config.mdns {
+            let d = Discovery::start()?;
+            d.announce(&endpoint.identity(), endpoint.local_addr()?.port())?;
+            Some(Arc::new(d))
+        } else {
+            None
+        };
+        let (news_tx, news_rx) = mpsc::channel(NEWS_QUEUED);
+        let mut tasks = JoinSet::new();
+        {
+            let endpoint = endpoint.clone();
+            let news = news_tx.clone();
+            tasks.spawn(async move {
+                while let Some(link) = endpoint.accept().await {
+                    if news.send(News::Up(link)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let links = Links {
+            endpoint,
+            allowed,
+            open: HashMap::new(),
+            addresses,
+            discovery,
+            finding: Arc::new(tokio::sync::Mutex::new(())),
+            dialing: BTreeSet::new(),
+            not_before: BTreeMap::new(),
+            received: HashMap::new(),
+            next_token: 0,
+            news_tx,
+            news_rx,
+            tasks,
+        };
+        Ok((links, warnings))
+    }
+
+    /// Where the endpoint answers.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// The next news, waiting for it.
+    pub async fn news(&mut self) -> Option<News> {
+        self.news_rx.recv().await
+    }
+
+    /// The next news if one is ready.
+    pub fn try_news(&mut self) -> Option<News> {
+        self.news_rx.try_recv().ok()
+    }
+
+    /// Takes the members admitted from the machine (after membership
+    /// changed); links to anyone else close.
+    pub fn refresh_allowed(&mut self, machine: &mut ClientMachine, now: Time) {
+        let allowed = machine.direct_peers_allowed();
+        let gone: Vec<IdentityKey> = self
+            .open
+            .keys()
+            .filter(|p| !allowed.contains(p))
+            .copied()
+            .collect();
+        for peer in gone {
+            for link in self.open.remove(&peer).unwrap_or_default() {
+                link.close();
+            }
+            machine.handle_direct_link(now, peer, false);
+        }
+        if let Ok(mut a) = self.allowed.write() {
+            *a = allowed;
+        }
+    }
+
+    /// Dials every admitted peer with no link whose time has come and
+    /// whose address is known (or, with mDNS, findable).
+    pub fn dial_due(&mut self) {
+        let now = Instant::now();
+        let allowed: Vec<IdentityKey> = self
+            .allowed
+            .read()
+            .map(|a| a.iter().copied().collect())
+            .unwrap_or_default();
+        for peer in allowed {
+            if self.open.contains_key(&peer)
+                || self.dialing.contains(&peer)
+                || self.not_before.get(&peer).is_some_and(|t| *t > now)
+            {
+                continue;
+            }
+            let address = self.addresses.get(&peer).cloned();
+            if address.is_none() && self.discovery.is_none() {
+                continue;
+            }
+            self.dialing.insert(peer);
+            self.not_before.insert(peer, now + DIRECT_REDIAL);
+            let (endpoint, discovery, finding, news) = (
+                self.endpoint.clone(),
+                self.discovery.clone(),
+                self.finding.clone(),
+                self.news_tx.clone(),
+            );
+            self.tasks.spawn(async move {
+                let found = dial(&endpoint, discovery.as_deref(), &finding, peer, address).await;
+                let news_of = match found {
+                    Ok(link) => News::Up(link),
+                    Err(e) => {
+                        tracing::debug!("direct link to {} not made: {e}", peer.short());
+                        News::DialFailed(peer)
+                    }
+                };
+                let _ = news.send(news_of).await;
+            });
+        }
+    }
+
+    /// When [`Self::dial_due`] has something to do next.
+    pub fn next_dial(&self) -> Option<Instant> {
+        let allowed = self.allowed.read().ok()?;
+        allowed
+            .iter()
+            .filter(|p| !self.open.contains_key(p) && !self.dialing.contains(p))
+            .filter(|p| self.discovery.is_some() || self.addresses.contains_key(p))
+            .map(|p| self.not_before.get(p).copied().unwrap_or_else(Instant::now))
+            .min()
+    }
+
+    /// Hands news to the machine.
+    pub fn on_news(&mut self, news: News, machine: &mut ClientMachine, now: Time) {
+        match news {
+            News::Up(link) => {
+                let peer = link.peer();
+                self.dialing.remove(&peer);
+                let admitted = self
+                    .allowed
+                    .read()
+                    .map(|a| a.contains(&peer))
+                    .unwrap_or(false);
+                if !admitted {
+                    link.close();
+                    return;
+                }
+                self.receive_from(link.clone());
+                let links = self.open.entry(peer).or_default();
+                links.push(link);
+                if links.len() == 1 {
+                    machine.handle_direct_link(now, peer, true);
+                }
+            }
+            News::Down { peer, link } => self.drop_link(peer, link, machine, now),
+            News::DialFailed(peer) => {
+                self.dialing.remove(&peer);
+            }
+            News::Message { peer, received } => {
+                let token = self.next_token;
+                self.next_token += 1;
+                let message = received.message.clone();
+                self.received.insert(token, received);
+                machine.handle_direct_message(now, token, peer, message);
+            }
+            News::Answer {
+                token,
+                peer,
+                link,
+                result,
+            } => {
+                let taken = match result {
+                    Ok(Ack::Taken) => true,
+                    Ok(Ack::Refused) => false,
+                    Err(e) => {
+                        // No answer in time, or the link broke: not a link
+                        // to wait on again for every message.
+                        tracing::debug!("direct send to {} failed: {e}", peer.short());
+                        self.drop_link(peer, link, machine, now);
+                        false
+                    }
+                };
+                machine.handle_direct_answer(now, token, taken);
+            }
+        }
+    }
+
+    /// Sends the machine's direct message; false if no link to `peer` is
+    /// up (the machine is answered "not taken" by the caller).
+    pub fn send(&mut self, token: u64, peer: IdentityKey, message: DirectMessage) -> bool {
+        let Some(link) = self.open.get(&peer).and_then(|l| l.last()).cloned() else {
+            return false;
+        };
+        let news = self.news_tx.clone();
+        self.tasks.spawn(async move {
+            let result = link.send(&message).await;
+            let _ = news
+                .send(News::Answer {
+                    token,
+                    peer,
+                    link: link.id(),
+                    result,
+                })
+                .await;
+        });
+        true
+    }
+
+    /// Answers a message the machine took or refused (its state is
+    /// written).
+    pub fn answer(&mut self, token: u64, taken: bool) {
+        if let Some(received) = self.received.remove(&token) {
+            let ack = if taken { Ack::Taken } else { Ack::Refused };
+            self.tasks.spawn(async move {
+                let _ = received.answer(ack).await;
+            });
+        }
+    }
+
+    /// Closes every link and stops answering and announcing.
+    pub fn close(&mut self) {
+        self.endpoint.close();
+        if let Some(d) = &self.discovery {
+            d.stop();
+        }
+        self.tasks.abort_all();
+    }
+
+    fn drop_link(&mut self, peer: IdentityKey, id: usize, machine: &mut ClientMachine, now: Time) {
+        let Some(links) = self.open.get_mut(&peer) else {
+            return;
+        };
+        links.retain(|l| {
+            if l.id() == id {
+                l.close();
+                false
+            } else {
+                true
+            }
+        });
+        if links.is_empty() {
+            self.open.remove(&peer);
+            self.not_before.insert(peer, Instant::now() + DIRECT_REDIAL);
+            machine.handle_direct_link(now, peer, false);
+        }
+    }
+
+    /// Reads the messages a connection brings until it closes.
+    fn receive_from(&mut self, link: Link) {
+        let news = self.news_tx.clone();
+        self.tasks.spawn(async move {
+            let peer = link.peer();
+            loop {
+                match link.receive().await {
+                    Ok(received) => {
+                        if news.send(News::Message { peer, received }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = news
+                            .send(News::Down {
+                                peer,
+                                link: link.id(),
+                            })
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Connects to `peer` at its given address, or where mDNS finds it.
+async fn dial(
+    endpoint: &Endpoint,
+    discovery: Option<&Discovery>,
+    finding: &tokio::sync::Mutex<()>,
+    peer: IdentityKey,
+    address: Option<String>,
+) -> Result<Link, P2pError> {
+    let candidates: Vec<SocketAddr> = match (address, discovery) {
+        (Some(address), _) => tokio::net::lookup_host(address.as_str())
+            .await
+            .map_err(|e| P2pError::Connect(format!("{address}: {e}")))?
+            .collect(),
+        (None, Some(d)) => {
+            let _one = finding.lock().await;
+            d.find(&peer, DIRECT_CONNECT_TIMEOUT).await?
+        }
+        (None, None) => Vec::new(),
+    };
+    let mut last = P2pError::Connect("no address".into());
+    for addr in candidates {
+        match endpoint.connect(addr, peer).await {
+            Ok(link) => return Ok(link),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
