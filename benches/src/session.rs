@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use quicproquo_client::state_file::{self, KdfParams, StateKey};
-use quicproquo_client::{Client, ServerTrust, Session, SessionConfig};
+use quicproquo_client::{Client, DirectConfig, ServerTrust, Session, SessionConfig};
 use quicproquo_core::client::{ClientMachine, Event};
 use quicproquo_core::node::Durability;
 use quicproquo_server::testing::InProcessServer;
@@ -99,6 +99,10 @@ pub struct SessionLoad {
     pub dir: Option<PathBuf>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Members keep direct links to each other on loopback (each session
+    /// listens on a port of its own and knows the others'): messages go
+    /// directly, with no server copy, once every link is up.
+    pub direct: bool,
 }
 
 /// The result of a run.
@@ -119,6 +123,8 @@ pub struct SessionReport {
     pub in_flight: usize,
     /// Most messages the sender let wait for `Delivered`, if limited.
     pub undelivered_max: Option<u64>,
+    /// Members kept direct links to each other.
+    pub direct: bool,
     /// Untimed setup: sessions created, registered, added, warmed up.
     pub setup_s: f64,
     /// From the first measured `send` to member 1 showing the last message.
@@ -344,7 +350,8 @@ async fn drive(
     metered: Metered<'_>,
 ) -> anyhow::Result<SessionReport> {
     let setup_start = Instant::now();
-    let (mut members, mut seen) = form_group(config.members, dir, server, trust).await?;
+    let (mut members, mut seen) =
+        form_group(config.members, dir, server, trust, config.direct).await?;
     let sender = members[0].session.clone();
 
     let total = WARMUP_MESSAGES + config.messages;
@@ -485,6 +492,7 @@ async fn drive(
         text_bytes: config.text_bytes,
         in_flight: config.in_flight,
         undelivered_max: config.undelivered_max,
+        direct: config.direct,
         setup_s,
         elapsed_s,
         messages_per_s: m / elapsed_s,
@@ -511,12 +519,15 @@ fn state_name(i: usize) -> String {
 
 /// Creates `members` sessions (member 0 first), each registered and
 /// subscribed, and puts them in one group made by member 0; returns them
-/// with the channel where their subscribers' events arrive.
+/// with the channel where their subscribers' events arrive. With
+/// `direct`, the sessions are then opened again with direct links to each
+/// other, and it returns once every link is up.
 async fn form_group(
     members: usize,
     dir: &Path,
     server: &str,
     trust: &ServerTrust,
+    direct: bool,
 ) -> anyhow::Result<(Vec<Member>, SeenRx)> {
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let mut all = Vec::with_capacity(members);
@@ -555,7 +566,69 @@ async fn form_group(
             .await
             .context("adding a member")?;
     }
+    if direct {
+        all = with_direct_links(all, server, trust, &seen_tx).await?;
+    }
     Ok((all, seen))
+}
+
+/// Closes every member's session and opens it again with direct links to
+/// all the others, on loopback ports picked now; returns once every
+/// member reaches every other directly.
+async fn with_direct_links(
+    all: Vec<Member>,
+    server: &str,
+    trust: &ServerTrust,
+    seen_tx: &mpsc::UnboundedSender<(usize, Seen, Instant)>,
+) -> anyhow::Result<Vec<Member>> {
+    let mut addrs = Vec::with_capacity(all.len());
+    for _ in &all {
+        // A free port, given up just before its session binds it.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        addrs.push(probe.local_addr()?);
+    }
+    let keys: Vec<_> = all.iter().map(|m| m.session.identity_key()).collect();
+    for m in &all {
+        m.session.close().await?;
+    }
+    let mut reopened = Vec::with_capacity(all.len());
+    for (i, m) in all.into_iter().enumerate() {
+        let peers = keys
+            .iter()
+            .zip(&addrs)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (k, a))| (quicproquo_core::types::hex(k.as_bytes()), a.to_string()))
+            .collect();
+        let config = SessionConfig {
+            state: m.state.clone(),
+            server: server.to_owned(),
+            trust: trust.clone(),
+            direct: Some(DirectConfig {
+                listen: Some(addrs[i]),
+                peers,
+                mdns: false,
+            }),
+        };
+        let (session, events) = Session::open_with_events(config, PASSWORD)
+            .await
+            .with_context(|| format!("opening member {i}'s session again"))?;
+        tokio::spawn(watch(i, events, seen_tx.clone()));
+        reopened.push(Member {
+            session: Arc::new(session),
+            state: m.state,
+        });
+    }
+    let until = Instant::now() + PATIENCE;
+    for m in &reopened {
+        while m.session.direct_links().await?.len() + 1 < keys.len() {
+            if Instant::now() > until {
+                bail!("direct links did not come up within {PATIENCE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(reopened)
 }
 
 /// Closes member `m`'s session and starts a bare receiver in its place: a
@@ -935,6 +1008,9 @@ impl SessionReport {
                 self.drained
             );
         }
+        if self.direct {
+            out += "\nmembers kept direct links to each other";
+        }
         if self.reconnects > 0 {
             out += &format!("\nreconnects: {}", self.reconnects);
         }
@@ -948,7 +1024,12 @@ mod tests {
 
     /// Runs `workload` with three members and a few messages: the run
     /// fails if a receiver misses a message, shows one twice or warns.
-    fn check(workload: Workload, in_flight: usize, receiving_sessions: Option<usize>) {
+    fn check(
+        workload: Workload,
+        in_flight: usize,
+        receiving_sessions: Option<usize>,
+        direct: bool,
+    ) -> SessionReport {
         let report = run(SessionLoad {
             workload,
             target: Target::InProcess(Durability::Fsync),
@@ -960,19 +1041,28 @@ mod tests {
             undelivered_max: None,
             dir: None,
             progress: false,
+            direct,
         })
         .expect("the run completes");
         assert_eq!(report.messages, 5);
         assert!(report.server.is_some(), "the in-process server is metered");
+        report
     }
 
     #[test]
     fn latency_run_shows_every_message_to_every_member() {
-        check(Workload::SessionLatency, 1, None);
+        check(Workload::SessionLatency, 1, None, false);
     }
 
     #[test]
     fn throughput_run_with_sends_queued_and_a_bare_receiver_shows_every_message() {
-        check(Workload::SessionThroughput, 4, Some(1));
+        check(Workload::SessionThroughput, 4, Some(1), false);
+    }
+
+    #[test]
+    fn a_direct_run_shows_every_message_and_the_server_stores_none() {
+        let report = check(Workload::SessionLatency, 1, None, true);
+        let server = report.server.expect("metered");
+        assert_eq!(server.enqueues, 0.0, "every message went directly");
     }
 }

@@ -144,6 +144,10 @@ struct LoadArgs {
     /// small) [default: send as soon as send returns].
     #[arg(long)]
     undelivered_max: Option<u64>,
+    /// Session workloads: members keep direct links to each other on
+    /// loopback, so messages go member to member with no server copy.
+    #[arg(long)]
+    direct: bool,
     /// Durability of the in-process server (session workloads without
     /// --server).
     #[arg(long, value_enum, default_value = "fsync")]
@@ -249,6 +253,7 @@ fn session_run(a: LoadArgs) -> anyhow::Result<()> {
         in_flight: a.in_flight,
         dir: a.state_dir,
         progress: !a.json,
+        direct: a.direct,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
