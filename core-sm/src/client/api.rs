@@ -259,8 +259,8 @@ pub enum Event {
         /// What.
         message: String,
     },
-    /// Every other member's queue holds this message: the server stored
-    /// it (durably) for all of them.
+    /// Every other member has this message: the server stored it
+    /// (durably) in their queues, or they took it over a direct link.
     Delivered {
         /// The group's name.
         group: String,

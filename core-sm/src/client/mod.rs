@@ -17,7 +17,8 @@
 //! memory: `Group`, `Groups`, its bounded `EarlyMessages`), `groups`
 //! (changes and the commit race), `receive` (fetching, the long-poll,
 //! processing), `outbox` (deliveries: the `Outbox` type and their
-//! sending), `keys` (KeyPackages, hybrid keys, the `PeerKeys` cache),
+//! sending), `direct` (direct links: what goes over them, what a direct
+//! message is taken for), `keys` (KeyPackages, hybrid keys, the `PeerKeys` cache),
 //! `contacts`, `members` (who changed a group), `safety` (safety numbers),
 //! `content` (what an application message carries), `mls` (MLS helpers),
 //! `state` (the persisted layout, converted from and to these types at
@@ -36,7 +37,11 @@
 //!   persisted, and a seq at or below a channel's cursor is never decrypted
 //!   again (openmls cannot decrypt a message twice).
 //! - Every enqueue goes through the persisted outbox with a fixed
-//!   `messageId`, so retries — also after a crash — are stored once.
+//!   `messageId`, so retries — also after a crash — are stored once. An
+//!   application message to a member with a direct link up may go over it
+//!   instead ([`Effect::DirectSend`]); the same id and bytes go through the
+//!   server if it is not taken, and a receiver that took it skips the
+//!   server copy.
 //! - The outbox goes out one entry per queue at a time, oldest first, so a
 //!   recipient gets a Commit before its epoch's messages and each sender's
 //!   messages in order, however the network reorders requests.

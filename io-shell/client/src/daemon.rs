@@ -29,6 +29,7 @@
 //! | `contact_remove` | `name` | `contact_removed` |
 //! | `contact_list` | | `contacts` (`contacts`: a `contact` object each) |
 //! | `group_verify` | `group` | `safety_number` (`epoch`, `digits`) |
+//! | `direct_links` | | `direct_links` (`address`: where this session answers members directly, or null; `peers`: the members reached directly now, 64 hex each) |
 //! | `shutdown` | | `shutdown`, then the daemon closes the session |
 //!
 //! Limits: a request line is at most [`DAEMON_LINE_BYTES_MAX`] bytes (a
@@ -229,6 +230,12 @@ async fn run(
             let groups = session.groups().await.map_err(|e| e.to_string())?;
             let groups: Vec<Value> = groups.iter().map(crate::json::group).collect();
             return Ok(json!({"type": "groups", "groups": groups}));
+        }
+        "direct_links" => {
+            let peers = session.direct_links().await.map_err(|e| e.to_string())?;
+            let peers: Vec<String> = peers.iter().map(|k| hex(k.as_bytes())).collect();
+            let address = session.direct_addr().map(|a| a.to_string());
+            return Ok(json!({"type": "direct_links", "address": address, "peers": peers}));
         }
         "contact_list" => {
             let contacts = session.contacts().await.map_err(|e| e.to_string())?;

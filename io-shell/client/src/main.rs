@@ -194,7 +194,7 @@ enum Cmd {
     /// come back as lines. Methods: whoami, register, group_create,
     /// group_add, group_remove, group_leave, group_list, group_verify,
     /// update, send, edit, delete, send_file, contact_add, contact_remove,
-    /// contact_list, shutdown.
+    /// contact_list, direct_links, shutdown.
     /// Other qpq commands on the same state file are carried out by the
     /// daemon through its socket. Stops on `shutdown`, SIGINT or
     /// SIGTERM (and at the end of stdin with --no-socket).

@@ -332,14 +332,14 @@ impl QpqApp {
         let mut naming = None;
         for key in &keys {
             let who = self.model.who(key);
-            // Reached over a direct link: messages to them need no server.
-            let shown = if self.model.direct.contains(key) {
-                format!("{who} · direct")
-            } else {
-                who.clone()
-            };
+            let direct = self.model.direct.contains(key);
             ui.push_id(key.as_bytes(), |ui| {
-                ui.add(egui::Label::new(&shown).truncate());
+                ui.add(egui::Label::new(&who).truncate());
+                if direct {
+                    // Reached over a direct link: messages to them need no
+                    // server.
+                    ui.small("reached directly");
+                }
                 if Some(*key) != me {
                     ui.horizontal(|ui| {
                         // Short on screen, whole for screen readers.
@@ -533,7 +533,7 @@ fn draw_line(ui: &mut egui::Ui, line: &Line) {
             let time = sent_at_ms.map(clock).unwrap_or_default();
             let state = match delivery {
                 Some(Delivery::Sending) => " · sending",
-                Some(Delivery::Stored) => " · stored on server",
+                Some(Delivery::Stored) => " · delivered",
                 None => "",
             };
             ui.label(egui::RichText::new(format!("{sender} {time}{state}")).small());

@@ -60,9 +60,10 @@ impl Connection {
 /// Where one of this user's messages stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
-    /// Queued and written; the server has not stored every copy yet.
+    /// Queued and written; not every member has it yet.
     Sending,
-    /// The server stored it for every member.
+    /// Every member has it: stored by the server, or taken over a direct
+    /// link.
     Stored,
 }
 
@@ -738,6 +739,19 @@ mod tests {
         assert_eq!(m.connection.label(), "retrying: lost");
         m.apply(Update::Event(Event::Connected));
         assert_eq!(m.connection, Connection::Connected);
+        // A member reached directly is marked until the link goes.
+        m.apply(Update::Event(Event::DirectLink {
+            peer: key(2),
+            peer_name: Some("bob".into()),
+            up: true,
+        }));
+        assert!(m.direct.contains(&key(2)));
+        m.apply(Update::Event(Event::DirectLink {
+            peer: key(2),
+            peer_name: Some("bob".into()),
+            up: false,
+        }));
+        assert!(m.direct.is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! through the accessibility tree (AT-SPI), by `real_window/drive.py`
 //! inside `real_window/run.sh` (its private X display and D-Bus session).
 //! Alice creates a group, adds Bob and Carol, all three exchange messages,
+//! the two windows (both with `--mdns`) mark each other reached directly,
 //! Alice removes Bob, and Bob never receives what she sends after. Each
 //! step's screenshot lands in `target/tmp/real-window/` (`NN-step.png`,
 //! with the apps' and server's logs).

@@ -294,6 +294,15 @@ fn the_members_panel_removes_names_and_shows_the_safety_number() {
     h.run();
     h.get_by_label("12345 67890 12345");
     h.get_by_label("Remove Bobby");
+    // A member reached over a direct link says so.
+    assert!(h.query_by_label("reached directly").is_none());
+    h.state_mut().apply(Update::Event(Event::DirectLink {
+        peer: key(2),
+        peer_name: Some("Bobby".into()),
+        up: true,
+    }));
+    h.run();
+    h.get_by_label("reached directly");
     // The QR code of this user's key draws.
     h.get_by_label("My key as QR code").click();
     h.run();

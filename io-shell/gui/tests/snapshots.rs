@@ -162,6 +162,12 @@ fn conversation() -> Harness<'static, QpqApp> {
     });
     h.state_mut().apply(Update::Registered);
     h.state_mut().apply(Update::Event(Event::Connected));
+    // Bob is on this network and reached directly.
+    h.state_mut().apply(Update::Event(Event::DirectLink {
+        peer: key(2),
+        peer_name: Some("bob".into()),
+        up: true,
+    }));
     h.run();
     h
 }

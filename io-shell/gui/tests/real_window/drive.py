@@ -8,7 +8,9 @@ with EditableText.setTextContents (AccessKit's SetValue), buttons are
 pressed with Action.doAction (AccessKit's Click), and what the windows
 show is read from the tree. No pixel coordinates, no synthetic mouse or
 keyboard. X is used directly only to move the two windows apart (for the
-screenshots) and to read the clipboard after Bob's "Copy my key".
+screenshots) and to read the clipboard after Bob's "Copy my key". Both
+apps run with --mdns, so once they share a group they reach each other
+directly, which their members panels must show.
 
   run.sh --bin target/debug --out /tmp/qpq-rw [--keep]
 
@@ -480,7 +482,9 @@ def start_app(procs, who, bindir, work, out):
     env.pop("WAYLAND_DISPLAY", None)
     env.pop("QPQ_STATE", None)
     logf = open(os.path.join(out, f"{who.lower()}-gui.log"), "w")
-    p = procs.start([os.path.join(bindir, "qpq-gui"), "--state", os.path.join(home, "state.bin")], env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+    # --mdns: the two apps find each other on this machine and keep a
+    # direct link once they share a group.
+    p = procs.start([os.path.join(bindir, "qpq-gui"), "--state", os.path.join(home, "state.bin"), "--mdns"], env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
     return App(who, p, out)
 
 
@@ -627,8 +631,8 @@ def scenario(bindir, out, work, procs):
     def send_from_app(app, text):
         app.set_text("Message", text)
         app.click("Send")
-        app.wait(f"its own message {text!r} in the conversation, stored on the server", lambda: app.find(text, role="label") and app.find("you ", role="label", prefix=True) and any(
-            n.name.startswith("you ") and "stored on server" in n.name for n in app.nodes()))
+        app.wait(f"its own message {text!r} in the conversation, delivered (stored on the server or taken directly)", lambda: app.find(text, role="label") and app.find("you ", role="label", prefix=True) and any(
+            n.name.startswith("you ") and "· delivered" in n.name for n in app.nodes()))
 
     send_from_app(alice, MSG_ALICE)
     bob.wait(f"Alice's message {MSG_ALICE!r} in the conversation", lambda: bob.find(MSG_ALICE, role="label"), others=[alice])
@@ -658,6 +662,13 @@ def scenario(bindir, out, work, procs):
     shot("conversation")
     conversation_in_trees("just after the screenshot,")
     passed("conversation screenshot taken with all three messages in both trees")
+
+    # Both apps run with --mdns: each finds the other and marks it reached
+    # directly in its members panel (Carol, on the CLI, has no link).
+    for app in apps:
+        app.wait("the members panel marking the other app's user 'reached directly'", lambda app=app: app.find("reached directly", role="label"))
+    shot("reached-directly")
+    passed("Alice and Bob reach each other directly (mDNS), and their members panels say so")
 
     # Alice removes Bob.
     bob_short = me["Bob"] + "…"
