@@ -447,6 +447,8 @@ impl Checker {
             | Event::MlsCommandDone { .. }
             | Event::MlsCommandFailed { retried: true, .. }
             | Event::MlsWarning { .. }
+            | Event::PlaintextDirect { .. }
+            | Event::DirectLink { .. }
             | Event::Fault(_) => {}
         }
     }

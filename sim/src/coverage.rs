@@ -40,6 +40,11 @@ pub struct Coverage {
     pub foreign_refused: u64,
     /// Plaintexts MLS clients showed.
     pub plaintexts_shown: u64,
+    /// Plaintexts MLS clients took over a direct link.
+    pub plaintexts_direct: u64,
+    /// Direct links that went down (and, while the run went on, were
+    /// dialed again).
+    pub direct_links_lost: u64,
     /// MLS client commands run again after a transient failure.
     pub commands_retried: u64,
     /// MLS `update`s that finished (each one Commit accepted, now or
@@ -122,6 +127,8 @@ impl Coverage {
                 }
                 Event::ForeignRequest { answered: None, .. } => c.foreign_refused += 1,
                 Event::PlaintextShown { .. } => c.plaintexts_shown += 1,
+                Event::PlaintextDirect { .. } => c.plaintexts_direct += 1,
+                Event::DirectLink { up: false, .. } => c.direct_links_lost += 1,
                 Event::MlsCommandFailed { retried: true, .. } => c.commands_retried += 1,
                 Event::MlsUpdated { moved, .. } => {
                     c.updates_made += 1;
@@ -158,6 +165,8 @@ impl Coverage {
         self.last_resort_served += other.last_resort_served;
         self.foreign_refused += other.foreign_refused;
         self.plaintexts_shown += other.plaintexts_shown;
+        self.plaintexts_direct += other.plaintexts_direct;
+        self.direct_links_lost += other.direct_links_lost;
         self.commands_retried += other.commands_retried;
         self.updates_made += other.updates_made;
         self.updates_raced += other.updates_raced;
@@ -169,7 +178,7 @@ impl fmt::Display for Coverage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} acked, {} retries ({} after delivery), {} redelivered, {} lost answers fetched again, {} server crashes ({} unsynced batches lost), {} client crashes, {} KeyPackages + {} last resort, {} foreign refused, {} plaintexts shown, {} commands retried, {} updates ({} started in the same instant as another member's, {} moved the epoch by more than one)",
+            "{} acked, {} retries ({} after delivery), {} redelivered, {} lost answers fetched again, {} server crashes ({} unsynced batches lost), {} client crashes, {} KeyPackages + {} last resort, {} foreign refused, {} plaintexts shown ({} over direct links, {} links lost), {} commands retried, {} updates ({} started in the same instant as another member's, {} moved the epoch by more than one)",
             self.messages_acked,
             self.enqueue_retries,
             self.retries_after_delivery,
@@ -182,6 +191,8 @@ impl fmt::Display for Coverage {
             self.last_resort_served,
             self.foreign_refused,
             self.plaintexts_shown,
+            self.plaintexts_direct,
+            self.direct_links_lost,
             self.commands_retried,
             self.updates_made,
             self.updates_same_instant,

@@ -42,6 +42,11 @@ pub enum Fault {
     PartitionFromHost(String),
     /// Repair the link between the server and `host`.
     Repair(String),
+    /// Drop everything between two client hosts, both ways (their direct
+    /// link).
+    PartitionPeers(String, String),
+    /// Repair the link between two client hosts.
+    RepairPeers(String, String),
     /// Crash client host `host` and start it again after the given time.
     CrashClient(String, Duration),
     /// Repair every link, turn loss off and make sure the server runs.
@@ -384,6 +389,14 @@ impl Driver<'_> {
                 self.sim.repair(SERVER_HOST, h.as_str());
                 self.note(format!("repair server <-> {h}"));
             }
+            Fault::PartitionPeers(a, b) => {
+                self.sim.partition(a.as_str(), b.as_str());
+                self.note(format!("partition {a} <-> {b}"));
+            }
+            Fault::RepairPeers(a, b) => {
+                self.sim.repair(a.as_str(), b.as_str());
+                self.note(format!("repair {a} <-> {b}"));
+            }
             Fault::CrashClient(h, down) => {
                 let now = self.sim.elapsed();
                 self.later.push((now, Later::Crash(h, down)));
@@ -447,8 +460,12 @@ impl Driver<'_> {
     fn heal(&mut self) {
         self.faults.clear();
         self.server_crash = None;
-        for h in self.clients.clone() {
+        let clients = self.clients.clone();
+        for (i, h) in clients.iter().enumerate() {
             self.sim.repair(SERVER_HOST, h.as_str());
+            for other in &clients[i + 1..] {
+                self.sim.repair(h.as_str(), other.as_str());
+            }
         }
         self.loss.set(0.0);
         let now = self.sim.elapsed();

@@ -227,6 +227,23 @@ pub enum Event {
         /// The text.
         text: String,
     },
+    /// A message an MLS client showed came over a direct link (it is also
+    /// recorded as [`Event::PlaintextShown`]).
+    PlaintextDirect {
+        /// Whose machine showed it.
+        member: IdentityKey,
+        /// The text.
+        text: String,
+    },
+    /// An MLS client's direct link to another member came up or went down.
+    DirectLink {
+        /// Whose link.
+        member: IdentityKey,
+        /// The other end.
+        peer: IdentityKey,
+        /// Up or down.
+        up: bool,
+    },
     /// A command of an MLS client finished (for the report).
     MlsCommandDone {
         /// Whose command.
@@ -499,6 +516,15 @@ pub fn brief(e: &Event) -> String {
             "mls {} shows {text:?} from {}",
             member.short(),
             sender.short()
+        ),
+        Event::PlaintextDirect { member, text } => {
+            format!("mls {} took {text:?} over a direct link", member.short())
+        }
+        Event::DirectLink { member, peer, up } => format!(
+            "mls {} direct link to {} {}",
+            member.short(),
+            peer.short(),
+            if *up { "up" } else { "down" }
         ),
         Event::MlsCommandDone {
             member,

@@ -31,13 +31,14 @@ use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::Duration;
 
-use quicproquo_client::{Clock, drive};
+use quicproquo_client::{Clock, DirectConfig, Links, admitted, drive_with_links};
 use quicproquo_core::client::{ClientMachine, Command, CommandError, Event as Shown, Outcome};
 use quicproquo_core::error::ErrorKind;
 use quicproquo_core::types::IdentityKey;
 
 use crate::actors::{Ctx, Session};
 use crate::history::Event;
+use crate::net::direct_endpoint;
 use crate::rng::Rng;
 
 /// Longest a command may take (on top of a receive's wait) before the user
@@ -48,6 +49,8 @@ const KEY_PACKAGES: u32 = 3;
 /// Longest wait of a `recv` while waiting for the group or between sends,
 /// in milliseconds.
 const RECEIVE_WAIT_MS_MAX: u64 = 1_000;
+/// The UDP port of a member's direct endpoint on its host.
+pub const DIRECT_PORT: u16 = 7444;
 
 /// One member of the group under test, with what survives its crashes.
 #[derive(Debug)]
@@ -64,6 +67,10 @@ pub struct MemberPlan {
     pub group: String,
     /// The other members (told out of band).
     pub peers: Vec<IdentityKey>,
+    /// With direct links: the other members' identities and host names
+    /// (each member's endpoint is on [`DIRECT_PORT`] of its host). Empty:
+    /// everything goes through the server.
+    pub direct_peers: Vec<(IdentityKey, String)>,
     /// What it does once it sees the whole group, in order.
     pub actions: Vec<Action>,
     /// The state file: the last snapshot the machine asked to persist.
@@ -126,6 +133,7 @@ impl MemberPlan {
             creator: false,
             group,
             peers: Vec::new(),
+            direct_peers: Vec::new(),
             actions: Vec::new(),
             state: RefCell::new(None),
             registered: Cell::new(false),
@@ -245,7 +253,7 @@ pub async fn run_member(ctx: Ctx, plan: Rc<MemberPlan>) -> turmoil::Result {
     while m.machine.outbox_len() > 0 {
         m.receive(0).await?;
     }
-    m.session.close().await;
+    m.close().await;
     ctx.progress.finish(&plan.name);
     Ok(())
 }
@@ -281,7 +289,7 @@ async fn receive_until_idle(ctx: &Ctx, plan: &Rc<MemberPlan>) -> turmoil::Result
         authenticator: numbered,
     });
     *plan.ended.borrow_mut() = epoch.zip(authenticator);
-    m.session.close().await;
+    m.close().await;
     Ok(())
 }
 
@@ -303,6 +311,9 @@ struct Member {
     /// The machine's clock (tokio's, which the simulation drives).
     clock: Clock,
     session: Session,
+    /// Direct links to the other members, if the scenario has them; they
+    /// live as long as the host runs.
+    links: Option<Links>,
     rng: Rng,
 }
 
@@ -315,14 +326,28 @@ impl Member {
         let session = Session::open(ctx, rng.seed(), Some(machine.signing_key().clone()))
             .await
             .map_err(|e| format!("{}: no endpoint: {e}", plan.name))?;
+        let links = if plan.direct_peers.is_empty() {
+            None
+        } else {
+            Some(direct_links(ctx, &plan, &machine, rng.seed()).await?)
+        };
         Ok(Member {
             ctx: ctx.clone(),
             plan,
             machine,
             clock: Clock::new(),
             session,
+            links,
             rng,
         })
+    }
+
+    /// Closes the connection and the direct links.
+    async fn close(mut self) {
+        if let Some(l) = &mut self.links {
+            l.close();
+        }
+        self.session.close().await;
     }
 
     /// The creator's part: the group, then each other member added.
@@ -392,6 +417,7 @@ impl Member {
         let warnings = Cell::new(0u32);
         let (rec, state) = (&self.ctx.rec, &self.plan.state);
         let session = &mut self.session;
+        let links = self.links.as_mut();
         let connect = async || {
             let c = session.client().await;
             if c.is_err() {
@@ -400,7 +426,7 @@ impl Member {
             c
         };
         starting();
-        let running = drive(
+        let running = drive_with_links(
             &mut self.machine,
             &self.clock,
             connect,
@@ -410,10 +436,26 @@ impl Member {
                 Ok::<(), Infallible>(())
             },
             |e| match e {
-                Shown::Message { sender, text, .. } => rec.record(Event::PlaintextShown {
+                Shown::Message {
+                    sender, text, seq, ..
+                } => {
+                    rec.record(Event::PlaintextShown {
+                        member: me,
+                        sender: *sender,
+                        text: text.clone(),
+                    });
+                    // Seq 0: it came over a direct link.
+                    if *seq == 0 {
+                        rec.record(Event::PlaintextDirect {
+                            member: me,
+                            text: text.clone(),
+                        });
+                    }
+                }
+                Shown::DirectLink { peer, up, .. } => rec.record(Event::DirectLink {
                     member: me,
-                    sender: *sender,
-                    text: text.clone(),
+                    peer: *peer,
+                    up: *up,
                 }),
                 Shown::Warning { message } | Shown::Tampering { what: message } => {
                     warnings.set(warnings.get() + 1);
@@ -424,6 +466,7 @@ impl Member {
                 }
                 _ => {}
             },
+            links,
         );
         match tokio::time::timeout(limit, running).await {
             Err(_) => {
@@ -432,6 +475,9 @@ impl Member {
                 self.failed(&what, format!("no outcome within {limit:?}"));
                 self.session.reset();
                 self.machine = restore(&self.plan, &mut self.rng)?;
+                if let Some(l) = &mut self.links {
+                    l.machine_replaced();
+                }
                 Ok(Attempt::Retry)
             }
             Ok(Err(e)) => Err(format!("{}: {what}: {e}", self.plan.name)),
@@ -500,6 +546,41 @@ impl Member {
     async fn pause(&mut self) {
         tokio::time::sleep(self.rng.millis(50, 300)).await;
     }
+}
+
+/// A member's direct links: its endpoint on [`DIRECT_PORT`], admitting
+/// the members of its groups, dialing the others at theirs.
+async fn direct_links(
+    ctx: &Ctx,
+    plan: &MemberPlan,
+    machine: &ClientMachine,
+    seed: u64,
+) -> Result<Links, String> {
+    let (allowed, admit) = admitted(machine);
+    let endpoint = direct_endpoint(DIRECT_PORT, ctx.loss.clone(), seed, machine.signing_key(), admit)
+        .await
+        .map_err(|e| format!("{}: no direct endpoint: {e}", plan.name))?;
+    let peers = plan
+        .direct_peers
+        .iter()
+        .map(|(key, host)| {
+            (
+                quicproquo_core::types::hex(key.as_bytes()),
+                format!("{}:{DIRECT_PORT}", turmoil::lookup(host.as_str())),
+            )
+        })
+        .collect();
+    let config = DirectConfig {
+        listen: None,
+        peers,
+        mdns: false,
+    };
+    let (links, warnings) = Links::with_endpoint(endpoint, allowed, &config, machine)
+        .map_err(|e| format!("{}: direct links: {e}", plan.name))?;
+    if let Some(w) = warnings.first() {
+        return Err(format!("{}: {w}", plan.name));
+    }
+    Ok(links)
 }
 
 /// The machine from the state file, or a new identity written to it.

@@ -201,6 +201,20 @@ pub async fn client_endpoint(loss: Loss, seed: u64) -> io::Result<quinn::Endpoin
     )
 }
 
+/// A member's direct endpoint (`quicproquo-p2p`) on `port` of the current
+/// host, for the identity of `key`, admitting whom `admit` admits.
+pub async fn direct_endpoint(
+    port: u16,
+    loss: Loss,
+    seed: u64,
+    key: &ed25519_dalek::SigningKey,
+    admit: quicproquo_p2p::Admit,
+) -> io::Result<quicproquo_p2p::Endpoint> {
+    let socket = SimSocket::bind(port, loss, seed).await?;
+    quicproquo_p2p::Endpoint::with_socket(endpoint_config(seed), Arc::new(socket), key, admit)
+        .map_err(io::Error::other)
+}
+
 /// quinn's default endpoint configuration with its generator seeded from
 /// `seed`: connection ids, packet-number skips, key-update intervals and
 /// the GREASE transport parameter (whose random length changes handshake

@@ -11,6 +11,7 @@
 //! | [`lost_fetch_answer`] | a fetch answer dropped after the server handled it, the recipient crashed and restarted from its saved cursor |
 //! | [`long_poll_storm`] | twelve long-polling recipients, crashed and restarted at random, with partition flaps |
 //! | [`mls_group`] | three full MLS clients form a group and chat under 5-20% loss, with client and server crashes on some seeds |
+//! | [`mls_direct`] | three MLS clients with direct links to each other chat while the links between members are cut and mended, a member's server link is cut, under 5-20% loss, with client and server crashes on some seeds |
 //! | [`mls_commits`] | three or four MLS clients rotate their keys at the same instants (racing Commits) while they chat, under 5-20% loss and partitions, with client and server crashes on some seeds |
 
 use std::rc::Rc;
@@ -106,6 +107,19 @@ pub const SCENARIOS: &[Scenario] = &[
                 && c.client_crashes > 0
                 && c.server_crashes > 0
                 && c.commands_retried > 0
+        },
+    },
+    Scenario {
+        name: "mls_direct",
+        plan: mls_direct,
+        default_seeds: 8,
+        exercises: "plaintexts taken over direct links, direct links lost and made again, and plaintexts shown across client and server crashes",
+        exercised: |c| {
+            c.plaintexts_direct > 0
+                && c.direct_links_lost > 0
+                && c.plaintexts_shown > c.plaintexts_direct
+                && c.client_crashes > 0
+                && c.server_crashes > 0
         },
     },
     Scenario {
@@ -449,6 +463,80 @@ pub fn mls_group(seed: u64) -> Plan {
         members: members.into_iter().map(Rc::new).collect(),
         ..plan(
             "mls_group",
+            seed,
+            loss,
+            latency,
+            (1, 5),
+            Workload::default().build(seed, &mut rng),
+            Vec::new(),
+            faults,
+        )
+    }
+}
+
+/// Three full MLS clients as in [`mls_group`], each with a direct link to
+/// the others (`quicproquo-p2p` over the simulated network, carried by
+/// the client library's command loop): an application message to a
+/// member reached directly goes only to them, anything else through the
+/// server. Each sends 6-10 messages. 2-4 times the link between two
+/// members is cut for 0.3-3 s and mended (their messages then go through
+/// the server, and the link is dialed again), and 0-2 times a member's
+/// link to the server is cut for 0.3-3 s (its messages to members it
+/// reaches directly go on); 5-20% loss throughout; client and server
+/// crashes as in [`mls_group`]. After the network heals every member
+/// receives until idle: each plaintext shown exactly once, in its
+/// sender's order, whichever path it took.
+pub fn mls_direct(seed: u64) -> Plan {
+    let mut rng = Rng::new(seed, "mls_direct", 0);
+    let loss = rng.float(0.05, 0.20);
+    let min = rng.millis(0, 10);
+    let latency = (min, min + rng.millis(20, 150));
+    let group = "team".to_owned();
+    let mut members: Vec<MemberPlan> = (0..3)
+        .map(|i| MemberPlan::new(format!("member-{i}"), rng.bytes(), group.clone()))
+        .collect();
+    let everyone: Vec<_> = members
+        .iter()
+        .map(|m| (m.identity, m.name.clone()))
+        .collect();
+    for (i, m) in members.iter_mut().enumerate() {
+        m.creator = i == 0;
+        m.direct_peers = everyone
+            .iter()
+            .filter(|(id, _)| *id != m.identity)
+            .cloned()
+            .collect();
+        m.peers = m.direct_peers.iter().map(|(id, _)| *id).collect();
+        m.actions = (0..rng.between(6, 10))
+            .map(|k| Action {
+                when: When::After(rng.millis(0, 1_000)),
+                what: What::Send(format!("mls/{seed}/{i}/{k}")),
+            })
+            .collect();
+    }
+    let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+    let mut faults = Vec::new();
+    for _ in 0..rng.between(2, 4) {
+        let a = rng.below(3) as usize;
+        let b = (a + 1 + rng.below(2) as usize) % 3;
+        let t = rng.millis(1_000, 12_000);
+        faults.push((t, Fault::PartitionPeers(names[a].clone(), names[b].clone())));
+        faults.push((
+            t + rng.millis(300, 3_000),
+            Fault::RepairPeers(names[a].clone(), names[b].clone()),
+        ));
+    }
+    for _ in 0..rng.between(0, 2) {
+        let h = rng.pick(&names).clone();
+        let t = rng.millis(1_000, 12_000);
+        faults.push((t, Fault::Partition(h.clone())));
+        faults.push((t + rng.millis(300, 3_000), Fault::Repair(h)));
+    }
+    faults.extend(mls_crashes(seed, &mut rng, &names));
+    Plan {
+        members: members.into_iter().map(Rc::new).collect(),
+        ..plan(
+            "mls_direct",
             seed,
             loss,
             latency,

@@ -51,6 +51,11 @@ fn mls_group() {
 }
 
 #[test]
+fn mls_direct() {
+    sweep("mls_direct");
+}
+
+#[test]
 fn mls_commits() {
     sweep("mls_commits");
 }

@@ -25,6 +25,7 @@ use quicproquo_core::error::ServiceError;
 use quicproquo_core::node::{RequestBody, Response};
 use tokio::task::JoinSet;
 
+use crate::links::{Links, News};
 use crate::{Client, ClientError};
 
 /// Why [`drive`] stopped before the command finished.
@@ -105,12 +106,33 @@ impl Default for Clock {
 pub async fn drive<E>(
     machine: &mut ClientMachine,
     clock: &Clock,
+    connect: impl AsyncFnMut() -> Result<Client, ClientError>,
+    command: Command,
+    persist: impl FnMut(&[u8]) -> Result<(), E>,
+    on_event: impl FnMut(&Event),
+) -> Result<Result<Outcome, CommandError>, DriveError<E>> {
+    drive_with_links(machine, clock, connect, command, persist, on_event, None).await
+}
+
+/// As [`drive`], with the machine's direct links to other members carried
+/// too while the command runs: its direct sends go over `links`, what
+/// members send over them reaches the machine, and members are dialed
+/// when due. The links outlive the command (a later one on the same
+/// machine takes up their news); a machine restored anew needs new links,
+/// as the tokens in their news are the old machine's.
+pub async fn drive_with_links<E>(
+    machine: &mut ClientMachine,
+    clock: &Clock,
     mut connect: impl AsyncFnMut() -> Result<Client, ClientError>,
     command: Command,
     mut persist: impl FnMut(&[u8]) -> Result<(), E>,
     mut on_event: impl FnMut(&Event),
+    mut links: Option<&mut Links>,
 ) -> Result<Result<Outcome, CommandError>, DriveError<E>> {
     machine.handle_command(clock.now(), command);
+    if let Some(l) = links.as_deref_mut() {
+        l.dial_due();
+    }
     let mut client: Option<Client> = None;
     let mut calls = JoinSet::new();
     let mut dirty = false;
@@ -142,14 +164,34 @@ pub async fn drive<E>(
                         Err(ServiceError::unavailable("not connected")),
                     ),
                 },
-                Effect::Event(e) => on_event(&e),
-                Effect::Done(result) => break 'run result,
-                // A one-shot command keeps no direct links: everything
-                // goes through the server.
-                Effect::DirectSend { token, .. } => {
-                    machine.handle_direct_answer(clock.now(), token, false);
+                Effect::Event(e) => {
+                    on_event(&e);
+                    if crate::links::changes_membership(&e)
+                        && let Some(l) = links.as_deref_mut()
+                    {
+                        l.refresh_allowed(machine, clock.now());
+                        l.dial_due();
+                    }
                 }
-                Effect::DirectAnswer { .. } => {}
+                Effect::Done(result) => break 'run result,
+                Effect::DirectSend {
+                    token,
+                    peer,
+                    message,
+                } => {
+                    let sent = links
+                        .as_deref_mut()
+                        .is_some_and(|l| l.send(token, peer, message));
+                    if !sent {
+                        // No link: it goes through the server.
+                        machine.handle_direct_answer(clock.now(), token, false);
+                    }
+                }
+                Effect::DirectAnswer { token, taken } => {
+                    if let Some(l) = links.as_deref_mut() {
+                        l.answer(token, taken);
+                    }
+                }
             }
         }
         // Nothing more to carry out until an answer comes or a retry is
@@ -160,7 +202,18 @@ pub async fn drive<E>(
             dirty = false;
         }
         let deadline = machine.poll_timeout().map(|t| clock.instant(t));
+        let next_dial = links.as_deref().and_then(Links::next_dial);
         tokio::select! {
+            news = next_news(links.as_deref_mut()) => {
+                if let (Some(news), Some(l)) = (news, links.as_deref_mut()) {
+                    l.on_news(news, machine, clock.now());
+                }
+            }
+            () = sleep_until(next_dial), if next_dial.is_some() => {
+                if let Some(l) = links.as_deref_mut() {
+                    l.dial_due();
+                }
+            }
             joined = calls.join_next(), if !calls.is_empty() => {
                 let Some(joined) = joined else { continue };
                 let (token, result) = joined.map_err(|e| DriveError::Task(e.to_string()))?;
@@ -234,6 +287,14 @@ pub fn lost_reason(client: Option<Client>) -> String {
             || "connection lost".to_owned(),
             |r| format!("connection lost: {r}"),
         )
+}
+
+/// The next news of the direct links; never, without them.
+pub(crate) async fn next_news(links: Option<&mut Links>) -> Option<News> {
+    match links {
+        Some(l) => l.news().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -71,8 +71,11 @@ impl DirectConfig {
     }
 }
 
-/// What the link tasks report to the session's task.
-pub(crate) enum News {
+/// What the link tasks report to the loop that owns the machine; hand it
+/// to [`Links::on_news`].
+pub struct News(Kind);
+
+enum Kind {
     /// A connection to a peer is up (dialed or accepted).
     Up(Link),
     /// A connection closed.
@@ -86,6 +89,8 @@ pub(crate) enum News {
     },
     /// The peer's answer to a direct send, or why there was none.
     Answer {
+        /// The machine it was sent for ([`Links::machine_replaced`]).
+        generation: u64,
         token: u64,
         peer: IdentityKey,
         link: usize,
@@ -93,11 +98,26 @@ pub(crate) enum News {
     },
 }
 
+/// The members an endpoint admits, shared between its handshakes and the
+/// [`Links`] that keep it current: made by [`admitted`].
+pub struct Allowed(Arc<RwLock<BTreeSet<IdentityKey>>>);
+
+/// The members of `machine`'s groups, and the [`Admit`] for an endpoint
+/// that admits them (and whoever [`Links::refresh_allowed`] admits later).
+pub fn admitted(machine: &ClientMachine) -> (Allowed, Admit) {
+    let allowed = Arc::new(RwLock::new(machine.direct_peers_allowed()));
+    let admit: Admit = {
+        let allowed = allowed.clone();
+        Arc::new(move |peer: &IdentityKey| allowed.read().map(|a| a.contains(peer)).unwrap_or(false))
+    };
+    (Allowed(allowed), admit)
+}
+
 /// News the tasks may have queued before they wait for the session.
 const NEWS_QUEUED: usize = 256;
 
 /// The session's direct links.
-pub(crate) struct Links {
+pub struct Links {
     endpoint: Arc<Endpoint>,
     allowed: Arc<RwLock<BTreeSet<IdentityKey>>>,
     /// Open connections by peer; the last one carries sends.
@@ -113,21 +133,42 @@ pub(crate) struct Links {
     /// Messages waiting for the machine's answer, by its token.
     received: HashMap<u64, Received>,
     next_token: u64,
-    news_tx: mpsc::Sender<News>,
-    news_rx: mpsc::Receiver<News>,
+    /// Bumped when the machine is replaced: answers to the old one's sends
+    /// are dropped (its tokens mean nothing to the new one).
+    generation: u64,
+    news_tx: mpsc::Sender<Kind>,
+    news_rx: mpsc::Receiver<Kind>,
     tasks: JoinSet<()>,
 }
 
 impl Links {
-    /// Binds the endpoint and starts answering members (and announcing
-    /// with mDNS if asked). Call inside a tokio runtime.
-    /// Members named in `config.peers` that are neither a key nor a
-    /// contact are left out, each with a warning in the second value.
+    /// Binds the endpoint on `config.listen` and starts answering members
+    /// (and announcing with mDNS if asked). Members named in
+    /// `config.peers` that are neither a key nor a contact are left out,
+    /// each with a warning in the second value. Call inside a tokio
+    /// runtime.
     pub fn start(
         config: &DirectConfig,
         key: &SigningKey,
         machine: &ClientMachine,
     ) -> Result<(Links, Vec<String>), P2pError> {
+        let (allowed, admit) = admitted(machine);
+        let listen = config
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let endpoint = Endpoint::bind(listen, key, admit)?;
+        Self::with_endpoint(endpoint, allowed, config, machine)
+    }
+
+    /// As [`Links::start`], on an endpoint the caller made (over a
+    /// simulated network, say) with the admission `admitted` returned.
+    pub fn with_endpoint(
+        endpoint: Endpoint,
+        allowed: Allowed,
+        config: &DirectConfig,
+        machine: &ClientMachine,
+    ) -> Result<(Links, Vec<String>), P2pError> {
+        let endpoint = Arc::new(endpoint);
         let mut warnings = Vec::new();
         let contacts = machine.contacts();
         let mut addresses = BTreeMap::new();
@@ -147,17 +188,6 @@ impl Links {
                 )),
             }
         }
-        let allowed = Arc::new(RwLock::new(machine.direct_peers_allowed()));
-        let admit: Admit = {
-            let allowed = allowed.clone();
-            Arc::new(move |peer: &IdentityKey| {
-                allowed.read().map(|a| a.contains(peer)).unwrap_or(false)
-            })
-        };
-        let listen = config
-            .listen
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let endpoint = Arc::new(Endpoint::bind(listen, key, admit)?);
         let discovery = if config.mdns {
             let d = Discovery::start()?;
             d.announce(&endpoint.identity(), endpoint.local_addr()?.port())?;
@@ -172,7 +202,7 @@ impl Links {
             let news = news_tx.clone();
             tasks.spawn(async move {
                 while let Some(link) = endpoint.accept().await {
-                    if news.send(News::Up(link)).await.is_err() {
+                    if news.send(Kind::Up(link)).await.is_err() {
                         return;
                     }
                 }
@@ -180,7 +210,7 @@ impl Links {
         }
         let links = Links {
             endpoint,
-            allowed,
+            allowed: allowed.0,
             open: HashMap::new(),
             addresses,
             discovery,
@@ -189,6 +219,7 @@ impl Links {
             not_before: BTreeMap::new(),
             received: HashMap::new(),
             next_token: 0,
+            generation: 0,
             news_tx,
             news_rx,
             tasks,
@@ -203,12 +234,12 @@ impl Links {
 
     /// The next news, waiting for it.
     pub async fn news(&mut self) -> Option<News> {
-        self.news_rx.recv().await
+        self.news_rx.recv().await.map(News)
     }
 
     /// The next news if one is ready.
     pub fn try_news(&mut self) -> Option<News> {
-        self.news_rx.try_recv().ok()
+        self.news_rx.try_recv().ok().map(News)
     }
 
     /// Takes the members admitted from the machine (after membership
@@ -263,10 +294,10 @@ impl Links {
             self.tasks.spawn(async move {
                 let found = dial(&endpoint, discovery.as_deref(), &finding, peer, address).await;
                 let news_of = match found {
-                    Ok(link) => News::Up(link),
+                    Ok(link) => Kind::Up(link),
                     Err(e) => {
                         tracing::debug!("direct link to {} not made: {e}", peer.short());
-                        News::DialFailed(peer)
+                        Kind::DialFailed(peer)
                     }
                 };
                 let _ = news.send(news_of).await;
@@ -287,8 +318,8 @@ impl Links {
 
     /// Hands news to the machine.
     pub fn on_news(&mut self, news: News, machine: &mut ClientMachine, now: Time) {
-        match news {
-            News::Up(link) => {
+        match news.0 {
+            Kind::Up(link) => {
                 let peer = link.peer();
                 self.dialing.remove(&peer);
                 let admitted = self
@@ -307,22 +338,28 @@ impl Links {
                     machine.handle_direct_link(now, peer, true);
                 }
             }
-            News::Down { peer, link } => self.drop_link(peer, link, machine, now),
-            News::DialFailed(peer) => {
+            Kind::Down { peer, link } => self.drop_link(peer, link, machine, now),
+            Kind::DialFailed(peer) => {
                 self.dialing.remove(&peer);
             }
-            News::Message { peer, received } => {
+            Kind::Message { peer, received } => {
                 let token = self.next_token;
                 self.next_token += 1;
                 let message = received.message.clone();
                 self.received.insert(token, received);
                 machine.handle_direct_message(now, token, peer, message);
             }
-            News::Answer {
+            Kind::Answer {
+                generation, token, ..
+            } if generation != self.generation => {
+                tracing::debug!("an answer to direct send {token} of a replaced machine dropped");
+            }
+            Kind::Answer {
                 token,
                 peer,
                 link,
                 result,
+                ..
             } => {
                 let taken = match result {
                     Ok(Ack::Taken) => true,
@@ -347,10 +384,12 @@ impl Links {
             return false;
         };
         let news = self.news_tx.clone();
+        let generation = self.generation;
         self.tasks.spawn(async move {
             let result = link.send(&message).await;
             let _ = news
-                .send(News::Answer {
+                .send(Kind::Answer {
+                    generation,
                     token,
                     peer,
                     link: link.id(),
@@ -370,6 +409,15 @@ impl Links {
                 let _ = received.answer(ack).await;
             });
         }
+    }
+
+    /// The machine was replaced by one restored from the state file (a
+    /// command given up on): answers to the old machine's sends are
+    /// dropped, and messages it had not answered go unanswered (their
+    /// streams are reset; the senders send them through the server).
+    pub fn machine_replaced(&mut self) {
+        self.generation += 1;
+        self.received.clear();
     }
 
     /// Closes every link and stops answering and announcing.
@@ -408,13 +456,13 @@ impl Links {
             loop {
                 match link.receive().await {
                     Ok(received) => {
-                        if news.send(News::Message { peer, received }).await.is_err() {
+                        if news.send(Kind::Message { peer, received }).await.is_err() {
                             return;
                         }
                     }
                     Err(_) => {
                         let _ = news
-                            .send(News::Down {
+                            .send(Kind::Down {
                                 peer,
                                 link: link.id(),
                             })
@@ -425,6 +473,21 @@ impl Links {
             }
         });
     }
+}
+
+/// Whether an event may change whom this user shares a group with (and
+/// so whom the links admit).
+pub(crate) fn changes_membership(e: &quicproquo_core::client::Event) -> bool {
+    use quicproquo_core::client::Event;
+    matches!(
+        e,
+        Event::Joined { .. }
+            | Event::Removed { .. }
+            | Event::MemberAdded { .. }
+            | Event::MemberRemoved { .. }
+            | Event::MemberLeft { .. }
+            | Event::GroupChanged { .. }
+    )
 }
 
 /// Connects to `peer` at its given address, or where mDNS finds it.

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::drive::{Clock, Lost, call, connect_failure, lost_reason};
-use crate::links::{DirectConfig, Links, News};
+use crate::links::{DirectConfig, Links};
 use crate::state_file::{self, KdfParams, StateFileError, StateKey, StateLock};
 use crate::{Client, ClientError, ServerTrust, TrustError};
 
@@ -614,7 +614,7 @@ impl Runner {
                         }
                     },
                     Effect::Event(e) => {
-                        membership |= changes_membership(&e);
+                        membership |= crate::links::changes_membership(&e);
                         self.publish(e).await;
                     }
                     Effect::DirectSend {
@@ -690,7 +690,7 @@ impl Runner {
                     self.machine.handle_timeout(self.clock.now());
                 }
                 () = sleep_until(close_by), if close_by.is_some() => {}
-                news = next_news(&mut self.links) => {
+                news = crate::drive::next_news(self.links.as_mut()) => {
                     if let (Some(news), Some(links)) = (news, self.links.as_mut()) {
                         links.on_news(news, &mut self.machine, self.clock.now());
                     }
@@ -798,27 +798,6 @@ impl Runner {
             self.subscribers.remove(i);
         }
     }
-}
-
-/// The next news of the direct links; never, without them.
-async fn next_news(links: &mut Option<Links>) -> Option<News> {
-    match links {
-        Some(l) => l.news().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Whether an event may change whom this user shares a group with.
-fn changes_membership(e: &Event) -> bool {
-    matches!(
-        e,
-        Event::Joined { .. }
-            | Event::Removed { .. }
-            | Event::MemberAdded { .. }
-            | Event::MemberRemoved { .. }
-            | Event::MemberLeft { .. }
-            | Event::GroupChanged { .. }
-    )
 }
 
 async fn wait_connect(connecting: &mut Option<Connecting>) -> Result<Client, ClientError> {

@@ -366,7 +366,57 @@ impl Endpoint {
     /// Binds `addr` (UDP) for the identity of `key`, admitting the peers
     /// `admit` accepts. Call inside a tokio runtime.
     pub fn bind(addr: SocketAddr, key: &SigningKey, admit: Admit) -> Result<Endpoint, P2pError> {
-        let identity = IdentityKey(key.verifying_key().to_bytes());
+        let (config, cert, private) = Self::server_config(key, &admit)?;
+        let endpoint = quinn::Endpoint::server(config, addr)
+            .map_err(|source| P2pError::Bind { addr, source })?;
+        Ok(Endpoint {
+            endpoint,
+            identity: IdentityKey(key.verifying_key().to_bytes()),
+            cert,
+            key: private,
+            admit: AdmitDebug(admit),
+        })
+    }
+
+    /// As [`Endpoint::bind`], over a socket of the caller's (a simulated
+    /// network's) with its endpoint configuration (a seeded one, for a
+    /// simulation that replays). Call inside a tokio runtime.
+    pub fn with_socket(
+        config: quinn::EndpointConfig,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        key: &SigningKey,
+        admit: Admit,
+    ) -> Result<Endpoint, P2pError> {
+        let (server, cert, private) = Self::server_config(key, &admit)?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            config,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| P2pError::Tls(e.to_string()))?;
+        Ok(Endpoint {
+            endpoint,
+            identity: IdentityKey(key.verifying_key().to_bytes()),
+            cert,
+            key: private,
+            admit: AdmitDebug(admit),
+        })
+    }
+
+    /// The answering side's configuration, with this identity's
+    /// certificate and key.
+    fn server_config(
+        key: &SigningKey,
+        admit: &Admit,
+    ) -> Result<
+        (
+            quinn::ServerConfig,
+            CertificateDer<'static>,
+            PrivateKeyDer<'static>,
+        ),
+        P2pError,
+    > {
         let (cert, private) = certificate(key)?;
         let verifier = Arc::new(PeerVerifier {
             provider: provider(),
@@ -388,15 +438,7 @@ impl Endpoint {
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(transport()?);
         config.max_incoming(DIRECT_CONNECTIONS_MAX as usize);
-        let endpoint = quinn::Endpoint::server(config, addr)
-            .map_err(|source| P2pError::Bind { addr, source })?;
-        Ok(Endpoint {
-            endpoint,
-            identity,
-            cert,
-            key: private,
-            admit: AdmitDebug(admit),
-        })
+        Ok((config, cert, private))
     }
 
     /// Where it listens.
