@@ -557,9 +557,15 @@ async fn direct_links(
     seed: u64,
 ) -> Result<Links, String> {
     let (allowed, admit) = admitted(machine);
-    let endpoint = direct_endpoint(DIRECT_PORT, ctx.loss.clone(), seed, machine.signing_key(), admit)
-        .await
-        .map_err(|e| format!("{}: no direct endpoint: {e}", plan.name))?;
+    let endpoint = direct_endpoint(
+        DIRECT_PORT,
+        ctx.loss.clone(),
+        seed,
+        machine.signing_key(),
+        admit,
+    )
+    .await
+    .map_err(|e| format!("{}: no direct endpoint: {e}", plan.name))?;
     let peers = plan
         .direct_peers
         .iter()

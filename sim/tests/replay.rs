@@ -36,3 +36,8 @@ fn a_seed_with_mls_clients_and_crashes_replays_identically() {
 fn a_seed_with_racing_commits_and_crashes_replays_identically() {
     check("mls_commits", 3);
 }
+
+#[test]
+fn a_seed_with_direct_links_cut_and_mended_replays_identically() {
+    check("mls_direct", 3);
+}

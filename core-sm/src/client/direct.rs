@@ -149,6 +149,12 @@ impl ClientMachine {
                 *delivered = delivered.saturating_add(1);
             }
         } else {
+            // Entries that left the outbox go from the set, so it stays
+            // within the outbox's size.
+            let outbox = &self.outbox;
+            self.direct
+                .server_only
+                .retain(|id| outbox.get(*id).is_some());
             self.direct.server_only.insert(id);
         }
         self.flush_outbox();

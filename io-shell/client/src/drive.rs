@@ -203,7 +203,10 @@ pub async fn drive_with_links<E>(
         }
         let deadline = machine.poll_timeout().map(|t| clock.instant(t));
         let next_dial = links.as_deref().and_then(Links::next_dial);
+        // In the order written, not at random: a simulation replays the
+        // same inputs in the same order (tokio's own choice is unseeded).
         tokio::select! {
+            biased;
             news = next_news(links.as_deref_mut()) => {
                 if let (Some(news), Some(l)) = (news, links.as_deref_mut()) {
                     l.on_news(news, machine, clock.now());

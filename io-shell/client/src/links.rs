@@ -13,7 +13,7 @@
 //! closes its link: the message goes through the server, and the link is
 //! dialed again later.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
@@ -79,7 +79,7 @@ enum Kind {
     /// A connection to a peer is up (dialed or accepted).
     Up(Link),
     /// A connection closed.
-    Down { peer: IdentityKey, link: usize },
+    Down { peer: IdentityKey, link: u64 },
     /// Dialing a peer failed.
     DialFailed(IdentityKey),
     /// A peer sent a message.
@@ -93,7 +93,7 @@ enum Kind {
         generation: u64,
         token: u64,
         peer: IdentityKey,
-        link: usize,
+        link: u64,
         result: Result<Ack, P2pError>,
     },
 }
@@ -108,7 +108,9 @@ pub fn admitted(machine: &ClientMachine) -> (Allowed, Admit) {
     let allowed = Arc::new(RwLock::new(machine.direct_peers_allowed()));
     let admit: Admit = {
         let allowed = allowed.clone();
-        Arc::new(move |peer: &IdentityKey| allowed.read().map(|a| a.contains(peer)).unwrap_or(false))
+        Arc::new(move |peer: &IdentityKey| {
+            allowed.read().map(|a| a.contains(peer)).unwrap_or(false)
+        })
     };
     (Allowed(allowed), admit)
 }
@@ -121,7 +123,7 @@ pub struct Links {
     endpoint: Arc<Endpoint>,
     allowed: Arc<RwLock<BTreeSet<IdentityKey>>>,
     /// Open connections by peer; the last one carries sends.
-    open: HashMap<IdentityKey, Vec<Link>>,
+    open: BTreeMap<IdentityKey, Vec<Link>>,
     addresses: BTreeMap<IdentityKey, String>,
     discovery: Option<Arc<Discovery>>,
     /// One mDNS query at a time (they share the daemon's browse).
@@ -131,7 +133,7 @@ pub struct Links {
     /// Peers not to dial before this.
     not_before: BTreeMap<IdentityKey, Instant>,
     /// Messages waiting for the machine's answer, by its token.
-    received: HashMap<u64, Received>,
+    received: BTreeMap<u64, Received>,
     next_token: u64,
     /// Bumped when the machine is replaced: answers to the old one's sends
     /// are dropped (its tokens mean nothing to the new one).
@@ -211,13 +213,13 @@ impl Links {
         let links = Links {
             endpoint,
             allowed: allowed.0,
-            open: HashMap::new(),
+            open: BTreeMap::new(),
             addresses,
             discovery,
             finding: Arc::new(tokio::sync::Mutex::new(())),
             dialing: BTreeSet::new(),
             not_before: BTreeMap::new(),
-            received: HashMap::new(),
+            received: BTreeMap::new(),
             next_token: 0,
             generation: 0,
             news_tx,
@@ -429,7 +431,7 @@ impl Links {
         self.tasks.abort_all();
     }
 
-    fn drop_link(&mut self, peer: IdentityKey, id: usize, machine: &mut ClientMachine, now: Time) {
+    fn drop_link(&mut self, peer: IdentityKey, id: u64, machine: &mut ClientMachine, now: Time) {
         let Some(links) = self.open.get_mut(&peer) else {
             return;
         };

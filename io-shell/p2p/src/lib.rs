@@ -40,6 +40,7 @@ pub mod discovery;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
@@ -360,6 +361,8 @@ pub struct Endpoint {
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
     admit: AdmitDebug,
+    /// The id of the next link made.
+    next_link: AtomicU64,
 }
 
 impl Endpoint {
@@ -375,6 +378,7 @@ impl Endpoint {
             cert,
             key: private,
             admit: AdmitDebug(admit),
+            next_link: AtomicU64::new(0),
         })
     }
 
@@ -401,6 +405,7 @@ impl Endpoint {
             cert,
             key: private,
             admit: AdmitDebug(admit),
+            next_link: AtomicU64::new(0),
         })
     }
 
@@ -486,7 +491,11 @@ impl Endpoint {
             .await
             .map_err(|_| P2pError::Timeout(DIRECT_CONNECT_TIMEOUT))?
             .map_err(|e| P2pError::Connect(e.to_string()))?;
-        Ok(Link { conn, peer })
+        Ok(Link {
+            conn,
+            peer,
+            id: self.next_link.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
     /// The next peer that connected and proved an admitted identity;
@@ -506,7 +515,13 @@ impl Endpoint {
                 .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
                 .and_then(|certs| certs.first().and_then(identity_of));
             match peer {
-                Some(peer) => return Some(Link { conn, peer }),
+                Some(peer) => {
+                    return Some(Link {
+                        conn,
+                        peer,
+                        id: self.next_link.fetch_add(1, Ordering::Relaxed),
+                    });
+                }
                 // The verifier admitted nothing else; a connection without
                 // one is closed.
                 None => conn.close(1u32.into(), b"no identity"),
@@ -526,6 +541,8 @@ impl Endpoint {
 pub struct Link {
     conn: quinn::Connection,
     peer: IdentityKey,
+    /// Distinct among the endpoint's links, in the order they were made.
+    id: u64,
 }
 
 impl Link {
@@ -534,9 +551,11 @@ impl Link {
         self.peer
     }
 
-    /// This connection's id, distinct among the endpoint's connections.
-    pub fn id(&self) -> usize {
-        self.conn.stable_id()
+    /// This link's id: distinct among the endpoint's links for its whole
+    /// life (never reused, unlike a connection's address), numbered in the
+    /// order they were made.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Sends `message` and waits for the peer's answer, at most
