@@ -459,19 +459,7 @@ pub fn mls_group(seed: u64) -> Plan {
     }
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
     let faults = mls_crashes(seed, &mut rng, &names);
-    Plan {
-        members: members.into_iter().map(Rc::new).collect(),
-        ..plan(
-            "mls_group",
-            seed,
-            loss,
-            latency,
-            (1, 5),
-            Workload::default().build(seed, &mut rng),
-            Vec::new(),
-            faults,
-        )
-    }
+    mls_plan("mls_group", seed, loss, latency, members, faults, &mut rng)
 }
 
 /// Three full MLS clients as in [`mls_group`], each with a direct link to
@@ -533,19 +521,7 @@ pub fn mls_direct(seed: u64) -> Plan {
         faults.push((t + rng.millis(300, 3_000), Fault::Repair(h)));
     }
     faults.extend(mls_crashes(seed, &mut rng, &names));
-    Plan {
-        members: members.into_iter().map(Rc::new).collect(),
-        ..plan(
-            "mls_direct",
-            seed,
-            loss,
-            latency,
-            (1, 5),
-            Workload::default().build(seed, &mut rng),
-            Vec::new(),
-            faults,
-        )
-    }
+    mls_plan("mls_direct", seed, loss, latency, members, faults, &mut rng)
 }
 
 /// Three or four full MLS clients under 5-20% loss and variable latency,
@@ -652,15 +628,37 @@ pub fn mls_commits(seed: u64) -> Plan {
         faults.push((t + rng.millis(300, 3_000), Fault::Repair(h)));
     }
     faults.extend(mls_crashes(seed, &mut rng, &names));
+    mls_plan(
+        "mls_commits",
+        seed,
+        loss,
+        latency,
+        members,
+        faults,
+        &mut rng,
+    )
+}
+
+/// The plan of an MLS scenario: its members, faults and network, the
+/// server's syncs taking 1-5 ms, and the default workload beside them.
+fn mls_plan(
+    scenario: &'static str,
+    seed: u64,
+    loss: f64,
+    latency: (Duration, Duration),
+    members: Vec<MemberPlan>,
+    faults: Vec<(Duration, Fault)>,
+    rng: &mut Rng,
+) -> Plan {
     Plan {
         members: members.into_iter().map(Rc::new).collect(),
         ..plan(
-            "mls_commits",
+            scenario,
             seed,
             loss,
             latency,
             (1, 5),
-            Workload::default().build(seed, &mut rng),
+            Workload::default().build(seed, rng),
             Vec::new(),
             faults,
         )

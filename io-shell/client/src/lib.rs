@@ -41,7 +41,7 @@ use quicproquo_proto::{
 use rand_core::{OsRng, RngCore};
 
 pub use drive::{Clock, DriveError, Lost, call, connect_failure, drive, drive_with_links};
-pub use links::{Allowed, DirectConfig, Links, News, admitted};
+pub use links::{Allowed, DirectArgs, DirectConfig, Links, News, admitted};
 pub use session::{
     CLOSE_GRACE, COMMANDS_QUEUED, ConnectProblem, EVENTS_BUFFERED, Session, SessionConfig,
     SessionError,

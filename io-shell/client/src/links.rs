@@ -71,6 +71,36 @@ impl DirectConfig {
     }
 }
 
+/// The command-line options of a session's direct links, shared by `qpq`
+/// (`daemon`, `recv --stream`) and `qpq-gui` (flatten it into a clap
+/// parser).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DirectArgs {
+    /// Answer members directly on this UDP address (e.g. 0.0.0.0:7444;
+    /// port 0 picks one). Only members of your groups are admitted;
+    /// messages to a member reached directly need no server.
+    #[arg(long, env = "QPQ_DIRECT_LISTEN", value_name = "ADDR")]
+    pub direct_listen: Option<SocketAddr>,
+    /// A member's direct address, as MEMBER=HOST:PORT with MEMBER their
+    /// contact name or identity key; repeatable. Implies listening (on any
+    /// port without --direct-listen).
+    #[arg(long = "direct-peer", value_name = "MEMBER=HOST:PORT")]
+    pub direct_peers: Vec<String>,
+    /// Find members on the local network with mDNS and announce yourself
+    /// there (`_qpq._udp.local`, under an id derived from your key).
+    /// Implies listening.
+    #[arg(long)]
+    pub mdns: bool,
+}
+
+impl DirectArgs {
+    /// The session's direct configuration, if any option is given.
+    pub fn config(&self) -> Result<Option<DirectConfig>, String> {
+        DirectConfig::from_options(self.direct_listen, &self.direct_peers, self.mdns)
+            .map_err(|e| format!("--direct-peer: {e}"))
+    }
+}
+
 /// What the link tasks report to the loop that owns the machine; hand it
 /// to [`Links::on_news`].
 pub struct News(Kind);

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use quicproquo_client::display::{Names, escape_control, short_key};
 use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
 use quicproquo_client::{
-    Client, ClientError, Clock, DirectConfig, DriveError, ServerTrust, Session, SessionConfig,
+    Client, ClientError, Clock, DirectArgs, DriveError, ServerTrust, Session, SessionConfig,
     SessionError, daemon,
 };
 use quicproquo_core::ErrorKind;
@@ -208,36 +208,6 @@ enum Cmd {
         #[command(flatten)]
         direct: DirectArgs,
     },
-}
-
-/// Direct links to members, for a session (`recv --stream`, `daemon`):
-/// messages to a member reached directly go to them without a server
-/// copy; Commits, invitations and everything to the others go through
-/// the server as always.
-#[derive(Debug, Clone, Default, clap::Args)]
-struct DirectArgs {
-    /// Answer members directly on this UDP address (e.g. 0.0.0.0:7444;
-    /// port 0 picks one). Only members of your groups are admitted.
-    #[arg(long, env = "QPQ_DIRECT_LISTEN", value_name = "ADDR")]
-    direct_listen: Option<std::net::SocketAddr>,
-    /// A member's direct address, as MEMBER=HOST:PORT with MEMBER their
-    /// contact name or identity key; repeatable. Implies listening (on any
-    /// port without --direct-listen).
-    #[arg(long = "direct-peer", value_name = "MEMBER=HOST:PORT")]
-    direct_peers: Vec<String>,
-    /// Find members on the local network with mDNS and announce yourself
-    /// there (`_qpq._udp.local`, under an id derived from your key).
-    /// Implies listening.
-    #[arg(long)]
-    mdns: bool,
-}
-
-impl DirectArgs {
-    /// The session's direct configuration, if any direct option is given.
-    fn config(&self) -> anyhow::Result<Option<DirectConfig>> {
-        DirectConfig::from_options(self.direct_listen, &self.direct_peers, self.mdns)
-            .map_err(|e| anyhow!("--direct-peer: {e}"))
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -910,7 +880,9 @@ async fn serve_daemon(cli: &Cli, socket: Option<PathBuf>) -> anyhow::Result<()> 
 async fn open_session(cli: &Cli) -> anyhow::Result<Session> {
     let password = password(&cli.state, false)?;
     let direct = match &cli.command {
-        Cmd::Recv { direct, .. } | Cmd::Daemon { direct, .. } => direct.config()?,
+        Cmd::Recv { direct, .. } | Cmd::Daemon { direct, .. } => {
+            direct.config().map_err(|e| anyhow!(e))?
+        }
         _ => None,
     };
     let config = SessionConfig {

@@ -77,14 +77,16 @@ impl User<'_> {
     }
 }
 
-#[test]
-fn members_on_two_hosts_chat_through_a_server_on_a_third() {
-    let lab = match Lab::new(&["a", "b", "s"]) {
+/// The hosts, `qpq-server` on host `s` (port 7000, `config` as its
+/// `qpq-server.toml`) and a directory for everyone's files; `None` (the
+/// test skips, saying why) where namespaces cannot be made.
+fn lab_with_server(hosts: &[&str], config: &str) -> Option<(Lab, tempfile::TempDir, Server)> {
+    let lab = match Lab::new(hosts) {
         Ok(lab) => lab,
         Err(why) => {
             assert!(!lab::required(), "QPQ_NETNS_TESTS=require: {why}");
             eprintln!("SKIPPED: network namespaces cannot be made here ({why})");
-            return;
+            return None;
         }
     };
     let dir = tempfile::tempdir().unwrap();
@@ -93,8 +95,16 @@ fn members_on_two_hosts_chat_through_a_server_on_a_third() {
         lab.command("s", common::server_binary()),
         dir.path(),
         &listen,
-        "",
+        config,
     );
+    Some((lab, dir, server))
+}
+
+#[test]
+fn members_on_two_hosts_chat_through_a_server_on_a_third() {
+    let Some((lab, dir, server)) = lab_with_server(&["a", "b", "s"], "") else {
+        return;
+    };
     let user = |host: &'static str| User {
         lab: &lab,
         host,
@@ -278,22 +288,10 @@ fn enqueues(lab: &Lab) -> u64 {
 
 #[test]
 fn members_chat_directly_keep_chatting_without_the_server_and_fall_back_to_it() {
-    let lab = match Lab::new(&["a", "b", "s", "c"]) {
-        Ok(lab) => lab,
-        Err(why) => {
-            assert!(!lab::required(), "QPQ_NETNS_TESTS=require: {why}");
-            eprintln!("SKIPPED: network namespaces cannot be made here ({why})");
-            return;
-        }
+    let config = "metrics_listen = \"127.0.0.1:9464\"\n";
+    let Some((lab, dir, server)) = lab_with_server(&["a", "b", "s", "c"], config) else {
+        return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let listen = format!("{}:7000", lab.addr("s"));
-    let server = Server::start_as(
-        lab.command("s", common::server_binary()),
-        dir.path(),
-        &listen,
-        "metrics_listen = \"127.0.0.1:9464\"\n",
-    );
     let user = |host: &'static str| User {
         lab: &lab,
         host,

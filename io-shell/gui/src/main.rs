@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use eframe::egui;
-use quicproquo_client::DirectConfig;
+use quicproquo_client::DirectArgs;
 use quicproquo_gui::APP_ID;
 use quicproquo_gui::app::QpqApp;
 use quicproquo_gui::bridge::{Bridge, Paths};
@@ -29,19 +29,8 @@ struct Args {
     /// `<state>.server.json`.
     #[arg(long, env = "QPQ_STATE")]
     state: Option<PathBuf>,
-    /// Answer members directly on this UDP address (e.g. 0.0.0.0:7444;
-    /// port 0 picks one). Only members of your groups are admitted;
-    /// messages to a member reached directly need no server.
-    #[arg(long, env = "QPQ_DIRECT_LISTEN", value_name = "ADDR")]
-    direct_listen: Option<std::net::SocketAddr>,
-    /// A member's direct address, as MEMBER=HOST:PORT with MEMBER their
-    /// contact name or identity key; repeatable. Implies listening.
-    #[arg(long = "direct-peer", value_name = "MEMBER=HOST:PORT")]
-    direct_peers: Vec<String>,
-    /// Find members on the local network with mDNS and announce yourself
-    /// there. Implies listening.
-    #[arg(long)]
-    mdns: bool,
+    #[command(flatten)]
+    direct: DirectArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,8 +55,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         Screen::FirstRun
     };
-    let direct = DirectConfig::from_options(args.direct_listen, &args.direct_peers, args.mdns)
-        .map_err(|e| anyhow::anyhow!("--direct-peer: {e}"))?;
+    let direct = args.direct.config().map_err(anyhow::Error::msg)?;
     let paths = Paths::beside(state).with_direct(direct);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let options = eframe::NativeOptions {

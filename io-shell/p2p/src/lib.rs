@@ -372,14 +372,7 @@ impl Endpoint {
         let (config, cert, private) = Self::server_config(key, &admit)?;
         let endpoint = quinn::Endpoint::server(config, addr)
             .map_err(|source| P2pError::Bind { addr, source })?;
-        Ok(Endpoint {
-            endpoint,
-            identity: IdentityKey(key.verifying_key().to_bytes()),
-            cert,
-            key: private,
-            admit: AdmitDebug(admit),
-            next_link: AtomicU64::new(0),
-        })
+        Ok(Self::around(endpoint, key, cert, private, admit))
     }
 
     /// As [`Endpoint::bind`], over a socket of the caller's (a simulated
@@ -391,7 +384,7 @@ impl Endpoint {
         key: &SigningKey,
         admit: Admit,
     ) -> Result<Endpoint, P2pError> {
-        let (server, cert, private) = Self::server_config(key, &admit)?;
+        let (server, server_cert, private) = Self::server_config(key, &admit)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             config,
             Some(server),
@@ -399,14 +392,24 @@ impl Endpoint {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| P2pError::Tls(e.to_string()))?;
-        Ok(Endpoint {
+        Ok(Self::around(endpoint, key, server_cert, private, admit))
+    }
+
+    fn around(
+        endpoint: quinn::Endpoint,
+        key: &SigningKey,
+        cert: CertificateDer<'static>,
+        private: PrivateKeyDer<'static>,
+        admit: Admit,
+    ) -> Endpoint {
+        Endpoint {
             endpoint,
             identity: IdentityKey(key.verifying_key().to_bytes()),
             cert,
             key: private,
             admit: AdmitDebug(admit),
             next_link: AtomicU64::new(0),
-        })
+        }
     }
 
     /// The answering side's configuration, with this identity's
