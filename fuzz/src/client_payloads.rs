@@ -16,6 +16,15 @@
 //! effects) with one `Done`; every message shown was really sent by A,
 //! and none twice; B joins at most one group (`h`); and the state B
 //! persists restores.
+//!
+//! Target `client_direct` ([`run_direct`]) feeds the same B what members
+//! send over direct links instead: from A, from C (not in B's copy of
+//! `g`), from B itself or from a stranger, on `g`'s channel or any other,
+//! with any `after_seq`, carrying the same payloads; links that come up
+//! and go down; and B's own sends, whose direct sends and enqueues the
+//! input answers. Checked besides: every direct message is answered once,
+//! "taken" only after the state that took it was persisted; a message is
+//! shown from a direct link only if A sent it on `g` in B's epoch.
 
 use std::collections::VecDeque;
 use std::sync::OnceLock;
@@ -24,8 +33,10 @@ use quicproquo_core::client::{ClientMachine, Command, Effect, Event, Outcome};
 use quicproquo_core::node::{
     ChannelMessages, NodeConfig, QueuedMessage, Reply, RequestBody, Response,
 };
+use quicproquo_core::protocol::DirectMessage;
 use quicproquo_core::testing::{Hooks, NodeWorld};
 use quicproquo_core::types::IdentityKey;
+use quicproquo_core::types::{ChannelId, MessageId};
 use quicproquo_core::{ErrorKind, ServiceError, Time};
 
 /// Effects one run may produce before it counts as not terminating.
@@ -109,6 +120,157 @@ pub fn run(data: &[u8]) -> Vec<Event> {
     }
     ClientMachine::restore(&m.snapshot(), [0x78; 32]).expect("persisted state restores");
     events
+}
+
+/// The target `client_direct`: B takes (or refuses) what the input sends
+/// it over direct links, and sends over its own; returns the events shown.
+pub fn run_direct(data: &[u8]) -> Vec<Event> {
+    let f = fixture();
+    let mut input = Input(data);
+    let mut m = ClientMachine::restore(&f.snapshot, [0x79; 32]).expect("the fixture restores");
+    let g = m
+        .groups()
+        .iter()
+        .find(|s| s.name == "g")
+        .map(|s| s.channel_id)
+        .expect("B is in g");
+    let stranger = IdentityKey([0x42; 32]);
+    let from_byte = |b: u8, m: &ClientMachine| match b % 4 {
+        0 => f.sender,
+        1 => f.c,
+        2 => m.identity_key(),
+        _ => stranger,
+    };
+    let mut events = Vec::new();
+    let mut token = 0u64;
+    let mut steps = 0;
+    while let Some(tag) = input.byte() {
+        steps += 1;
+        if steps > DIRECT_STEPS_MAX {
+            break;
+        }
+        match tag % 4 {
+            0 | 1 => {
+                let from = from_byte(input.byte().unwrap_or(0), &m);
+                let channel = match input.byte().unwrap_or(0) % 3 {
+                    0 | 1 => g,
+                    _ => {
+                        let len = usize::from(input.byte().unwrap_or(0) % 17);
+                        ChannelId::try_from_slice(input.bytes(len)).unwrap_or(ChannelId::DEFAULT)
+                    }
+                };
+                let after_seq = match input.byte().unwrap_or(0) % 3 {
+                    0 => 0,
+                    1 => u64::from(input.byte().unwrap_or(0)),
+                    _ => input.u64(),
+                };
+                let payload = payload(&mut input, f);
+                token += 1;
+                m.handle_direct_message(
+                    Time::ZERO,
+                    token,
+                    from,
+                    DirectMessage {
+                        channel,
+                        message_id: MessageId([7; 16]),
+                        after_seq,
+                        payload,
+                    },
+                );
+                let mut persisted = false;
+                let mut answers = 0;
+                while let Some(effect) = m.poll_effect() {
+                    match effect {
+                        Effect::Persist => persisted = true,
+                        Effect::DirectAnswer { token: t, taken } => {
+                            assert_eq!(t, token, "the answer names its message");
+                            assert!(!taken || persisted, "taken before it was persisted");
+                            answers += 1;
+                        }
+                        Effect::Event(e) => {
+                            if matches!(e, Event::Message { .. }) {
+                                assert!(persisted, "shown before it was persisted");
+                                assert_eq!(from, f.sender, "a direct message shown from {from:?}");
+                            }
+                            events.push(e);
+                        }
+                        // A direct message makes no request of its own.
+                        other => panic!("unexpected effect of a direct message: {other:?}"),
+                    }
+                }
+                assert_eq!(answers, 1, "every direct message is answered once");
+            }
+            2 => {
+                let peer = from_byte(input.byte().unwrap_or(0), &m);
+                let up = input.byte().unwrap_or(0) & 1 == 1;
+                m.handle_direct_link(Time::ZERO, peer, up);
+                drain_sending(&mut m, &mut input, &mut events);
+            }
+            _ => {
+                m.handle_command(
+                    Time::ZERO,
+                    Command::Send {
+                        group: "g".into(),
+                        text: "from b".into(),
+                    },
+                );
+                drain_sending(&mut m, &mut input, &mut events);
+            }
+        }
+    }
+    let own: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Message { sender, .. } if *sender == m.identity_key()))
+        .collect();
+    assert!(own.is_empty(), "B was shown its own message: {own:?}");
+    check_events(&events, f);
+    ClientMachine::restore(&m.snapshot(), [0x7a; 32]).expect("persisted state restores");
+    events
+}
+
+/// Steps of one `client_direct` run at most.
+const DIRECT_STEPS_MAX: usize = 64;
+
+/// Carries out B's effects while it sends: direct sends and enqueues are
+/// answered from the input, retries come due at once.
+fn drain_sending(m: &mut ClientMachine, input: &mut Input<'_>, events: &mut Vec<Event>) {
+    let mut now = Time::ZERO;
+    for _ in 0..EFFECTS_MAX {
+        match m.poll_effect() {
+            Some(Effect::Persist | Effect::Done(_)) => {}
+            Some(Effect::Connect) => m.handle_connected(now),
+            Some(Effect::Event(e)) => events.push(e),
+            Some(Effect::DirectSend { token, .. }) => {
+                let taken = input.byte().unwrap_or(0) & 1 == 1;
+                m.handle_direct_answer(now, token, taken);
+            }
+            Some(Effect::DirectAnswer { .. }) => panic!("an answer nobody asked for"),
+            Some(Effect::Request { token, request }) => {
+                let reply = match (input.byte().unwrap_or(0) % 3, &request) {
+                    (0, _) => Err(ServiceError::unavailable("fuzz")),
+                    (_, RequestBody::Enqueue { .. }) => Ok(Response::Enqueued {
+                        seq: u64::from(input.byte().unwrap_or(1)),
+                    }),
+                    (_, RequestBody::EnqueueBatch { recipient_keys, .. }) => {
+                        Ok(Response::EnqueuedBatch {
+                            seqs: recipient_keys.iter().map(|_| 1).collect(),
+                        })
+                    }
+                    _ => Err(ServiceError::unavailable("fuzz: not answered")),
+                };
+                m.handle_response(now, token, reply);
+            }
+            None => match m.poll_timeout() {
+                // A retry's time: the clock jumps there, at most so far.
+                Some(at) if at.as_micros() < 60_000_000 => {
+                    now = now.max(at);
+                    m.handle_timeout(now);
+                }
+                _ => return,
+            },
+        }
+    }
+    panic!("B's send did not settle within {EFFECTS_MAX} effects");
 }
 
 fn check_events(events: &[Event], f: &Fixture) {
@@ -536,6 +698,182 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>, bool)> {
     ]
 }
 
+// ----- seeds of client_direct ------------------------------------------------
+
+/// Who sends a direct message in a seed (or whose link changes).
+#[derive(Debug, Clone, Copy)]
+pub enum SeedFrom {
+    /// A, the real sender.
+    A = 0,
+    /// C, not in B's copy of `g`.
+    C = 1,
+    /// B itself.
+    B = 2,
+    /// Nobody B knows.
+    Stranger = 3,
+}
+
+/// One step of a `client_direct` seed.
+#[derive(Debug, Clone)]
+pub enum DirectStep {
+    /// A direct message on `g`'s channel, or on these channel bytes.
+    Message {
+        /// Its sender.
+        from: SeedFrom,
+        /// `None`: `g`'s channel.
+        channel: Option<Vec<u8>>,
+        /// Its `after_seq`.
+        after_seq: u64,
+        /// Its payload.
+        payload: SeedPayload,
+    },
+    /// A link to `peer` goes up or down; B's sends then are answered with
+    /// `answers` (one byte each, as [`DirectStep::Send`]).
+    Link {
+        /// The peer.
+        peer: SeedFrom,
+        /// Up or down.
+        up: bool,
+        /// Answers to what it sends meanwhile.
+        answers: Vec<u8>,
+    },
+    /// B sends "from b" to `g`; each byte answers one direct send (odd:
+    /// taken) or request (0 mod 3: unavailable, else stored) in turn.
+    Send(Vec<u8>),
+}
+
+/// Encodes a `client_direct` run.
+pub fn encode_direct(steps: &[DirectStep]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in steps {
+        match s {
+            DirectStep::Message {
+                from,
+                channel,
+                after_seq,
+                payload,
+            } => {
+                out.extend([0, *from as u8]);
+                match channel {
+                    None => out.push(0),
+                    Some(bytes) => {
+                        out.extend([2, u8::try_from(bytes.len()).unwrap_or(16)]);
+                        out.extend(bytes);
+                    }
+                }
+                out.push(2);
+                out.extend(after_seq.to_be_bytes());
+                encode_payload(&mut out, payload);
+            }
+            DirectStep::Link { peer, up, answers } => {
+                out.extend([2, *peer as u8, u8::from(*up)]);
+                out.extend(answers);
+            }
+            DirectStep::Send(answers) => {
+                out.push(3);
+                out.extend(answers);
+            }
+        }
+    }
+    out
+}
+
+/// Seeds of `client_direct`, each with the texts it must show.
+pub fn direct_seeds() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
+    use DirectStep as D;
+    use SeedPayload as P;
+    let message = |from, after_seq, payload| D::Message {
+        from,
+        channel: None,
+        after_seq,
+        payload,
+    };
+    vec![
+        (
+            "direct_message",
+            encode_direct(&[message(SeedFrom::A, 0, P::Real(real::MESSAGE_G))]),
+            vec![TEXTS[0]],
+        ),
+        (
+            "direct_twice",
+            encode_direct(&[
+                message(SeedFrom::A, 0, P::Real(real::MESSAGE_G)),
+                message(SeedFrom::A, 0, P::Real(real::MESSAGE_G)),
+            ]),
+            vec![TEXTS[0]],
+        ),
+        (
+            "direct_refused",
+            encode_direct(&[
+                message(SeedFrom::Stranger, 0, P::Real(real::MESSAGE_G)),
+                message(SeedFrom::C, 0, P::Real(real::MESSAGE_G)),
+                message(SeedFrom::A, 0, P::Real(real::COMMIT_G)),
+                message(SeedFrom::A, 0, P::Real(real::MESSAGE_G_AFTER_COMMIT)),
+                message(SeedFrom::A, 0, P::Real(real::WELCOME_H)),
+                message(SeedFrom::A, u64::MAX, P::Real(real::MESSAGE_G)),
+                D::Message {
+                    from: SeedFrom::A,
+                    channel: Some(vec![9; 16]),
+                    after_seq: 0,
+                    payload: P::Real(real::MESSAGE_H),
+                },
+                // Only now the real one, in order.
+                message(SeedFrom::A, 0, P::Real(real::MESSAGE_G)),
+            ]),
+            vec![TEXTS[0]],
+        ),
+        (
+            "direct_send",
+            encode_direct(&[
+                D::Link {
+                    peer: SeedFrom::A,
+                    up: true,
+                    answers: vec![],
+                },
+                D::Send(vec![1]),
+                D::Send(vec![0, 1, 1]),
+                D::Link {
+                    peer: SeedFrom::A,
+                    up: false,
+                    answers: vec![],
+                },
+                D::Send(vec![1, 5]),
+            ]),
+            vec![],
+        ),
+        (
+            "direct_garbage",
+            encode_direct(&[
+                D::Message {
+                    from: SeedFrom::A,
+                    channel: Some(b"chan5".to_vec()),
+                    after_seq: 1,
+                    payload: P::Raw(b"not an envelope".to_vec()),
+                },
+                message(SeedFrom::B, 0, P::GroupEnvelope(b"not MLS".to_vec())),
+                message(
+                    SeedFrom::A,
+                    0,
+                    P::Mutated {
+                        index: real::MESSAGE_G,
+                        pos: 60,
+                        xor: 1,
+                    },
+                ),
+                message(
+                    SeedFrom::A,
+                    0,
+                    P::Truncated {
+                        index: real::MESSAGE_G,
+                        len: 50,
+                    },
+                ),
+            ]),
+            vec![],
+        ),
+    ]
+}
+
 // ----- the world -------------------------------------------------------------
 
 /// B's state in group `g` and what A sent afterwards.
@@ -544,6 +882,9 @@ pub struct Fixture {
     pub snapshot: Vec<u8>,
     /// A's identity, the only sender of real messages.
     pub sender: IdentityKey,
+    /// C's identity (a member of `g` only after A's Commit, which B has
+    /// not processed).
+    pub c: IdentityKey,
     /// A's captured payloads for B (see [`real`]).
     pub real: Vec<Vec<u8>>,
 }
@@ -654,6 +995,7 @@ fn build_fixture() -> Fixture {
     Fixture {
         snapshot,
         sender: a.identity_key(),
+        c: c_key,
         real,
     }
 }
