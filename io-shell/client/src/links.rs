@@ -145,6 +145,9 @@ pub fn admitted(machine: &ClientMachine) -> (Allowed, Admit) {
     (Allowed(allowed), admit)
 }
 
+/// Links kept to one peer: one it dialed and one it was dialed on.
+const LINKS_PER_PEER_MAX: usize = 2;
+
 /// News the tasks may have queued before they wait for the session.
 const NEWS_QUEUED: usize = 256;
 
@@ -366,6 +369,11 @@ impl Links {
                 self.receive_from(link.clone());
                 let links = self.open.entry(peer).or_default();
                 links.push(link);
+                // One each way is all two members need; a peer that
+                // keeps connecting replaces its oldest link.
+                if links.len() > LINKS_PER_PEER_MAX {
+                    links.remove(0).close();
+                }
                 if links.len() == 1 {
                     machine.handle_direct_link(now, peer, true);
                 }

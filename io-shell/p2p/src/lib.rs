@@ -468,6 +468,11 @@ impl Endpoint {
         if !(self.admit.0)(&peer) {
             return Err(P2pError::NotAdmitted(peer.short()));
         }
+        if self.endpoint.open_connections() >= DIRECT_CONNECTIONS_MAX as usize {
+            return Err(P2pError::Connect(format!(
+                "{DIRECT_CONNECTIONS_MAX} direct connections are open already"
+            )));
+        }
         let verifier = Arc::new(PeerVerifier {
             provider: provider(),
             expect: Some(peer),
@@ -517,6 +522,12 @@ impl Endpoint {
                 .peer_identity()
                 .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
                 .and_then(|certs| certs.first().and_then(identity_of));
+            // Counting this one: a peer cannot hold more than the limit
+            // open, however often it connects.
+            if self.endpoint.open_connections() > DIRECT_CONNECTIONS_MAX as usize {
+                conn.close(2u32.into(), b"too many connections");
+                continue;
+            }
             match peer {
                 Some(peer) => {
                     return Some(Link {

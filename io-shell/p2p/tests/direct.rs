@@ -268,3 +268,23 @@ async fn no_certificate_another_alpn_or_a_non_ed25519_key_is_refused() {
     );
     assert!(rx.try_recv().is_err(), "nothing reached Bob");
 }
+
+#[tokio::test]
+async fn an_endpoint_keeps_at_most_its_limit_of_connections_open() {
+    use quicproquo_core::limits::DIRECT_CONNECTIONS_MAX;
+    let (alice, bob) = (key(), key());
+    let b = Arc::new(Endpoint::bind(loopback(), &bob, admitting(&[&alice])).unwrap());
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    serve(b.clone(), Ack::Taken, tx);
+    let a = Endpoint::bind(loopback(), &alice, admitting(&[&bob])).unwrap();
+    let mut links = Vec::new();
+    for _ in 0..DIRECT_CONNECTIONS_MAX {
+        links.push(a.connect(b.local_addr().unwrap(), id(&bob)).await.unwrap());
+    }
+    let more = a.connect(b.local_addr().unwrap(), id(&bob)).await;
+    assert!(matches!(more, Err(P2pError::Connect(_))), "{more:?}");
+    // One closed makes room again.
+    links.pop().unwrap().close();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(a.connect(b.local_addr().unwrap(), id(&bob)).await.is_ok());
+}
