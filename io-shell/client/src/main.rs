@@ -41,10 +41,19 @@ macro_rules! note {
     };
 }
 
+/// What `qpq --version` prints: the crate version and the commit it was
+/// built from (`unknown` outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("QPQ_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "qpq",
-    version,
+    version = VERSION,
     about = "quicproquo: end-to-end encrypted group messaging (MLS) over QUIC",
     long_about = "quicproquo: end-to-end encrypted group messaging (MLS, RFC 9420) over QUIC.\n\n\
 Start with `qpq init`, then `qpq register`. Share the key `qpq whoami` prints; \

@@ -1278,3 +1278,28 @@ fn contacts_name_peers_and_members_compare_safety_numbers() {
     let error = bob.fail(&["contact", "remove", "alice"], &[]);
     assert!(error.contains("no contact named `alice`"), "{error}");
 }
+
+/// `--version` of both binaries names the crate version and the commit
+/// they were built from (12 hex digits; `unknown` outside a git checkout).
+#[test]
+fn both_binaries_name_their_version_and_commit() {
+    for (bin, name) in [
+        (std::path::PathBuf::from(env!("CARGO_BIN_EXE_qpq")), "qpq"),
+        (common::server_binary(), "qpq-server"),
+    ] {
+        let out = std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .expect("run --version");
+        assert!(out.status.success(), "{name} --version");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let rest = text
+            .strip_prefix(&format!("{name} {} (commit ", env!("CARGO_PKG_VERSION")))
+            .and_then(|r| r.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{name} --version printed {text:?}"));
+        assert!(
+            rest == "unknown" || (rest.len() == 12 && rest.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{name} --version printed {text:?}"
+        );
+    }
+}

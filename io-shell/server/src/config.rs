@@ -78,11 +78,20 @@ pub mod transport {
     pub const SWEEP_INTERVAL_MS: u64 = 60_000;
 }
 
+/// What `qpq-server --version` prints: the crate version and the commit
+/// it was built from (`unknown` outside a git checkout).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("QPQ_GIT_COMMIT"),
+    ")"
+);
+
 /// Command-line flags; each also reads its `QPQ_*` variable.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "qpq-server",
-    version,
+    version = VERSION,
     about = "quicproquo NodeService: end-to-end encrypted group messaging delivery over QUIC",
     long_about = "quicproquo NodeService: stores single-use MLS KeyPackages and per-recipient \
 message queues for qpq clients, over QUIC + TLS 1.3, in an embedded database.\n\n\

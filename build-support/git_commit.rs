@@ -1,0 +1,36 @@
+// Included by the build scripts of `qpq` and `qpq-server`: sets
+// `QPQ_GIT_COMMIT` to the commit the binary is built from (12 hex digits),
+// or `unknown` outside a git checkout (a source archive), for `--version`.
+
+fn git_commit() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let git = root.join(".git");
+    // Rebuilt when HEAD moves: its file, and the branch file it names.
+    if git.join("HEAD").exists() {
+        println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
+    } else {
+        println!("cargo:rerun-if-changed=build.rs");
+    }
+    if let Ok(head) = std::fs::read_to_string(git.join("HEAD"))
+        && let Some(branch) = head.trim().strip_prefix("ref: ")
+    {
+        // Only files that exist: cargo reruns a script for a missing one
+        // on every build.
+        for file in [git.join(branch), git.join("packed-refs")] {
+            if file.exists() {
+                println!("cargo:rerun-if-changed={}", file.display());
+            }
+        }
+    }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=QPQ_GIT_COMMIT={commit}");
+}
