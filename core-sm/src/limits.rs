@@ -1,7 +1,8 @@
 //! Every limit of the core in one place, each with the reason for its
 //! value, in sections: the wire, the Authentication Service, the Delivery
-//! Service, waiting, connections and rate limits (the NodeService), and
-//! the client machine. Operators can change the ones that
+//! Service, waiting, connections and rate limits (the NodeService), the
+//! client machine, direct links between members, and the server's backups.
+//! Operators can change the ones that
 //! [`crate::node::NodeConfig`] carries through `qpq-server.toml`; the rest
 //! are protocol constants.
 //!
@@ -288,3 +289,45 @@ pub const DIRECT_REDIAL: Duration = Duration::from_secs(5);
 /// (persisted, oldest dropped first), to recognize a server copy of one
 /// whose answer the sender never got: 32 bytes each.
 pub const DIRECT_TAKEN_MAX: usize = 1_024;
+
+// ----- backups of a server (qpq-server backup and restore) -------------------
+
+/// Files of the data directory a backup carries besides the database (the
+/// generated TLS certificate and key, other key files): a data directory
+/// holds a handful, and a backup of one with more is refused.
+pub const BACKUP_FILES_MAX: usize = 64;
+/// Bytes of one such file: keys and certificates take a few KiB, and a
+/// larger file is refused by name rather than carried.
+pub const BACKUP_FILE_BYTES_MAX: usize = 1024 * 1024;
+/// Bytes of one such file's name: the longest name Linux filesystems take.
+pub const BACKUP_FILE_NAME_BYTES_MAX: usize = 255;
+/// Bytes of one record's value in a backup. The largest record the server
+/// writes is one payload ([`PAYLOAD_BYTES_MAX`]) and its entry's header;
+/// a longer length in a backup file is refused as corrupt before anything
+/// is allocated for it.
+pub const BACKUP_VALUE_BYTES_MAX: usize = 2 * PAYLOAD_BYTES_MAX;
+/// Records read from a snapshot per range read, and written per batch on
+/// restore.
+pub const BACKUP_RECORDS_PER_CHUNK: usize = 1_000;
+/// Bytes of keys and values per chunk: a backup and a restore hold one
+/// chunk at a time, so their memory is bounded whatever the records' sizes.
+pub const BACKUP_CHUNK_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Backups a server streams over its admin socket at once. Each holds a
+/// snapshot, which keeps the versions it reads from being compacted away,
+/// so another request meanwhile is refused ("a backup is already running").
+pub const ADMIN_BACKUPS_MAX: usize = 1;
+/// Connections the admin socket serves at once, each bounded in time by
+/// [`ADMIN_REQUEST_TIMEOUT`] and [`BACKUP_STALL_TIMEOUT`]; one beyond them
+/// is closed unanswered.
+pub const ADMIN_CONNECTIONS_MAX: usize = 4;
+/// Bytes of a request on the admin socket (one line).
+pub const ADMIN_REQUEST_BYTES_MAX: usize = 64;
+/// Bytes of the error line a server answers on the admin socket that the
+/// backup command reads.
+pub const ADMIN_ERROR_BYTES_MAX: usize = 1024;
+/// Time a client of the admin socket has to send its request.
+pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Either end of a backup stream gives up when the other has not moved
+/// for this long: a stalled `qpq-server backup` must not hold the server's
+/// snapshot for ever, nor a stalled server the command.
+pub const BACKUP_STALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -230,6 +230,9 @@ pub struct NodeService<S> {
     /// last fence key it finished (from the first when `None`).
     sweep_queues_after: Option<Vec<u8>>,
     sweep_fences_after: Option<Vec<u8>>,
+    /// Set by [`NodeService::handle_shutdown`]: long-polls are answered
+    /// at once instead of parked.
+    draining: bool,
 }
 
 /// What one step of the sweep ([`NodeService::handle_sweep`]) did.
@@ -239,6 +242,10 @@ pub struct Swept {
     pub queues: usize,
     /// Messages it dropped for being older than the message TTL.
     pub expired: u64,
+    /// Messages the queues it looked at hold (after any it dropped).
+    pub queued_messages: u64,
+    /// Payload bytes the queues it looked at hold (after any it dropped).
+    pub queued_bytes: u64,
     /// Commit fences it looked at.
     pub fences: usize,
     /// Fences it deleted for being idle longer than the fence TTL.
@@ -299,6 +306,7 @@ impl<S: Store> NodeService<S> {
             counters: HashMap::default(),
             sweep_queues_after: None,
             sweep_fences_after: None,
+            draining: false,
         };
         machine.gate.request_sync();
         Ok(machine)
@@ -428,6 +436,21 @@ impl<S: Store> NodeService<S> {
     /// not have been applied; enqueue retries are idempotent).
     pub fn handle_sync_failed(&mut self, _now: Time, reason: &str) {
         self.fail(reason);
+    }
+
+    /// The shell is shutting down: every parked long-poll is answered now
+    /// with what its queues hold (usually nothing), and from now on a
+    /// fetchWait is answered at once, as if its timeout were 0, instead of
+    /// parked. Other requests are served as before, so the ones in flight
+    /// finish within the shell's grace period instead of holding it for a
+    /// long-poll's whole timeout. There is no way back: the machine is
+    /// about to be dropped.
+    pub fn handle_shutdown(&mut self, _now: Time) {
+        self.draining = true;
+        for (id, w) in self.waiters.take_all() {
+            self.answer_waiter(id, w);
+        }
+        self.gate.request_sync();
     }
 
     /// Time has passed: expire long-poll waiters whose deadline is due. A

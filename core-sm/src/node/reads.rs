@@ -91,7 +91,8 @@ impl<S: Store> NodeService<S> {
     }
 
     /// `fetchWait` and `fetchWaitChannels`: answers at once if any cursor
-    /// has messages after it (or on error, or with a zero timeout), else
+    /// has messages after it (or on error, with a zero timeout, or once the
+    /// machine is shutting down), else
     /// parks `wait` until an enqueue to one of its queues or its deadline.
     pub(super) fn fetch_wait(
         &mut self,
@@ -132,7 +133,7 @@ impl<S: Store> NodeService<S> {
             Ok(Response::ChannelMessages { channels }) => !channels.is_empty(),
             _ => true,
         };
-        if pending || timeout_ms == 0 {
+        if pending || timeout_ms == 0 || self.draining {
             return Some(
                 self.acknowledge_all(&queues, &wait.cursors, &metas)
                     .and(reply),

@@ -1,6 +1,7 @@
 //! The background sweep: bounded steps that drop expired messages from
-//! queues nobody reads or writes any more, and delete commit fences idle
-//! longer than the fence TTL.
+//! queues nobody reads or writes any more, delete commit fences idle
+//! longer than the fence TTL, and count what the queues hold on the way
+//! (the shell reports the totals of each round).
 //!
 //! Invariants it keeps: each step does bounded work (at most
 //! [`limits::SWEEP_RECORDS_PER_STEP`] records per walk and
@@ -28,8 +29,10 @@ impl<S: Store> NodeService<S> {
     /// and it walks the commit fences as far, deleting those whose last
     /// Commit is older than the fence TTL. Each walk carries on where the
     /// last step stopped and starts over at its end. What it changes goes
-    /// in one batch (a sync is asked for as after a request); without a
-    /// TTL for either there is nothing to walk. Requests never wait for a
+    /// in one batch (a sync is asked for as after a request). The queue
+    /// walk runs without a TTL too, to count the messages and bytes the
+    /// queues hold ([`Swept::queued_bytes`]); the fence walk needs its
+    /// TTL. Requests never wait for a
     /// sweep, and a failed read or write ends the step (a write refused for
     /// a full disk leaves its work to the next round; any other failed
     /// write fails the machine as any write does).
@@ -65,10 +68,6 @@ impl<S: Store> NodeService<S> {
         drops: &mut BlobDrops,
         swept: &mut Swept,
     ) -> Result<bool, ServiceError> {
-        if self.config.message_ttl.is_none() {
-            self.sweep_queues_after = None;
-            return Ok(true);
-        }
         let records = self
             .store
             .scan(
@@ -86,10 +85,14 @@ impl<S: Store> NodeService<S> {
             let queue = layout::queue_of_meta_key(&key).map_err(corrupt)?;
             let mut meta = QueueMeta::decode(&value).map_err(corrupt)?;
             let head = meta.head;
-            self.expire(now, &queue, &mut meta, batch, drops)?;
+            if self.config.message_ttl.is_some() {
+                self.expire(now, &queue, &mut meta, batch, drops)?;
+            }
             let dropped = meta.head - head;
             swept.queues += 1;
             swept.expired += dropped;
+            swept.queued_messages += meta.depth();
+            swept.queued_bytes += meta.bytes;
             if dropped >= limits::TTL_EXPIRY_PER_REQUEST_MAX {
                 // It may hold more; it comes first next step.
                 return Ok(false);

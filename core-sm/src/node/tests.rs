@@ -1237,6 +1237,34 @@ fn fetch_wait_expires_at_its_deadline_with_an_empty_reply() {
 }
 
 #[test]
+fn shutdown_answers_parked_long_polls_and_parks_no_more() {
+    let mut h = Harness::fresh();
+    let (alice, bob) = (user(1), user(2));
+    h.login(1, &alice);
+    h.login(2, &bob);
+    let parked = h.fetch_wait(2, &bob, 0, 20_000);
+    assert!(h.drain().is_empty());
+    h.node.handle_shutdown(h.now);
+    let replies = h.drain();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, parked);
+    assert!(seqs(&replies[0].1).is_empty());
+    assert_eq!(h.node.waiter_count(), 0);
+    // A fetchWait that arrives now is answered at once, even if empty...
+    let late = h.fetch_wait(2, &bob, 0, 20_000);
+    let replies = h.drain();
+    assert_eq!(replies[0].0, late);
+    assert!(seqs(&replies[0].1).is_empty());
+    assert_eq!(h.node.poll_timeout(), None);
+    // ...and every other request is served as before.
+    let seq = enqueued(&h.enqueue(1, &bob, b"", b"hi", 1));
+    let late = h.fetch_wait(2, &bob, 0, 20_000);
+    let replies = h.drain();
+    assert_eq!(replies[0].0, late);
+    assert_eq!(seqs(&replies[0].1), vec![seq]);
+}
+
+#[test]
 fn fetch_wait_timeout_is_clamped() {
     let mut h = Harness::fresh();
     let bob = user(2);
@@ -2395,19 +2423,24 @@ fn the_sweep_stamps_fences_written_before_they_carried_a_time() {
 }
 
 #[test]
-fn without_ttls_the_sweep_walks_nothing() {
+fn without_ttls_the_sweep_drops_nothing_and_counts_what_is_queued() {
     let mut h = Harness::new(NodeConfig {
         fence_ttl: None,
         ..NodeConfig::default()
     });
     let (alice, bob) = (user(1), user(2));
     h.login(1, &alice);
-    h.enqueue(1, &bob, b"", &mls(b"grp", 1, 3, b"commit"), 1)
-        .unwrap();
+    let commit = mls(b"grp", 1, 3, b"commit");
+    h.enqueue(1, &bob, b"", &commit, 1).unwrap();
+    h.enqueue(1, &bob, b"other", b"hello", 2).unwrap();
+    h.now = h.now.saturating_add(Duration::from_secs(365 * 24 * 3_600));
     let s = h.node.handle_sweep(h.now);
     assert_eq!(
         s,
         Swept {
+            queues: 2,
+            queued_messages: 2,
+            queued_bytes: (commit.len() + b"hello".len()) as u64,
             round_done: true,
             ..Swept::default()
         }

@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use quicproquo_core::types::hex;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use quicproquo_proto::pin::PinnedCert;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 /// The server's expected identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,11 +94,11 @@ impl ServerTrust {
         Ok(match self {
             ServerTrust::Fingerprint(fp) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                    fingerprint: *fp,
+                .with_custom_certificate_verifier(Arc::new(PinnedCert::new(
+                    *fp,
                     provider,
-                    refused,
-                }))
+                    move |expected, got| refused.record(expected, got),
+                )))
                 .with_no_client_auth(),
             ServerTrust::CaFile(path) => builder
                 .with_root_certificates(load_roots(path)?)
@@ -124,68 +121,6 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TrustError> {
         return Err(err("no certificate found".into()));
     }
     Ok(roots)
-}
-
-/// Accepts the one certificate whose SHA-256 is pinned, and still checks
-/// that the server proves possession of its key in the handshake.
-#[derive(Debug)]
-struct PinnedCert {
-    fingerprint: [u8; 32],
-    provider: Arc<CryptoProvider>,
-    refused: Arc<RefusedCert>,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            self.refused.record(self.fingerprint, got);
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered; a 1.2 handshake is never valid here.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 #[cfg(test)]

@@ -22,10 +22,14 @@
 //!   [`DecodeError::to_service_error`], so the server can answer a malformed
 //!   request instead of dropping it.
 //!
+//! [`pin`] is the other half of the transport's contract: the check of
+//! the server's certificate by its pinned SHA-256 fingerprint.
+//!
 //! The generated code in `src/generated/` is committed; `regen.sh`
 //! regenerates it and `regen.sh --check` proves it fresh (see README.md).
 
 mod error;
+pub mod pin;
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, missing_docs, unused, unreachable_pub)]
 mod generated;

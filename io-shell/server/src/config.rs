@@ -23,8 +23,15 @@ pub const DEFAULT_DATA_DIR: &str = "qpq-data";
 /// Default config file, read if present.
 pub const DEFAULT_CONFIG: &str = "qpq-server.toml";
 /// Default log filter.
-/// The storage engine is chatty at `info`; its warnings still show.
+/// The storage engine is chatty at `info`; its warnings still show. A
+/// `log` setting is added to it, not put in its place
+/// ([`ServerConfig::log_filter`]).
 pub const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
+/// How often the server logs a summary line at `info` by default
+/// (`log_summary_interval_ms`): connections, requests and errors by kind,
+/// refused authentications, fsyncs and messages per fsync, and what the
+/// queues hold.
+pub const SUMMARY_INTERVAL_MS: u64 = 60_000;
 /// Name of the database directory inside the data directory.
 pub const DB_DIR_NAME: &str = "qpq.db";
 /// Default space kept free on the database's filesystem. Writes that add
@@ -71,8 +78,14 @@ pub mod transport {
     pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
     /// Time a QUIC + TLS handshake may take.
     pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-    /// Time given to in-flight requests on shutdown before they are cut.
+    /// Longest time from SIGTERM or SIGINT to the end of serving: waiting
+    /// long-polls are answered at once, other in-flight requests have until
+    /// [`SHUTDOWN_CLOSE_MS`] before its end to finish, then connections
+    /// are closed and the last writes synced.
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+    /// The last part of [`SHUTDOWN_GRACE_MS`], kept for closing the
+    /// connections once in-flight requests are cut.
+    pub const SHUTDOWN_CLOSE_MS: u64 = 1_000;
     /// How often the service runs one bounded step of the machine's sweep
     /// (expired messages of queues nobody touches, idle commit fences).
     pub const SWEEP_INTERVAL_MS: u64 = 60_000;
@@ -128,6 +141,94 @@ pub enum ServerCommand {
         #[arg(long, value_name = "BACKEND")]
         to: String,
     },
+    /// Prints the certificate's SHA-256 fingerprint, as clients pin it.
+    ///
+    /// The fingerprint of the certificate the server serves (64 hex
+    /// digits, as clients pin it with --server-fingerprint), from
+    /// tls_cert or the certificate generated in data_dir. Starts nothing.
+    Fingerprint,
+    /// Checks the configuration and prints the settings in effect.
+    ///
+    /// Checks the configuration (file, QPQ_* variables and flags) as a
+    /// start would, and prints the settings in effect as a config file:
+    /// each key not set anywhere is marked `# default`, the PostgreSQL
+    /// password is hidden. Also loads tls_cert/tls_key and checks that
+    /// data_dir can be used. Binds nothing, creates nothing and does not
+    /// connect to PostgreSQL. Exits non-zero, naming the key, on an error.
+    CheckConfig,
+    /// Asks the running server for one answer; exits non-zero without one.
+    ///
+    /// Asks the running server this configuration describes for one
+    /// answer, as a client would: a QUIC + TLS 1.3 handshake pinning its
+    /// certificate (from tls_cert or data_dir), one request (an
+    /// authentication challenge, which writes nothing) and its reply.
+    /// Listening on all addresses, it is asked on loopback. Exits 0 and
+    /// prints the round trip if it answered, non-zero otherwise: for
+    /// container health checks and supervisors.
+    Health {
+        /// How long to wait for the whole exchange, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = crate::health::HEALTH_TIMEOUT_MS)]
+        timeout_ms: u64,
+    },
+    /// Prints a shell completion script to stdout.
+    ///
+    /// For example `qpq-server completions bash >
+    /// /etc/bash_completion.d/qpq-server`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page, or writes every page into a directory.
+    ///
+    /// Prints the qpq-server(1) manual page (roff) to stdout, or with
+    /// --out-dir writes it and one page per command
+    /// (qpq-server-backup.1, ...) into that directory.
+    Man {
+        /// Directory to write every page into.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+    /// Writes the server's whole state to one file, while it runs or not.
+    ///
+    /// The file holds a snapshot of the fjall database in data_dir at one
+    /// instant (each request wholly in it or wholly out) and every other
+    /// regular file of data_dir: the generated TLS certificate and its
+    /// private key among them, so the fingerprint clients pin survives a
+    /// restore. A running server takes the snapshot itself and streams it
+    /// over its socket admin.sock in data_dir while it goes on serving;
+    /// with no server running, the command reads the database directly.
+    /// The file (mode
+    /// 0600) takes its name only once it is complete and synced. It holds
+    /// the server's TLS private key: keep it as safe as the key. With
+    /// storage = "postgres", back up PostgreSQL with its own tools
+    /// (pg_dump) instead.
+    Backup {
+        /// The file to write; not inside data_dir.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+        /// Replace DEST if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restores a backup into data_dir, with the server stopped.
+    ///
+    /// The whole file (format, version, checksum) is checked before
+    /// anything changes. The database is built beside the old one, read
+    /// back and compared with the backup, then moved into place with the
+    /// other files, their modes kept. Without --force, a data_dir that
+    /// holds a database, or a file that differs from the backup's copy,
+    /// is refused.
+    Restore {
+        /// The backup file.
+        #[arg(value_name = "SRC")]
+        src: PathBuf,
+        /// Restore even though data_dir holds a database, or files that
+        /// differ from the backup's copies; what is replaced is kept aside
+        /// as `<name>.before-restore-<unix time>`.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 macro_rules! config_keys {
@@ -145,9 +246,19 @@ macro_rules! config_keys {
         }
 
         impl FileConfig {
+            /// Every key's name, in the order of the file.
+            pub const KEYS: &[&str] = &[$( stringify!($name), )*];
+
             /// Keys set in `other` replace those in `self`.
             fn merge(self, other: FileConfig) -> FileConfig {
                 FileConfig { $( $name: other.$name.or(self.$name), )* }
+            }
+
+            /// The names of the keys that are set.
+            pub fn set_keys(&self) -> Vec<&'static str> {
+                let mut set = Vec::new();
+                $( if self.$name.is_some() { set.push(stringify!($name)); } )*
+                set
             }
         }
     };
@@ -164,8 +275,10 @@ config_keys! {
     storage: String, env = "QPQ_STORAGE";
     /// PostgreSQL connection string for storage = "postgres", e.g. `postgres://qpq:secret@db.example:5432/qpq` or `host=/run/postgresql dbname=qpq`; without TLS, so keep it on loopback, a Unix socket or a trusted network.
     postgres_url: String, env = "QPQ_POSTGRES_URL";
-    /// Log filter, e.g. `info` or `quicproquo_server=debug` [default: info,fjall=warn,lsm_tree=warn].
+    /// Log filter, added to the default: e.g. `debug` (one line per connection; the storage engine stays at warn) or `fjall=info` [default: info,fjall=warn,lsm_tree=warn].
     log: String, env = "QPQ_LOG";
+    /// Log a summary line at info this often, ms; 0 turns it off [default: 60000].
+    log_summary_interval_ms: u64, env = "QPQ_LOG_SUMMARY_INTERVAL_MS";
     /// Bytes kept free on the database's filesystem: writes that add data are refused (`unavailable`, "disk is full") rather than go below it; 0 turns the check off [default: 268435456].
     storage_reserve_bytes: u64, env = "QPQ_STORAGE_RESERVE_BYTES";
     /// TCP address for the Prometheus metrics endpoint (HTTP, GET /metrics), e.g. 127.0.0.1:9464; keep it on loopback [default: off].
@@ -292,8 +405,10 @@ pub struct ServerConfig {
     pub storage: Storage,
     /// Bytes kept free on the database's filesystem (0: not checked).
     pub storage_reserve_bytes: u64,
-    /// Log filter.
+    /// Log filter, added to [`DEFAULT_LOG`] ([`ServerConfig::log_filter`]).
     pub log: String,
+    /// How often a summary line is logged, if at all.
+    pub log_summary_interval: Option<Duration>,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// Served certificate and key, or `None` for the generated one.
@@ -355,12 +470,19 @@ impl ServerConfig {
     /// Resolves the configuration from parsed flags (which already include
     /// the environment) and the config file.
     pub fn load(args: Args) -> Result<ServerConfig, ConfigError> {
+        Ok(Self::load_explained(args)?.0)
+    }
+
+    /// [`ServerConfig::load`], also naming the keys the config file, the
+    /// environment or the flags set (the others took their defaults).
+    pub fn load_explained(args: Args) -> Result<(ServerConfig, Vec<&'static str>), ConfigError> {
         let (path, required) = match args.config {
             Some(p) => (p, true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
-        let file = read_file(&path, required)?;
-        Self::resolve(file.merge(args.overrides))
+        let merged = read_file(&path, required)?.merge(args.overrides);
+        let set = merged.set_keys();
+        Ok((Self::resolve(merged)?, set))
     }
 
     /// [`ServerConfig::load`] for `qpq-server migrate`, which reads the
@@ -493,6 +615,10 @@ impl ServerConfig {
                 .storage_reserve_bytes
                 .unwrap_or(DEFAULT_STORAGE_RESERVE_BYTES),
             log: c.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+            log_summary_interval: match c.log_summary_interval_ms.unwrap_or(SUMMARY_INTERVAL_MS) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             metrics_listen,
             tls,
             transport: TransportLimits {
@@ -574,6 +700,172 @@ impl ServerConfig {
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join(DB_DIR_NAME)
     }
+
+    /// The tracing filter the server logs with: [`DEFAULT_LOG`] followed
+    /// by the `log` setting, whose directives win where they name the same
+    /// target (`debug` raises everything but the storage engine;
+    /// `fjall=info` raises the storage engine too).
+    pub fn log_filter(&self) -> String {
+        if self.log == DEFAULT_LOG || self.log.trim().is_empty() {
+            DEFAULT_LOG.to_owned()
+        } else {
+            format!("{DEFAULT_LOG},{}", self.log)
+        }
+    }
+
+    /// The settings in effect, one `key = value` line per key in the
+    /// file's syntax (so the text is itself a config file that gives the
+    /// same settings), each key not set anywhere marked `# default`; a key
+    /// that is off is a comment. The PostgreSQL password is hidden.
+    /// `set` names the keys the file, the environment or the flags set.
+    pub fn effective_toml(&self, set: &[&str]) -> String {
+        fn text(s: &str) -> String {
+            toml::Value::String(s.to_owned()).to_string()
+        }
+        fn path(p: &Path) -> String {
+            text(&p.to_string_lossy())
+        }
+        fn ms(d: Duration) -> String {
+            d.as_millis().to_string()
+        }
+        let n = &self.node;
+        let t = &self.transport;
+        let off = |what: &str| format!("# off: {what}");
+        let lines: Vec<(&str, String)> = vec![
+            ("listen", text(&self.listen.to_string())),
+            ("data_dir", path(&self.data_dir)),
+            (
+                "durability",
+                text(match n.durability {
+                    Durability::Fsync => "fsync",
+                    Durability::Buffered => "buffered",
+                }),
+            ),
+            (
+                "storage",
+                text(match self.storage {
+                    Storage::Fjall => "fjall",
+                    Storage::Postgres { .. } => "postgres",
+                }),
+            ),
+            (
+                "postgres_url",
+                match &self.storage {
+                    Storage::Postgres { url } => text(&crate::store::postgres::redact_url(url)),
+                    Storage::Fjall => off("storage is fjall"),
+                },
+            ),
+            ("log", text(&self.log)),
+            (
+                "log_summary_interval_ms",
+                self.log_summary_interval.map_or("0".to_owned(), ms),
+            ),
+            (
+                "storage_reserve_bytes",
+                self.storage_reserve_bytes.to_string(),
+            ),
+            (
+                "metrics_listen",
+                self.metrics_listen
+                    .map_or_else(|| off("no metrics endpoint"), |a| text(&a.to_string())),
+            ),
+            (
+                "tls_cert",
+                self.tls.as_ref().map_or_else(
+                    || off("the certificate generated in data_dir"),
+                    |(cert, _)| path(cert),
+                ),
+            ),
+            (
+                "tls_key",
+                self.tls.as_ref().map_or_else(
+                    || off("the key generated in data_dir"),
+                    |(_, key)| path(key),
+                ),
+            ),
+            ("connections_max", t.connections_max.to_string()),
+            (
+                "connections_per_ip_max",
+                t.connections_per_ip_max.to_string(),
+            ),
+            (
+                "pending_handshakes_max",
+                t.pending_handshakes_max.to_string(),
+            ),
+            (
+                "unvalidated_handshakes_max",
+                t.unvalidated_handshakes_max.to_string(),
+            ),
+            (
+                "streams_per_connection_max",
+                t.streams_per_connection_max.to_string(),
+            ),
+            (
+                "connection_receive_window_bytes",
+                t.connection_receive_window_bytes.to_string(),
+            ),
+            (
+                "connection_reply_bytes_max",
+                t.connection_reply_bytes_max.to_string(),
+            ),
+            ("idle_timeout_ms", ms(t.idle_timeout)),
+            ("request_timeout_ms", ms(t.request_timeout)),
+            ("payload_bytes_max", n.payload_bytes_max.to_string()),
+            (
+                "key_packages_per_identity_max",
+                n.key_packages_per_identity_max.to_string(),
+            ),
+            ("queue_depth_max", n.queue_depth_max.to_string()),
+            ("queue_bytes_max", n.queue_bytes_max.to_string()),
+            (
+                "fetch_wait_timeout_ms_max",
+                n.fetch_wait_timeout_ms_max.to_string(),
+            ),
+            (
+                "waiters_per_connection_max",
+                n.waiters_per_connection_max.to_string(),
+            ),
+            ("waiters_max", n.waiters_max.to_string()),
+            ("message_ttl_ms", n.message_ttl.map_or("0".to_owned(), ms)),
+            ("fence_ttl_ms", n.fence_ttl.map_or("0".to_owned(), ms)),
+            ("sweep_interval_ms", ms(t.sweep_interval)),
+            (
+                "enqueue_per_sender_per_sec",
+                n.enqueue_rate.per_sec.to_string(),
+            ),
+            ("enqueue_per_sender_burst", n.enqueue_rate.burst.to_string()),
+            (
+                "key_fetch_per_pair_per_sec",
+                n.key_fetch_pair_rate.per_sec.to_string(),
+            ),
+            (
+                "key_fetch_per_pair_burst",
+                n.key_fetch_pair_rate.burst.to_string(),
+            ),
+            (
+                "key_package_fetch_per_target_per_sec",
+                n.key_package_fetch_target_rate.per_sec.to_string(),
+            ),
+            (
+                "key_package_fetch_per_target_burst",
+                n.key_package_fetch_target_rate.burst.to_string(),
+            ),
+        ];
+        let mut out = String::new();
+        for (key, value) in lines {
+            let line = match value.strip_prefix("# ") {
+                Some(comment) => format!("# {key}: {comment}"),
+                None => format!("{key} = {value}"),
+            };
+            if set.contains(&key) {
+                out.push_str(&line);
+            } else {
+                out.push_str(&format!("{line:<60} # default"));
+            }
+            out.push('\n');
+        }
+        out
+    }
 }
 
 fn read_file(path: &Path, required: bool) -> Result<FileConfig, ConfigError> {
@@ -624,6 +916,10 @@ mod tests {
             defaults.storage_reserve_bytes
         );
         assert_eq!(from_file.log, defaults.log);
+        assert_eq!(
+            from_file.log_summary_interval,
+            defaults.log_summary_interval
+        );
         assert_eq!(from_file.metrics_listen, defaults.metrics_listen);
         assert_eq!(from_file.transport, defaults.transport);
         assert_eq!(from_file.node, defaults.node);
@@ -708,6 +1004,76 @@ mod tests {
             ..Default::default()
         };
         assert!(ServerConfig::resolve(exact).is_ok());
+    }
+
+    /// Resolves `text` as a config file.
+    fn resolve_text(text: &str) -> ServerConfig {
+        ServerConfig::resolve(toml::from_str(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn effective_settings_name_every_key_and_read_back_as_the_same_config() {
+        let set = FileConfig {
+            listen: Some("127.0.0.1:9".into()),
+            durability: Some("buffered".into()),
+            metrics_listen: Some("127.0.0.1:9464".into()),
+            message_ttl_ms: Some(3_600_000),
+            fence_ttl_ms: Some(0),
+            log: Some("debug".into()),
+            ..Default::default()
+        };
+        let keys = set.set_keys();
+        let c = ServerConfig::resolve(set).unwrap();
+        let text = c.effective_toml(&keys);
+        for key in FileConfig::KEYS {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{key} ="))
+                        || l.starts_with(&format!("# {key}:"))),
+                "{key} missing from\n{text}"
+            );
+        }
+        assert_eq!(text.lines().count(), FileConfig::KEYS.len());
+        assert!(text.contains("listen = \"127.0.0.1:9\"\n"), "{text}");
+        assert!(text.contains("# default"), "{text}");
+        let back = resolve_text(&text);
+        assert_eq!(back.listen, c.listen);
+        assert_eq!(back.data_dir, c.data_dir);
+        assert_eq!(back.storage, c.storage);
+        assert_eq!(back.log, c.log);
+        assert_eq!(back.log_summary_interval, c.log_summary_interval);
+        assert_eq!(back.metrics_listen, c.metrics_listen);
+        assert_eq!(back.storage_reserve_bytes, c.storage_reserve_bytes);
+        assert_eq!(back.tls, c.tls);
+        assert_eq!(back.transport, c.transport);
+        assert_eq!(back.node, c.node);
+    }
+
+    #[test]
+    fn effective_settings_hide_the_database_password() {
+        let c = ServerConfig::resolve(FileConfig {
+            storage: Some("postgres".into()),
+            postgres_url: Some("postgres://qpq:hunter2@db.example/qpq".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let text = c.effective_toml(&["storage", "postgres_url"]);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("postgres_url = \"postgres://qpq:"), "{text}");
+    }
+
+    #[test]
+    fn the_log_setting_adds_to_the_default_filter() {
+        let c = |log: Option<&str>| {
+            ServerConfig::resolve(FileConfig {
+                log: log.map(str::to_owned),
+                ..Default::default()
+            })
+            .unwrap()
+            .log_filter()
+        };
+        assert_eq!(c(None), DEFAULT_LOG);
+        assert_eq!(c(Some("debug")), format!("{DEFAULT_LOG},debug"));
     }
 
     #[test]

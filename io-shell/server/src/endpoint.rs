@@ -49,6 +49,26 @@ pub fn server_config(
     Ok(config)
 }
 
+/// The endpoint configuration for a server whose stateless-reset key is
+/// `reset_key` (kept in the data directory): its reset tokens, and the
+/// key its connection ids are checked with, are the same after a restart.
+/// So a client whose connection a restart ended is answered with a reset
+/// it accepts (quinn drops packets whose connection id another key made
+/// without answering them), and reconnects at once instead of waiting for
+/// its idle timeout.
+pub fn endpoint_config(reset_key: &[u8]) -> quinn::EndpointConfig {
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let tag = ring::hmac::sign(&hmac, b"qpq connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(hmac));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 /// Transport parameters shared by server and client.
 pub fn transport_config(limits: &TransportLimits) -> Result<quinn::TransportConfig, EndpointError> {
     let mut t = quinn::TransportConfig::default();

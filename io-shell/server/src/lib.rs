@@ -7,12 +7,17 @@
 //! with group commit. [`config`] resolves file, environment and flags;
 //! [`tls`] and [`endpoint`] set up TLS 1.3 and QUIC; [`observe`] holds what
 //! the server counts (live gauges, Prometheus counters) and [`metrics`]
-//! serves it as Prometheus text. The module `testing` (cargo feature
+//! serves it as Prometheus text. [`backup`] writes and restores a fjall
+//! server's whole state (`qpq-server backup` / `restore`), over the running
+//! server's admin socket. The module `testing` (cargo feature
 //! `testing`) runs the whole shell in the calling process for tests and
 //! benches.
 
+#[cfg(unix)]
+pub mod backup;
 pub mod config;
 pub mod endpoint;
+pub mod health;
 pub mod metrics;
 pub mod migrate;
 pub mod observe;

@@ -16,7 +16,7 @@ use quicproquo_core::store::{Batch, Store};
 
 use crate::store::fjall_store::FjallStore;
 use crate::store::postgres::{PgOptions, PgStore};
-use crate::store::{ShellStore, StorageError};
+use crate::store::{KeyOrder, ShellStore, StorageError};
 
 /// Records copied per batch (one statement pair each).
 pub const MIGRATE_RECORDS_PER_BATCH: usize = 1_000;
@@ -112,13 +112,10 @@ fn copy_and_compare(source: &FjallStore, target: &mut PgStore) -> Result<Migrate
         records: 0,
         bytes: 0,
     };
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let records = source.scan(&[], after.as_deref(), MIGRATE_RECORDS_PER_BATCH)?;
-        let Some((last, _)) = records.last() else {
-            break;
-        };
-        after = Some(last.clone());
+    let mut walk = KeyOrder::new(MIGRATE_RECORDS_PER_BATCH, |after, n| {
+        source.scan(&[], after, n)
+    });
+    while let Some(records) = walk.next_chunk()? {
         let mut batch = Batch::new();
         for (key, value) in records {
             migrated.records += 1;
@@ -128,11 +125,16 @@ fn copy_and_compare(source: &FjallStore, target: &mut PgStore) -> Result<Migrate
         target.write(batch)?;
     }
     // Read back, side by side, in key order.
-    let (mut left, mut right): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+    let mut left = KeyOrder::new(MIGRATE_RECORDS_PER_BATCH, |after, n| {
+        source.scan(&[], after, n)
+    });
+    let mut right = KeyOrder::new(MIGRATE_RECORDS_PER_BATCH, |after, n| {
+        target.scan(&[], after, n)
+    });
     let mut record = 0u64;
     loop {
-        let a = source.scan(&[], left.as_deref(), MIGRATE_RECORDS_PER_BATCH)?;
-        let b = target.scan(&[], right.as_deref(), MIGRATE_RECORDS_PER_BATCH)?;
+        let a = left.next_chunk()?.unwrap_or_default();
+        let b = right.next_chunk()?.unwrap_or_default();
         if a.len() != b.len() {
             return Err(MigrateError::Mismatch {
                 record,
@@ -151,8 +153,6 @@ fn copy_and_compare(source: &FjallStore, target: &mut PgStore) -> Result<Migrate
             }
             record += 1;
         }
-        left = a.last().map(|(k, _)| k.clone());
-        right = b.last().map(|(k, _)| k.clone());
     }
     if record != migrated.records {
         return Err(MigrateError::Mismatch {

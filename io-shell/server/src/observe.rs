@@ -21,7 +21,7 @@
 //! here holds keys, payloads or identities — only counts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -45,6 +45,9 @@ pub struct Observer {
     /// `metrics_listen` serves). Build them with [`Metrics::new`] over a
     /// clone of `gauges` so a scrape reports the live counts too.
     pub metrics: Option<Arc<Metrics>>,
+    /// What the periodic log summary reports, counted always
+    /// ([`Summary`]).
+    pub summary: Arc<Summary>,
 }
 
 /// What the service holds right now, published after every turn of its
@@ -122,6 +125,7 @@ pub struct Metrics {
     latency: LatencyFamily,
     fsyncs: Counter,
     fsync_batches: Histogram,
+    fsync_duration: Histogram,
     sync_failures: Counter,
     turns_aborted: Counter,
     swept_messages: Counter,
@@ -131,6 +135,9 @@ pub struct Metrics {
     waiters: Gauge,
     held_replies: Gauge,
     pending_requests: Gauge,
+    auth_refused: Counter,
+    queued_messages: Gauge,
+    queued_bytes: Gauge,
     gauges: ServiceGauges,
 }
 
@@ -169,6 +176,13 @@ impl Metrics {
             "qpq_fsync_batches",
             "Store batches (one per state-changing request) covered by each group commit",
             fsync_batches.clone(),
+        );
+        // 50 us, 100 us, ... about 3.3 s.
+        let fsync_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 17));
+        registry.register(
+            "qpq_fsync_duration_seconds",
+            "Time each group commit's journal fdatasync took (near 0 on PostgreSQL, where a turn is durable when it commits)",
+            fsync_duration.clone(),
         );
         let sync_failures = Counter::default();
         registry.register(
@@ -220,6 +234,24 @@ impl Metrics {
             "Requests in the service whose reply has not gone out",
             pending_requests.clone(),
         );
+        let auth_refused = Counter::default();
+        registry.register(
+            "qpq_auth_refused",
+            "Authentications refused (a bad signature, a replayed or missing challenge, an unknown version)",
+            auth_refused.clone(),
+        );
+        let queued_messages = Gauge::default();
+        registry.register(
+            "qpq_queued_messages",
+            "Messages held in all queues, as of the background sweep's last full round",
+            queued_messages.clone(),
+        );
+        let queued_bytes = Gauge::default();
+        registry.register(
+            "qpq_queued_bytes",
+            "Payload bytes held in all queues, as of the background sweep's last full round",
+            queued_bytes.clone(),
+        );
         let fsync_mode = Gauge::<i64>::default();
         fsync_mode.set(i64::from(durability == Durability::Fsync));
         registry.register(
@@ -234,6 +266,7 @@ impl Metrics {
             latency,
             fsyncs,
             fsync_batches,
+            fsync_duration,
             sync_failures,
             turns_aborted,
             swept_messages,
@@ -243,8 +276,24 @@ impl Metrics {
             waiters,
             held_replies,
             pending_requests,
+            auth_refused,
+            queued_messages,
+            queued_bytes,
             gauges,
         }
+    }
+
+    /// An authentication was refused.
+    pub fn auth_refused(&self) {
+        self.auth_refused.inc();
+    }
+
+    /// A sweep round counted what the queues hold.
+    pub fn queues_counted(&self, messages: u64, bytes: u64) {
+        self.queued_messages
+            .set(i64::try_from(messages).unwrap_or(i64::MAX));
+        self.queued_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// One request answered: its method (`undecodable` if it did not
@@ -269,6 +318,11 @@ impl Metrics {
     pub fn fsync(&self, batches: u64) {
         self.fsyncs.inc();
         self.fsync_batches.observe(batches as f64);
+    }
+
+    /// One group commit's sync took `took`.
+    pub fn fsync_took(&self, took: Duration) {
+        self.fsync_duration.observe(took.as_secs_f64());
     }
 
     /// A sync failed.
@@ -334,6 +388,177 @@ fn kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Unavailable => "unavailable",
         ErrorKind::Internal => "internal",
         _ => "other",
+    }
+}
+
+/// Refused authentications logged one by one in a summary period; the
+/// rest are only counted in the period's summary, so a flood of bad
+/// logins cannot flood the log.
+pub const AUTH_REFUSALS_LOGGED_PER_PERIOD_MAX: u64 = 100;
+
+/// The error kinds a summary counts, in the order it reports them.
+const SUMMARY_KINDS: [ErrorKind; 10] = [
+    ErrorKind::InvalidArgument,
+    ErrorKind::Unauthenticated,
+    ErrorKind::PermissionDenied,
+    ErrorKind::NotFound,
+    ErrorKind::PayloadTooLarge,
+    ErrorKind::RateLimited { retry_after_ms: 0 },
+    ErrorKind::QueueFull,
+    ErrorKind::StaleEpoch { current_epoch: 0 },
+    ErrorKind::Unavailable,
+    ErrorKind::Internal,
+];
+
+/// Counts for the server's periodic log summary (`qpq-server` logs one
+/// at `info` every `log_summary_interval_ms`): what happened
+/// since the last one, and the queue totals of the last sweep round.
+/// Relaxed atomics, always kept (a few increments a request); taken and
+/// reset by [`Summary::take`].
+#[derive(Debug, Default)]
+pub struct Summary {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    handshakes_failed: AtomicU64,
+    requests: AtomicU64,
+    errors: [AtomicU64; SUMMARY_KINDS.len() + 1],
+    auth_refused: AtomicU64,
+    messages: AtomicU64,
+    fsyncs: AtomicU64,
+    queued_messages: AtomicU64,
+    queued_bytes: AtomicU64,
+    /// Whether a sweep round has counted the queues yet.
+    queues_counted: std::sync::atomic::AtomicBool,
+}
+
+/// One period of [`Summary`], as [`Summary::take`] returns it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SummaryPeriod {
+    /// Connections established in the period.
+    pub opened: u64,
+    /// Connections that ended in the period.
+    pub closed: u64,
+    /// Handshakes that failed or timed out.
+    pub handshakes_failed: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests answered with an error, by kind (only kinds seen).
+    pub errors: Vec<(&'static str, u64)>,
+    /// Authentications refused.
+    pub auth_refused: u64,
+    /// Messages stored (each recipient of a batch counts).
+    pub messages: u64,
+    /// Group commits (fsyncs).
+    pub fsyncs: u64,
+    /// Messages and payload bytes queued, as of the last sweep round, if
+    /// one has finished.
+    pub queued: Option<(u64, u64)>,
+}
+
+impl Summary {
+    /// A connection was established.
+    pub fn connection_opened(&self) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An established connection ended.
+    pub fn connection_closed(&self) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handshake failed or timed out.
+    pub fn handshake_failed(&self) {
+        self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request was answered: with `error` if it failed, storing
+    /// `messages` messages if it was an enqueue.
+    pub fn request(&self, error: Option<ErrorKind>, messages: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        if let Some(kind) = error {
+            let i = SUMMARY_KINDS
+                .iter()
+                .position(|k| kind_name(*k) == kind_name(kind))
+                .unwrap_or(SUMMARY_KINDS.len());
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An authentication was refused; returns whether it should be logged
+    /// on its own (the first [`AUTH_REFUSALS_LOGGED_PER_PERIOD_MAX`] of a
+    /// period are).
+    pub fn auth_refused(&self) -> bool {
+        self.auth_refused.fetch_add(1, Ordering::Relaxed) < AUTH_REFUSALS_LOGGED_PER_PERIOD_MAX
+    }
+
+    /// A group commit completed.
+    pub fn fsync(&self) {
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A sweep round counted what the queues hold.
+    pub fn queues_counted(&self, messages: u64, bytes: u64) {
+        self.queued_messages.store(messages, Ordering::Relaxed);
+        self.queued_bytes.store(bytes, Ordering::Relaxed);
+        self.queues_counted.store(true, Ordering::Relaxed);
+    }
+
+    /// Messages and payload bytes queued as of the last sweep round.
+    pub fn queued(&self) -> Option<(u64, u64)> {
+        self.queues_counted.load(Ordering::Relaxed).then(|| {
+            (
+                self.queued_messages.load(Ordering::Relaxed),
+                self.queued_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// The counts since the last call, which start again from zero.
+    pub fn take(&self) -> SummaryPeriod {
+        let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
+        let errors = SUMMARY_KINDS
+            .iter()
+            .map(|k| kind_name(*k))
+            .chain(["other"])
+            .zip(&self.errors)
+            .map(|(name, n)| (name, take(n)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        SummaryPeriod {
+            opened: take(&self.opened),
+            closed: take(&self.closed),
+            handshakes_failed: take(&self.handshakes_failed),
+            requests: take(&self.requests),
+            errors,
+            auth_refused: take(&self.auth_refused),
+            messages: take(&self.messages),
+            fsyncs: take(&self.fsyncs),
+            queued: self.queued(),
+        }
+    }
+}
+
+impl SummaryPeriod {
+    /// Errors as `kind:count` pairs joined by commas (`none` if none).
+    pub fn errors_text(&self) -> String {
+        if self.errors.is_empty() {
+            return "none".to_owned();
+        }
+        let pairs: Vec<String> = self
+            .errors
+            .iter()
+            .map(|(kind, n)| format!("{kind}:{n}"))
+            .collect();
+        pairs.join(",")
+    }
+
+    /// Messages stored per group commit, to one decimal.
+    pub fn messages_per_fsync(&self) -> String {
+        if self.fsyncs == 0 {
+            return "-".to_owned();
+        }
+        format!("{:.1}", self.messages as f64 / self.fsyncs as f64)
     }
 }
 

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use quicproquo_core::error::ServiceError;
-use quicproquo_core::node::{NodeService, Reply, RequestBody};
+use quicproquo_core::node::{NodeService, Reply, RequestBody, Response};
 use quicproquo_core::types::ConnectionId;
+use quicproquo_core::types::hex;
 use quicproquo_proto::{
     AUTH_EXPORTER_LABEL, REPLY_BYTES_MAX, REQUEST_BYTES_MAX, decode_request, encode_reply,
 };
@@ -20,7 +21,7 @@ use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tokio::task::JoinSet;
 
 use crate::config::TransportLimits;
-use crate::observe::{Metrics, Observer};
+use crate::observe::{Metrics, Observer, Summary};
 use crate::service::{self, ReplyReservation, ServiceHandle, ServiceStats};
 use crate::store::ShellStore;
 
@@ -55,6 +56,7 @@ pub async fn serve<S: ShellStore>(
     observer: Observer,
 ) -> ServiceStats {
     let metrics = observer.metrics.clone();
+    let summary = observer.summary.clone();
     let (svc, service_task) = service::spawn(node, observer, Some(limits.sweep_interval));
     let limits = Arc::new(limits);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -103,14 +105,21 @@ pub async fn serve<S: ShellStore>(
                     ip,
                     admission,
                     metrics: metrics.clone(),
+                    summary: summary.clone(),
                 };
                 connections.spawn(task.run(incoming));
             }
         }
     }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let deadline = tokio::time::Instant::now() + shutdown_grace();
+    // Waiting long-polls are answered now (with what their queues hold)
+    // and later ones do not wait: they do no work, and would otherwise
+    // hold the grace period up to its end.
+    svc.shutdown().await;
     let _ = stop_tx.send(true);
-    let grace = tokio::time::sleep(limits_shutdown_grace());
+    // In-flight requests have the grace period less what closing takes.
+    let grace = tokio::time::sleep_until(deadline - shutdown_close());
     tokio::pin!(grace);
     loop {
         tokio::select! {
@@ -125,12 +134,18 @@ pub async fn serve<S: ShellStore>(
     while connections.join_next().await.is_some() {}
     drop(svc);
     let stats = service_task.await.unwrap_or_default();
-    endpoint.wait_idle().await;
+    // The close is sent; waiting for the peers to take it is bounded by
+    // what is left of the grace period (an unreachable peer never does).
+    let _ = tokio::time::timeout_at(deadline, endpoint.wait_idle()).await;
     stats
 }
 
-fn limits_shutdown_grace() -> std::time::Duration {
+fn shutdown_grace() -> std::time::Duration {
     std::time::Duration::from_millis(crate::config::transport::SHUTDOWN_GRACE_MS)
+}
+
+fn shutdown_close() -> std::time::Duration {
+    std::time::Duration::from_millis(crate::config::transport::SHUTDOWN_CLOSE_MS)
 }
 
 /// Who holds connection slots: proven addresses, counted per IP against
@@ -204,13 +219,24 @@ struct ConnectionTask {
     ip: IpAddr,
     admission: Admission,
     metrics: Option<Arc<Metrics>>,
+    summary: Arc<Summary>,
 }
 
 impl ConnectionTask {
     async fn run(mut self, incoming: quinn::Incoming) {
         if let Some((conn, id)) = self.establish(incoming).await {
+            self.summary.connection_opened();
+            let started = Instant::now();
             self.serve_streams(&conn, id).await;
             self.svc.close(id).await;
+            self.summary.connection_closed();
+            tracing::debug!(
+                conn = id.0,
+                ip = %self.ip,
+                secs = started.elapsed().as_secs(),
+                reason = %conn.close_reason().map_or_else(|| "server shutting down".to_owned(), |r| r.to_string()),
+                "connection closed"
+            );
         }
         match self.admission {
             Admission::Counted => lock(&self.slots).release(self.ip),
@@ -235,10 +261,12 @@ impl ConnectionTask {
         let conn = match tokio::time::timeout(self.limits.handshake_timeout, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
+                self.summary.handshake_failed();
                 tracing::debug!(ip = %self.ip, error = %e, "handshake failed");
                 return None;
             }
             Err(_) => {
+                self.summary.handshake_failed();
                 tracing::debug!(ip = %self.ip, "handshake timed out");
                 return None;
             }
@@ -288,12 +316,10 @@ impl ConnectionTask {
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         while streams.try_join_next().is_some() {}
-                        streams.spawn(serve_stream(send, recv, id, self.svc.clone(), self.limits.clone(), budgets.clone(), self.metrics.clone()));
+                        let seen = Seen { conn: id, ip: self.ip, metrics: self.metrics.clone(), summary: self.summary.clone() };
+                        streams.spawn(serve_stream(send, recv, seen, self.svc.clone(), self.limits.clone(), budgets.clone()));
                     }
-                    Err(e) => {
-                        tracing::debug!(conn = id.0, reason = %e, "connection closed");
-                        break;
-                    }
+                    Err(_) => break,
                 },
                 _ = self.stop.changed() => break,
             }
@@ -394,15 +420,27 @@ async fn read_request<'a>(
     }
 }
 
+/// Who a stream's request came from, and where it is counted.
+struct Seen {
+    conn: ConnectionId,
+    ip: IpAddr,
+    metrics: Option<Arc<Metrics>>,
+    summary: Arc<Summary>,
+}
+
+/// Bytes of a claimed identity key a refused authentication is logged
+/// with: enough to tell attempts apart, not the whole key.
+const LOGGED_KEY_PREFIX_BYTES: usize = 4;
+
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    conn: ConnectionId,
+    seen: Seen,
     svc: ServiceHandle,
     limits: Arc<TransportLimits>,
     budgets: Arc<ConnectionBudgets>,
-    metrics: Option<Arc<Metrics>>,
 ) {
+    let conn = seen.conn;
     let read = tokio::time::timeout(
         limits.request_timeout,
         read_request(&mut recv, &budgets.requests),
@@ -412,6 +450,8 @@ async fn serve_stream(
     // The method as counted in the metrics: requests that never decoded
     // are counted under one name of their own.
     let mut method = "undecodable";
+    // For an authentication: the start of the key it claims.
+    let mut claimed = None;
     // Bytes of the reply budget the reply holds until the peer takes it.
     let mut reply_permit = None;
     let reply: Reply = match read {
@@ -449,6 +489,9 @@ async fn serve_stream(
             }
             Ok(request) => {
                 method = request.body.method();
+                if let RequestBody::Authenticate { identity_key, .. } = &request.body {
+                    claimed = Some(hex(&identity_key.0[..LOGGED_KEY_PREFIX_BYTES]));
+                }
                 let (reply, permit) = if matches!(
                     request.body,
                     RequestBody::Fetch { .. }
@@ -494,9 +537,28 @@ async fn serve_stream(
     };
     let bytes = encode_reply(&reply);
     let kind = reply.as_ref().err().map(|e| e.kind);
+    let stored = match &reply {
+        Ok(Response::Enqueued { .. }) => 1,
+        Ok(Response::EnqueuedBatch { seqs }) => seqs.len() as u64,
+        _ => 0,
+    };
+    if let (Some(key), Err(e)) = (&claimed, &reply) {
+        if let Some(m) = &seen.metrics {
+            m.auth_refused();
+        }
+        if seen.summary.auth_refused() {
+            tracing::info!(
+                ip = %seen.ip,
+                key = %format_args!("{key}…"),
+                kind = ?e.kind,
+                "authentication refused"
+            );
+        }
+    }
     // Only the encoded bytes wait for the peer (with their budget permit).
     drop(reply);
-    if let Some(m) = &metrics {
+    seen.summary.request(kind, stored);
+    if let Some(m) = &seen.metrics {
         m.request(method, kind, received.elapsed());
     }
     // Handed to quinn as it is: `write_all` would copy it into a buffer
@@ -507,7 +569,13 @@ async fn serve_stream(
         Ok::<_, quinn::WriteError>(())
     };
     match tokio::time::timeout(limits.request_timeout, write).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => {
+            // Until the peer has acknowledged the whole reply: its bytes
+            // stay counted against the connection's reply budget, and a
+            // connection that ends now (at shutdown, its streams done)
+            // does not discard a reply still in quinn's send buffer.
+            let _ = tokio::time::timeout(limits.request_timeout, send.stopped()).await;
+        }
         Ok(Err(e)) => tracing::debug!(conn = conn.0, error = %e, "reply not delivered"),
         Err(_) => {
             let _ = send.reset(codes::REPLY_TIMEOUT.into());

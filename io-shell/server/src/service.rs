@@ -28,9 +28,9 @@ use quicproquo_core::types::{ConnectionId, RequestId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::observe::{GaugeSnapshot, Metrics, Observer, ServiceGauges};
+use crate::observe::{GaugeSnapshot, Metrics, Observer, ServiceGauges, Summary};
 use crate::store::{
-    BUFFERED_SYNC_PAUSE, Change, ShellStore, StorageError, SyncHandle, run_group_commit,
+    BUFFERED_SYNC_PAUSE, Change, ShellStore, StorageError, SyncHandle, run_group_commit_timed,
 };
 
 /// Commands queued for the service task before senders wait: deep enough to
@@ -55,6 +55,8 @@ enum Command {
     Close {
         conn: ConnectionId,
     },
+    /// The server is shutting down: long-polls are answered now.
+    Shutdown,
     Request {
         conn: ConnectionId,
         request: Request,
@@ -120,6 +122,14 @@ impl ServiceHandle {
     pub async fn close(&self, conn: ConnectionId) {
         // If the service has stopped there is nothing left to tell.
         let _ = self.tx.send(Command::Close { conn }).await;
+    }
+
+    /// The server is shutting down: every waiting fetchWait is answered
+    /// now with what its queues hold, and later ones do not wait
+    /// ([`NodeService::handle_shutdown`]); other requests are served as
+    /// before.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
     }
 
     /// Sends one request and waits for its reply.
@@ -244,7 +254,11 @@ pub fn spawn<S: ShellStore>(
     observer: Observer,
     sweep_interval: Option<Duration>,
 ) -> (ServiceHandle, tokio::task::JoinHandle<ServiceStats>) {
-    let Observer { gauges, metrics } = observer;
+    let Observer {
+        gauges,
+        metrics,
+        summary,
+    } = observer;
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
     let sync = node.store().sync_handle();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
@@ -254,7 +268,18 @@ pub fn spawn<S: ShellStore>(
         Durability::Fsync => Duration::ZERO,
         Durability::Buffered => BUFFERED_SYNC_PAUSE,
     };
-    let group_commit = tokio::spawn(run_group_commit(sync.clone(), sync_rx, synced_tx, pause));
+    let sync_metrics = metrics.clone();
+    let group_commit = tokio::spawn(run_group_commit_timed(
+        sync.clone(),
+        sync_rx,
+        synced_tx,
+        pause,
+        move |took| {
+            if let Some(m) = &sync_metrics {
+                m.fsync_took(took);
+            }
+        },
+    ));
     // Over a store other nodes share, their enqueues wake this node's
     // long-polls; the watch ends when the service drops `changes`.
     let (changes_tx, changes_rx) = mpsc::channel(CHANGES_QUEUED_MAX);
@@ -275,6 +300,8 @@ pub fn spawn<S: ShellStore>(
         stats: ServiceStats::default(),
         gauges,
         metrics,
+        summary,
+        round_queued: (0, 0),
         synced_lsn: Lsn(0),
         sweep_interval,
         failed: failed_tx,
@@ -322,6 +349,10 @@ struct Service<S> {
     stats: ServiceStats,
     gauges: ServiceGauges,
     metrics: Option<Arc<Metrics>>,
+    /// Counts for the periodic log summary.
+    summary: Arc<Summary>,
+    /// Messages and bytes the sweep's current round has counted so far.
+    round_queued: (u64, u64),
     /// Last `Lsn` a sync reported, to count the batches each fsync covers.
     synced_lsn: Lsn,
     /// How often a sweep step runs, if ever.
@@ -353,6 +384,7 @@ impl<S: ShellStore> Service<S> {
                 synced = self.synced_rx.recv(), if syncing => match synced {
                     Some(Ok(lsn)) => {
                         self.stats.syncs += 1;
+                        self.summary.fsync();
                         if let Some(m) = &self.metrics {
                             m.fsync(lsn.0.saturating_sub(self.synced_lsn.0));
                         }
@@ -432,6 +464,15 @@ impl<S: ShellStore> Service<S> {
                     });
                     if let Some(m) = &self.metrics {
                         m.swept(swept.expired, swept.fences_deleted as u64);
+                    }
+                    self.round_queued.0 += swept.queued_messages;
+                    self.round_queued.1 += swept.queued_bytes;
+                    if swept.round_done {
+                        let (messages, bytes) = std::mem::take(&mut self.round_queued);
+                        self.summary.queues_counted(messages, bytes);
+                        if let Some(m) = &self.metrics {
+                            m.queues_counted(messages, bytes);
+                        }
                     }
                     if swept.expired > 0 || swept.fences_deleted > 0 {
                         tracing::debug!(
@@ -517,6 +558,7 @@ impl<S: ShellStore> Service<S> {
                 // Replies still owed to the closed connection go nowhere.
                 self.pending.retain(|_, p| p.conn != conn);
             }
+            Command::Shutdown => self.node.handle_shutdown(now),
             Command::Request {
                 conn,
                 request,

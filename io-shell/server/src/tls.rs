@@ -8,12 +8,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use sha2::{Digest, Sha256};
 
 /// File name of the generated certificate inside the data directory.
 pub const GENERATED_CERT_FILE: &str = "server-cert.pem";
 /// File name of the generated private key inside the data directory.
 pub const GENERATED_KEY_FILE: &str = "server-key.pem";
+
+/// File name of the QUIC stateless-reset key inside the data directory.
+pub const RESET_KEY_FILE: &str = "stateless-reset.key";
+/// Bytes of the stateless-reset key (an HMAC-SHA256 key).
+pub const RESET_KEY_BYTES: usize = 32;
 
 /// A certificate chain with its key.
 #[derive(Debug)]
@@ -59,10 +63,7 @@ impl TlsIdentity {
     }
 }
 
-/// SHA-256 of a certificate's DER encoding: the value clients pin.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
-    Sha256::digest(cert.as_ref()).into()
-}
+pub use quicproquo_proto::pin::fingerprint;
 
 /// Loads `cert` and `key` from PEM files.
 pub fn load(cert: &Path, key: &Path) -> Result<TlsIdentity, TlsError> {
@@ -102,6 +103,32 @@ pub fn load_or_generate(data_dir: &Path) -> Result<TlsIdentity, TlsError> {
     let mut id = load(&cert_path, &key_path)?;
     id.generated = true;
     Ok(id)
+}
+
+/// The key QUIC derives its stateless-reset tokens from, kept in
+/// `data_dir` (mode 0600) and made on first start. With the same key after
+/// a restart, the server answers packets of connections it no longer knows
+/// with a reset their clients accept, so they reconnect at once instead of
+/// waiting for their idle timeout.
+pub fn load_or_generate_reset_key(data_dir: &Path) -> Result<[u8; RESET_KEY_BYTES], TlsError> {
+    let path = data_dir.join(RESET_KEY_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            return bytes.try_into().map_err(|bytes: Vec<u8>| TlsError::Pem {
+                path: path.clone(),
+                message: format!(
+                    "holds {} bytes, not the {RESET_KEY_BYTES} of a stateless-reset key; delete it to make a new one",
+                    bytes.len()
+                ),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&path, e)),
+    }
+    let mut key = [0u8; RESET_KEY_BYTES];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
+    write_private(&path, &key)?;
+    Ok(key)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
@@ -162,6 +189,16 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn the_reset_key_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_generate_reset_key(dir.path()).unwrap();
+        assert_eq!(load_or_generate_reset_key(dir.path()).unwrap(), a);
+        fs::write(dir.path().join(RESET_KEY_FILE), b"short").unwrap();
+        let e = load_or_generate_reset_key(dir.path()).unwrap_err();
+        assert!(e.to_string().contains(RESET_KEY_FILE), "{e}");
     }
 
     #[test]

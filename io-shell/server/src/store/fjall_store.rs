@@ -36,6 +36,13 @@
 //! disk refuses the requests that add data and lets the others through.
 //! Requests never scan, so a scan inside a turn is refused as a bug.
 //!
+//! Snapshots: [`FjallStore::reader`] hands out a [`FjallReader`], which
+//! another thread uses to read the database as it was at one instant
+//! ([`FjallSnapshot`]) while the store goes on writing; `qpq-server backup`
+//! reads a running server's records through it. A snapshot sees every
+//! batch committed to fjall before it whole and none after, so it falls
+//! between turns.
+//!
 //! Space: a store opened [`FjallStore::with_reserve`] keeps that many bytes
 //! free on the database's filesystem. Before each batch it reads the free
 //! space (`statvfs`, bytes available to unprivileged users) and refuses a
@@ -64,7 +71,9 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
+use fjall::{
+    Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode, Readable as _,
+};
 use quicproquo_core::store::{Batch, Lsn, Records, Store, StoreError, copy_head, run_key};
 
 use super::{ShellStore, StorageError, SyncHandle};
@@ -205,6 +214,15 @@ impl FjallStore {
         self.keyspace.approximate_len()
     }
 
+    /// A handle that takes snapshots of this database from other threads
+    /// (backups); it keeps the database open while it is held.
+    pub fn reader(&self) -> FjallReader {
+        FjallReader {
+            db: self.db.clone(),
+            keyspace: self.keyspace.clone(),
+        }
+    }
+
     /// Bytes the database occupies on disk (journals and tables), for
     /// metrics.
     pub fn disk_space_bytes(&self) -> Result<u64, StorageError> {
@@ -314,29 +332,109 @@ impl Store for FjallStore {
             // here would miss the turn's writes.
             return Err(StoreError::read("a scan inside a turn of requests"));
         }
-        let mut out = Vec::new();
-        let iter = match after {
-            Some(a) => self
-                .keyspace
-                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => self.keyspace.range::<&[u8], _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            )),
-        };
-        for guard in iter {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = guard
-                .into_inner()
-                .map_err(|e| StoreError::read(StorageError::from(e)))?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
+        let iter = self.keyspace.range::<&[u8], _>(scan_range(prefix, after));
+        take_records(iter, prefix, limit, usize::MAX)
+            .map_err(|e| StoreError::read(StorageError::from(e)))
+    }
+}
+
+/// The records a scan reads: after `after` if given, else from `prefix`.
+fn scan_range<'a>(
+    prefix: &'a [u8],
+    after: Option<&'a [u8]>,
+) -> (std::ops::Bound<&'a [u8]>, std::ops::Bound<&'a [u8]>) {
+    match after {
+        Some(a) => (std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded),
+        None => (
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ),
+    }
+}
+
+/// The first records of `iter` that start with `prefix`: at most `limit`
+/// of them, and no more once their keys and values reach `bytes_max`.
+fn take_records(
+    iter: fjall::Iter,
+    prefix: &[u8],
+    limit: usize,
+    bytes_max: usize,
+) -> Result<Records, fjall::Error> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for guard in iter {
+        if out.len() >= limit || bytes >= bytes_max {
+            break;
         }
-        Ok(out)
+        let (k, v) = guard.into_inner()?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        bytes = bytes.saturating_add(k.len() + v.len());
+        out.push((k.to_vec(), v.to_vec()));
+    }
+    Ok(out)
+}
+
+/// Takes point-in-time snapshots of a [`FjallStore`]'s database from any
+/// thread, while the store goes on writing (`qpq-server backup` against a
+/// running server). Holding one keeps the database open.
+#[derive(Clone)]
+pub struct FjallReader {
+    db: Database,
+    keyspace: Keyspace,
+}
+
+impl FjallReader {
+    /// The database as it is now, for as long as the snapshot is held.
+    pub fn snapshot(&self) -> FjallSnapshot {
+        FjallSnapshot {
+            snapshot: self.db.snapshot(),
+            keyspace: self.keyspace.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for FjallReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallReader").finish_non_exhaustive()
+    }
+}
+
+/// The machine's records as they were at one instant. fjall gives every
+/// write batch one sequence number and makes it visible to new snapshots
+/// only once all of it is in memory, so a snapshot holds each batch whole
+/// or not at all; the store commits a turn of requests, the sweep's steps
+/// and the version record each as one batch, so a snapshot falls between
+/// turns: a queue's counters agree with its messages, a KeyPackage pop
+/// with its pool's head, an `enqueueBatch` is in every queue or in none.
+/// fjall keeps what the snapshot reads from being compacted away until it
+/// is dropped.
+pub struct FjallSnapshot {
+    snapshot: fjall::Snapshot,
+    keyspace: Keyspace,
+}
+
+impl FjallSnapshot {
+    /// The records after `after` (from the first if `None`) in key order:
+    /// at most `limit`, and no more once their keys and values reach
+    /// `bytes_max` (at least one is returned if any is left).
+    pub fn scan(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Records, StorageError> {
+        let iter = self
+            .snapshot
+            .range::<&[u8], _>(&self.keyspace, scan_range(&[], after));
+        Ok(take_records(iter, &[], limit, bytes_max)?)
+    }
+}
+
+impl fmt::Debug for FjallSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallSnapshot").finish_non_exhaustive()
     }
 }
 
@@ -999,6 +1097,38 @@ mod tests {
         check(&s, b"a", Some(b"1"));
         check(&s, b"b", Some(b"2"));
         check(&s, b"gone", None);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_records_of_its_instant_while_writes_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(&dir);
+        s.write(batch(&[(b"a", Some(b"1")), (b"b", Some(b"1"))]))
+            .unwrap();
+        let reader = s.reader();
+        let snapshot = reader.snapshot();
+        s.begin_turn();
+        s.write(batch(&[
+            (b"a", None),
+            (b"b", Some(b"2")),
+            (b"c", Some(b"2")),
+        ]))
+        .unwrap();
+        s.end_turn().unwrap();
+        let all = |snap: &FjallSnapshot| snap.scan(None, 10, usize::MAX).unwrap();
+        let kv = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());
+        assert_eq!(all(&snapshot), vec![kv(b"a", b"1"), kv(b"b", b"1")]);
+        assert_eq!(
+            all(&reader.snapshot()),
+            vec![kv(b"b", b"2"), kv(b"c", b"2")]
+        );
+        // Bounded by count and by bytes, at least one record a call.
+        assert_eq!(snapshot.scan(None, 1, usize::MAX).unwrap().len(), 1);
+        assert_eq!(snapshot.scan(None, 10, 1).unwrap().len(), 1);
+        assert_eq!(
+            snapshot.scan(Some(b"a"), 10, usize::MAX).unwrap(),
+            vec![kv(b"b", b"1")]
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use quicproquo_core::store::{Lsn, Store};
+use quicproquo_core::store::{Lsn, Records, Store};
 use quicproquo_core::types::QueueId;
 use tokio::sync::mpsc::{Sender, UnboundedReceiver, UnboundedSender};
 
@@ -211,9 +211,21 @@ pub trait ShellStore: Store + Send + 'static {
 /// rather than retry and pretend.
 pub async fn run_group_commit<H: SyncHandle>(
     handle: H,
+    requests: UnboundedReceiver<Lsn>,
+    synced: UnboundedSender<Result<Lsn, StorageError>>,
+    pause: Duration,
+) {
+    run_group_commit_timed(handle, requests, synced, pause, |_| {}).await;
+}
+
+/// [`run_group_commit`], telling `timed` how long each sync took (the
+/// server's `qpq_fsync_duration_seconds`).
+pub async fn run_group_commit_timed<H: SyncHandle>(
+    handle: H,
     mut requests: UnboundedReceiver<Lsn>,
     synced: UnboundedSender<Result<Lsn, StorageError>>,
     pause: Duration,
+    timed: impl Fn(Duration),
 ) {
     let mut batch = Vec::new();
     let mut first = true;
@@ -231,7 +243,10 @@ pub async fn run_group_commit<H: SyncHandle>(
             return;
         }
         let requested = batch.iter().copied().max().unwrap_or_default();
-        let result = match handle.sync().await {
+        let started = std::time::Instant::now();
+        let result = handle.sync().await;
+        timed(started.elapsed());
+        let result = match result {
             Ok(covered) if covered >= requested => {
                 tracing::trace!(requests = batch.len(), ?covered, "group commit");
                 Ok(covered)
@@ -245,6 +260,54 @@ pub async fn run_group_commit<H: SyncHandle>(
         }
         if synced.send(result).is_err() || failed {
             return;
+        }
+    }
+}
+
+/// Every record of a store in key order, a bounded chunk at a time: each
+/// chunk is one `scan` of at most `chunk` records after the last key of the
+/// chunk before. `qpq-server migrate` copies and compares stores with it,
+/// `qpq-server backup` and `restore` read snapshots and databases with it.
+#[derive(Debug)]
+pub struct KeyOrder<F> {
+    scan: F,
+    chunk: usize,
+    after: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl<F, E> KeyOrder<F>
+where
+    F: FnMut(Option<&[u8]>, usize) -> Result<Records, E>,
+{
+    /// A walk that calls `scan(after, chunk)` for each chunk; `scan`
+    /// returns the records after `after` (from the first if `None`), at
+    /// most `chunk` of them, and none at the end.
+    pub fn new(chunk: usize, scan: F) -> Self {
+        assert!(chunk > 0, "a walk of empty chunks never ends");
+        KeyOrder {
+            scan,
+            chunk,
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next chunk, or `None` once every record was handed out.
+    pub fn next_chunk(&mut self) -> Result<Option<Records>, E> {
+        if self.done {
+            return Ok(None);
+        }
+        let records = (self.scan)(self.after.as_deref(), self.chunk)?;
+        match records.last() {
+            Some((last, _)) => {
+                self.after = Some(last.clone());
+                Ok(Some(records))
+            }
+            None => {
+                self.done = true;
+                Ok(None)
+            }
         }
     }
 }
