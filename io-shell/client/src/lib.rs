@@ -4,7 +4,8 @@
 //! tests and simulations and by the `qpq` command-line client. [`drive`]
 //! carries out one command of the sans-io client machine over a [`Client`]
 //! (the loop `qpq` and the simulations share). [`display`] makes
-//! peer-controlled text safe to show on a terminal.
+//! peer-controlled text safe to show on a terminal. [`state_file`] seals
+//! the state file; [`state_ops`] exports, imports and re-seals it.
 //!
 //! [`Client::connect`] tries every address the server's name resolves to
 //! and gives up after [`CONNECT_TIMEOUT`], naming the addresses it tried.
@@ -21,6 +22,7 @@ pub mod json;
 mod links;
 mod session;
 pub mod state_file;
+pub mod state_ops;
 mod trust;
 
 use std::net::SocketAddr;

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use quicproquo_client::display::{Names, escape_control, short_key};
-use quicproquo_client::state_file::{self, KdfParams, StateKey, StateLock};
+use quicproquo_client::state_file::{self, Existing, KdfParams, StateKey, StateLock};
+use quicproquo_client::state_ops::{self, Held, Sealed, StateOpError};
 use quicproquo_client::{
     Client, ClientError, Clock, DirectArgs, DriveError, ServerTrust, Session, SessionConfig,
     SessionError, daemon,
@@ -26,6 +27,7 @@ use quicproquo_core::types::{IdentityKey, hex};
 use rand_core::{OsRng, RngCore};
 use serde_json::json;
 use tokio::sync::Notify;
+use zeroize::Zeroizing;
 
 /// `println!` through an [`Output`].
 macro_rules! say {
@@ -217,6 +219,72 @@ enum Cmd {
         #[command(flatten)]
         direct: DirectArgs,
     },
+    /// Write a copy of the state file to DEST, to move it to another
+    /// machine or keep it safe.
+    ///
+    /// The copy is the state file as it is, still sealed with its password,
+    /// which is asked for (or taken from QPQ_PASSWORD) and checked first: a
+    /// wrong one writes nothing. It is everything `qpq import` needs; the
+    /// server's address and fingerprint are not in it. DEST is written
+    /// atomically, readable by you only. Refused while a session (`recv
+    /// --stream`, `daemon`) has the state file open.
+    Export {
+        /// The file to write.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+        /// Replace DEST if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Install a state file written by `qpq export` at --state.
+    ///
+    /// SRC must open with its password (QPQ_PASSWORD or a prompt), which it
+    /// keeps. It is checked first — a wrong password, a file that is not a
+    /// state file, a truncated or modified one, or one of a newer qpq
+    /// installs nothing — and installed atomically. Refused if a state file
+    /// is at --state already, unless --force: then that one is kept as
+    /// <state>.bak (refused if <state>.bak exists). Refused while a session
+    /// has the state file open.
+    ///
+    /// Use one copy of an identity at a time: what one copy fetches is gone
+    /// from the server for any other, so another copy, or an older export,
+    /// misses those messages and the group changes among them.
+    Import {
+        /// The exported state file.
+        #[arg(value_name = "SRC")]
+        src: PathBuf,
+        /// Replace the state file at --state, keeping it as <state>.bak.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change the state file's password.
+    ///
+    /// The current password comes from QPQ_PASSWORD or a prompt, the new
+    /// one from QPQ_NEW_PASSWORD or a prompt asked twice. The state is
+    /// sealed again with a fresh salt and nonce and written atomically;
+    /// then only the new password opens it (copies made by `qpq export`
+    /// keep the password they had). Refused while a session has the state
+    /// file open.
+    Passwd,
+    /// Tool: print a shell completion script for qpq to stdout.
+    ///
+    /// For example `qpq completions bash >
+    /// ~/.local/share/bash-completion/completions/qpq`, or `qpq completions
+    /// zsh > ~/.zfunc/_qpq` with ~/.zfunc in $fpath.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Tool: print the qpq(1) manual page, or write it and one page per
+    /// subcommand to a directory.
+    Man {
+        /// Write qpq.1 and a page per subcommand (qpq-send.1,
+        /// qpq-group-add.1, ...) here, replacing pages of the same name,
+        /// instead of printing qpq(1). Created if missing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -389,6 +457,11 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
             let (_, (_, machine)) = State::load(&cli.state)?;
             return contacts(&machine, out);
         }
+        Cmd::Export { dest, force } => return export(&cli, dest, *force, out),
+        Cmd::Import { src, force } => return import(&cli, src, *force, out),
+        Cmd::Passwd => return passwd(&cli, out),
+        Cmd::Completions { shell } => return completions(*shell, out),
+        Cmd::Man { out_dir } => return man(out_dir.as_deref(), out),
         _ => {}
     }
     match &cli.command {
@@ -417,18 +490,11 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     // waits here instead of overwriting this one's state. A running
     // session (`recv --stream`, `daemon`) holds the file for as long as it
     // runs: the command goes to it instead.
-    let _lock = match StateLock::try_acquire(&cli.state)? {
-        Some(lock) => lock,
-        None => {
-            let socket = daemon::socket_path(&cli.state);
-            // A session answers on its socket. A socket nobody answers was
-            // left by a session that was killed, and the lock is another
-            // one-shot command's: wait for it.
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                let command = command(&cli, None, stdin_text)?;
-                return forward(&socket, &command, out).await;
-            }
-            lock(&cli.state)?
+    let _lock = match state_ops::lock_or_session(&cli.state)? {
+        Held::Locked(lock) => lock,
+        Held::Session(socket) => {
+            let command = command(&cli, None, stdin_text)?;
+            return forward(&socket, &command, out).await;
         }
     };
     let (mut state, (key, mut machine)) = State::load(&cli.state)?;
@@ -591,7 +657,12 @@ fn command(
         | Cmd::Group(GroupCmd::List | GroupCmd::Members { .. } | GroupCmd::Verify { .. })
         | Cmd::Contact(ContactCmd::List)
         | Cmd::Recv { stream: true, .. }
-        | Cmd::Daemon { .. } => {
+        | Cmd::Daemon { .. }
+        | Cmd::Export { .. }
+        | Cmd::Import { .. }
+        | Cmd::Passwd
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. } => {
             unreachable!("handled above")
         }
     })
@@ -617,7 +688,7 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
         say!(
             out,
             "{}",
-            json!({"type": "initialized", "identity_key": id, "state": cli.state})
+            json!({"type": "initialized", "identity_key": id, "state": path_text(&cli.state)})
         );
     } else {
         say!(out, "Created a new identity in {}.", cli.state.display());
@@ -628,6 +699,196 @@ fn init(cli: &Cli, out: &Output) -> anyhow::Result<()> {
         say!(out, "Next: qpq register");
     }
     Ok(())
+}
+
+/// `export DEST`: the state file, checked to open with its password,
+/// copied to DEST as it is.
+fn export(cli: &Cli, dest: &Path, force: bool, out: &Output) -> anyhow::Result<()> {
+    // Refused before the password is asked for; the write refuses again
+    // if DEST appears meanwhile.
+    if dest.is_dir() {
+        bail!("{} is a directory; name the file to write", dest.display());
+    }
+    if !force && dest.symlink_metadata().is_ok() {
+        bail!("{} exists already; --force replaces it", dest.display());
+    }
+    let _lock = state_ops::lock_idle(&cli.state)?;
+    let opened = Sealed::read(&cli.state)
+        .map_err(no_state_hint)?
+        .open(password(&cli.state, false)?.as_bytes())?;
+    let existing = if force {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    };
+    opened.write_to(dest, existing)?;
+    let id = hex(opened.identity_key().as_bytes());
+    if out.json {
+        say!(
+            out,
+            "{}",
+            json!({"type": "exported", "state": path_text(&cli.state), "file": path_text(dest), "identity_key": id})
+        );
+    } else {
+        say!(
+            out,
+            "Exported {} to {}, sealed with its password. `qpq import` installs it.",
+            shown(&cli.state),
+            shown(dest)
+        );
+    }
+    Ok(())
+}
+
+/// `import SRC`: SRC, checked to open with its password, installed as the
+/// state file; one already there is kept as `<state>.bak` with --force.
+fn import(cli: &Cli, src: &Path, force: bool, out: &Output) -> anyhow::Result<()> {
+    let exists = |state: &Path| {
+        anyhow!(
+            "{} exists already and holds an identity; --force replaces it (keeping it as {})",
+            state.display(),
+            state_ops::backup_path(state).display()
+        )
+    };
+    // What can be refused is refused before the password is asked for.
+    let sealed = Sealed::read(src)?;
+    let lock = state_ops::lock_idle(&cli.state)?;
+    if !force && state_file::exists(&cli.state) {
+        return Err(exists(&cli.state));
+    }
+    let opened = sealed.open(password(src, false)?.as_bytes())?;
+    let kept = match state_ops::install(&opened, &cli.state, &lock, force) {
+        Err(StateOpError::Exists(state)) => return Err(exists(&state)),
+        other => other?,
+    };
+    let id = hex(opened.identity_key().as_bytes());
+    if out.json {
+        say!(
+            out,
+            "{}",
+            json!({
+                "type": "imported",
+                "state": path_text(&cli.state),
+                "file": path_text(src),
+                "identity_key": id,
+                "kept": kept.as_deref().map(path_text),
+            })
+        );
+    } else {
+        say!(
+            out,
+            "Imported {} into {}. Your identity key:\n{id}",
+            shown(src),
+            shown(&cli.state)
+        );
+        if let Some(kept) = kept {
+            say!(
+                out,
+                "The state file it replaced is kept as {}.",
+                shown(&kept)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `passwd`: the state file sealed again under a new password.
+fn passwd(cli: &Cli, out: &Output) -> anyhow::Result<()> {
+    let lock = state_ops::lock_idle(&cli.state)?;
+    let opened = Sealed::read(&cli.state)
+        .map_err(no_state_hint)?
+        .open(password(&cli.state, false)?.as_bytes())?;
+    let new = ask_password(
+        NEW_PASSWORD_VAR,
+        &format!("New password for {}: ", cli.state.display()),
+        true,
+    )?;
+    state_ops::change_password(&opened, new.as_bytes(), &cli.state, &lock)?;
+    if out.json {
+        say!(
+            out,
+            "{}",
+            json!({"type": "password_changed", "state": path_text(&cli.state)})
+        );
+    } else {
+        say!(out, "Changed the password of {}.", shown(&cli.state));
+    }
+    Ok(())
+}
+
+/// A missing state file, with what to do about it.
+fn no_state_hint(e: StateOpError) -> anyhow::Error {
+    match e {
+        StateOpError::Missing(path) => {
+            anyhow!("no state file at {}; run `qpq init` first", path.display())
+        }
+        e => e.into(),
+    }
+}
+
+/// `completions SHELL`: the completion script, on stdout.
+fn completions(shell: clap_complete::Shell, out: &Output) -> anyhow::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "qpq", &mut script);
+    print_text(out, script)
+}
+
+/// `man [--out-dir DIR]`: qpq(1) on stdout, or it and a page per
+/// subcommand written to DIR.
+fn man(out_dir: Option<&Path>, out: &Output) -> anyhow::Result<()> {
+    // `help` has no page of its own: each page documents --help.
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let Some(dir) = out_dir else {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        return print_text(out, page);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut files = Vec::new();
+    man_pages(cmd, dir, &mut files).with_context(|| format!("writing in {}", dir.display()))?;
+    if out.json {
+        let files: Vec<String> = files.iter().map(|f| path_text(f)).collect();
+        say!(out, "{}", json!({"type": "man_pages", "files": files}));
+    } else {
+        say!(out, "Wrote {} manual pages to {}.", files.len(), shown(dir));
+    }
+    Ok(())
+}
+
+/// Writes the page of `cmd` (built) and of each of its visible
+/// subcommands to `dir`, named by their display names (`qpq-group-add.1`),
+/// and adds their paths to `files`.
+fn man_pages(cmd: clap::Command, dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let subcommands: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    files.push(clap_mangen::Man::new(cmd).generate_to(dir)?);
+    for sub in subcommands {
+        man_pages(sub, dir, files)?;
+    }
+    Ok(())
+}
+
+/// Prints generated text (a script, a manual page) as it is, also with
+/// `--json`: it is the command's output.
+fn print_text(out: &Output, text: Vec<u8>) -> anyhow::Result<()> {
+    let text = String::from_utf8(text).context("generated text is not UTF-8")?;
+    say!(out, "{}", text.strip_suffix('\n').unwrap_or(&text));
+    Ok(())
+}
+
+/// A path as JSON text. serde_json refuses (and `json!` panics on) a path
+/// that is not UTF-8; such bytes are shown as U+FFFD instead.
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// A path as text that cannot drive the terminal.
+fn shown(path: &Path) -> String {
+    escape_control(&path.display().to_string()).into_owned()
 }
 
 fn whoami(machine: &ClientMachine, qr: bool, out: &Output) -> anyhow::Result<()> {
@@ -1048,19 +1309,34 @@ fn lock(state: &std::path::Path) -> anyhow::Result<StateLock> {
     Ok(StateLock::acquire(state)?)
 }
 
-fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<String> {
-    match std::env::var("QPQ_PASSWORD") {
+/// The password of the state file at `path`: from QPQ_PASSWORD, else
+/// asked for (twice if `confirm`, for a new file).
+fn password(path: &std::path::Path, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
+    ask_password(
+        PASSWORD_VAR,
+        &format!("Password for {}: ", path.display()),
+        confirm,
+    )
+}
+
+/// A password from the variable `var`, else asked for on the terminal
+/// with `prompt` (twice if `confirm`). Never empty.
+fn ask_password(var: &str, prompt: &str, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
+    match std::env::var(var) {
         Ok(p) if p.is_empty() => {
-            bail!("QPQ_PASSWORD is set but empty; a state file needs a password")
+            bail!("{var} is set but empty; a state file needs a password")
         }
-        Ok(p) => return Ok(p),
-        Err(std::env::VarError::NotUnicode(_)) => bail!("QPQ_PASSWORD is not valid UTF-8"),
+        Ok(p) => return Ok(Zeroizing::new(p)),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{var} is not valid UTF-8"),
         Err(std::env::VarError::NotPresent) => {}
     }
-    let p = rpassword::prompt_password(format!("Password for {}: ", path.display()))
-        .context("reading the password (set QPQ_PASSWORD when there is no terminal)")?;
+    let p = Zeroizing::new(
+        rpassword::prompt_password(escape_control(prompt).as_ref()).with_context(|| {
+            format!("reading the password (set {var} when there is no terminal)")
+        })?,
+    );
     if confirm {
-        let again = rpassword::prompt_password("Repeat the password: ")?;
+        let again = Zeroizing::new(rpassword::prompt_password("Repeat the password: ")?);
         if again != p {
             bail!("the passwords differ");
         }
@@ -1609,3 +1885,8 @@ fn sent_time(ms: u64) -> String {
         format!("{} ", local.format("%Y-%m-%d %H:%M"))
     }
 }
+
+/// The variable the state file's password is read from.
+const PASSWORD_VAR: &str = "QPQ_PASSWORD";
+/// The variable `qpq passwd` reads the new password from.
+const NEW_PASSWORD_VAR: &str = "QPQ_NEW_PASSWORD";

@@ -43,7 +43,9 @@
 //!   same directory, fsyncs it, renames it over the target and fsyncs the
 //!   directory. If anything fails before the rename, the previous file is
 //!   still there, intact, and the temporary file is removed; a crash leaves
-//!   either the old file or the new one, never a mix.
+//!   either the old file or the new one, never a mix. [`write`] writes
+//!   already sealed bytes the same way; with [`Existing::Refuse`] the
+//!   rename itself refuses a file that is there, so nothing is replaced.
 //! - The AEAD cannot tell a wrong password from a modified body; both are
 //!   reported as [`StateFileError::WrongPassword`].
 //! - An empty password is refused before anything is derived, for sealing
@@ -154,6 +156,12 @@ pub enum StateFileError {
     Kdf {
         /// What failed.
         reason: String,
+    },
+    /// [`write`] was told not to replace a file, and there is one.
+    #[error("{} exists already", path.display())]
+    Exists {
+        /// The file that is there.
+        path: PathBuf,
     },
     /// Reading or writing a file failed.
     #[error("state file I/O on {}: {source}", path.display())]
@@ -413,7 +421,23 @@ pub fn save_with_params(
 /// OS, and writes it to `path` atomically.
 pub fn save_with_key(path: &Path, key: &StateKey, plaintext: &[u8]) -> Result<(), StateFileError> {
     let bytes = key.seal(plaintext, &mut OsRng)?;
-    write_atomic(path, |f| f.write_all(&bytes))
+    write(path, &bytes, Existing::Replace)
+}
+
+/// What [`write`] does when a file is already at its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace it (in one rename, so it is never missing or partial).
+    Replace,
+    /// Keep it and fail with [`StateFileError::Exists`]. Checked by the
+    /// rename itself, so a file that appears meanwhile is kept too.
+    Refuse,
+}
+
+/// Writes `bytes` (a sealed state file, as [`read`] returns it) to `path`
+/// as [`save`] writes: atomically, fsynced, readable by its owner only.
+pub fn write(path: &Path, bytes: &[u8], existing: Existing) -> Result<(), StateFileError> {
+    write_atomic(path, existing, |f| f.write_all(bytes))
 }
 
 /// Reads the state file at `path` and opens it with `password`.
@@ -426,8 +450,39 @@ pub fn load_and_keep_key(
     path: &Path,
     password: &[u8],
 ) -> Result<(Vec<u8>, StateKey), StateFileError> {
-    let bytes = read_bounded(path)?;
+    let bytes = read(path)?;
     open_and_keep_key(password, &bytes)
+}
+
+/// Reads the sealed bytes of the file at `path` without opening them,
+/// refusing a file larger than the format allows before reading it.
+pub fn read(path: &Path) -> Result<Vec<u8>, StateFileError> {
+    let io_err = |source| StateFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    if len > FILE_BYTES_MAX {
+        return Err(StateFileError::TooLarge {
+            bytes: len,
+            max: FILE_BYTES_MAX,
+        });
+    }
+    let mut bytes = Vec::new();
+    // `take` bounds the read even if the file grows after the check.
+    file.take(FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    Ok(bytes)
+}
+
+/// Checks what can be checked of a state file without its password: the
+/// magic bytes, the format version, the key derivation and its parameters,
+/// and the lengths. [`open`] checks the same first; this lets a caller
+/// refuse a file that is not a state file before asking for a password.
+pub fn check(file: &[u8]) -> Result<(), StateFileError> {
+    parse_header(file).map(|_| ())
 }
 
 /// True if a regular file (or a link to one) exists at `path`.
@@ -473,10 +528,13 @@ impl StateLock {
         Self::take(state, false)
     }
 
+    /// True if this is the lock of the state file at `state`.
+    pub fn guards(&self, state: &Path) -> bool {
+        self.path == lock_path(state)
+    }
+
     fn take(state: &Path, wait: bool) -> Result<Option<StateLock>, StateFileError> {
-        let mut name = state.as_os_str().to_owned();
-        name.push(LOCK_SUFFIX);
-        let path = PathBuf::from(name);
+        let path = lock_path(state);
         let io_err = |source| StateFileError::Io {
             path: path.clone(),
             source,
@@ -514,6 +572,13 @@ impl Drop for StateLock {
         #[cfg(unix)]
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// `<state>.lock`.
+fn lock_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(LOCK_SUFFIX);
+    PathBuf::from(name)
 }
 
 /// True if `path` still names `file` (which this process has locked).
@@ -709,37 +774,16 @@ fn derive_key(
     Ok(key)
 }
 
-/// Reads the whole file at `path`, refusing one larger than the format
-/// allows before reading it.
-fn read_bounded(path: &Path) -> Result<Vec<u8>, StateFileError> {
-    let io_err = |source| StateFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    let len = file.metadata().map_err(io_err)?.len();
-    if len > FILE_BYTES_MAX {
-        return Err(StateFileError::TooLarge {
-            bytes: len,
-            max: FILE_BYTES_MAX,
-        });
-    }
-    let mut bytes = Vec::new();
-    // `take` bounds the read even if the file grows after the check.
-    file.take(FILE_BYTES_MAX + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
-    Ok(bytes)
-}
-
 /// Replaces the file at `path` with what `write` writes, atomically: a
 /// temporary file in the same directory (so the rename cannot cross file
-/// systems), fsynced, renamed over `path`, then the directory fsynced so
-/// the rename itself is durable. On any failure the temporary file is
-/// removed and `path` is untouched. The file is created readable and
-/// writable by its owner only.
+/// systems), fsynced, renamed over `path` (or, with [`Existing::Refuse`],
+/// to `path` only if nothing is there), then the directory fsynced so the
+/// rename itself is durable. On any failure the temporary file is removed
+/// and `path` is untouched. The file is created readable and writable by
+/// its owner only.
 fn write_atomic(
     path: &Path,
+    existing: Existing,
     write: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), StateFileError> {
     let io_err = |path: &Path| {
@@ -758,7 +802,16 @@ fn write_atomic(
         .map_err(io_err(dir))?;
     write(tmp.as_file_mut()).map_err(io_err(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    let persisted = match existing {
+        Existing::Replace => tmp.persist(path),
+        Existing::Refuse => tmp.persist_noclobber(path),
+    };
+    persisted.map_err(|e| match e.error.kind() {
+        io::ErrorKind::AlreadyExists if existing == Existing::Refuse => StateFileError::Exists {
+            path: path.to_path_buf(),
+        },
+        _ => io_err(path)(e.error),
+    })?;
     sync_dir(dir).map_err(io_err(dir))
 }
 
@@ -929,6 +982,8 @@ mod tests {
         let state = dir.path().join("qpq-state.bin");
         let lock_file = dir.path().join("qpq-state.bin.lock");
         let held = StateLock::acquire(&state).unwrap();
+        assert!(held.guards(&state));
+        assert!(!held.guards(&dir.path().join("qpq-state.bin.bak")));
         let other = File::open(&lock_file).unwrap();
         assert!(matches!(
             other.try_lock(),
@@ -1288,7 +1343,7 @@ mod tests {
 
         // The disk fills up halfway through writing the new state.
         let new = fixture().key.seal(b"new state", &mut OsRng).unwrap();
-        let err = write_atomic(&path, |f| {
+        let err = write_atomic(&path, Existing::Replace, |f| {
             f.write_all(&new[..new.len() / 2])?;
             Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"))
         })
@@ -1298,6 +1353,43 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(open_fast(&before).unwrap(), b"old state");
         assert_eq!(dir_entries(dir.path()), ["qpq-state.bin"], "temp file left");
+    }
+
+    #[test]
+    fn writing_without_replacing_keeps_a_file_that_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq-state.bin");
+        std::fs::write(&path, b"mine").unwrap();
+        let err = write(&path, &fixture().file, Existing::Refuse).unwrap_err();
+        assert!(
+            matches!(&err, StateFileError::Exists { path: p } if p == &path),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"mine");
+        assert_eq!(dir_entries(dir.path()), ["qpq-state.bin"], "temp file left");
+
+        let new = dir.path().join("new.bin");
+        write(&new, &fixture().file, Existing::Refuse).unwrap();
+        assert_eq!(read(&new).unwrap(), fixture().file);
+        write(&path, &fixture().file, Existing::Replace).unwrap();
+        assert_eq!(read(&path).unwrap(), fixture().file);
+    }
+
+    #[test]
+    fn check_refuses_without_a_password_what_open_would_refuse_unopened() {
+        check(&fixture().file).unwrap();
+        let file = &fixture().file;
+        for bad in [
+            &file[..file.len() - 1],
+            b"hello",
+            &[file.as_slice(), b"x"].concat(),
+        ] {
+            let before = derivations();
+            let err = check(bad).unwrap_err();
+            let refused = refused_before_kdf(bad);
+            assert_eq!(err.to_string(), refused.to_string());
+            assert_eq!(derivations(), before);
+        }
     }
 
     #[test]

@@ -7,9 +7,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use quicproquo_client::state_file;
+use quicproquo_client::state_file::{self, KdfParams};
+use quicproquo_client::state_ops;
 use quicproquo_client::{Client, ClientError, ServerTrust, TrustError};
-use quicproquo_core::client::ClientMachine;
+use quicproquo_core::client::{ClientMachine, STATE_VERSION};
 use serde_json::Value;
 
 mod common;
@@ -968,6 +969,28 @@ fn expect_line(rx: &mpsc::Receiver<String>, what: &str, want: impl Fn(&Value) ->
     }
 }
 
+/// A child process killed if the test fails half-way (a stuck daemon
+/// would keep the test run's output open).
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `<state>.sock`, once the session on `state` has bound it (within 30 s).
+fn wait_for_socket(state: &Path) -> PathBuf {
+    let socket = PathBuf::from(format!("{}.sock", state.display()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    socket
+}
+
 #[test]
 fn the_daemon_serves_json_lines_on_stdin_and_on_its_socket() {
     let dir = tempfile::tempdir().unwrap();
@@ -989,12 +1012,7 @@ fn the_daemon_serves_json_lines_on_stdin_and_on_its_socket() {
     assert_eq!(who["type"], "result");
     assert_eq!(who["result"]["identity_key"], bob.key());
     // The socket is private to this user.
-    let socket = PathBuf::from(format!("{}.sock", bob.state.display()));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(std::time::Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let socket = wait_for_socket(&bob.state);
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
@@ -1038,15 +1056,6 @@ fn the_daemon_answers_requests_pipelined_past_its_event_buffer() {
         unreachable!()
     };
     bob.run(&["group", "create", "notes"]);
-    /// Killed if the test fails half-way (a stuck daemon would keep the
-    /// test run's output open).
-    struct Daemon(std::process::Child);
-    impl Drop for Daemon {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut daemon = Daemon(
         bob.plain()
             .args(["daemon", "--no-socket"])
@@ -1302,4 +1311,356 @@ fn both_binaries_name_their_version_and_commit() {
             "{name} --version printed {text:?}"
         );
     }
+}
+
+/// Bob moves to another machine: his export, imported into a fresh
+/// directory, is the same identity in the same group, and carries on the
+/// conversation there. While a daemon has the state open, export, import
+/// and passwd refuse rather than copy or replace what it is writing.
+#[test]
+fn an_exported_state_imported_elsewhere_carries_on_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let [alice, bob] = &in_team(dir.path(), &server)[..] else {
+        unreachable!()
+    };
+    let (a, b) = (alice.key(), bob.key());
+    bob.run(&["recv"]);
+    alice.run(&["send", "team", "before the move"]);
+    assert_eq!(bob.recv(), vec![(a.clone(), "before the move".into())]);
+
+    let export = dir.path().join("bob.export");
+    let out = bob.run(&["export", export.to_str().unwrap()]);
+    assert_eq!(out[0]["type"], "exported", "{out:?}");
+    assert_eq!(out[0]["identity_key"], b);
+    // The copy is the state file as it is, private to its owner.
+    assert!(holds(&export, &std::fs::read(&bob.state).unwrap()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&export).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let moved = User {
+        state: elsewhere.join("qpq-state.bin"),
+        server: &server,
+    };
+    let out = moved.run(&["import", export.to_str().unwrap()]);
+    assert_eq!(out[0]["type"], "imported", "{out:?}");
+    assert_eq!(out[0]["kept"], Value::Null);
+    assert_eq!(moved.key(), b);
+    // The old machine is retired.
+    std::fs::remove_file(&bob.state).unwrap();
+    alice.run(&["send", "team", "after the move"]);
+    assert_eq!(moved.recv(), vec![(a, "after the move".into())]);
+    moved.run(&["send", "team", "from the new machine"]);
+    assert_eq!(
+        alice.recv(),
+        vec![(b.clone(), "from the new machine".into())]
+    );
+
+    let mut daemon = Daemon(
+        moved
+            .plain()
+            .arg("daemon")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = daemon.0.stdin.take().unwrap();
+    let lines = lines_of(&mut daemon.0);
+    wait_for_socket(&moved.state);
+    let copy = dir.path().join("copy");
+    let copy = copy.to_str().unwrap();
+    for args in [
+        &["export", copy][..],
+        &["import", "--force", export.to_str().unwrap()],
+        &["passwd"],
+    ] {
+        let error = moved.fail(args, &[("QPQ_NEW_PASSWORD", "another")]);
+        assert!(error.contains("open in a qpq session"), "{args:?}: {error}");
+    }
+    writeln!(stdin, r#"{{"id": "bye", "method": "shutdown"}}"#).unwrap();
+    expect_line(&lines, "shutdown", |v| v["id"] == "bye");
+    assert!(daemon.0.wait().unwrap().success());
+    assert!(!Path::new(copy).exists());
+    assert_eq!(moved.key(), b, "the password is unchanged");
+    assert!(!state_ops::backup_path(&moved.state).exists());
+}
+
+/// Every refusal of export and import leaves every file as it was: a
+/// wrong password, a file or state already at the target, and damaged or
+/// foreign files, each with its own message.
+#[test]
+fn export_and_import_refuse_what_would_lose_or_garble_a_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let user = |name: &str| User {
+        state: dir.path().join(name),
+        server: &server,
+    };
+    let (alice, carol) = (user("alice.bin"), user("carol.bin"));
+    alice.run(&["init"]);
+    carol.run(&["init"]);
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let alice_bytes = std::fs::read(&alice.state).unwrap();
+
+    let export = at("alice.export");
+    let error = alice.fail(&["export", &export], &[("QPQ_PASSWORD", "wrong")]);
+    assert!(error.contains("wrong password"), "{error}");
+    assert!(!Path::new(&export).exists());
+    alice.run(&["export", &export]);
+    let other = at("other");
+    std::fs::write(&other, "keep me").unwrap();
+    let error = alice.fail(&["export", &other], &[]);
+    assert!(
+        error.contains("exists already; --force replaces it"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), b"keep me");
+    alice.run(&["export", "--force", &other]);
+    assert!(holds(&other, &alice_bytes));
+
+    let carol_bytes = std::fs::read(&carol.state).unwrap();
+    let kept = state_ops::backup_path(&carol.state);
+    let error = carol.fail(&["import", &export], &[]);
+    assert!(
+        error.contains("exists already and holds an identity"),
+        "{error}"
+    );
+    let error = carol.fail(
+        &["import", "--force", &export],
+        &[("QPQ_PASSWORD", "wrong")],
+    );
+    assert!(error.contains("wrong password"), "{error}");
+    assert!(holds(&carol.state, &carol_bytes));
+    assert!(!kept.exists());
+    let out = carol.run(&["import", "--force", &export]);
+    assert_eq!(out[0]["kept"], kept.to_str().unwrap());
+    assert!(holds(&carol.state, &alice_bytes));
+    assert!(holds(&kept, &carol_bytes));
+    assert_eq!(carol.key(), alice.key());
+    // A second import would lose the state kept aside.
+    let error = carol.fail(&["import", "--force", &export], &[]);
+    assert!(error.contains("move it elsewhere first"), "{error}");
+    assert!(holds(&kept, &carol_bytes));
+
+    let fresh_dir = dir.path().join("fresh");
+    std::fs::create_dir(&fresh_dir).unwrap();
+    let fresh = user("fresh/qpq-state.bin");
+    let mut flipped = alice_bytes.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let mut newer_format = alice_bytes.clone();
+    newer_format[8..10].copy_from_slice(&2u16.to_be_bytes());
+    let newer_layout = state_file::seal(
+        PASSWORD.as_bytes(),
+        &[u8::try_from(STATE_VERSION + 1).unwrap(), 0],
+        KdfParams::FLOOR,
+        &mut rand_core::OsRng,
+    )
+    .unwrap();
+    let mut appended = alice_bytes.clone();
+    appended.push(0);
+    let cases: [(&str, &[u8], &str); 6] = [
+        (
+            "truncated",
+            &alice_bytes[..alice_bytes.len() - 10],
+            "the state file is truncated",
+        ),
+        (
+            "flipped",
+            &flipped,
+            "wrong password or the file was modified",
+        ),
+        (
+            "foreign",
+            b"#!/bin/sh\necho hello\n",
+            "not a qpq state file",
+        ),
+        ("newer-format", &newer_format, "format version 2"),
+        ("newer-layout", &newer_layout, "layout version 6"),
+        ("appended", &appended, "1 unexpected bytes after its end"),
+    ];
+    for (name, bytes, want) in cases {
+        let path = at(name);
+        std::fs::write(&path, bytes).unwrap();
+        let error = fresh.fail(&["import", &path], &[]);
+        assert!(error.contains(want), "{name}: {error}");
+        if name.starts_with("newer") {
+            assert!(error.contains("upgrade qpq"), "{name}: {error}");
+        }
+    }
+    // Nothing installed, and no temporary or lock file left.
+    assert_eq!(std::fs::read_dir(&fresh_dir).unwrap().count(), 0);
+}
+
+/// `passwd` seals the same state under the new password with fresh salt
+/// and the recommended parameters; the old password opens it no more.
+#[test]
+fn passwd_changes_the_password_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let alice = User {
+        state: dir.path().join("alice.bin"),
+        server: &server,
+    };
+    alice.run(&["init"]);
+    let key = alice.key();
+    // Sealed at the floor, so the test sees passwd raise the parameters.
+    let plaintext = state_file::load(&alice.state, PASSWORD.as_bytes()).unwrap();
+    state_file::save_with_params(
+        &alice.state,
+        PASSWORD.as_bytes(),
+        &plaintext,
+        KdfParams::FLOOR,
+    )
+    .unwrap();
+    let before = std::fs::read(&alice.state).unwrap();
+    let new = "a new password";
+
+    let error = alice.fail(&["passwd"], &[("QPQ_NEW_PASSWORD", "")]);
+    assert!(
+        error.contains("QPQ_NEW_PASSWORD is set but empty"),
+        "{error}"
+    );
+    let error = alice.fail(
+        &["passwd"],
+        &[("QPQ_PASSWORD", "wrong"), ("QPQ_NEW_PASSWORD", new)],
+    );
+    assert!(error.contains("wrong password"), "{error}");
+    assert!(holds(&alice.state, &before));
+
+    let out = alice
+        .cmd()
+        .env("QPQ_NEW_PASSWORD", new)
+        .arg("passwd")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = typed_object(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(v["type"], "password_changed");
+
+    let after = std::fs::read(&alice.state).unwrap();
+    let m_cost_kib = u32::from_be_bytes(after[11..15].try_into().unwrap());
+    assert_eq!(m_cost_kib, KdfParams::RECOMMENDED.m_cost_kib());
+    assert_ne!(after[24..40], before[24..40], "a fresh salt");
+    let error = alice.fail(&["whoami"], &[]);
+    assert!(error.contains("wrong password"), "{error}");
+    let out = alice
+        .cmd()
+        .env("QPQ_PASSWORD", new)
+        .arg("whoami")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = typed_object(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(v["identity_key"], key);
+    assert!(state_file::load(&alice.state, new.as_bytes()).unwrap() == plaintext);
+}
+
+/// Completion scripts for every shell clap_complete knows and manual
+/// pages for every command, generated from the command line itself.
+#[test]
+fn completions_and_manual_pages_cover_every_command() {
+    let qpq = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qpq"))
+            .args(args)
+            .output()
+            .expect("run qpq");
+        assert!(out.status.success(), "qpq {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let commands = subcommands(&qpq(&["--help"]));
+    for c in ["send", "export", "import", "passwd", "completions", "man"] {
+        assert!(
+            commands.iter().any(|n| n == c),
+            "{c} missing in {commands:?}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = qpq(&["completions", shell]);
+        for c in &commands {
+            assert!(script.contains(c.as_str()), "{shell}: no {c}");
+        }
+        if shell == "bash" {
+            let path = dir.path().join("qpq.bash");
+            std::fs::write(&path, &script).unwrap();
+            let status = Command::new("bash").arg("-n").arg(&path).status().unwrap();
+            assert!(status.success(), "bash -n refuses the script");
+        }
+    }
+
+    let page = qpq(&["man"]);
+    assert!(title(&page).starts_with(".TH qpq 1 "), "{page}");
+    for c in &commands {
+        assert!(
+            page.contains(&format!("qpq\\-{c}(1)")),
+            "qpq(1) names no {c}"
+        );
+    }
+
+    let out_dir = dir.path().join("man").join("man1");
+    let out = qpq(&["--json", "man", "--out-dir", out_dir.to_str().unwrap()]);
+    let listed = typed_object(out.trim());
+    assert_eq!(listed["type"], "man_pages");
+    let mut want = vec!["qpq.1".to_owned()];
+    for c in &commands {
+        want.push(format!("qpq-{c}.1"));
+        for sub in subcommands(&qpq(&[c, "--help"])) {
+            want.push(format!("qpq-{c}-{sub}.1"));
+        }
+    }
+    assert!(want.iter().any(|w| w == "qpq-group-add.1"), "{want:?}");
+    want.sort();
+    let mut written: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written, want);
+    assert_eq!(listed["files"].as_array().unwrap().len(), want.len());
+    for name in &written {
+        let text = std::fs::read_to_string(out_dir.join(name)).unwrap();
+        let stem = name.trim_end_matches(".1");
+        assert!(
+            title(&text).starts_with(&format!(".TH {stem} 1 ")),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("qpq.1")).unwrap(),
+        page
+    );
+}
+
+/// Whether the file at `path` holds exactly `bytes` (a failed comparison
+/// of whole state files would print both).
+fn holds(path: impl AsRef<Path>, bytes: &[u8]) -> bool {
+    std::fs::read(path).unwrap() == bytes
+}
+
+/// The names in the `Commands:` list of a `--help`, but `help`.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A manual page's `.TH` line: its first line after roff's string
+/// definitions (`.ie` / `.el`, how the page prints an apostrophe).
+fn title(page: &str) -> &str {
+    page.lines()
+        .find(|l| !l.starts_with(".ie ") && !l.starts_with(".el "))
+        .unwrap_or_default()
 }
