@@ -127,6 +127,8 @@ pub struct Args {
 /// `qpq-server`'s commands besides serving.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ServerCommand {
+    /// Copies the server's state from fjall to PostgreSQL, stopped.
+    ///
     /// Copies the server's state from one storage backend to another, with
     /// the server stopped: from the fjall database in data_dir to the
     /// PostgreSQL database at postgres_url (which must hold no qpq data
@@ -140,6 +142,46 @@ pub enum ServerCommand {
         /// The backend to copy to: `postgres`.
         #[arg(long, value_name = "BACKEND")]
         to: String,
+    },
+    /// Writes the server's whole state to one file, while it runs or not.
+    ///
+    /// The file holds a snapshot of the fjall database in data_dir at one
+    /// instant (each request wholly in it or wholly out) and every other
+    /// regular file of data_dir: the generated TLS certificate and its
+    /// private key among them, so the fingerprint clients pin survives a
+    /// restore. A running server takes the snapshot itself and streams it
+    /// over its socket admin.sock in data_dir while it goes on serving;
+    /// with no server running, the command reads the database directly.
+    /// The file (mode
+    /// 0600) takes its name only once it is complete and synced. It holds
+    /// the server's TLS private key: keep it as safe as the key. With
+    /// storage = "postgres", back up PostgreSQL with its own tools
+    /// (pg_dump) instead.
+    Backup {
+        /// The file to write; not inside data_dir.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+        /// Replace DEST if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restores a backup into data_dir, with the server stopped.
+    ///
+    /// The whole file (format, version, checksum) is checked before
+    /// anything changes. The database is built beside the old one, read
+    /// back and compared with the backup, then moved into place with the
+    /// other files, their modes kept. Without --force, a data_dir that
+    /// holds a database, or a file that differs from the backup's copy,
+    /// is refused.
+    Restore {
+        /// The backup file.
+        #[arg(value_name = "SRC")]
+        src: PathBuf,
+        /// Restore even though data_dir holds a database, or files that
+        /// differ from the backup's copies; what is replaced is kept aside
+        /// as `<name>.before-restore-<unix time>`.
+        #[arg(long)]
+        force: bool,
     },
     /// Prints the certificate's SHA-256 fingerprint, as clients pin it.
     ///
@@ -188,46 +230,6 @@ pub enum ServerCommand {
         /// Directory to write every page into.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
-    },
-    /// Writes the server's whole state to one file, while it runs or not.
-    ///
-    /// The file holds a snapshot of the fjall database in data_dir at one
-    /// instant (each request wholly in it or wholly out) and every other
-    /// regular file of data_dir: the generated TLS certificate and its
-    /// private key among them, so the fingerprint clients pin survives a
-    /// restore. A running server takes the snapshot itself and streams it
-    /// over its socket admin.sock in data_dir while it goes on serving;
-    /// with no server running, the command reads the database directly.
-    /// The file (mode
-    /// 0600) takes its name only once it is complete and synced. It holds
-    /// the server's TLS private key: keep it as safe as the key. With
-    /// storage = "postgres", back up PostgreSQL with its own tools
-    /// (pg_dump) instead.
-    Backup {
-        /// The file to write; not inside data_dir.
-        #[arg(value_name = "DEST")]
-        dest: PathBuf,
-        /// Replace DEST if it exists.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Restores a backup into data_dir, with the server stopped.
-    ///
-    /// The whole file (format, version, checksum) is checked before
-    /// anything changes. The database is built beside the old one, read
-    /// back and compared with the backup, then moved into place with the
-    /// other files, their modes kept. Without --force, a data_dir that
-    /// holds a database, or a file that differs from the backup's copy,
-    /// is refused.
-    Restore {
-        /// The backup file.
-        #[arg(value_name = "SRC")]
-        src: PathBuf,
-        /// Restore even though data_dir holds a database, or files that
-        /// differ from the backup's copies; what is replaced is kept aside
-        /// as `<name>.before-restore-<unix time>`.
-        #[arg(long)]
-        force: bool,
     },
 }
 
