@@ -363,6 +363,7 @@ async fn clients_of_a_restarted_server_learn_at_once_that_their_connection_is_go
         .await
         .expect_err("the old connection is gone");
     let took = started.elapsed();
+    eprintln!("the client learned its connection was gone after {took:?}: {e}");
     // Without the key the new server's reset is not believed and the
     // client waits for its idle timeout (30 s).
     assert!(
