@@ -72,9 +72,10 @@ VOLUME ["/data"]
 # QUIC. The metrics endpoint (QPQ_METRICS_LISTEN, off by default) is
 # plain HTTP without authentication: publish it only to a trusted network.
 EXPOSE 7443/udp
-# SIGTERM stops the server cleanly: in-flight requests get 5 s, then it
-# syncs and exits 0. Give `docker stop` more than that (-t 30, as
-# compose.yaml's stop_grace_period does).
+# SIGTERM stops the server cleanly within 5 s (waiting long-polls are
+# answered at once, other requests finish or are cut), synced, exit 0.
+# Give `docker stop` more than that (-t 30, as compose.yaml's
+# stop_grace_period does).
 STOPSIGNAL SIGTERM
 # `qpq-server health` reads the same configuration, connects over QUIC to
 # the listen address (0.0.0.0 as 127.0.0.1), pins the certificate in the
