@@ -197,21 +197,29 @@ for i in "${!stage_names[@]}"; do
     note "stage $i ${stage_names[$i]:-(unnamed)}: FROM ${stage_images[$i]}"
 done
 
+# A COPY's words: its stage (`--from=`, else empty) in `from`, its paths
+# (the sources, then the destination) in `paths`; other flags ignored.
+copy_words() {
+    local w words
+    read -r -a words <<<"$1"
+    from=
+    paths=()
+    for w in "${words[@]}"; do
+        case $w in
+            --from=*) from=${w#--from=} ;;
+            --*) ;;
+            *) paths+=("$w") ;;
+        esac
+    done
+}
+
 # COPY sources from the build context exist and are sent; --from names an
 # earlier stage.
 copies=0
 for i in "${!instr[@]}"; do
     [ "${instr[$i]}" = COPY ] || [ "${instr[$i]}" = ADD ] || continue
-    read -r -a words <<<"${args[$i]}"
-    from=
-    srcs=()
-    for w in "${words[@]}"; do
-        case $w in
-            --from=*) from=${w#--from=} ;;
-            --*) ;;
-            *) srcs+=("$w") ;;
-        esac
-    done
+    copy_words "${args[$i]}"
+    srcs=("${paths[@]}")
     [ ${#srcs[@]} -ge 2 ] || fail "${instr[$i]} needs a source and a destination: ${args[$i]}"
     unset 'srcs[${#srcs[@]}-1]'
     if [ -n "$from" ]; then
@@ -352,16 +360,7 @@ for i in "${!instr[@]}"; do
         FROM | EXPOSE | LABEL | ARG) ;;
         RUN) note "not run on the host (it would change this machine's users): RUN $a" ;;
         COPY)
-            read -r -a words <<<"$a"
-            from=
-            paths=()
-            for w in "${words[@]}"; do
-                case $w in
-                    --from=*) from=${w#--from=} ;;
-                    --*) ;;
-                    *) paths+=("$w") ;;
-                esac
-            done
+            copy_words "$a"
             dest=${paths[${#paths[@]} - 1]}
             unset 'paths[${#paths[@]}-1]'
             for src in "${paths[@]}"; do
