@@ -490,7 +490,7 @@ async fn serve_stream(
             Ok(request) => {
                 method = request.body.method();
                 if let RequestBody::Authenticate { identity_key, .. } = &request.body {
-                    claimed = Some(hex(&identity_key.0[..LOGGED_KEY_PREFIX_BYTES]));
+                    claimed = Some(*identity_key);
                 }
                 let (reply, permit) = if matches!(
                     request.body,
@@ -549,7 +549,7 @@ async fn serve_stream(
         if seen.summary.auth_refused() {
             tracing::info!(
                 ip = %seen.ip,
-                key = %format_args!("{key}…"),
+                key = %format_args!("{}…", hex(&key.0[..LOGGED_KEY_PREFIX_BYTES])),
                 kind = ?e.kind,
                 "authentication refused"
             );
